@@ -1,0 +1,28 @@
+"""Output and per-layer metrics: one-shot functions and mergeable accumulators."""
+
+from eqaudit.metrics.accumulators import HIST_EDGES, LayerStats, OrbitStats, OutputStats
+from eqaudit.metrics.functional import (
+    cosine_distance,
+    js_divergence,
+    looks_like_probabilities,
+    normalised_logit_error,
+    probabilities,
+    relative_error,
+    robustness_score,
+    wilson_interval,
+)
+
+__all__ = [
+    "HIST_EDGES",
+    "LayerStats",
+    "OrbitStats",
+    "OutputStats",
+    "cosine_distance",
+    "js_divergence",
+    "looks_like_probabilities",
+    "normalised_logit_error",
+    "probabilities",
+    "relative_error",
+    "robustness_score",
+    "wilson_interval",
+]

@@ -1,0 +1,114 @@
+"""One-shot metric functions (DESIGN.md sections 3 and 4), shared by the streaming accumulators.
+
+All functions work per image (row) and compute in float64, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Two-sided 95% normal quantile, used by the Wilson interval.
+Z95 = 1.959963984540054
+#: Added to denominators so that two all-zero maps compare as equal (error 0) without 0/0.
+EPS = 1e-12
+
+
+def probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """Class probabilities ``(B, K)`` in float64 from logits (softmax) or probability outputs."""
+    scores = scores.to(torch.float64)
+    if kind == "logits":
+        return torch.softmax(scores, dim=1)
+    # Probability outputs: guard against tiny negative values and rows that are not normalised.
+    probs = scores.clamp_min(0)
+    return probs / probs.sum(dim=1, keepdim=True).clamp_min(EPS)
+
+
+def looks_like_probabilities(scores: torch.Tensor, tol: float = 1e-3) -> bool:
+    """True when every row is non-negative and sums to 1 (within ``tol``)."""
+    scores = scores.to(torch.float64)
+    return bool((scores >= 0).all() and ((scores.sum(dim=1) - 1).abs() <= tol).all())
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence per row, log base 2, in [0, 1].
+
+    ``JS(p, q) = KL(p || m) / 2 + KL(q || m) / 2`` with ``m = (p + q) / 2`` and ``0 log 0 = 0``.
+    """
+    p = p.to(torch.float64)
+    q = q.to(torch.float64)
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        ratio = torch.where(a > 0, a / m.clamp_min(1e-300), torch.ones_like(a))
+        return (a * torch.log2(ratio)).sum(dim=1)
+
+    return (0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, 1.0)
+
+
+def normalised_logit_error(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``||c(z') - c(z)|| / ||c(z)||`` per row, ``c`` = subtract the mean over classes.
+
+    Softmax ignores a constant shift of the logits, so the shift is removed before comparing.
+    A reference with no spread (all logits equal) gives 0 when the other is equal too.
+    """
+    z = reference.to(torch.float64)
+    w = other.to(torch.float64)
+    z = z - z.mean(dim=1, keepdim=True)
+    w = w - w.mean(dim=1, keepdim=True)
+    return (w - z).norm(dim=1) / z.norm(dim=1).clamp_min(EPS)
+
+
+def _flat_pair(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    if mask is not None:
+        weight = mask.to(torch.float64)
+        a = a * weight
+        b = b * weight
+    return a.flatten(1), b.flatten(1)
+
+
+def relative_error(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``||a - b|| / (||a|| + ||b|| + eps)`` per image, in [0, 1] (0: exact; ~0.7: unrelated).
+
+    ``mask`` (broadcastable to ``a``, bool) restricts the comparison to the cells where both
+    maps are defined (a shifted border, the disk of a resampled rotation).
+    """
+    a, b = _flat_pair(a, b, mask)
+    return (a - b).norm(dim=1) / (a.norm(dim=1) + b.norm(dim=1) + EPS)
+
+
+def cosine_distance(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``1 - cos(a, b)`` per image, in [0, 2]; two zero maps are at distance 0, one zero map at 1."""
+    a, b = _flat_pair(a, b, mask)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    cos = (a * b).sum(dim=1) / (na * nb).clamp_min(EPS)
+    both_zero = (na <= EPS) & (nb <= EPS)
+    return torch.where(both_zero, torch.zeros_like(cos), 1.0 - cos)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; ``(nan, nan)`` when ``n == 0``."""
+    if n == 0:
+        return (math.nan, math.nan)
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def robustness_score(agreements: list[float], js_values: list[float]) -> float:
+    """``100 * mean_g [(A_g + (1 - JS_g)) / 2]`` over the non-identity elements."""
+    if not agreements:
+        return math.nan
+    terms = [(a + (1.0 - j)) / 2 for a, j in zip(agreements, js_values, strict=True)]
+    return 100.0 * sum(terms) / len(terms)

@@ -1,0 +1,84 @@
+"""Model adapters: one interface (:class:`ModelAdapter`) over ONNX and PyTorch models.
+
+:func:`load_model` picks the backend from the file (``.onnx`` -> onnxruntime; ``.pt2``, TorchScript,
+state dicts and pickles -> PyTorch) or wraps an in-memory ``torch.nn.Module`` / ``onnx.ModelProto``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eqaudit.errors import ModelLoadError, UsageError
+from eqaudit.models.base import InputSpec, LayerInfo, ModelAdapter, RunOutput, sha256_file
+
+__all__ = ["InputSpec", "LayerInfo", "ModelAdapter", "RunOutput", "load_model", "sha256_file"]
+
+TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".bin", ".ts", ".torchscript", ".jit", ".ckpt")
+
+
+def load_model(
+    model: str | Path | Any,
+    *,
+    factory: str | None = None,
+    trust_pickle: bool = False,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    layout: str | None = None,
+    providers: Sequence[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> ModelAdapter:
+    """Load a model file (or wrap an in-memory model) behind the adapter interface."""
+    import onnx
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        from eqaudit.models.torch_adapter import TorchAdapter
+
+        c = channels or next(
+            (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3
+        )
+        h, w = input_size if input_size else (None, None)
+        spec = InputSpec(name="input", layout="NCHW", channels=c, height=h, width=w, batch=None,
+                         layout_source="default")
+        return TorchAdapter.from_module(model, input_spec=spec)
+    if isinstance(model, onnx.ModelProto):
+        from eqaudit.models.onnx_adapter import OnnxAdapter
+
+        onnx.checker.check_model(model)
+        return OnnxAdapter(model, path=Path("<in-memory>.onnx"), input_name=input_name,
+                           output_name=output_name, layout=layout, providers=providers)
+    if isinstance(model, ModelAdapter):
+        return model
+
+    path = Path(model)
+    if not path.exists():
+        raise ModelLoadError(f"model file '{path}' does not exist: check the path")
+    if path.is_dir():
+        raise ModelLoadError(
+            f"'{path}' is a directory: pass the model file itself (.onnx, .pt2, .pt, .pth)"
+        )
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file '{path}' is empty (0 bytes): re-export or re-download it")
+    if path.suffix.lower() == ".onnx":
+        if factory or trust_pickle:
+            raise UsageError("--factory and --trust-pickle apply to PyTorch files, not ONNX")
+        from eqaudit.models.onnx_adapter import load_onnx
+
+        return load_onnx(path, input_name=input_name, output_name=output_name, layout=layout,
+                         providers=providers)
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        if input_name or output_name:
+            raise UsageError("--input-name and --output-name apply to ONNX graphs only")
+        if layout and layout.upper() != "NCHW":
+            raise UsageError("PyTorch models take NCHW inputs: drop --layout")
+        from eqaudit.models.torch_adapter import load_torch
+
+        return load_torch(path, factory=factory, trust_pickle=trust_pickle,
+                          input_size=input_size, channels=channels)
+    raise ModelLoadError(
+        f"cannot tell the format of '{path.name}' from its suffix: use .onnx for ONNX, "
+        ".pt2 for torch.export, .pt/.pth for TorchScript, state dicts or pickles"
+    )

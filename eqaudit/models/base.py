@@ -1,0 +1,277 @@
+"""The model adapter interface: one contract for every backend.
+
+Design
+------
+The engine asks a model exactly one thing: *run this batch; return the class scores and the named
+intermediate activations I asked for*. Everything backend-specific (how a file is loaded, how
+activations are captured, the graph's memory layout, a batch size fixed at 1) lives behind that
+question, in a subclass that implements a few small ``_impl`` methods. The base class does the
+parts every backend needs done the same way, Polygraphy-style:
+
+* validates the batch (rank, channels, spatial size) against the :class:`InputSpec`;
+* converts the canonical layout to the model's (NCHW -> NHWC where the graph wants it);
+* splits the batch when the model accepts a fixed batch size (padding the last chunk);
+* brings scores to a ``(B, K)`` float tensor and refuses non-classifier outputs;
+* brings activations to canonical form: spatial maps ``(B, C, H, W)``, flat features ``(B, D)``;
+* raises :class:`~eqaudit.errors.ModelRunError` (exit code 3) for runtime failures and for
+  NaN/Inf scores, with a message that says what to do.
+
+Canonical batch: a ``torch.float32`` tensor ``(B, C, H, W)``, already normalised (mean/std,
+channel order, pixel scale) by the data pipeline; transforms act *before* normalisation.
+
+Layers: :meth:`ModelAdapter.layers` lists the auditable intermediate tensors in execution order
+(ONNX: float node outputs; PyTorch: module outputs named by module path). Their shapes are learnt
+from a probe run (:meth:`ModelAdapter.probe_layers`), because many graphs do not declare them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from eqaudit.errors import ModelRunError, UnsupportedModelError, UsageError
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's image input looks like.
+
+    ``height``/``width`` are ``None`` when the graph leaves them dynamic and the user has not given
+    ``--input-size``; ``batch`` is ``None`` for a dynamic batch, else the fixed batch size.
+    """
+
+    name: str
+    layout: str  # "NCHW" or "NHWC": where the channel axis is in the model's own input
+    channels: int
+    height: int | None
+    width: int | None
+    batch: int | None
+    dtype: str = "float32"
+    layout_source: str = "detected"  # "detected", "option" or "default"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        if self.height is None or self.width is None:
+            raise UsageError(
+                f"the model's input '{self.name}' has a dynamic height/width: "
+                "pass --input-size N or --input-size HxW"
+            )
+        return (self.height, self.width)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "layout_source": self.layout_source,
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "batch": self.batch,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """An auditable intermediate tensor, in execution order.
+
+    ``shape`` is the per-image canonical shape (``(C, H, W)`` for spatial maps, ``(D,)`` for flat
+    features), filled in by :meth:`ModelAdapter.probe_layers`. ``stride`` is the cumulative stride
+    of the map relative to the input, per axis, when the backend knows it from the graph
+    (``None`` when it must be estimated from shapes).
+    """
+
+    name: str
+    op: str
+    index: int
+    shape: tuple[int, ...] | None = None
+    stride: tuple[float, float] | None = None
+
+    @property
+    def spatial(self) -> bool:
+        return self.shape is not None and len(self.shape) == 3
+
+
+@dataclass
+class RunOutput:
+    """Scores ``(B, K)`` float32 and canonical activations by layer name."""
+
+    scores: torch.Tensor
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelAdapter(ABC):
+    """One loaded model. Subclasses implement the ``_impl`` methods only."""
+
+    backend: str = "?"
+    #: Output declared by the model file as probabilities (``None``: unknown, detect from data).
+    declared_output_kind: str | None = None
+
+    def __init__(self, path: Path, input_spec: InputSpec) -> None:
+        self.path = Path(path)
+        self.input_spec = input_spec
+        self._layers: list[LayerInfo] | None = None
+        self.output_name: str = "output"
+
+    # -- what subclasses implement ---------------------------------------------------------------
+    @abstractmethod
+    def _layers_impl(self) -> list[tuple[str, str]]:
+        """(name, op) of every candidate layer, in execution order."""
+
+    @abstractmethod
+    def _run_impl(
+        self, batch: torch.Tensor, layers: Sequence[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run one chunk in the model's own layout; return raw scores and raw activations.
+
+        Raw activations are returned in the model's own layout; :meth:`_canonical_activation`
+        brings them to canonical form.
+        """
+
+    def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        """Canonical form of a raw activation: (B, C, H, W), (B, D), or None (not auditable)."""
+        if value.ndim == 4:
+            return value
+        if value.ndim == 2:
+            return value
+        return None
+
+    def _layer_stride(self, name: str) -> tuple[float, float] | None:
+        """Cumulative stride of a layer from the graph, when the backend knows it."""
+        return None
+
+    def describe(self) -> dict:
+        """Backend-specific facts for summary.json and ``eqaudit inspect``."""
+        return {}
+
+    # -- shared behaviour ------------------------------------------------------------------------
+    @property
+    def sha256(self) -> str:
+        if not hasattr(self, "_sha256"):
+            self._sha256 = sha256_file(self.path) if self.path.is_file() else ""
+        return self._sha256
+
+    def with_input_size(self, height: int, width: int) -> None:
+        """Fix a dynamic (or confirm a fixed) input size."""
+        spec = self.input_spec
+        if spec.height is not None and spec.height != height or (
+            spec.width is not None and spec.width != width
+        ):
+            raise UsageError(
+                f"the model's input is fixed at {spec.height}x{spec.width}; "
+                f"--input-size {height}x{width} does not match it: drop --input-size"
+            )
+        self.input_spec = replace(spec, height=height, width=width)
+
+    def layers(self) -> list[LayerInfo]:
+        """Candidate layers in execution order (shapes known after :meth:`probe_layers`)."""
+        if self._layers is None:
+            self._layers = [
+                LayerInfo(name=name, op=op, index=i, stride=self._layer_stride(name))
+                for i, (name, op) in enumerate(self._layers_impl())
+            ]
+        return self._layers
+
+    def probe_layers(self, example: torch.Tensor) -> list[LayerInfo]:
+        """Run one image to learn each layer's canonical shape; drop layers that are not
+        auditable (neither spatial maps nor flat features)."""
+        names = [layer.name for layer in self.layers()]
+        out = self.run(example[:1], names)
+        probed = []
+        for layer in self.layers():
+            value = out.activations.get(layer.name)
+            if value is None:
+                continue
+            probed.append(replace(layer, index=len(probed), shape=tuple(value.shape[1:])))
+        self._layers = probed
+        return probed
+
+    def run(self, batch: torch.Tensor, layers: Sequence[str] = ()) -> RunOutput:
+        """Run a canonical ``(B, C, H, W)`` float32 batch; see the module docstring."""
+        spec = self.input_spec
+        if batch.ndim != 4 or batch.shape[1] != spec.channels:
+            raise UsageError(
+                f"internal batch of shape {tuple(batch.shape)} does not match the model input "
+                f"({spec.channels} channels): check --channels"
+            )
+        if (spec.height, spec.width) != (None, None) and tuple(batch.shape[2:]) != spec.size:
+            raise UsageError(
+                f"images of size {tuple(batch.shape[2:])} do not match the model input {spec.size}"
+            )
+        chunks = self._chunks(batch)
+        scores_parts: list[torch.Tensor] = []
+        acts_parts: dict[str, list[torch.Tensor]] = {}
+        for chunk, keep in chunks:
+            model_input = chunk.permute(0, 2, 3, 1) if spec.layout == "NHWC" else chunk
+            model_input = model_input.contiguous()
+            try:
+                raw_scores, raw_acts = self._run_impl(model_input, layers)
+            except (UsageError, ModelRunError, UnsupportedModelError):
+                raise
+            except Exception as exc:  # the model's own failure, not ours
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelRunError(
+                    f"the model failed at run time: {first[:300]} "
+                    "(check --input-size, --layout and --channels against what the model expects)"
+                ) from exc
+            scores_parts.append(self._canonical_scores(raw_scores)[:keep])
+            for name, value in raw_acts.items():
+                canonical = self._canonical_activation(name, value)
+                if canonical is not None:
+                    acts_parts.setdefault(name, []).append(canonical[:keep])
+        scores = torch.cat(scores_parts)
+        bad = ~torch.isfinite(scores).all(dim=1)
+        if bad.any():
+            raise ModelRunError(
+                f"the model produced NaN or Inf scores for {int(bad.sum())} of {len(bad)} inputs: "
+                "check the preprocessing (--scale, --mean, --std) or the model itself"
+            )
+        activations = {name: torch.cat(parts) for name, parts in acts_parts.items()}
+        return RunOutput(scores=scores, activations=activations)
+
+    def _chunks(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        fixed = self.input_spec.batch
+        if fixed is None or fixed == batch.shape[0]:
+            return [(batch, batch.shape[0])]
+        chunks = []
+        for start in range(0, batch.shape[0], fixed):
+            part = batch[start : start + fixed]
+            keep = part.shape[0]
+            if keep < fixed:  # pad with copies of the last image; padded rows are dropped
+                pad = part[-1:].expand(fixed - keep, *part.shape[1:])
+                part = torch.cat([part, pad])
+            chunks.append((part, keep))
+        return chunks
+
+    def _canonical_scores(self, raw: torch.Tensor) -> torch.Tensor:
+        scores = raw
+        if scores.ndim == 4 and scores.shape[2:] == (1, 1):  # (B, K, 1, 1) from a 1x1 conv head
+            scores = scores.flatten(1)
+        if scores.ndim == 1:
+            scores = scores[None]
+        if scores.ndim != 2:
+            raise UnsupportedModelError(
+                f"the model's output has shape {tuple(raw.shape)}, not (batch, classes): "
+                "eqaudit audits image classifiers; pick the class-score output with --output-name"
+            )
+        if not scores.is_floating_point():
+            raise UnsupportedModelError(
+                f"the model's output is {scores.dtype}, not class scores: "
+                "pick the float score output with --output-name"
+            )
+        return scores.float()

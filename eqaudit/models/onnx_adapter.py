@@ -1,0 +1,369 @@
+"""ONNX backend: validate with onnx's checker, run with onnxruntime.
+
+Per-layer activations are captured by exposing intermediate float tensors as extra graph outputs
+(one session per set of requested layers, cached). Candidate layers are the outputs of nodes that
+depend on the image input, in the graph's (topological) node order.
+
+The graph walk also propagates, per tensor, the layout of rank-4 maps (a ``Transpose`` with
+``perm=[0,3,1,2]`` turns NHWC into NCHW and back) and the cumulative stride of spatial maps from
+``Conv``/pooling attributes. Ops whose geometry is not understood give an unknown stride rather
+than a guess.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto
+
+from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
+from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_STRIDED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
+_GLOBAL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+# Ops that keep the spatial grid of their first input (element-wise, normalisation, padding).
+_GRID_PRESERVING = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu",
+    "Selu", "Celu", "Gelu", "Erf", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "Neg",
+    "Sqrt", "Pow", "Reciprocal", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Where",
+    "BatchNormalization", "InstanceNormalization", "LRN", "Concat", "Identity", "Dropout", "Cast",
+    "QuantizeLinear", "DequantizeLinear", "Pad", "Floor", "Ceil", "Round", "Sign", "Not", "Equal",
+    "Greater", "Less", "And", "Or", "Xor", "Softmax", "LogSoftmax", "Shrink", "ThresholdedRelu",
+}
+# Ops never worth auditing as a layer (shape arithmetic, constants).
+_SKIP_OPS = {"Constant", "ConstantOfShape", "Shape", "Size", "Range", "NonZero", "Gather", "Unsqueeze",
+             "Squeeze", "Slice", "Concat", "Cast", "Identity", "Reshape", "Flatten", "Dropout"}
+_NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
+    shape = value_info.type.tensor_type.shape
+    dims: list[int | str | None] = []
+    for d in shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _attr(node: onnx.NodeProto, name: str, default):  # type: ignore[no-untyped-def]
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _detect_layout(dims: list) -> tuple[str, int]:
+    """(layout, channels) of a rank-4 input from its dims; NCHW when undecidable."""
+    second, last = dims[1], dims[3]
+    small = (1, 3, 4)
+    if isinstance(second, int) and second in small and not (isinstance(last, int) and last in small):
+        return "NCHW", second
+    if isinstance(last, int) and last in small and not (isinstance(second, int) and second in small):
+        return "NHWC", last
+    if isinstance(second, int) and second in small:
+        return "NCHW", second
+    return "NCHW", 3
+
+
+def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or root not in target.parents:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' stores its data at '{location}', outside the model's "
+                "folder: refusing to read it (move the data file next to the model)"
+            )
+
+
+class OnnxAdapter(ModelAdapter):
+    backend = "onnx"
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        *,
+        path: Path,
+        input_name: str | None = None,
+        output_name: str | None = None,
+        layout: str | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.model = model
+        graph = model.graph
+        initializers = {i.name for i in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initializers]
+        spec_input = self._pick_input(inputs, input_name)
+        super().__init__(path, self._input_spec(spec_input, layout))
+        self.output_name = self._pick_output(list(graph.output), output_name)
+        self.providers = self._providers(providers)
+        self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+        self._geometry: dict[str, tuple[str | None, tuple[float, float] | None]] = {}
+        self._candidates = self._walk_graph()
+        meta = {p.key: p.value for p in model.metadata_props}
+        self.class_names: list[str] | None = None
+        if "class_names" in meta:
+            try:
+                names = json.loads(meta["class_names"])
+                if isinstance(names, list):
+                    self.class_names = [str(n) for n in names]
+            except json.JSONDecodeError:
+                pass
+        self._session(())  # fail early (unsupported op, custom domain) at load time
+
+    # -- spec --------------------------------------------------------------------------------
+    @staticmethod
+    def _pick_input(inputs: list[onnx.ValueInfoProto], name: str | None) -> onnx.ValueInfoProto:
+        names = [i.name for i in inputs]
+        if name is not None:
+            if name not in names:
+                raise UsageError(f"--input-name '{name}' is not an input of the graph: use one of {names}")
+            if len(inputs) > 1:
+                raise UnsupportedModelError(
+                    f"the graph has {len(inputs)} inputs ({', '.join(names)}); eqaudit feeds one "
+                    "image tensor: export the model with a single image input"
+                )
+            return inputs[0]
+        if len(inputs) != 1:
+            raise UnsupportedModelError(
+                f"the graph has {len(inputs)} inputs ({', '.join(names) or 'none'}); eqaudit feeds "
+                "one image tensor: export a single-input classifier (or pick it with --input-name)"
+            )
+        return inputs[0]
+
+    @staticmethod
+    def _input_spec(value: onnx.ValueInfoProto, layout: str | None) -> InputSpec:
+        elem = value.type.tensor_type.elem_type
+        if elem not in _NP_TYPES:
+            dtype = TensorProto.DataType.Name(elem).lower()
+            raise UnsupportedModelError(
+                f"input '{value.name}' is {dtype}, not float: this is not an image classifier "
+                "(eqaudit feeds float image tensors)"
+            )
+        dims = _dims(value)
+        if len(dims) != 4:
+            raise UnsupportedModelError(
+                f"input '{value.name}' has rank {len(dims)} ({dims}); an image classifier takes "
+                "a rank-4 batch (N, C, H, W) or (N, H, W, C)"
+            )
+        if layout is not None:
+            layout = layout.upper()
+            if layout not in LAYOUTS:
+                raise UsageError(f"unknown --layout '{layout}': use NCHW or NHWC")
+            c_axis = 1 if layout == "NCHW" else 3
+            channels = dims[c_axis] if isinstance(dims[c_axis], int) else 3
+            source = "option"
+        else:
+            layout, channels = _detect_layout(dims)
+            source = "detected"
+        h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+        height = dims[h_axis] if isinstance(dims[h_axis], int) else None
+        width = dims[w_axis] if isinstance(dims[w_axis], int) else None
+        batch = dims[0] if isinstance(dims[0], int) else None
+        return InputSpec(
+            name=value.name,
+            layout=layout,
+            channels=int(channels),
+            height=height,
+            width=width,
+            batch=batch,
+            dtype=np.dtype(_NP_TYPES[elem]).name,
+            layout_source=source,
+        )
+
+    @staticmethod
+    def _pick_output(outputs: list[onnx.ValueInfoProto], name: str | None) -> str:
+        names = [o.name for o in outputs]
+        if name is not None:
+            if name not in names:
+                raise UsageError(f"--output-name '{name}' is not an output of the graph: use one of {names}")
+            return name
+        if len(outputs) != 1:
+            raise UsageError(
+                f"the graph has {len(outputs)} outputs ({', '.join(names)}): pick the class "
+                "scores with --output-name"
+            )
+        return outputs[0].name
+
+    @staticmethod
+    def _providers(providers: Sequence[str] | None) -> list[str]:
+        available = ort.get_available_providers()
+        chosen = list(providers) if providers else ["CPUExecutionProvider"]
+        for p in chosen:
+            if p not in available:
+                raise UsageError(
+                    f"onnxruntime provider '{p}' is not available here: use one of {', '.join(available)}"
+                )
+        return chosen
+
+    # -- graph walk --------------------------------------------------------------------------
+    def _walk_graph(self) -> list[tuple[str, str]]:
+        graph = self.model.graph
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+            types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+        except Exception:  # shape inference is a help, not a requirement
+            types = {}
+        outputs = {o.name for o in graph.output}
+        spec = self.input_spec
+        self._geometry[spec.name] = (spec.layout, (1.0, 1.0))
+        candidates: list[tuple[str, str]] = []
+        for node in graph.node:
+            sources = [self._geometry[i] for i in node.input if i in self._geometry]
+            if not sources:
+                continue  # constant subgraph: does not depend on the image
+            layout, stride = self._node_geometry(node, sources[0])
+            for out in node.output:
+                if not out:
+                    continue
+                self._geometry[out] = (layout, stride)
+                if out in outputs or node.op_type in _SKIP_OPS:
+                    continue
+                if out in types and types[out] not in _FLOAT_TYPES:
+                    continue
+                candidates.append((out, node.op_type))
+        return candidates
+
+    @staticmethod
+    def _node_geometry(node: onnx.NodeProto, source):  # type: ignore[no-untyped-def]
+        layout, stride = source
+        op = node.op_type
+        if op == "Transpose":
+            perm = list(_attr(node, "perm", []))
+            if perm == [0, 2, 3, 1] and layout == "NCHW":
+                return "NHWC", stride
+            if perm == [0, 3, 1, 2] and layout == "NHWC":
+                return "NCHW", stride
+            return None, None
+        if stride is None:
+            return layout, None
+        if op in _STRIDED:
+            s = list(_attr(node, "strides", [1, 1]))
+            if len(s) != 2:
+                return layout, None
+            return "NCHW", (stride[0] * s[0], stride[1] * s[1])
+        if op == "ConvTranspose":
+            s = list(_attr(node, "strides", [1, 1]))
+            return "NCHW", (stride[0] / s[0], stride[1] / s[1]) if len(s) == 2 else None
+        if op in _GLOBAL:
+            return None, None
+        if op in _GRID_PRESERVING:
+            return layout, stride
+        return None, None
+
+    def _layers_impl(self) -> list[tuple[str, str]]:
+        return list(self._candidates)
+
+    def _layer_stride(self, name: str) -> tuple[float, float] | None:
+        return self._geometry.get(name, (None, None))[1]
+
+    def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        if value.ndim == 4 and self._geometry.get(name, (None, None))[0] == "NHWC":
+            return value.permute(0, 3, 1, 2)
+        return super()._canonical_activation(name, value)
+
+    # -- running -----------------------------------------------------------------------------
+    def _session(self, layers: tuple[str, ...]) -> ort.InferenceSession:
+        if layers in self._sessions:
+            return self._sessions[layers]
+        model = self.model
+        if layers:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            known = {o.name for o in model.graph.output}
+            for name in layers:
+                if name not in known:
+                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                model.SerializeToString(), sess_options=options, providers=self.providers
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"onnxruntime cannot load '{self.path.name}': {first[:300]} "
+                "(unsupported or custom operator? re-export with standard ops)"
+            ) from exc
+        # Keep one layer session at a time: each holds its own copy of the weights.
+        for key in [k for k in self._sessions if k]:
+            del self._sessions[key]
+        self._sessions[layers] = session
+        return session
+
+    def _run_impl(
+        self, batch: torch.Tensor, layers: Sequence[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        names = tuple(layers)
+        session = self._session(names)
+        feed = batch.numpy().astype(self.input_spec.dtype, copy=False)
+        results = session.run([self.output_name, *names], {self.input_spec.name: feed})
+        scores = torch.from_numpy(np.asarray(results[0]))
+        acts: dict[str, torch.Tensor] = {}
+        for name, value in zip(names, results[1:], strict=True):
+            array = np.asarray(value)
+            if array.dtype.kind == "f":
+                acts[name] = torch.from_numpy(array.astype(np.float32, copy=False))
+        return scores, acts
+
+    def describe(self) -> dict:
+        opset = {o.domain or "ai.onnx": o.version for o in self.model.opset_import}
+        return {
+            "format": "onnx",
+            "opset": opset,
+            "producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
+            "output": self.output_name,
+            "providers": self.providers,
+        }
+
+
+def load_onnx(
+    path: Path,
+    *,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    layout: str | None = None,
+    providers: Sequence[str] | None = None,
+) -> OnnxAdapter:
+    """Load and validate an ONNX classifier (see :class:`OnnxAdapter`)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read '{path}' as ONNX: the file is corrupt or truncated ({type(exc).__name__})"
+        ) from exc
+    if not model.graph.node and not model.graph.input:
+        raise ModelLoadError(f"'{path}' holds no ONNX graph: the file is empty or not an ONNX model")
+    _check_external_data(model, path.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the external data of '{path}': {exc}") from exc
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"'{path}' is not a valid ONNX model: {first[:300]}") from exc
+    return OnnxAdapter(
+        model,
+        path=path,
+        input_name=input_name,
+        output_name=output_name,
+        layout=layout,
+        providers=providers,
+    )

@@ -1,0 +1,334 @@
+"""Transform elements: how one group element acts on images and on feature maps.
+
+Conventions (all elements):
+
+* Tensors are ``(B, C, H, W)``; row index ``i`` grows downwards, column index ``j`` to the right.
+* Images arrive in *pixel space* (values in [0, 1], before normalisation) at the model input size
+  plus a margin ``m`` on every side, ``(B, C, H + 2m, W + 2m)``; the identity is the central crop.
+  The margin lets a crop-shift cut real image content instead of inventing a border.
+* ``rot90`` is counter-clockwise, as ``torch.rot90(x, 1, (-2, -1))``; ``flip_h`` mirrors left-right.
+  A D4 element is stored as ``(k, flip)`` meaning ``rot90^k(flip_h^flip(x))``, so
+  ``transpose = rot90 . flip_h``, ``flip_v = rot180 . flip_h``, ``antitranspose = rot270 . flip_h``.
+* A shift by ``(dy, dx)`` moves content down by ``dy`` and right by ``dx``:
+  ``out[i, j] = in[i - dy, j - dx]``.
+* A rotation by ``angle`` degrees is counter-clockwise (same sense as rot90), about the true centre
+  ``((H - 1) / 2, (W - 1) / 2)`` of the pixel grid, bicubic, zero fill outside the source.
+
+An element's action on a feature map of cumulative stride ``s`` is the same geometric operation on
+the map's own grid (identity on channels): a shift of ``k`` pixels is ``k / s`` cells, measurable
+exactly only when ``s`` divides ``k``. :meth:`Transform.feature_action` returns the transformed
+map with the mask of cells where the comparison is defined, or raises :class:`NotMeasurable`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class NotMeasurable(Exception):
+    """The element has no exact (or meaningful) action on this feature map; the reason says why."""
+
+
+@dataclass(frozen=True)
+class FeatureAction:
+    """``T'_g h``: the transformed map and the cells (``(1, 1, H, W)`` bool) where it is defined."""
+
+    transformed: torch.Tensor
+    mask: torch.Tensor | None = None  # None: every cell
+
+
+def center_crop(x: torch.Tensor, margin: int) -> torch.Tensor:
+    """Remove ``margin`` pixels from every side of ``(..., H, W)``."""
+    if margin == 0:
+        return x
+    return x[..., margin:-margin, margin:-margin]
+
+
+def _disk_mask(height: int, width: int, fraction: float) -> torch.Tensor:
+    """Cells whose centre lies within ``fraction`` of the inscribed radius of the grid centre."""
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    radius = fraction * (min(height, width) - 1) / 2
+    ii = torch.arange(height, dtype=torch.float64)[:, None] - cy
+    jj = torch.arange(width, dtype=torch.float64)[None, :] - cx
+    return ((ii**2 + jj**2) <= radius**2)[None, None]
+
+
+class Transform:
+    """Base class of one transform element (see the module docstring for conventions)."""
+
+    name: str = "?"
+    family: str = "?"
+    #: True when the element maps the pixel grid onto itself (no resampling).
+    exact: bool = True
+
+    def margin(self) -> int:
+        """Source margin this element needs (pixels on each side)."""
+        return 0
+
+    def skip_reason(self, height: int, width: int) -> str | None:
+        """Why this element cannot be applied to a model input of this size, or None."""
+        return None
+
+    def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feature_action(
+        self, fmap: torch.Tensor, stride: tuple[float, float] | None
+    ) -> FeatureAction:
+        raise NotImplementedError
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "family": self.family, "exact": self.exact}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+# --------------------------------------------------------------------------------------------
+# D4: exact rotations by multiples of 90 degrees and reflections
+# --------------------------------------------------------------------------------------------
+
+D4_NAMES = {
+    (0, False): "id",
+    (1, False): "rot90",
+    (2, False): "rot180",
+    (3, False): "rot270",
+    (0, True): "flip_h",
+    (1, True): "transpose",
+    (2, True): "flip_v",
+    (3, True): "antitranspose",
+}
+D4_BY_NAME = {name: key for key, name in D4_NAMES.items()}
+
+
+def d4_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """``rot90^k(flip_h^flip(x))`` on the last two axes (exact, no resampling)."""
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+
+
+class D4Element(Transform):
+    """An element of the dihedral group of the square."""
+
+    family = "d4"
+
+    def __init__(self, k: int, flip: bool) -> None:
+        self.k = k % 4
+        self.flip = bool(flip)
+        self.name = D4_NAMES[(self.k, self.flip)]
+
+    @classmethod
+    def named(cls, name: str) -> D4Element:
+        return cls(*D4_BY_NAME[name])
+
+    @property
+    def is_identity(self) -> bool:
+        return self.k == 0 and not self.flip
+
+    def compose(self, other: D4Element) -> D4Element:
+        """``self . other`` (apply ``other`` first)."""
+        # flip_h . rot90^k = rot90^-k . flip_h, so r^a f^p . r^b f^q = r^(a + (-1)^p b) f^(p xor q)
+        k = self.k + (-other.k if self.flip else other.k)
+        return D4Element(k, self.flip != other.flip)
+
+    def inverse(self) -> D4Element:
+        return D4Element(self.k if self.flip else -self.k, self.flip)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, D4Element) and (self.k, self.flip) == (other.k, other.flip)
+
+    def __hash__(self) -> int:
+        return hash((self.k, self.flip))
+
+    def _swaps_axes(self) -> bool:
+        return self.k % 2 == 1
+
+    def skip_reason(self, height: int, width: int) -> str | None:
+        if self._swaps_axes() and height != width:
+            return (
+                f"{self.name} maps a {height}x{width} input to {width}x{height}; "
+                "it is defined only for square inputs"
+            )
+        return None
+
+    def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
+        return d4_apply(center_crop(source, margin), self.k, self.flip)
+
+    def feature_action(
+        self, fmap: torch.Tensor, stride: tuple[float, float] | None
+    ) -> FeatureAction:
+        height, width = fmap.shape[-2:]
+        if self._swaps_axes() and height != width:
+            raise NotMeasurable(f"feature map is {height}x{width}, not square")
+        return FeatureAction(d4_apply(fmap, self.k, self.flip))
+
+
+# --------------------------------------------------------------------------------------------
+# Translations
+# --------------------------------------------------------------------------------------------
+
+SHIFT_MODES = ("crop", "circular", "zero", "reflect")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:+g}"
+
+
+def fourier_shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
+    """Band-limited circular shift of ``(..., H, W)`` by a (possibly fractional) amount.
+
+    For integer shifts of real input this equals ``torch.roll`` up to float rounding. The Nyquist
+    bin of an even axis is shifted by its real part only, which keeps the output real.
+    """
+    height, width = x.shape[-2:]
+    fy = torch.fft.fftfreq(height, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(width, dtype=torch.float64)
+    phase = torch.exp(-2j * math.pi * (fy[:, None] * dy + fx[None, :] * dx))
+    if height % 2 == 0:
+        phase[height // 2, :] = phase[height // 2, :].real
+    if width % 2 == 0:
+        phase[:, -1] = phase[:, -1].real
+    spectrum = torch.fft.rfft2(x.to(torch.float64))
+    return torch.fft.irfft2(spectrum * phase, s=(height, width)).to(x.dtype)
+
+
+def _integer_shift(x: torch.Tensor, dy: int, dx: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift ``(B, C, H, W)`` by integers; return the shifted map and its validity mask."""
+    height, width = x.shape[-2:]
+    rolled = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    mask = torch.ones(1, 1, height, width, dtype=torch.bool)
+    if mode == "circular":
+        return rolled, mask
+    # Cells that wrapped around are not defined by the shift itself.
+    if dy > 0:
+        mask[..., :dy, :] = False
+    elif dy < 0:
+        mask[..., dy:, :] = False
+    if dx > 0:
+        mask[..., :, :dx] = False
+    elif dx < 0:
+        mask[..., :, dx:] = False
+    if mode == "zero":
+        return rolled * mask.to(x.dtype), mask
+    if mode == "reflect":
+        py, px = abs(dy), abs(dx)
+        padded = F.pad(x, (px, px, py, py), mode="reflect") if py or px else x
+        return padded[..., py - dy : py - dy + height, px - dx : px - dx + width], mask
+    return rolled * mask.to(x.dtype), mask  # crop: content outside is compared only where valid
+
+
+class Shift(Transform):
+    """Translation by ``(dy, dx)`` pixels (see module conventions)."""
+
+    family = "shift"
+
+    def __init__(self, dy: float, dx: float, mode: str = "crop") -> None:
+        if mode not in SHIFT_MODES:
+            raise ValueError(mode)
+        self.dy, self.dx, self.mode = dy, dx, mode
+        self.integer = float(dy).is_integer() and float(dx).is_integer()
+        self.exact = self.integer
+        axis = f"x{_fmt(dx)}" if dy == 0 else f"y{_fmt(dy)}" if dx == 0 else f"{_fmt(dy)},{_fmt(dx)}"
+        suffix = "" if self.integer else "_fourier"
+        self.name = f"shift_{axis}{suffix}"
+
+    def margin(self) -> int:
+        if self.mode == "crop" and self.integer:
+            return int(max(abs(self.dy), abs(self.dx)))
+        return 0
+
+    def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
+        if not self.integer:
+            return fourier_shift(center_crop(source, margin), self.dy, self.dx).clamp(0, 1)
+        dy, dx = int(self.dy), int(self.dx)
+        if self.mode == "crop":
+            height = source.shape[-2] - 2 * margin
+            width = source.shape[-1] - 2 * margin
+            top, left = margin - dy, margin - dx
+            return source[..., top : top + height, left : left + width]
+        return _integer_shift(center_crop(source, margin), dy, dx, self.mode)[0]
+
+    def feature_action(
+        self, fmap: torch.Tensor, stride: tuple[float, float] | None
+    ) -> FeatureAction:
+        if stride is None:
+            raise NotMeasurable("the layer's stride is unknown")
+        cy, cx = self.dy / stride[0], self.dx / stride[1]
+        if not self.integer:
+            return FeatureAction(fourier_shift(fmap, cy, cx))
+        if not (float(cy).is_integer() and float(cx).is_integer()):
+            raise NotMeasurable(
+                f"a shift of ({self.dy:g}, {self.dx:g}) px is ({cy:g}, {cx:g}) cells at stride "
+                f"({stride[0]:g}, {stride[1]:g}): no exact comparison exists"
+            )
+        shifted, mask = _integer_shift(fmap, int(cy), int(cx), self.mode)
+        return FeatureAction(shifted, None if self.mode == "circular" else mask)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "dy": self.dy, "dx": self.dx, "mode": self.mode}
+
+
+# --------------------------------------------------------------------------------------------
+# Rotations by arbitrary angles (resampled)
+# --------------------------------------------------------------------------------------------
+
+#: Comparisons of resampled elements are made inside this fraction of the inscribed disk.
+DISK_FRACTION = 0.8
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate ``(B, C, H, W)`` counter-clockwise about the grid centre; bicubic, zero fill."""
+    height, width = x.shape[-2:]
+    theta = math.radians(degrees)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # Output pixel (i, j) samples the input at R(-theta) applied to its offset from the centre.
+    # Pixel units, with y pointing down: a counter-clockwise turn on screen is clockwise in (x, y).
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    ii = torch.arange(height, dtype=torch.float64)[:, None] - cy
+    jj = torch.arange(width, dtype=torch.float64)[None, :] - cx
+    src_x = cos * jj - sin * ii + cx
+    src_y = sin * jj + cos * ii + cy
+    # grid_sample with align_corners=True maps -1..1 onto pixel centres 0..size-1.
+    gx = 2 * src_x / max(width - 1, 1) - 1
+    gy = 2 * src_y / max(height - 1, 1) - 1
+    grid = torch.stack([gx.expand(height, width), gy.expand(height, width)], dim=-1)
+    grid = grid[None].expand(x.shape[0], height, width, 2).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=True)
+
+
+class Rotation(Transform):
+    """Rotation by an arbitrary angle; resampled, so compared inside a central disk."""
+
+    family = "rot"
+    exact = False
+
+    def __init__(self, degrees: float) -> None:
+        self.degrees = float(degrees)
+        self.name = f"rot{self.degrees:g}"
+
+    def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
+        # Rotating the larger source fills the corners with real content when a margin exists.
+        return center_crop(rotate(source, self.degrees), margin).clamp(0, 1)
+
+    def inverse(self) -> Rotation:
+        return Rotation(-self.degrees)
+
+    def feature_action(
+        self, fmap: torch.Tensor, stride: tuple[float, float] | None
+    ) -> FeatureAction:
+        height, width = fmap.shape[-2:]
+        if min(height, width) < 5:
+            raise NotMeasurable(f"feature map {height}x{width} is too small to resample")
+        return FeatureAction(rotate(fmap, self.degrees), _disk_mask(height, width, DISK_FRACTION))
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "degrees": self.degrees}
