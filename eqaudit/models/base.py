@@ -177,6 +177,7 @@ class ModelAdapter(ABC):
                 f"--input-size {height}x{width} does not match it: drop --input-size"
             )
         self.input_spec = replace(spec, height=height, width=width)
+        self._layers = None  # execution order may only be learnt once the size is known
 
     def layers(self) -> list[LayerInfo]:
         """Candidate layers in execution order (shapes known after :meth:`probe_layers`)."""
@@ -232,7 +233,8 @@ class ModelAdapter(ABC):
             scores_parts.append(self._canonical_scores(raw_scores)[:keep])
             for name, value in raw_acts.items():
                 canonical = self._canonical_activation(name, value)
-                if canonical is not None:
+                # A layer that sees another batch (a model looping over crops) is not auditable.
+                if canonical is not None and canonical.shape[0] == chunk.shape[0]:
                     acts_parts.setdefault(name, []).append(canonical[:keep])
         scores = torch.cat(scores_parts)
         bad = ~torch.isfinite(scores).all(dim=1)

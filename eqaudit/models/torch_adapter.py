@@ -1,0 +1,742 @@
+"""The PyTorch backend: ``torch.export`` programs, TorchScript archives, state dicts, pickles.
+
+Formats, sniffed from the file itself (the extension only decides ``.pt2``):
+
+* ``.pt2`` (or a zip with ``archive_format``): ``torch.export.load``. The input spec is read from
+  the program's single user input (channels, H, W when static; the batch is fixed when its
+  dimension is a plain int). Per-layer activations come from forward hooks on
+  ``torch.export.unflatten(program)``, whose submodules carry the original module paths.
+* TorchScript (a zip with ``constants.pkl`` and ``code/``): ``torch.jit.load``. TorchScript refuses
+  Python hooks, so a TorchScript model is audited on its outputs only.
+* anything else: ``torch.load(weights_only=True)``. A state dict (bare, or wrapped in
+  ``{"state_dict": ...}`` / ``{"model": ...}``) needs ``--factory`` to build the module. A fully
+  pickled object is refused unless ``--trust-pickle``: unpickling runs code from the file.
+
+Layers are module outputs named by module path (``features.0``, ``layer1.0.conv1``), in execution
+order (learnt from one dummy forward when the input size is known). A module called several times
+in one forward (a shared ReLU) yields ``name``, ``name:1``, ``name:2`` ... one per call. Containers
+(``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) are skipped: a Sequential's output is its
+last child's. Hooks are registered for the requested layers of one run only, so a plain run has no
+overhead, and captured tensors are cloned because a later in-place op (``ReLU(inplace=True)``)
+would otherwise overwrite them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import pickletools
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
+from eqaudit.models.base import InputSpec, ModelAdapter
+
+__all__ = ["TorchAdapter", "load_torch"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONTAINER_TYPE_NAMES = {f"torch.nn.modules.container.{cls.__name__}" for cls in _CONTAINERS}
+_CONTAINER_OP = "<container>"  # op name marking an exported container module (skipped)
+_FACTORY_FORM = "pass --factory path/to/file.py:build or package.module:build"
+_TORCHSCRIPT_NOTE = (
+    "TorchScript archives expose no per-layer hooks: export with torch.export for per-layer results"
+)
+_HOOKS_NOTE = "module outputs named by module path, captured with forward hooks"
+_EXPORT_NOTE = (
+    "module outputs of torch.export.unflatten(program), named by the original module path, "
+    "captured with forward hooks"
+)
+# Keys under which training scripts commonly wrap a state dict.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a module output stands for: itself, or the first tensor of a tuple/list."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def _scores_of(output: Any) -> torch.Tensor:
+    """Class scores from a model output: a tensor, a tuple/list (first item), or a dict with a
+    single tensor or a ``logits`` entry."""
+    value = output
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if isinstance(value, Mapping):
+        tensors = {key: item for key, item in value.items() if isinstance(item, torch.Tensor)}
+        if "logits" in tensors:
+            value = tensors["logits"]
+        elif len(tensors) == 1:
+            value = next(iter(tensors.values()))
+        else:
+            raise UnsupportedModelError(
+                f"the model returns a dict with keys {sorted(map(str, value))[:6]}: eqaudit needs "
+                "class scores, a single tensor or a 'logits' entry"
+            )
+    if not isinstance(value, torch.Tensor):
+        raise UnsupportedModelError(
+            f"the model returns {type(output).__name__}, not a tensor of class scores: "
+            "wrap it so that forward returns the (batch, classes) scores"
+        )
+    return value.detach()
+
+
+def _split_call_name(name: str, bases: Mapping[str, Any]) -> tuple[str, int]:
+    """``layer1.relu:2`` -> (``layer1.relu``, 2); a plain module path -> (path, 0)."""
+    if name in bases:
+        return name, 0
+    base, sep, index = name.rpartition(":")
+    if sep and index.isdigit():
+        return base, int(index)
+    return name, 0
+
+
+class TorchAdapter(ModelAdapter):
+    """A PyTorch model run on CPU in float32, with per-layer capture by forward hooks."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        path: Path,
+        input_spec: InputSpec,
+        module: nn.Module,
+        *,
+        fmt: str,
+        factory: str | None = None,
+        op_names: Mapping[str, str] | None = None,
+        layers_note: str | None = None,
+        input_dtype: torch.dtype = torch.float32,
+        hookable: bool = True,
+    ) -> None:
+        super().__init__(path, input_spec)
+        self.module = module
+        self._format = fmt
+        self._factory = factory
+        self._input_dtype = input_dtype
+        self._layers_note = layers_note or _HOOKS_NOTE
+        self._candidates = self._hookable_modules(op_names or {}) if hookable else {}
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        input_spec: InputSpec,
+        path: Path | None = None,
+        fmt: str = "module",
+    ) -> TorchAdapter:
+        """Wrap an in-memory module (set to eval mode, float32, CPU)."""
+        return cls(
+            Path(path) if path is not None else Path("<module>"),
+            input_spec,
+            _prepare(module),
+            fmt=fmt,
+            layers_note=_TORCHSCRIPT_NOTE if isinstance(module, torch.jit.ScriptModule) else None,
+        )
+
+    def describe(self) -> dict:
+        return {"format": self._format, "factory": self._factory, "layers_note": self._layers_note}
+
+    # -- layers ----------------------------------------------------------------------------------
+    def _hookable_modules(
+        self, op_names: Mapping[str, str]
+    ) -> dict[str, tuple[list[nn.Module], str]]:
+        """Module path -> (modules, op) for every submodule that can carry a forward hook.
+
+        Usually one module per path; ``torch.export.unflatten`` may give a module's later call
+        sites their own copies (``relu@1``), which share the path and its call counter.
+        """
+        if isinstance(self.module, torch.jit.ScriptModule):
+            return {}  # torch refuses Python hooks on ScriptModules
+        found: dict[str, tuple[list[nn.Module], str]] = {}
+        for name, sub in self.module.named_modules():
+            if not name or isinstance(sub, _CONTAINERS):
+                continue
+            path = re.sub(r"@\d+$", "", name)
+            op = op_names.get(path) or getattr(sub, "original_name", None) or type(sub).__name__
+            if op == _CONTAINER_OP:
+                continue
+            found.setdefault(path, ([], op))[0].append(sub)
+        return found
+
+    def _layers_impl(self) -> list[tuple[str, str]]:
+        if not self._candidates:
+            return []
+        order = self._execution_order()
+        if order is None:  # size unknown or the dummy run failed: registration order
+            return [(name, op) for name, (_, op) in self._candidates.items()]
+        return [
+            (name, self._candidates[_split_call_name(name, self._candidates)[0]][1])
+            for name in order
+        ]
+
+    def _execution_order(self) -> list[str] | None:
+        spec = self.input_spec
+        if spec.height is None or spec.width is None:
+            return None
+        shape = (spec.batch or 1, spec.channels, spec.height, spec.width)
+        if spec.layout == "NHWC":
+            shape = (shape[0], shape[2], shape[3], shape[1])
+        order: list[str] = []
+
+        def record(name: str, index: int, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and tensor.is_floating_point():
+                order.append(name if index == 0 else f"{name}:{index}")
+
+        try:
+            with self._hooks(self._candidates, record):
+                self._forward(torch.zeros(shape))
+        except Exception:  # the real run reports the model's failure properly
+            return None
+        return order
+
+    @contextmanager
+    def _hooks(
+        self,
+        modules: Mapping[str, tuple[list[nn.Module], str]],
+        callback: Callable[[str, int, Any], None],
+    ) -> Iterator[None]:
+        """Forward hooks calling ``callback(path, call_index, output)``, removed on exit."""
+        calls: dict[str, int] = {}
+        handles = []
+
+        def make_hook(path: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                index = calls.get(path, 0)
+                calls[path] = index + 1
+                callback(path, index, output)
+
+            return hook
+
+        try:
+            for path, (subs, _) in modules.items():
+                hook = make_hook(path)
+                handles.extend(sub.register_forward_hook(hook) for sub in subs)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- running ---------------------------------------------------------------------------------
+    def _forward(self, batch: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return self.module(batch.to(self._input_dtype))
+
+    def _run_impl(
+        self, batch: torch.Tensor, layers: Sequence[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        wanted = set(layers)
+        captured: dict[str, torch.Tensor] = {}
+        paths = {_split_call_name(name, self._candidates)[0] for name in wanted}
+        modules = {path: entry for path, entry in self._candidates.items() if path in paths}
+        if not modules:
+            return _scores_of(self._forward(batch)), captured
+
+        def keep(path: str, index: int, output: Any) -> None:
+            name = path if index == 0 else f"{path}:{index}"
+            if name not in wanted:
+                return
+            tensor = _first_tensor(output)
+            if tensor is not None and tensor.is_floating_point():
+                # clone: an in-place op later in the forward would overwrite a shared buffer
+                captured[name] = tensor.detach().clone()
+
+        with self._hooks(modules, keep):
+            output = self._forward(batch)
+        return _scores_of(output), captured
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_torch(
+    path: Path,
+    *,
+    factory: str | None = None,
+    trust_pickle: bool = False,
+    input_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> TorchAdapter:
+    """Load a PyTorch model file into a :class:`TorchAdapter` (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file '{path}' does not exist: check the path")
+    if path.is_dir():
+        raise ModelLoadError(
+            f"'{path}' is a directory, not a model file: pass the model file itself"
+        )
+    kind = _sniff(path)
+    if factory is not None and kind in ("export", "torchscript"):
+        raise UsageError(
+            f"'{path}' is a {'torch.export' if kind == 'export' else 'TorchScript'} archive that "
+            "holds its own module: drop --factory (it is for state dicts)"
+        )
+    if kind == "export":
+        adapter = _load_export(path, channels)
+    elif kind == "torchscript":
+        adapter = _load_torchscript(path, channels)
+    else:
+        adapter = _load_checkpoint(path, factory, trust_pickle, channels)
+    if input_size is not None:
+        adapter.with_input_size(*input_size)
+    return adapter
+
+
+def _sniff(path: Path) -> str:
+    """The file's kind: ``export``, ``torchscript`` or ``checkpoint`` (torch.save output, or
+    something unreadable that torch.load then rejects)."""
+    if path.suffix.lower() == ".pt2":
+        return "export"
+    try:
+        if not zipfile.is_zipfile(path):
+            return "checkpoint"
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "checkpoint"
+    # Members sit under one top folder ('<name>/data.pkl'); compare what follows it.
+    inner = {name.split("/", 1)[1] if "/" in name else name for name in names}
+    if "archive_format" in inner:
+        return "export"
+    if "constants.pkl" in inner and any(name.startswith("code/") for name in inner):
+        return "torchscript"
+    return "checkpoint"
+
+
+def _module_spec(module: nn.Module, channels: int | None) -> InputSpec:
+    """NCHW, channels from the option or the first Conv2d, size unknown, dynamic batch."""
+    if channels is None:
+        channels = _first_conv_channels(module) or 3
+    return InputSpec(
+        name=_input_name(module),
+        layout="NCHW",
+        channels=channels,
+        height=None,
+        width=None,
+        batch=None,
+        layout_source="default",  # PyTorch convention; nothing in a module declares it
+    )
+
+
+def _first_conv_channels(module: nn.Module) -> int | None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            return int(sub.in_channels)
+        if getattr(sub, "original_name", None) == "Conv2d":  # a TorchScript Conv2d
+            in_channels = getattr(sub, "in_channels", None)
+            if isinstance(in_channels, int):
+                return in_channels
+            weight = getattr(sub, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim == 4:
+                return int(weight.shape[1]) * int(getattr(sub, "groups", 1))
+    return None
+
+
+def _input_name(module: nn.Module) -> str:
+    try:
+        if isinstance(module, torch.jit.ScriptModule):
+            return module.forward.schema.arguments[1].name
+        params = list(inspect.signature(module.forward).parameters)
+        return params[0] if params else "input"
+    except Exception:  # a signature is a nicety, never a reason to fail
+        return "input"
+
+
+def _prepare(module: nn.Module) -> nn.Module:
+    return module.float().cpu().eval()
+
+
+@contextmanager
+def _quiet_torch_warnings() -> Iterator[None]:
+    """Silence torch's notes about its own internals while loading; they mean nothing to users
+    (FutureWarnings from torch.export.load, torch.jit's deprecation, pickle protocol notes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
+
+
+# -- torch.export -------------------------------------------------------------------------------
+def _load_export(path: Path, channels: int | None) -> TorchAdapter:
+    try:
+        with _quiet_torch_warnings():
+            program = torch.export.load(path)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read '{path}' as a torch.export archive ({_first_line(exc)}): "
+            f"save it with torch.export.save under torch {torch.__version__.split('+')[0]}"
+        ) from exc
+    spec, dtype = _export_spec(path, program, channels)
+    try:
+        with _quiet_torch_warnings():
+            module: nn.Module = torch.export.unflatten(program)
+    except Exception as exc:  # scores still work through the flat graph module
+        note = (
+            f"torch.export.unflatten failed on this program ({_first_line(exc, 120)}): "
+            "per-layer results are not available"
+        )
+        return TorchAdapter(
+            path,
+            spec,
+            program.module(),
+            fmt="export",
+            layers_note=note,
+            input_dtype=dtype,
+            hookable=False,
+        )
+    module.eval()
+    return TorchAdapter(
+        path,
+        spec,
+        module,
+        fmt="export",
+        op_names=_export_op_names(program),
+        layers_note=_EXPORT_NOTE,
+        input_dtype=dtype,
+    )
+
+
+def _export_spec(
+    path: Path, program: torch.export.ExportedProgram, channels: int | None
+) -> tuple[InputSpec, torch.dtype]:
+    user_inputs = list(program.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        raise UnsupportedModelError(
+            f"'{path}' takes {len(user_inputs)} inputs {user_inputs[:4]}; eqaudit audits image "
+            "classifiers with a single image input: export a wrapper that takes one image tensor"
+        )
+    node = next(
+        n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0]
+    )
+    value = node.meta.get("val")
+    shape = tuple(getattr(value, "shape", ()))
+    if len(shape) != 4:
+        raise UnsupportedModelError(
+            f"the program's input '{node.name}' has shape {shape}, not (batch, channels, H, W): "
+            "eqaudit audits image classifiers"
+        )
+    dims = [dim if isinstance(dim, int) else None for dim in shape]  # SymInt: dynamic
+    if channels is not None and dims[1] is not None and channels != dims[1]:
+        raise UsageError(
+            f"the model's input '{node.name}' has {dims[1]} channels; --channels {channels} does "
+            "not match it: drop --channels"
+        )
+    dtype = getattr(value, "dtype", torch.float32)
+    if not dtype.is_floating_point:
+        raise UnsupportedModelError(
+            f"the program's input '{node.name}' is {dtype}, not a float image tensor: "
+            "export the model with a float32 image input"
+        )
+    spec = InputSpec(
+        name=node.name,
+        layout="NCHW",
+        channels=dims[1] if dims[1] is not None else (channels or 3),
+        height=dims[2],
+        width=dims[3],
+        batch=dims[0],
+        dtype=str(dtype).removeprefix("torch."),
+        layout_source="default",
+    )
+    return spec, dtype
+
+
+def _export_op_names(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """Module path -> original class name, from the graph's ``nn_module_stack`` metadata."""
+    ops: dict[str, str] = {}
+    for node in program.graph.nodes:
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            path, type_name = entry[0], entry[1]
+            if not isinstance(type_name, str):
+                type_name = f"{type_name.__module__}.{type_name.__qualname__}"
+            path = re.sub(r"@\d+$", "", str(path))
+            ops.setdefault(
+                path, _CONTAINER_OP if _is_container(type_name) else type_name.rsplit(".", 1)[-1]
+            )
+    return ops
+
+
+def _is_container(type_name: str) -> bool:
+    if type_name in _CONTAINER_TYPE_NAMES:
+        return True
+    # A Sequential subclass (torchvision's Conv2dNormActivation): resolve it only when its module
+    # is already imported, so reading a program never imports code named in the file.
+    module_name, _, qualname = type_name.rpartition(".")
+    cls = getattr(sys.modules.get(module_name), qualname, None)
+    return isinstance(cls, type) and issubclass(cls, _CONTAINERS)
+
+
+# -- TorchScript --------------------------------------------------------------------------------
+def _load_torchscript(path: Path, channels: int | None) -> TorchAdapter:
+    try:
+        with _quiet_torch_warnings():
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read '{path}' as a TorchScript archive ({_first_line(exc)}): "
+            "save it again with torch.jit.save"
+        ) from exc
+    module = _prepare(module)
+    return TorchAdapter(
+        path,
+        _module_spec(module, channels),
+        module,
+        fmt="torchscript",
+        layers_note=_TORCHSCRIPT_NOTE,
+    )
+
+
+# -- torch.save checkpoints ---------------------------------------------------------------------
+def _load_checkpoint(
+    path: Path, factory: str | None, trust_pickle: bool, channels: int | None
+) -> TorchAdapter:
+    try:
+        with _quiet_torch_warnings():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not _holds_pickle(path):
+            raise _not_an_archive(path, "neither a zip archive nor a pickle stream") from exc
+        if not trust_pickle:
+            raise ModelLoadError(
+                f"'{path}' is a pickled Python object; loading it runs arbitrary code from the "
+                "file. Pass --trust-pickle only if you trust its source, or save a state dict / "
+                "torch.export archive instead"
+            ) from exc
+        obj = _load_trusted(path)
+    except EOFError as exc:
+        raise _not_an_archive(path, "the file is empty or truncated") from exc
+    except Exception as exc:
+        raise _not_an_archive(path, _first_line(exc).split(". ")[0]) from exc
+
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                obj = obj[key]
+                break
+    if isinstance(obj, nn.Module):
+        module = _prepare(obj)
+        return TorchAdapter(path, _module_spec(module, channels), module, fmt="pickle")
+
+    state = _state_dict_of(obj)
+    if state is None:
+        raise ModelLoadError(
+            f"'{path}' holds a {type(obj).__name__}, not a model or a state dict: save the "
+            "model's state_dict(), a TorchScript archive or a torch.export archive"
+        )
+    if factory is None:
+        raise UsageError(f"'{path}' is a state dict: {_FACTORY_FORM}")
+    module = _build(factory)
+    _load_state(path, module, state, factory)
+    module = _prepare(module)
+    return TorchAdapter(
+        path, _module_spec(module, channels), module, fmt="state_dict", factory=factory
+    )
+
+
+def _not_an_archive(path: Path, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot read '{path}': not a PyTorch archive ({reason}): pass a state dict saved with "
+        "torch.save, a TorchScript archive or a torch.export .pt2 file"
+    )
+
+
+def _holds_pickle(path: Path) -> bool:
+    """Whether the file is a torch.save zip or a pickle stream, checked without unpickling."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        with open(path, "rb") as handle:
+            first = None
+            has_global = False
+            # genops only parses opcodes; nothing is imported or called.
+            for opcode, _, _ in pickletools.genops(handle):
+                first = first or opcode.name
+                has_global |= opcode.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ")
+                if opcode.name == "STOP":
+                    return first == "PROTO" or has_global
+    except Exception:  # a parse error: not a pickle
+        return False
+    return False
+
+
+def _load_trusted(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"unpickling '{path}' failed ({_first_line(exc)}): the classes it refers to must be "
+            "importable; or save a state dict and pass --factory"
+        ) from exc
+
+
+def _state_dict_of(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """The state dict in ``obj`` (bare, or under a wrapper key), else None."""
+
+    def is_state(value: Any) -> bool:
+        return (
+            isinstance(value, Mapping)
+            and any(isinstance(item, torch.Tensor) for item in value.values())
+            and all(
+                isinstance(item, torch.Tensor) or str(key).endswith("_extra_state")
+                for key, item in value.items()
+            )
+        )
+
+    if is_state(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if is_state(obj.get(key)):
+                return obj[key]
+    return None
+
+
+# -- factories ------------------------------------------------------------------------------------
+def _build(factory: str) -> nn.Module:
+    builder, directory = _import_factory(factory)
+    try:
+        with _on_sys_path(directory):
+            module = builder()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the factory '{factory}' raised {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    if not isinstance(module, nn.Module):
+        raise UsageError(
+            f"the factory '{factory}' returned a {type(module).__name__}, not a torch.nn.Module: "
+            "make it return the model"
+        )
+    return module
+
+
+def _import_factory(factory: str) -> tuple[Callable[[], Any], Path | None]:
+    target, sep, attr = factory.rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        raise UsageError(f"--factory '{factory}' is not of the right form: {_FACTORY_FORM}")
+    directory = None
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        file = Path(target)
+        if not file.is_file():
+            raise UsageError(f"the factory file '{file}' does not exist: check --factory")
+        directory = file.resolve().parent
+        digest = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+        name = f"_eqaudit_factory_{digest}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"the factory file '{file}' is not a Python file: check --factory")
+        source = importlib.util.module_from_spec(spec)
+        sys.modules[name] = source  # dataclasses and pickling look the module up here
+        try:
+            with _on_sys_path(directory):
+                spec.loader.exec_module(source)
+        except Exception as exc:
+            del sys.modules[name]
+            raise ModelLoadError(
+                f"importing the factory file '{file}' failed with {type(exc).__name__}: "
+                f"{_first_line(exc)}"
+            ) from exc
+        where = f"the factory file '{file}'"
+    else:
+        try:
+            source = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
+                raise UsageError(
+                    f"the factory module '{target}' cannot be found: check --factory, and that "
+                    "its package is installed or on PYTHONPATH"
+                ) from exc
+            raise ModelLoadError(
+                f"importing the factory module '{target}' failed: {_first_line(exc)}"
+            ) from exc
+        except Exception as exc:
+            raise ModelLoadError(
+                f"importing the factory module '{target}' failed with {type(exc).__name__}: "
+                f"{_first_line(exc)}"
+            ) from exc
+        where = f"the factory module '{target}'"
+    builder = getattr(source, attr, None)
+    if builder is None:
+        raise UsageError(f"{where} has no '{attr}': check --factory")
+    if not callable(builder):
+        raise UsageError(f"'{attr}' in {where} is not callable: check --factory")
+    return builder, directory
+
+
+@contextmanager
+def _on_sys_path(directory: Path | None) -> Iterator[None]:
+    """Let a factory file import its sibling modules while it is imported and called."""
+    if directory is None or str(directory) in sys.path:
+        yield
+        return
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
+
+
+def _load_state(
+    path: Path, module: nn.Module, state: Mapping[str, torch.Tensor], factory: str
+) -> None:
+    expected = module.state_dict()
+    keys = set(state)
+    # DataParallel checkpoints prefix every key with 'module.'.
+    if (
+        keys
+        and all(k.startswith("module.") for k in keys)
+        and not any(k.startswith("module.") for k in expected)
+    ):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        keys = set(state)
+    missing = [k for k in expected if k not in keys]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in the file vs {tuple(expected[k].shape)} in the module"
+        for k in expected
+        if k in keys and isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+            problems.append(f"{label}: {', '.join(items[:4])}{more}")
+    if problems:
+        raise ModelLoadError(
+            f"the state dict in '{path}' does not fit the module built by '{factory}' "
+            f"({'; '.join(problems)}): check --factory builds the same architecture"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"loading the state dict in '{path}' into the module built by '{factory}' failed: "
+            f"{_first_line(exc)}"
+        ) from exc

@@ -1,0 +1,636 @@
+"""The PyTorch adapter on real tiny models saved in every format it reads (no mocks)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from eqaudit.errors import (
+    EXIT_MODEL,
+    EXIT_USAGE,
+    EqauditError,
+    ModelLoadError,
+    ModelRunError,
+    UnsupportedModelError,
+    UsageError,
+)
+from eqaudit.models.base import InputSpec
+from eqaudit.models.torch_adapter import TorchAdapter, load_torch
+
+SIZE = 8
+
+
+class TinyNet(nn.Module):
+    """conv -> relu -> conv/2 -> shared relu -> GAP -> shared relu -> fc (5 classes)."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        )
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.features(x))
+        x = self.relu(self.pool(x).flatten(1) - 0.1)
+        return self.fc(x)
+
+
+# Execution order of TinyNet's module calls, with per-image shapes at SIZE x SIZE.
+TINY_LAYERS = [
+    ("features.0", "Conv2d", (4, 8, 8)),
+    ("features.1", "ReLU", (4, 8, 8)),
+    ("features.2", "Conv2d", (6, 4, 4)),
+    ("relu", "ReLU", (6, 4, 4)),
+    ("pool", "AdaptiveAvgPool2d", (6, 1, 1)),
+    ("relu:1", "ReLU", (6,)),
+    ("fc", "Linear", (5,)),
+]
+
+
+class DictNet(nn.Module):
+    """Returns ``{"logits": ..., "features": ...}`` like a Hugging Face model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.conv(x).mean((2, 3))
+        return {"logits": self.head(pooled), "features": pooled}
+
+
+class InplaceNet(nn.Module):
+    """A conv followed by ``ReLU(inplace=True)``: the conv's output buffer is overwritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+class NanNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :4] * float("nan")
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x + y).mean((2, 3))
+
+
+class Payload:
+    """Unpickling this runs code that creates ``marker``: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def tiny(seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyNet(**kwargs).eval()
+
+
+def images(batch: int = 3, channels: int = 3, size: int = SIZE, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores and every non-container module output of ``module``, named like the adapter."""
+    captured: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+    handles = []
+    for name, sub in module.named_modules():
+        if not name or isinstance(sub, nn.Sequential):
+            continue
+
+        def hook(_m, _i, out, name=name):
+            index = calls.get(name, 0)
+            calls[name] = index + 1
+            captured[name if index == 0 else f"{name}:{index}"] = out.detach().clone()
+
+        handles.append(sub.register_forward_hook(hook))
+    with torch.no_grad():
+        scores = module(x)
+    for handle in handles:
+        handle.remove()
+    return scores, captured
+
+
+def write_factory(tmp_path: Path, name: str = "factory.py", builder: str = "TinyNet()") -> Path:
+    source = textwrap.dedent(inspect.getsource(TinyNet))
+    file = tmp_path / name
+    file.write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        f"{source}\n\ndef build():\n    return {builder}\n\n\ndef not_a_module():\n    return 42\n"
+    )
+    return file
+
+
+def spec(channels: int = 3, size: int | None = SIZE) -> InputSpec:
+    return InputSpec(
+        name="x", layout="NCHW", channels=channels, height=size, width=size, batch=None
+    )
+
+
+def assert_one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert message and "\n" not in message and len(message) < 500
+    return message
+
+
+def no_hooks_left(module: nn.Module) -> bool:
+    return all(not sub._forward_hooks for sub in module.modules())
+
+
+@pytest.fixture
+def state_dict_file(tmp_path: Path) -> tuple[nn.Module, Path]:
+    model = tiny()
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+# -- state dict + factory ------------------------------------------------------------------------
+def test_state_dict_with_factory_file_gives_the_module_scores(state_dict_file, tmp_path):
+    model, path = state_dict_file
+    factory = f"{write_factory(tmp_path)}:build"
+    adapter = load_torch(path, factory=factory, input_size=(SIZE, SIZE))
+    x = images()
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+    assert adapter.describe()["format"] == "state_dict"
+    assert adapter.describe()["factory"] == factory
+    assert adapter.input_spec.to_dict() == {
+        "name": "x",
+        "layout": "NCHW",
+        "layout_source": "default",
+        "channels": 3,
+        "height": SIZE,
+        "width": SIZE,
+        "batch": None,
+        "dtype": "float32",
+    }
+    assert not adapter.module.training
+
+
+def test_state_dict_with_factory_from_a_package_on_sys_path(state_dict_file, tmp_path, monkeypatch):
+    model, path = state_dict_file
+    package = tmp_path / "eqaudit_test_zoo"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    write_factory(package, "nets.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        adapter = load_torch(path, factory="eqaudit_test_zoo.nets:build")
+        x = images()
+        torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+    finally:
+        for name in [n for n in sys.modules if n.startswith("eqaudit_test_zoo")]:
+            del sys.modules[name]
+
+
+def test_state_dict_with_the_demo_factory(tmp_path):
+    demo = pytest.importorskip("eqaudit.demo.model")
+    torch.manual_seed(0)
+    model = demo.build().eval()
+    path = tmp_path / "demo.pth"
+    torch.save(model.state_dict(), path)
+    adapter = load_torch(path, factory="eqaudit.demo.model:build", input_size=(33, 33))
+    x = images(2, size=33)
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_wrapped_state_dicts_load(tmp_path, wrapper):
+    model = tiny()
+    path = tmp_path / "ckpt.pt"
+    torch.save({wrapper: model.state_dict(), "epoch": 3}, path)
+    adapter = load_torch(path, factory=f"{write_factory(tmp_path)}:build")
+    x = images()
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+
+
+def test_data_parallel_prefix_is_stripped(tmp_path):
+    model = tiny()
+    path = tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    adapter = load_torch(path, factory=f"{write_factory(tmp_path)}:build")
+    x = images()
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+
+
+# -- layers ----------------------------------------------------------------------------------------
+def test_layers_in_execution_order_with_names_ops_and_shapes(state_dict_file, tmp_path):
+    _, path = state_dict_file
+    adapter = load_torch(path, factory=f"{write_factory(tmp_path)}:build", input_size=(SIZE, SIZE))
+    assert [(layer.name, layer.op) for layer in adapter.layers()] == [
+        (name, op) for name, op, _ in TINY_LAYERS
+    ]
+    probed = adapter.probe_layers(images(1))
+    assert [(layer.name, layer.op, layer.shape) for layer in probed] == TINY_LAYERS
+    assert [layer.index for layer in probed] == list(range(len(TINY_LAYERS)))
+    assert no_hooks_left(adapter.module)
+
+
+def test_execution_order_differs_from_registration_order():
+    class Reversed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.body = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x).mean((2, 3)))
+
+    adapter = TorchAdapter.from_module(Reversed(), input_spec=spec())
+    assert [layer.name for layer in adapter.layers()] == ["body", "head"]
+    unknown_size = TorchAdapter.from_module(Reversed(), input_spec=spec(size=None))
+    assert [layer.name for layer in unknown_size.layers()] == ["head", "body"]
+
+
+def test_shared_relu_gives_one_layer_per_call(tmp_path):
+    model = tiny()
+    adapter = TorchAdapter.from_module(model, input_spec=spec())
+    x = images()
+    out = adapter.run(x, ["relu", "relu:1"])
+    assert set(out.activations) == {"relu", "relu:1"}
+    with torch.no_grad():
+        first = torch.relu(model.features(x))
+        second = torch.relu(model.pool(first).flatten(1) - 0.1)
+    torch.testing.assert_close(out.activations["relu"], first, rtol=0, atol=0)
+    torch.testing.assert_close(out.activations["relu:1"], second, rtol=0, atol=0)
+
+
+def test_run_captures_only_requested_layers_and_removes_its_hooks():
+    adapter = TorchAdapter.from_module(tiny(), input_spec=spec())
+    out = adapter.run(images(), ["features.2"])
+    assert set(out.activations) == {"features.2"}
+    assert not out.activations["features.2"].requires_grad
+    assert no_hooks_left(adapter.module)
+    assert adapter.run(images()).activations == {}
+
+
+def test_activation_is_not_overwritten_by_a_later_inplace_op():
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    adapter = TorchAdapter.from_module(model, input_spec=spec())
+    x = images()
+    out = adapter.run(x, ["conv", "act"])
+    with torch.no_grad():
+        conv = model.conv(x)
+    assert (out.activations["conv"] < 0).any()
+    torch.testing.assert_close(out.activations["conv"], conv, rtol=0, atol=0)
+    torch.testing.assert_close(out.activations["act"], conv.clamp(min=0), rtol=0, atol=0)
+
+
+def test_dict_outputs_give_the_logits():
+    torch.manual_seed(0)
+    model = DictNet().eval()
+    adapter = TorchAdapter.from_module(model, input_spec=spec())
+    x = images()
+    torch.testing.assert_close(adapter.run(x).scores, model(x)["logits"], rtol=0, atol=0)
+
+
+def test_nan_scores_raise_a_model_run_error():
+    adapter = TorchAdapter.from_module(NanNet(), input_spec=spec())
+    with pytest.raises(ModelRunError) as error:
+        adapter.run(images())
+    assert "NaN" in assert_one_line(error)
+    assert error.value.exit_code == EXIT_MODEL
+
+
+@pytest.mark.parametrize(
+    ("model", "channels", "expected"),
+    [(TinyNet(in_channels=1), None, 1), (NanNet(), None, 3), (TinyNet(), 1, 1)],
+)
+def test_channels_come_from_the_option_or_the_first_conv(tmp_path, model, channels, expected):
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    adapter = load_torch(path, trust_pickle=True, channels=channels)
+    assert adapter.input_spec.channels == expected
+    assert adapter.input_spec.height is None and adapter.input_spec.batch is None
+
+
+# -- torch.export ----------------------------------------------------------------------------------
+def export(tmp_path: Path, model: nn.Module, example: torch.Tensor, **kwargs) -> Path:
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (example,), **kwargs), path)
+    return path
+
+
+def test_export_with_static_batch_reads_the_spec_and_matches_the_module(tmp_path):
+    model = tiny()
+    path = export(tmp_path, model, images(2))
+    adapter = load_torch(path)
+    assert adapter.input_spec.to_dict() == {
+        "name": "x",
+        "layout": "NCHW",
+        "layout_source": "default",
+        "channels": 3,
+        "height": SIZE,
+        "width": SIZE,
+        "batch": 2,
+        "dtype": "float32",
+    }
+    assert adapter.describe()["format"] == "export"
+    x = images(5)  # not a multiple of the fixed batch: the base class pads the last chunk
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+
+
+def test_export_with_dynamic_batch_has_no_fixed_batch(tmp_path):
+    model = tiny()
+    path = export(tmp_path, model, images(2), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    adapter = load_torch(path)
+    assert adapter.input_spec.batch is None
+    assert adapter.input_spec.size == (SIZE, SIZE)
+    x = images(7)
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+
+
+def test_export_with_dynamic_size_needs_an_input_size(tmp_path):
+    model = tiny()
+    side = torch.export.Dim("side", min=4, max=64)
+    path = export(tmp_path, model, images(2, size=16), dynamic_shapes=({2: side, 3: side},))
+    adapter = load_torch(path)
+    assert (adapter.input_spec.height, adapter.input_spec.width) == (None, None)
+    with pytest.raises(UsageError):
+        _ = adapter.input_spec.size
+    adapter.with_input_size(12, 12)
+    x = images(2, size=12)
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+
+
+def test_export_per_layer_activations_equal_the_module_hooks(tmp_path):
+    model = tiny()
+    path = export(tmp_path, model, images(2), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    adapter = load_torch(path)
+    probed = adapter.probe_layers(images(1))
+    assert [(layer.name, layer.op, layer.shape) for layer in probed] == TINY_LAYERS
+    x = images(4)
+    out = adapter.run(x, [layer.name for layer in probed])
+    scores, expected = reference(model, x)
+    torch.testing.assert_close(out.scores, scores, rtol=0, atol=0)
+    assert set(out.activations) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(out.activations[name], value, rtol=0, atol=0)
+    assert no_hooks_left(adapter.module)
+
+
+def test_export_of_a_residual_block_names_layers_by_module_path(tmp_path):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.bn1(self.conv1(x)) + x)
+
+    class ResNetish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.layer1 = nn.Sequential(Block(), Block())
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.layer1(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    for block in model.layer1:  # non-trivial running statistics
+        block.bn1.running_mean.uniform_(-1, 1)
+        block.bn1.running_var.uniform_(0.5, 2)
+    path = export(tmp_path, model, images(2))
+    exported = load_torch(path).probe_layers(images(2)[:1])
+    eager = TorchAdapter.from_module(model, input_spec=spec()).probe_layers(images(1))
+    assert [(layer.name, layer.op, layer.shape) for layer in exported] == [
+        (layer.name, layer.op, layer.shape) for layer in eager
+    ]
+    assert [layer.name for layer in exported][:5] == [
+        "stem",
+        "layer1.0.conv1",
+        "layer1.0.bn1",
+        "layer1.0.relu",
+        "layer1.0",
+    ]
+    x = images(2)
+    got = load_torch(path).run(x, ["layer1.0.bn1", "layer1.1"]).activations
+    _, expected = reference(model, x)
+    for name in ("layer1.0.bn1", "layer1.1"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
+def test_export_with_dict_output(tmp_path):
+    torch.manual_seed(0)
+    model = DictNet().eval()
+    adapter = load_torch(export(tmp_path, model, images(2)))
+    x = images(2)
+    torch.testing.assert_close(adapter.run(x).scores, model(x)["logits"], rtol=0, atol=0)
+
+
+def test_export_with_two_inputs_is_unsupported(tmp_path):
+    path = tmp_path / "two.pt2"
+    program = torch.export.export(TwoInputs(), (images(1), images(1)))
+    torch.export.save(program, path)
+    with pytest.raises(UnsupportedModelError) as error:
+        load_torch(path)
+    assert "single image input" in assert_one_line(error)
+
+
+def test_export_options_that_contradict_the_program_are_usage_errors(tmp_path):
+    path = export(tmp_path, tiny(), images(1))
+    with pytest.raises(UsageError) as error:
+        load_torch(path, channels=1)
+    assert "--channels" in assert_one_line(error)
+    with pytest.raises(UsageError) as error:
+        load_torch(path, input_size=(16, 16))
+    assert "--input-size" in assert_one_line(error)
+    with pytest.raises(UsageError) as error:
+        load_torch(path, factory="x.py:build")
+    assert "--factory" in assert_one_line(error)
+
+
+def test_corrupt_pt2_is_a_load_error(tmp_path):
+    path = tmp_path / "broken.pt2"
+    path.write_bytes(os.urandom(256))
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path)
+    assert "torch.export" in assert_one_line(error)
+
+
+# -- TorchScript -----------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_gives_the_module_scores_without_layers(tmp_path, how):
+    model = tiny(in_channels=1)
+    path = tmp_path / "scripted.pt"
+    x = images(3, channels=1)
+    scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+    scripted.save(str(path))
+    adapter = load_torch(path, input_size=(SIZE, SIZE))
+    assert adapter.input_spec.channels == 1
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=1e-6, atol=1e-6)
+    assert adapter.layers() == []
+    assert adapter.describe()["format"] == "torchscript"
+    assert "torch.export" in adapter.describe()["layers_note"]
+
+
+# -- pickles ---------------------------------------------------------------------------------------
+def test_pickled_module_is_refused_without_trust_and_loads_with_it(tmp_path):
+    model = tiny()
+    path = tmp_path / "full.pt"
+    torch.save(model, path)
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path)
+    message = assert_one_line(error)
+    assert "pickled Python object" in message and "--trust-pickle" in message
+    adapter = load_torch(path, trust_pickle=True)
+    x = images()
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+    assert adapter.describe()["format"] == "pickle"
+
+
+def test_legacy_torch_save_format(tmp_path):
+    model = tiny()
+    weights, full = tmp_path / "legacy.pt", tmp_path / "legacy_full.pt"
+    torch.save(model.state_dict(), weights, _use_new_zipfile_serialization=False)
+    torch.save(model, full, _use_new_zipfile_serialization=False)
+    x = images()
+    adapter = load_torch(weights, factory=f"{write_factory(tmp_path)}:build")
+    torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(full)
+    assert "pickled Python object" in assert_one_line(error)
+    torch.testing.assert_close(
+        load_torch(full, trust_pickle=True).run(x).scores, model(x), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("container", ["torch.save", "pickle"])
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    if container == "torch.save":
+        torch.save({"weights": Payload(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+    for factory in (None, f"{write_factory(tmp_path)}:build"):
+        with pytest.raises(ModelLoadError) as error:
+            load_torch(path, factory=factory)
+        assert "--trust-pickle" in assert_one_line(error)
+        assert not marker.exists()
+    # The payload is real: trusting the file runs it (and the result is still no model).
+    with pytest.raises(ModelLoadError):
+        load_torch(path, trust_pickle=True)
+    assert marker.exists()
+
+
+# -- unreadable files and bad options ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "content",
+    [os.urandom(1000), b"", b"PK\x03\x04 truncated zip", b"\x80\x04not really a pickle"],
+    ids=["random", "empty", "truncated-zip", "bad-pickle"],
+)
+def test_unreadable_files_are_load_errors(tmp_path, content):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path, trust_pickle=True)
+    assert "not a PyTorch archive" in assert_one_line(error)
+
+
+def test_truncated_checkpoint_is_a_load_error(state_dict_file):
+    _, path = state_dict_file
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path, factory="unused.py:build")
+    assert "not a PyTorch archive" in assert_one_line(error)
+
+
+def test_missing_path_and_directory_are_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(tmp_path / "nope.pt")
+    assert "does not exist" in assert_one_line(error)
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(tmp_path)
+    assert "directory" in assert_one_line(error)
+    assert error.value.exit_code == EXIT_MODEL
+
+
+def test_state_dict_without_factory_is_a_usage_error(state_dict_file):
+    _, path = state_dict_file
+    with pytest.raises(UsageError) as error:
+        load_torch(path)
+    assert "--factory" in assert_one_line(error) and "is a state dict" in str(error.value)
+    assert error.value.exit_code == EXIT_USAGE
+
+
+def test_factory_with_other_keys_or_shapes_is_a_load_error(state_dict_file, tmp_path):
+    _, path = state_dict_file
+    factory = write_factory(tmp_path, "other.py", builder="nn.Sequential(nn.Linear(2, 2))")
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path, factory=f"{factory}:build")
+    message = assert_one_line(error)
+    assert "missing keys: 0.weight, 0.bias" in message
+    assert "unexpected keys: features.0.weight" in message
+    wider = write_factory(tmp_path, "wider.py", builder="TinyNet(in_channels=1)")
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path, factory=f"{wider}:build")
+    assert "features.0.weight (4, 3, 3, 3) in the file vs (4, 1, 3, 3)" in assert_one_line(error)
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        ("{tmp}/missing.py:build", "does not exist"),
+        ("{tmp}/factory.py:nothing", "has no 'nothing'"),
+        ("{tmp}/factory.py:not_a_module", "not a torch.nn.Module"),
+        ("eqaudit_no_such_package.nets:build", "cannot be found"),
+        ("no-colon-here", "path/to/file.py:build"),
+    ],
+)
+def test_bad_factories_are_usage_errors(state_dict_file, tmp_path, factory, expected):
+    _, path = state_dict_file
+    write_factory(tmp_path)
+    with pytest.raises(UsageError) as error:
+        load_torch(path, factory=factory.format(tmp=tmp_path))
+    assert expected in assert_one_line(error)
+
+
+def test_factory_that_raises_is_a_load_error(state_dict_file, tmp_path):
+    _, path = state_dict_file
+    factory = write_factory(tmp_path, "raises.py", builder="1 / 0")
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path, factory=f"{factory}:build")
+    assert "raised" in assert_one_line(error)
+
+
+def test_every_error_is_an_eqaudit_error_with_one_line(tmp_path):
+    path = tmp_path / "multi.pt"
+    path.write_bytes(b"\n\n\nnot\na\nmodel\n")
+    with pytest.raises(EqauditError) as error:
+        load_torch(path)
+    assert_one_line(error)
