@@ -24,7 +24,10 @@ _BINS_PER_DECADE = 100
 _LOW_EXP, _HIGH_EXP = -12, 1
 #: Upper edges of the histogram bins; bin 0 holds values below 1e-12 (reported as 0).
 HIST_EDGES = np.concatenate(
-    [[10.0**_LOW_EXP], np.logspace(_LOW_EXP, _HIGH_EXP, (_HIGH_EXP - _LOW_EXP) * _BINS_PER_DECADE + 1)[1:]]
+    [
+        [10.0**_LOW_EXP],
+        np.logspace(_LOW_EXP, _HIGH_EXP, (_HIGH_EXP - _LOW_EXP) * _BINS_PER_DECADE + 1)[1:],
+    ]
 )
 
 
@@ -123,9 +126,18 @@ class LayerStats(_Mergeable):
     rel_sum: float = 0.0
     rel_max: float = 0.0
     cos_sum: float = 0.0
+    floor_n: int = 0
+    floor_sum: float = 0.0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES), dtype=np.int64))
 
-    def update(self, relative: torch.Tensor, cosine: torch.Tensor) -> None:
+    def update(
+        self, relative: torch.Tensor, cosine: torch.Tensor, floor: torch.Tensor | None = None
+    ) -> None:
+        """Per-image relative errors, cosine distances and (resampled elements) the
+        interpolation floor of the feature-map action."""
+        if floor is not None:
+            self.floor_n += int(floor.numel())
+            self.floor_sum += float(floor.to(torch.float64).sum())
         rel = relative.detach().to(torch.float64).cpu().numpy()
         self.n += rel.size
         self.rel_sum += float(rel.sum())
@@ -149,4 +161,5 @@ class LayerStats(_Mergeable):
             "relative_error_p95": self.quantile(0.95),
             "relative_error_max": self.rel_max if self.n else math.nan,
             "cosine_distance": self.cos_sum / self.n if self.n else math.nan,
+            "interpolation_floor": self.floor_sum / self.floor_n if self.floor_n else None,
         }

@@ -41,15 +41,28 @@ def load_model(
             (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3
         )
         h, w = input_size if input_size else (None, None)
-        spec = InputSpec(name="input", layout="NCHW", channels=c, height=h, width=w, batch=None,
-                         layout_source="default")
+        spec = InputSpec(
+            name="input",
+            layout="NCHW",
+            channels=c,
+            height=h,
+            width=w,
+            batch=None,
+            layout_source="default",
+        )
         return TorchAdapter.from_module(model, input_spec=spec)
     if isinstance(model, onnx.ModelProto):
         from eqaudit.models.onnx_adapter import OnnxAdapter
 
         onnx.checker.check_model(model)
-        return OnnxAdapter(model, path=Path("<in-memory>.onnx"), input_name=input_name,
-                           output_name=output_name, layout=layout, providers=providers)
+        return OnnxAdapter(
+            model,
+            path=Path("<in-memory>.onnx"),
+            input_name=input_name,
+            output_name=output_name,
+            layout=layout,
+            providers=providers,
+        )
     if isinstance(model, ModelAdapter):
         return model
 
@@ -67,8 +80,9 @@ def load_model(
             raise UsageError("--factory and --trust-pickle apply to PyTorch files, not ONNX")
         from eqaudit.models.onnx_adapter import load_onnx
 
-        return load_onnx(path, input_name=input_name, output_name=output_name, layout=layout,
-                         providers=providers)
+        return load_onnx(
+            path, input_name=input_name, output_name=output_name, layout=layout, providers=providers
+        )
     if path.suffix.lower() in TORCH_SUFFIXES:
         if input_name or output_name:
             raise UsageError("--input-name and --output-name apply to ONNX graphs only")
@@ -76,8 +90,13 @@ def load_model(
             raise UsageError("PyTorch models take NCHW inputs: drop --layout")
         from eqaudit.models.torch_adapter import load_torch
 
-        return load_torch(path, factory=factory, trust_pickle=trust_pickle,
-                          input_size=input_size, channels=channels)
+        return load_torch(
+            path,
+            factory=factory,
+            trust_pickle=trust_pickle,
+            input_size=input_size,
+            channels=channels,
+        )
     raise ModelLoadError(
         f"cannot tell the format of '{path.name}' from its suffix: use .onnx for ONNX, "
         ".pt2 for torch.export, .pt/.pth for TorchScript, state dicts or pickles"

@@ -169,7 +169,7 @@ class ModelAdapter(ABC):
     def with_input_size(self, height: int, width: int) -> None:
         """Fix a dynamic (or confirm a fixed) input size."""
         spec = self.input_spec
-        if spec.height is not None and spec.height != height or (
+        if (spec.height is not None and spec.height != height) or (
             spec.width is not None and spec.width != width
         ):
             raise UsageError(

@@ -30,17 +30,88 @@ _STRIDED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpP
 _GLOBAL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 # Ops that keep the spatial grid of their first input (element-wise, normalisation, padding).
 _GRID_PRESERVING = {
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu",
-    "Selu", "Celu", "Gelu", "Erf", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "Neg",
-    "Sqrt", "Pow", "Reciprocal", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Where",
-    "BatchNormalization", "InstanceNormalization", "LRN", "Concat", "Identity", "Dropout", "Cast",
-    "QuantizeLinear", "DequantizeLinear", "Pad", "Floor", "Ceil", "Round", "Sign", "Not", "Equal",
-    "Greater", "Less", "And", "Or", "Xor", "Softmax", "LogSoftmax", "Shrink", "ThresholdedRelu",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Clip",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Gelu",
+    "Erf",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "Exp",
+    "Log",
+    "Abs",
+    "Neg",
+    "Sqrt",
+    "Pow",
+    "Reciprocal",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Where",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LRN",
+    "Concat",
+    "Identity",
+    "Dropout",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Pad",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Not",
+    "Equal",
+    "Greater",
+    "Less",
+    "And",
+    "Or",
+    "Xor",
+    "Softmax",
+    "LogSoftmax",
+    "Shrink",
+    "ThresholdedRelu",
 }
 # Ops never worth auditing as a layer (shape arithmetic, constants).
-_SKIP_OPS = {"Constant", "ConstantOfShape", "Shape", "Size", "Range", "NonZero", "Gather", "Unsqueeze",
-             "Squeeze", "Slice", "Concat", "Cast", "Identity", "Reshape", "Flatten", "Dropout"}
-_NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
+_SKIP_OPS = {
+    "Constant",
+    "ConstantOfShape",
+    "Shape",
+    "Size",
+    "Range",
+    "NonZero",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Slice",
+    "Concat",
+    "Cast",
+    "Identity",
+    "Reshape",
+    "Flatten",
+    "Dropout",
+}
+_NP_TYPES = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+}
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -67,9 +138,17 @@ def _detect_layout(dims: list) -> tuple[str, int]:
     """(layout, channels) of a rank-4 input from its dims; NCHW when undecidable."""
     second, last = dims[1], dims[3]
     small = (1, 3, 4)
-    if isinstance(second, int) and second in small and not (isinstance(last, int) and last in small):
+    if (
+        isinstance(second, int)
+        and second in small
+        and not (isinstance(last, int) and last in small)
+    ):
         return "NCHW", second
-    if isinstance(last, int) and last in small and not (isinstance(second, int) and second in small):
+    if (
+        isinstance(last, int)
+        and last in small
+        and not (isinstance(second, int) and second in small)
+    ):
         return "NHWC", last
     if isinstance(second, int) and second in small:
         return "NCHW", second
@@ -131,7 +210,9 @@ class OnnxAdapter(ModelAdapter):
         names = [i.name for i in inputs]
         if name is not None:
             if name not in names:
-                raise UsageError(f"--input-name '{name}' is not an input of the graph: use one of {names}")
+                raise UsageError(
+                    f"--input-name '{name}' is not an input of the graph: use one of {names}"
+                )
             if len(inputs) > 1:
                 raise UnsupportedModelError(
                     f"the graph has {len(inputs)} inputs ({', '.join(names)}); eqaudit feeds one "
@@ -190,7 +271,9 @@ class OnnxAdapter(ModelAdapter):
         names = [o.name for o in outputs]
         if name is not None:
             if name not in names:
-                raise UsageError(f"--output-name '{name}' is not an output of the graph: use one of {names}")
+                raise UsageError(
+                    f"--output-name '{name}' is not an output of the graph: use one of {names}"
+                )
             return name
         if len(outputs) != 1:
             raise UsageError(
@@ -348,7 +431,9 @@ def load_onnx(
             f"cannot read '{path}' as ONNX: the file is corrupt or truncated ({type(exc).__name__})"
         ) from exc
     if not model.graph.node and not model.graph.input:
-        raise ModelLoadError(f"'{path}' holds no ONNX graph: the file is empty or not an ONNX model")
+        raise ModelLoadError(
+            f"'{path}' holds no ONNX graph: the file is empty or not an ONNX model"
+        )
     _check_external_data(model, path.parent)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))

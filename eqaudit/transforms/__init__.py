@@ -76,10 +76,20 @@ FAMILIES: dict[str, Family] = {
             False,
             _d4(list(D4_NAMES.values())),
         ),
-        Family("c4", "rotations by 0/90/180/270 deg (exact)", "c4", False,
-               _d4(["id", "rot90", "rot180", "rot270"])),
-        Family("flips", "identity, left-right and up-down mirror (exact)", "flips", False,
-               _d4(["id", "flip_h", "flip_v"])),
+        Family(
+            "c4",
+            "rotations by 0/90/180/270 deg (exact)",
+            "c4",
+            False,
+            _d4(["id", "rot90", "rot180", "rot270"]),
+        ),
+        Family(
+            "flips",
+            "identity, left-right and up-down mirror (exact)",
+            "flips",
+            False,
+            _d4(["id", "flip_h", "flip_v"]),
+        ),
         Family(
             "rot",
             "rotations by arbitrary angles in degrees, counter-clockwise (bicubic resampling, "

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eqaudit.metrics.functional import relative_error
+
 
 class NotMeasurable(Exception):
     """The element has no exact (or meaningful) action on this feature map; the reason says why."""
@@ -84,6 +86,16 @@ class Transform:
     @property
     def is_identity(self) -> bool:
         return False
+
+    def image_floor(self, identity: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor | None:
+        """Interpolation floor per image: relative error of ``T_g^-1 T_g x`` against ``x``
+        (None for exact elements). Reported beside the scores so that resampling loss is not
+        blamed on the model."""
+        return None
+
+    def feature_floor(self, fmap: torch.Tensor) -> torch.Tensor | None:
+        """The same floor for the element's action on a feature map (compared where defined)."""
+        return None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "family": self.family, "exact": self.exact}
@@ -201,7 +213,9 @@ def fourier_shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
     return torch.fft.irfft2(spectrum * phase, s=(height, width)).to(x.dtype)
 
 
-def _integer_shift(x: torch.Tensor, dy: int, dx: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _integer_shift(
+    x: torch.Tensor, dy: int, dx: int, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift ``(B, C, H, W)`` by integers; return the shifted map and its validity mask."""
     height, width = x.shape[-2:]
     rolled = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
@@ -237,7 +251,9 @@ class Shift(Transform):
         self.dy, self.dx, self.mode = dy, dx, mode
         self.integer = float(dy).is_integer() and float(dx).is_integer()
         self.exact = self.integer
-        axis = f"x{_fmt(dx)}" if dy == 0 else f"y{_fmt(dy)}" if dx == 0 else f"{_fmt(dy)},{_fmt(dx)}"
+        axis = (
+            f"x{_fmt(dx)}" if dy == 0 else f"y{_fmt(dy)}" if dx == 0 else f"{_fmt(dy)},{_fmt(dx)}"
+        )
         suffix = "" if self.integer else "_fourier"
         self.name = f"shift_{axis}{suffix}"
 
@@ -272,6 +288,17 @@ class Shift(Transform):
             )
         shifted, mask = _integer_shift(fmap, int(cy), int(cx), self.mode)
         return FeatureAction(shifted, None if self.mode == "circular" else mask)
+
+    def image_floor(self, identity: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor | None:
+        if self.integer:
+            return None
+        return relative_error(fourier_shift(transformed, -self.dy, -self.dx), identity)
+
+    def feature_floor(self, fmap: torch.Tensor) -> torch.Tensor | None:
+        if self.integer:
+            return None
+        there = fourier_shift(fmap, self.dy, self.dx)
+        return relative_error(fourier_shift(there, -self.dy, -self.dx), fmap)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "dy": self.dy, "dx": self.dx, "mode": self.mode}
@@ -329,6 +356,18 @@ class Rotation(Transform):
         if min(height, width) < 5:
             raise NotMeasurable(f"feature map {height}x{width} is too small to resample")
         return FeatureAction(rotate(fmap, self.degrees), _disk_mask(height, width, DISK_FRACTION))
+
+    def image_floor(self, identity: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor | None:
+        height, width = identity.shape[-2:]
+        back = rotate(transformed, -self.degrees)
+        return relative_error(back, identity, _disk_mask(height, width, DISK_FRACTION))
+
+    def feature_floor(self, fmap: torch.Tensor) -> torch.Tensor | None:
+        height, width = fmap.shape[-2:]
+        if min(height, width) < 5:
+            return None
+        back = rotate(rotate(fmap, self.degrees), -self.degrees)
+        return relative_error(back, fmap, _disk_mask(height, width, DISK_FRACTION))
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "degrees": self.degrees}

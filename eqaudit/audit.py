@@ -1,0 +1,500 @@
+"""The audit engine: batches x transform elements -> adapter -> accumulators -> AuditResult.
+
+For each batch of images (pixel space, with a margin for crop-shifts) the engine applies every
+element, normalises, and runs all ``G x B`` transformed images in one adapter call (the batch
+size bounds ``G x B``). It then compares each element with the identity, image by image:
+
+* outputs: top-1 agreement, JS divergence, normalised logit error, accuracy (DESIGN.md section 3);
+* layers: ``a = h(T_g x)`` against ``b = T'_g h(x)`` on the feature map's grid, or plain
+  invariance for flat features (DESIGN.md section 4).
+
+Accumulators take per-image values and the activations are dropped before the next batch, so
+memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from eqaudit.config import AuditConfig, parse_input_size
+from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
+from eqaudit.errors import UsageError
+from eqaudit.metrics import (
+    LayerStats,
+    OrbitStats,
+    OutputStats,
+    cosine_distance,
+    js_divergence,
+    looks_like_probabilities,
+    normalised_logit_error,
+    probabilities,
+    relative_error,
+    robustness_score,
+)
+from eqaudit.models import LayerInfo, ModelAdapter, load_model
+from eqaudit.results import PREDICTION_COLUMNS, AuditResult, make_summary
+from eqaudit.transforms import NotMeasurable, Transform, parse_transforms
+
+ProgressFn = Callable[[int], None]
+
+
+def estimate_stride(size: int, cells: int) -> float | None:
+    """Cumulative stride of a map of ``cells`` cells over an input axis of ``size`` pixels.
+
+    A stride-``s`` stack gives ``ceil(size / s)`` or ``floor(size / s)`` cells (depending on its
+    padding), so several strides can fit when ``s`` is large; powers of two are preferred, as in
+    almost every CNN, then the smallest. None when the map is larger than the input.
+    """
+    if cells > size:
+        return None
+    fits = [s for s in range(1, size + 1) if cells in (math.ceil(size / s), size // s)]
+    if not fits:
+        return None
+    powers = [s for s in fits if s & (s - 1) == 0]
+    return float(powers[0] if powers else fits[0])
+
+
+@dataclass
+class _LayerState:
+    info: LayerInfo
+    stride: tuple[float, float] | None
+    stride_source: str
+    stats: list[LayerStats]
+    reasons: list[str | None]
+
+    @property
+    def kind(self) -> str:
+        return "spatial" if self.info.spatial else "flat"
+
+
+def _versions() -> dict[str, str]:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "version": version("eqaudit"),
+        "torch": torch.__version__,
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _select_layers(layers: list[LayerInfo], patterns: tuple[str, ...]) -> list[LayerInfo]:
+    if not patterns:
+        return layers
+    chosen = [la for la in layers if any(fnmatch.fnmatchcase(la.name, p) for p in patterns)]
+    if not chosen:
+        sample = ", ".join(la.name for la in layers[:5]) or "none"
+        raise UsageError(
+            f"--layers {','.join(patterns)} matches no layer (first layers: {sample}): "
+            "run 'eqaudit inspect MODEL' to list them"
+        )
+    return chosen
+
+
+def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[str]) -> str | None:
+    model_channels = adapter.input_spec.channels
+    if model_channels not in (1, 3):
+        raise UsageError(
+            f"the model takes {model_channels}-channel inputs; eqaudit feeds RGB, BGR or gray "
+            "images (1 or 3 channels)"
+        )
+    wanted = config.channels
+    if wanted is None and model_channels == 1:
+        notes.append("the model takes 1 channel: images are fed as grayscale")
+        return "gray"
+    if wanted is not None:
+        pixel = 1 if wanted == "gray" else 3
+        if pixel != model_channels:
+            raise UsageError(
+                f"--channels {wanted} gives {pixel}-channel images but the model takes "
+                f"{model_channels}: use --channels {'gray' if model_channels == 1 else 'rgb or bgr'}"
+            )
+    return wanted
+
+
+class Engine:
+    """One audit of one model; see the module docstring."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        elements: list[Transform],
+        preprocessing: Preprocessing,
+        config: AuditConfig,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.preprocessing = preprocessing
+        height, width = adapter.input_spec.size
+        self.skipped = {e.name: e.skip_reason(height, width) for e in elements}
+        self.all_elements = elements
+        self.elements = [e for e in elements if self.skipped[e.name] is None]
+        if len(self.elements) < 2:
+            reasons = "; ".join(r for r in self.skipped.values() if r)
+            raise UsageError(f"no transform applies to this model's input: {reasons}")
+        self.margin = max(e.margin() for e in self.elements)
+        self.output_stats = [OutputStats() for _ in self.elements]
+        self.orbit = OrbitStats()
+        self.orbit_correct = OrbitStats()
+        self.layer_states: list[_LayerState] = []
+        self.output_kind: str | None = None if config.outputs == "auto" else config.outputs
+        self.output_kind_source = "auto" if config.outputs == "auto" else "option"
+        self.warnings: list[str] = []
+        self.predictions: list[pd.DataFrame] = []
+        self.num_classes: int | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _setup_layers(self, first: torch.Tensor) -> None:
+        if not self.config.layers:
+            return
+        probed = self.adapter.probe_layers(first)
+        height, width = self.adapter.input_spec.size
+        for info in _select_layers(probed, self.config.layer_patterns):
+            stride, source = info.stride, "graph"
+            if info.spatial and stride is None:
+                sh = estimate_stride(height, info.shape[1])
+                sw = estimate_stride(width, info.shape[2])
+                stride = (sh, sw) if sh is not None and sw is not None else None
+                source = "shape" if stride is not None else "unknown"
+            if not info.spatial:
+                stride, source = None, "n/a"
+            g = len(self.elements)
+            self.layer_states.append(
+                _LayerState(info, stride, source, [LayerStats() for _ in range(g)], [None] * g)
+            )
+
+    def _check_determinism(self, images: torch.Tensor, scores: torch.Tensor) -> None:
+        again = self.adapter.run(images).scores
+        spread = (again.double() - scores.double()).abs().max().item()
+        scale = max(scores.double().abs().max().item(), 1e-12)
+        if spread > 1e-5 * scale:
+            self.warnings.append(
+                f"the model is not deterministic: two runs of the same images differ by {spread:.3g} "
+                "(dropout or batch-norm left in training mode?); the identity is no longer an exact "
+                "reference"
+            )
+
+    # -- one batch ---------------------------------------------------------------------------
+    def run_batch(self, pixels: torch.Tensor, labels: torch.Tensor | None, ids: list[str]) -> None:
+        g, b = len(self.elements), pixels.shape[0]
+        transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
+        model_in = self.preprocessing.normalise(torch.cat(transformed))
+        first_batch = self.output_kind is None or (not self.layer_states and not self.predictions)
+        if not self.predictions:
+            self._setup_layers(model_in[:1])
+        names = [s.info.name for s in self.layer_states]
+        out = self.adapter.run(model_in, names)
+        scores = out.scores.reshape(g, b, -1)
+        self.num_classes = scores.shape[-1]
+        if not self.predictions:
+            self._check_determinism(model_in[:b], scores[0])
+        if self.output_kind is None:
+            self.output_kind = "probs" if looks_like_probabilities(scores[0]) else "logits"
+        elif first_batch and self.output_kind == "logits" and looks_like_probabilities(scores[0]):
+            self.warnings.append(
+                "--outputs logits was given but the outputs look like probabilities "
+                "(non-negative rows summing to 1): softmax will be applied on top of them"
+            )
+        self._update_outputs(scores, labels, ids, transformed)
+        for state in self.layer_states:
+            act = out.activations[state.info.name]
+            self._update_layer(state, act.reshape(g, b, *act.shape[1:]))
+
+    def _update_outputs(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor | None,
+        ids: list[str],
+        transformed: list[torch.Tensor],
+    ) -> None:
+        kind = self.output_kind or "logits"
+        probs = probabilities(scores.reshape(-1, scores.shape[-1]), kind).reshape(scores.shape)
+        top1 = probs.argmax(dim=-1)  # (G, B)
+        confidence = probs.max(dim=-1).values
+        labelled = labels is not None and bool((labels >= 0).any())
+        mask = labels >= 0 if labelled else None
+        for gi, element in enumerate(self.elements):
+            agree = top1[gi] == top1[0]
+            js = js_divergence(probs[0], probs[gi])
+            logit = normalised_logit_error(scores[0], scores[gi]) if kind == "logits" else None
+            correct = (top1[gi] == labels)[mask] if labelled else None
+            floor = (
+                element.image_floor(transformed[0], transformed[gi]) if not element.exact else None
+            )
+            self.output_stats[gi].update(agree, js, logit, correct, floor)
+            self.predictions.append(
+                pd.DataFrame(
+                    {
+                        "image": ids,
+                        "transform": element.name,
+                        "top1": top1[gi].numpy(),
+                        "confidence": confidence[gi].numpy(),
+                        "label": labels.numpy() if labels is not None else -1,
+                        "agrees": agree.numpy(),
+                        "js_divergence": js.numpy(),
+                    },
+                    columns=PREDICTION_COLUMNS,
+                )
+            )
+        self.orbit.update((top1 == top1[0:1]).all(dim=0))
+        if labelled:
+            self.orbit_correct.update((top1 == labels[None]).all(dim=0)[mask])
+
+    def _update_layer(self, state: _LayerState, act: torch.Tensor) -> None:
+        reference = act[0]
+        for gi, element in enumerate(self.elements):
+            if state.reasons[gi] is not None:
+                continue
+            if not state.info.spatial:
+                a, b, mask = act[gi], reference, None
+            else:
+                try:
+                    action = element.feature_action(reference, state.stride)
+                except NotMeasurable as why:
+                    state.reasons[gi] = str(why)
+                    continue
+                a, b, mask = act[gi], action.transformed, action.mask
+            floor = (
+                None
+                if element.exact or not state.info.spatial
+                else element.feature_floor(reference)
+            )
+            state.stats[gi].update(relative_error(a, b, mask), cosine_distance(a, b, mask), floor)
+
+    # -- results -----------------------------------------------------------------------------
+    def output_rows(self) -> list[dict]:
+        rows = []
+        computed = {
+            e.name: s.compute() for e, s in zip(self.elements, self.output_stats, strict=True)
+        }
+        for element in self.all_elements:
+            row: dict[str, Any] = {
+                "transform": element.name,
+                "family": element.family,
+                "exact": element.exact,
+            }
+            if element.name in computed:
+                row.update(computed[element.name])
+                row["skipped"] = None
+            else:
+                row.update(
+                    {
+                        k: None
+                        for k in (
+                            "n",
+                            "agreement",
+                            "agreement_low",
+                            "agreement_high",
+                            "js_divergence",
+                            "logit_error",
+                            "accuracy",
+                            "interpolation_floor",
+                        )
+                    }
+                )
+                row["skipped"] = self.skipped[element.name]
+            rows.append(row)
+        return rows
+
+    def layer_rows(self) -> list[dict]:
+        rows = []
+        for state in self.layer_states:
+            info = state.info
+            for gi, element in enumerate(self.elements):
+                base = {
+                    "layer": info.name,
+                    "op": info.op,
+                    "index": info.index,
+                    "kind": state.kind,
+                    "transform": element.name,
+                    "shape": "x".join(str(d) for d in info.shape or ()),
+                    "stride": "x".join(f"{s:g}" for s in state.stride) if state.stride else None,
+                    "stride_source": state.stride_source,
+                }
+                reason = state.reasons[gi]
+                if reason is None:
+                    base.update(state.stats[gi].compute(), measurable=True, reason=None)
+                    del base["n"]
+                else:
+                    base.update(
+                        relative_error=None,
+                        relative_error_p95=None,
+                        relative_error_max=None,
+                        cosine_distance=None,
+                        interpolation_floor=None,
+                        measurable=False,
+                        reason=reason,
+                    )
+                rows.append(base)
+        return rows
+
+    def scores(self, outputs: list[dict]) -> dict:
+        measured = [r for r in outputs if r["skipped"] is None and r["transform"] != "id"]
+        score = robustness_score(
+            [r["agreement"] for r in measured], [r["js_divergence"] for r in measured]
+        )
+        worst = min(measured, key=lambda r: (r["agreement"] + 1 - r["js_divergence"]) / 2)
+        accuracies = [r["accuracy"] for r in outputs if r.get("accuracy") is not None]
+        identity = outputs[0]
+        return {
+            "robustness_score": score,
+            "mean_agreement": float(np.mean([r["agreement"] for r in measured])),
+            "mean_js_divergence": float(np.mean([r["js_divergence"] for r in measured])),
+            "orbit_consistency": self.orbit.compute(),
+            "worst_transform": worst["transform"],
+            "worst_agreement": worst["agreement"],
+            "clean_accuracy": identity.get("accuracy"),
+            "worst_accuracy": min(accuracies) if accuracies else None,
+            "orbit_accuracy": self.orbit_correct.compute() if self.orbit_correct.n else None,
+        }
+
+
+def audit(
+    model: str | Path | Any,
+    transforms: str = "d4",
+    data: str | Path | np.ndarray | None = None,
+    *,
+    config: AuditConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> AuditResult:
+    """Audit a classifier and return the result object the CLI writes.
+
+    ``model`` is a path (.onnx, .pt2, TorchScript, state dict with ``factory=``), an
+    ``nn.Module`` or an ``onnx.ModelProto``; ``data`` a folder, a .npy/.npz file, an array
+    ``(N, H, W, C)``/``(N, C, H, W)``, or None for synthetic images. ``options`` are the fields of
+    :class:`~eqaudit.config.AuditConfig` (``input_size=224``, ``preset="imagenet"``, ...).
+    ``progress(done, total)`` is called after each batch.
+    """
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if config is None:
+        if "input_size" in options:
+            options["input_size"] = parse_input_size(options["input_size"])
+        for key in ("providers", "layer_patterns", "mean", "std"):
+            if isinstance(options.get(key), list):
+                options[key] = tuple(options[key])
+        config = AuditConfig(
+            transforms=transforms,
+            data=None if data is None or isinstance(data, np.ndarray) else str(data),
+            **options,
+        )
+    elements = parse_transforms(config.transforms, config.shift_mode)
+    preprocessing = make_preprocessing(
+        preset=config.preset,
+        channels=config.channels,
+        scale=config.scale,
+        mean=config.mean,
+        std=config.std,
+        resize=config.resize,
+    )
+    adapter = load_model(
+        model,
+        factory=config.factory,
+        trust_pickle=config.trust_pickle,
+        input_name=config.input_name,
+        output_name=config.output_name,
+        layout=config.layout,
+        providers=config.providers,
+        input_size=config.input_size,
+    )
+    if config.input_size is not None:
+        adapter.with_input_size(*config.input_size)
+    notes: list[str] = []
+    channels = _resolve_channels(adapter, config, notes)
+    if channels != preprocessing.channels and channels is not None:
+        preprocessing = replace(preprocessing, channels=channels)
+    engine = Engine(adapter, elements, preprocessing, config)
+    size = adapter.input_spec.size
+    source_data = data if data is not None else config.data
+    source: ImageSource = open_images(
+        source_data,
+        size=size,
+        margin=engine.margin,
+        channels=preprocessing.pixel_channels,
+        resize=preprocessing.resize,
+        num_images=config.num_images,
+        seed=config.seed,
+        labels=config.labels,
+    )
+    images_per_step = max(1, config.batch_size // len(engine.elements))
+    total, done = len(source), 0
+    torch.manual_seed(config.seed)
+    with torch.inference_mode():
+        for batch in source.iter_batches(images_per_step):
+            engine.run_batch(batch.pixels, batch.labels, batch.ids)
+            done += len(batch.ids)
+            if progress is not None:
+                progress(done, total)
+
+    description = source.description
+    warnings = list(engine.warnings)
+    if description.synthetic:
+        warnings.insert(
+            0,
+            "SYNTHETIC INPUTS: no --data was given, so these numbers come from generated images "
+            "and do not reflect the model's behaviour on real inputs; pass --data DIR",
+        )
+    outputs = engine.output_rows()
+    class_names = source.class_names or getattr(adapter, "class_names", None)
+    spec = adapter.input_spec
+    summary = make_summary(
+        eqaudit=_versions(),
+        model={
+            "path": str(adapter.path),
+            "name": adapter.path.name,
+            "sha256": adapter.sha256,
+            "backend": adapter.backend,
+            **adapter.describe(),
+            "input": spec.to_dict(),
+            "output_kind": engine.output_kind,
+            "output_kind_source": engine.output_kind_source,
+            "num_classes": engine.num_classes,
+            "class_names": class_names,
+            "layers_audited": len(engine.layer_states),
+        },
+        preprocessing={**preprocessing.to_dict(), "notes": notes},
+        transforms={
+            "spec": config.transforms,
+            "shift_mode": config.shift_mode,
+            "margin": engine.margin,
+            "elements": [
+                {**e.to_dict(), "skipped": engine.skipped[e.name]} for e in engine.all_elements
+            ],
+        },
+        data=description.to_dict(),
+        seed=config.seed,
+        options=config.to_dict(),
+        warnings=warnings,
+        scores=engine.scores(outputs),
+        outputs=outputs,
+        layers=engine.layer_rows(),
+        run={
+            "started_at": started_at,
+            "duration_s": round(time.perf_counter() - started, 3),
+            "host": platform.node(),
+            "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
+        },
+    )
+    predictions = pd.concat(engine.predictions, ignore_index=True)
+    return AuditResult(summary=summary, predictions=predictions)

@@ -1,0 +1,820 @@
+"""Image sources: folders of image files, ``.npy``/``.npz`` arrays, and the synthetic fallback.
+
+Every source delivers pixel-space batches (see :mod:`eqaudit.data.preprocess`): float32
+``(B, C, H + 2m, W + 2m)`` in [0, 1], where ``(H, W)`` is the model's input size and ``m`` the
+margin kept on every side so crop-shifts of up to ``m`` pixels cut real image content. The
+identity image is the central ``(H, W)`` window.
+
+Sources stream: opening one reads headers/validates, but pixels are decoded one batch at a time
+in :meth:`ImageSource.iter_batches`. A folder is validated when opened (every audited file is
+decoded once and dropped) so that unreadable files are skipped *before* the audit, the image
+count is final, and the notes (conversions, upscaling) are known up front.
+
+Determinism: files are ordered by their relative POSIX path; a ``num_images`` subset is the first
+``num_images`` usable entries of ``numpy.random.default_rng(seed).permutation(count)``, kept in
+sorted order, so a seed always picks the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from eqaudit.data.preprocess import (
+    RESIZE_POLICIES,
+    array_to_tensor,
+    composite_alpha,
+    has_alpha,
+    is_gray_mode,
+    pil_to_array,
+    plan_resize,
+    resize_array,
+    to_channels,
+)
+from eqaudit.data.synthetic import synthetic_images
+from eqaudit.errors import DataError, UsageError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+ARRAY_SUFFIXES: tuple[str, ...] = (".npy", ".npz")
+DEFAULT_SYNTHETIC_COUNT = 32
+
+_DATA_HINT = "--data needs a folder of .png/.jpg/... files or a .npy/.npz array"
+_ARRAY_SHAPES = "(N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1, 3, 4"
+_EXIF_ORIENTATION = 0x0112
+_VALUE_TOLERANCE = 0.01  # float arrays may stray this far outside [0, 1] before we refuse them
+
+
+@dataclass(frozen=True)
+class DataDescription:
+    """What was audited, for reports: where the images came from and what was done to them."""
+
+    source: str  # "folder", "array" or "synthetic"
+    path: str | None  # as the user gave it; None for synthetic
+    count: int  # images that will be audited
+    synthetic: bool
+    labelled: bool
+    skipped: tuple[str, ...] = ()  # "rel/path.png: reason", one per unreadable file
+    notes: tuple[str, ...] = ()  # visible notes ("3 grayscale images converted to RGB")
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "path": self.path,
+            "count": self.count,
+            "synthetic": self.synthetic,
+            "labelled": self.labelled,
+            "skipped": list(self.skipped),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class ImageBatch:
+    """One batch: pixels ``(B, C, H+2m, W+2m)``, labels ``(B,)`` int64 (-1 unknown) or None, ids."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor | None
+    ids: list[str]
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    size: tuple[int, int]  # model input (H, W)
+    margin: int
+    channels: int  # 1 or 3 in pixel space
+    resize: str
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        return (self.size[0] + 2 * self.margin, self.size[1] + 2 * self.margin)
+
+
+class ImageSource(ABC):
+    """A fixed, ordered set of images delivered in pixel space, one batch at a time.
+
+    Subclasses implement :meth:`_load` only: the pixels of the images at some positions.
+    """
+
+    def __init__(
+        self,
+        *,
+        geometry: _Geometry,
+        description: DataDescription,
+        ids: list[str],
+        labels: torch.Tensor | None,
+        class_names: list[str] | None,
+    ) -> None:
+        self._geometry = geometry
+        self.description = description
+        self.ids = ids
+        self.labels = labels
+        self.class_names = class_names
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The model input size ``(H, W)``."""
+        return self._geometry.size
+
+    @property
+    def margin(self) -> int:
+        return self._geometry.margin
+
+    @property
+    def channels(self) -> int:
+        return self._geometry.channels
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        """Delivered image size ``(H + 2m, W + 2m)``."""
+        return self._geometry.source_size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def iter_batches(self, batch_size: int) -> Iterator[ImageBatch]:
+        """Yield the images in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        if not _positive_int(batch_size):
+            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+        return self._batches(int(batch_size))
+
+    def _batches(self, batch_size: int) -> Iterator[ImageBatch]:
+        for start in range(0, len(self), batch_size):
+            positions = range(start, min(len(self), start + batch_size))
+            labels = None if self.labels is None else self.labels[start : positions.stop].clone()
+            yield ImageBatch(self._load(positions), labels, self.ids[start : positions.stop])
+
+    @abstractmethod
+    def _load(self, positions: range) -> torch.Tensor:
+        """Pixels ``(len(positions), C, H+2m, W+2m)`` of the images at these positions."""
+
+
+# -- folders --------------------------------------------------------------------------------------
+class _Unreadable(Exception):
+    """A file that cannot be used as an image; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    gray: bool
+    alpha: bool
+    size: tuple[int, int]  # (H, W) after EXIF orientation
+    exif_rotated: bool
+
+
+class FolderSource(ImageSource):
+    """Image files under a folder (recursive), decoded with Pillow one batch at a time."""
+
+    def __init__(self, *, files: list[Path], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._files = files
+
+    def _load(self, positions: range) -> torch.Tensor:
+        images = []
+        for position in positions:
+            try:
+                values, _ = _read_image(self._files[position])
+            except _Unreadable as exc:
+                raise DataError(
+                    f"'{self.ids[position]}' can no longer be read ({exc}): "
+                    "do not change the data folder during an audit"
+                ) from None
+            images.append(_fit(values, self._geometry))
+        return torch.stack(images)
+
+
+def _open_folder(
+    root: Path,
+    files: list[Path],
+    display: str,
+    geometry: _Geometry,
+    num_images: int | None,
+    seed: int,
+    label_map: tuple[list[str], dict[str, int]] | None,
+) -> FolderSource:
+    """Validate (a subset of) ``files`` and build the source; ``files`` is sorted."""
+    rel = [_relative(f, root) for f in files]
+    kept, infos, skipped = _select_readable(files, rel, num_images, seed)
+    if not kept:
+        raise DataError(
+            f"none of the {len(skipped)} image files in '{display}' could be read "
+            f"(e.g. {skipped[0]}): fix or remove them, or point --data elsewhere"
+        )
+    ids = [rel[i] for i in kept]
+    notes = _image_notes(Counter(infos), geometry)
+    if num_images is not None and num_images > len(kept):
+        notes.append(f"asked for {num_images} images; only {len(kept)} readable images found")
+    labels, class_names = None, None
+    if label_map is not None:
+        class_names, name_to_index = label_map
+        labels, label_notes = _folder_labels(ids, name_to_index, class_names)
+        notes.extend(label_notes)
+    description = DataDescription(
+        source="folder",
+        path=display,
+        count=len(ids),
+        synthetic=False,
+        labelled=labels is not None,
+        skipped=tuple(skipped),
+        notes=tuple(notes),
+    )
+    return FolderSource(
+        files=[files[i] for i in kept],
+        geometry=geometry,
+        description=description,
+        ids=ids,
+        labels=labels,
+        class_names=class_names,
+    )
+
+
+def find_image_files(root: Path) -> list[Path]:
+    """Image files under ``root``, recursively, sorted by relative POSIX path.
+
+    Suffixes are matched case-insensitively; hidden files and folders (name starting with ``.``)
+    are ignored, and symlinked folders are not followed.
+    """
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(directory) / name)
+    return sorted(found, key=lambda path: _relative(path, root))
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else path.name
+
+
+def _select_readable(
+    files: list[Path], rel: list[str], num_images: int | None, seed: int
+) -> tuple[list[int], list[_FileInfo], list[str]]:
+    """Indices of readable files (sorted), their infos, and the skip reasons of the others.
+
+    With a ``num_images`` below the file count, files are tried in the seed's permutation order
+    until enough readable ones are found, so a bad file is replaced by the next one drawn.
+    """
+    order: Sequence[int] = range(len(files))
+    wanted = len(files)
+    if num_images is not None and num_images < len(files):
+        order = [int(i) for i in np.random.default_rng(seed).permutation(len(files))]
+        wanted = num_images
+    found: dict[int, _FileInfo] = {}
+    skipped: list[tuple[str, str]] = []
+    for index in order:
+        if len(found) == wanted:
+            break
+        try:
+            found[index] = _read_image(files[index])[1]
+        except _Unreadable as exc:
+            skipped.append((rel[index], f"{rel[index]}: {exc}"))
+    kept = sorted(found)
+    return kept, [found[i] for i in kept], [reason for _, reason in sorted(skipped)]
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, _FileInfo]:
+    """Decode one file to ``(H, W, 1|3)`` float32 in [0, 1], EXIF orientation applied.
+
+    Raises :class:`_Unreadable` with a short reason for anything that is not a usable image.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise _Unreadable("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # We apply Image.MAX_IMAGE_PIXELS ourselves below, as a hard limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixel_limit(image.size)
+                image.load()
+                oriented, rotated = _exif_oriented(image)
+                info = _FileInfo(
+                    gray=is_gray_mode(oriented),
+                    alpha=has_alpha(oriented),
+                    size=(oriented.height, oriented.width),
+                    exif_rotated=rotated,
+                )
+                return pil_to_array(oriented), info
+    except _Unreadable:
+        raise
+    except UnidentifiedImageError:
+        raise _Unreadable("cannot identify image file") from None
+    except Image.DecompressionBombError:
+        raise _Unreadable(_bomb_reason(Image.MAX_IMAGE_PIXELS)) from None
+    except Exception as exc:  # Pillow's plugins raise many types (OSError, SyntaxError, ...)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise _Unreadable(f"cannot read image ({message})") from None
+
+
+def _check_pixel_limit(size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise _Unreadable(_bomb_reason(limit, size))
+
+
+def _bomb_reason(limit: int | None, size: tuple[int, int] | None = None) -> str:
+    pixels = f"{size[0]}x{size[1]} pixels" if size else "too many pixels"
+    return f"{pixels} exceed PIL.Image.MAX_IMAGE_PIXELS ({limit}): possible decompression bomb"
+
+
+def _exif_oriented(image: Image.Image) -> tuple[Image.Image, bool]:
+    """The image turned upright by its EXIF orientation tag, and whether it was turned."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in (None, 1):
+            return image, False
+        return ImageOps.exif_transpose(image), True
+    except Exception:  # a broken EXIF block should not lose an otherwise good image
+        return image, False
+
+
+def _fit(values: np.ndarray, geometry: _Geometry) -> torch.Tensor:
+    """``(H, W, 1|3)`` float -> ``(C, *source_size)`` tensor in the source's channels."""
+    values = to_channels(values, geometry.channels)
+    return array_to_tensor(resize_array(values, geometry.source_size, geometry.resize))
+
+
+def _image_notes(infos: Counter[_FileInfo], geometry: _Geometry) -> list[str]:
+    """Visible notes about conversions applied to a source's images (info -> image count)."""
+
+    def count(test: Callable[[_FileInfo], bool]) -> int:
+        return sum(n for info, n in infos.items() if test(info))
+
+    notes = []
+    if geometry.channels == 3 and (n := count(lambda i: i.gray)):
+        notes.append(f"{_count(n, 'grayscale image')} converted to RGB")
+    if geometry.channels == 1 and (n := count(lambda i: not i.gray)):
+        notes.append(f"{_count(n, 'colour image')} converted to grayscale (BT.601 luma)")
+    if n := count(lambda i: i.alpha):
+        notes.append(f"{_count(n, 'image')} with transparency composited onto black")
+    if n := count(lambda i: i.exif_rotated):
+        notes.append(f"{_count(n, 'image')} turned upright by their EXIF orientation")
+    target = geometry.source_size
+    upscaled = count(lambda i: plan_resize(i.size, target, geometry.resize).upscales)
+    if upscaled:
+        notes.append(
+            f"{_count(upscaled, 'image')} smaller than {target[0]}x{target[1]} upscaled "
+            f"(resize policy '{geometry.resize}')"
+        )
+    return notes
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# -- labels ---------------------------------------------------------------------------------------
+def load_class_names(path: Path) -> tuple[list[str], dict[str, int]]:
+    """Class names in index order, and the name -> index map, from a ``.txt`` or ``.json`` file.
+
+    ``.txt``: one name per line; the index is the line's position among non-blank lines.
+    ``.json``: a list of names; an object ``{name: index}``; or an ``{"0": name}`` id-to-label
+    object (as in Hugging Face configs). A name listed twice maps to its first index.
+    """
+    if not path.is_file():
+        raise DataError(f"labels file '{path}' not found: give a .txt or .json file of class names")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".json"):
+        raise DataError(
+            f"labels file '{path}' must be .txt (one class name per line) or .json "
+            "(a list of names, or an object mapping name to index)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read labels file '{path}' ({exc}): save it as UTF-8") from None
+    names = _names_from_text(text) if suffix == ".txt" else _names_from_json(text, path)
+    if not names:
+        raise DataError(f"labels file '{path}' lists no class names: add one name per class")
+    mapping: dict[str, int] = {}
+    for index, name in enumerate(names):
+        mapping.setdefault(name, index)
+    return names, mapping
+
+
+def _names_from_text(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _names_from_json(text: str, path: Path) -> list[str]:
+    fix = "give a list of class names or an object mapping class name to index"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"labels file '{path}' is not valid JSON ({exc}): {fix}") from None
+    if isinstance(data, list) and all(isinstance(n, str) for n in data):
+        return [n.strip() for n in data]
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"labels file '{path}' has the wrong structure: {fix}")
+    if all(isinstance(v, str) for v in data.values()) and all(k.isdigit() for k in data):
+        pairs = {int(k): v.strip() for k, v in data.items()}  # id -> label
+    elif all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values()):
+        pairs = {}
+        for name, index in data.items():
+            if index in pairs:
+                raise DataError(
+                    f"labels file '{path}' gives index {index} to both '{pairs[index]}' and "
+                    f"'{name}': give each class its own index"
+                )
+            pairs[index] = name.strip()
+    else:
+        raise DataError(f"labels file '{path}' maps names to non-integer indices: {fix}")
+    # Gaps in the indices keep their position, named by the index itself.
+    return [pairs.get(i, str(i)) for i in range(max(pairs) + 1)]
+
+
+def _folder_labels(
+    ids: list[str], name_to_index: dict[str, int], class_names: list[str]
+) -> tuple[torch.Tensor, list[str]]:
+    """Label of each image = index of its first-level subfolder's name; -1 when not a class."""
+    labels = []
+    unknown = []
+    for image_id in ids:
+        parts = image_id.split("/")
+        index = name_to_index.get(parts[0], -1) if len(parts) > 1 else -1
+        labels.append(index)
+        if index < 0:
+            unknown.append(image_id)
+    notes = []
+    if len(unknown) == len(ids):
+        notes.append(
+            f"none of the {len(ids)} images is in a subfolder named after one of the "
+            f"{len(class_names)} classes: all labels are unknown (-1)"
+        )
+    elif unknown:
+        notes.append(
+            f"{_count(len(unknown), 'image')} outside the class subfolders get label -1 "
+            f"(e.g. '{unknown[0]}')"
+        )
+    return torch.tensor(labels, dtype=torch.int64), notes
+
+
+# -- arrays ---------------------------------------------------------------------------------------
+class ArraySource(ImageSource):
+    """Images from an ``(N, ...)`` numpy array (possibly memory-mapped), converted per batch."""
+
+    def __init__(self, *, array: np.ndarray, layout: _ArrayLayout, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._array = array
+        self._layout = layout
+
+    def _load(self, positions: range) -> torch.Tensor:
+        indices = self._layout.indices[positions.start : positions.stop]
+        batch = self._layout.to_float_nhwc(np.asarray(self._array[indices]))
+        return torch.stack([_fit(image, self._geometry) for image in batch])
+
+
+@dataclass(frozen=True)
+class _ArrayLayout:
+    """How to read an image array: axis order, value scale, and which images are used."""
+
+    channels_last: bool
+    channels: int  # 1, 3 or 4 (4 = RGBA, composited onto black)
+    divisor: float  # raw values / divisor -> [0, 1]
+    indices: np.ndarray = field(repr=False)
+
+    def to_float_nhwc(self, raw: np.ndarray) -> np.ndarray:
+        """Raw ``(B, ...)`` slice -> ``(B, H, W, 1|3)`` float32 in [0, 1]."""
+        values = raw.astype(np.float32)
+        if values.ndim == 3:
+            values = values[..., None]
+        elif not self.channels_last:
+            values = values.transpose(0, 2, 3, 1)
+        if self.divisor != 1.0:
+            values = values / np.float32(self.divisor)
+        values = np.clip(values, 0.0, 1.0)
+        return composite_alpha(values) if self.channels == 4 else values
+
+
+def _open_array(
+    array: np.ndarray,
+    display: str | None,
+    geometry: _Geometry,
+    num_images: int | None,
+    seed: int,
+    labels_array: np.ndarray | None,
+    class_names: list[str] | None,
+) -> ArraySource:
+    where = f"'{display}'" if display else "the array"
+    notes: list[str] = []
+    channels_last, channels = _array_axes(array, where, notes)
+    count = array.shape[0]
+    indices = np.arange(count)
+    if num_images is not None and num_images < count:
+        indices = np.sort(np.random.default_rng(seed).permutation(count)[:num_images])
+    elif num_images is not None and num_images > count:
+        notes.append(f"asked for {num_images} images; the array holds only {count}")
+    divisor = _array_divisor(array, indices, where, notes)
+    layout = _ArrayLayout(channels_last, channels, divisor, indices)
+    h, w = array.shape[1:3] if channels_last or array.ndim == 3 else array.shape[2:4]
+    # Array images share one shape and dtype: one info stands for all of them.
+    info = _FileInfo(gray=channels == 1, alpha=channels == 4, size=(h, w), exif_rotated=False)
+    notes.extend(_image_notes(Counter({info: len(indices)}), geometry))
+    labels = None
+    if labels_array is not None:
+        labels = _array_labels(labels_array, count, class_names, where)[indices]
+    elif class_names is not None:
+        notes.append("the labels file gives class names only: the array has no 'labels' to match")
+    description = DataDescription(
+        source="array",
+        path=display,
+        count=len(indices),
+        synthetic=False,
+        labelled=labels is not None,
+        notes=tuple(notes),
+    )
+    return ArraySource(
+        array=array,
+        layout=layout,
+        geometry=geometry,
+        description=description,
+        ids=[f"array[{i}]" for i in indices],
+        labels=labels,
+        class_names=class_names,
+    )
+
+
+def _array_axes(array: np.ndarray, where: str, notes: list[str]) -> tuple[bool, int]:
+    """(channels_last, channels) of an image array; refuses shapes that are not images."""
+    shape = array.shape
+    if array.ndim == 3:
+        if shape[-1] in (3, 4):
+            notes.append(
+                f"array shape {shape} read as {shape[0]} grayscale images of {shape[1]}x{shape[2]};"
+                " for one colour image add a leading batch axis"
+            )
+        _check_image_count(shape, where)
+        return True, 1
+    if array.ndim != 4:
+        raise DataError(f"array in {where} has shape {shape}: --data arrays need {_ARRAY_SHAPES}")
+    last, first = shape[3] in (1, 3, 4), shape[1] in (1, 3, 4)
+    if not (last or first):
+        raise DataError(
+            f"array in {where} has shape {shape}, with no channel axis of size 1, 3 or 4: "
+            f"--data arrays need {_ARRAY_SHAPES}"
+        )
+    if last and first:
+        notes.append(f"array shape {shape} is ambiguous: read as channels-last (N,H,W,C)")
+    _check_image_count(shape, where)
+    return last, shape[3] if last else shape[1]
+
+
+def _check_image_count(shape: tuple[int, ...], where: str) -> None:
+    if 0 in shape:
+        raise DataError(f"array in {where} has shape {shape}, which holds no pixels: {_DATA_HINT}")
+
+
+def _array_divisor(array: np.ndarray, indices: np.ndarray, where: str, notes: list[str]) -> float:
+    """What raw values are divided by to reach [0, 1], from the dtype (and, for floats, range)."""
+    kind, dtype = array.dtype.kind, array.dtype
+    if dtype == np.uint8:
+        return 255.0
+    if dtype == np.uint16:
+        return 65535.0
+    if kind == "b":
+        return 1.0
+    if kind not in "iuf":
+        raise DataError(
+            f"array in {where} has dtype {dtype}: use uint8 (0-255), uint16 (0-65535) "
+            "or float (0-1) pixel values"
+        )
+    low, high = _value_range(array, indices, where)
+    if kind in "iu":
+        if low < 0 or high > 255:
+            raise DataError(
+                f"array in {where} has {dtype} values from {low} to {high}: integer pixels must "
+                "lie in 0-255 (or use uint16 for 16-bit images)"
+            )
+        notes.append(f"{dtype} array values read as 0-255 pixel values")
+        return 255.0
+    divisor = 1.0
+    if high > 1.5:
+        divisor = 255.0
+        notes.append(f"float array values reach {high:g}: read as 0-255 and divided by 255")
+    if low < -_VALUE_TOLERANCE or high / divisor > 1.0 + _VALUE_TOLERANCE:
+        raise DataError(
+            f"array in {where} has values from {low:g} to {high:g}: --data arrays must hold raw "
+            "pixels in 0-1 or 0-255, not normalised values"
+        )
+    return divisor
+
+
+def _value_range(array: np.ndarray, indices: np.ndarray, where: str) -> tuple[float, float]:
+    """Min and max over the used images, read in chunks (the array may be memory-mapped)."""
+    low, high = np.inf, -np.inf
+    for start in range(0, len(indices), 256):
+        chunk = np.asarray(array[indices[start : start + 256]])
+        if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+            raise DataError(f"array in {where} contains NaN or infinite values: remove them")
+        low, high = min(low, chunk.min().item()), max(high, chunk.max().item())
+    return low, high
+
+
+def _array_labels(
+    labels: np.ndarray, count: int, class_names: list[str] | None, where: str
+) -> torch.Tensor:
+    """Validated ``labels`` array from an ``.npz`` as an int64 tensor."""
+    if labels.dtype.kind not in "iu" or labels.shape != (count,):
+        raise DataError(
+            f"'labels' in {where} has shape {labels.shape} and dtype {labels.dtype}: it must be "
+            f"integers of shape ({count},), one class index per image (-1 for unknown)"
+        )
+    values = labels.astype(np.int64)
+    if values.size and values.min() < -1:
+        raise DataError(f"'labels' in {where} has {values.min()}: use -1 for an unknown label")
+    if class_names is not None and values.size and values.max() >= len(class_names):
+        raise DataError(
+            f"'labels' in {where} has class index {values.max()} but the labels file lists "
+            f"{len(class_names)} classes: give the matching labels file"
+        )
+    return torch.from_numpy(values)
+
+
+def load_array_file(path: Path, display: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (and ``labels`` when an ``.npz`` holds them) from a ``.npy``/``.npz`` file.
+
+    Always ``allow_pickle=False``: an object array is refused, never unpickled. ``.npy`` files are
+    memory-mapped, so only the images in use are read.
+    """
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as archive:
+            return _pick_npz_images(archive, display), _npz_labels(archive, display)
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        message = " ".join(str(exc).split())
+        raise DataError(
+            f"cannot load '{display}' as a numpy array ({message}): save plain numeric arrays "
+            "with numpy.save / numpy.savez (object arrays are refused)"
+        ) from None
+
+
+def _pick_npz_images(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray:
+    if "images" in archive.files:
+        return archive["images"]
+    for key in archive.files:
+        if key == "labels":
+            continue
+        try:
+            candidate = archive[key]
+        except ValueError:  # an object array: refused without unpickling; look further
+            continue
+        if candidate.ndim in (3, 4):
+            return candidate
+    raise DataError(
+        f"no image array in '{display}' (keys: {', '.join(archive.files) or 'none'}): "
+        "store the images under the key 'images' with shape " + _ARRAY_SHAPES
+    )
+
+
+def _npz_labels(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray | None:
+    return archive["labels"] if "labels" in archive.files else None
+
+
+# -- synthetic ------------------------------------------------------------------------------------
+class SyntheticSource(ImageSource):
+    """Deterministic structured synthetic images (see :mod:`eqaudit.data.synthetic`)."""
+
+    def __init__(self, *, seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._seed = seed
+
+    def _load(self, positions: range) -> torch.Tensor:
+        return synthetic_images(
+            len(positions),
+            self.source_size,
+            self.channels,
+            seed=self._seed,
+            start=positions.start,
+        )
+
+
+def _open_synthetic(
+    geometry: _Geometry, num_images: int | None, seed: int, class_names: list[str] | None
+) -> SyntheticSource:
+    count = DEFAULT_SYNTHETIC_COUNT if num_images is None else num_images
+    description = DataDescription(
+        source="synthetic",
+        path=None,
+        count=count,
+        synthetic=True,
+        labelled=False,
+        notes=(
+            f"no --data given: auditing {count} synthetic images (gratings and shapes); "
+            "results on them say little about real images, pass --data for a meaningful audit",
+        ),
+    )
+    return SyntheticSource(
+        seed=seed,
+        geometry=geometry,
+        description=description,
+        ids=[f"synthetic[{i}]" for i in range(count)],
+        labels=None,
+        class_names=class_names,
+    )
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def open_images(
+    data: str | Path | np.ndarray | torch.Tensor | None,
+    *,
+    size: tuple[int, int],
+    margin: int = 0,
+    channels: int = 3,
+    resize: str = "crop",
+    num_images: int | None = None,
+    seed: int = 0,
+    labels: str | Path | None = None,
+) -> ImageSource:
+    """Open the images to audit, delivered at ``(H + 2*margin, W + 2*margin)`` in pixel space.
+
+    ``data``: ``None`` (synthetic), a folder of images, a single image file, a ``.npy``/``.npz``
+    file, or an in-memory array/tensor with the shapes an array file may have.
+    ``size`` is the model's ``(H, W)``; ``channels`` 3 (RGB) or 1 (gray); ``resize`` one of
+    ``crop``, ``stretch``, ``letterbox``; ``num_images`` a deterministic subset for ``seed``;
+    ``labels`` a ``.txt``/``.json`` class-name file.
+
+    Raises :class:`~eqaudit.errors.DataError` for missing or unusable data and
+    :class:`~eqaudit.errors.UsageError` for invalid options.
+    """
+    geometry = _check_options(size, margin, channels, resize, num_images, seed)
+    label_map = load_class_names(Path(labels)) if labels is not None else None
+    class_names = label_map[0] if label_map else None
+    if data is None:
+        return _open_synthetic(geometry, num_images, seed, class_names)
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise DataError(
+                "the image array has dtype object: pass a numeric array (uint8, uint16 or float)"
+            )
+        return _open_array(data, None, geometry, num_images, seed, None, class_names)
+    display = str(data)
+    path = Path(data)
+    if not display.strip():
+        raise DataError(f"--data is empty: {_DATA_HINT}")
+    if path.is_dir():
+        files = find_image_files(path)
+        if not files:
+            raise DataError(f"no images found in '{display}': {_DATA_HINT}")
+        return _open_folder(path, files, display, geometry, num_images, seed, label_map)
+    if not path.exists():
+        raise DataError(f"'{display}' does not exist: {_DATA_HINT}")
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        array, labels_array = load_array_file(path, display)
+        return _open_array(array, display, geometry, num_images, seed, labels_array, class_names)
+    if suffix in IMAGE_SUFFIXES:
+        return _open_folder(path.parent, [path], display, geometry, num_images, seed, label_map)
+    raise DataError(f"'{display}' has an unsupported type ({suffix or 'no suffix'}): {_DATA_HINT}")
+
+
+def _check_options(
+    size: tuple[int, int],
+    margin: int,
+    channels: int,
+    resize: str,
+    num_images: int | None,
+    seed: int,
+) -> _Geometry:
+    if len(size) != 2 or not all(_positive_int(s) for s in size):
+        raise UsageError(f"input size must be two positive integers (H, W), got {size!r}")
+    if not (_positive_int(margin) or margin == 0):
+        raise UsageError(f"margin must be a non-negative integer, got {margin!r}")
+    if channels not in (1, 3):
+        raise UsageError(f"pixel channels must be 1 (gray) or 3 (RGB), got {channels!r}")
+    if resize not in RESIZE_POLICIES:
+        raise UsageError(
+            f"unknown resize policy '{resize}': choose one of {', '.join(RESIZE_POLICIES)}"
+        )
+    if num_images is not None and not _positive_int(num_images):
+        raise UsageError(f"--num-images must be a positive integer, got {num_images!r}")
+    if not (_positive_int(seed) or seed == 0):
+        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
+    return _Geometry((int(size[0]), int(size[1])), int(margin), channels, resize)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0

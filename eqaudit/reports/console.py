@@ -1,0 +1,176 @@
+"""Console output: the summary tables and the progress bar. The only module that imports rich."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from eqaudit.results import AuditResult
+
+stdout = Console(highlight=False, soft_wrap=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def error(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback ``(done, total)``; a rich bar on stderr only when it is a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: int = 8) -> None:
+    s = result.summary
+    scores = s["scores"]
+    for message in s["warnings"]:
+        warn(message)
+    model, data = s["model"], s["data"]
+    stdout.print(
+        f"[bold]{model['name']}[/] ({model['backend']}, input {model['input']['height']}x"
+        f"{model['input']['width']} {model['input']['layout']}, {model['output_kind']}) on "
+        f"{data['count']} {'synthetic' if data['synthetic'] else data['source']} images, "
+        f"transforms {s['transforms']['spec']}"
+    )
+    table = Table(title="Output invariance", title_justify="left")
+    for column in ("transform", "agreement", "95% CI", "JS div", "logit err", "accuracy", "note"):
+        table.add_column(column, justify="left" if column in ("transform", "note") else "right")
+    for row in s["outputs"]:
+        if row["skipped"]:
+            table.add_row(
+                row["transform"], "", "", "", "", "", f"skipped: {row['skipped']}", style="dim"
+            )
+            continue
+        note = ""
+        if row["interpolation_floor"] is not None:
+            note = f"resampled; floor {_num(row['interpolation_floor'], 3)}"
+        table.add_row(
+            row["transform"],
+            _pct(row["agreement"]),
+            f"{_pct(row['agreement_low'])}–{_pct(row['agreement_high'])}",
+            _num(row["js_divergence"], 3),
+            _num(row["logit_error"], 3),
+            _pct(row["accuracy"]),
+            note,
+        )
+    stdout.print(table)
+    measurable = [r for r in s["layers"] if r["measurable"] and r["transform"] != "id"]
+    if measurable:
+        worst = sorted(measurable, key=lambda r: -r["relative_error"])[:max_layers]
+        layers = Table(
+            title="Least equivariant layers (relative error, mean over images)",
+            title_justify="left",
+        )
+        for column in ("layer", "op", "kind", "transform", "rel. error", "p95", "cos dist"):
+            layers.add_column(
+                column, justify="right" if column in ("rel. error", "p95", "cos dist") else "left"
+            )
+        for r in worst:
+            layers.add_row(
+                r["layer"],
+                r["op"],
+                r["kind"],
+                r["transform"],
+                _num(r["relative_error"], 3),
+                _num(r["relative_error_p95"], 3),
+                _num(r["cosine_distance"], 3),
+            )
+        stdout.print(layers)
+    unmeasurable = sum(1 for r in s["layers"] if not r["measurable"])
+    if unmeasurable:
+        stdout.print(
+            f"[dim]{unmeasurable} (layer, transform) pairs not measurable exactly "
+            "(see the reason column of layers.csv)[/]"
+        )
+    orbit = scores["orbit_consistency"]
+    stdout.print(
+        f"Robustness score [bold]{_num(scores['robustness_score'], 4)}[/] / 100 "
+        f"(mean agreement {_pct(scores['mean_agreement'])}, mean JS "
+        f"{_num(scores['mean_js_divergence'], 3)}; orbit consistency {_pct(orbit)}; "
+        f"worst: {scores['worst_transform']})"
+    )
+    if out_dir:
+        stdout.print(f"Report written to {out_dir}")
+
+
+def print_inspection(info: dict) -> None:
+    spec = info["input"]
+    stdout.print(f"[bold]{info['model']}[/] ({info['backend']}, sha256 {info['sha256'][:12]}…)")
+    size = f"{spec['height'] or '?'}x{spec['width'] or '?'}"
+    batch = spec["batch"] if spec["batch"] is not None else "dynamic"
+    stdout.print(
+        f"input '{spec['name']}': {spec['layout']} ({spec['layout_source']}), {spec['channels']} "
+        f"channels, size {size}, batch {batch}, {spec['dtype']}"
+    )
+    if info.get("output"):
+        stdout.print(
+            f"output '{info['output']}'"
+            + (f": {info['num_classes']} classes" if info.get("num_classes") else "")
+        )
+    elif info.get("num_classes"):
+        stdout.print(f"output: {info['num_classes']} classes")
+    if info.get("class_names"):
+        stdout.print(
+            f"class names: {', '.join(info['class_names'][:20])}"
+            + (" …" if len(info["class_names"]) > 20 else "")
+        )
+    if info.get("layers_note"):
+        warn(info["layers_note"])
+    if info.get("note"):
+        warn(info["note"])
+    table = Table(title=f"Auditable layers ({len(info['layers'])})", title_justify="left")
+    for column in ("#", "layer", "op", "kind", "shape"):
+        table.add_column(column)
+    for i, layer in enumerate(info["layers"]):
+        shape = "x".join(str(d) for d in layer["shape"]) if layer["shape"] else "?"
+        table.add_row(str(i), layer["name"], layer["op"], layer["kind"], shape)
+    stdout.print(table)
+
+
+def print_families(families: list) -> None:
+    table = Table(title="Transform families (--transforms, comma-separated)", title_justify="left")
+    table.add_column("family")
+    table.add_column("example")
+    table.add_column("what it does")
+    for f in families:
+        table.add_row(f.name, f.example, f.summary)
+    stdout.print(table)
+    stdout.print(
+        "Conventions: rot90 is counter-clockwise as torch.rot90(x, 1, (-2, -1)); flip_h "
+        "mirrors left-right; shift_x+N moves content N px right. The identity is always "
+        "run as the reference."
+    )

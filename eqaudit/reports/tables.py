@@ -1,0 +1,44 @@
+"""summary.json and the CSV tables (outputs.csv, layers.csv, predictions.csv)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from eqaudit.results import AuditResult
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Prefix text cells that a spreadsheet would run as a formula with a quote."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = frame[column].map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
+            )
+    return frame
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    # Undefined numbers are empty cells; floats keep full precision (repr round-trips).
+    neutralise_formulas(frame).to_csv(path, index=False, na_rep="", float_format=None)
+
+
+def write_summary_json(result: AuditResult, folder: Path) -> list[str]:
+    (folder / "summary.json").write_text(result.to_json(), encoding="utf-8")
+    return ["summary.json"]
+
+
+def write_csv_tables(result: AuditResult, folder: Path) -> list[str]:
+    _write_csv(result.to_frame("outputs"), folder / "outputs.csv")
+    names = ["outputs.csv"]
+    if result.layers:
+        _write_csv(result.to_frame("layers"), folder / "layers.csv")
+        names.append("layers.csv")
+    if len(result.predictions):
+        _write_csv(result.to_frame("predictions"), folder / "predictions.csv")
+        names.append("predictions.csv")
+    return names

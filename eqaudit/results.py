@@ -1,0 +1,187 @@
+"""The result of an audit: one immutable object that every writer and gate reads.
+
+Schema (``summary.json``, ``schema_version`` below; additive changes keep the major version):
+
+``schema_version``   "MAJOR.MINOR"
+``eqaudit``          {"version", "torch", "onnxruntime", "onnx", "numpy", "python"}
+``model``            {"path", "name", "sha256", "backend", "format", "input": InputSpec,
+                      "output_kind", "output_kind_source", "num_classes", "class_names", ...}
+``preprocessing``    Preprocessing.to_dict()
+``transforms``       {"spec", "shift_mode", "margin", "elements": [{"name", "family", "exact",
+                      "skipped": reason | null, ...}]}
+``data``             DataDescription.to_dict()  (``synthetic: true`` marks numbers that do not
+                      reflect real inputs)
+``seed``, ``options`` the resolved AuditConfig
+``warnings``         list of one-line strings shown to the user
+``scores``           {"robustness_score", "mean_agreement", "mean_js_divergence",
+                      "orbit_consistency", "worst_transform", "worst_accuracy", "orbit_accuracy",
+                      "clean_accuracy"}
+``outputs``          one row per element (identity first): transform, family, exact, n,
+                      agreement, agreement_low, agreement_high, js_divergence, logit_error,
+                      accuracy, interpolation_floor, skipped
+``layers``           one row per (layer, element): layer, op, index, kind (spatial|flat),
+                      transform, shape, stride, stride_source, relative_error,
+                      relative_error_p95, relative_error_max, cosine_distance,
+                      interpolation_floor, measurable, reason
+``run``              {"started_at", "duration_s", "host"}: the only block that changes between
+                      two identical runs
+
+Per-image predictions (``predictions.csv``) are kept beside the summary, not inside it.
+Numbers that are not defined are ``null`` in JSON and empty cells in CSV, never NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCHEMA_VERSION = "1.0"
+
+OUTPUT_COLUMNS = [
+    "transform",
+    "family",
+    "exact",
+    "n",
+    "agreement",
+    "agreement_low",
+    "agreement_high",
+    "js_divergence",
+    "logit_error",
+    "accuracy",
+    "interpolation_floor",
+    "skipped",
+]
+LAYER_COLUMNS = [
+    "layer",
+    "op",
+    "index",
+    "kind",
+    "transform",
+    "shape",
+    "stride",
+    "stride_source",
+    "relative_error",
+    "relative_error_p95",
+    "relative_error_max",
+    "cosine_distance",
+    "interpolation_floor",
+    "measurable",
+    "reason",
+]
+PREDICTION_COLUMNS = [
+    "image",
+    "transform",
+    "top1",
+    "confidence",
+    "label",
+    "agrees",
+    "js_divergence",
+]
+
+
+def clean_number(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python, so JSON holds only defined numbers."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return clean_number(obj)
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What an audit measured. ``summary`` is exactly the content of summary.json."""
+
+    summary: dict
+    predictions: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=PREDICTION_COLUMNS)
+    )
+
+    # -- convenient views --------------------------------------------------------------------
+    @property
+    def score(self) -> float | None:
+        return self.summary["scores"]["robustness_score"]
+
+    @property
+    def scores(self) -> dict:
+        return self.summary["scores"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.summary["outputs"]
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.summary["layers"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.summary["warnings"]
+
+    def output(self, transform: str) -> dict:
+        """The output row of one element, by name."""
+        for row in self.outputs:
+            if row["transform"] == transform:
+                return row
+        raise KeyError(transform)
+
+    def layer(self, layer: str, transform: str) -> dict:
+        for row in self.layers:
+            if row["layer"] == layer and row["transform"] == transform:
+                return row
+        raise KeyError((layer, transform))
+
+    def to_frame(self, which: str = "outputs") -> pd.DataFrame:
+        """``outputs``, ``layers`` or ``predictions`` as a pandas DataFrame."""
+        if which == "outputs":
+            return pd.DataFrame(self.outputs, columns=OUTPUT_COLUMNS)
+        if which == "layers":
+            frame = pd.DataFrame(self.layers, columns=LAYER_COLUMNS)
+            return frame
+        if which == "predictions":
+            return self.predictions.copy()
+        raise ValueError(f"unknown table '{which}': use outputs, layers or predictions")
+
+    def to_json(self) -> str:
+        return json.dumps(_clean(self.summary), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> AuditResult:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(summary=summary)
+
+
+def make_summary(**parts: Any) -> dict:
+    """Assemble summary.json in schema order with undefined numbers as None."""
+    order = [
+        "schema_version",
+        "eqaudit",
+        "model",
+        "preprocessing",
+        "transforms",
+        "data",
+        "seed",
+        "options",
+        "warnings",
+        "scores",
+        "outputs",
+        "layers",
+        "run",
+    ]
+    summary = {"schema_version": SCHEMA_VERSION}
+    for key in order[1:]:
+        summary[key] = parts[key]
+    return _clean(summary)

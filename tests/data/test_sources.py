@@ -1,0 +1,564 @@
+"""Image sources on real files written to tmp_path: folders, labels, arrays, synthetic."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eqaudit.data import DataDescription, ImageSource, open_images
+from eqaudit.errors import DataError, UsageError
+
+
+def save(path: Path, values: np.ndarray | Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = values if isinstance(values, Image.Image) else Image.fromarray(values)
+    image.save(path, **kwargs)
+    return path
+
+
+def rgb(seed: int, h: int = 8, w: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def all_pixels(source: ImageSource, batch_size: int = 4) -> torch.Tensor:
+    return torch.cat([batch.pixels for batch in source.iter_batches(batch_size)])
+
+
+def all_ids(source: ImageSource, batch_size: int = 4) -> list[str]:
+    return [i for batch in source.iter_batches(batch_size) for i in batch.ids]
+
+
+def as_chw(values: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) / 255, the expected pass-through pixels."""
+    return torch.from_numpy(values.astype(np.float32) / np.float32(255)).permute(2, 0, 1)
+
+
+# -- folders --------------------------------------------------------------------------------------
+def test_folder_found_recursively_in_sorted_order(tmp_path: Path) -> None:
+    for i, rel in enumerate(["b/z.png", "a/y.jpg", "a/sub/x.png", "c.PNG", "a/w.bmp"]):
+        save(tmp_path / rel, rgb(i))
+    save(tmp_path / ".hidden" / "q.png", rgb(9))
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = open_images(tmp_path, size=(8, 8))
+    expected = ["a/sub/x.png", "a/w.bmp", "a/y.jpg", "b/z.png", "c.PNG"]
+    assert source.ids == expected
+    assert all_ids(source, batch_size=2) == expected
+    assert len(source) == 5
+    assert source.description == DataDescription(
+        source="folder", path=str(tmp_path), count=5, synthetic=False, labelled=False
+    )
+    assert source.class_names is None
+
+
+def test_folder_pixels_pass_through_with_margin(tmp_path: Path) -> None:
+    values = rgb(0, 12, 12)
+    save(tmp_path / "a.png", values)
+    source = open_images(str(tmp_path), size=(8, 8), margin=2)
+    assert source.source_size == (12, 12)
+    (batch,) = source.iter_batches(8)
+    assert batch.pixels.dtype == torch.float32
+    assert batch.labels is None
+    assert torch.equal(batch.pixels[0], as_chw(values))
+
+
+def test_batches_have_requested_sizes(tmp_path: Path) -> None:
+    for i in range(5):
+        save(tmp_path / f"{i}.png", rgb(i))
+    source = open_images(tmp_path, size=(8, 8))
+    assert [b.pixels.shape[0] for b in source.iter_batches(2)] == [2, 2, 1]
+    with pytest.raises(UsageError, match="batch size"):
+        source.iter_batches(0)
+
+
+def test_subset_is_deterministic_per_seed_and_sorted(tmp_path: Path) -> None:
+    names = [f"img{i:02d}.png" for i in range(20)]
+    for i, name in enumerate(names):
+        save(tmp_path / name, rgb(i))
+    first = open_images(tmp_path, size=(8, 8), num_images=5, seed=0).ids
+    again = open_images(tmp_path, size=(8, 8), num_images=5, seed=0).ids
+    other = open_images(tmp_path, size=(8, 8), num_images=5, seed=1).ids
+    chosen = np.sort(np.random.default_rng(0).permutation(20)[:5])
+    assert first == again == [names[i] for i in chosen]
+    assert other != first
+    assert other == sorted(other)
+    assert len(open_images(tmp_path, size=(8, 8), num_images=5, seed=1)) == 5
+
+
+def test_subset_replaces_unreadable_files(tmp_path: Path) -> None:
+    for i in range(10):
+        save(tmp_path / f"{i}.png", rgb(i))
+    (tmp_path / "3.png").write_bytes(b"broken")
+    source = open_images(tmp_path, size=(8, 8), num_images=9, seed=0)
+    assert len(source) == 9
+    assert "3.png" not in source.ids
+    assert source.description.skipped == ("3.png: cannot identify image file",)
+
+
+def test_asking_for_more_images_than_exist_notes_it(tmp_path: Path) -> None:
+    save(tmp_path / "a.png", rgb(0))
+    source = open_images(tmp_path, size=(8, 8), num_images=4)
+    assert len(source) == 1
+    assert "asked for 4 images; only 1 readable images found" in source.description.notes
+
+
+def _labelled_tree(root: Path) -> None:
+    save(root / "cat" / "c1.png", rgb(0))
+    save(root / "cat" / "deep" / "c2.png", rgb(1))
+    save(root / "dog" / "d1.png", rgb(2))
+    save(root / "other" / "o1.png", rgb(3))
+    save(root / "loose.png", rgb(4))
+
+
+def test_labels_from_subfolders_with_txt(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _labelled_tree(data)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dog\n\n  cat \n")
+    source = open_images(data, size=(8, 8), labels=labels)
+    assert source.class_names == ["dog", "cat"]
+    assert source.ids == [
+        "cat/c1.png",
+        "cat/deep/c2.png",
+        "dog/d1.png",
+        "loose.png",
+        "other/o1.png",
+    ]
+    got = torch.cat([b.labels for b in source.iter_batches(2)])
+    assert got.dtype == torch.int64
+    assert got.tolist() == [1, 1, 0, -1, -1]
+    assert source.description.labelled
+    assert "2 images outside the class subfolders get label -1 (e.g. 'loose.png')" in (
+        source.description.notes
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        ["dog", "cat"],
+        {"cat": 1, "dog": 0},
+        {"0": "dog", "1": "cat"},
+    ],
+    ids=["list", "name-to-index", "id-to-label"],
+)
+def test_labels_from_subfolders_with_json(tmp_path: Path, content: object) -> None:
+    data = tmp_path / "data"
+    _labelled_tree(data)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(content))
+    source = open_images(data, size=(8, 8), labels=str(labels))
+    assert source.class_names == ["dog", "cat"]
+    assert source.labels is not None
+    assert source.labels.tolist() == [1, 1, 0, -1, -1]
+
+
+def test_labels_all_unknown_says_so(tmp_path: Path) -> None:
+    save(tmp_path / "data" / "a.png", rgb(0))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\n")
+    source = open_images(tmp_path / "data", size=(8, 8), labels=labels)
+    assert source.labels is not None and source.labels.tolist() == [-1]
+    assert any("all labels are unknown" in note for note in source.description.notes)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("missing.txt", None, "not found"),
+        ("labels.json", "{not json", "not valid JSON"),
+        ("labels.json", '{"a": "x", "b": 1}', "non-integer"),
+        ("labels.json", "[1, 2]", "wrong structure"),
+        ("labels.json", '{"a": 0, "b": 0}', "gives index 0 to both"),
+        ("labels.txt", "\n\n", "no class names"),
+        ("labels.csv", "a,b", "must be .txt"),
+    ],
+)
+def test_bad_labels_file_is_a_data_error(
+    tmp_path: Path, name: str, text: str | None, message: str
+) -> None:
+    save(tmp_path / "data" / "a.png", rgb(0))
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        open_images(tmp_path / "data", size=(8, 8), labels=path)
+
+
+def _truncated_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb(0, 64, 64)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    for name in ["a.png", "c.png", "e.png"]:
+        save(tmp_path / name, rgb(0))
+    (tmp_path / "b.png").write_bytes(b"this is not an image")
+    (tmp_path / "d.jpg").write_bytes(b"")
+    (tmp_path / "f.png").write_bytes(_truncated_png())
+    source = open_images(tmp_path, size=(8, 8))
+    assert source.ids == ["a.png", "c.png", "e.png"]
+    assert source.description.count == 3
+    assert source.description.skipped == (
+        "b.png: cannot identify image file",
+        "d.jpg: empty file (0 bytes)",
+        "f.png: cannot read image (image file is truncated)",
+    )
+    assert all_pixels(source).shape == (3, 3, 8, 8)
+
+
+def test_folder_of_only_bad_files_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"junk")
+    (tmp_path / "b.png").write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 2 image files"):
+        open_images(tmp_path, size=(8, 8))
+
+
+def test_missing_or_empty_data_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no images found in"):
+        open_images(tmp_path, size=(8, 8))
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(DataError, match="no images found in"):
+        open_images(tmp_path, size=(8, 8))
+    with pytest.raises(DataError, match="does not exist"):
+        open_images(tmp_path / "nowhere", size=(8, 8))
+    with pytest.raises(DataError, match="unsupported type"):
+        open_images(tmp_path / "readme.txt", size=(8, 8))
+
+
+def test_single_image_file(tmp_path: Path) -> None:
+    values = rgb(3)
+    path = save(tmp_path / "one.png", values)
+    source = open_images(path, size=(8, 8))
+    assert source.ids == ["one.png"]
+    assert source.description.source == "folder"
+    assert torch.equal(all_pixels(source)[0], as_chw(values))
+
+
+def test_palette_image_converts_to_its_colours(tmp_path: Path) -> None:
+    image = Image.new("P", (2, 1))
+    image.putpalette([10, 20, 30, 200, 100, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    image.putpixel((1, 0), 1)
+    save(tmp_path / "p.png", image)
+    pixels = all_pixels(open_images(tmp_path, size=(1, 2)))
+    expected = torch.tensor([[10, 200], [20, 100], [30, 0]], dtype=torch.float32) / 255
+    assert torch.equal(pixels[0, :, 0, :], expected)
+
+
+def test_rgba_is_composited_onto_black(tmp_path: Path) -> None:
+    values = np.array([[[255, 100, 50, 255], [255, 100, 50, 0], [200, 200, 200, 51]]], np.uint8)
+    save(tmp_path / "a.png", values)
+    source = open_images(tmp_path, size=(1, 3))
+    pixels = all_pixels(source)[0, :, 0, :]
+    colour = values[0, :, :3].astype(np.float32) / np.float32(255)
+    alpha = values[0, :, 3:].astype(np.float32) / np.float32(255)
+    assert torch.equal(pixels, torch.from_numpy(colour * alpha).T)
+    assert pixels[:, 1].tolist() == [0.0, 0.0, 0.0]
+    assert "1 image with transparency composited onto black" in source.description.notes
+
+
+def test_sixteen_bit_gray_is_scaled_by_65535(tmp_path: Path) -> None:
+    image = Image.new("I;16", (3, 1))
+    for x, value in enumerate([65535, 0, 32768]):
+        image.putpixel((x, 0), value)
+    save(tmp_path / "g16.png", image)
+    for channels in (1, 3):
+        pixels = all_pixels(open_images(tmp_path, size=(1, 3), channels=channels))
+        assert pixels.shape == (1, channels, 1, 3)
+        expected = torch.tensor([1.0, 0.0, 32768 / 65535], dtype=torch.float32)
+        for c in range(channels):
+            assert torch.equal(pixels[0, c, 0], expected)
+    assert pixels[0, 0, 0, 0].item() == 1.0
+
+
+def test_gray_to_rgb_and_rgb_to_gray_with_notes(tmp_path: Path) -> None:
+    save(tmp_path / "g.png", np.array([[0, 51, 255]], np.uint8))
+    save(tmp_path / "h.png", np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8))
+    as_rgb = open_images(tmp_path, size=(1, 3), channels=3)
+    pixels = all_pixels(as_rgb)
+    gray = torch.tensor([0.0, 51.0, 255.0]) / 255
+    assert torch.equal(pixels[0, :, 0], gray.expand(3, 3))
+    assert "1 grayscale image converted to RGB" in as_rgb.description.notes
+    as_gray = open_images(tmp_path, size=(1, 3), channels=1)
+    pixels = all_pixels(as_gray)
+    assert torch.equal(pixels[0, 0, 0], gray)
+    torch.testing.assert_close(pixels[1, 0, 0], torch.tensor([0.299, 0.587, 0.114]))
+    assert "1 colour image converted to grayscale (BT.601 luma)" in as_gray.description.notes
+
+
+def test_la_and_cmyk_convert(tmp_path: Path) -> None:
+    save(tmp_path / "a.png", np.array([[[200, 255], [200, 0]]], np.uint8))  # LA
+    cmyk = Image.new("CMYK", (2, 1), (0, 0, 0, 0))
+    cmyk.putpixel((1, 0), (255, 0, 0, 0))
+    save(tmp_path / "b.tif", cmyk)
+    pixels = all_pixels(open_images(tmp_path, size=(1, 2)))
+    assert torch.equal(pixels[0, :, 0], torch.tensor([200 / 255, 0.0]).expand(3, 2))
+    assert pixels[1, :, 0].tolist() == [[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    values = rgb(5, 4, 6)
+    image = Image.fromarray(values)
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    save(tmp_path / "o.png", image, exif=exif)
+    source = open_images(tmp_path, size=(6, 4))
+    clockwise = np.ascontiguousarray(np.rot90(values, k=-1))
+    assert torch.equal(all_pixels(source)[0], as_chw(clockwise))
+    assert "1 image turned upright by their EXIF orientation" in source.description.notes
+
+
+def test_decompression_bombs_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    save(tmp_path / "a_small.png", rgb(0, 20, 20))  # 400 pixels
+    save(tmp_path / "b_warn.png", rgb(1, 40, 40))  # 1600: Pillow would only warn
+    save(tmp_path / "c_bomb.png", rgb(2, 50, 50))  # 2500: Pillow refuses
+    source = open_images(tmp_path, size=(8, 8))
+    assert source.ids == ["a_small.png"]
+    assert len(source.description.skipped) == 2
+    assert all("decompression bomb" in reason for reason in source.description.skipped)
+    assert source.description.skipped[0].startswith("b_warn.png: 40x40 pixels exceed")
+
+
+def test_small_images_are_upscaled_with_a_note(tmp_path: Path) -> None:
+    save(tmp_path / "small.png", rgb(0, 4, 4))
+    save(tmp_path / "big.png", rgb(1, 16, 16))
+    source = open_images(tmp_path, size=(6, 6), margin=1)
+    assert all_pixels(source).shape == (2, 3, 8, 8)
+    assert "1 image smaller than 8x8 upscaled (resize policy 'crop')" in source.description.notes
+
+
+def test_folder_and_array_give_the_same_pixels(tmp_path: Path) -> None:
+    values = np.stack([rgb(0, 20, 30), rgb(1, 20, 30)])
+    for i, image in enumerate(values):
+        save(tmp_path / "folder" / f"{i}.png", image)
+    np.save(tmp_path / "images.npy", values)
+    for policy in ("crop", "stretch", "letterbox"):
+        a = open_images(tmp_path / "folder", size=(9, 11), margin=1, resize=policy)
+        b = open_images(tmp_path / "images.npy", size=(9, 11), margin=1, resize=policy)
+        assert torch.equal(all_pixels(a), all_pixels(b))
+
+
+# -- arrays ---------------------------------------------------------------------------------------
+def test_nhwc_uint8_npy(tmp_path: Path) -> None:
+    values = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", values)
+    source = open_images(tmp_path / "x.npy", size=(8, 8))
+    assert source.ids == ["array[0]", "array[1]", "array[2]"]
+    assert source.description == DataDescription(
+        source="array", path=str(tmp_path / "x.npy"), count=3, synthetic=False, labelled=False
+    )
+    expected = torch.from_numpy(values.astype(np.float32) / np.float32(255)).permute(0, 3, 1, 2)
+    assert torch.equal(all_pixels(source, 2), expected)
+
+
+def test_nchw_float_npy(tmp_path: Path) -> None:
+    values = np.random.default_rng(1).random((2, 3, 6, 5), dtype=np.float32)
+    np.save(tmp_path / "x.npy", values)
+    pixels = all_pixels(open_images(tmp_path / "x.npy", size=(6, 5)))
+    assert torch.equal(pixels, torch.from_numpy(values))
+
+
+def test_gray_nhw_uint16_array(tmp_path: Path) -> None:
+    values = np.array([[[0, 65535], [32768, 1]]], dtype=np.uint16)
+    np.save(tmp_path / "g.npy", values)
+    source = open_images(tmp_path / "g.npy", size=(2, 2), channels=1)
+    expected = torch.from_numpy(values.astype(np.float32) / np.float32(65535))[:, None]
+    assert torch.equal(all_pixels(source), expected)
+    assert all_pixels(source)[0, 0, 0, 1].item() == 1.0
+    rgb_source = open_images(tmp_path / "g.npy", size=(2, 2), channels=3)
+    assert torch.equal(all_pixels(rgb_source), expected.expand(1, 3, 2, 2))
+    assert "1 grayscale image converted to RGB" in rgb_source.description.notes
+
+
+def test_npz_with_images_and_labels(tmp_path: Path) -> None:
+    images = np.random.default_rng(2).integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
+    labels = np.array([2, 0, -1, 1])
+    np.savez(tmp_path / "d.npz", extra=np.zeros((2, 2, 2)), images=images, labels=labels)
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\nc\n")
+    source = open_images(tmp_path / "d.npz", size=(5, 5), labels=names, num_images=3, seed=0)
+    chosen = np.sort(np.random.default_rng(0).permutation(4)[:3])
+    assert source.ids == [f"array[{i}]" for i in chosen]
+    assert source.class_names == ["a", "b", "c"]
+    assert source.description.labelled
+    batches = list(source.iter_batches(2))
+    assert torch.cat([b.labels for b in batches]).tolist() == labels[chosen].tolist()
+    expected = torch.from_numpy(images[chosen].astype(np.float32) / np.float32(255))
+    assert torch.equal(torch.cat([b.pixels for b in batches]), expected.permute(0, 3, 1, 2))
+
+
+def test_npz_without_images_key_uses_first_image_array(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", meta=np.zeros(3), pics=np.ones((2, 4, 4), np.uint8) * 255)
+    pixels = all_pixels(open_images(tmp_path / "d.npz", size=(4, 4)))
+    assert torch.equal(pixels, torch.ones(2, 3, 4, 4))
+
+
+def test_npz_labels_are_validated(tmp_path: Path) -> None:
+    images = np.zeros((3, 4, 4), np.uint8)
+    np.savez(tmp_path / "a.npz", images=images, labels=np.array([0, 1]))
+    with pytest.raises(DataError, match="one class index per image"):
+        open_images(tmp_path / "a.npz", size=(4, 4))
+    np.savez(tmp_path / "b.npz", images=images, labels=np.array([0, 1, 5]))
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\n")
+    with pytest.raises(DataError, match="lists 2 classes"):
+        open_images(tmp_path / "b.npz", size=(4, 4), labels=names)
+
+
+_UNPICKLED: list[str] = []
+
+
+def _record_unpickling(tag: str) -> str:
+    _UNPICKLED.append(tag)
+    return tag
+
+
+class _Trap:
+    def __reduce__(self) -> tuple:
+        return (_record_unpickling, ("unpickled!",))
+
+
+def test_object_array_is_refused_without_unpickling(tmp_path: Path) -> None:
+    trap = np.empty((1, 2, 2), dtype=object)
+    trap[0, 0, 0] = _Trap()
+    np.save(tmp_path / "evil.npy", trap, allow_pickle=True)
+    np.savez(tmp_path / "evil.npz", images=trap)
+    for name in ("evil.npy", "evil.npz"):
+        with pytest.raises(DataError, match="object arrays are refused"):
+            open_images(tmp_path / name, size=(2, 2))
+    with pytest.raises(DataError, match="dtype object"):
+        open_images(trap, size=(2, 2))
+    assert _UNPICKLED == []
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.zeros((4, 4), np.uint8), "has shape"),
+        (np.zeros((2, 5, 5, 5), np.uint8), "no channel axis"),
+        (np.zeros((0, 4, 4), np.uint8), "holds no pixels"),
+        (np.full((1, 2, 2), -0.5, np.float32), "not normalised values"),
+        (np.full((1, 2, 2), 900.0, np.float32), "not normalised values"),
+        (np.full((1, 2, 2), np.nan, np.float32), "NaN"),
+        (np.full((1, 2, 2), 300, np.int64), "0-255"),
+        (np.zeros((1, 2, 2), np.complex64), "dtype complex64"),
+    ],
+    ids=["rank2", "no-channels", "empty", "negative", "too-big", "nan", "int-range", "complex"],
+)
+def test_bad_arrays_are_data_errors(tmp_path: Path, values: np.ndarray, message: str) -> None:
+    np.save(tmp_path / "bad.npy", values)
+    with pytest.raises(DataError, match=message):
+        open_images(tmp_path / "bad.npy", size=(2, 2))
+
+
+def test_not_a_numpy_file_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "fake.npy").write_text("hello")
+    (tmp_path / "fake.npz").write_text("hello")
+    for name in ("fake.npy", "fake.npz"):
+        with pytest.raises(DataError, match="cannot load"):
+            open_images(tmp_path / name, size=(2, 2))
+
+
+def test_float_0_255_and_int64_arrays_are_scaled_with_notes() -> None:
+    values = np.array([[[0.0, 255.0], [51.0, 102.0]]])
+    source = open_images(values, size=(2, 2), channels=1)
+    assert source.description.path is None
+    assert source.description.source == "array"
+    expected = torch.tensor([[0.0, 1.0], [0.2, 0.4]])
+    torch.testing.assert_close(all_pixels(source)[0, 0], expected, rtol=0, atol=1e-7)
+    assert any("divided by 255" in note for note in source.description.notes)
+    ints = open_images(values.astype(np.int64), size=(2, 2), channels=1)
+    torch.testing.assert_close(all_pixels(ints)[0, 0], expected, rtol=0, atol=1e-7)
+    assert "int64 array values read as 0-255 pixel values" in ints.description.notes
+
+
+def test_ambiguous_shape_reads_channels_last_rgba() -> None:
+    values = np.random.default_rng(4).integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)
+    source = open_images(values, size=(3, 4), channels=3)
+    assert any("ambiguous: read as channels-last" in n for n in source.description.notes)
+    assert "2 images with transparency composited onto black" in source.description.notes
+    scaled = values.astype(np.float32) / np.float32(255)
+    expected = torch.from_numpy(scaled[..., :3] * scaled[..., 3:]).permute(0, 3, 1, 2)
+    assert torch.equal(all_pixels(source), expected)
+    rgba = np.array([[[[255, 255, 255, 255]], [[200, 100, 50, 0]]]], np.uint8)  # (1, 2, 1, 4)
+    pixels = all_pixels(open_images(rgba, size=(2, 1)))
+    assert pixels[0, :, :, 0].tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+
+
+def test_tensor_input_and_array_subset_is_deterministic() -> None:
+    values = torch.rand(10, 3, 5, 5)
+    a = open_images(values, size=(5, 5), num_images=4, seed=3)
+    b = open_images(values.numpy(), size=(5, 5), num_images=4, seed=3)
+    c = open_images(values.numpy(), size=(5, 5), num_images=4, seed=4)
+    assert a.ids == b.ids != c.ids
+    chosen = np.sort(np.random.default_rng(3).permutation(10)[:4])
+    assert torch.equal(all_pixels(a), values[chosen])
+
+
+# -- synthetic and options ------------------------------------------------------------------------
+def test_synthetic_source() -> None:
+    source = open_images(None, size=(8, 8), margin=2)
+    assert len(source) == 32
+    description = source.description
+    assert (description.source, description.path, description.synthetic) == (
+        "synthetic",
+        None,
+        True,
+    )
+    assert not description.labelled
+    assert any("synthetic" in note for note in description.notes)
+    assert source.ids[:2] == ["synthetic[0]", "synthetic[1]"]
+    pixels = all_pixels(source, 5)
+    assert pixels.shape == (32, 3, 12, 12)
+    assert torch.equal(pixels, all_pixels(open_images(None, size=(8, 8), margin=2), 32))
+    assert all(b.labels is None for b in source.iter_batches(16))
+    small = open_images(None, size=(8, 8), num_images=3, seed=1, channels=1)
+    assert all_pixels(small).shape == (3, 1, 8, 8)
+
+
+def test_description_to_dict() -> None:
+    description = DataDescription(
+        source="folder",
+        path="imgs",
+        count=2,
+        synthetic=False,
+        labelled=True,
+        skipped=("a.png: empty file (0 bytes)",),
+        notes=("n",),
+    )
+    assert description.to_dict() == {
+        "source": "folder",
+        "path": "imgs",
+        "count": 2,
+        "synthetic": False,
+        "labelled": True,
+        "skipped": ["a.png: empty file (0 bytes)"],
+        "notes": ["n"],
+    }
+    json.dumps(description.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": (0, 8)}, "input size"),
+        ({"size": (8,)}, "input size"),
+        ({"size": (8, 8), "margin": -1}, "margin"),
+        ({"size": (8, 8), "channels": 2}, "channels"),
+        ({"size": (8, 8), "resize": "squash"}, "crop, center, stretch, letterbox"),
+        ({"size": (8, 8), "num_images": 0}, "num-images"),
+        ({"size": (8, 8), "seed": -1}, "seed"),
+    ],
+)
+def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        open_images(None, **kwargs)

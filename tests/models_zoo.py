@@ -1,0 +1,109 @@
+"""Tiny models with known answers (DESIGN.md section 6), built in-process for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def d4_symmetrise_(module: nn.Module) -> nn.Module:
+    """Replace every conv filter by the mean of its 8 D4 images: the conv commutes with D4."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                w = m.weight
+                orbit = [torch.rot90(w, k, (-2, -1)) for k in range(4)]
+                orbit += [torch.rot90(torch.flip(w, (-1,)), k, (-2, -1)) for k in range(4)]
+                m.weight.copy_(torch.stack(orbit).mean(0))
+    return module
+
+
+class SmallCNN(nn.Module):
+    """conv3x3 -> conv3x3/2 -> conv3x3/2 -> global average pool -> linear.
+
+    Grids are centred for odd input sizes (33 -> 17 -> 9) and not for even ones.
+    """
+
+    def __init__(
+        self, in_channels: int = 3, classes: int = 5, padding_mode: str = "zeros", stride: int = 2
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1, padding_mode=padding_mode)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=stride, padding=1, padding_mode=padding_mode)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(16, 16, 3, stride=stride, padding=1, padding_mode=padding_mode)
+        self.relu3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.conv3(x))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def symmetric_cnn(seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return d4_symmetrise_(SmallCNN(**kwargs)).eval()
+
+
+class PositionalBias(nn.Module):
+    """Adds a fixed pattern to the input before an otherwise D4-invariant network."""
+
+    def __init__(self, inner: nn.Module, size: int, strength: float = 3.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        ramp = torch.linspace(-1, 1, size)
+        pattern = strength * (ramp[None, :] + 0.5 * ramp[:, None] ** 2)
+        self.register_buffer(
+            "bias", pattern[None, None] + 0.1 * torch.randn(1, 1, size, size, generator=g)
+        )
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x + self.bias)
+
+
+class OrbitAverage(nn.Module):
+    """Averages any model's logits over the D4 orbit of its input: exactly invariant output."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for flip in (False, True):
+            y = torch.flip(x, (-1,)) if flip else x
+            for k in range(4):
+                outs.append(self.inner(torch.rot90(y, k, (-2, -1))))
+        return torch.stack(outs).mean(0)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    size: int | tuple[int, int],
+    channels: int = 3,
+    dynamic_batch: bool = True,
+    nhwc: bool = False,
+) -> Path:
+    h, w = (size, size) if isinstance(size, int) else size
+    shape = (1, h, w, channels) if nhwc else (1, channels, h, w)
+    axes = {"image": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
+    torch.onnx.export(
+        model,
+        (torch.zeros(shape),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["scores"],
+        dynamic_axes=axes,
+    )
+    return path
