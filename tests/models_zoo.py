@@ -38,24 +38,53 @@ class SmallCNN(nn.Module):
         self.relu3 = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
+        self.norm = Standardise(16)
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.conv1(x))
         x = self.relu2(self.conv2(x))
         x = self.relu3(self.conv3(x))
-        return self.fc(self.flatten(self.pool(x)))
+        return self.fc(self.norm(self.flatten(self.pool(x))))
 
 
-def symmetric_cnn(seed: int = 0, **kwargs) -> nn.Module:
+class Standardise(nn.Module):
+    """Per-feature (x - mean) / std with stored statistics (set by :func:`calibrate_`)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def calibrate_(model: SmallCNN, size: int, seed: int = 123) -> SmallCNN:
+    """Standardise the pooled features on synthetic images so that the logits spread (O(1)) and
+    predictions differ between images, as a trained model's do."""
+    from eqaudit.data import synthetic_images
+
+    images = synthetic_images(64, (size, size), model.conv1.in_channels, seed=seed)
+    with torch.no_grad():
+        x = model.relu1(model.conv1(images))
+        x = model.relu3(model.conv3(model.relu2(model.conv2(x))))
+        feats = model.flatten(model.pool(x))
+        model.norm.mean.copy_(feats.mean(0))
+        model.norm.std.copy_(feats.std(0).clamp_min(1e-6))
+        model.fc.weight.mul_(4.0)
+    return model
+
+
+def symmetric_cnn(seed: int = 0, size: int = 33, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return d4_symmetrise_(SmallCNN(**kwargs)).eval()
+    return calibrate_(d4_symmetrise_(SmallCNN(**kwargs)), size).eval()
 
 
 class PositionalBias(nn.Module):
     """Adds a fixed pattern to the input before an otherwise D4-invariant network."""
 
-    def __init__(self, inner: nn.Module, size: int, strength: float = 3.0) -> None:
+    def __init__(self, inner: nn.Module, size: int, strength: float = 0.5) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(1)
         ramp = torch.linspace(-1, 1, size)

@@ -12,7 +12,8 @@ parts every backend needs done the same way, Polygraphy-style:
 * converts the canonical layout to the model's (NCHW -> NHWC where the graph wants it);
 * splits the batch when the model accepts a fixed batch size (padding the last chunk);
 * brings scores to a ``(B, K)`` float tensor and refuses non-classifier outputs;
-* brings activations to canonical form: spatial maps ``(B, C, H, W)``, flat features ``(B, D)``;
+* brings activations to canonical form: spatial maps ``(B, C, H, W)``, flat features ``(B, D)``
+  (a ``1 x 1`` map after global pooling is flat: it has no spatial axes to transform);
 * raises :class:`~eqaudit.errors.ModelRunError` (exit code 3) for runtime failures and for
   NaN/Inf scores, with a message that says what to do.
 
@@ -233,6 +234,8 @@ class ModelAdapter(ABC):
             scores_parts.append(self._canonical_scores(raw_scores)[:keep])
             for name, value in raw_acts.items():
                 canonical = self._canonical_activation(name, value)
+                if canonical is not None and canonical.ndim == 4 and canonical.shape[2:] == (1, 1):
+                    canonical = canonical.flatten(1)  # globally pooled: no spatial axes left
                 # A layer that sees another batch (a model looping over crops) is not auditable.
                 if canonical is not None and canonical.shape[0] == chunk.shape[0]:
                     acts_parts.setdefault(name, []).append(canonical[:keep])

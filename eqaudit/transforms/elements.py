@@ -204,11 +204,15 @@ def fourier_shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
     height, width = x.shape[-2:]
     fy = torch.fft.fftfreq(height, dtype=torch.float64)
     fx = torch.fft.rfftfreq(width, dtype=torch.float64)
-    phase = torch.exp(-2j * math.pi * (fy[:, None] * dy + fx[None, :] * dx))
+    # Separable phase ramp. A Nyquist bin (even axis) has no sign of its own: keeping only the
+    # real part of its factor keeps the output real, and is exact for integer shifts.
+    py = torch.exp(-2j * math.pi * fy * dy)
+    px = torch.exp(-2j * math.pi * fx * dx)
     if height % 2 == 0:
-        phase[height // 2, :] = phase[height // 2, :].real
+        py[height // 2] = py[height // 2].real.item()
     if width % 2 == 0:
-        phase[:, -1] = phase[:, -1].real
+        px[-1] = px[-1].real.item()
+    phase = py[:, None] * px[None, :]
     spectrum = torch.fft.rfft2(x.to(torch.float64))
     return torch.fft.irfft2(spectrum * phase, s=(height, width)).to(x.dtype)
 

@@ -1,0 +1,197 @@
+"""Known-answer audits (DESIGN.md section 6) through the whole engine, both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from models_zoo import (
+    OrbitAverage,
+    PositionalBias,
+    SmallCNN,
+    calibrate_,
+    export_onnx,
+    symmetric_cnn,
+)
+from torch import nn
+
+import eqaudit
+from eqaudit.transforms import D4_NAMES
+
+D4 = list(D4_NAMES.values())
+
+
+def _max_layer_error(result, transform=None) -> float:
+    rows = [r for r in result.layers if r["measurable"]]
+    if transform:
+        rows = [r for r in rows if r["transform"] == transform]
+    return max(r["relative_error_max"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def sym_model() -> nn.Module:
+    return symmetric_cnn(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sym_torch(sym_model):
+    return eqaudit.audit(sym_model, "d4", input_size=33, num_images=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sym_onnx(sym_model, tmp_path_factory):
+    path = export_onnx(sym_model, tmp_path_factory.mktemp("sym") / "sym.onnx", 33)
+    return eqaudit.audit(path, "d4", num_images=12, seed=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_d4_symmetric_cnn_is_exactly_invariant_at_aligned_size(backend, sym_torch, sym_onnx):
+    result = sym_torch if backend == "torch" else sym_onnx
+    assert [r["transform"] for r in result.outputs] == D4
+    for row in result.outputs:
+        assert row["n"] == 12
+        assert row["agreement"] == 1.0
+        assert row["js_divergence"] < 1e-6
+        assert row["logit_error"] < 1e-5
+    # Every spatial layer is compared under the element's action on its own grid.
+    spatial = [r for r in result.layers if r["kind"] == "spatial"]
+    assert len({r["layer"] for r in spatial}) >= 3
+    assert all(r["measurable"] for r in result.layers)
+    assert _max_layer_error(result) < 1e-5
+    assert result.score > 99.9999
+    assert result.scores["orbit_consistency"] == 1.0
+
+
+def test_identity_gives_exactly_zero(sym_torch):
+    identity = sym_torch.output("id")
+    assert identity["agreement"] == 1.0
+    assert identity["js_divergence"] == 0.0
+    assert identity["logit_error"] == 0.0
+    assert all(r["relative_error_max"] == 0.0 for r in sym_torch.layers if r["transform"] == "id")
+
+
+def test_onnx_and_torch_give_the_same_numbers(sym_torch, sym_onnx):
+    for a, b in zip(sym_torch.outputs, sym_onnx.outputs, strict=True):
+        assert a["transform"] == b["transform"]
+        assert a["agreement"] == b["agreement"]
+        assert abs(a["js_divergence"] - b["js_divergence"]) < 1e-5
+        assert abs(a["logit_error"] - b["logit_error"]) < 1e-5
+    assert abs(sym_torch.score - sym_onnx.score) < 1e-5
+    # Same per-image predictions through both loaders.
+    pa, pb = sym_torch.predictions, sym_onnx.predictions
+    assert (pa["top1"].to_numpy() == pb["top1"].to_numpy()).all()
+    np.testing.assert_allclose(pa["confidence"], pb["confidence"], atol=1e-5)
+    # The conv outputs of both backends agree on the (exact) per-layer errors.
+    conv_t = [r for r in sym_torch.layers if r["op"] == "Conv2d"]
+    conv_o = [r for r in sym_onnx.layers if r["op"] == "Conv"]
+    assert len(conv_t) == len(conv_o) == 3 * 8
+    for a, b in zip(conv_t, conv_o, strict=True):
+        assert a["transform"] == b["transform"] and a["shape"] == b["shape"]
+        assert a["stride"] == b["stride"]
+        assert abs(a["relative_error"] - b["relative_error"]) < 1e-5
+
+
+def test_misaligned_size_breaks_the_per_layer_comparison(sym_model):
+    # 32 is even: the stride-2 grids are not centred, so rot90 no longer maps cells onto cells.
+    result = eqaudit.audit(sym_model, "c4", input_size=32, num_images=6)
+    assert _max_layer_error(result, "rot90") > 1e-2
+
+
+def test_positional_bias_breaks_invariance(sym_model):
+    biased = PositionalBias(sym_model, 33).eval()
+    result = eqaudit.audit(biased, "d4", input_size=33, num_images=12, seed=3)
+    clean = eqaudit.audit(sym_model, "d4", input_size=33, num_images=12, seed=3)
+    worst_js = max(r["js_divergence"] for r in result.outputs[1:])
+    assert worst_js > 1e-2
+    assert min(r["agreement"] for r in result.outputs[1:]) < 1.0
+    assert result.score < clean.score - 5
+    assert result.scores["orbit_consistency"] < 1.0
+
+
+def test_orbit_average_is_invariant_while_inner_layers_are_not():
+    torch.manual_seed(5)
+    model = OrbitAverage(calibrate_(SmallCNN(), 33)).eval()
+    result = eqaudit.audit(model, "d4", input_size=33, num_images=8)
+    for row in result.outputs:
+        assert row["agreement"] == 1.0
+        assert row["js_divergence"] < 1e-9
+        assert row["logit_error"] < 1e-5
+    # The inner network is called once per orbit element; its first call sees T_g x, whose
+    # feature map is not T_g of the reference's.
+    inner = [r for r in result.layers if r["layer"].startswith("inner.conv1")]
+    assert inner and max(r["relative_error"] for r in inner if r["transform"] != "id") > 0.1
+
+
+def test_circular_stride1_cnn_is_shift_equivariant_at_every_layer():
+    torch.manual_seed(2)
+    model = SmallCNN(padding_mode="circular", stride=1).eval()
+    result = eqaudit.audit(model, "shift:1,3", shift_mode="circular", input_size=24, num_images=6)
+    assert len(result.outputs) == 1 + 8
+    assert all(r["measurable"] for r in result.layers)
+    assert _max_layer_error(result) < 1e-5
+    assert all(r["agreement"] == 1.0 for r in result.outputs)
+
+
+def test_shift_not_divisible_by_stride_is_not_measurable():
+    torch.manual_seed(2)
+    model = SmallCNN(padding_mode="circular", stride=2).eval()
+    result = eqaudit.audit(model, "shift:1,4", shift_mode="circular", input_size=32, num_images=4)
+    conv3_1 = result.layer("conv3", "shift_x+1")
+    assert conv3_1["stride"] == "4x4"
+    assert conv3_1["measurable"] is False and conv3_1["relative_error"] is None
+    assert "cells at stride" in conv3_1["reason"]
+    conv3_4 = result.layer("conv3", "shift_x+4")
+    assert conv3_4["measurable"] is True
+    # A circular CNN with stride 2 whose input size is divisible by its stride is exactly
+    # equivariant to shifts by multiples of the stride.
+    assert conv3_4["relative_error_max"] < 1e-5
+
+
+class NHWCProbsNet(nn.Module):
+    """NHWC input (TensorFlow origins) and softmaxed outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.body = SmallCNN(classes=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.body(x.permute(0, 3, 1, 2)), dim=1)
+
+
+def test_nhwc_batch1_probs_bgr_255_matches_hand_reference(tmp_path):
+    path = export_onnx(
+        NHWCProbsNet().eval(), tmp_path / "nhwc.onnx", 17, nhwc=True, dynamic_batch=False
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 17, 17, 3), dtype=np.uint8)
+    mean, std = (103.9, 116.8, 123.7), (57.4, 57.1, 58.4)
+    result = eqaudit.audit(
+        path, "flips", data=images, channels="bgr", scale=255.0, mean=mean, std=std, batch_size=6
+    )
+    spec = result.summary["model"]["input"]
+    assert (spec["layout"], spec["batch"], spec["channels"]) == ("NHWC", 1, 3)
+    assert result.summary["model"]["output_kind"] == "probs"
+    assert result.outputs[1]["logit_error"] is None  # not defined for probability outputs
+
+    # Reference by hand: transform in pixel space, then BGR, x255, mean/std, NHWC, one at a time.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = images.astype(np.float64) / 255.0
+    ops = {"id": lambda a: a, "flip_h": lambda a: a[:, ::-1], "flip_v": lambda a: a[::-1]}
+
+    def run(img: np.ndarray) -> np.ndarray:
+        x = (img[..., ::-1] * 255.0 - np.array(mean)[::-1]) / np.array(std)[::-1]
+        (p,) = session.run(None, {"image": x[None].astype(np.float32)})
+        return p[0].astype(np.float64)
+
+    ref = np.stack([run(img) for img in pixels])
+    for name, op in ops.items():
+        out = np.stack([run(op(img)) for img in pixels])
+        agree = (out.argmax(1) == ref.argmax(1)).mean()
+        m = (ref + out) / 2
+        kl = lambda p, q: np.sum(np.where(p > 0, p * np.log2(p / q), 0.0), axis=1)  # noqa: E731
+        js = (0.5 * kl(ref, m) + 0.5 * kl(out, m)).mean()
+        row = result.output(name)
+        assert row["agreement"] == pytest.approx(agree, abs=0)
+        assert row["js_divergence"] == pytest.approx(js, abs=1e-6)
