@@ -33,6 +33,7 @@ import torch
 from eqaudit.config import AuditConfig, parse_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
 from eqaudit.errors import UsageError
+from eqaudit.gallery import Gallery
 from eqaudit.metrics import (
     LayerStats,
     OrbitStats,
@@ -162,6 +163,7 @@ class Engine:
         self.warnings: list[str] = []
         self.predictions: list[pd.DataFrame] = []
         self.num_classes: int | None = None
+        self.gallery = Gallery()
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_layers(self, first: torch.Tensor) -> None:
@@ -233,9 +235,11 @@ class Engine:
         confidence = probs.max(dim=-1).values
         labelled = labels is not None and bool((labels >= 0).any())
         mask = labels >= 0 if labelled else None
+        js_all = []
         for gi, element in enumerate(self.elements):
             agree = top1[gi] == top1[0]
             js = js_divergence(probs[0], probs[gi])
+            js_all.append(js)
             logit = normalised_logit_error(scores[0], scores[gi]) if kind == "logits" else None
             correct = (top1[gi] == labels)[mask] if labelled else None
             floor = (
@@ -256,6 +260,15 @@ class Engine:
                     columns=PREDICTION_COLUMNS,
                 )
             )
+        self.gallery.update(
+            ids,
+            [e.name for e in self.elements],
+            transformed,
+            top1,
+            confidence,
+            torch.stack(js_all),
+            labels,
+        )
         self.orbit.update((top1 == top1[0:1]).all(dim=0))
         if labelled:
             self.orbit_correct.update((top1 == labels[None]).all(dim=0)[mask])
@@ -497,4 +510,4 @@ def audit(
         },
     )
     predictions = pd.concat(engine.predictions, ignore_index=True)
-    return AuditResult(summary=summary, predictions=predictions)
+    return AuditResult(summary=summary, predictions=predictions, gallery=engine.gallery.to_dict())

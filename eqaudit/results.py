@@ -26,7 +26,8 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``run``              {"started_at", "duration_s", "host"}: the only block that changes between
                       two identical runs
 
-Per-image predictions (``predictions.csv``) are kept beside the summary, not inside it.
+Per-image predictions (``predictions.csv``) and the report's thumbnails (``gallery.json``, see
+:mod:`eqaudit.gallery`) are kept beside the summary, not inside it.
 Numbers that are not defined are ``null`` in JSON and empty cells in CSV, never NaN.
 """
 
@@ -109,6 +110,8 @@ class AuditResult:
     predictions: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=PREDICTION_COLUMNS)
     )
+    #: Thumbnails for the report (see :mod:`eqaudit.gallery`): {"flips": [...], "orbits": [...]}.
+    gallery: dict = field(default_factory=lambda: {"flips": [], "orbits": []})
 
     # -- convenient views --------------------------------------------------------------------
     @property
@@ -160,8 +163,25 @@ class AuditResult:
 
     @classmethod
     def from_json(cls, path: str | Path) -> AuditResult:
-        summary = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(summary=summary)
+        """Load a saved report: ``summary.json`` (a file, or the folder holding it) with its
+        ``predictions.csv`` and ``gallery.json`` when they are beside it."""
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        summary_path = folder / "summary.json" if path.is_dir() else path
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        predictions_path = folder / "predictions.csv"
+        predictions = (
+            pd.read_csv(predictions_path)
+            if predictions_path.is_file()
+            else pd.DataFrame(columns=PREDICTION_COLUMNS)
+        )
+        gallery_path = folder / "gallery.json"
+        gallery = (
+            json.loads(gallery_path.read_text(encoding="utf-8"))
+            if gallery_path.is_file()
+            else {"flips": [], "orbits": []}
+        )
+        return cls(summary=summary, predictions=predictions, gallery=gallery)
 
 
 def make_summary(**parts: Any) -> dict:
