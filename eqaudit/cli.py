@@ -247,8 +247,9 @@ def check(
 
 def _run_check(model: Path | str, config: Any, out: Path) -> None:
     from eqaudit.audit import audit
-    from eqaudit.reports import console, write_report
+    from eqaudit.reports import check_out_dir, console, write_report
 
+    check_out_dir(out)  # a bad --out fails before the audit, not after it
     with console.progress_bar("auditing") as progress:
         result = audit(model, config=config, progress=progress)
     write_report(result, out)

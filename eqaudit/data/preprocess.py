@@ -78,17 +78,21 @@ class Preprocessing:
         _check_choice("resize policy", self.resize, RESIZE_POLICIES)
         _check_choice("channel order", self.channels, CHANNEL_ORDERS)
         if not (math.isfinite(self.scale) and self.scale > 0):
-            raise UsageError(f"pixel scale must be a positive number, got {self.scale}")
+            raise UsageError(
+                f"--scale must be a positive number (1 for 0-1 inputs, 255 for 0-255), not {self.scale}"
+            )
         mean = _float_tuple("mean", self.mean)
         std = _float_tuple("std", self.std)
         for name, values in (("mean", mean), ("std", std)):
             if len(values) not in (1, self.pixel_channels):
                 raise UsageError(
-                    f"{name} has {len(values)} values but channel order '{self.channels}' has "
+                    f"--{name} has {len(values)} values but channel order '{self.channels}' has "
                     f"{self.pixel_channels} channel(s): give 1 value or {self.pixel_channels}"
                 )
         if any(s <= 0 for s in std):
-            raise UsageError(f"std values must be positive, got {','.join(map(str, std))}")
+            raise UsageError(
+                f"--std values must be positive (pixels are divided by them), not {','.join(map(str, std))}"
+            )
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)

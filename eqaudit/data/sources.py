@@ -657,6 +657,7 @@ def load_array_file(path: Path, display: str) -> tuple[np.ndarray, np.ndarray | 
     """
     try:
         if path.suffix.lower() == ".npy":
+            _refuse_object_npy(path, display)
             return np.load(path, mmap_mode="r", allow_pickle=False), None
         with np.load(path, allow_pickle=False) as archive:
             return _pick_npz_images(archive, display), _npz_labels(archive, display)
@@ -668,6 +669,24 @@ def load_array_file(path: Path, display: str) -> tuple[np.ndarray, np.ndarray | 
             f"cannot load '{display}' as a numpy array ({message}): save plain numeric arrays "
             "with numpy.save / numpy.savez (object arrays are refused)"
         ) from None
+
+
+def _refuse_object_npy(path: Path, display: str) -> None:
+    """Refuse an object-dtype ``.npy`` from its header alone (numpy's own error is cryptic)."""
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    with open(path, "rb") as handle:
+        reader = readers.get(np.lib.format.read_magic(handle))
+        if reader is None:  # a newer header version: np.load's own check still applies
+            return
+        dtype = reader(handle)[2]
+    if dtype.hasobject:
+        raise DataError(
+            f"'{display}' holds Python objects (dtype object), not pixel values; object arrays "
+            "are refused, never unpickled: save a numeric array (uint8 or float) with numpy.save"
+        )
 
 
 def _pick_npz_images(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray:

@@ -77,7 +77,9 @@ def load_model(
         raise ModelLoadError(f"model file '{path}' is empty (0 bytes): re-export or re-download it")
     if path.suffix.lower() == ".onnx":
         if factory or trust_pickle:
-            raise UsageError("--factory and --trust-pickle apply to PyTorch files, not ONNX")
+            raise UsageError(
+                "--factory and --trust-pickle apply to PyTorch files, not to ONNX models: drop them"
+            )
         from eqaudit.models.onnx_adapter import load_onnx
 
         return load_onnx(

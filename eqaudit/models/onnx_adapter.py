@@ -13,6 +13,7 @@ than a guess.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -232,8 +233,8 @@ class OnnxAdapter(ModelAdapter):
         if elem not in _NP_TYPES:
             dtype = TensorProto.DataType.Name(elem).lower()
             raise UnsupportedModelError(
-                f"input '{value.name}' is {dtype}, not float: this is not an image classifier "
-                "(eqaudit feeds float image tensors)"
+                f"input '{value.name}' is {dtype}, not float, so this is not an image classifier: "
+                "eqaudit audits models whose input is a float image batch (N, C, H, W) or (N, H, W, C)"
             )
         dims = _dims(value)
         if len(dims) != 4:
@@ -379,9 +380,11 @@ class OnnxAdapter(ModelAdapter):
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # Drop onnxruntime's status prefix ("[ONNXRuntimeError] : 1 : FAIL : Fatal error: ").
+            first = re.sub(r"^\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
             raise ModelLoadError(
                 f"onnxruntime cannot load '{self.path.name}': {first[:300]} "
-                "(unsupported or custom operator? re-export with standard ops)"
+                "(an unsupported or custom operator? re-export the model with standard ONNX ops)"
             ) from exc
         # Keep one layer session at a time: each holds its own copy of the weights.
         for key in [k for k in self._sessions if k]:
@@ -428,7 +431,8 @@ def load_onnx(
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot read '{path}' as ONNX: the file is corrupt or truncated ({type(exc).__name__})"
+            f"cannot read '{path}' as ONNX: the file is corrupt, truncated or not an ONNX model; "
+            "re-export or re-download it"
         ) from exc
     if not model.graph.node and not model.graph.input:
         raise ModelLoadError(

@@ -547,7 +547,10 @@ def _load_checkpoint(
             "model's state_dict(), a TorchScript archive or a torch.export archive"
         )
     if factory is None:
-        raise UsageError(f"'{path}' is a state dict: {_FACTORY_FORM}")
+        raise UsageError(
+            f"'{path}' is a state dict (weights without the model's code): {_FACTORY_FORM}, "
+            "a function that builds the model"
+        )
     module = _build(factory)
     _load_state(path, module, state, factory)
     module = _prepare(module)

@@ -1,12 +1,13 @@
 """Report writers, looked up by name. Every writer reads an :class:`AuditResult`; none runs a model.
 
-All files of one report are written to a temporary folder beside the output folder and then moved
-into place one by one with ``os.replace`` (atomic on one filesystem), so an error or interruption
-never leaves a half-written file.
+All files of one report are written to a hidden temporary folder inside the output folder and then
+moved into place one by one with ``os.replace`` (atomic on one filesystem), so an error or
+interruption never leaves a half-written file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -26,11 +27,39 @@ WRITERS: dict[str, Writer] = {
 
 
 #: Every file a writer may produce (removed when a new report in the same folder lacks it).
-KNOWN_FILES = {"summary.json", "outputs.csv", "layers.csv", "predictions.csv", "report.html"}
+KNOWN_FILES = {
+    "summary.json",
+    "gallery.json",
+    "outputs.csv",
+    "layers.csv",
+    "predictions.csv",
+    "report.html",
+}
 
 
 def list_writers() -> list[str]:
     return list(WRITERS)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that cannot receive a report; creates nothing.
+
+    Called before the audit runs, so a bad ``--out`` fails at once instead of after the audit.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out '{out_dir}' is a file, not a folder: choose a folder path")
+    existing = out_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"--out '{out_dir}' lies inside '{existing}', which is a file: choose a folder path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write to '{out_dir}': permission denied on '{existing}'; choose another --out"
+        )
 
 
 def write_report(
@@ -42,16 +71,14 @@ def write_report(
     for name in formats:
         if name not in WRITERS:
             raise UsageError(f"unknown report format '{name}': use {', '.join(WRITERS)}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out '{out_dir}' is a file, not a folder: choose a folder path")
+    check_out_dir(out_dir)
+    created = not out_dir.exists()
+    staging: Path | None = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".eqaudit-", dir=out_dir.parent))
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write to '{out_dir}': {exc.strerror or exc}; choose another --out"
-        ) from None
-    try:
+        # Staged inside out_dir itself: same filesystem for os.replace, and only out_dir needs
+        # to be writable (its parent may not be, e.g. --out $HOME).
+        staging = Path(tempfile.mkdtemp(prefix=".eqaudit-", dir=out_dir))
         names: list[str] = []
         for name in formats:
             names += WRITERS[name](result, staging)
@@ -64,8 +91,15 @@ def write_report(
             (out_dir / stale).unlink(missing_ok=True)
         return final
     except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = None
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when still empty
         raise UsageError(
             f"cannot write to '{out_dir}': {exc.strerror or exc}; choose another --out"
         ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

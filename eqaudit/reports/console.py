@@ -97,7 +97,9 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         )
         for column in ("layer", "op", "kind", "transform", "rel. error", "p95", "cos dist"):
             layers.add_column(
-                column, justify="right" if column in ("rel. error", "p95", "cos dist") else "left"
+                column,
+                justify="right" if column in ("rel. error", "p95", "cos dist") else "left",
+                overflow="fold" if column == "layer" else "ellipsis",
             )
         for r in worst:
             layers.add_row(
@@ -154,7 +156,8 @@ def print_inspection(info: dict) -> None:
         warn(info["note"])
     table = Table(title=f"Auditable layers ({len(info['layers'])})", title_justify="left")
     for column in ("#", "layer", "op", "kind", "shape"):
-        table.add_column(column)
+        # Layer names are what --layers takes: wrap them, never cut them with an ellipsis.
+        table.add_column(column, overflow="fold" if column == "layer" else "ellipsis")
     for i, layer in enumerate(info["layers"]):
         shape = "x".join(str(d) for d in layer["shape"]) if layer["shape"] else "?"
         table.add_row(str(i), layer["name"], layer["op"], layer["kind"], shape)

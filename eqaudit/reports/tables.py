@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +30,12 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def write_summary_json(result: AuditResult, folder: Path) -> list[str]:
     (folder / "summary.json").write_text(result.to_json(), encoding="utf-8")
-    return ["summary.json"]
+    names = ["summary.json"]
+    if result.gallery.get("flips") or result.gallery.get("orbits"):
+        gallery = json.dumps(result.gallery, indent=1, allow_nan=False) + "\n"
+        (folder / "gallery.json").write_text(gallery, encoding="utf-8")
+        names.append("gallery.json")
+    return names
 
 
 def write_csv_tables(result: AuditResult, folder: Path) -> list[str]:

@@ -1,0 +1,188 @@
+"""The command line through typer's CliRunner, and once as a real subprocess of the installed script."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from models_zoo import export_onnx, symmetric_cnn
+from PIL import Image
+from typer.testing import CliRunner
+
+from eqaudit.cli import app
+from eqaudit.errors import EXIT_MODEL
+
+SIZE = 33
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+REPORT = ("summary.json", "outputs.csv", "layers.csv", "predictions.csv")
+OUTPUT_COLUMNS = [
+    "transform",
+    "agreement",
+    "agreement_low",
+    "agreement_high",
+    "js_divergence",
+    "logit_error",
+    "accuracy",
+]
+LAYER_COLUMNS = [
+    "layer",
+    "op",
+    "transform",
+    "shape",
+    "stride",
+    "relative_error",
+    "relative_error_p95",
+    "cosine_distance",
+    "measurable",
+]
+D4 = {"id", "rot90", "rot180", "rot270", "flip_h", "flip_v", "transpose", "antitranspose"}
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The D4-symmetrised CNN (DESIGN.md section 6) exported to ONNX at the aligned size 33."""
+    root = tmp_path_factory.mktemp("cli_model")
+    return export_onnx(symmetric_cnn(size=SIZE), root / "symmetric.onnx", SIZE)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six 40x40 RGB PNGs: blobs on a gradient, so that images differ in structure."""
+    root = tmp_path_factory.mktemp("cli_images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:40] / 39.0
+    for i in range(6):
+        cy, cx = rng.uniform(8, 32, 2)
+        blob = np.exp(-((yy * 39 - cy) ** 2 + (xx * 39 - cx) ** 2) / 40.0)
+        rgb = np.stack([blob, xx * rng.uniform(), yy * rng.uniform()], axis=-1)
+        Image.fromarray((255 * rgb.clip(0, 1)).astype(np.uint8)).save(root / f"img_{i}.png")
+    return root
+
+
+def clean(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def assert_report(out: Path, names: tuple[str, ...] = REPORT) -> dict:
+    for name in names:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    pd.read_csv(out / "predictions.csv")
+    return summary
+
+
+def test_check_with_data(model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["check", str(model), "--data", str(images), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert "SYNTHETIC" not in result.output
+    summary = assert_report(out)
+    assert summary["data"]["synthetic"] is False
+    assert summary["data"]["count"] == 6
+
+    outputs = pd.read_csv(out / "outputs.csv")
+    assert set(OUTPUT_COLUMNS) <= set(outputs.columns)
+    assert len(outputs) == 8
+    assert set(outputs["transform"]) == D4
+    # The symmetrised CNN at an aligned size is exactly D4-invariant.
+    assert (outputs["agreement"] == 1.0).all()
+    assert outputs["js_divergence"].max() < 1e-6
+
+    layers = pd.read_csv(out / "layers.csv")
+    assert set(LAYER_COLUMNS) <= set(layers.columns)
+    assert set(layers["transform"]) == D4
+    assert "/conv1/Conv_output_0" in set(layers["layer"])
+    measured = layers[layers["measurable"]]
+    assert len(measured) > 0
+    assert measured["relative_error"].max() < 1e-5
+    # Scores and the report folder are shown on stdout.
+    assert "Robustness score" in clean(result.stdout)
+
+
+def test_check_without_data_warns_loudly(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["check", str(model), "-n", "4", "--no-layers", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning: SYNTHETIC INPUTS" in clean(result.stderr)
+    summary = assert_report(out, ("summary.json", "outputs.csv", "predictions.csv"))
+    assert summary["data"]["synthetic"] is True
+    assert any("SYNTHETIC INPUTS" in w for w in summary["warnings"])
+
+
+def test_inspect(model: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(model)])
+    assert result.exit_code == 0, result.output
+    text = clean(result.stdout)
+    assert "input 'image': NCHW" in text
+    assert "3 channels, size 33x33" in text
+    assert "5 classes" in text
+    for layer in ("/conv1/Conv_output_0", "/relu2/Relu_output_0", "/conv3/Conv_output_0"):
+        assert layer in text
+
+
+def test_transforms_lists_every_family() -> None:
+    result = runner.invoke(app, ["transforms"])
+    assert result.exit_code == 0, result.output
+    families = {line.split()[1] for line in clean(result.stdout).splitlines() if "│" in line}
+    assert {"d4", "c4", "flips", "rot", "shift"} <= families
+
+
+@pytest.mark.parametrize("args", [["--help"], ["check", "--help"], ["inspect", "--help"]])
+def test_help(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Usage" in clean(result.output)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_demo(backend: str, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--backend", backend, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = assert_report(out)
+    assert summary["model"]["backend"] == backend
+    assert summary["data"]["synthetic"] is False
+    assert summary["model"]["layers_audited"] > 0
+    assert len(pd.read_csv(out / "layers.csv")) > 0
+
+
+def _script() -> list[str]:
+    script = shutil.which("eqaudit")
+    if script is None:  # not on PATH (a venv that is not activated): its own bin folder
+        candidate = Path(sys.executable).with_name("eqaudit")
+        script = str(candidate) if candidate.is_file() else None
+    return [script] if script else [sys.executable, "-m", "eqaudit"]
+
+
+def test_installed_script_as_subprocess(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07not really onnx" * 50)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*_script(), "check", str(bad), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == EXIT_MODEL, proc.stderr
+    stderr = clean(proc.stderr)
+    assert "Traceback" not in stderr + proc.stdout
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert not out.exists()
+
+    module = subprocess.run(
+        [sys.executable, "-m", "eqaudit", "transforms"], capture_output=True, text=True, timeout=120
+    )
+    assert module.returncode == 0, module.stderr
+    assert "d4" in module.stdout
