@@ -308,8 +308,47 @@ def demo(
     _run_check(demo_model(backend), demo_config(backend), out)
 
 
+@app.command()
+@_handle_errors
+def report(
+    source: Annotated[
+        Path,
+        typer.Argument(help="A report folder written by eqaudit check, or its summary.json."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="HTML file to write (default: report.html beside it)."),
+    ] = None,
+) -> None:
+    """Re-render report.html from a saved summary.json (and gallery.json); no model is run."""
+    from eqaudit.reports import console
+    from eqaudit.reports.html import rerender
+
+    path = rerender(source, out)
+    console.stdout.print(f"Report written to {path}", markup=False)
+
+
 def main() -> None:
-    app(prog_name="eqaudit")
+    """The console script: parse errors become one ``error:`` line too (exit 2)."""
+    from eqaudit.reports import console
+
+    try:
+        code = app(prog_name="eqaudit", standalone_mode=False)
+    except typer.Abort:
+        console.error("interrupted: no report was written")
+        sys.exit(130)
+    except Exception as exc:
+        # typer's bundled click raises its UsageError family for bad command lines.
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            console.stdout.print(ctx.get_help(), markup=False, highlight=False)
+            sys.exit(0)
+        command = ctx.command_path if ctx is not None else "eqaudit"
+        console.error(f"{exc.format_message()} (see '{command} --help')")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

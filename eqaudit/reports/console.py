@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,8 +13,13 @@ from rich.table import Table
 
 from eqaudit.results import AuditResult
 
-stdout = Console(highlight=False, soft_wrap=False)
-stderr = Console(stderr=True, highlight=False)
+# Piped output (CI logs, files) is not cut at rich's default 80 columns; a terminal keeps its own
+# width, and COLUMNS still wins when set.
+_PIPE_WIDTH = None if os.environ.get("COLUMNS") else 120
+stdout = Console(
+    highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else _PIPE_WIDTH
+)
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
