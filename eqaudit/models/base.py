@@ -271,8 +271,9 @@ class ModelAdapter(ABC):
             scores = scores[None]
         if scores.ndim != 2:
             raise UnsupportedModelError(
-                f"the model's output has shape {tuple(raw.shape)}, not (batch, classes): "
-                "eqaudit audits image classifiers; pick the class-score output with --output-name"
+                f"the model's output has shape {tuple(raw.shape)}, not (batch, classes): eqaudit "
+                "audits image classifiers (if another output holds the class scores, pick it "
+                "with --output-name)"
             )
         if not scores.is_floating_point():
             raise UnsupportedModelError(
