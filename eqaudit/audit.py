@@ -19,6 +19,7 @@ import math
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -48,7 +49,13 @@ from eqaudit.metrics import (
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, make_summary
-from eqaudit.transforms import NotMeasurable, Transform, parse_transforms
+from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
+from eqaudit.transforms.labels import (
+    LabelAction,
+    build_label_action,
+    invert,
+    parse_label_action_options,
+)
 
 ProgressFn = Callable[[int], None]
 
@@ -164,6 +171,8 @@ class Engine:
         self.predictions: list[pd.DataFrame] = []
         self.num_classes: int | None = None
         self.gallery = Gallery()
+        self.class_names: list[str] | None = None
+        self.label_action: LabelAction | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_layers(self, first: torch.Tensor) -> None:
@@ -210,6 +219,7 @@ class Engine:
         self.num_classes = scores.shape[-1]
         if not self.predictions:
             self._check_determinism(model_in[:b], scores[0])
+            self._setup_label_action(self.num_classes)
         if self.output_kind is None:
             self.output_kind = "probs" if looks_like_probabilities(scores[0]) else "logits"
         elif first_batch and self.output_kind == "logits" and looks_like_probabilities(scores[0]):
@@ -222,6 +232,15 @@ class Engine:
             act = out.activations[state.info.name]
             self._update_layer(state, act.reshape(g, b, *act.shape[1:]))
 
+    def _setup_label_action(self, num_classes: int) -> None:
+        """Permutations P_g of the classes (identity everywhere unless declared)."""
+        self.label_action = build_label_action(
+            self.config.label_action, num_classes, self.class_names, needed=self.elements
+        )
+        self._perms = [torch.tensor(self.label_action.of(e)) for e in self.elements]
+        self._inverse = [torch.tensor(invert(self.label_action.of(e))) for e in self.elements]
+        self._confusion = [Counter() for _ in self.elements]
+
     def _update_outputs(
         self,
         scores: torch.Tensor,
@@ -229,29 +248,45 @@ class Engine:
         ids: list[str],
         transformed: list[torch.Tensor],
     ) -> None:
+        """Compare every element with the identity under the declared label action:
+        ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance)."""
         kind = self.output_kind or "logits"
         probs = probabilities(scores.reshape(-1, scores.shape[-1]), kind).reshape(scores.shape)
         top1 = probs.argmax(dim=-1)  # (G, B)
         confidence = probs.max(dim=-1).values
         labelled = labels is not None and bool((labels >= 0).any())
         mask = labels >= 0 if labelled else None
-        js_all = []
+        agree_all, correct_all, js_all = [], [], []
         for gi, element in enumerate(self.elements):
-            agree = top1[gi] == top1[0]
-            js = js_divergence(probs[0], probs[gi])
-            js_all.append(js)
-            logit = normalised_logit_error(scores[0], scores[gi]) if kind == "logits" else None
-            correct = (top1[gi] == labels)[mask] if labelled else None
+            perm, inverse = self._perms[gi], self._inverse[gi]
+            expected = perm[top1[0]]
+            agree = top1[gi] == expected
+            # (P_g p)[j] = p[P_g^-1(j)]: the reference moved the way the labels should move.
+            js = js_divergence(probs[0][:, inverse], probs[gi])
+            logit = (
+                normalised_logit_error(scores[0][:, inverse], scores[gi])
+                if kind == "logits"
+                else None
+            )
+            correct = top1[gi] == perm[labels.clamp_min(0)] if labelled else None
             floor = (
                 element.image_floor(transformed[0], transformed[gi]) if not element.exact else None
             )
-            self.output_stats[gi].update(agree, js, logit, correct, floor)
+            self.output_stats[gi].update(
+                agree, js, logit, correct[mask] if correct is not None else None, floor
+            )
+            self._confusion[gi].update(zip(top1[0].tolist(), top1[gi].tolist(), strict=True))
+            agree_all.append(agree)
+            js_all.append(js)
+            if correct is not None:
+                correct_all.append(correct)
             self.predictions.append(
                 pd.DataFrame(
                     {
                         "image": ids,
                         "transform": element.name,
                         "top1": top1[gi].numpy(),
+                        "expected": expected.numpy(),
                         "confidence": confidence[gi].numpy(),
                         "label": labels.numpy() if labels is not None else -1,
                         "agrees": agree.numpy(),
@@ -260,6 +295,7 @@ class Engine:
                     columns=PREDICTION_COLUMNS,
                 )
             )
+        agree_matrix = torch.stack(agree_all)
         self.gallery.update(
             ids,
             [e.name for e in self.elements],
@@ -267,11 +303,37 @@ class Engine:
             top1,
             confidence,
             torch.stack(js_all),
+            agree_matrix,
             labels,
         )
-        self.orbit.update((top1 == top1[0:1]).all(dim=0))
+        self.orbit.update(agree_matrix.all(dim=0))
         if labelled:
-            self.orbit_correct.update((top1 == labels[None]).all(dim=0)[mask])
+            self.orbit_correct.update(torch.stack(correct_all).all(dim=0)[mask])
+
+    def suggested_label_action(self) -> dict:
+        """Per D4 element, the class each reference top-1 class most often becomes: the action
+        the model actually learned (a confusion between f(x) and f(g x))."""
+        suggestions = {}
+        k = self.num_classes or 0
+        for gi, element in enumerate(self.elements):
+            if not isinstance(element, D4Element) or element.is_identity:
+                continue
+            mapping, support, share = [-1] * k, [0] * k, [None] * k
+            by_source: dict[int, Counter] = {}
+            for (i, j), count in self._confusion[gi].items():
+                by_source.setdefault(i, Counter())[j] += count
+            for i, counter in by_source.items():
+                (j, count), total = counter.most_common(1)[0], sum(counter.values())
+                mapping[i], support[i], share[i] = j, total, count / total
+            complete = -1 not in mapping and sorted(mapping) == list(range(k))
+            suggestions[element.name] = {
+                "mapping": mapping,
+                "support": support,
+                "share": share,
+                "is_permutation": complete,
+                "spec": f"{element.name}={','.join(map(str, mapping))}" if complete else None,
+            }
+        return suggestions
 
     def _update_layer(self, state: _LayerState, act: torch.Tensor) -> None:
         reference = act[0]
@@ -295,6 +357,13 @@ class Engine:
             state.stats[gi].update(relative_error(a, b, mask), cosine_distance(a, b, mask), floor)
 
     # -- results -----------------------------------------------------------------------------
+    def _mode(self, element: Transform) -> str:
+        if self.label_action is None or self.label_action.of(element) == tuple(
+            range(self.label_action.num_classes)
+        ):
+            return "invariance"
+        return "equivariance"
+
     def output_rows(self) -> list[dict]:
         rows = []
         computed = {
@@ -304,6 +373,7 @@ class Engine:
             row: dict[str, Any] = {
                 "transform": element.name,
                 "family": element.family,
+                "mode": self._mode(element),
                 "exact": element.exact,
             }
             if element.name in computed:
@@ -404,6 +474,11 @@ def audit(
     if config is None:
         if "input_size" in options:
             options["input_size"] = parse_input_size(options["input_size"])
+        action = options.get("label_action")
+        if isinstance(action, dict):
+            options["label_action"] = tuple((str(k), str(v)) for k, v in action.items())
+        elif isinstance(action, (list, tuple)) and action and isinstance(action[0], str):
+            options["label_action"] = parse_label_action_options(action)
         for key in ("providers", "layer_patterns", "mean", "std"):
             if isinstance(options.get(key), list):
                 options[key] = tuple(options[key])
@@ -450,6 +525,7 @@ def audit(
         seed=config.seed,
         labels=config.labels,
     )
+    engine.class_names = source.class_names or getattr(adapter, "class_names", None)
     images_per_step = max(1, config.batch_size // len(engine.elements))
     total, done = len(source), 0
     torch.manual_seed(config.seed)
@@ -469,7 +545,7 @@ def audit(
             "and do not reflect the model's behaviour on real inputs; pass --data DIR",
         )
     outputs = engine.output_rows()
-    class_names = source.class_names or getattr(adapter, "class_names", None)
+    class_names = engine.class_names
     spec = adapter.input_spec
     summary = make_summary(
         eqaudit=_versions(),
@@ -499,6 +575,10 @@ def audit(
         seed=config.seed,
         options=config.to_dict(),
         warnings=warnings,
+        label_action={
+            **engine.label_action.to_dict(),
+            "suggested": engine.suggested_label_action(),
+        },
         scores=engine.scores(outputs),
         outputs=outputs,
         layers=engine.layer_rows(),

@@ -200,6 +200,23 @@ def check(
     batch_size: Annotated[
         int, typer.Option(help="Images per forward call, all transforms included.")
     ] = 64,
+    label_action: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label-action",
+            help="How classes move under a D4 element, e.g. rot90=1,2,3,0 | "
+            "rot90=cycle:up,left,down,right | flip_h=swap:left,right (repeatable); the audit "
+            "then measures equivariance f(gx) = P_g f(x) instead of invariance.",
+        ),
+    ] = None,
+    suggest_label_action: Annotated[
+        bool,
+        typer.Option(
+            "--suggest-label-action",
+            help="Print the class permutation each D4 element most often induces on the top-1 "
+            "class (the action the model actually learned).",
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output folder (default reports/<model-stem>/)."),
@@ -214,6 +231,7 @@ def check(
 ) -> None:
     """Audit MODEL: output invariance and per-layer equivariance; writes summary.json and CSVs."""
     from eqaudit.config import AuditConfig
+    from eqaudit.transforms.labels import parse_label_action_options
 
     config = AuditConfig(
         transforms=transforms,
@@ -232,6 +250,7 @@ def check(
         layers=not no_layers,
         layer_patterns=_csv(layers),
         batch_size=batch_size,
+        label_action=parse_label_action_options(label_action or []),
         **_model_options(
             factory=factory,
             trust_pickle=trust_pickle,
@@ -242,10 +261,10 @@ def check(
             providers=providers,
         ),
     )
-    _run_check(model, config, out or Path("reports") / model.stem)
+    _run_check(model, config, out or Path("reports") / model.stem, suggest_label_action)
 
 
-def _run_check(model: Path | str, config: Any, out: Path) -> None:
+def _run_check(model: Path | str, config: Any, out: Path, suggest: bool = False) -> None:
     from eqaudit.audit import audit
     from eqaudit.reports import check_out_dir, console, write_report
 
@@ -254,6 +273,8 @@ def _run_check(model: Path | str, config: Any, out: Path) -> None:
         result = audit(model, config=config, progress=progress)
     write_report(result, out)
     console.print_summary(result, out_dir=str(out))
+    if suggest:
+        console.print_label_suggestions(result)
 
 
 @app.command()

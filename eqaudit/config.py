@@ -66,6 +66,8 @@ class AuditConfig:
     layers: bool = True
     layer_patterns: tuple[str, ...] = field(default_factory=tuple)
     batch_size: int = 64
+    # declared label action: ((element, action), ...), see eqaudit/transforms/labels.py
+    label_action: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.outputs not in OUTPUT_KINDS:
@@ -83,6 +85,7 @@ class AuditConfig:
         d = asdict(self)
         d["providers"] = list(self.providers)
         d["layer_patterns"] = list(self.layer_patterns)
+        d["label_action"] = {name: action for name, action in self.label_action}
         for key in ("input_size", "mean", "std"):
             if d[key] is not None:
                 d[key] = list(d[key])

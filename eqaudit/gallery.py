@@ -58,10 +58,12 @@ class Gallery:
         top1: torch.Tensor,
         confidence: torch.Tensor,
         js: torch.Tensor,
+        agree: torch.Tensor,
         labels: torch.Tensor | None,
     ) -> None:
         """``images[g]`` is ``(B, C, H, W)`` for element ``g`` (0 = identity); ``top1``,
-        ``confidence`` and ``js`` are ``(G, B)``."""
+        ``confidence``, ``js`` and ``agree`` (top-1 as the declared label action expects) are
+        ``(G, B)``."""
         for b, image_id in enumerate(ids):
             label = int(labels[b]) if labels is not None else -1
             if len(self.orbits) < self.orbit_images:
@@ -81,7 +83,7 @@ class Gallery:
                     }
                 )
             for g in range(1, len(names)):
-                if top1[g, b] == top1[0, b]:
+                if agree[g, b]:
                     continue
                 key = float(js[g, b])
                 if len(self._heap) >= self.max_flips and key <= self._heap[0][0]:

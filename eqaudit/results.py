@@ -9,6 +9,9 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``preprocessing``    Preprocessing.to_dict()
 ``transforms``       {"spec", "shift_mode", "margin", "elements": [{"name", "family", "exact",
                       "skipped": reason | null, ...}]}
+``label_action``     {"mode": "invariance"|"equivariance", "declared": {element: spec},
+                      "permutations": {element: [P_g(0), ...]}, "suggested": {element: {"mapping",
+                      "support", "share", "is_permutation", "spec"}}} (see transforms/labels.py)
 ``data``             DataDescription.to_dict()  (``synthetic: true`` marks numbers that do not
                       reflect real inputs)
 ``seed``, ``options`` the resolved AuditConfig
@@ -16,7 +19,7 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``scores``           {"robustness_score", "mean_agreement", "mean_js_divergence",
                       "orbit_consistency", "worst_transform", "worst_accuracy", "orbit_accuracy",
                       "clean_accuracy"}
-``outputs``          one row per element (identity first): transform, family, exact, n,
+``outputs``          one row per element (identity first): transform, family, mode, exact, n,
                       agreement, agreement_low, agreement_high, js_divergence, logit_error,
                       accuracy, interpolation_floor, skipped
 ``layers``           one row per (layer, element): layer, op, index, kind (spatial|flat),
@@ -46,6 +49,7 @@ SCHEMA_VERSION = "1.0"
 OUTPUT_COLUMNS = [
     "transform",
     "family",
+    "mode",
     "exact",
     "n",
     "agreement",
@@ -78,6 +82,7 @@ PREDICTION_COLUMNS = [
     "image",
     "transform",
     "top1",
+    "expected",
     "confidence",
     "label",
     "agrees",
@@ -192,6 +197,7 @@ def make_summary(**parts: Any) -> dict:
         "model",
         "preprocessing",
         "transforms",
+        "label_action",
         "data",
         "seed",
         "options",

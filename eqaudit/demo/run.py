@@ -7,11 +7,13 @@ from pathlib import Path
 from eqaudit.config import AuditConfig
 from eqaudit.demo import (
     CLASSES_PATH,
+    FLIP_H_PERMUTATION,
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMAGES_DIR,
     INPUT_SIZE,
     ONNX_PATH,
+    ROT90_PERMUTATION,
     STATE_DICT_PATH,
 )
 from eqaudit.errors import UsageError
@@ -26,9 +28,14 @@ def demo_model(backend: str) -> Path:
 
 
 def demo_config(backend: str) -> AuditConfig:
-    """D4 plus 2-pixel crop-shifts, on the shipped 40x40 images centre-cropped to 33x33."""
+    """D4, a 30-degree rotation and 2-pixel crop-shifts, on the shipped 40x40 images centre-cropped to 33x33.
+
+    The arrows' classes are their directions, so the demo declares how labels move (rot90 turns
+    arrow_up into arrow_left, flip_h swaps left and right): the audit measures equivariance
+    against that action rather than invariance.
+    """
     return AuditConfig(
-        transforms="d4,shift:2",
+        transforms="d4,rot:30,shift:2",
         data=str(IMAGES_DIR),
         labels=str(CLASSES_PATH),
         preset="imagenet",
@@ -37,4 +44,8 @@ def demo_config(backend: str) -> AuditConfig:
         std=IMAGENET_STD,
         factory="eqaudit.demo.model:build" if backend == "torch" else None,
         input_size=(INPUT_SIZE, INPUT_SIZE) if backend == "torch" else None,
+        label_action=(
+            ("rot90", ",".join(map(str, ROT90_PERMUTATION))),
+            ("flip_h", ",".join(map(str, FLIP_H_PERMUTATION))),
+        ),
     )

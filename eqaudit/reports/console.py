@@ -72,7 +72,13 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         f"{data['count']} {'synthetic' if data['synthetic'] else data['source']} images, "
         f"transforms {s['transforms']['spec']}"
     )
-    table = Table(title="Output invariance", title_justify="left")
+    action = s.get("label_action") or {}
+    if action.get("mode") == "equivariance":
+        declared = "; ".join(f"{k}={v}" for k, v in action.get("declared", {}).items())
+        title = f"Output equivariance against the declared label action ({declared})"
+    else:
+        title = "Output invariance"
+    table = Table(title=title, title_justify="left")
     for column in ("transform", "agreement", "95% CI", "JS div", "logit err", "accuracy", "note"):
         table.add_column(column, justify="left" if column in ("transform", "note") else "right")
     for row in s["outputs"]:
@@ -183,3 +189,36 @@ def print_families(families: list) -> None:
         "mirrors left-right; shift_x+N moves content N px right. The identity is always "
         "run as the reference."
     )
+
+
+def print_label_suggestions(result: AuditResult) -> None:
+    """The class permutation each D4 element most often induces on the top-1 class."""
+    suggested = result.summary.get("label_action", {}).get("suggested", {})
+    names = result.summary["model"].get("class_names") or []
+    if not suggested:
+        stdout.print("No D4 element was audited: no label action to suggest.")
+        return
+    table = Table(
+        title="Induced label action: top-1 class of x -> most frequent top-1 class of g x",
+        title_justify="left",
+    )
+    for column in ("element", "class -> new class (share of its images)", "--label-action"):
+        table.add_column(column)
+    for element, info in suggested.items():
+        parts, fixed = [], 0
+        for i, (j, n, share) in enumerate(
+            zip(info["mapping"], info["support"], info["share"], strict=True)
+        ):
+            if j < 0:
+                continue
+            if j == i and share == 1.0:
+                fixed += 1
+                continue
+            src = names[i] if i < len(names) else str(i)
+            dst = names[j] if j < len(names) else str(j)
+            parts.append(f"{src}->{dst} ({100 * share:.0f}% of {n})")
+        if fixed:
+            parts.append(f"{fixed} classes always kept")
+        spec = info["spec"] or "not a permutation (classes unseen or merged)"
+        table.add_row(element, "; ".join(parts), spec)
+    stdout.print(table)
