@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import platform
 import sys
 import time
@@ -87,6 +88,39 @@ class _LayerState:
     @property
     def kind(self) -> str:
         return "spatial" if self.info.spatial else "flat"
+
+
+def shown_path(path: str | Path | None) -> str | None:
+    """How a path is recorded in a report: relative to the working folder when inside it, as
+    ``eqaudit/...`` for the package's own files (the demo), else as the user gave it. Reports
+    are shared; they should not carry the layout of the machine that made them."""
+    if path is None:
+        return None
+    given = Path(path)
+    try:
+        resolved = given.resolve()
+    except OSError:
+        return str(path)
+    package = Path(__file__).resolve().parent
+    for root, prefix in ((package, Path("eqaudit")), (Path.cwd().resolve(), Path())):
+        if resolved.is_relative_to(root):
+            return (prefix / resolved.relative_to(root)).as_posix()
+    return str(path)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _versions() -> dict[str, str]:
@@ -173,6 +207,7 @@ class Engine:
         self.gallery = Gallery()
         self.class_names: list[str] | None = None
         self.label_action: LabelAction | None = None
+        self.run_notes: list[str] = []
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_layers(self, first: torch.Tensor) -> None:
@@ -194,6 +229,42 @@ class Engine:
                 _LayerState(info, stride, source, [LayerStats() for _ in range(g)], [None] * g)
             )
 
+    def setup(self) -> None:
+        """Learn the layers' shapes from one (blank) image before the first batch."""
+        height, width = self.adapter.input_spec.size
+        blank = torch.zeros(1, self.preprocessing.pixel_channels, height, width)
+        self._setup_layers(self.preprocessing.normalise(blank))
+
+    def activation_bytes_per_image(self) -> int:
+        """Bytes of the selected layers' activations for one image under one element."""
+        return sum(4 * math.prod(s.info.shape or ()) for s in self.layer_states)
+
+    def images_per_step(self, batch_size: int, available: int | None) -> int:
+        """Images per forward call so that ``G x B`` images fit ``batch_size`` and, with their
+        activations, half of the available memory (the memory guard)."""
+        g = len(self.elements)
+        wanted = max(1, batch_size // g)
+        per_image = self.activation_bytes_per_image() * g
+        if available is None or per_image == 0:
+            return wanted
+        # Activations are held once by the runtime and once by the engine, and compared in
+        # float64 one layer at a time: budget three copies against half of what is free.
+        budget = available // 2
+        fits = budget // (3 * per_image)
+        if fits < 1:
+            raise UsageError(
+                f"one image under the {g} transform elements needs {3 * per_image / 2**30:.1f} GiB "
+                f"of activations for the {len(self.layer_states)} audited layers, more than half "
+                f"of the {available / 2**30:.1f} GiB available: select fewer layers with --layers "
+                "or audit outputs only with --no-layers"
+            )
+        if fits < wanted:
+            self.run_notes.append(
+                f"batch shrunk from {wanted} to {fits} images per step so that activations fit "
+                "in memory"
+            )
+        return int(min(wanted, fits))
+
     def _check_determinism(self, images: torch.Tensor, scores: torch.Tensor) -> None:
         again = self.adapter.run(images).scores
         spread = (again.double() - scores.double()).abs().max().item()
@@ -211,8 +282,6 @@ class Engine:
         transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
         model_in = self.preprocessing.normalise(torch.cat(transformed))
         first_batch = self.output_kind is None or (not self.layer_states and not self.predictions)
-        if not self.predictions:
-            self._setup_layers(model_in[:1])
         names = [s.info.name for s in self.layer_states]
         out = self.adapter.run(model_in, names)
         scores = out.scores.reshape(g, b, -1)
@@ -526,7 +595,8 @@ def audit(
         labels=config.labels,
     )
     engine.class_names = source.class_names or getattr(adapter, "class_names", None)
-    images_per_step = max(1, config.batch_size // len(engine.elements))
+    engine.setup()
+    images_per_step = engine.images_per_step(config.batch_size, available_memory())
     total, done = len(source), 0
     torch.manual_seed(config.seed)
     with torch.inference_mode():
@@ -550,7 +620,7 @@ def audit(
     summary = make_summary(
         eqaudit=_versions(),
         model={
-            "path": str(adapter.path),
+            "path": shown_path(adapter.path),
             "name": adapter.path.name,
             "sha256": adapter.sha256,
             "backend": adapter.backend,
@@ -571,9 +641,13 @@ def audit(
                 {**e.to_dict(), "skipped": engine.skipped[e.name]} for e in engine.all_elements
             ],
         },
-        data=description.to_dict(),
+        data={**description.to_dict(), "path": shown_path(description.path)},
         seed=config.seed,
-        options=config.to_dict(),
+        options={
+            **config.to_dict(),
+            "data": shown_path(config.data),
+            "labels": shown_path(config.labels),
+        },
         warnings=warnings,
         label_action={
             **engine.label_action.to_dict(),
@@ -586,6 +660,8 @@ def audit(
             "started_at": started_at,
             "duration_s": round(time.perf_counter() - started, 3),
             "host": platform.node(),
+            "images_per_step": images_per_step,
+            "notes": engine.run_notes,
             "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
         },
     )

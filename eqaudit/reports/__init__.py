@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from eqaudit.errors import UsageError
+from eqaudit.reports.html import write_html_report
+from eqaudit.reports.junit import write_junit
+from eqaudit.reports.markdown import write_markdown
 from eqaudit.reports.tables import write_csv_tables, write_summary_json
 from eqaudit.results import AuditResult
 
@@ -23,6 +27,9 @@ Writer = Callable[[AuditResult, Path], list[str]]
 WRITERS: dict[str, Writer] = {
     "json": write_summary_json,
     "csv": write_csv_tables,
+    "html": write_html_report,
+    "junit": write_junit,
+    "markdown": write_markdown,
 }
 
 
@@ -34,6 +41,8 @@ KNOWN_FILES = {
     "layers.csv",
     "predictions.csv",
     "report.html",
+    "junit.xml",
+    "summary.md",
 }
 
 
@@ -62,6 +71,20 @@ def check_out_dir(out_dir: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no POSIX signal masks here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def write_report(
     result: AuditResult, out_dir: Path, formats: list[str] | None = None
 ) -> list[Path]:
@@ -71,6 +94,19 @@ def write_report(
     for name in formats:
         if name not in WRITERS:
             raise UsageError(f"unknown report format '{name}': use {', '.join(WRITERS)}")
+
+    def produce(staging: Path) -> list[str]:
+        return [file for name in formats for file in WRITERS[name](result, staging)]
+
+    return write_folder(out_dir, produce, KNOWN_FILES)
+
+
+def write_folder(
+    out_dir: Path, produce: Callable[[Path], list[str]], known: set[str] | frozenset[str]
+) -> list[Path]:
+    """Let ``produce(staging)`` write files into a temporary folder and return their names,
+    then move them into ``out_dir``; files in ``known`` that this run did not write are removed."""
+    out_dir = Path(out_dir)
     check_out_dir(out_dir)
     created = not out_dir.exists()
     staging: Path | None = None
@@ -79,16 +115,17 @@ def write_report(
         # Staged inside out_dir itself: same filesystem for os.replace, and only out_dir needs
         # to be writable (its parent may not be, e.g. --out $HOME).
         staging = Path(tempfile.mkdtemp(prefix=".eqaudit-", dir=out_dir))
-        names: list[str] = []
-        for name in formats:
-            names += WRITERS[name](result, staging)
+        names = produce(staging)
         final = []
-        for name in names:
-            os.replace(staging / name, out_dir / name)
-            final.append(out_dir / name)
-        # A file of an earlier run that this run does not write would describe another audit.
-        for stale in KNOWN_FILES - set(names):
-            (out_dir / stale).unlink(missing_ok=True)
+        # The moves are quick; holding SIGINT/SIGTERM until they are done means an interrupt
+        # leaves either the previous report or the new one, never a mix of the two.
+        with _signals_held():
+            for name in names:
+                os.replace(staging / name, out_dir / name)
+                final.append(out_dir / name)
+            # A file of an earlier run that this run does not write would describe another audit.
+            for stale in set(known) - set(names):
+                (out_dir / stale).unlink(missing_ok=True)
         return final
     except OSError as exc:
         if staging is not None:

@@ -1,0 +1,180 @@
+"""Reproducible numbers, the memory guard, and interrupted runs (SIGTERM / SIGINT)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from models_zoo import export_onnx, symmetric_cnn
+from typer.testing import CliRunner
+
+import eqaudit
+from eqaudit.cli import app
+from eqaudit.errors import UsageError
+
+# ``eqaudit.audit`` is also the name of the function the package exports.
+engine_module = importlib.import_module("eqaudit.audit")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# The data files of a report; report.html, junit.xml and summary.md show the run's time.
+DATA_FILES = {"summary.json", "outputs.csv", "layers.csv", "predictions.csv", "gallery.json"}
+
+
+def test_same_inputs_give_byte_identical_reports_apart_from_the_run_block(tmp_path):
+    model = export_onnx(symmetric_cnn(), tmp_path / "m.onnx", 33)
+    runner = CliRunner()
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = runner.invoke(
+            app,
+            [
+                "check",
+                str(model),
+                "-t",
+                "d4,rot:20,shift:2",
+                "-n",
+                "10",
+                "--seed",
+                "4",
+                "-o",
+                str(out),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        outs.append(_files(out))
+    a, b = outs
+    assert a.keys() == b.keys() and a.keys() >= DATA_FILES
+    for name in DATA_FILES:
+        if name == "summary.json":
+            sa, sb = json.loads(a[name]), json.loads(b[name])
+            assert sa.pop("run") != {} and sb.pop("run") != {}
+            assert sa == sb
+            # Byte-identical too once the run block is dropped from the text.
+            assert json.dumps(sa, indent=2) == json.dumps(sb, indent=2)
+        else:
+            assert a[name] == b[name], name
+
+
+def test_memory_guard_shrinks_the_batch_or_refuses(monkeypatch):
+    model = symmetric_cnn()
+    per_image = 4 * (8 * 33 * 33 * 2 + 16 * 17 * 17 * 2 + 16 * 9 * 9 * 2 + 16 * 4 + 5)
+    # Room for three copies of 2 images x 8 elements within half of "available" memory.
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 2 * 3 * 8 * 2 * per_image + 1)
+    result = eqaudit.audit(model, "d4", input_size=33, num_images=6, batch_size=64)
+    assert result.summary["run"]["images_per_step"] == 2
+    assert "batch shrunk from 8 to 2" in result.summary["run"]["notes"][0]
+    # Same numbers as an unconstrained run: the batch size does not change the results.
+    monkeypatch.setattr(engine_module, "available_memory", lambda: None)
+    free = eqaudit.audit(model, "d4", input_size=33, num_images=6, batch_size=64)
+    assert free.summary["run"]["images_per_step"] == 8
+    # Batched convolutions may differ in the last bits between batch sizes.
+    for a, b in zip(result.outputs, free.outputs, strict=True):
+        assert a["agreement"] == b["agreement"]
+        assert a["js_divergence"] == pytest.approx(b["js_divergence"], rel=1e-6, abs=1e-15)
+    for a, b in zip(result.layers, free.layers, strict=True):
+        assert a["relative_error"] == pytest.approx(b["relative_error"], rel=1e-9, abs=1e-12)
+    monkeypatch.setattr(engine_module, "available_memory", lambda: per_image)
+    with pytest.raises(UsageError, match="--no-layers"):
+        eqaudit.audit(model, "d4", input_size=33, num_images=6)
+    # Outputs only needs no activation memory.
+    eqaudit.audit(model, "d4", input_size=33, num_images=2, layers=False)
+
+
+SLOW_FACTORY = """
+import os, time, pathlib
+import torch
+from torch import nn
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        marker = pathlib.Path(os.environ["SLOW_MARKER"])
+        marker.touch()
+        if os.environ.get("SLOW_DELAY"):
+            time.sleep(float(os.environ["SLOW_DELAY"]))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+def build():
+    torch.manual_seed(0)
+    return Slow()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_run_leaves_the_previous_report(tmp_path, sig, code):
+    factory = tmp_path / "slow.py"
+    factory.write_text(SLOW_FACTORY)
+    weights = tmp_path / "w.pt"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import slow
+
+        torch.save(slow.build().state_dict(), weights)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("slow", None)
+    eqaudit_bin = shutil.which("eqaudit") or ""
+    command = [eqaudit_bin] if eqaudit_bin else [sys.executable, "-m", "eqaudit"]
+    out = tmp_path / "out"
+    marker = tmp_path / "started"
+    args = [
+        *command,
+        "check",
+        str(weights),
+        "--factory",
+        f"{factory}:build",
+        "--input-size",
+        "9",
+        "-t",
+        "c4",
+        "-n",
+        "40",
+        "--batch-size",
+        "4",
+        "-o",
+        str(out),
+    ]
+    env = {**os.environ, "SLOW_MARKER": str(marker)}
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    before = _files(out)
+
+    marker.unlink()
+    proc = subprocess.Popen(
+        [*args, "-n", "200"],
+        env={**env, "SLOW_DELAY": "0.2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside the audit
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), stderr
+    assert "Traceback" not in stderr
+    assert _files(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".eqaudit-")]
