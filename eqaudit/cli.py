@@ -7,7 +7,10 @@ their code; anything else is a bug and exits 4 with a traceback.
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from eqaudit.errors import EXIT_INTERNAL, EqauditError, UsageError
+from eqaudit.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EqauditError, UsageError
 
 app = typer.Typer(
     name="eqaudit",
@@ -34,14 +37,19 @@ def _handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from eqaudit.reports import console
 
+        previous = _catch_sigterm()
         try:
             return func(*args, **kwargs)
         except EqauditError as exc:
             console.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.error("interrupted: no report was written")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+            console.error(
+                f"interrupted ({name}): no new report was written; a report already in the "
+                "output folder is left as it was"
+            )
+            raise typer.Exit(143 if name == "SIGTERM" else 130) from None
         except typer.Exit:
             raise
         except Exception:
@@ -51,8 +59,28 @@ def _handle_errors(func: F) -> F:
                 "traceback above"
             )
             raise typer.Exit(EXIT_INTERNAL) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the same clean-up runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> Any:
+    """Handle SIGTERM like SIGINT while a command runs (main thread only); return the old
+    handler, or None when it could not be installed."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # not the main thread (e.g. inside a test runner thread)
+        return None
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -124,12 +152,13 @@ def _model_options(**kw: Any) -> dict[str, Any]:
 @app.command()
 @_handle_errors
 def check(
+    ctx: typer.Context,
     model: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             help="Model file: .onnx, .pt2 (torch.export), TorchScript, or a state dict with --factory."
         ),
-    ],
+    ] = None,
     transforms: Annotated[
         str,
         typer.Option(
@@ -228,53 +257,184 @@ def check(
     layout: LayoutOpt = None,
     input_size: InputSizeOpt = None,
     providers: ProvidersOpt = None,
-) -> None:
-    """Audit MODEL: output invariance and per-layer equivariance; writes summary.json and CSVs."""
-    from eqaudit.config import AuditConfig
-    from eqaudit.transforms.labels import parse_label_action_options
-
-    config = AuditConfig(
-        transforms=transforms,
-        shift_mode=shift_mode,
-        data=data,
-        labels=labels,
-        num_images=num_images,
-        seed=seed,
-        preset=preset,
-        resize=resize,
-        channels=channels,
-        scale=scale,
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        outputs=outputs,
-        layers=not no_layers,
-        layer_patterns=_csv(layers),
-        batch_size=batch_size,
-        label_action=parse_label_action_options(label_action or []),
-        **_model_options(
-            factory=factory,
-            trust_pickle=trust_pickle,
-            input_name=input_name,
-            output_name=output_name,
-            layout=layout,
-            input_size=input_size,
-            providers=providers,
+    fail_under: Annotated[
+        float | None,
+        typer.Option(
+            help="Fail (exit 1) when the robustness score (0-100) is below SCORE.",
+            metavar="SCORE",
+            rich_help_panel="Gate",
         ),
+    ] = None,
+    min_agreement: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Minimum top-1 agreement: a value for every element, or ELEMENT=VALUE "
+            "(globs allowed, e.g. 'rot*=0.9'); repeatable, the most specific pattern wins.",
+            metavar="[ELEMENT=]VALUE",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    max_js: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Maximum mean JS divergence, as --min-agreement: VALUE or ELEMENT=VALUE.",
+            metavar="[ELEMENT=]VALUE",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    max_layer_error: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Maximum mean relative error of the layers matching a glob, under every "
+            "element, e.g. 'layer3.*=0.05'; repeatable.",
+            metavar="GLOB=VALUE",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="Gate agreement on the lower bound of its Wilson interval at this level "
+            "(e.g. 0.95) instead of the point estimate.",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    save_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write this run's numbers and fingerprint to FILE (JSON) for later --baseline.",
+            metavar="FILE",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Compare with a baseline written by --save-baseline; refused (exit 2) when "
+            "made with other transforms, preprocessing or images.",
+            metavar="FILE",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    max_regression: Annotated[
+        float | None,
+        typer.Option(
+            help="With --baseline: how much worse agreement, JS divergence and orbit consistency "
+            "may get (0-1 scale; the score may drop 100 X points). Default 0.",
+            metavar="X",
+            rich_help_panel="Gate",
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Config file: an eqaudit.toml, or a pyproject.toml with a tool.eqaudit table. "
+            "Default: the nearest such file here or in a folder above.",
+            metavar="FILE",
+            rich_help_panel="Configuration",
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            help="Print the resolved configuration (command line > environment EQAUDIT_* > "
+            "config file > defaults) and exit.",
+            rich_help_panel="Configuration",
+        ),
+    ] = False,
+) -> None:
+    """Audit MODEL: output invariance and per-layer equivariance; writes summary.json and CSVs.
+
+    With gate options, exits 1 when a check fails; the last line reads PASSED or FAILED.
+    """
+    from eqaudit.config import resolve_config
+    from eqaudit.reports import console
+
+    started = time.perf_counter()
+    resolved = resolve_config(_given(ctx), config_file=config_file)
+    for message in resolved.warnings:
+        console.warn(message)
+    if print_config:
+        console.stdout.print(resolved.to_toml(), markup=False, highlight=False, end="")
+        return
+    if model is None:
+        raise UsageError("missing MODEL: give the model file to audit, e.g. eqaudit check m.onnx")
+    out_dir = Path(resolved.out) if resolved.out else Path("reports") / model.stem
+    _run_check(
+        model,
+        resolved.audit,
+        out_dir,
+        suggest_label_action,
+        gate=resolved.gate,
+        started=started,
     )
-    _run_check(model, config, out or Path("reports") / model.stem, suggest_label_action)
 
 
-def _run_check(model: Path | str, config: Any, out: Path, suggest: bool = False) -> None:
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The options typed on the command line (not defaults): they override the environment and
+    the config file."""
+    given = {}
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            given[name] = value
+    return given
+
+
+def _run_check(
+    model: Path | str,
+    config: Any,
+    out: Path,
+    suggest: bool = False,
+    gate: Any = None,
+    started: float | None = None,
+) -> None:
     from eqaudit.audit import audit
+    from eqaudit.config import GateConfig
+    from eqaudit.gate import evaluate_gate, load_baseline, save_baseline
     from eqaudit.reports import check_out_dir, console, write_report
+    from eqaudit.reports.markdown import render_audit
 
+    started = time.perf_counter() if started is None else started
+    gate = gate or GateConfig()
     check_out_dir(out)  # a bad --out fails before the audit, not after it
+    baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
     with console.progress_bar("auditing") as progress:
         result = audit(model, config=config, progress=progress)
+    verdict = evaluate_gate(result, gate, baseline)
+    result = verdict.attach(result)
     write_report(result, out)
+    if gate.save_baseline:
+        save_baseline(result, gate.save_baseline)
     console.print_summary(result, out_dir=str(out))
     if suggest:
         console.print_label_suggestions(result)
+    _finish(
+        verdict.lines()
+        + ([f"Baseline written to {gate.save_baseline}"] if gate.save_baseline else []),
+        render_audit(result.summary),
+        verdict.verdict(result.score, time.perf_counter() - started),
+        verdict.passed,
+    )
+
+
+def _finish(lines: list[str], markdown: str, last: str, passed: bool) -> None:
+    """Append the Markdown summary to $GITHUB_STEP_SUMMARY, print the gate lines and the
+    verdict as the last line, and exit 1 when the gate failed."""
+    from eqaudit.reports import console
+    from eqaudit.reports.markdown import append_step_summary
+
+    problem = append_step_summary(markdown, os.environ.get("GITHUB_STEP_SUMMARY"))
+    if problem:
+        console.warn(problem)
+    for line in lines:
+        console.stdout.print(line, markup=False, highlight=False, soft_wrap=True)
+    style = "bold green" if passed else "bold red"
+    console.stdout.print(last, markup=False, highlight=False, soft_wrap=True, style=style)
+    if not passed:
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 @app.command()
@@ -347,6 +507,152 @@ def report(
 
     path = rerender(source, out)
     console.stdout.print(f"Report written to {path}", markup=False)
+
+
+# Audit options of `compare` (the same meaning as in `check`; both models get the same values).
+_AUDIT = "Audit options (both models)"
+TransformsOpt = Annotated[
+    str,
+    typer.Option(
+        "--transforms", "-t", help="Transform families, as in check.", rich_help_panel=_AUDIT
+    ),
+]
+ShiftModeOpt = Annotated[
+    str, typer.Option(help="crop, circular, zero or reflect.", rich_help_panel=_AUDIT)
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", "-d", help="Image folder or .npy/.npz.", rich_help_panel=_AUDIT),
+]
+LabelsOpt = Annotated[str | None, typer.Option(help="Class names file.", rich_help_panel=_AUDIT)]
+NumImagesOpt = Annotated[
+    int | None,
+    typer.Option("--num-images", "-n", help="At most N images (seeded).", rich_help_panel=_AUDIT),
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed for image sampling.", rich_help_panel=_AUDIT)]
+PresetOpt = Annotated[
+    str | None, typer.Option(help="Preprocessing preset.", rich_help_panel=_AUDIT)
+]
+ResizeOpt = Annotated[str | None, typer.Option(help="Resize policy.", rich_help_panel=_AUDIT)]
+ChannelsOpt = Annotated[str | None, typer.Option(help="rgb, bgr or gray.", rich_help_panel=_AUDIT)]
+ScaleOpt = Annotated[float | None, typer.Option(help="1 or 255.", rich_help_panel=_AUDIT)]
+MeanOpt = Annotated[
+    str | None, typer.Option(help="Per-channel mean, comma-separated.", rich_help_panel=_AUDIT)
+]
+StdOpt = Annotated[
+    str | None, typer.Option(help="Per-channel std, comma-separated.", rich_help_panel=_AUDIT)
+]
+OutputsOpt = Annotated[str, typer.Option(help="auto, logits or probs.", rich_help_panel=_AUDIT)]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option("--layers", help="Layer glob patterns, comma-separated.", rich_help_panel=_AUDIT),
+]
+NoLayersOpt = Annotated[
+    bool, typer.Option("--no-layers", help="Outputs only.", rich_help_panel=_AUDIT)
+]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward call.", rich_help_panel=_AUDIT)]
+LabelActionOpt = Annotated[
+    list[str] | None,
+    typer.Option("--label-action", help="ELEMENT=ACTION, as in check.", rich_help_panel=_AUDIT),
+]
+
+
+@app.command()
+@_handle_errors
+def compare(
+    ctx: typer.Context,
+    a: Annotated[
+        Path,
+        typer.Argument(help="Model A (.onnx or PyTorch), or a saved report folder/summary.json."),
+    ],
+    b: Annotated[Path, typer.Argument(help="Model B, or a saved report folder/summary.json.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default reports/<A>-vs-<B>/)."),
+    ] = None,
+    alpha: Annotated[
+        float,
+        typer.Option(help="Significance level (family-wise over the elements, Holm)."),
+    ] = 0.05,
+    fail_on_regression: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-regression",
+            help="Exit 1 when B is significantly less invariant than A on any element.",
+        ),
+    ] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="Config file for the audit options.", metavar="FILE"),
+    ] = None,
+    transforms: TransformsOpt = "d4",
+    shift_mode: ShiftModeOpt = "crop",
+    data: DataOpt = None,
+    labels: LabelsOpt = None,
+    num_images: NumImagesOpt = None,
+    seed: SeedOpt = 0,
+    preset: PresetOpt = None,
+    resize: ResizeOpt = None,
+    channels: ChannelsOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    outputs: OutputsOpt = "auto",
+    layers: LayersOpt = None,
+    no_layers: NoLayersOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    label_action: LabelActionOpt = None,
+    factory: FactoryOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    input_name: InputNameOpt = None,
+    output_name: OutputNameOpt = None,
+    layout: LayoutOpt = None,
+    input_size: InputSizeOpt = None,
+    providers: ProvidersOpt = None,
+) -> None:
+    """Compare A and B on the same images and elements: per-element agreement with an exact
+    McNemar test and a bootstrap interval, JS divergence, per-layer errors, and how often A and
+    B predict the same class. Writes compare.json, compare.csv, summary.md and junit.xml."""
+    from eqaudit.compare import compare as compare_models
+    from eqaudit.compare import is_saved_report, write_comparison
+    from eqaudit.config import resolve_config
+    from eqaudit.reports import check_out_dir, console, write_report
+    from eqaudit.reports.markdown import render_compare
+
+    started = time.perf_counter()
+    out_dir = out or Path("reports") / f"{a.stem}-vs-{b.stem}"
+    check_out_dir(out_dir)
+    if is_saved_report(a) and is_saved_report(b):
+        extra = sorted(set(_given(ctx)) - {"a", "b", "out", "alpha", "fail_on_regression"})
+        if extra:
+            raise UsageError(
+                f"{', '.join('--' + n.replace('_', '-') for n in extra)} do not apply when "
+                "comparing saved audits: their numbers are already computed"
+            )
+        comparison, _, _ = compare_models(a, b, alpha=alpha, fail_on_regression=fail_on_regression)
+    else:
+        resolved = resolve_config(_given(ctx), config_file=config_file)
+        for message in resolved.warnings:
+            console.warn(message)
+        with console.progress_bar("auditing A and B") as progress:
+            comparison, result_a, result_b = compare_models(
+                a,
+                b,
+                config=resolved.audit,
+                alpha=alpha,
+                fail_on_regression=fail_on_regression,
+                progress=lambda label: progress,
+            )
+        # Each audit is kept (summary.json + CSVs), so the pair can be compared again later.
+        write_report(result_a, out_dir / "a", formats=["json", "csv"])
+        write_report(result_b, out_dir / "b", formats=["json", "csv"])
+    write_comparison(comparison, out_dir)
+    _finish(
+        [*comparison.lines(), f"Comparison written to {out_dir}"],
+        render_compare(comparison.data),
+        comparison.verdict(time.perf_counter() - started),
+        comparison.passed,
+    )
 
 
 def main() -> None:

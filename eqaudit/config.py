@@ -1,15 +1,27 @@
-"""The resolved options of one audit, as a frozen dataclass.
+"""The resolved options of one audit and of the release gate, as frozen dataclasses.
 
 The CLI and the Python API both build an :class:`AuditConfig` and hand it to the engine; the
 resolved values are written into summary.json so a run can be reproduced from its report.
+:class:`GateConfig` holds the gate's thresholds (checked by :mod:`eqaudit.gate`).
+
+:func:`resolve_config` merges the sources, highest first: command line, environment variables
+``EQAUDIT_<OPTION>`` (e.g. ``EQAUDIT_FAIL_UNDER=90``), the config file (``[tool.eqaudit]`` in
+``pyproject.toml`` or an ``eqaudit.toml``, the nearest in the current folder or above it, or
+``--config FILE``), then the defaults.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-from eqaudit.errors import UsageError
+from eqaudit.errors import ConfigError, EqauditError, UsageError
 
 OUTPUT_KINDS = ("auto", "logits", "probs")
 
@@ -90,3 +102,499 @@ class AuditConfig:
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
+
+
+# -- gate thresholds -------------------------------------------------------------------------------
+#: ``((pattern, value), ...)``: a transform-element or layer glob and its threshold. ``*`` is the
+#: global value; see :func:`eqaudit.gate.assign` for which pattern applies to a name.
+Thresholds = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The release gate's thresholds (how each is checked: :mod:`eqaudit.gate`)."""
+
+    fail_under: float | None = None
+    min_agreement: Thresholds = ()
+    max_js: Thresholds = ()
+    max_layer_error: Thresholds = ()
+    confidence: float | None = None
+    baseline: str | None = None
+    save_baseline: str | None = None
+    max_regression: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.fail_under is not None and not 0 <= self.fail_under <= 100:
+            raise UsageError(f"--fail-under is a score from 0 to 100, not {self.fail_under:g}")
+        for option, pairs, top in (
+            ("--min-agreement", self.min_agreement, 1.0),
+            ("--max-js", self.max_js, 1.0),
+            ("--max-layer-error", self.max_layer_error, None),
+        ):
+            for pattern, value in pairs:
+                if value < 0 or (top is not None and value > top) or value != value:
+                    limit = f"0 to {top:g}" if top is not None else "0 or more"
+                    raise UsageError(f"{option} {pattern}={value:g}: the threshold must be {limit}")
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise UsageError(
+                f"--confidence is a level between 0 and 1 (e.g. 0.95), not {self.confidence:g}"
+            )
+        if self.max_regression is not None:
+            if self.max_regression < 0:
+                raise UsageError(f"--max-regression must be 0 or more, not {self.max_regression:g}")
+            if self.baseline is None:
+                raise UsageError(
+                    "--max-regression needs --baseline FILE (a file written by --save-baseline)"
+                )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("min_agreement", "max_js", "max_layer_error"):
+            d[key] = dict(getattr(self, key))
+        return d
+
+
+# -- configuration files and environment -----------------------------------------------------------
+ENV_PREFIX = "EQAUDIT_"
+CONFIG_FILE = "eqaudit.toml"
+PYPROJECT = "pyproject.toml"
+SOURCES = ("default", "config file", "environment", "command line")
+
+
+@dataclass(frozen=True)
+class _Option:
+    kind: str  # str, path, factory, int, float, bool, floats, strs, size, thresholds
+    default: Any = None
+    separator: str = ","  # between list items in an environment variable or a string
+
+
+#: Options that can come from a config file or the environment (names as in ``eqaudit check``,
+#: with ``_`` for ``-``). ``--trust-pickle`` is deliberately absent: allowing a model file to run
+#: code must be said on the command line, never inherited from a file or the environment.
+OPTIONS: dict[str, _Option] = {
+    "transforms": _Option("str", "d4"),
+    "shift_mode": _Option("str", "crop"),
+    "data": _Option("path"),
+    "labels": _Option("path"),
+    "num_images": _Option("int"),
+    "seed": _Option("int", 0),
+    "preset": _Option("str"),
+    "resize": _Option("str"),
+    "channels": _Option("str"),
+    "scale": _Option("float"),
+    "mean": _Option("floats"),
+    "std": _Option("floats"),
+    "outputs": _Option("str", "auto"),
+    "layers": _Option("strs", ()),
+    "no_layers": _Option("bool", False),
+    "batch_size": _Option("int", 64),
+    "label_action": _Option("strs", (), separator=";"),
+    "factory": _Option("factory"),
+    "input_name": _Option("str"),
+    "output_name": _Option("str"),
+    "layout": _Option("str"),
+    "input_size": _Option("size"),
+    "providers": _Option("strs", ()),
+    "out": _Option("path"),
+    "fail_under": _Option("float"),
+    "min_agreement": _Option("thresholds", ()),
+    "max_js": _Option("thresholds", ()),
+    "max_layer_error": _Option("thresholds", ()),
+    "confidence": _Option("float"),
+    "baseline": _Option("path"),
+    "save_baseline": _Option("path"),
+    "max_regression": _Option("float"),
+}
+#: Command-line-only switches: never read from a file or the environment.
+CLI_ONLY = ("trust_pickle", "config", "print_config", "suggest_label_action")
+
+
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib.loads(text)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return _toml_loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError
+        raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+
+
+def find_config_file(start: Path) -> Path | None:
+    """The nearest ``eqaudit.toml``, or ``pyproject.toml`` with a ``[tool.eqaudit]`` table, in
+    ``start`` or a folder above it (``eqaudit.toml`` wins within one folder)."""
+    start = Path(start).resolve()
+    for folder in (start, *start.parents):
+        candidate = folder / CONFIG_FILE
+        if candidate.is_file():
+            return candidate
+        pyproject = folder / PYPROJECT
+        if pyproject.is_file():
+            try:
+                text = pyproject.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            # Parse only files that mention the table: a broken pyproject.toml of an unrelated
+            # project above us is not our business.
+            if "tool.eqaudit" in text and "eqaudit" in _read_toml(pyproject).get("tool", {}):
+                return pyproject
+    return None
+
+
+def load_config_file(path: Path) -> dict:
+    """The eqaudit table of a config file: ``[tool.eqaudit]`` of a pyproject.toml (or of any file
+    that has one), else the whole file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: check the --config path")
+    data = _read_toml(path)
+    tool = data.get("tool")
+    if isinstance(tool, dict) and "eqaudit" in tool:
+        table = tool["eqaudit"]
+    elif path.name == PYPROJECT:
+        raise ConfigError(f"'{path}' has no [tool.eqaudit] table: add one or pass another --config")
+    else:
+        table = data
+    if not isinstance(table, dict):
+        raise ConfigError(f"[tool.eqaudit] in '{path}' must be a table of options")
+    return table
+
+
+def _option_name(key: str) -> str:
+    return key.strip().replace("-", "_").lower()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _as_list(value: Any, separator: str) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(separator) if v.strip()]
+    return [value]
+
+
+def _coerce(name: str, value: Any, where: str, base: Path | None) -> Any:
+    """One option's value (from TOML, an environment string, or the parsed command line) in
+    canonical form. ``base``: the config file's folder, for relative paths in the file."""
+    option = OPTIONS[name]
+    kind = option.kind
+    error = ConfigError if where != _flag(name) else UsageError
+
+    def bad(expected: str) -> EqauditError:
+        return error(f"{where} = {value!r} is not {expected}")
+
+    if isinstance(value, Path):
+        value = str(value)
+    if kind in ("str", "path", "factory"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        if base is not None and kind == "path":
+            value = _relative_to(base, value)
+        if base is not None and kind == "factory":
+            file, sep, func = value.rpartition(":")
+            if sep and file.endswith(".py"):
+                value = f"{_relative_to(base, file)}:{func}"
+        return value
+    if kind == "int":
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise bad("a whole number") from None
+    if kind == "float":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise bad("true or false")
+    if kind == "floats":
+        try:
+            return tuple(float(v) for v in _as_list(value, ","))
+        except (TypeError, ValueError):
+            raise bad("a list of numbers, e.g. 0.485,0.456,0.406") from None
+    if kind == "strs":
+        items = _as_list(value, option.separator)
+        if name == "label_action" and isinstance(value, dict):
+            items = [f"{k}={v}" for k, v in value.items()]
+        if not all(isinstance(v, str) for v in items):
+            raise bad("a list of strings")
+        return tuple(items)
+    if kind == "size":
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            value = f"{value[0]}x{value[1]}"
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise bad("a size N or HxW")
+        try:
+            return parse_input_size(value)
+        except UsageError as exc:
+            if error is UsageError:
+                raise
+            raise ConfigError(f"{where}: {exc}") from None
+    if kind == "thresholds":
+        return _thresholds(value, where, error)
+    raise AssertionError(kind)
+
+
+def _relative_to(base: Path, value: str) -> str:
+    """A path written in a config file is relative to the file's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    joined = base / path
+    try:
+        return os.path.relpath(joined)
+    except ValueError:  # another drive on Windows
+        return str(joined)
+
+
+def _thresholds(value: Any, where: str, error: type[EqauditError]) -> dict[str, float]:
+    """``0.9`` | ``"0.9,rot90=0.8"`` | ``["rot*=0.9"]`` | ``{"*" = 0.9, rot90 = 0.8}`` -> map."""
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        items = []
+        for item in _as_list(value, ","):
+            if isinstance(item, str) and "=" in item:
+                pattern, _, number = item.rpartition("=")
+                items.append((pattern.strip(), number.strip()))
+            else:
+                items.append(("*", item))
+    out: dict[str, float] = {}
+    for pattern, number in items:
+        try:
+            if isinstance(number, bool) or not pattern:
+                raise ValueError
+            out[pattern] = float(number)
+        except (TypeError, ValueError):
+            raise error(
+                f"{where}: '{pattern}={number}' is not PATTERN=VALUE or a number; write e.g. "
+                "0.9 (every element) or rot90=0.9 or 'layer3.*=0.05'"
+            ) from None
+    return out
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """Every option of one command after merging command line > environment > file > defaults."""
+
+    audit: AuditConfig
+    gate: GateConfig
+    out: str | None
+    values: dict[str, Any]
+    sources: dict[str, str]
+    config_file: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_toml(self) -> str:
+        """The resolved options as a ``[tool.eqaudit]`` table, each with its source."""
+        where = self.config_file or "none found"
+        lines = [
+            "# eqaudit: resolved configuration (command line > environment > config file > "
+            "defaults)",
+            f"# config file: {where}",
+            "[tool.eqaudit]",
+        ]
+        for name in OPTIONS:
+            value = self.values[name]
+            key = name.replace("_", "-")
+            source = self.sources[name]
+            if value is None or (value == () and OPTIONS[name].kind != "thresholds"):
+                lines.append(f"# {key} = (not set)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}  # {source}")
+        if self.audit.trust_pickle:
+            lines.append("# trust-pickle: on (command line only)")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def resolve_config(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> ResolvedConfig:
+    """Merge the options: command line > environment (``EQAUDIT_<OPTION>``) > config file >
+    defaults.
+
+    ``cli`` holds only the options given on the command line (names as in :data:`OPTIONS`, plus
+    ``trust_pickle``). The config file is ``config_file``, else ``$EQAUDIT_CONFIG``, else the
+    nearest ``eqaudit.toml`` / ``pyproject.toml`` with ``[tool.eqaudit]`` from ``cwd`` upward.
+    Paths in a file are relative to the file's folder. Threshold maps (``min_agreement``,
+    ``max_js``, ``max_layer_error``) merge pattern by pattern, the higher source winning.
+    """
+    cli = dict(cli or {})
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    warnings: list[str] = []
+
+    # The config file.
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = environ[ENV_PREFIX + "CONFIG"]
+    path = Path(config_file) if config_file is not None else find_config_file(cwd)
+    if path is not None and not path.is_absolute():
+        path = cwd / path
+    file_values: dict[str, Any] = {}
+    label = None
+    if path is not None:
+        table = load_config_file(path)
+        try:
+            label = os.path.relpath(path, cwd)
+        except ValueError:  # another drive on Windows
+            label = str(path)
+        if path.name == PYPROJECT or "tool" in table:
+            label += " [tool.eqaudit]"
+        for key, value in table.items():
+            name = _option_name(key)
+            if name in CLI_ONLY:
+                raise ConfigError(
+                    f"'{key}' in {label} can only be given on the command line"
+                    + (" (it lets a model file run code)" if name == "trust_pickle" else "")
+                )
+            if name not in OPTIONS:
+                close = difflib.get_close_matches(name, list(OPTIONS), n=1)
+                hint = f": did you mean '{close[0].replace('_', '-')}'?" if close else ""
+                raise ConfigError(f"unknown option '{key}' in {label}{hint}")
+            if name in file_values:
+                raise ConfigError(f"option '{key}' is given twice in {label}")
+            file_values[name] = _coerce(name, value, f"'{key}' in {label}", path.parent)
+
+    # The environment.
+    env_values: dict[str, Any] = {}
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or variable == ENV_PREFIX + "CONFIG":
+            continue
+        name = variable[len(ENV_PREFIX) :].lower()
+        if name == "trust_pickle":
+            raise ConfigError(
+                f"{variable} is refused: allowing a model file to run code must be said on the "
+                "command line (--trust-pickle)"
+            )
+        if name not in OPTIONS:
+            warnings.append(
+                f"environment variable {variable} is not an eqaudit option and is ignored "
+                "(see 'eqaudit check --print-config' for the option names)"
+            )
+            continue
+        env_values[name] = _coerce(name, value, variable, None)
+
+    cli_values = {
+        name: _coerce(name, value, _flag(name), None)
+        for name, value in cli.items()
+        if name in OPTIONS and value is not None
+    }
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    layers = (
+        ("default", {n: o.default for n, o in OPTIONS.items()}),
+        ("config file", file_values),
+        ("environment", env_values),
+        ("command line", cli_values),
+    )
+    for name, option in OPTIONS.items():
+        if option.kind == "thresholds":
+            merged: dict[str, float] = {}
+            given = []
+            for source, layer in layers[1:]:
+                for pattern, number in (layer.get(name) or {}).items():
+                    merged.pop(pattern, None)  # re-inserted last: it wins ties among globs
+                    merged[pattern] = number
+                    if source not in given:
+                        given.append(source)
+            values[name] = merged
+            sources[name] = " + ".join(given) or "default"
+            continue
+        for source, layer in layers:
+            if name in layer:
+                values[name], sources[name] = layer[name], source
+
+    v = values
+    if v["no_layers"] and v["max_layer_error"]:
+        raise UsageError("--max-layer-error needs per-layer results: drop --no-layers")
+    from eqaudit.transforms.labels import parse_label_action_options
+
+    audit = AuditConfig(
+        transforms=v["transforms"],
+        shift_mode=v["shift_mode"],
+        factory=v["factory"],
+        trust_pickle=bool(cli.get("trust_pickle", False)),
+        input_name=v["input_name"],
+        output_name=v["output_name"],
+        layout=v["layout"],
+        providers=tuple(v["providers"]),
+        input_size=v["input_size"],
+        outputs=v["outputs"],
+        data=v["data"],
+        labels=v["labels"],
+        num_images=v["num_images"],
+        seed=v["seed"],
+        preset=v["preset"],
+        resize=v["resize"],
+        channels=v["channels"],
+        scale=v["scale"],
+        mean=v["mean"],
+        std=v["std"],
+        layers=not v["no_layers"],
+        layer_patterns=tuple(v["layers"]),
+        batch_size=v["batch_size"],
+        label_action=parse_label_action_options(list(v["label_action"])),
+    )
+    gate = GateConfig(
+        fail_under=v["fail_under"],
+        min_agreement=tuple(v["min_agreement"].items()),
+        max_js=tuple(v["max_js"].items()),
+        max_layer_error=tuple(v["max_layer_error"].items()),
+        confidence=v["confidence"],
+        baseline=v["baseline"],
+        save_baseline=v["save_baseline"],
+        max_regression=v["max_regression"],
+    )
+    return ResolvedConfig(
+        audit=audit,
+        gate=gate,
+        out=v["out"],
+        values=values,
+        sources=sources,
+        config_file=label,
+        warnings=tuple(warnings),
+    )

@@ -156,6 +156,16 @@ def _detect_layout(dims: list) -> tuple[str, int]:
     return "NCHW", 3
 
 
+def _ort_message(exc: Exception) -> str:
+    """First line of an onnxruntime error, without its status prefix and C++ source location."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    # "[ONNXRuntimeError] : 1 : FAIL : Fatal error: " says nothing to a user.
+    first = re.sub(r"^\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
+    # ".../reshape_helper.h:84 onnxruntime::ReshapeHelper::...(...) size != 0 was false. Why"
+    return re.sub(r"\S*onnxruntime_src\S*:\d+ .*? was false\. ", "", first)
+
+
 def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
     root = folder.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
@@ -373,15 +383,15 @@ class OnnxAdapter(ModelAdapter):
                 if name not in known:
                     model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        # Fatal only: onnxruntime logs straight to the process's stderr, which would add lines
+        # beside eqaudit's one error line; its errors reach us as exceptions anyway.
+        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(
                 model.SerializeToString(), sess_options=options, providers=self.providers
             )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            # Drop onnxruntime's status prefix ("[ONNXRuntimeError] : 1 : FAIL : Fatal error: ").
-            first = re.sub(r"^\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
+            first = _ort_message(exc)
             raise ModelLoadError(
                 f"onnxruntime cannot load '{self.path.name}': {first[:300]} "
                 "(an unsupported or custom operator? re-export the model with standard ONNX ops)"
@@ -398,7 +408,10 @@ class OnnxAdapter(ModelAdapter):
         names = tuple(layers)
         session = self._session(names)
         feed = batch.numpy().astype(self.input_spec.dtype, copy=False)
-        results = session.run([self.output_name, *names], {self.input_spec.name: feed})
+        try:
+            results = session.run([self.output_name, *names], {self.input_spec.name: feed})
+        except Exception as exc:  # the base class turns it into a ModelRunError
+            raise RuntimeError(_ort_message(exc)) from exc
         scores = torch.from_numpy(np.asarray(results[0]))
         acts: dict[str, torch.Tensor] = {}
         for name, value in zip(names, results[1:], strict=True):

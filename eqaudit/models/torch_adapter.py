@@ -4,7 +4,9 @@ Formats, sniffed from the file itself (the extension only decides ``.pt2``):
 
 * ``.pt2`` (or a zip with ``archive_format``): ``torch.export.load``. The input spec is read from
   the program's single user input (channels, H, W when static; the batch is fixed when its
-  dimension is a plain int). Per-layer activations come from forward hooks on
+  dimension is a plain int). An archive may hold pickled weights or constants, which torch
+  unpickles with ``weights_only=False``: without ``--trust-pickle`` they are refused (see
+  :func:`_refuse_pickled_code`). Per-layer activations come from forward hooks on
   ``torch.export.unflatten(program)``, whose submodules carry the original module paths.
 * TorchScript (a zip with ``constants.pkl`` and ``code/``): ``torch.jit.load``. TorchScript refuses
   Python hooks, so a TorchScript model is audited on its outputs only.
@@ -23,10 +25,12 @@ would otherwise overwrite them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import pickle
 import pickletools
 import re
@@ -295,7 +299,7 @@ def load_torch(
             "holds its own module: drop --factory (it is for state dicts)"
         )
     if kind == "export":
-        adapter = _load_export(path, channels)
+        adapter = _load_export(path, channels, trust_pickle)
     elif kind == "torchscript":
         adapter = _load_torchscript(path, channels)
     else:
@@ -310,6 +314,11 @@ def _sniff(path: Path) -> str:
     something unreadable that torch.load then rejects)."""
     if path.suffix.lower() == ".pt2":
         return "export"
+    return _sniff_zip(path)
+
+
+def _sniff_zip(path: Path) -> str:
+    """``export`` or ``torchscript`` from a zip's member names, else ``checkpoint``."""
     try:
         if not zipfile.is_zipfile(path):
             return "checkpoint"
@@ -372,22 +381,104 @@ def _prepare(module: nn.Module) -> nn.Module:
 @contextmanager
 def _quiet_torch_warnings() -> Iterator[None]:
     """Silence torch's notes about its own internals while loading; they mean nothing to users
-    (FutureWarnings from torch.export.load, torch.jit's deprecation, pickle protocol notes)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        yield
+    (FutureWarnings from torch.export.load, torch.jit's deprecation, pickle protocol notes).
+    torch.export.load also *logs* a full traceback when a file does not deserialise; the
+    exception that follows says the same, and the user gets it as one error line."""
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            yield
+    finally:
+        export_log.setLevel(level)
 
 
 # -- torch.export -------------------------------------------------------------------------------
-def _load_export(path: Path, channels: int | None) -> TorchAdapter:
+class _PickleRefused(pickle.UnpicklingError):
+    """A pickled object inside a .pt2 archive, refused without --trust-pickle."""
+
+
+class _NoPickle:
+    """Stands in for the ``pickle`` module inside torch's archive reader: ``load(s)`` refused."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        raise _PickleRefused("pickled object")
+
+    load = loads
+
+
+@contextmanager
+def _refuse_pickled_code(trust_pickle: bool) -> Iterator[None]:
+    """While torch.export.load runs, unless the user trusts the file: every ``torch.load`` is
+    ``weights_only=True`` and the archive reader's ``pickle.loads`` is refused.
+
+    torch unpickles a .pt2 archive's pickled weights and constants (and the state dict of older
+    archive formats, after a failed weights-only attempt) with ``weights_only=False``: a crafted
+    archive would run code on load. Both patches only make loading stricter.
+    """
+    if trust_pickle:
+        yield
+        return
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return real_load(*args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise _PickleRefused(str(exc)) from exc
+
+    package = None
+    with contextlib.suppress(ImportError):
+        from torch.export.pt2_archive import _package as package  # torch >= 2.6
+    torch.load = weights_only_load  # type: ignore[assignment]
+    if package is not None and hasattr(package, "pickle"):
+        package.pickle = _NoPickle()  # type: ignore[assignment]
     try:
-        with _quiet_torch_warnings():
+        yield
+    finally:
+        torch.load = real_load  # type: ignore[assignment]
+        if package is not None and hasattr(package, "pickle"):
+            package.pickle = pickle  # type: ignore[assignment]
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _load_export(path: Path, channels: int | None, trust_pickle: bool = False) -> TorchAdapter:
+    try:
+        with _quiet_torch_warnings(), _refuse_pickled_code(trust_pickle):
             program = torch.export.load(path)
     except Exception as exc:
+        if _caused_by(exc, _PickleRefused):
+            raise ModelLoadError(
+                f"'{path}' is a torch.export archive that holds pickled Python objects; loading "
+                "them runs arbitrary code from the file. Pass --trust-pickle only if you trust "
+                "its source, or save the model again with torch.export.save"
+            ) from exc
+        reason = _first_line(exc)
+        if not zipfile.is_zipfile(path):
+            reason = "not a zip archive"
+        elif _sniff_zip(path) != "export":
+            reason = "a zip archive without 'archive_format': not written by torch.export.save"
         raise ModelLoadError(
-            f"cannot read '{path}' as a torch.export archive ({_first_line(exc)}): "
+            f"cannot read '{path}' as a torch.export archive ({reason}): "
             f"save it with torch.export.save under torch {torch.__version__.split('+')[0]}"
         ) from exc
     spec, dtype = _export_spec(path, program, channels)
@@ -399,10 +490,17 @@ def _load_export(path: Path, channels: int | None) -> TorchAdapter:
             f"torch.export.unflatten failed on this program ({_first_line(exc, 120)}): "
             "per-layer results are not available"
         )
+        try:
+            flat = program.module()
+        except Exception as flat_exc:
+            raise ModelLoadError(
+                f"cannot build a module from the torch.export archive '{path}' "
+                f"({_first_line(flat_exc)}): save it again with torch.export.save"
+            ) from flat_exc
         return TorchAdapter(
             path,
             spec,
-            program.module(),
+            flat,
             fmt="export",
             layers_note=note,
             input_dtype=dtype,

@@ -1,0 +1,626 @@
+"""Compare two models (or two saved audits) on the same images and transform elements.
+
+A and B are paired: every image is seen by both under every element, so each element gives two
+0/1 outcomes per image (top-1 kept or not, ``agrees`` in predictions.csv). Per element:
+
+* both agreements and the difference ``B - A``;
+* the **exact McNemar test** on the discordant images (A keeps the class and B does not, or the
+  reverse): two-sided binomial p-value (:func:`eqaudit.stats.mcnemar_exact`), and the
+  Holm-adjusted p-value over the elements compared, so that "B is worse somewhere" holds at the
+  family-wise level ``alpha`` however many elements there are;
+* a seeded **paired bootstrap** interval of ``B - A`` (images resampled);
+* both JS divergences and their difference, and the top-1 agreement of A with B.
+
+Layers are matched by name, then (for the rest) by execution order and shape, e.g. an ONNX export
+against its PyTorch module; unmatched layers are listed. ``B`` is a **regression** on an element
+when it agrees less often than ``A`` and the Holm-adjusted p-value is below ``alpha``.
+
+The comparison reads two :class:`~eqaudit.results.AuditResult` objects; :func:`compare` runs the
+two audits first (with one configuration) when given models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from eqaudit.config import AuditConfig, parse_input_size
+from eqaudit.errors import DataError, UsageError
+from eqaudit.gate import FAILED, PASSED, SKIPPED, Check, shown
+from eqaudit.results import AuditResult, clean_number
+from eqaudit.stats import BOOTSTRAP_RESAMPLES, mcnemar_exact, paired_bootstrap_interval
+
+IDENTITY = "id"
+SCHEMA_VERSION = "1.0"
+FILES = ("compare.json", "compare.csv", "summary.md", "junit.xml")
+CSV_COLUMNS = [
+    "section",
+    "transform",
+    "layer_a",
+    "layer_b",
+    "match",
+    "shape",
+    "n",
+    "agreement_a",
+    "agreement_b",
+    "agreement_difference",
+    "difference_low",
+    "difference_high",
+    "only_a",
+    "only_b",
+    "mcnemar_p",
+    "holm_p",
+    "js_divergence_a",
+    "js_divergence_b",
+    "js_difference",
+    "top1_agreement",
+    "relative_error_a",
+    "relative_error_b",
+    "relative_error_difference",
+    "verdict",
+]
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def is_saved_report(source: Any) -> bool:
+    """A folder holding summary.json, or a .json file: a saved audit rather than a model."""
+    if not isinstance(source, (str, Path)):
+        return False
+    path = Path(source)
+    return (path.is_dir() and (path / "summary.json").is_file()) or (
+        path.is_file() and path.suffix.lower() == ".json"
+    )
+
+
+def load_saved(source: str | Path) -> AuditResult:
+    """A saved audit with its predictions.csv (needed to pair the images)."""
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    try:
+        result = AuditResult.from_json(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read the saved audit '{path}': {exc}") from None
+    if not isinstance(result.summary, dict) or "outputs" not in result.summary:
+        raise DataError(f"'{path}' is not a summary.json written by eqaudit check")
+    if not len(result.predictions):
+        raise DataError(
+            f"'{folder / 'predictions.csv'}' is missing: compare pairs the images one by one, so "
+            "it needs the predictions.csv that eqaudit check writes beside summary.json"
+        )
+    return result
+
+
+def config_for(model: Any, config: AuditConfig) -> AuditConfig:
+    """One configuration for both models, minus the options the other backend would refuse
+    (``--factory`` for an ONNX file, ``--input-name``/``--layout`` for a PyTorch file)."""
+    suffix = Path(model).suffix.lower() if isinstance(model, (str, Path)) else ""
+    if suffix == ".onnx":
+        return replace(config, factory=None, trust_pickle=False)
+    if suffix or not _is_onnx_proto(model):
+        layout = config.layout if config.layout and config.layout.upper() != "NCHW" else None
+        return replace(config, input_name=None, output_name=None, layout=layout)
+    return config
+
+
+def _is_onnx_proto(model: Any) -> bool:
+    return type(model).__name__ == "ModelProto"
+
+
+def run_both(
+    a: Any,
+    b: Any,
+    config: AuditConfig,
+    progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+) -> tuple[AuditResult, AuditResult]:
+    """Audit both models with the same configuration (same images, elements, preprocessing)."""
+    from eqaudit.audit import audit
+
+    results = []
+    for label, model in (("A", a), ("B", b)):
+        callback = progress(label) if progress else None
+        results.append(audit(model, config=config_for(model, config), progress=callback))
+    return results[0], results[1]
+
+
+# -- pairing ---------------------------------------------------------------------------------------
+def _measured(result: AuditResult) -> list[str]:
+    return [r["transform"] for r in result.outputs if not r["skipped"]]
+
+
+def _sample(names: set[str]) -> str:
+    items = sorted(names)
+    return ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
+
+
+def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
+    """One row per (image, element) with both models' outcomes; refuses unpaired inputs."""
+    pa, pb = a.predictions.copy(), b.predictions.copy()
+    for frame in (pa, pb):
+        frame["image"] = frame["image"].astype(str)
+    ids_a, ids_b = set(pa["image"]), set(pb["image"])
+    if ids_a != ids_b:
+        raise DataError(
+            f"A and B were audited on different images ({len(ids_a - ids_b)} only in A, e.g. "
+            f"{_sample(ids_a - ids_b) or '-'}; {len(ids_b - ids_a)} only in B, e.g. "
+            f"{_sample(ids_b - ids_a) or '-'}): a paired comparison needs the same --data, "
+            "--num-images and --seed for both"
+        )
+    ta, tb = a.summary["transforms"], b.summary["transforms"]
+    ea, eb = set(_measured(a)), set(_measured(b))
+    if ea != eb:
+        raise UsageError(
+            f"A and B were audited under different transform elements (only in A: "
+            f"{_sample(ea - eb) or '-'}; only in B: {_sample(eb - ea) or '-'}): audit both with "
+            "the same --transforms and input size"
+        )
+    if ta.get("shift_mode") != tb.get("shift_mode"):
+        raise UsageError(
+            f"A and B used different --shift-mode ({ta.get('shift_mode')} and "
+            f"{tb.get('shift_mode')}): the same element names mean different transforms"
+        )
+    keep = ["image", "transform", "top1", "agrees", "js_divergence"]
+    merged = pa[keep].merge(
+        pb[keep], on=["image", "transform"], suffixes=("_a", "_b"), validate="one_to_one"
+    )
+    for side in ("a", "b"):
+        merged[f"agrees_{side}"] = merged[f"agrees_{side}"].astype(str).str.lower() == "true"
+    return merged
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone), in the input order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+# -- layers ----------------------------------------------------------------------------------------
+def _layer_table(result: AuditResult) -> tuple[list[dict], dict[tuple[str, str], dict]]:
+    infos: dict[str, dict] = {}
+    rows: dict[tuple[str, str], dict] = {}
+    for r in result.layers:
+        infos.setdefault(r["layer"], {"name": r["layer"], "index": r["index"], "shape": r["shape"]})
+        rows[(r["layer"], r["transform"])] = r
+    return sorted(infos.values(), key=lambda i: i["index"]), rows
+
+
+def match_layers(
+    layers_a: list[dict], layers_b: list[dict]
+) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
+    """Pairs ``(name in A, name in B, how)`` with ``how`` "name" or "order+shape", in A's order,
+    and the unmatched names of A and of B.
+
+    Same names pair first. The rest pair in execution order: each unmatched A layer takes the next
+    unmatched B layer (after the previous pair) with the same shape, so a pair never crosses
+    another.
+    """
+    names_b = {i["name"] for i in layers_b}
+    by_name = {i["name"] for i in layers_a} & names_b
+    rest_b = [i for i in layers_b if i["name"] not in by_name]
+    pairs: list[tuple[str, str, str]] = []
+    unmatched_a: list[str] = []
+    cursor = 0
+    for info in layers_a:
+        if info["name"] in by_name:
+            pairs.append((info["name"], info["name"], "name"))
+            continue
+        for j in range(cursor, len(rest_b)):
+            if rest_b[j]["shape"] == info["shape"]:
+                pairs.append((info["name"], rest_b[j]["name"], "order+shape"))
+                cursor = j + 1
+                break
+        else:
+            unmatched_a.append(info["name"])
+    matched_b = {b for _, b, _ in pairs}
+    unmatched_b = [i["name"] for i in layers_b if i["name"] not in matched_b]
+    return pairs, unmatched_a, unmatched_b
+
+
+# -- the comparison --------------------------------------------------------------------------------
+def _side(result: AuditResult, source: Any) -> dict:
+    s = result.summary
+    return {
+        "source": str(source) if isinstance(source, (str, Path)) else s["model"]["name"],
+        "model": s["model"]["name"],
+        "backend": s["model"]["backend"],
+        "sha256": s["model"].get("sha256"),
+        "robustness_score": s["scores"]["robustness_score"],
+        "orbit_consistency": s["scores"]["orbit_consistency"],
+    }
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare_results` found; ``data`` is exactly compare.json."""
+
+    data: dict
+    checks: tuple[Check, ...]
+    gated: bool
+
+    @property
+    def regressions(self) -> list[str]:
+        return [r["transform"] for r in self.data["outputs"] if r["verdict"] == "B worse"]
+
+    @property
+    def passed(self) -> bool:
+        return not (self.gated and self.regressions)
+
+    def to_json(self) -> str:
+        return json.dumps(_json_ready(self.data), indent=2, allow_nan=False) + "\n"
+
+    def to_frame(self) -> pd.DataFrame:
+        """compare.csv: ``section`` "output" rows (one per element), then "layer" rows (one per
+        matched layer pair and element)."""
+        rows = [{"section": "output", **r} for r in self.data["outputs"]]
+        for r in self.data["layers"]:
+            rows.append({"section": "layer", **r})
+        return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+    def verdict(self, seconds: float) -> str:
+        """The last console line."""
+        alpha = self.data["alpha"]
+        worse = self.regressions
+        total = len(self.data["outputs"])
+        if worse:
+            found = (
+                f"B is significantly less invariant than A on {len(worse)} of {total} elements "
+                f"({', '.join(worse[:5])}{' ...' if len(worse) > 5 else ''}) at alpha {alpha:g}"
+            )
+        else:
+            found = f"no element where B is significantly worse than A at alpha {alpha:g}"
+        if not self.gated:
+            return f"{found} (not gated: add --fail-on-regression) ({seconds:.1f} s)"
+        return f"{'PASSED' if self.passed else 'FAILED'} {found} ({seconds:.1f} s)"
+
+    def lines(self) -> list[str]:
+        """A plain-text table for the console."""
+        d = self.data
+        a, b = d["a"], d["b"]
+        top1 = d["top1_agreement"]
+        out = [
+            f"A: {a['model']} ({a['backend']}), score {_num(a['robustness_score'])}   "
+            f"B: {b['model']} ({b['backend']}), score {_num(b['robustness_score'])}   "
+            f"on {d['data']['count']} images",
+            f"top-1 agreement of A and B on untransformed images: {_num(top1['untransformed'])} "
+            f"({top1['same']}/{top1['n']})",
+        ]
+        headers = [
+            "transform",
+            "agr. A",
+            "agr. B",
+            "B - A",
+            "95% interval",
+            "McNemar p",
+            "Holm p",
+            "JS A",
+            "JS B",
+            "verdict",
+        ]
+        rows = [
+            [
+                r["transform"],
+                _num(r["agreement_a"]),
+                _num(r["agreement_b"]),
+                _num(r["agreement_difference"]),
+                f"[{_num(r['difference_low'])}, {_num(r['difference_high'])}]",
+                _num(r["mcnemar_p"]),
+                _num(r["holm_p"]),
+                _num(r["js_divergence_a"]),
+                _num(r["js_divergence_b"]),
+                r["verdict"],
+            ]
+            for r in d["outputs"]
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+        for row in [headers, *rows]:
+            out.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+        lay = d["layer_matching"]
+        out.append(
+            f"layers: {lay['matched_by_name']} matched by name, {lay['matched_by_order']} by "
+            f"order and shape; unmatched: {len(lay['unmatched_a'])} in A, "
+            f"{len(lay['unmatched_b'])} in B (per-layer errors in compare.csv)"
+        )
+        out += [f"note: {n}" for n in d["notes"]]
+        return out
+
+
+def _json_ready(obj: Any) -> Any:
+    """NaN -> null, numpy scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    return clean_number(obj)
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else shown(value)
+
+
+def compare_results(
+    a: AuditResult,
+    b: AuditResult,
+    *,
+    alpha: float = 0.05,
+    confidence: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    fail_on_regression: bool = False,
+    sources: tuple[Any, Any] = (None, None),
+) -> Comparison:
+    """Compare two audits of the same images and elements (see the module docstring)."""
+    if not 0 < alpha < 1:
+        raise UsageError(f"--alpha is a significance level between 0 and 1, not {alpha:g}")
+    paired = pair_predictions(a, b)
+    notes = _notes(a, b)
+    elements = [g for g in _measured(a) if g != IDENTITY]
+    js_a = {r["transform"]: r["js_divergence"] for r in a.outputs}
+    js_b = {r["transform"]: r["js_divergence"] for r in b.outputs}
+
+    rows = []
+    for g in elements:
+        part = paired[paired["transform"] == g].sort_values("image")
+        ka, kb = part["agrees_a"].to_numpy(), part["agrees_b"].to_numpy()
+        n = len(part)
+        only_a, only_b = int(np.sum(ka & ~kb)), int(np.sum(~ka & kb))
+        low, high = paired_bootstrap_interval(
+            ka, kb, confidence=confidence, resamples=resamples, seed=seed
+        )
+        agreement_a, agreement_b = float(ka.mean()), float(kb.mean())
+        rows.append(
+            {
+                "transform": g,
+                "n": n,
+                "agreement_a": agreement_a,
+                "agreement_b": agreement_b,
+                "agreement_difference": agreement_b - agreement_a,
+                "difference_low": low,
+                "difference_high": high,
+                "only_a": only_a,
+                "only_b": only_b,
+                "mcnemar_p": mcnemar_exact(only_a, only_b),
+                "js_divergence_a": js_a.get(g),
+                "js_divergence_b": js_b.get(g),
+                "js_difference": _difference(js_a.get(g), js_b.get(g)),
+                "top1_agreement": float((part["top1_a"] == part["top1_b"]).mean()),
+            }
+        )
+    for row, adjusted in zip(rows, holm([r["mcnemar_p"] for r in rows]), strict=True):
+        row["holm_p"] = adjusted
+        if adjusted < alpha:
+            row["verdict"] = "B worse" if row["agreement_difference"] < 0 else "B better"
+        else:
+            row["verdict"] = "no significant difference"
+
+    identity = paired[paired["transform"] == IDENTITY]
+    same = int((identity["top1_a"] == identity["top1_b"]).sum())
+    layer_rows, matching = _compare_layers(a, b, elements)
+    orbit = _orbit(paired, elements)
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "eqaudit-compare",
+        "a": _side(a, sources[0]),
+        "b": _side(b, sources[1]),
+        "data": {
+            "count": int(paired["image"].nunique()),
+            "image_ids_sha256": hashlib.sha256(
+                "\n".join(sorted(paired["image"].unique())).encode("utf-8")
+            ).hexdigest(),
+            "elements": elements,
+        },
+        "method": {
+            "test": "exact McNemar (two-sided binomial on discordant images), Holm-adjusted "
+            "over the elements",
+            "alpha": alpha,
+            "bootstrap": {"resamples": resamples, "seed": seed, "confidence": confidence},
+        },
+        "alpha": alpha,
+        "fail_on_regression": fail_on_regression,
+        "top1_agreement": {
+            "untransformed": same / len(identity) if len(identity) else None,
+            "same": same,
+            "n": len(identity),
+        },
+        "scores": {
+            "robustness_score_a": a.score,
+            "robustness_score_b": b.score,
+            "robustness_score_difference": _difference(a.score, b.score),
+            **orbit,
+        },
+        "outputs": rows,
+        "layers": layer_rows,
+        "layer_matching": matching,
+        "notes": notes,
+    }
+    checks = tuple(_regression_check(r, alpha, fail_on_regression) for r in rows)
+    data["regressions"] = [r["transform"] for r in rows if r["verdict"] == "B worse"]
+    data["passed"] = not (fail_on_regression and data["regressions"])
+    data["checks"] = [c.to_dict() for c in checks]
+    return Comparison(data=data, checks=checks, gated=fail_on_regression)
+
+
+def _orbit(paired: pd.DataFrame, elements: list[str]) -> dict:
+    """Orbit consistency of A and B (an image counts when it agrees under every element), with
+    the exact McNemar test on the images where they differ."""
+    part = paired[paired["transform"].isin(elements)]
+    per_image = part.groupby("image")[["agrees_a", "agrees_b"]].all()
+    ka, kb = per_image["agrees_a"].to_numpy(), per_image["agrees_b"].to_numpy()
+    if not len(per_image):
+        return {}
+    return {
+        "orbit_consistency_a": float(ka.mean()),
+        "orbit_consistency_b": float(kb.mean()),
+        "orbit_consistency_difference": float(kb.mean() - ka.mean()),
+        "orbit_mcnemar_p": mcnemar_exact(int(np.sum(ka & ~kb)), int(np.sum(~ka & kb))),
+    }
+
+
+def _regression_check(row: dict, alpha: float, gated: bool) -> Check:
+    name = f"regression[{row['transform']}]"
+    # Evidence that B is *worse*: the adjusted p-value when B agrees less often, else none (1).
+    p = row["holm_p"] if row["agreement_difference"] < 0 else 1.0
+    description = (
+        f"Holm-adjusted exact McNemar p that B agrees less often than A "
+        f"(B - A = {shown(row['agreement_difference'])}, discordant images: A only "
+        f"{row['only_a']}, B only {row['only_b']})"
+    )
+    text = shown(p)
+    ok = float(text) >= alpha
+    check = Check(
+        name,
+        "--fail-on-regression",
+        PASSED if ok else FAILED,
+        description,
+        value=p,
+        shown=text,
+        comparison=">=",
+        threshold=alpha,
+    )
+    if not ok and not gated:
+        return replace(
+            check, status=SKIPPED, reason=f"{check.message} — not gated: add --fail-on-regression"
+        )
+    return check
+
+
+def _compare_layers(a: AuditResult, b: AuditResult, elements: list[str]) -> tuple[list, dict]:
+    infos_a, rows_a = _layer_table(a)
+    infos_b, rows_b = _layer_table(b)
+    pairs, unmatched_a, unmatched_b = match_layers(infos_a, infos_b)
+    shapes = {i["name"]: i["shape"] for i in infos_a}
+    table = []
+    for name_a, name_b, how in pairs:
+        for g in elements:
+            ra, rb = rows_a.get((name_a, g)), rows_b.get((name_b, g))
+            ea = ra["relative_error"] if ra else None
+            eb = rb["relative_error"] if rb else None
+            table.append(
+                {
+                    "transform": g,
+                    "layer_a": name_a,
+                    "layer_b": name_b,
+                    "match": how,
+                    "shape": shapes[name_a],
+                    "relative_error_a": ea,
+                    "relative_error_b": eb,
+                    "relative_error_difference": _difference(ea, eb),
+                }
+            )
+    matching = {
+        "matched_by_name": sum(1 for *_, how in pairs if how == "name"),
+        "matched_by_order": sum(1 for *_, how in pairs if how != "name"),
+        "unmatched_a": unmatched_a,
+        "unmatched_b": unmatched_b,
+    }
+    return table, matching
+
+
+def _notes(a: AuditResult, b: AuditResult) -> list[str]:
+    notes = []
+    sa, sb = a.summary, b.summary
+    for key, what in (("preprocessing", "preprocessing"), ("label_action", "label action")):
+        left = {k: v for k, v in (sa.get(key) or {}).items() if k not in ("notes", "suggested")}
+        right = {k: v for k, v in (sb.get(key) or {}).items() if k not in ("notes", "suggested")}
+        if left != right:
+            notes.append(f"A and B differ in {what}: check that this is intended")
+    ia, ib = sa["model"]["input"], sb["model"]["input"]
+    if (ia["height"], ia["width"]) != (ib["height"], ib["width"]):
+        notes.append(
+            f"input sizes differ: A {ia['height']}x{ia['width']}, B {ib['height']}x{ib['width']}"
+        )
+    if sa["data"].get("synthetic") or sb["data"].get("synthetic"):
+        notes.append("synthetic images: the comparison says little about real inputs")
+    return notes
+
+
+def compare(
+    a: Any,
+    b: Any,
+    *,
+    config: AuditConfig | None = None,
+    alpha: float = 0.05,
+    fail_on_regression: bool = False,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+    **options: Any,
+) -> tuple[Comparison, AuditResult, AuditResult]:
+    """Compare A and B: two models (audited here with one configuration: ``config`` or the
+    :class:`AuditConfig` fields in ``options``), two saved audits (folders or summary.json
+    files), or two :class:`AuditResult` objects. Returns the comparison and both results."""
+    saved = [isinstance(x, AuditResult) or is_saved_report(x) for x in (a, b)]
+    if saved[0] != saved[1]:
+        raise UsageError(
+            "compare two models or two saved audits, not one of each: audit the model with "
+            "eqaudit check (same options) and compare the two report folders"
+        )
+    if all(saved):
+        if config is not None or options:
+            raise UsageError(
+                "audit options do not apply to saved audits: their numbers are already computed"
+            )
+        ra = a if isinstance(a, AuditResult) else load_saved(a)
+        rb = b if isinstance(b, AuditResult) else load_saved(b)
+    else:
+        if config is None:
+            if "input_size" in options:
+                options["input_size"] = parse_input_size(options["input_size"])
+            for key in ("providers", "layer_patterns", "mean", "std"):
+                if isinstance(options.get(key), list):
+                    options[key] = tuple(options[key])
+            config = AuditConfig(**options)
+        ra, rb = run_both(a, b, config, progress)
+    comparison = compare_results(
+        ra,
+        rb,
+        alpha=alpha,
+        resamples=resamples,
+        seed=seed if seed is not None else 0,
+        fail_on_regression=fail_on_regression,
+        sources=(a, b),
+    )
+    return comparison, ra, rb
+
+
+def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
+    """compare.json, compare.csv, summary.md and junit.xml, written atomically into ``out_dir``."""
+    from eqaudit.reports import write_folder
+    from eqaudit.reports.junit import junit_xml
+    from eqaudit.reports.markdown import render_compare
+    from eqaudit.reports.tables import neutralise_formulas
+
+    data = comparison.data
+
+    def produce(staging: Path) -> list[str]:
+        (staging / "compare.json").write_text(comparison.to_json(), encoding="utf-8")
+        neutralise_formulas(comparison.to_frame()).to_csv(
+            staging / "compare.csv", index=False, na_rep=""
+        )
+        (staging / "summary.md").write_text(render_compare(data), encoding="utf-8")
+        suite = f"eqaudit compare {data['a']['model']} vs {data['b']['model']}"
+        xml = junit_xml(
+            suite,
+            data["checks"],
+            classname="eqaudit.compare",
+            properties={"a": data["a"]["model"], "b": data["b"]["model"], "alpha": data["alpha"]},
+        )
+        (staging / "junit.xml").write_text(xml, encoding="utf-8")
+        return list(FILES)
+
+    return write_folder(Path(out_dir), produce, set(FILES))

@@ -1,0 +1,444 @@
+"""The release gate: each threshold passes and fails where it should, on the numbers of a real audit;
+baselines; junit.xml and summary.md; the exit code and last line of ``eqaudit check``."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from models_zoo import PositionalBias, export_onnx, symmetric_cnn
+from PIL import Image
+from typer.testing import CliRunner
+
+import eqaudit
+from eqaudit.cli import app
+from eqaudit.config import GateConfig
+from eqaudit.errors import EXIT_GATE_FAILED, EXIT_USAGE, ConfigError, UsageError
+from eqaudit.gate import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    _compare,
+    assign,
+    baseline_json,
+    evaluate_gate,
+    load_baseline,
+    save_baseline,
+    shown,
+)
+from eqaudit.reports.markdown import MAX_BYTES, fit, render_audit
+from eqaudit.stats import wilson_bounds
+
+SIZE = 33
+NUM_IMAGES = 16
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No config file, EQAUDIT_* variable or GitHub summary from the machine running the tests."""
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in __import__("os").environ if n.startswith("EQAUDIT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+def write_images(root: Path, count: int) -> Path:
+    """``count`` 40x40 RGB PNGs: blobs on gradients, so that images differ in structure."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:40] / 39.0
+    for i in range(count):
+        cy, cx = rng.uniform(8, 32, 2)
+        blob = np.exp(-((yy * 39 - cy) ** 2 + (xx * 39 - cx) ** 2) / 40.0)
+        rgb = np.stack([blob, xx * rng.uniform(), yy * rng.uniform()], axis=-1)
+        Image.fromarray((255 * rgb.clip(0, 1)).astype(np.uint8)).save(root / f"img_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gate")
+    sym = symmetric_cnn(size=SIZE)
+    images = root / "images"
+    images.mkdir()
+    return {
+        "images": write_images(images, NUM_IMAGES),
+        "sym": export_onnx(sym, root / "sym.onnx", SIZE),
+        "biased": export_onnx(PositionalBias(sym, SIZE).eval(), root / "biased.onnx", SIZE),
+    }
+
+
+@pytest.fixture(scope="module")
+def biased(files: dict[str, Path]) -> eqaudit.AuditResult:
+    """A model that is clearly not invariant: its numbers are the known values of the tests."""
+    return eqaudit.audit(files["biased"], "d4", data=files["images"])
+
+
+@pytest.fixture(scope="module")
+def sym(files: dict[str, Path]) -> eqaudit.AuditResult:
+    return eqaudit.audit(files["sym"], "d4", data=files["images"])
+
+
+def step(text: str) -> Decimal:
+    """One unit in the last of the 4 printed significant figures."""
+    return Decimal(1).scaleb(Decimal(text).adjusted() - 3)
+
+
+def above(value: float) -> float:
+    text = shown(value)
+    return float(Decimal(text) + step(text))
+
+
+def below(value: float) -> float:
+    text = shown(value)
+    return float(Decimal(text) - step(text))
+
+
+def statuses(report) -> dict[str, str]:
+    return {c.name: c.status for c in report.checks}
+
+
+def clean(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+# -- the comparison rule ---------------------------------------------------------------------------
+def test_printed_value_is_compared_inclusively() -> None:
+    # Exactly the threshold passes both ways.
+    assert _compare("x", "--o", "", 0.9, ">=", 0.9).status == PASSED
+    assert _compare("x", "--o", "", 0.9, "<=", 0.9).status == PASSED
+    # 0.89996 is printed 0.9000: shown as passing, so it passes.
+    check = _compare("x", "--o", "", 0.89996, ">=", 0.9)
+    assert (check.shown, check.status) == ("0.9000", PASSED)
+    # 0.89994 is printed 0.8999: below 0.9, and fails.
+    check = _compare("x", "--o", "", 0.89994, ">=", 0.9)
+    assert (check.shown, check.status) == ("0.8999", FAILED)
+    assert "0.8999, needs >= 0.9" in check.message
+    # Small numbers keep 4 significant figures.
+    assert _compare("x", "--o", "", 1.23449e-7, "<=", 1.2345e-7).shown == "1.234e-07"
+    assert _compare("x", "--o", "", None, "<=", 1.0).status == SKIPPED
+
+
+def test_most_specific_pattern_wins() -> None:
+    thresholds = [("*", 0.5), ("rot*", 0.7), ("rot90", 0.9), ("flip*", 0.6)]
+    chosen = assign(thresholds, ["rot90", "rot180", "flip_h", "transpose"])
+    assert {k: v[1] for k, v in chosen.items()} == {
+        "rot90": 0.9,
+        "rot180": 0.7,
+        "flip_h": 0.6,
+        "transpose": 0.5,
+    }
+    # Equally specific globs: the one given last wins.
+    assert assign([("r*", 0.1), ("*0", 0.2)], ["rot90"])["rot90"][1] == 0.2
+    assert assign([("rot90", 0.3)], ["flip_h"]) == {}
+
+
+# -- each option on a real audit -------------------------------------------------------------------
+def test_fail_under(biased) -> None:
+    score = biased.score
+    assert 40 < score < 95  # the positional bias costs invariance
+    assert statuses(evaluate_gate(biased, GateConfig(fail_under=below(score))))["score"] == PASSED
+    exact = float(shown(score))
+    assert statuses(evaluate_gate(biased, GateConfig(fail_under=exact)))["score"] == PASSED
+    report = evaluate_gate(biased, GateConfig(fail_under=above(score)))
+    assert statuses(report)["score"] == FAILED and not report.passed
+
+
+def test_min_agreement_global_and_per_element(biased) -> None:
+    rows = {r["transform"]: r for r in biased.outputs if r["transform"] != "id"}
+    worst = min(rows, key=lambda g: rows[g]["agreement"])
+    best = max(rows, key=lambda g: rows[g]["agreement"])
+    assert rows[worst]["agreement"] < rows[best]["agreement"]
+    threshold = rows[worst]["agreement"]  # exactly k/n: inclusive, so it passes
+    report = evaluate_gate(biased, GateConfig(min_agreement=(("*", threshold),)))
+    assert set(statuses(report)) == {f"agreement[{g}]" for g in rows}
+    assert report.passed
+    # One notch higher fails every element at the minimum, and only those.
+    report = evaluate_gate(biased, GateConfig(min_agreement=(("*", above(threshold)),)))
+    failed = {c.name for c in report.failures}
+    assert failed == {f"agreement[{g}]" for g in rows if rows[g]["agreement"] == threshold}
+    # A per-element value overrides the global one.
+    report = evaluate_gate(
+        biased, GateConfig(min_agreement=(("*", 1.0), (worst, rows[worst]["agreement"])))
+    )
+    expected = {f"agreement[{g}]" for g in rows if rows[g]["agreement"] < 1 and g != worst}
+    assert expected and {c.name for c in report.failures} == expected
+
+
+def test_confidence_gates_on_the_wilson_lower_bound(biased) -> None:
+    row = next(r for r in biased.outputs if r["transform"] != "id" and r["agreement"] < 1)
+    name = f"agreement[{row['transform']}]"
+    middle = (row["agreement_low"] + row["agreement"]) / 2
+    plain = evaluate_gate(biased, GateConfig(min_agreement=((row["transform"], middle),)))
+    assert statuses(plain)[name] == PASSED
+    strict = evaluate_gate(
+        biased, GateConfig(min_agreement=((row["transform"], middle),), confidence=0.95)
+    )
+    check = strict.checks[0]
+    assert check.status == FAILED
+    # At 95% the bound is the summary's own agreement_low (same Wilson interval).
+    assert check.value == pytest.approx(row["agreement_low"], abs=1e-12)
+    assert "95% Wilson interval" in check.description
+    # Another level is recomputed from the counts.
+    k = round(row["agreement"] * row["n"])
+    loose = evaluate_gate(
+        biased, GateConfig(min_agreement=((row["transform"], 0.0),), confidence=0.5)
+    )
+    assert loose.checks[0].value == pytest.approx(wilson_bounds(k, row["n"], 0.5)[0])
+    assert row["agreement_low"] < loose.checks[0].value < row["agreement"]
+
+
+def test_max_js(biased) -> None:
+    row = max(biased.outputs[1:], key=lambda r: r["js_divergence"])
+    name = f"js[{row['transform']}]"
+    js = row["js_divergence"]
+    assert js > 0.01
+    ok = evaluate_gate(biased, GateConfig(max_js=((row["transform"], float(shown(js))),)))
+    assert statuses(ok)[name] == PASSED
+    bad = evaluate_gate(biased, GateConfig(max_js=(("*", below(js)),)))
+    assert statuses(bad)[name] == FAILED
+    assert all(c.status == PASSED for c in bad.checks if c.name != name) or len(bad.failures) > 1
+
+
+def test_max_layer_error(biased, sym) -> None:
+    conv = [
+        r
+        for r in biased.layers
+        if "/conv" in r["layer"] and r["transform"] == "rot90" and r["measurable"]
+    ]
+    worst = max(r["relative_error"] for r in conv)
+    assert worst > 0.01
+    gate = GateConfig(max_layer_error=(("*/conv*", float(shown(worst))),))
+    assert statuses(evaluate_gate(biased, gate))["layer_error[*/conv*][rot90]"] == PASSED
+    gate = GateConfig(max_layer_error=(("*/conv*", below(worst)),))
+    report = evaluate_gate(biased, gate)
+    assert statuses(report)["layer_error[*/conv*][rot90]"] == FAILED
+    assert any("at /conv" in c.description for c in report.failures)
+    # The symmetric network is equivariant at every conv layer: a tight threshold passes.
+    assert evaluate_gate(sym, GateConfig(max_layer_error=(("*/conv*", 1e-4),))).passed
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        GateConfig(min_agreement=(("rot45", 0.9),)),
+        GateConfig(max_js=(("flipp*", 0.1),)),
+        GateConfig(max_layer_error=(("layer9.*", 0.1),)),
+    ],
+    ids=["element", "glob", "layer"],
+)
+def test_pattern_that_matches_nothing_is_a_usage_error(biased, gate) -> None:
+    with pytest.raises(UsageError, match="matches"):
+        evaluate_gate(biased, gate)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"fail_under": 101},
+        {"min_agreement": (("*", 1.5),)},
+        {"max_js": (("*", -0.1),)},
+        {"confidence": 95},
+        {"max_regression": 0.1},  # without --baseline
+    ],
+)
+def test_gate_config_refuses_impossible_values(kwargs) -> None:
+    with pytest.raises(UsageError):
+        GateConfig(**kwargs)
+
+
+# -- baselines -------------------------------------------------------------------------------------
+def test_baseline_is_small_sorted_and_deterministic(sym, files, tmp_path) -> None:
+    again = eqaudit.audit(files["sym"], "d4", data=files["images"])
+    assert baseline_json(sym) == baseline_json(again)
+    path = save_baseline(sym, tmp_path / "base" / "sym.json")
+    text = path.read_text()
+    assert len(text) < 8_000
+    data = json.loads(text)
+    assert text == json.dumps(data, indent=2, sort_keys=True) + "\n"
+    fingerprint = data["fingerprint"]
+    assert fingerprint["transforms"][0] == "id" and len(fingerprint["transforms"]) == 8
+    assert fingerprint["data"]["count"] == NUM_IMAGES
+    assert fingerprint["input"] == {"channels": 3, "height": SIZE, "layout": "NCHW", "width": SIZE}
+    assert str(tmp_path) not in text  # nothing machine-specific
+
+
+def test_regression_against_a_baseline(sym, biased, tmp_path) -> None:
+    path = save_baseline(sym, tmp_path / "sym.json")
+    baseline = load_baseline(path)
+    # The same model against its own baseline: no change, even with X = 0.
+    same = evaluate_gate(sym, GateConfig(baseline=str(path), max_regression=0.0), baseline)
+    assert same.passed
+    assert {c.shown for c in same.checks if c.name.startswith("regression.agreement")} == {
+        "0.0000"
+    }
+    # The biased model (same images, elements, preprocessing) got worse.
+    worse = evaluate_gate(biased, GateConfig(baseline=str(path), max_regression=0.05), baseline)
+    failed = {c.name for c in worse.failures}
+    assert "regression.score" in failed
+    assert any(name.startswith("regression.agreement[") for name in failed)
+    # ... and with a regression allowance larger than every change, it passes.
+    assert evaluate_gate(biased, GateConfig(baseline=str(path), max_regression=1.0), baseline).passed
+
+
+def test_mismatched_baseline_is_refused(sym, files, tmp_path) -> None:
+    path = save_baseline(sym, tmp_path / "sym.json")
+    baseline = load_baseline(path)
+    fewer = eqaudit.audit(files["sym"], "c4", data=files["images"], num_images=8, no_layers=True)
+    with pytest.raises(ConfigError) as error:
+        evaluate_gate(fewer, GateConfig(baseline=str(path)), baseline)
+    message = str(error.value)
+    assert "transforms: baseline id,rot90" in message
+    assert "data.count: baseline 16 vs this run 8" in message
+    assert "image_ids_sha256" in message
+    other = eqaudit.audit(files["sym"], "d4", data=files["images"], preset="imagenet")
+    with pytest.raises(ConfigError, match="preprocessing.mean"):
+        evaluate_gate(other, GateConfig(baseline=str(path)), baseline)
+
+
+def test_bad_baseline_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_baseline(tmp_path / "missing.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="JSON"):
+        load_baseline(tmp_path / "junk.json")
+    (tmp_path / "other.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ConfigError, match="not an eqaudit baseline"):
+        load_baseline(tmp_path / "other.json")
+
+
+# -- the command line ------------------------------------------------------------------------------
+def run_check(files, out: Path, *options: str, model: str = "biased"):
+    argv = ["check", str(files[model]), "--data", str(files["images"]), "-o", str(out)]
+    return runner.invoke(app, [*argv, *options])
+
+
+def last_line(result) -> str:
+    return clean(result.stdout).strip().splitlines()[-1]
+
+
+def test_check_passes_and_prints_passed_last(files, biased, tmp_path, monkeypatch) -> None:
+    summary_file = tmp_path / "step_summary.md"
+    summary_file.write_text("# earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary_file))
+    out = tmp_path / "out"
+    result = run_check(files, out, "--fail-under", str(below(biased.score)), "--no-layers")
+    assert result.exit_code == 0, result.output
+    line = last_line(result)
+    assert line.startswith("PASSED score ") and re.search(r"\(\d+\.\d s\)$", line), line
+    assert shown(biased.score) in line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gate"]["passed"] is True
+    # summary.md written, and appended to the GitHub step summary.
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("## eqaudit gate: PASSED")
+    assert summary_file.read_text() == "# earlier step\n" + markdown
+    root = ET.parse(out / "junit.xml").getroot()
+    assert root.find("testsuite").get("failures") == "0"
+
+
+def test_check_fails_with_exit_1_and_junit_names_the_failures(files, biased, tmp_path) -> None:
+    rows = {r["transform"]: r for r in biased.outputs[1:]}
+    worst = min(rows, key=lambda g: rows[g]["agreement"])
+    out = tmp_path / "out"
+    result = run_check(
+        files,
+        out,
+        "--fail-under",
+        "99",
+        "--min-agreement",
+        "0",
+        "--min-agreement",
+        f"{worst}={above(rows[worst]['agreement'])}",
+        "--max-js",
+        "1",
+        "--max-layer-error",
+        "*/conv1/*=0.9",
+    )
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    assert last_line(result).startswith("FAILED score ")
+    assert "Traceback" not in result.output
+    # The report is still written (CI keeps it as an artifact).
+    assert (out / "summary.json").is_file() and (out / "report.html").is_file()
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    failures = {name for name, c in cases.items() if c.find("failure") is not None}
+    assert failures == {"score", f"agreement[{worst}]"}
+    assert int(suite.get("tests")) == len(cases) == 1 + 7 + 7 + 7
+    assert suite.get("failures") == "2"
+    message = cases["score"].find("failure").get("message")
+    assert shown(biased.score) in message and ">= 99" in message
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("## eqaudit gate: FAILED")
+    assert "❌ **FAIL** | score" in markdown
+
+
+def test_save_and_use_a_baseline_on_the_command_line(files, tmp_path) -> None:
+    base = tmp_path / "baseline.json"
+    first = run_check(files, tmp_path / "a", "--save-baseline", str(base), model="sym")
+    assert first.exit_code == 0, first.output
+    assert base.is_file()
+    same = run_check(files, tmp_path / "b", "--baseline", str(base), model="sym")
+    assert same.exit_code == 0, same.output
+    worse = run_check(files, tmp_path / "c", "--baseline", str(base), "--max-regression", "0.02")
+    assert worse.exit_code == EXIT_GATE_FAILED, worse.output
+    assert "regression.score" in last_line(worse)
+    out = tmp_path / "d"
+    refused = run_check(files, out, "--baseline", str(base), "-t", "flips", model="sym")
+    assert refused.exit_code == EXIT_USAGE, refused.output
+    assert "error: baseline" in clean(refused.stderr) and "transforms" in clean(refused.stderr)
+    assert not out.exists()
+
+
+def test_usage_errors_exit_2_before_or_without_a_report(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    for options in (
+        ["--min-agreement", "rot45=0.9"],
+        ["--max-layer-error", "conv=0.1", "--no-layers"],
+        ["--min-agreement", "rot90=abc"],
+        ["--confidence", "95"],
+        ["--baseline", str(tmp_path / "missing.json")],
+    ):
+        result = run_check(files, out, *options, model="sym")
+        assert result.exit_code == EXIT_USAGE, (options, result.output)
+        assert clean(result.stderr).startswith("error:"), result.stderr
+        assert not out.exists()
+
+
+def test_summary_markdown_stays_small() -> None:
+    rows = [
+        {
+            "transform": f"shift_x+{i}",
+            "skipped": None,
+            "agreement": 0.5,
+            "agreement_low": 0.4,
+            "agreement_high": 0.6,
+            "js_divergence": 0.1,
+        }
+        for i in range(5000)
+    ]
+    summary = {
+        "scores": {
+            "robustness_score": 50.0,
+            "mean_agreement": 0.5,
+            "orbit_consistency": 0.1,
+            "worst_transform": "shift_x+1",
+        },
+        "model": {"name": "m|<b>.onnx", "backend": "onnx", "input": {"height": 8, "width": 8}},
+        "data": {"synthetic": False, "source": "folder", "count": 3},
+        "transforms": {"spec": "shift:1"},
+        "outputs": rows,
+        "layers": [],
+        "warnings": [],
+    }
+    text = render_audit(summary)
+    assert len(text.encode()) < MAX_BYTES
+    assert "m\\|&lt;b&gt;.onnx" in text  # table-safe, no raw HTML
+    assert "4960 more elements" in text
+    assert len(fit("x\n" * 10**6).encode()) <= MAX_BYTES
