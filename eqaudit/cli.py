@@ -563,9 +563,14 @@ def compare(
     ctx: typer.Context,
     a: Annotated[
         Path,
-        typer.Argument(help="Model A (.onnx or PyTorch), or a saved report folder/summary.json."),
+        typer.Argument(
+            help="Model A (.onnx or PyTorch), or a saved report folder/summary.json.", metavar="A"
+        ),
     ],
-    b: Annotated[Path, typer.Argument(help="Model B, or a saved report folder/summary.json.")],
+    b: Annotated[
+        Path,
+        typer.Argument(help="Model B, or a saved report folder/summary.json.", metavar="B"),
+    ],
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output folder (default reports/<A>-vs-<B>/)."),

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from eqaudit.config import AuditConfig, parse_input_size
+from eqaudit.config import AuditConfig
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import FAILED, PASSED, SKIPPED, Check, shown
 from eqaudit.results import AuditResult, clean_number
@@ -97,35 +97,43 @@ def load_saved(source: str | Path) -> AuditResult:
     return result
 
 
-def config_for(model: Any, config: AuditConfig) -> AuditConfig:
-    """One configuration for both models, minus the options the other backend would refuse
-    (``--factory`` for an ONNX file, ``--input-name``/``--layout`` for a PyTorch file)."""
+def _resets(model: Any, layout: str | None) -> dict[str, Any]:
+    """Options the model's backend would refuse, reset: ``--factory``/``--trust-pickle`` for an
+    ONNX model, ``--input-name``/``--output-name`` (and an NCHW ``--layout``) for PyTorch."""
     suffix = Path(model).suffix.lower() if isinstance(model, (str, Path)) else ""
-    if suffix == ".onnx":
-        return replace(config, factory=None, trust_pickle=False)
-    if suffix or not _is_onnx_proto(model):
-        layout = config.layout if config.layout and config.layout.upper() != "NCHW" else None
-        return replace(config, input_name=None, output_name=None, layout=layout)
-    return config
+    if suffix == ".onnx" or type(model).__name__ == "ModelProto":
+        return {"factory": None, "trust_pickle": False}
+    resets: dict[str, Any] = {"input_name": None, "output_name": None}
+    if layout is not None and layout.upper() == "NCHW":
+        resets["layout"] = None
+    return resets
 
 
-def _is_onnx_proto(model: Any) -> bool:
-    return type(model).__name__ == "ModelProto"
+def config_for(model: Any, config: AuditConfig) -> AuditConfig:
+    """The shared configuration, minus what this model's backend would refuse."""
+    return replace(config, **_resets(model, config.layout))
 
 
 def run_both(
     a: Any,
     b: Any,
-    config: AuditConfig,
+    config: AuditConfig | None,
     progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+    **options: Any,
 ) -> tuple[AuditResult, AuditResult]:
-    """Audit both models with the same configuration (same images, elements, preprocessing)."""
+    """Audit both models with the same configuration (same images, elements, preprocessing):
+    ``config``, or the :func:`eqaudit.audit` keyword ``options``."""
     from eqaudit.audit import audit
 
     results = []
     for label, model in (("A", a), ("B", b)):
         callback = progress(label) if progress else None
-        results.append(audit(model, config=config_for(model, config), progress=callback))
+        if config is not None:
+            results.append(audit(model, config=config_for(model, config), progress=callback))
+            continue
+        resets = _resets(model, options.get("layout"))
+        mine = {**options, **{k: v for k, v in resets.items() if k in options}}
+        results.append(audit(model, progress=callback, **mine))
     return results[0], results[1]
 
 
@@ -562,7 +570,7 @@ def compare(
     **options: Any,
 ) -> tuple[Comparison, AuditResult, AuditResult]:
     """Compare A and B: two models (audited here with one configuration: ``config`` or the
-    :class:`AuditConfig` fields in ``options``), two saved audits (folders or summary.json
+    :func:`eqaudit.audit` keyword ``options``, e.g. ``transforms="d4"``), two saved audits (folders or summary.json
     files), or two :class:`AuditResult` objects. Returns the comparison and both results."""
     saved = [isinstance(x, AuditResult) or is_saved_report(x) for x in (a, b)]
     if saved[0] != saved[1]:
@@ -578,14 +586,7 @@ def compare(
         ra = a if isinstance(a, AuditResult) else load_saved(a)
         rb = b if isinstance(b, AuditResult) else load_saved(b)
     else:
-        if config is None:
-            if "input_size" in options:
-                options["input_size"] = parse_input_size(options["input_size"])
-            for key in ("providers", "layer_patterns", "mean", "std"):
-                if isinstance(options.get(key), list):
-                    options[key] = tuple(options[key])
-            config = AuditConfig(**options)
-        ra, rb = run_both(a, b, config, progress)
+        ra, rb = run_both(a, b, config, progress, **options)
     comparison = compare_results(
         ra,
         rb,

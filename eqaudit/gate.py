@@ -130,6 +130,7 @@ class GateReport:
     """Every check of one gate run."""
 
     checks: tuple[Check, ...]
+    thresholds: dict | None = None  # GateConfig.to_dict() of the run, for the record
 
     @property
     def passed(self) -> bool:
@@ -150,6 +151,7 @@ class GateReport:
                 "thresholds as given, inclusively"
             ),
             "counts": {s: self.count(s) for s in (PASSED, FAILED, SKIPPED)},
+            "thresholds": self.thresholds,
             "checks": [c.to_dict() for c in self.checks],
         }
 
@@ -163,7 +165,7 @@ class GateReport:
         total = len(self.checks)
         if total:
             lines.append(
-                f"gate: {total} checks, {self.count(PASSED)} passed, {self.count(FAILED)} "
+                f"gate: {_checks(total)}, {self.count(PASSED)} passed, {self.count(FAILED)} "
                 f"failed, {self.count(SKIPPED)} skipped (all in junit.xml and summary.md)"
             )
         return lines
@@ -174,12 +176,16 @@ class GateReport:
         if not self.checks:
             detail = "no gate checks configured"
         elif self.passed:
-            detail = f"{len(self.checks) - self.count(SKIPPED)} checks passed"
+            detail = f"{_checks(len(self.checks) - self.count(SKIPPED))} passed"
         else:
             names = ", ".join(c.name for c in self.failures[:5])
             more = f" and {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
-            detail = f"{len(self.failures)} of {len(self.checks)} checks failed: {names}{more}"
+            detail = f"{len(self.failures)} of {_checks(len(self.checks))} failed: {names}{more}"
         return f"{'PASSED' if self.passed else 'FAILED'} {score_text}, {detail} ({seconds:.1f} s)"
+
+
+def _checks(count: int) -> str:
+    return f"{count} check" + ("" if count == 1 else "s")
 
 
 # -- pattern maps ----------------------------------------------------------------------------------
@@ -352,7 +358,7 @@ def evaluate_gate(
             raise UsageError("a baseline is checked against a result with its predictions")
         check_fingerprint(baseline, result, gate.baseline or "the baseline")
         checks += _regression_checks(summary, baseline, gate.max_regression or 0.0)
-    return GateReport(tuple(checks))
+    return GateReport(tuple(checks), gate.to_dict())
 
 
 # -- baselines -------------------------------------------------------------------------------------
@@ -501,7 +507,7 @@ def _regression_checks(summary: dict, baseline: dict, allowed: float) -> list[Ch
         change = _decimal(shown(old)) - _decimal(shown(new))
         if not higher_is_better:
             change = -change
-        description = f"{shown(old)} in the baseline, {shown(new)} now"
+        description = f"how much worse: {shown(old)} in the baseline, {shown(new)} now"
         return _compare(name, option, description, float(change), "<=", limit, text=str(change))
 
     scores = summary["scores"]
@@ -511,7 +517,7 @@ def _regression_checks(summary: dict, baseline: dict, allowed: float) -> list[Ch
             metrics.get("robustness_score"),
             scores["robustness_score"],
             True,
-            100 * allowed,
+            float(Decimal(repr(float(allowed))) * 100),  # 0.07 -> 7.0, not 7.000000000000001
         ),
         worse_by(
             "regression.orbit_consistency",

@@ -16,7 +16,9 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     """Prefix text cells that a spreadsheet would run as a formula with a quote."""
     frame = frame.copy()
     for column in frame.columns:
-        if frame[column].dtype == object:
+        # pandas >= 3 gives text columns the "str" dtype (a StringDtype), not object.
+        dtype = frame[column].dtype
+        if pd.api.types.is_object_dtype(dtype) or isinstance(dtype, pd.StringDtype):
             frame[column] = frame[column].map(
                 lambda v: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
             )

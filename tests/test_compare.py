@@ -1,0 +1,264 @@
+"""eqaudit compare: the statistics (exact McNemar, paired bootstrap, Holm), layer matching, and
+real model pairs: a degraded checkpoint is a significant regression, an identical pair is not, and
+an ONNX export compares as equal to its PyTorch module."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from models_zoo import PositionalBias, export_onnx, symmetric_cnn
+from PIL import Image
+from typer.testing import CliRunner
+
+from eqaudit.cli import app
+from eqaudit.compare import compare, holm, match_layers
+from eqaudit.errors import EXIT_GATE_FAILED, EXIT_USAGE
+from eqaudit.stats import mcnemar_exact, paired_bootstrap_interval
+
+SIZE = 33
+NUM_IMAGES = 24
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("EQAUDIT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+def clean(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+# -- statistics ------------------------------------------------------------------------------------
+def test_mcnemar_exact_known_values() -> None:
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 2**5)  # 0.0625
+    assert mcnemar_exact(0, 8) == pytest.approx(2 / 2**8)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)
+    assert mcnemar_exact(1000, 1000) == 1.0
+    assert 0 <= mcnemar_exact(0, 3000) < 1e-300  # exact integers: no overflow, no NaN
+
+
+@pytest.mark.parametrize("b", range(0, 12))
+@pytest.mark.parametrize("c", [0, 1, 4, 11])
+def test_mcnemar_is_the_two_sided_binomial_test(b: int, c: int) -> None:
+    n = b + c
+    if n == 0:
+        return
+    pmf = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    observed = pmf[b]
+    brute = sum(p for p in pmf if p <= observed * (1 + 1e-12))  # symmetric: same as doubling
+    assert mcnemar_exact(b, c) == pytest.approx(min(1.0, brute))
+
+
+def test_paired_bootstrap_interval() -> None:
+    same = np.array([True, False, True, True])
+    assert paired_bootstrap_interval(same, same) == (0.0, 0.0)
+    rng = np.random.default_rng(1)
+    a = rng.random(200) < 0.9
+    b = a & (rng.random(200) < 0.8)  # B loses ~20% of A's agreements
+    low, high = paired_bootstrap_interval(a, b, seed=3)
+    assert (low, high) == paired_bootstrap_interval(a, b, seed=3)  # seeded
+    observed = b.mean() - a.mean()
+    assert low < observed < high < 0
+    # Same distribution as resampling image indices (checked against the naive bootstrap).
+    idx = rng.integers(0, 200, size=(4000, 200))
+    naive = np.quantile(b[idx].mean(1) - a[idx].mean(1), [0.025, 0.975])
+    assert low == pytest.approx(naive[0], abs=0.01)
+    assert high == pytest.approx(naive[1], abs=0.01)
+
+
+def test_holm_adjustment() -> None:
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == []
+    assert holm([0.3, 0.9]) == pytest.approx([0.6, 0.9])
+
+
+def test_layers_match_by_name_then_by_order_and_shape() -> None:
+    def layers(*items: tuple[str, str]) -> list[dict]:
+        return [{"name": n, "shape": s, "index": i} for i, (n, s) in enumerate(items)]
+
+    a = layers(("conv1", "8x9x9"), ("relu1", "8x9x9"), ("pool", "8"), ("fc", "5"))
+    b = layers(("/c1/Conv", "8x9x9"), ("relu1", "8x9x9"), ("/gap", "8"), ("/extra", "3"))
+    pairs, only_a, only_b = match_layers(a, b)
+    assert pairs == [
+        ("conv1", "/c1/Conv", "order+shape"),
+        ("relu1", "relu1", "name"),
+        ("pool", "/gap", "order+shape"),
+    ]
+    assert only_a == ["fc"] and only_b == ["/extra"]
+
+
+# -- real model pairs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:40, 0:40] / 39.0
+    for i in range(NUM_IMAGES):
+        cy, cx = rng.uniform(8, 32, 2)
+        blob = np.exp(-((yy * 39 - cy) ** 2 + (xx * 39 - cx) ** 2) / 40.0)
+        rgb = np.stack([blob, xx * rng.uniform(), yy * rng.uniform()], axis=-1)
+        Image.fromarray((255 * rgb.clip(0, 1)).astype(np.uint8)).save(images / f"im{i:02d}.png")
+    sym = symmetric_cnn(size=SIZE)
+    torch.save(sym.state_dict(), root / "sym.pt")
+    return {
+        "images": images,
+        "sym_module": sym,
+        "biased_module": PositionalBias(sym, SIZE, strength=1.0).eval(),
+        "sym": export_onnx(sym, root / "sym.onnx", SIZE),
+        "sym_pt": root / "sym.pt",
+        "biased": export_onnx(
+            PositionalBias(sym, SIZE, strength=1.0).eval(), root / "b.onnx", SIZE
+        ),
+    }
+
+
+def test_degraded_checkpoint_is_a_significant_regression(files) -> None:
+    comparison, _, _ = compare(
+        files["sym_module"],
+        files["biased_module"],
+        data=str(files["images"]),
+        input_size=SIZE,
+        fail_on_regression=True,
+    )
+    data = comparison.data
+    assert comparison.regressions and not comparison.passed
+    assert data["scores"]["robustness_score_b"] < data["scores"]["robustness_score_a"] - 5
+    for row in data["outputs"]:
+        assert row["agreement_a"] == 1.0  # the symmetric model is exactly invariant
+        assert row["agreement_b"] <= 1.0 and row["only_b"] == 0
+        if row["verdict"] == "B worse":
+            assert row["holm_p"] < 0.05 and row["mcnemar_p"] <= row["holm_p"]
+            assert row["difference_high"] < 0  # the bootstrap interval excludes 0 too
+            assert row["js_difference"] > 0
+    failed = {c.name for c in comparison.checks if c.status == "failed"}
+    assert failed == {f"regression[{g}]" for g in comparison.regressions}
+
+
+def test_identical_pair_is_not_a_regression(files) -> None:
+    comparison, _, _ = compare(
+        files["sym_module"],
+        files["sym_module"],
+        data=str(files["images"]),
+        input_size=SIZE,
+        fail_on_regression=True,
+    )
+    data = comparison.data
+    assert comparison.passed and not comparison.regressions
+    assert data["top1_agreement"] == {"untransformed": 1.0, "same": NUM_IMAGES, "n": NUM_IMAGES}
+    for row in data["outputs"]:
+        assert row["mcnemar_p"] == 1.0 and row["holm_p"] == 1.0
+        assert (row["difference_low"], row["difference_high"]) == (0.0, 0.0)
+        assert row["agreement_difference"] == 0.0 and row["top1_agreement"] == 1.0
+    assert data["layer_matching"]["matched_by_order"] == 0
+    assert not data["layer_matching"]["unmatched_a"] and not data["layer_matching"]["unmatched_b"]
+    assert all(r["relative_error_difference"] == 0.0 for r in data["layers"])
+
+
+def run_compare(files, a: str, b: str, out: Path, *options: str):
+    argv = ["compare", str(files[a]), str(files[b]), "--data", str(files["images"])]
+    return runner.invoke(app, [*argv, "-o", str(out), *options])
+
+
+def test_cli_flags_the_degraded_onnx_model(files, tmp_path) -> None:
+    out = tmp_path / "cmp"
+    result = run_compare(files, "sym", "biased", out, "--fail-on-regression")
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    last = clean(result.stdout).strip().splitlines()[-1]
+    assert last.startswith("FAILED B is significantly less invariant than A"), last
+    for name in ("compare.json", "compare.csv", "summary.md", "junit.xml"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "compare.json").read_text())
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    failures = {c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None}
+    assert failures == {f"regression[{g}]" for g in data["regressions"]} and failures
+    table = pd.read_csv(out / "compare.csv")
+    assert set(table["section"]) == {"output", "layer"}
+    assert len(table[table["section"] == "output"]) == 7
+    assert (out / "summary.md").read_text().startswith("## eqaudit compare: FAILED")
+    # Not gated: the same finding, exit 0, and junit marks it skipped rather than failed.
+    plain = run_compare(files, "sym", "biased", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    assert "not gated" in clean(plain.stdout).strip().splitlines()[-1]
+    suite = ET.parse(tmp_path / "plain" / "junit.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "0" and int(suite.get("skipped")) == len(data["regressions"])
+
+    # The two audits are kept; comparing the saved folders gives the same numbers.
+    again = runner.invoke(
+        app, ["compare", str(out / "a"), str(out / "b"), "-o", str(tmp_path / "saved")]
+    )
+    assert again.exit_code == 0, again.output
+    saved = json.loads((tmp_path / "saved" / "compare.json").read_text())
+    assert saved["outputs"] == data["outputs"]
+    assert saved["top1_agreement"] == data["top1_agreement"]
+
+
+def test_onnx_export_compares_as_equal_to_its_pytorch_module(files, tmp_path) -> None:
+    out = tmp_path / "cmp"
+    result = run_compare(
+        files,
+        "sym",
+        "sym_pt",
+        out,
+        "--factory",
+        "models_zoo:SmallCNN",
+        "--input-size",
+        str(SIZE),
+        "--fail-on-regression",
+    )
+    assert result.exit_code == 0, result.output
+    assert clean(result.stdout).strip().splitlines()[-1].startswith("PASSED")
+    data = json.loads((out / "compare.json").read_text())
+    assert data["a"]["backend"] == "onnx" and data["b"]["backend"] == "torch"
+    assert data["top1_agreement"]["untransformed"] == 1.0
+    for row in data["outputs"]:
+        assert row["verdict"] == "no significant difference"
+        assert row["mcnemar_p"] == 1.0 and row["top1_agreement"] == 1.0
+        assert abs(row["js_difference"]) < 1e-6
+    # ONNX tensor names differ from module paths: the conv layers pair by order and shape.
+    pairs = {(r["layer_a"], r["layer_b"]) for r in data["layers"]}
+    assert ("/conv1/Conv_output_0", "conv1") in pairs
+    assert ("/conv3/Conv_output_0", "conv3") in pairs
+    conv = [r for r in data["layers"] if r["layer_b"].startswith("conv")]
+    assert all(abs(r["relative_error_difference"]) < 1e-5 for r in conv)
+
+
+def test_unpaired_inputs_are_refused(files, tmp_path) -> None:
+    def check(out: Path, *options: str) -> Path:
+        argv = ["check", str(files["sym"]), "--data", str(files["images"]), "-o", str(out)]
+        result = runner.invoke(app, [*argv, "--no-layers", *options])
+        assert result.exit_code == 0, result.output
+        return out
+
+    full = check(tmp_path / "full")
+    fewer = check(tmp_path / "fewer", "-n", "12")
+    flips = check(tmp_path / "flips", "-t", "flips")
+    cases = [
+        ([str(full), str(fewer)], "different images"),
+        ([str(full), str(flips / "summary.json")], "different transform elements"),
+        ([str(full), str(files["sym"])], "not one of each"),
+        ([str(full), str(full), "-t", "c4"], "do not apply"),
+    ]
+    for args, words in cases:
+        out = tmp_path / "cmp"
+        result = runner.invoke(app, ["compare", *args, "-o", str(out)])
+        assert result.exit_code == EXIT_USAGE, (args, result.output)
+        assert words in clean(result.stderr), result.stderr
+        assert not (out / "compare.json").exists()
