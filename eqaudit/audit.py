@@ -208,6 +208,8 @@ class Engine:
         self.class_names: list[str] | None = None
         self.label_action: LabelAction | None = None
         self.run_notes: list[str] = []
+        self._score_low: torch.Tensor | None = None
+        self._score_high: torch.Tensor | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_layers(self, first: torch.Tensor) -> None:
@@ -265,6 +267,29 @@ class Engine:
             )
         return int(min(wanted, fits))
 
+    def _track_spread(self, reference: torch.Tensor) -> None:
+        """Keep the range of the identity scores, to tell a model that ignores its input."""
+        low, high = reference.double().min(dim=0).values, reference.double().max(dim=0).values
+        if self._score_low is None:
+            self._score_low, self._score_high = low, high
+        else:
+            self._score_low = torch.minimum(self._score_low, low)
+            self._score_high = torch.maximum(self._score_high, high)
+
+    def constant_output_warning(self, count: int) -> str | None:
+        """A warning when every image got the same scores: invariance is then trivial."""
+        if self._score_low is None or count < 2:
+            return None
+        spread = float((self._score_high - self._score_low).max())
+        scale = float(torch.maximum(self._score_high.abs(), self._score_low.abs()).max())
+        if spread > 1e-6 * max(scale, 1e-12):
+            return None
+        return (
+            f"the model's scores are constant across all {count} images (spread {spread:.2g}): "
+            "its outputs do not depend on the input, so its perfect invariance means nothing; "
+            "check the preprocessing (--scale, --mean, --std) and the model"
+        )
+
     def _check_determinism(self, images: torch.Tensor, scores: torch.Tensor) -> None:
         again = self.adapter.run(images).scores
         spread = (again.double() - scores.double()).abs().max().item()
@@ -296,6 +321,7 @@ class Engine:
                 "--outputs logits was given but the outputs look like probabilities "
                 "(non-negative rows summing to 1): softmax will be applied on top of them"
             )
+        self._track_spread(scores[0])
         self._update_outputs(scores, labels, ids, transformed)
         for state in self.layer_states:
             act = out.activations[state.info.name]
@@ -608,6 +634,9 @@ def audit(
 
     description = source.description
     warnings = list(engine.warnings)
+    constant = engine.constant_output_warning(len(source))
+    if constant:
+        warnings.append(constant)
     if description.synthetic:
         warnings.insert(
             0,
