@@ -92,7 +92,8 @@ def cosine_distance(
     na, nb = a.norm(dim=1), b.norm(dim=1)
     cos = (a * b).sum(dim=1) / (na * nb).clamp_min(EPS)
     both_zero = (na <= EPS) & (nb <= EPS)
-    return torch.where(both_zero, torch.zeros_like(cos), 1.0 - cos)
+    # Rounding can put cos a hair above 1 (a distance of -1e-16 in the report): clamp.
+    return torch.where(both_zero, torch.zeros_like(cos), (1.0 - cos).clamp(0.0, 2.0))
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -167,8 +167,19 @@ def parse_transforms(spec: str, shift_mode: str = "crop") -> list[Transform]:
         if name == "shift" and any(v <= 0 for v in values):
             raise TransformSpecError("shift amounts must be positive: e.g. --transforms shift:2,4")
         for element in family.build(values, shift_mode):
-            if element.name in seen or (isinstance(element, Rotation) and element.degrees == 0):
+            if isinstance(element, Rotation) and element.degrees % 360 == 0:
+                continue  # the identity, always run
+            if element.name in seen:
+                # rot:90 and d4's rot90 share a name: the exact element wins, whatever the order.
+                at = next(i for i, e in enumerate(elements) if e.name == element.name)
+                if isinstance(element, D4Element) and isinstance(elements[at], Rotation):
+                    elements[at] = element
                 continue
             seen.add(element.name)
             elements.append(element)
+    if len(elements) == 1:
+        raise TransformSpecError(
+            f"--transforms '{spec.strip()}' leaves only the identity (rotations by multiples of "
+            "360 degrees): nothing to compare; use e.g. --transforms d4 or rot:15"
+        )
     return elements

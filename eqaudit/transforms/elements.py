@@ -266,6 +266,16 @@ class Shift(Transform):
             return int(max(abs(self.dy), abs(self.dx)))
         return 0
 
+    def skip_reason(self, height: int, width: int) -> str | None:
+        # A shift by the whole input or more leaves nothing to compare (and a crop-shift would
+        # need a source image that many pixels larger on every side).
+        if abs(self.dy) >= height or abs(self.dx) >= width:
+            return (
+                f"a shift of ({self.dy:g}, {self.dx:g}) px moves the whole {height}x{width} "
+                "input out of view"
+            )
+        return None
+
     def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
         if not self.integer:
             return fourier_shift(center_crop(source, margin), self.dy, self.dx).clamp(0, 1)
