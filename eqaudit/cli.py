@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from eqaudit.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EqauditError, UsageError
+from eqaudit.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_MODEL, EqauditError, UsageError
 
 app = typer.Typer(
     name="eqaudit",
@@ -52,6 +52,12 @@ def _handle_errors(func: F) -> F:
             raise typer.Exit(143 if name == "SIGTERM" else 130) from None
         except typer.Exit:
             raise
+        except MemoryError:
+            console.error(
+                "out of memory while auditing: lower --batch-size, audit fewer layers "
+                "(--layers PATTERN or --no-layers), or use a smaller --input-size"
+            )
+            raise typer.Exit(EXIT_MODEL) from None
         except Exception:
             traceback.print_exc()
             console.error(

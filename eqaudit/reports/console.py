@@ -72,6 +72,14 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         f"{data['count']} {'synthetic' if data['synthetic'] else data['source']} images, "
         f"transforms {s['transforms']['spec']}"
     )
+    for note in [*data.get("notes", []), *s["preprocessing"].get("notes", [])]:
+        stdout.print(f"[dim]note: {note}[/]")
+    skipped = data.get("skipped") or []
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (
+            f"; … ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        )
+        warn(f"{len(skipped)} unreadable image(s) skipped: {shown}")
     action = s.get("label_action") or {}
     if action.get("mode") == "equivariance":
         declared = "; ".join(f"{k}={v}" for k, v in action.get("declared", {}).items())
