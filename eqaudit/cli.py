@@ -623,7 +623,7 @@ def compare(
 ) -> None:
     """Compare A and B on the same images and elements: per-element agreement with an exact
     McNemar test and a bootstrap interval, JS divergence, per-layer errors, and how often A and
-    B predict the same class. Writes compare.json, compare.csv, summary.md and junit.xml."""
+    B predict the same class. Writes compare.json, compare.csv, report.html, summary.md and junit.xml."""
     from eqaudit.compare import compare as compare_models
     from eqaudit.compare import is_saved_report, write_comparison
     from eqaudit.config import resolve_config

@@ -39,7 +39,7 @@ from eqaudit.stats import BOOTSTRAP_RESAMPLES, mcnemar_exact, paired_bootstrap_i
 
 IDENTITY = "id"
 SCHEMA_VERSION = "1.0"
-FILES = ("compare.json", "compare.csv", "summary.md", "junit.xml")
+FILES = ("compare.json", "compare.csv", "summary.md", "junit.xml", "report.html")
 CSV_COLUMNS = [
     "section",
     "transform",
@@ -600,8 +600,10 @@ def compare(
 
 
 def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
-    """compare.json, compare.csv, summary.md and junit.xml, written atomically into ``out_dir``."""
+    """compare.json, compare.csv, summary.md, junit.xml and report.html, written atomically into
+    ``out_dir``."""
     from eqaudit.reports import write_folder
+    from eqaudit.reports.compare_html import write_compare_html
     from eqaudit.reports.junit import junit_xml
     from eqaudit.reports.markdown import render_compare
     from eqaudit.reports.tables import neutralise_formulas
@@ -622,6 +624,7 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
             properties={"a": data["a"]["model"], "b": data["b"]["model"], "alpha": data["alpha"]},
         )
         (staging / "junit.xml").write_text(xml, encoding="utf-8")
+        write_compare_html(data, staging)
         return list(FILES)
 
     return write_folder(Path(out_dir), produce, set(FILES))

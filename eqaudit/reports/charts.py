@@ -465,3 +465,140 @@ def layer_heatmap_svg(grid: LayerGrid) -> str:
                     )
         ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(handles))
         return _to_svg(fig, "heatmap")
+
+
+# -- eqaudit compare: A and B overlaid ---------------------------------------------------------------
+@dataclass(frozen=True)
+class PairGrid:
+    """The ``layers`` rows of compare.json as arrays: elements x matched layer pairs, the pairs in
+    A's execution order (the order of compare.json)."""
+
+    names_a: list[str]  # (L,) layer names in A
+    names_b: list[str]  # (L,) the layer of B matched to each
+    elements: list[str]  # (E,) non-identity elements
+    error_a: np.ndarray  # (E, L) relative error of A; NaN where not measured
+    error_b: np.ndarray  # (E, L) the same for B
+
+    @property
+    def empty(self) -> bool:
+        return not self.names_a or not self.elements
+
+
+def pair_grid(layers: list[dict], elements: list[str]) -> PairGrid:
+    """Collect compare.json's ``layers`` rows (one per matched pair and element)."""
+    pairs: dict[str, str] = {}
+    for row in layers:
+        pairs.setdefault(str(row["layer_a"]), str(row["layer_b"]))
+    names_a = list(pairs)
+    present = {str(row["transform"]) for row in layers}
+    order = [e for e in elements if e in present and e != IDENTITY]
+    order += sorted(present - set(order) - {IDENTITY})
+    error_a = np.full((len(order), len(names_a)), np.nan)
+    error_b = np.full((len(order), len(names_a)), np.nan)
+    e_index = {n: i for i, n in enumerate(order)}
+    l_index = {n: i for i, n in enumerate(names_a)}
+    for row in layers:
+        e = e_index.get(str(row["transform"]))
+        if e is None:
+            continue
+        col = l_index[str(row["layer_a"])]
+        for target, key in ((error_a, "relative_error_a"), (error_b, "relative_error_b")):
+            if row.get(key) is not None:
+                target[e, col] = float(row[key])
+    return PairGrid(names_a, [pairs[n] for n in names_a], order, error_a, error_b)
+
+
+def compare_curve_svg(grid: PairGrid, label_a: str = "A", label_b: str = "B") -> str:
+    """Relative error against depth for A (solid lines, filled points) and B (dashed lines,
+    hollow points) over the matched layers, one colour per element: a linear and a log panel."""
+    with matplotlib.rc_context(_RC):
+        longest = max(len(short_label(n)) for n in grid.names_a)
+        fig = _figure(2 * 2.9 + 0.35 + 0.075 * longest)
+        linear, log = fig.subplots(2, 1, sharex=True, height_ratios=[1, 1])
+        both = np.concatenate([grid.error_a.ravel(), grid.error_b.ravel()])
+        finite = both[np.isfinite(both)]
+        positive = finite[finite > 0]
+        top = float(finite.max()) if finite.size else 0.0
+        floor = _log_floor(positive)
+        exact_zeros = bool((finite <= 0).any())
+        count = len(grid.names_a)
+        x = np.arange(count)
+        dense = count > MAX_MARKED_LAYERS
+        for ax, scale in ((linear, "linear"), (log, "log")):
+            for e in range(len(grid.elements)):
+                colour = _colour(e)
+                for values, dashed in ((grid.error_a[e], False), (grid.error_b[e], True)):
+                    if scale == "log":
+                        values = np.where(values <= floor, floor, values)
+                    ax.plot(
+                        x,
+                        values,
+                        color=colour,
+                        ls="--" if dashed else "-",
+                        lw=1.0 if dense else 1.3,
+                        marker="" if dense else "o",
+                        ms=4.0,
+                        mfc="white" if dashed else colour,
+                        mec=colour,
+                    )
+            ax.set_yscale(scale)
+            if scale == "linear":
+                # A little room below 0, so that a line at exactly 0 is not hidden by the axis.
+                span = max(top, 0.02) * 1.06
+                ax.set_ylim(-0.025 * span, span)
+                ax.set_ylabel("relative error")
+                ax.set_title("Per-layer equivariance error, A solid and B dashed (linear scale)")
+            else:
+                low = math.log10(floor) - 0.3
+                high = math.log10(max(top, floor * 10)) + 0.15
+                ax.set_ylim(10**low, 10**high)
+                _log_axis(ax.yaxis)
+                ax.set_ylabel("relative error (log)")
+                note = f" (exact zeros drawn at {_log_label(floor)})" if exact_zeros else ""
+                ax.set_title(f"Same, log scale{note}")
+            ax.grid(axis="y", color="#e4e7ec", lw=0.6)
+            ax.set_xlim(-0.6, count - 0.4)
+        ticks = _tick_positions(count, [])
+        for ax in (linear, log):
+            ax.set_xticks(ticks)
+            if len(ticks) < count:
+                ax.set_xticks(range(count), minor=True)
+                ax.tick_params(axis="x", which="minor", length=2)
+        linear.set_xticklabels([])
+        log.set_xticklabels([short_label(grid.names_a[t]) for t in ticks], rotation=90)
+        log.set_xlabel("matched layer, in A's execution order (A's layer name)")
+        colours = [
+            Line2D([], [], color=_colour(e), lw=2.0, label=short_label(name, 24))
+            for e, name in enumerate(grid.elements)
+        ]
+        linear.legend(
+            handles=colours,
+            loc="upper left",
+            bbox_to_anchor=(1.005, 1.0),
+            title="transform",
+            title_fontsize=8,
+        )
+        styles = [
+            Line2D(
+                [],
+                [],
+                color="#344054",
+                ls=ls,
+                marker="" if dense else "o",
+                ms=4.0,
+                mfc=mfc,
+                label=f"{side}: {short_label(label, 24)}",
+            )
+            for side, label, ls, mfc in (
+                ("A", label_a, "-", "#344054"),
+                ("B", label_b, "--", "white"),
+            )
+        ]
+        log.legend(
+            handles=styles,
+            loc="upper left",
+            bbox_to_anchor=(1.005, 1.0),
+            title="model",
+            title_fontsize=8,
+        )
+        return _to_svg(fig, "compare-curve")
