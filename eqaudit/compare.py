@@ -431,6 +431,13 @@ def compare_results(
                 "\n".join(sorted(paired["image"].unique())).encode("utf-8")
             ).hexdigest(),
             "elements": elements,
+            # How both audits were run (the same for A and B: compare refuses otherwise).
+            "transforms": a.summary["transforms"]["spec"],
+            "shift_mode": a.summary["transforms"]["shift_mode"],
+            "source": a.summary["data"]["source"],
+            "path": a.summary["data"].get("path"),
+            "synthetic": a.summary["data"]["synthetic"],
+            "seed": a.summary["seed"],
         },
         "method": {
             "test": "exact McNemar (two-sided binomial on discordant images), Holm-adjusted "

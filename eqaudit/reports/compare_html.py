@@ -116,13 +116,22 @@ def _shared(data: dict) -> list[dict]:
     facts = [
         {
             "label": "Transforms",
-            "value": f"{len(elements)} elements, the same for A and B: " + ", ".join(elements),
+            "value": (
+                f"{info['transforms']} (shift mode {info.get('shift_mode')}): "
+                if info.get("transforms")
+                else ""
+            )
+            + f"{len(elements)} elements, the same for A and B: "
+            + ", ".join(elements),
             "mono": False,
             "wide": True,
         },
         {
             "label": "Data",
-            "value": f"{info.get('count', '?')} images, the same for A and B (paired); "
+            "value": f"{info.get('count', '?')} "
+            + ("synthetic " if info.get("synthetic") else "")
+            + f"images{' from ' + info['path'] if info.get('path') else ''}, the same for A "
+            f"and B (paired), sampling seed {info.get('seed', '?')}; "
             f"SHA-256 of the image ids {info.get('image_ids_sha256', '—')}",
             "mono": False,
             "wide": True,
