@@ -40,12 +40,12 @@ from eqaudit.metrics import (
     LayerStats,
     OrbitStats,
     OutputStats,
-    cosine_distance,
+    errors_from_norms,
     js_divergence,
     looks_like_probabilities,
+    map_norms,
     normalised_logit_error,
     probabilities,
-    relative_error,
     robustness_score,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
@@ -435,6 +435,10 @@ class Engine:
         for gi, element in enumerate(self.elements):
             if state.reasons[gi] is not None:
                 continue
+            if gi == 0:  # the identity is the reference itself: exactly zero, no work
+                zeros = torch.zeros(reference.shape[0], dtype=torch.float64)
+                state.stats[0].update(zeros, zeros)
+                continue
             if not state.info.spatial:
                 a, b, mask = act[gi], reference, None
             else:
@@ -449,7 +453,8 @@ class Engine:
                 if element.exact or not state.info.spatial
                 else element.feature_floor(reference)
             )
-            state.stats[gi].update(relative_error(a, b, mask), cosine_distance(a, b, mask), floor)
+            relative, cosine = errors_from_norms(*map_norms(a, b, mask))
+            state.stats[gi].update(relative, cosine, floor)
 
     # -- results -----------------------------------------------------------------------------
     def _mode(self, element: Transform) -> str:

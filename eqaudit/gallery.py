@@ -24,8 +24,8 @@ from PIL import Image
 THUMB_SIZE = 96
 
 
-def thumbnail_uri(image: torch.Tensor, size: int = THUMB_SIZE) -> str:
-    """``(C, H, W)`` in [0, 1] -> a PNG data URI no larger than ``size`` pixels a side."""
+def thumbnail(image: torch.Tensor, size: int = THUMB_SIZE) -> Image.Image:
+    """``(C, H, W)`` in [0, 1] -> a Pillow image no larger than ``size`` pixels a side."""
     array = (image.detach().clamp(0, 1).mul(255).round().to(torch.uint8)).cpu().numpy()
     pil = (
         Image.fromarray(array[0], "L")
@@ -35,9 +35,18 @@ def thumbnail_uri(image: torch.Tensor, size: int = THUMB_SIZE) -> str:
     if max(pil.size) > size:
         pil.thumbnail((size, size), Image.Resampling.LANCZOS)
     # Small images stay at their size: the report scales them up with pixelated rendering.
+    return pil
+
+
+def png_uri(pil: Image.Image) -> str:
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", optimize=True)
+    pil.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def thumbnail_uri(image: torch.Tensor, size: int = THUMB_SIZE) -> str:
+    """``(C, H, W)`` in [0, 1] -> a PNG data URI no larger than ``size`` pixels a side."""
+    return png_uri(thumbnail(image, size))
 
 
 class Gallery:
@@ -63,7 +72,14 @@ class Gallery:
     ) -> None:
         """``images[g]`` is ``(B, C, H, W)`` for element ``g`` (0 = identity); ``top1``,
         ``confidence``, ``js`` and ``agree`` (top-1 as the declared label action expects) are
-        ``(G, B)``."""
+        ``(G, B)``. Thumbnails are kept as small images and encoded once, in :meth:`to_dict`."""
+        originals: dict[int, Image.Image] = {}
+
+        def original(b: int) -> Image.Image:
+            if b not in originals:
+                originals[b] = thumbnail(images[0][b])
+            return originals[b]
+
         for b, image_id in enumerate(ids):
             label = int(labels[b]) if labels is not None else -1
             if len(self.orbits) < self.orbit_images:
@@ -76,7 +92,7 @@ class Gallery:
                                 "transform": name,
                                 "top1": int(top1[g, b]),
                                 "confidence": float(confidence[g, b]),
-                                "thumbnail": thumbnail_uri(images[g][b]),
+                                "thumbnail": original(b) if g == 0 else thumbnail(images[g][b]),
                             }
                             for g, name in enumerate(names)
                         ],
@@ -96,12 +112,12 @@ class Gallery:
                     "original": {
                         "top1": int(top1[0, b]),
                         "confidence": float(confidence[0, b]),
-                        "thumbnail": thumbnail_uri(images[0][b]),
+                        "thumbnail": original(b),
                     },
                     "transformed": {
                         "top1": int(top1[g, b]),
                         "confidence": float(confidence[g, b]),
-                        "thumbnail": thumbnail_uri(images[g][b]),
+                        "thumbnail": thumbnail(images[g][b]),
                     },
                 }
                 item = (key, next(self._counter), entry)
@@ -111,5 +127,34 @@ class Gallery:
                     heapq.heapreplace(self._heap, item)
 
     def to_dict(self) -> dict:
-        flips = [entry for _, _, entry in sorted(self._heap, key=lambda t: (-t[0], t[1]))]
-        return {"flips": flips, "orbits": self.orbits}
+        """The kept thumbnails as PNG data URIs (see the module docstring)."""
+        encoded: dict[int, str] = {}
+
+        def uri(pil: Image.Image) -> str:
+            if id(pil) not in encoded:  # an original shared by several flips: encode it once
+                encoded[id(pil)] = png_uri(pil)
+            return encoded[id(pil)]
+
+        flips = []
+        for _, _, entry in sorted(self._heap, key=lambda t: (-t[0], t[1])):
+            flips.append(
+                {
+                    **entry,
+                    "original": {
+                        **entry["original"],
+                        "thumbnail": uri(entry["original"]["thumbnail"]),
+                    },
+                    "transformed": {
+                        **entry["transformed"],
+                        "thumbnail": uri(entry["transformed"]["thumbnail"]),
+                    },
+                }
+            )
+        orbits = [
+            {
+                **orbit,
+                "elements": [{**e, "thumbnail": uri(e["thumbnail"])} for e in orbit["elements"]],
+            }
+            for orbit in self.orbits
+        ]
+        return {"flips": flips, "orbits": orbits}

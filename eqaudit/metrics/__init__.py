@@ -3,8 +3,10 @@
 from eqaudit.metrics.accumulators import HIST_EDGES, LayerStats, OrbitStats, OutputStats
 from eqaudit.metrics.functional import (
     cosine_distance,
+    errors_from_norms,
     js_divergence,
     looks_like_probabilities,
+    map_norms,
     normalised_logit_error,
     probabilities,
     relative_error,
@@ -18,8 +20,10 @@ __all__ = [
     "OrbitStats",
     "OutputStats",
     "cosine_distance",
+    "errors_from_norms",
     "js_divergence",
     "looks_like_probabilities",
+    "map_norms",
     "normalised_logit_error",
     "probabilities",
     "relative_error",

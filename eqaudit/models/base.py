@@ -239,14 +239,17 @@ class ModelAdapter(ABC):
                 # A layer that sees another batch (a model looping over crops) is not auditable.
                 if canonical is not None and canonical.shape[0] == chunk.shape[0]:
                     acts_parts.setdefault(name, []).append(canonical[:keep])
-        scores = torch.cat(scores_parts)
+        scores = scores_parts[0] if len(scores_parts) == 1 else torch.cat(scores_parts)
         bad = ~torch.isfinite(scores).all(dim=1)
         if bad.any():
             raise ModelRunError(
                 f"the model produced NaN or Inf scores for {int(bad.sum())} of {len(bad)} inputs: "
                 "check the preprocessing (--scale, --mean, --std) or the model itself"
             )
-        activations = {name: torch.cat(parts) for name, parts in acts_parts.items()}
+        activations = {
+            name: parts[0] if len(parts) == 1 else torch.cat(parts)
+            for name, parts in acts_parts.items()
+        }
         return RunOutput(scores=scores, activations=activations)
 
     def _chunks(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, int]]:

@@ -374,6 +374,11 @@ class OnnxAdapter(ModelAdapter):
     def _session(self, layers: tuple[str, ...]) -> ort.InferenceSession:
         if layers in self._sessions:
             return self._sessions[layers]
+        # The probe's session (every candidate exposed) serves a run of nearly the same layers:
+        # building another copy of a large model costs more than the few extra outputs.
+        for exposed, session in self._sessions.items():
+            if layers and set(layers) <= set(exposed) and len(exposed) <= 1.25 * len(layers):
+                return session
         model = self.model
         if layers:
             model = onnx.ModelProto()
