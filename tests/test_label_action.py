@@ -223,3 +223,42 @@ def test_cli_label_action_and_refusal(model, tmp_path):
     assert bad.exit_code == 2
     assert "contradict the group" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "b" / "summary.json").exists()
+
+
+def test_label_action_from_the_config_file_by_class_name(model, tmp_path, monkeypatch):
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 15, 15),)), path)
+    (tmp_path / "classes.txt").write_text("\n".join(ORIENTATIONS) + "\n")
+    (tmp_path / "eqaudit.toml").write_text(
+        "[tool.eqaudit]\n"
+        'transforms = "d4"\n'
+        "[tool.eqaudit.label_action]\n"
+        'rot90 = "cycle:up,left,down,right"\n'
+        'flip_h = "swap:left,right"\n'
+    )
+    import numpy as np
+
+    images = torch.rand(16, 15, 15, 3).numpy()
+    np.save(tmp_path / "images.npy", images)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        [
+            "check",
+            "m.pt2",
+            "--data",
+            "images.npy",
+            "--labels",
+            "classes.txt",
+            "--no-layers",
+            "-o",
+            "out",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["label_action"]["mode"] == "equivariance"
+    assert summary["label_action"]["permutations"]["rot90"] == [1, 2, 3, 0]
+    assert all(row["agreement"] == 1.0 for row in summary["outputs"])
