@@ -108,6 +108,23 @@ def shown_path(path: str | Path | None) -> str | None:
     return str(path)
 
 
+def _libc_trim() -> Callable[[], None]:
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return lambda: None
+    return lambda: trim(0)
+
+
+#: Give the memory freed by a batch back to the system. Each batch allocates and frees large
+#: activation tensors; glibc keeps the freed blocks fragmented in its heap, so without this the
+#: resident size creeps up with the number of batches although nothing is kept (measured: 0.95 GiB
+#: at 16 images, 1.8 GiB at 128 for a ResNet-18 with all layers; flat with it).
+release_freed_memory = _libc_trim()
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to this process (Linux MemAvailable), None when unknown."""
     try:
@@ -633,6 +650,7 @@ def audit(
     with torch.inference_mode():
         for batch in source.iter_batches(images_per_step):
             engine.run_batch(batch.pixels, batch.labels, batch.ids)
+            release_freed_memory()
             done += len(batch.ids)
             if progress is not None:
                 progress(done, total)
