@@ -650,7 +650,8 @@ def audit(
     with torch.inference_mode():
         for batch in source.iter_batches(images_per_step):
             engine.run_batch(batch.pixels, batch.labels, batch.ids)
-            release_freed_memory()
+            if engine.layer_states:  # only activations are large enough to fragment the heap
+                release_freed_memory()
             done += len(batch.ids)
             if progress is not None:
                 progress(done, total)
