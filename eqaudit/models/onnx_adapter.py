@@ -203,7 +203,8 @@ class OnnxAdapter(ModelAdapter):
         self.providers = self._providers(providers)
         self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         self._geometry: dict[str, tuple[str | None, tuple[float, float] | None]] = {}
-        self._candidates = self._walk_graph()
+        # The graph walk (shape inference included) is only needed for per-layer audits.
+        self._candidates: list[tuple[str, str]] | None = None
         meta = {p.key: p.value for p in model.metadata_props}
         self.class_names: list[str] | None = None
         if "class_names" in meta:
@@ -359,13 +360,20 @@ class OnnxAdapter(ModelAdapter):
             return layout, stride
         return None, None
 
+    def _walked(self) -> list[tuple[str, str]]:
+        if self._candidates is None:
+            self._candidates = self._walk_graph()
+        return self._candidates
+
     def _layers_impl(self) -> list[tuple[str, str]]:
-        return list(self._candidates)
+        return list(self._walked())
 
     def _layer_stride(self, name: str) -> tuple[float, float] | None:
+        self._walked()
         return self._geometry.get(name, (None, None))[1]
 
     def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        self._walked()
         if value.ndim == 4 and self._geometry.get(name, (None, None))[0] == "NHWC":
             return value.permute(0, 3, 1, 2)
         return super()._canonical_activation(name, value)
@@ -392,8 +400,10 @@ class OnnxAdapter(ModelAdapter):
         # beside eqaudit's one error line; its errors reach us as exceptions anyway.
         options.log_severity_level = 4
         try:
+            # The plain model loads from its (already validated) file: no serialised copy.
+            source = str(self.path) if not layers and self.path.is_file() else None
             session = ort.InferenceSession(
-                model.SerializeToString(), sess_options=options, providers=self.providers
+                source or model.SerializeToString(), sess_options=options, providers=self.providers
             )
         except Exception as exc:
             first = _ort_message(exc)
