@@ -58,8 +58,6 @@ from eqaudit.transforms.labels import (
     parse_label_action_options,
 )
 
-ProgressFn = Callable[[int], None]
-
 
 def estimate_stride(size: int, cells: int) -> float | None:
     """Cumulative stride of a map of ``cells`` cells over an input axis of ``size`` pixels.
@@ -323,21 +321,23 @@ class Engine:
         g, b = len(self.elements), pixels.shape[0]
         transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
         model_in = self.preprocessing.normalise(torch.cat(transformed))
-        first_batch = self.output_kind is None or (not self.layer_states and not self.predictions)
+        first = not self.predictions
         names = [s.info.name for s in self.layer_states]
         out = self.adapter.run(model_in, names)
         scores = out.scores.reshape(g, b, -1)
         self.num_classes = scores.shape[-1]
-        if not self.predictions:
+        if first:
             self._check_determinism(model_in[:b], scores[0])
             self._setup_label_action(self.num_classes)
-        if self.output_kind is None:
-            self.output_kind = "probs" if looks_like_probabilities(scores[0]) else "logits"
-        elif first_batch and self.output_kind == "logits" and looks_like_probabilities(scores[0]):
-            self.warnings.append(
-                "--outputs logits was given but the outputs look like probabilities "
-                "(non-negative rows summing to 1): softmax will be applied on top of them"
-            )
+            # Logits or probabilities: decided once, on the first batch's untransformed images.
+            looks_like_probs = looks_like_probabilities(scores[0])
+            if self.output_kind is None:
+                self.output_kind = "probs" if looks_like_probs else "logits"
+            elif self.output_kind == "logits" and looks_like_probs:
+                self.warnings.append(
+                    "--outputs logits was given but the outputs look like probabilities "
+                    "(non-negative rows summing to 1): softmax will be applied on top of them"
+                )
         self._track_spread(scores[0])
         self._update_outputs(scores, labels, ids, transformed)
         for state in self.layer_states:

@@ -195,3 +195,21 @@ def test_nhwc_batch1_probs_bgr_255_matches_hand_reference(tmp_path):
         row = result.output(name)
         assert row["agreement"] == pytest.approx(agree, abs=0)
         assert row["js_divergence"] == pytest.approx(js, abs=1e-6)
+
+
+def test_probability_outputs_are_detected_and_a_contradicting_option_is_flagged():
+    class Probs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = symmetric_cnn()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.body(x), dim=1)
+
+    model = Probs().eval()
+    auto = eqaudit.audit(model, "flips", input_size=33, num_images=4)
+    assert auto.summary["model"]["output_kind"] == "probs"
+    assert auto.summary["model"]["output_kind_source"] == "auto"
+    forced = eqaudit.audit(model, "flips", input_size=33, num_images=4, outputs="logits")
+    assert forced.summary["model"]["output_kind"] == "logits"
+    assert any("look like probabilities" in w for w in forced.warnings)
