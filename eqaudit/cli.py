@@ -351,7 +351,7 @@ def check(
         ),
     ] = False,
 ) -> None:
-    """Audit MODEL: output invariance and per-layer equivariance; writes summary.json and CSVs.
+    """Audit MODEL: output invariance and per-layer equivariance; writes report.html, summary.json and CSVs.
 
     With gate options, exits 1 when a check fails; the last line reads PASSED or FAILED.
     """
