@@ -89,17 +89,6 @@ def _catch_sigterm() -> Any:
         return None
 
 
-def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(
-            f"{name} '{text}' is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406"
-        ) from None
-
-
 def _csv(text: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else ()
 

@@ -34,7 +34,7 @@ import pandas as pd
 from eqaudit.config import AuditConfig
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import FAILED, PASSED, SKIPPED, Check, shown
-from eqaudit.results import AuditResult, clean_number
+from eqaudit.results import AuditResult, json_ready
 from eqaudit.stats import BOOTSTRAP_RESAMPLES, mcnemar_exact, paired_bootstrap_interval
 
 IDENTITY = "id"
@@ -270,7 +270,7 @@ class Comparison:
         return not (self.gated and self.regressions)
 
     def to_json(self) -> str:
-        return json.dumps(_json_ready(self.data), indent=2, allow_nan=False) + "\n"
+        return json.dumps(json_ready(self.data), indent=2, allow_nan=False) + "\n"
 
     def to_frame(self) -> pd.DataFrame:
         """compare.csv: ``section`` "output" rows (one per element), then "layer" rows (one per
@@ -346,15 +346,6 @@ class Comparison:
         )
         out += [f"note: {n}" for n in d["notes"]]
         return out
-
-
-def _json_ready(obj: Any) -> Any:
-    """NaN -> null, numpy scalars -> Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    return clean_number(obj)
 
 
 def _num(value: float | None) -> str:

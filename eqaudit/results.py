@@ -99,11 +99,12 @@ def clean_number(value: Any) -> Any:
     return value
 
 
-def _clean(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
+    """Nested dicts/lists with every number cleaned by :func:`clean_number` (NaN -> null)."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_ready(v) for v in obj]
     return clean_number(obj)
 
 
@@ -164,7 +165,9 @@ class AuditResult:
         raise ValueError(f"unknown table '{which}': use outputs, layers or predictions")
 
     def to_json(self) -> str:
-        return json.dumps(_clean(self.summary), indent=2, sort_keys=False, allow_nan=False) + "\n"
+        return (
+            json.dumps(json_ready(self.summary), indent=2, sort_keys=False, allow_nan=False) + "\n"
+        )
 
     @classmethod
     def from_json(cls, path: str | Path) -> AuditResult:
@@ -210,4 +213,4 @@ def make_summary(**parts: Any) -> dict:
     summary = {"schema_version": SCHEMA_VERSION}
     for key in order[1:]:
         summary[key] = parts[key]
-    return _clean(summary)
+    return json_ready(summary)

@@ -39,9 +39,9 @@ VERDICTS = {"no significant difference": "not significant"}
 def _plain(data: dict) -> dict:
     """compare.json's content as JSON would give it back (NaN -> null, numpy -> Python), so the
     page of a fresh comparison and the page of its saved compare.json are the same bytes."""
-    from eqaudit.compare import _json_ready
+    from eqaudit.results import json_ready
 
-    return json.loads(json.dumps(_json_ready(data), allow_nan=False))
+    return json.loads(json.dumps(json_ready(data), allow_nan=False))
 
 
 # -- number formatting ---------------------------------------------------------------------------
