@@ -23,6 +23,8 @@ channel order, pixel scale) by the data pipeline; transforms act *before* normal
 Layers: :meth:`ModelAdapter.layers` lists the auditable intermediate tensors in execution order
 (ONNX: float node outputs; PyTorch: module outputs named by module path). Their shapes are learnt
 from a probe run (:meth:`ModelAdapter.probe_layers`), because many graphs do not declare them.
+Their sampling grids (where each cell sits in the input) come from the graph, replayable at any
+input size: :meth:`ModelAdapter.grid_graph` (see :mod:`eqaudit.grids`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from eqaudit.errors import ModelRunError, UnsupportedModelError, UsageError
+
+if TYPE_CHECKING:
+    from eqaudit.grids import GridGraph
 
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -128,6 +134,7 @@ class ModelAdapter(ABC):
         self.input_spec = input_spec
         self._layers: list[LayerInfo] | None = None
         self.output_name: str = "output"
+        self._grid_graph: tuple[GridGraph | None, str | None] | None = None
 
     # -- what subclasses implement ---------------------------------------------------------------
     @abstractmethod
@@ -156,6 +163,10 @@ class ModelAdapter(ABC):
         """Cumulative stride of a layer from the graph, when the backend knows it."""
         return None
 
+    def _grid_graph_impl(self) -> tuple[GridGraph | None, str | None]:
+        """The model's :class:`~eqaudit.grids.GridGraph`, or None with the reason."""
+        return None, f"the {self.backend} backend does not expose its graph"
+
     def describe(self) -> dict:
         """Backend-specific facts for summary.json and ``eqaudit inspect``."""
         return {}
@@ -179,6 +190,21 @@ class ModelAdapter(ABC):
             )
         self.input_spec = replace(spec, height=height, width=width)
         self._layers = None  # execution order may only be learnt once the size is known
+        if self._grid_graph is not None and self._grid_graph[0] is None:
+            self._grid_graph = None  # a graph that needed the size may be built now
+
+    def grid_graph(self) -> GridGraph | None:
+        """Sampling grids of the model's tensors, from its graph (see :mod:`eqaudit.grids`);
+        None when the backend cannot give them (:attr:`grid_graph_note` says why). Built on first
+        use (a PyTorch module is exported for it) and cached."""
+        if self._grid_graph is None:
+            self._grid_graph = self._grid_graph_impl()
+        return self._grid_graph[0]
+
+    @property
+    def grid_graph_note(self) -> str | None:
+        """Why :meth:`grid_graph` is None (None when it was not asked yet or is available)."""
+        return self._grid_graph[1] if self._grid_graph is not None else None
 
     def layers(self) -> list[LayerInfo]:
         """Candidate layers in execution order (shapes known after :meth:`probe_layers`)."""

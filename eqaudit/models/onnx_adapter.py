@@ -4,10 +4,10 @@ Per-layer activations are captured by exposing intermediate float tensors as ext
 (one session per set of requested layers, cached). Candidate layers are the outputs of nodes that
 depend on the image input, in the graph's (topological) node order.
 
-The graph walk also propagates, per tensor, the layout of rank-4 maps (a ``Transpose`` with
-``perm=[0,3,1,2]`` turns NHWC into NCHW and back) and the cumulative stride of spatial maps from
-``Conv``/pooling attributes. Ops whose geometry is not understood give an unknown stride rather
-than a guess.
+The geometry of every tensor comes from :func:`eqaudit.grids.onnx_grid_graph`: the layout of
+rank-4 maps (a ``Transpose`` with ``perm=[0,3,1,2]`` turns NHWC into NCHW and back) and the sampling
+grid (cells, stride, offset) of spatial maps from ``Conv``/pooling/padding/resize attributes. Ops
+whose geometry is not understood give an unknown grid rather than a guess.
 """
 
 from __future__ import annotations
@@ -24,71 +24,10 @@ import torch
 from onnx import TensorProto
 
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
+from eqaudit.grids import GridGraph, onnx_grid_graph
 from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-_STRIDED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
-_GLOBAL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
-# Ops that keep the spatial grid of their first input (element-wise, normalisation, padding).
-_GRID_PRESERVING = {
-    "Relu",
-    "LeakyRelu",
-    "PRelu",
-    "Sigmoid",
-    "HardSigmoid",
-    "HardSwish",
-    "Tanh",
-    "Clip",
-    "Elu",
-    "Selu",
-    "Celu",
-    "Gelu",
-    "Erf",
-    "Softplus",
-    "Softsign",
-    "Mish",
-    "Exp",
-    "Log",
-    "Abs",
-    "Neg",
-    "Sqrt",
-    "Pow",
-    "Reciprocal",
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Max",
-    "Min",
-    "Sum",
-    "Mean",
-    "Where",
-    "BatchNormalization",
-    "InstanceNormalization",
-    "LRN",
-    "Concat",
-    "Identity",
-    "Dropout",
-    "Cast",
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "Pad",
-    "Floor",
-    "Ceil",
-    "Round",
-    "Sign",
-    "Not",
-    "Equal",
-    "Greater",
-    "Less",
-    "And",
-    "Or",
-    "Xor",
-    "Softmax",
-    "LogSoftmax",
-    "Shrink",
-    "ThresholdedRelu",
-}
 # Ops never worth auditing as a layer (shape arithmetic, constants).
 _SKIP_OPS = {
     "Constant",
@@ -126,13 +65,6 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
         else:
             dims.append(None)
     return dims
-
-
-def _attr(node: onnx.NodeProto, name: str, default):  # type: ignore[no-untyped-def]
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _detect_layout(dims: list) -> tuple[str, int]:
@@ -202,9 +134,9 @@ class OnnxAdapter(ModelAdapter):
         self.output_name = self._pick_output(list(graph.output), output_name)
         self.providers = self._providers(providers)
         self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
-        self._geometry: dict[str, tuple[str | None, tuple[float, float] | None]] = {}
         # The graph walk (shape inference included) is only needed for per-layer audits.
         self._candidates: list[tuple[str, str]] | None = None
+        self._inferred: onnx.ModelProto | None = None
         meta = {p.key: p.value for p in model.metadata_props}
         self.class_names: list[str] | None = None
         if "class_names" in meta:
@@ -306,26 +238,31 @@ class OnnxAdapter(ModelAdapter):
         return chosen
 
     # -- graph walk --------------------------------------------------------------------------
+    def _inferred_model(self) -> onnx.ModelProto:
+        """The model after shape inference (the model itself when inference fails)."""
+        if self._inferred is None:
+            try:
+                self._inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+            except Exception:  # shape inference is a help, not a requirement
+                self._inferred = self.model
+        return self._inferred
+
     def _walk_graph(self) -> list[tuple[str, str]]:
+        """Candidate layers: float outputs of nodes that depend on the image, in node order."""
         graph = self.model.graph
-        try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
-            types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-        except Exception:  # shape inference is a help, not a requirement
-            types = {}
+        types = {
+            v.name: v.type.tensor_type.elem_type for v in self._inferred_model().graph.value_info
+        }
         outputs = {o.name for o in graph.output}
-        spec = self.input_spec
-        self._geometry[spec.name] = (spec.layout, (1.0, 1.0))
+        dependent = {self.input_spec.name}
         candidates: list[tuple[str, str]] = []
         for node in graph.node:
-            sources = [self._geometry[i] for i in node.input if i in self._geometry]
-            if not sources:
+            if not any(i in dependent for i in node.input if i):
                 continue  # constant subgraph: does not depend on the image
-            layout, stride = self._node_geometry(node, sources[0])
             for out in node.output:
                 if not out:
                     continue
-                self._geometry[out] = (layout, stride)
+                dependent.add(out)
                 if out in outputs or node.op_type in _SKIP_OPS:
                     continue
                 if out in types and types[out] not in _FLOAT_TYPES:
@@ -333,32 +270,10 @@ class OnnxAdapter(ModelAdapter):
                 candidates.append((out, node.op_type))
         return candidates
 
-    @staticmethod
-    def _node_geometry(node: onnx.NodeProto, source):  # type: ignore[no-untyped-def]
-        layout, stride = source
-        op = node.op_type
-        if op == "Transpose":
-            perm = list(_attr(node, "perm", []))
-            if perm == [0, 2, 3, 1] and layout == "NCHW":
-                return "NHWC", stride
-            if perm == [0, 3, 1, 2] and layout == "NHWC":
-                return "NCHW", stride
-            return None, None
-        if stride is None:
-            return layout, None
-        if op in _STRIDED:
-            s = list(_attr(node, "strides", [1, 1]))
-            if len(s) != 2:
-                return layout, None
-            return "NCHW", (stride[0] * s[0], stride[1] * s[1])
-        if op == "ConvTranspose":
-            s = list(_attr(node, "strides", [1, 1]))
-            return "NCHW", (stride[0] / s[0], stride[1] / s[1]) if len(s) == 2 else None
-        if op in _GLOBAL:
-            return None, None
-        if op in _GRID_PRESERVING:
-            return layout, stride
-        return None, None
+    def _grid_graph_impl(self) -> tuple[GridGraph | None, str | None]:
+        spec = self.input_spec
+        graph = onnx_grid_graph(self.model, spec.name, spec.layout, inferred=self._inferred_model())
+        return graph, None
 
     def _walked(self) -> list[tuple[str, str]]:
         if self._candidates is None:
@@ -368,14 +283,28 @@ class OnnxAdapter(ModelAdapter):
     def _layers_impl(self) -> list[tuple[str, str]]:
         return list(self._walked())
 
+    def _geometry_size(self) -> tuple[int, int] | None:
+        spec = self.input_spec
+        return (spec.height, spec.width) if spec.height and spec.width else None
+
     def _layer_stride(self, name: str) -> tuple[float, float] | None:
-        self._walked()
-        return self._geometry.get(name, (None, None))[1]
+        """Cumulative stride from the layer's sampling grid at the model's input size (None for
+        flat layers, unknown grids, or while the input size is unknown)."""
+        size, graph = self._geometry_size(), self.grid_graph()
+        if size is None or graph is None:
+            return None
+        grid = graph.grids(*size).get(name)
+        if grid is None or isinstance(grid, str):
+            return None
+        return (grid.h.stride, grid.w.stride)
 
     def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
-        self._walked()
-        if value.ndim == 4 and self._geometry.get(name, (None, None))[0] == "NHWC":
-            return value.permute(0, 3, 1, 2)
+        graph = self.grid_graph()
+        if value.ndim == 4 and graph is not None:
+            # Layouts do not depend on the input size: any size serves while it is unknown.
+            layout = graph.layouts(*(self._geometry_size() or (224, 224))).get(name)
+            if layout == "NHWC":
+                return value.permute(0, 3, 1, 2)
         return super()._canonical_activation(name, value)
 
     # -- running -----------------------------------------------------------------------------

@@ -21,6 +21,11 @@ in one forward (a shared ReLU) yields ``name``, ``name:1``, ``name:2`` ... one p
 last child's. Hooks are registered for the requested layers of one run only, so a plain run has no
 overhead, and captured tensors are cloned because a later in-place op (``ReLU(inplace=True)``)
 would otherwise overwrite them.
+
+Sampling grids (:meth:`~eqaudit.models.base.ModelAdapter.grid_graph`) are read from the graph: a
+``.pt2`` archive's own program; a module (pickle, state dict + factory, in memory) is exported
+once with ``torch.export`` on a zeros batch at the model's input size, only when asked;
+TorchScript gives none.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
+from eqaudit.grids import GridGraph, export_grid_graph, torch_grid_graph
 from eqaudit.models.base import InputSpec, ModelAdapter
 
 __all__ = ["TorchAdapter", "load_torch"]
@@ -135,9 +141,14 @@ class TorchAdapter(ModelAdapter):
         layers_note: str | None = None,
         input_dtype: torch.dtype = torch.float32,
         hookable: bool = True,
+        program: torch.export.ExportedProgram | None = None,
     ) -> None:
         super().__init__(path, input_spec)
         self.module = module
+        self._program = program
+        #: module outputs the graph shows in NHWC (a Linear over channels-last maps, as in
+        #: ConvNeXt): permuted to canonical NCHW when captured
+        self._channels_last: set[str] = set()
         self._format = fmt
         self._factory = factory
         self._input_dtype = input_dtype
@@ -164,6 +175,37 @@ class TorchAdapter(ModelAdapter):
 
     def describe(self) -> dict:
         return {"format": self._format, "factory": self._factory, "layers_note": self._layers_note}
+
+    def _grid_graph_impl(self) -> tuple[GridGraph | None, str | None]:
+        graph, note = self._build_grid_graph()
+        spec = self.input_spec
+        if graph is not None and spec.height is not None and spec.width is not None:
+            layouts = graph.layouts(spec.height, spec.width)
+            self._channels_last = {name for name, lay in layouts.items() if lay == "NHWC"}
+        return graph, note
+
+    def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        if value.ndim == 4 and name in self._channels_last:
+            return value.permute(0, 3, 1, 2)
+        return super()._canonical_activation(name, value)
+
+    def _build_grid_graph(self) -> tuple[GridGraph | None, str | None]:
+        """A .pt2 archive's own program; a module is exported once (``torch.export``, on a zeros
+        batch at the model's input size); TorchScript has no graph to read."""
+        if self._program is not None:
+            try:
+                return torch_grid_graph(self._program), None
+            except Exception as exc:
+                return None, f"the program's graph could not be walked ({_first_line(exc)})"
+        if isinstance(self.module, torch.jit.ScriptModule):
+            return None, "TorchScript archives are not read for sampling grids: use torch.export"
+        spec = self.input_spec
+        if spec.height is None or spec.width is None:
+            return None, "the input size is unknown: sampling grids need an export at that size"
+        example = torch.zeros(
+            (spec.batch or 1, spec.channels, spec.height, spec.width), dtype=self._input_dtype
+        )
+        return export_grid_graph(self.module, example)
 
     # -- layers ----------------------------------------------------------------------------------
     def _hookable_modules(
@@ -505,6 +547,7 @@ def _load_export(path: Path, channels: int | None, trust_pickle: bool = False) -
             layers_note=note,
             input_dtype=dtype,
             hookable=False,
+            program=program,
         )
     module.eval()
     return TorchAdapter(
@@ -515,6 +558,7 @@ def _load_export(path: Path, channels: int | None, trust_pickle: bool = False) -
         op_names=_export_op_names(program),
         layers_note=_EXPORT_NOTE,
         input_dtype=dtype,
+        program=program,
     )
 
 

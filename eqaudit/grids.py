@@ -1,0 +1,1810 @@
+"""Per-layer sampling grids, read from the model graph: where each feature-map cell sits in the input.
+
+Convention: input pixel centres sit at integer coordinates ``0 .. N-1`` on each axis. A spatial
+tensor's cell ``i`` (on one axis) is centred at input coordinate ``offset + stride * i``, for
+``i = 0 .. n-1`` (:class:`AxisGrid`). The input itself is ``AxisGrid(N, 1, 0)``. A grid is
+symmetric about the image centre when ``offset + stride * (n - 1) / 2 == (N - 1) / 2``; a flip or
+a 90-degree rotation maps cells onto cells exactly only then (DESIGN.md section 4).
+
+Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k`` kernel,
+``s`` stride, ``d`` dilation, ``pb``/``pe`` padding at the begin/end):
+
+* window ops (Conv, ConvInteger, QLinearConv, MaxPool, AveragePool, LpPool; ``aten.conv2d``,
+  ``convolution``, ``max_pool2d(_with_indices)``, ``avg_pool2d``)::
+
+      n_out      = floor_or_ceil((n + pb + pe - d*(k-1) - 1) / s) + 1
+      stride_out = stride * s
+      offset_out = offset + stride * (-pb + d*(k-1)/2)
+
+  With ``ceil_mode`` the last window is dropped when it starts inside the end padding
+  (``(n_out-1)*s >= n + pb``), as PyTorch and onnxruntime do. ``auto_pad`` SAME_UPPER/SAME_LOWER
+  pads ``total = max((ceil(n/s)-1)*s + d*(k-1) + 1 - n, 0)``, the odd cell at the end (UPPER) or
+  the begin (LOWER); these pads depend on ``n``, so they are computed at every replayed size.
+  A window that finds fewer than one output cell makes the input size invalid.
+* transposed convolution: output cell ``j`` sits at input cell ``(j + pb - d*(k-1)/2) / s``::
+
+      n_out      = (n-1)*s - pb - pe + d*(k-1) + output_padding + 1
+      stride_out = stride / s
+      offset_out = offset + stride * (pb - d*(k-1)/2) / s
+
+* padding (Pad; ``aten.pad``, ``constant_pad_nd``, reflection/replication pads; negative pads
+  crop): ``n_out = n + pb + pe``, ``offset_out = offset - stride*pb``.
+* slicing with constant ``start:end:step`` (``step > 0``, Python slice semantics):
+  ``n_out = len(range(n)[start:end:step])``, ``offset_out = offset + stride*start``,
+  ``stride_out = stride*step``.
+* resizing by ``scale = n_out / n`` (or the given scale factor): output cell ``j`` sits at input
+  cell ``x(j) = a*j + b``, so ``stride_out = stride*a`` and ``offset_out = offset + stride*b``:
+  half_pixel / pytorch_half_pixel ``x = (j + 0.5)/scale - 0.5``; align_corners
+  ``x = j*(n-1)/(n_out-1)``; asymmetric ``x = j/scale``; tf_half_pixel_for_nn
+  ``x = (j + 0.5)/scale``. Nearest resizing copies input cells, so its exact source indices are
+  computed: a subsample ``src(j) = src(0) + c*j`` is a grid of stride ``stride*c``; an upsample by
+  an integer ``m`` that repeats every cell ``m`` times is given the half-pixel centre (see
+  :func:`_nearest_axis`); anything else is unknown.
+* space-to-depth by ``b`` is a ``b x b`` window of stride ``b``; depth-to-space is its inverse
+  (``stride/b``, ``offset - stride*(b-1)/(2b)``).
+* element-wise ops and normalisations keep the grid; an op combining several spatial inputs
+  needs them on one grid (a constant, or a tensor with 1x1 spatial axes, broadcasts). Channel
+  concatenation likewise. NCHW <-> NHWC transposes change the layout, not the grid.
+* global pools, flatten, Gemm/linear, means over H and W, adaptive pools to 1x1 give ``"flat"``
+  (no spatial axes). An adaptive pool to ``m`` cells is the window ``k = s = n/m`` when ``m``
+  divides ``n``, else unknown.
+
+Anything else that depends on the image makes its output unknown (``None``), and everything
+downstream of it; :meth:`GridGraph.unknown_reason` names the op. Nothing is guessed.
+
+A :class:`GridGraph` is compiled once from the graph and replayed for any input size by pure
+arithmetic on node attributes, so an input-size search can call :meth:`GridGraph.grids` for
+many candidate sizes cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+__all__ = [
+    "ONNX_GRID_PRESERVING",
+    "AxisGrid",
+    "Grid",
+    "GridGraph",
+    "export_grid_graph",
+    "onnx_grid_graph",
+    "torch_grid_graph",
+]
+
+_TOL = 1e-9
+_NOMINAL_SIZE = (224, 224)  # replayed for unknown_reason/layouts when no size was asked yet
+
+
+@dataclass(frozen=True)
+class AxisGrid:
+    """One axis of a sampling grid: ``n`` cells, cell ``i`` centred at ``offset + stride*i``
+    (input pixel coordinates, pixel centres at ``0 .. N-1``)."""
+
+    n: int  # cells on this axis
+    stride: float  # input pixels per cell
+    offset: float  # input coordinate of cell 0's centre
+
+    @property
+    def centre(self) -> float:
+        """Input coordinate of the grid's centre, ``offset + stride*(n-1)/2``."""
+        return self.offset + self.stride * (self.n - 1) / 2
+
+    def centred(self, size: int) -> bool:
+        """Whether the grid is symmetric about the centre ``(size-1)/2`` of a ``size``-pixel axis."""
+        return abs(self.centre - (size - 1) / 2) <= 1e-6 * max(1.0, size)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sampling grid of a spatial tensor: one :class:`AxisGrid` per axis (height, width)."""
+
+    h: AxisGrid
+    w: AxisGrid
+
+
+# -- replay states ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Map:
+    """A rank-4 spatial tensor whose axes are known; ``grid`` None when the grid is unknown."""
+
+    layout: str  # "NCHW" or "NHWC"
+    grid: Grid | None
+    reason: str | None = None  # why the grid is unknown
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """A tensor without spatial axes. ``layout`` is set for a rank-4 tensor with 1x1 spatial axes
+    ((B, C, 1, 1) or (B, 1, 1, C)); ``broadcasts``: constant over H and W when broadcast against
+    a map (1x1 spatial axes, or a scalar)."""
+
+    layout: str | None = None
+    broadcasts: bool = False
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """A tensor whose axes are not known (an op the walk does not understand)."""
+
+    reason: str
+
+
+_State = _Map | _Flat | _Lost
+_Rule = Callable[[list[Any]], Any]
+
+
+class _TooSmall(Exception):
+    """The input size gives a window op fewer than one output cell."""
+
+    def __init__(self, message: str, layout: str = "NCHW") -> None:
+        super().__init__(message)
+        self.layout = layout
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One node: its input/output tensor names and the rule mapping input states to outputs."""
+
+    label: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    rule: _Rule
+    meta: bool = False  # its outputs describe tensors (shapes, sizes), not image content
+
+
+@dataclass
+class _Replay:
+    states: dict[str, Any]
+    invalid: str | None
+
+
+class GridGraph:
+    """Per-axis geometry of every tensor in a model graph, replayable at any input size.
+
+    Built by :func:`onnx_grid_graph` (names: tensor names) or :func:`torch_grid_graph` (names:
+    module paths, ``path:1`` for a module's second call, as :class:`TorchAdapter` names layers).
+    """
+
+    def __init__(
+        self,
+        input_name: str,
+        layout: str,
+        steps: Sequence[_Step],
+        public: Mapping[str, str],
+        missing: Mapping[str, str] | None = None,
+    ) -> None:
+        self.input_name = input_name
+        self.layout = layout
+        self._steps = tuple(steps)
+        self._public = dict(public)  # public name -> tensor (graph) name
+        self._missing = dict(missing or {})  # public name -> why it has no tensor
+        self._cache: dict[tuple[int, int], _Replay] = {}
+        self._last: tuple[int, int] | None = None
+        self._meta = self._shape_tensors()
+
+    def _shape_tensors(self) -> set[str]:
+        """Tensors computed from the image's shape only (Shape, then arithmetic on it)."""
+        content = {self.input_name}
+        for step in self._steps:
+            if not step.meta and any(name in content for name in step.inputs):
+                content.update(step.outputs)
+        return {out for step in self._steps for out in step.outputs} - content
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor (or module call) name carrying image content, in graph order."""
+        return [n for n, t in self._public.items() if t not in self._meta] + [*self._missing]
+
+    def grids(self, height: int, width: int) -> dict[str, Grid | str | None]:
+        """Tensor/layer name -> :class:`Grid` for spatial tensors, ``"flat"`` for tensors without
+        spatial axes (after global pooling / flatten / gemm), ``None`` when unknown.
+
+        Pure arithmetic from node attributes: no model run; cached per size.
+        """
+        replay = self._replay(height, width)
+        out: dict[str, Grid | str | None] = {}
+        for name, tensor in self._public.items():
+            state = _first(replay.states.get(tensor))
+            if tensor in self._meta:
+                continue  # shape arithmetic on the image's size, not image content
+            if isinstance(state, _Map):
+                out[name] = state.grid
+            elif isinstance(state, _Flat):
+                out[name] = "flat"
+            else:
+                out[name] = None
+        out.update(dict.fromkeys(self._missing))
+        return out
+
+    def layouts(self, height: int, width: int) -> dict[str, str | None]:
+        """Name -> ``"NCHW"``/``"NHWC"`` for rank-4 tensors (maps, and flat ones with 1x1 spatial
+        axes), ``None`` otherwise or when unknown. Layouts do not depend on the size."""
+        replay = self._replay(height, width)
+        out: dict[str, str | None] = {}
+        for name, tensor in self._public.items():
+            state = _first(replay.states.get(tensor))
+            if tensor not in self._meta:
+                out[name] = state.layout if isinstance(state, (_Map, _Flat)) else None
+        return out
+
+    def unknown_reason(
+        self, name: str, height: int | None = None, width: int | None = None
+    ) -> str | None:
+        """Which op (type and node name) made ``name``'s grid unknown, or None when it is known.
+
+        At the given size; else at the size of the latest :meth:`grids` call (else 224x224)."""
+        if name in self._missing:
+            return self._missing[name]
+        if name not in self._public:
+            return f"'{name}' is not a tensor or module of the graph"
+        if height is None or width is None:
+            height, width = self._last or _NOMINAL_SIZE
+        state = _first(self._replay(height, width).states.get(self._public[name]))
+        if isinstance(state, _Map):
+            return state.reason if state.grid is None else None
+        if isinstance(state, _Lost):
+            return state.reason
+        if state is None:
+            return f"'{name}' does not depend on the image input"
+        return None
+
+    def invalid_reason(self, height: int, width: int) -> str | None:
+        """Why the graph cannot take a ``height x width`` input (a window op gets fewer than one
+        output cell), or None."""
+        return self._replay(height, width).invalid
+
+    # -- replay ----------------------------------------------------------------------------------
+    def _replay(self, height: int, width: int) -> _Replay:
+        key = (int(height), int(width))
+        self._last = key
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if height < 1 or width < 1:
+            raise ValueError(f"input size {height}x{width} is not positive")
+        start = Grid(AxisGrid(key[0], 1.0, 0.0), AxisGrid(key[1], 1.0, 0.0))
+        states: dict[str, Any] = {self.input_name: _Map(self.layout, start)}
+        invalid: str | None = None
+        for step in self._steps:
+            if step.meta:
+                continue
+            ins = [states.get(name) for name in step.inputs]
+            if all(state is None for state in ins):
+                continue  # a constant subgraph: does not depend on the image
+            lost = next((s for s in ins if isinstance(s, _Lost)), None)
+            if lost is not None:
+                out: Any = lost  # axes unknown upstream: unknown downstream, same reason
+            else:
+                try:
+                    out = step.rule(ins)
+                except _TooSmall as exc:
+                    invalid = invalid or str(exc)
+                    out = _Map(exc.layout, None, str(exc))
+            if out is None:
+                continue  # not image content (a shape, an assertion)
+            if isinstance(out, tuple) and len(step.outputs) > 1:
+                for name, state in zip(step.outputs, out, strict=False):
+                    if state is not None:
+                        states[name] = state
+            else:
+                for name in step.outputs:
+                    states[name] = out
+        replay = _Replay(states, invalid)
+        if len(self._cache) >= 256:
+            self._cache.clear()
+        self._cache[key] = replay
+        return replay
+
+
+def _first(state: Any) -> Any:
+    """A multi-output node's first output stands for the node (as a module's first tensor does)."""
+    if isinstance(state, tuple):
+        return state[0] if state else None
+    return state
+
+
+# -- per-axis arithmetic ----------------------------------------------------------------------
+_AXES = ("height", "width")
+_SPATIAL = {"NCHW": (2, 3), "NHWC": (1, 2)}
+_CHANNEL = {"NCHW": 1, "NHWC": 3}
+
+
+def _window_axis(
+    g: AxisGrid,
+    k: int,
+    s: int,
+    d: int,
+    pb: int,
+    pe: int,
+    ceil_mode: bool,
+    auto_pad: str,
+    label: str,
+    axis: str,
+) -> AxisGrid:
+    """Output grid of a window op on one axis (formulas in the module docstring)."""
+    n = g.n
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+        half = total // 2
+        pb, pe = (half, total - half) if auto_pad == "SAME_UPPER" else (total - half, half)
+    elif auto_pad == "VALID":
+        pb = pe = 0
+    span = n + pb + pe - d * (k - 1) - 1
+    if span < 0:
+        raise _TooSmall(
+            f"{label} needs at least {d * (k - 1) + 1 - pb - pe} cells on the {axis} axis "
+            f"but gets {n}"
+        )
+    if ceil_mode:
+        n_out = -(-span // s) + 1
+        if (n_out - 1) * s >= n + pb:  # the last window would start in the end padding
+            n_out -= 1
+    else:
+        n_out = span // s + 1
+    return AxisGrid(n_out, g.stride * s, g.offset + g.stride * (-pb + d * (k - 1) / 2))
+
+
+def _transpose_axis(
+    g: AxisGrid,
+    k: int,
+    s: int,
+    d: int,
+    pb: int,
+    pe: int,
+    output_padding: int,
+    label: str,
+    axis: str,
+) -> AxisGrid:
+    n_out = (g.n - 1) * s - pb - pe + d * (k - 1) + output_padding + 1
+    if n_out < 1:
+        raise _TooSmall(f"{label} gives {n_out} cells on the {axis} axis")
+    return AxisGrid(n_out, g.stride / s, g.offset + g.stride * (pb - d * (k - 1) / 2) / s)
+
+
+def _pad_axis(g: AxisGrid, pb: int, pe: int, label: str, axis: str, layout: str) -> AxisGrid:
+    n_out = g.n + pb + pe
+    if n_out < 1:
+        raise _TooSmall(f"{label} crops the {axis} axis to {n_out} cells", layout)
+    return AxisGrid(n_out, g.stride, g.offset - g.stride * pb)
+
+
+def _slice_axis(
+    g: AxisGrid, start: int | None, end: int | None, step: int, label: str, axis: str, layout: str
+) -> AxisGrid:
+    first, _, _ = slice(start, end, step).indices(g.n)
+    n_out = len(range(*slice(start, end, step).indices(g.n)))
+    if n_out < 1:
+        raise _TooSmall(f"{label} leaves no cells on the {axis} axis", layout)
+    return AxisGrid(n_out, g.stride * step, g.offset + g.stride * first)
+
+
+def _affine_axis(g: AxisGrid, n_out: int, a: float, b: float) -> AxisGrid:
+    """Output cell ``j`` at input cell ``a*j + b``."""
+    return AxisGrid(n_out, g.stride * a, g.offset + g.stride * b)
+
+
+def _round(x: Fraction, mode: str) -> int:
+    if mode == "floor":
+        return math.floor(x)
+    if mode == "ceil":
+        return math.ceil(x)
+    low = math.floor(x)
+    frac = x - low
+    if frac == Fraction(1, 2):
+        return low if mode == "round_prefer_floor" else low + 1
+    return low if frac < Fraction(1, 2) else low + 1
+
+
+def _nearest_axis(
+    g: AxisGrid, n_out: int, a: Fraction, b: Fraction, rounding: str, label: str
+) -> AxisGrid | str:
+    """Grid of a nearest-neighbour resize whose cell ``j`` copies input cell
+    ``clamp(round(a*j + b))``, or the reason it has none.
+
+    A copy is a sample *at the source cell*, so a subsample ``src(j) = src(0) + c*j`` is the grid
+    ``(stride*c, offset + stride*src(0))``. An upsample by an integer ``m`` that repeats each cell
+    ``m`` times (``src(j) = j // m``) gets the half-pixel centre ``offset + stride*(0.5/m - 0.5)``
+    at stride ``stride/m`` even when the op's own coordinate mode is asymmetric: the ``m`` copies of
+    cell ``i`` cover ``i - 0.5 .. i + 0.5`` exactly, repeating cells commutes with flipping the map
+    (the asymmetric centre ``j/m`` would call that grid shifted and misaligned), and the upsampled
+    grid stays symmetric exactly when its input grid was.
+    """
+    n = g.n
+    src = [min(max(_round(a * j + b, rounding), 0), n - 1) for j in range(n_out)]
+    if n_out == 1:
+        return AxisGrid(1, g.stride, g.offset + g.stride * src[0])
+    step = src[1] - src[0]
+    if step >= 1 and all(src[j] == src[0] + step * j for j in range(n_out)):
+        return AxisGrid(n_out, g.stride * step, g.offset + g.stride * src[0])
+    if n_out % n == 0:
+        m = n_out // n
+        if all(src[j] == j // m for j in range(n_out)):
+            return AxisGrid(n_out, g.stride / m, g.offset + g.stride * (0.5 / m - 0.5))
+    return f"{label} repeats input cells unevenly ({n} -> {n_out} cells, nearest)"
+
+
+def _same_grid(a: Grid, b: Grid) -> bool:
+    return all(
+        x.n == y.n and abs(x.stride - y.stride) <= _TOL and abs(x.offset - y.offset) <= _TOL
+        for x, y in ((a.h, b.h), (a.w, b.w))
+    )
+
+
+def _grid_text(grid: Grid) -> str:
+    return (
+        f"{grid.h.n}x{grid.w.n} cells, stride {grid.h.stride:g}x{grid.w.stride:g}, "
+        f"offset {grid.h.offset:g},{grid.w.offset:g}"
+    )
+
+
+def _combine(ins: Sequence[Any], label: str) -> Any:
+    """State of an element-wise combination of ``ins`` (None entries: constants).
+
+    Maps must share one grid and layout; flat tensors with 1x1 spatial axes (or scalars) broadcast
+    over a map; other flat tensors broadcast against a map would mix features into the W axis.
+    """
+    states = [_first(s) for s in ins if s is not None]
+    maps = [s for s in states if isinstance(s, _Map)]
+    flats = [s for s in states if isinstance(s, _Flat)]
+    if not maps:
+        if not flats:
+            return None
+        layouts = {f.layout for f in flats}
+        return _Flat(
+            flats[0].layout if len(layouts) == 1 else None, all(f.broadcasts for f in flats)
+        )
+    if any(not f.broadcasts for f in flats):
+        return _Lost(f"{label} broadcasts flat features against a spatial map")
+    layout = maps[0].layout
+    if any(m.layout != layout for m in maps):
+        return _Lost(f"{label} combines maps of different layouts (NCHW and NHWC)")
+    unknown = next((m for m in maps if m.grid is None), None)
+    if unknown is not None:
+        return unknown
+    first = maps[0].grid
+    assert first is not None
+    for other in maps[1:]:
+        assert other.grid is not None
+        if not _same_grid(first, other.grid):
+            return _Map(
+                layout,
+                None,
+                f"{label} combines maps on different grids ({_grid_text(first)} and "
+                f"{_grid_text(other.grid)})",
+            )
+    return maps[0]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A 2-D window op's constant attributes, per axis (height, width)."""
+
+    label: str
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads_begin: tuple[int, int]
+    pads_end: tuple[int, int]
+    ceil_mode: bool = False
+    auto_pad: str = "NOTSET"
+    transposed: bool = False
+    output_padding: tuple[int, int] = (0, 0)
+
+    def axis(self, g: AxisGrid, i: int) -> AxisGrid:
+        if self.transposed:
+            return _transpose_axis(
+                g,
+                self.kernel[i],
+                self.strides[i],
+                self.dilations[i],
+                self.pads_begin[i],
+                self.pads_end[i],
+                self.output_padding[i],
+                self.label,
+                _AXES[i],
+            )
+        return _window_axis(
+            g,
+            self.kernel[i],
+            self.strides[i],
+            self.dilations[i],
+            self.pads_begin[i],
+            self.pads_end[i],
+            self.ceil_mode,
+            self.auto_pad,
+            self.label,
+            _AXES[i],
+        )
+
+
+def _window_state(state: Any, window: _Window) -> Any:
+    """A window op (or transposed convolution) on a NCHW map; a flat (B, C, 1, 1) tensor stays
+    flat when the op keeps it at 1x1 (a 1x1 convolution head after global pooling)."""
+    label = window.label
+    if isinstance(state, _Flat):
+        if state.layout != "NCHW":
+            return _Lost(f"{label} is applied to flat features")
+        one = AxisGrid(1, 1.0, 0.0)
+        if all(window.axis(one, i).n == 1 for i in range(2)):
+            return state
+        return _Lost(f"{label} grows a 1x1 map")
+    if state.layout != "NCHW":
+        return _Lost(f"{label} is applied to a {state.layout} map (it expects NCHW)")
+    if state.grid is None:
+        return state
+    return _Map("NCHW", Grid(window.axis(state.grid.h, 0), window.axis(state.grid.w, 1)))
+
+
+def _global_state(state: Any, label: str) -> Any:
+    if isinstance(state, _Flat):
+        return state
+    if state.layout != "NCHW":
+        return _Lost(f"{label} is applied to a {state.layout} map (it expects NCHW)")
+    return _Flat("NCHW", True)
+
+
+def _pad_state(state: Any, pads: Mapping[int, tuple[int, int]], rank: int, label: str) -> Any:
+    """Pad by ``pads[axis] = (begin, end)`` (tensor axes, normalised)."""
+    if isinstance(state, _Flat):
+        return (
+            state
+            if not any(pads.get(a, (0, 0)) != (0, 0) for a in (2, 3))
+            else _Lost(f"{label} pads flat features spatially")
+        )
+    if rank != 4:
+        return _Lost(f"{label} pads a tensor of rank {rank}")
+    if pads.get(0, (0, 0)) != (0, 0):
+        return _Lost(f"{label} pads the batch axis")
+    if state.grid is None:
+        return state
+    ah, aw = _SPATIAL[state.layout]
+    h = _pad_axis(state.grid.h, *pads.get(ah, (0, 0)), label, "height", state.layout)
+    w = _pad_axis(state.grid.w, *pads.get(aw, (0, 0)), label, "width", state.layout)
+    return _Map(state.layout, Grid(h, w))
+
+
+def _slice_state(
+    state: Any, axis: int, start: int | None, end: int | None, step: int, label: str
+) -> Any:
+    """Slice one (normalised) tensor axis; steps must be positive."""
+    if step < 1:
+        return _Lost(f"{label} slices with step {step} (only positive steps are understood)")
+    if isinstance(state, _Flat):
+        if state.layout is not None and axis in _SPATIAL[state.layout]:
+            first = slice(start, end, step).indices(1)
+            if len(range(*first)) != 1:
+                return _Lost(f"{label} slices a 1x1 axis empty")
+        return state
+    if axis == 0 or axis == _CHANNEL[state.layout]:
+        return state
+    if state.grid is None:
+        return state
+    ah, _ = _SPATIAL[state.layout]
+    if axis == ah:
+        h = _slice_axis(state.grid.h, start, end, step, label, "height", state.layout)
+        return _Map(state.layout, Grid(h, state.grid.w))
+    w = _slice_axis(state.grid.w, start, end, step, label, "width", state.layout)
+    return _Map(state.layout, Grid(state.grid.h, w))
+
+
+def _concat_state(ins: Sequence[Any], axis: int, label: str) -> Any:
+    states = [_first(s) for s in ins if s is not None]
+    maps = [s for s in states if isinstance(s, _Map)]
+    if not maps:
+        if axis == 0:
+            return _Lost(f"{label} concatenates along the batch axis")
+        return _combine(ins, label)
+    layout = maps[0].layout
+    if axis != _CHANNEL[layout]:
+        return _Lost(f"{label} concatenates along axis {axis}, not the channel axis")
+    return _combine(ins, label)
+
+
+def _permute_state(state: Any, perm: Sequence[int], label: str) -> Any:
+    perm = list(perm)
+    if perm == [0, 1, 2, 3]:
+        return state
+    moves = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
+    if isinstance(state, _Flat):
+        if state.layout is None:
+            return state if perm[:1] == [0] else _Lost(f"{label} moves the batch axis")
+        target = moves.get((state.layout, tuple(perm)))
+        return (
+            _Flat(target, state.broadcasts)
+            if target
+            else _Lost(f"{label} permutes axes {perm} of flat features")
+        )
+    target = moves.get((state.layout, tuple(perm)))
+    if target is None:
+        return _Lost(f"{label} permutes axes {perm} of a {state.layout} map")
+    return _Map(target, state.grid, state.reason)
+
+
+def _reduce_state(
+    state: Any, axes: Sequence[int] | None, keepdims: bool, rank: int, label: str
+) -> Any:
+    """A reduction over ``axes`` (normalised; None: all)."""
+    if isinstance(state, _Flat):
+        if keepdims:
+            return state
+        return _Flat(None, state.broadcasts or axes is None or len(axes) == rank)
+    if rank != 4:
+        return _Lost(f"{label} reduces a tensor of rank {rank}")
+    every = axes is None or len(set(axes)) == 4
+    spatial = set(_SPATIAL[state.layout])
+    chosen = set(range(4) if axes is None else axes)
+    if spatial <= chosen:
+        if every and not keepdims:
+            return _Flat(None, True)
+        return _Flat(state.layout if keepdims else None, keepdims)
+    if chosen & spatial:
+        return _Lost(f"{label} reduces one spatial axis only")
+    if 0 in chosen or not keepdims:
+        return _Lost(f"{label} reduces {'the batch axis' if 0 in chosen else 'without keepdims'}")
+    return state
+
+
+def _reshape_state(
+    state: Any,
+    in_dims: Sequence[int | None] | None,
+    out_dims: Sequence[int | None] | None,
+    label: str,
+) -> Any:
+    """A reshape from ``in_dims`` to ``out_dims`` (None entries: unknown sizes).
+
+    A map or flat tensor reshaped to (B, D) is flat, as flatten is, unless the batch axis visibly
+    changes (a (B*H*W, C) view folds the spatial axes into the batch); a flat tensor reshaped to
+    (B, C, 1, 1) stays flat; a reshape to the same dims changes nothing; anything else is unknown.
+    """
+    if out_dims is None:
+        return _Lost(f"{label} gives a tensor of unknown rank")
+    out_dims, in_dims = list(out_dims), None if in_dims is None else list(in_dims)
+    if in_dims == out_dims and None not in out_dims:
+        return state
+    if len(out_dims) == 2 or (isinstance(state, _Flat) and len(out_dims) < 2):
+        batch = (in_dims or [None])[0], (out_dims or [None])[0]
+        if len(out_dims) == 2 and None not in batch and batch[0] != batch[1]:
+            return _Lost(f"{label} folds other axes into the batch axis")
+        return _Flat(None, len(out_dims) == 0)
+    if isinstance(state, _Flat) and len(out_dims) == 4 and out_dims[2:] == [1, 1]:
+        return _Flat("NCHW", True)
+    return _Lost(f"{label} reshapes a {'map' if isinstance(state, _Map) else 'tensor'}")
+
+
+def _space_to_depth_state(state: Any, block: int, label: str) -> Any:
+    if not isinstance(state, _Map) or state.layout != "NCHW":
+        return _Lost(f"{label} is applied to a tensor that is not a NCHW map")
+    if state.grid is None:
+        return state
+    axes = []
+    for g, axis in ((state.grid.h, "height"), (state.grid.w, "width")):
+        if g.n % block:
+            raise _TooSmall(f"{label} needs a multiple of {block} cells on the {axis} axis")
+        axes.append(_window_axis(g, block, block, 1, 0, 0, False, "NOTSET", label, axis))
+    return _Map("NCHW", Grid(axes[0], axes[1]))
+
+
+def _depth_to_space_state(state: Any, block: int, label: str) -> Any:
+    if not isinstance(state, _Map) or state.layout != "NCHW":
+        return _Lost(f"{label} is applied to a tensor that is not a NCHW map")
+    if state.grid is None:
+        return state
+    h, w = (
+        AxisGrid(g.n * block, g.stride / block, g.offset - g.stride * (block - 1) / (2 * block))
+        for g in (state.grid.h, state.grid.w)
+    )
+    return _Map("NCHW", Grid(h, w))
+
+
+def _resize_state(
+    state: Any,
+    sizes: tuple[int | None, int | None] | None,
+    scales: tuple[float, float] | None,
+    mode: str,
+    coordinates: str,
+    rounding: str,
+    label: str,
+) -> Any:
+    """A resize of the spatial axes of a map: ``sizes`` (output cells) or ``scales`` per axis.
+
+    ``mode``: nearest | linear | cubic; ``coordinates``: an ONNX coordinate_transformation_mode;
+    ``rounding``: the nearest mode (floor, ceil, round_prefer_floor, round_prefer_ceil)."""
+    if isinstance(state, _Flat):
+        return _Lost(f"{label} resizes flat features")
+    if state.grid is None:
+        return state
+    axes = []
+    for i, g in enumerate((state.grid.h, state.grid.w)):
+        scale = Fraction(scales[i]) if scales is not None and scales[i] is not None else None
+        if sizes is not None and sizes[i] is not None:
+            n_out = int(sizes[i])
+            scale = Fraction(n_out, g.n) if scale is None else scale
+        elif scale is not None:
+            n_out = math.floor(g.n * scale)
+        else:
+            return _Lost(f"{label} gives neither sizes nor scales")
+        if n_out < 1:
+            raise _TooSmall(f"{label} gives {n_out} cells on the {_AXES[i]} axis", state.layout)
+        if scale <= 0:
+            return _Lost(f"{label} has scale {float(scale)}")
+        a, b = 1 / scale, Fraction(0)
+        if coordinates in ("half_pixel", "pytorch_half_pixel"):
+            b = (1 / scale) / 2 - Fraction(1, 2)
+            if coordinates == "pytorch_half_pixel" and n_out == 1:
+                b = Fraction(0)
+        elif coordinates == "align_corners":
+            a = Fraction(g.n - 1, n_out - 1) if n_out > 1 else Fraction(0)
+        elif coordinates == "tf_half_pixel_for_nn":
+            b = (1 / scale) / 2
+        elif coordinates == "half_pixel_symmetric":
+            adjustment = Fraction(n_out) / (scale * g.n)
+            b = (1 / scale) / 2 - Fraction(1, 2) + Fraction(g.n, 2) * (1 - adjustment)
+        elif coordinates != "asymmetric":
+            return _Lost(f"{label} uses coordinate mode '{coordinates}'")
+        if mode == "nearest":
+            found = _nearest_axis(g, n_out, a, b, rounding, label)
+            if isinstance(found, str):
+                return _Map(state.layout, None, found)
+            axes.append(found)
+        elif mode in ("linear", "cubic"):
+            axes.append(_affine_axis(g, n_out, float(a), float(b)))
+        else:
+            return _Lost(f"{label} uses resize mode '{mode}'")
+    return _Map(state.layout, Grid(axes[0], axes[1]))
+
+
+# -- ONNX ----------------------------------------------------------------------------------------
+#: ONNX ops that keep the spatial grid of their inputs (element-wise, normalisation).
+ONNX_GRID_PRESERVING = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Clip",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Erf",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Exp",
+        "Log",
+        "Abs",
+        "Neg",
+        "Sqrt",
+        "Pow",
+        "Reciprocal",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Where",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "LpNormalization",
+        "MeanVarianceNormalization",
+        "LRN",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "CastLike",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Not",
+        "Equal",
+        "Greater",
+        "GreaterOrEqual",
+        "Less",
+        "LessOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Softmax",
+        "LogSoftmax",
+        "Shrink",
+        "ThresholdedRelu",
+        "Sin",
+        "Cos",
+        "Swish",
+    }
+)
+_ONNX_WINDOW = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
+_ONNX_GLOBAL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+_ONNX_REDUCE = {
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceSum",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+}
+# Ops whose outputs describe the tensor (shape, size) rather than carry image content.
+_ONNX_META = {"Shape", "Size"}
+# Constant-subgraph ops the walk folds (with onnx.reference) to read pads, starts, scales.
+_ONNX_FOLDABLE = {
+    "Cast",
+    "Concat",
+    "ConstantOfShape",
+    "Reshape",
+    "Slice",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Gather",
+    "Identity",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Range",
+    "Expand",
+    "Shape",
+    "Neg",
+}
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+class _OnnxGraphFacts:
+    """Constant values, ranks and dims of a graph's tensors, looked up on demand."""
+
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto, dependent: set[str]):
+        from onnx import numpy_helper
+
+        graph = model.graph
+        self._numpy_helper = numpy_helper
+        self._initializers = {i.name: i for i in graph.initializer}
+        self._producers = {out: node for node in graph.node for out in node.output if out}
+        self._dependent = dependent
+        self._values: dict[str, np.ndarray | None] = {}
+        self._opsets = {
+            (o.domain or ""): o.version for o in model.opset_import if o.domain in ("", "ai.onnx")
+        }
+        self.dims: dict[str, list[int | None]] = {}
+        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            tensor = value.type.tensor_type
+            if tensor.HasField("shape"):
+                self.dims[value.name] = [
+                    int(d.dim_value) if d.HasField("dim_value") else None for d in tensor.shape.dim
+                ]
+        for init in graph.initializer:
+            self.dims.setdefault(init.name, [int(d) for d in init.dims])
+
+    def rank(self, name: str) -> int | None:
+        dims = self.dims.get(name)
+        return len(dims) if dims is not None else None
+
+    def value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        """The constant value of a tensor, folding small constant subgraphs; None if unknown."""
+        import numpy as np
+
+        if not name or name in self._dependent:
+            return None
+        if name in self._values:
+            return self._values[name]
+        result: np.ndarray | None = None
+        if name in self._initializers:
+            result = self._numpy_helper.to_array(self._initializers[name])
+        elif name in self._producers and depth < 32:
+            node = self._producers[name]
+            if node.op_type == "Constant":
+                result = _constant_value(node)
+            elif node.op_type in _ONNX_FOLDABLE and node.domain in ("", "ai.onnx"):
+                inputs = [self.value(i, depth + 1) if i else None for i in node.input]
+                if all(v is not None for v, i in zip(inputs, node.input, strict=True) if i):
+                    try:
+                        from onnx.reference import ReferenceEvaluator
+
+                        feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
+                        outputs = ReferenceEvaluator(node).run(None, feeds)
+                        result = np.asarray(outputs[list(node.output).index(name)])
+                    except Exception:  # folding is a help: an unknown value stays unknown
+                        result = None
+        self._values[name] = result
+        return result
+
+    def partial(self, name: str) -> list[Any] | None:
+        """A 1-D constant's entries, or those of a Concat of 1-D pieces with None for the
+        entries of pieces that are not constant (a shape read from the image); None if unknown."""
+        value = self.value(name)
+        if value is not None:
+            return value.reshape(-1).tolist()
+        node = self._producers.get(name)
+        if node is None or node.op_type != "Concat":
+            return None
+        entries: list[Any] = []
+        for piece in node.input:
+            known = self.value(piece)
+            if known is not None:
+                entries.extend(known.reshape(-1).tolist())
+                continue
+            dims = self.dims.get(piece)
+            if dims is None or len(dims) != 1 or dims[0] is None:
+                return None
+            entries.extend([None] * dims[0])
+        return entries
+
+    def ints(self, name: str) -> list[int] | None:
+        value = self.value(name)
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    import numpy as np
+    from onnx import numpy_helper
+
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_ints":
+            return np.asarray(list(a.ints), dtype=np.int64)
+        if a.name == "value_floats":
+            return np.asarray(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.asarray(a.i, dtype=np.int64)
+        if a.name == "value_float":
+            return np.asarray(a.f, dtype=np.float32)
+    return None
+
+
+def onnx_grid_graph(
+    model: onnx.ModelProto,
+    input_name: str,
+    layout: str,
+    *,
+    inferred: onnx.ModelProto | None = None,
+) -> GridGraph:
+    """The :class:`GridGraph` of an ONNX model whose image input ``input_name`` has ``layout``
+    (NCHW or NHWC). Names are tensor names. ``inferred``: the model after shape inference, when
+    the caller already has it (ranks of Reshape outputs, kernel sizes from weight shapes)."""
+    import onnx
+
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:  # shape inference is a help, not a requirement
+            inferred = model
+    graph = model.graph
+    dependent = {input_name}
+    for node in graph.node:
+        if any(i in dependent for i in node.input if i):
+            dependent.update(o for o in node.output if o)
+    facts = _OnnxGraphFacts(model, inferred, dependent)
+    opset = next(
+        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        onnx.defs.onnx_opset_version(),
+    )
+    steps = []
+    public = {input_name: input_name}
+    for index, node in enumerate(graph.node):
+        if not any(i in dependent for i in node.input if i):
+            continue
+        label = f"{node.op_type} '{node.name or f'node {index}'}'"
+        rule = _onnx_rule(node, facts, opset, label)
+        meta = node.op_type in _ONNX_META and node.domain in ("", "ai.onnx")
+        steps.append(_Step(label, tuple(node.input), tuple(node.output), rule, meta))
+        public.update({o: o for o in node.output if o})
+    return GridGraph(input_name, layout.upper(), steps, public)
+
+
+def _pair(values: Sequence[int] | None, default: int) -> list[int] | None:
+    """Two per-axis values from an attribute list (None: the attribute is not 2-D)."""
+    if values is None or len(values) == 0:
+        return [default, default]
+    values = [int(v) for v in values]
+    return values if len(values) == 2 else None
+
+
+def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str) -> _Rule:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return _unsupported(f"{label} (domain '{node.domain}') is not understood")
+    if op in _ONNX_WINDOW or op == "ConvTranspose":
+        return _onnx_window_rule(node, facts, label)
+    if op in _ONNX_GLOBAL:
+        return lambda ins: _global_state(ins[0], label)
+    if op == "Pad":
+        return _onnx_pad_rule(node, facts, opset, label)
+    if op == "Slice":
+        return _onnx_slice_rule(node, facts, opset, label)
+    if op in ("Resize", "Upsample"):
+        return _onnx_resize_rule(node, facts, opset, label)
+    if op == "Transpose":
+        perm = list(_attr(node, "perm", []))
+        if not perm:
+            return _unsupported(f"{label} reverses every axis")
+        return lambda ins: _permute_state(ins[0], perm, label)
+    if op == "Concat":
+        axis = int(_attr(node, "axis", 1))
+        rank = facts.rank(node.output[0]) or 4
+        return lambda ins: _concat_state(ins, axis % rank, label)
+    if op == "Flatten":
+        axis = int(_attr(node, "axis", 1))
+        return lambda ins: (
+            _Flat()
+            if axis == 1 and ins[0] is not None
+            else _Lost(f"{label} flattens from axis {axis}")
+        )
+    if op in ("Gemm", "MatMul"):
+        return _onnx_matmul_rule(node, label)
+    if op in ("Reshape", "Squeeze", "Unsqueeze"):
+        return _onnx_reshape_rule(node, facts, label)
+    if op in _ONNX_REDUCE:
+        return _onnx_reduce_rule(node, facts, opset, label)
+    if op in ("SpaceToDepth", "DepthToSpace"):
+        block = int(_attr(node, "blocksize", 0))
+        mode = str(_attr(node, "mode", "DCR"))
+        if op == "SpaceToDepth":
+            return lambda ins: _space_to_depth_state(_first(ins[0]), block, label)
+        # Both DCR and CRD put every input cell's block at the same output cells.
+        del mode
+        return lambda ins: _depth_to_space_state(_first(ins[0]), block, label)
+    if op == "Split":
+        axis = int(_attr(node, "axis", 0))
+        rank = facts.rank(node.input[0]) or 4
+
+        def split(ins: list[Any]) -> Any:
+            state = ins[0]
+            channel = _CHANNEL.get(getattr(state, "layout", None) or "", -1)
+            if isinstance(state, _Map) and axis % rank != channel:
+                return _Lost(f"{label} splits axis {axis % rank}, not the channel axis")
+            return state
+
+        return split
+    if op in ONNX_GRID_PRESERVING:
+        return lambda ins: _combine(ins, label)
+    return _unsupported(f"{label} is not understood by the grid walk")
+
+
+def _unsupported(reason: str) -> _Rule:
+    return lambda ins: _Lost(reason)
+
+
+def _onnx_window_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str) -> _Rule:
+    op = node.op_type
+    weight_index = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "ConvTranspose": 1}.get(op)
+    kernel = list(_attr(node, "kernel_shape", []))
+    if not kernel and weight_index is not None and len(node.input) > weight_index:
+        dims = facts.dims.get(node.input[weight_index])
+        kernel = list(dims[2:]) if dims and len(dims) == 4 else []
+    if len(kernel) != 2 or any(not isinstance(k, int) for k in kernel):
+        return _unsupported(f"{label} is not a 2-D window op with a known kernel")
+    strides = _pair(_attr(node, "strides", None), 1)
+    dilations = _pair(_attr(node, "dilations", None), 1)
+    pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
+    auto_pad = str(_attr(node, "auto_pad", "NOTSET"))
+    if strides is None or dilations is None or len(pads) != 4:
+        return _unsupported(f"{label} is not a 2-D window op")
+    window = _Window(
+        label,
+        (kernel[0], kernel[1]),
+        (strides[0], strides[1]),
+        (dilations[0], dilations[1]),
+        (pads[0], pads[1]),
+        (pads[2], pads[3]),
+        ceil_mode=bool(_attr(node, "ceil_mode", 0)),
+        auto_pad=auto_pad,
+    )
+    if op == "ConvTranspose":
+        output_padding = _pair(_attr(node, "output_padding", None), 0)
+        if _attr(node, "output_shape", None) or auto_pad not in ("NOTSET", "VALID"):
+            return _unsupported(f"{label} sets output_shape or auto_pad (not understood)")
+        if output_padding is None:
+            return _unsupported(f"{label} is not 2-D")
+        window = replace(
+            window,
+            transposed=True,
+            auto_pad="NOTSET",
+            output_padding=(output_padding[0], output_padding[1]),
+        )
+    return lambda ins: _window_state(_first(ins[0]), window)
+
+
+def _onnx_pad_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str) -> _Rule:
+    if opset < 11:
+        pads = [int(p) for p in _attr(node, "pads", [])]
+    else:
+        pads = facts.ints(node.input[1]) if len(node.input) > 1 else None
+    if pads is None:
+        return _unsupported(f"{label} has pads that are not constant")
+    rank = facts.rank(node.input[0]) or 4
+    axes = list(range(rank))
+    if opset >= 18 and len(node.input) > 3 and node.input[3]:
+        given = facts.ints(node.input[3])
+        if given is None:
+            return _unsupported(f"{label} has axes that are not constant")
+        axes = [a % rank for a in given]
+    if len(pads) != 2 * len(axes):
+        return _unsupported(f"{label} has {len(pads)} pads for {len(axes)} axes")
+    by_axis = {a: (pads[i], pads[i + len(axes)]) for i, a in enumerate(axes)}
+    return lambda ins: _pad_state(_first(ins[0]), by_axis, rank, label)
+
+
+def _onnx_slice_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str) -> _Rule:
+    if opset < 10:
+        starts = [int(v) for v in _attr(node, "starts", [])]
+        ends = [int(v) for v in _attr(node, "ends", [])]
+        axes = [int(v) for v in _attr(node, "axes", [])] or None
+        steps: list[int] | None = None
+    else:
+        inputs = list(node.input) + [""] * (5 - len(node.input))
+        starts, ends = facts.ints(inputs[1]), facts.ints(inputs[2])
+        axes = facts.ints(inputs[3]) if inputs[3] else None
+        steps = facts.ints(inputs[4]) if inputs[4] else None
+        if (
+            starts is None
+            or ends is None
+            or (inputs[3] and axes is None)
+            or (inputs[4] and steps is None)
+        ):
+            return _unsupported(f"{label} has bounds that are not constant")
+    rank = facts.rank(node.input[0]) or 4
+    axes = [a % rank for a in (axes if axes is not None else range(len(starts)))]
+    steps = steps or [1] * len(starts)
+
+    def rule(ins: list[Any]) -> Any:
+        state = _first(ins[0])
+        for axis, start, end, step in zip(axes, starts, ends, steps, strict=False):
+            state = _slice_state(state, axis, start, end, step, label)
+            if isinstance(state, _Lost):
+                break
+        return state
+
+    return rule
+
+
+def _onnx_resize_rule(
+    node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str
+) -> _Rule:
+    op = node.op_type
+    mode = str(_attr(node, "mode", "nearest"))
+    mode = "linear" if mode == "bilinear" else mode
+    sizes: list[Any] | None = None
+    if op == "Upsample" or opset < 11:
+        coordinates = "asymmetric"
+        rounding = "floor"  # opset < 11 nearest: floor(x / scale)
+        if op == "Upsample" and opset < 9:
+            scales = [float(v) for v in _attr(node, "scales", [])]
+        else:
+            scales = facts.partial(node.input[1]) if len(node.input) > 1 else None
+    else:
+        coordinates = str(_attr(node, "coordinate_transformation_mode", "half_pixel"))
+        rounding = str(_attr(node, "nearest_mode", "round_prefer_floor"))
+        inputs = list(node.input) + [""] * (4 - len(node.input))
+        # Exporters build sizes as Concat(Shape(x)[:2], constant H, W): only the spatial
+        # entries need to be constant.
+        scales = facts.partial(inputs[2]) if inputs[2] else None
+        sizes = facts.partial(inputs[3]) if inputs[3] else None
+        if (inputs[2] and scales is None) or (inputs[3] and sizes is None):
+            return _unsupported(f"{label} has scales or sizes that are not constant")
+        if str(_attr(node, "keep_aspect_ratio_policy", "stretch")) != "stretch" and sizes:
+            return _unsupported(f"{label} keeps the aspect ratio (not understood)")
+    values = scales or sizes
+    if not values:
+        return _unsupported(f"{label} has neither scales nor sizes")
+    rank = facts.rank(node.input[0]) or 4
+    axes = [int(a) % rank for a in _attr(node, "axes", [])] or list(range(rank))
+    if len(values) != len(axes):
+        return _unsupported(f"{label} has {len(values)} scales/sizes for {len(axes)} axes")
+    by_axis = dict(zip(axes, values, strict=True))
+    input_dims = facts.dims.get(node.input[0]) or [None] * rank
+    use_scales = bool(scales)
+
+    def rule(ins: list[Any]) -> Any:
+        state = _first(ins[0])
+        if isinstance(state, _Flat):
+            return _Lost(f"{label} resizes flat features")
+        spatial = _SPATIAL[state.layout]
+        for axis in (a for a in by_axis if a not in spatial):
+            kept = 1 if use_scales else input_dims[axis]
+            if None not in (kept, by_axis[axis]) and by_axis[axis] != kept:
+                return _Lost(f"{label} resizes a non-spatial axis")
+        if any(a in by_axis and by_axis[a] is None for a in spatial):
+            return _Map(state.layout, None, f"{label} has spatial sizes that are not constant")
+        if state.grid is None:
+            return state
+        cells = (state.grid.h.n, state.grid.w.n)
+        if use_scales:
+            picked = tuple(float(by_axis.get(a, 1.0)) for a in spatial)
+            return _resize_state(state, None, picked, mode, coordinates, rounding, label)
+        picked = tuple(int(by_axis.get(a, n)) for a, n in zip(spatial, cells, strict=True))
+        return _resize_state(state, picked, None, mode, coordinates, rounding, label)
+
+    return rule
+
+
+def _onnx_matmul_rule(node: onnx.NodeProto, label: str) -> _Rule:
+    def rule(ins: list[Any]) -> Any:
+        if ins[0] is None or any(s is not None for s in ins[1:2]):
+            return _Lost(f"{label} multiplies two image-dependent tensors")
+        state = _first(ins[0])
+        if isinstance(state, _Flat):
+            return _Flat(state.layout if state.layout else None, False)
+        if node.op_type == "MatMul" and state.layout == "NHWC":
+            return state  # acts on the channel (last) axis only
+        return _Lost(f"{label} multiplies along the width axis of a {state.layout} map")
+
+    return rule
+
+
+def _onnx_reshape_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str) -> _Rule:
+    in_dims, out_dims = facts.dims.get(node.input[0]), facts.dims.get(node.output[0])
+    return lambda ins: _reshape_state(_first(ins[0]), in_dims, out_dims, label)
+
+
+def _onnx_reduce_rule(
+    node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str
+) -> _Rule:
+    keepdims = bool(_attr(node, "keepdims", 1))
+    rank = facts.rank(node.input[0]) or 4
+    axes_from_input = (node.op_type == "ReduceSum" and opset >= 13) or opset >= 18
+    if axes_from_input:
+        axes = facts.ints(node.input[1]) if len(node.input) > 1 and node.input[1] else []
+        if axes is None:
+            return _unsupported(f"{label} has axes that are not constant")
+    else:
+        axes = [int(a) for a in _attr(node, "axes", [])]
+    noop = bool(_attr(node, "noop_with_empty_axes", 0))
+    if not axes and noop:
+        return lambda ins: _first(ins[0])
+    chosen = [a % rank for a in axes] if axes else None
+    return lambda ins: _reduce_state(_first(ins[0]), chosen, keepdims, rank, label)
+
+
+# -- PyTorch (torch.export) ----------------------------------------------------------------------
+_TORCH_KEEP = {
+    # Normalisations, dropouts, copies and dtype moves: the grid of their first input.
+    "batch_norm",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional",
+    "cudnn_batch_norm",
+    "instance_norm",
+    "group_norm",
+    "native_group_norm",
+    "layer_norm",
+    "native_layer_norm",
+    "dropout",
+    "dropout_",
+    "native_dropout",
+    "feature_dropout",
+    "feature_dropout_",
+    "alpha_dropout",
+    "alpha_dropout_",
+    "feature_alpha_dropout",
+    "clone",
+    "contiguous",
+    "alias",
+    "detach",
+    "detach_",
+    "lift_fresh_copy",
+    "_to_copy",
+    "to",
+    "type_as",
+    "softmax",
+    "_softmax",
+    "log_softmax",
+    "_log_softmax",
+    "channel_shuffle",
+    "native_channel_shuffle",
+}
+# Element-wise ops without torch.Tag.pointwise.
+_TORCH_POINTWISE = {
+    "hardswish",
+    "hardswish_",
+    "prelu",
+    "_prelu_kernel",
+    "masked_fill",
+    "masked_fill_",
+    "where",
+    "silu",
+    "silu_",
+    "gelu_",
+    "mish_",
+    "elu_",
+    "leaky_relu_",
+    "logit",
+}
+_TORCH_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "nansum", "nanmean"}
+_TORCH_UPSAMPLE = {
+    "upsample_nearest2d": ("nearest", "asymmetric", "floor"),
+    "_upsample_nearest_exact2d": ("nearest", "tf_half_pixel_for_nn", "floor"),
+    "upsample_bilinear2d": ("linear", None, ""),
+    "_upsample_bilinear2d_aa": ("linear", None, ""),
+    "upsample_bicubic2d": ("cubic", None, ""),
+    "_upsample_bicubic2d_aa": ("cubic", None, ""),
+}
+
+
+def _bind(node: torch.fx.Node) -> dict[str, Any]:
+    """An aten node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    bound: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            bound[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+        else:
+            bound[arg.name] = None
+    return bound
+
+
+def _ints2(value: Any, default: int) -> list[int] | None:
+    """Two ints from an int or an int list (one value stands for both axes)."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return [default, default]
+    if isinstance(value, int):
+        return [value, value]
+    values = list(value)
+    if not all(isinstance(v, int) for v in values):
+        return None  # symbolic (an fx node): not a constant
+    if len(values) == 1:
+        return [values[0], values[0]]
+    return values if len(values) == 2 else None
+
+
+def _dims_of(node: Any) -> list[int | None] | None:
+    """A node's static dims (None for symbolic ones), from its ``val`` metadata."""
+    shape = _meta_shape(node)
+    return None if shape is None else [d if isinstance(d, int) else None for d in shape]
+
+
+def _meta_shape(node: Any) -> tuple[int, ...] | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _carries_tensor(node: torch.fx.Node) -> bool:
+    """Whether a node's output holds tensors (image content), from its ``val`` metadata, else
+    from its op's schema; an unknowable node counts as a tensor, so it is never skipped."""
+    if "val" in node.meta:
+        value = node.meta["val"]
+        if isinstance(value, (tuple, list)):
+            return any(isinstance(v, torch.Tensor) for v in value)
+        return isinstance(value, torch.Tensor)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return any(str(r.type).startswith("Tensor") for r in node.target._schema.returns)
+    return True
+
+
+def _torch_label(node: torch.fx.Node) -> str:
+    target = node.target
+    op = (
+        target.name()
+        if isinstance(target, torch._ops.OpOverload)
+        else getattr(target, "__name__", str(target))
+    )
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [re.sub(r"@\d+$", "", str(entry[0])) for entry in stack.values() if entry and entry[0]]
+    where = f" in module '{paths[-1]}'" if paths else ""
+    return f"{op} (node '{node.name}'{where})"
+
+
+def torch_grid_graph(program: torch.export.ExportedProgram) -> GridGraph:
+    """The :class:`GridGraph` of a ``torch.export`` program with one (NCHW) image input.
+
+    Names are module paths, as :class:`~eqaudit.models.torch_adapter.TorchAdapter` names layers:
+    a module's output is the node inside its ``nn_module_stack`` call whose users are outside it;
+    a module's second call is ``path:1``, its third ``path:2`` ...
+    """
+    graph = program.graph
+    user_inputs = list(program.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        raise ValueError(f"the program takes {len(user_inputs)} inputs; one image input expected")
+    steps = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        inputs = tuple(n.name for n in node.all_input_nodes)
+        rule = _torch_rule(node, inputs)
+        meta = not _carries_tensor(node)
+        steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta))
+    public, missing = _module_outputs(graph)
+    return GridGraph(str(user_inputs[0]), "NCHW", steps, public, missing)
+
+
+def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, str]]:
+    """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    calls: dict[str, tuple[str, list[torch.fx.Node]]] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        for key, entry in (node.meta.get("nn_module_stack") or {}).items():
+            path = re.sub(r"@\d+$", "", str(entry[0]))
+            if path:
+                calls.setdefault(key, (path, []))[1].append(node)
+    by_path: dict[str, list[list[torch.fx.Node]]] = {}
+    for path, nodes in sorted(calls.values(), key=lambda item: order[item[1][0]]):
+        by_path.setdefault(path, []).append(nodes)
+    public: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    for path, call_nodes in by_path.items():
+        for index, nodes in enumerate(call_nodes):
+            name = path if index == 0 else f"{path}:{index}"
+            members = set(nodes)
+            escaping = [
+                n
+                for n in nodes
+                if _carries_tensor(n) and any(user not in members for user in n.users)
+            ]
+            if not escaping:
+                missing[name] = f"module call '{name}' has no output node in the exported graph"
+                continue
+            public[name] = escaping[-1].name
+    return public, missing
+
+
+def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
+    label = _torch_label(node)
+    if not _carries_tensor(node):
+        return lambda ins: None  # sizes, assertions: not image content (a meta step)
+    target = node.target
+    if target is operator.getitem:
+        index = node.args[1]
+
+        def getitem(ins: list[Any]) -> Any:
+            state = ins[0]
+            if isinstance(state, tuple) and isinstance(index, int) and index < len(state):
+                return state[index]
+            return _Lost(f"{label} picks from an output the walk does not understand")
+
+        return getitem
+    if not isinstance(target, torch._ops.OpOverload):
+        return _unsupported(f"{label} is not understood by the grid walk")
+    name = target._overloadpacket.__name__
+    bound = _bind(node)
+    first_arg = target._schema.arguments[0].name
+    source = bound.get(first_arg)
+    position = {n: i for i, n in enumerate(inputs)}
+
+    def state_of(ins: list[Any], value: Any = source) -> Any:
+        if isinstance(value, torch.fx.Node) and value.name in position:
+            return _first(ins[position[value.name]])
+        return None
+
+    rank = len(_meta_shape(source) or ()) if isinstance(source, torch.fx.Node) else 0
+    multi = isinstance(node.meta.get("val"), (tuple, list))
+
+    def wrap(state: Any, copies: int = 1) -> Any:
+        """Tuple outputs (values, indices / mean, rstd): the first carries the grid."""
+        if not multi:
+            return state
+        count = len(node.meta["val"])
+        return (state, *([state] * (copies - 1)), *([None] * (count - copies)))
+
+    if name in ("conv2d", "convolution", "conv_transpose2d", "_convolution"):
+        return _torch_conv_rule(node, name, bound, state_of, label)
+    if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"):
+        kernel = _ints2(bound["kernel_size"], 1)
+        strides = _ints2(bound["stride"], 0)
+        if strides == [0, 0]:
+            strides = kernel  # stride [] means the kernel size
+        padding = _ints2(bound["padding"], 0)
+        dilation = _ints2(bound.get("dilation", 1), 1)
+        ceil_mode = bool(bound["ceil_mode"])
+        if None in (kernel, strides, padding, dilation) or rank != 4:
+            return _unsupported(f"{label} is not a 2-D pool with constant arguments")
+        window = _Window(
+            label,
+            (kernel[0], kernel[1]),
+            (strides[0], strides[1]),
+            (dilation[0], dilation[1]),
+            (padding[0], padding[1]),
+            (padding[0], padding[1]),
+            ceil_mode=ceil_mode,
+        )
+        copies = 2 if name == "max_pool2d_with_indices" else 1
+        return lambda ins: wrap(_window_state(state_of(ins), window), copies)
+    if name in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
+        out = bound["output_size"]
+        sizes = [out, out] if isinstance(out, int) else list(out)
+        if len(sizes) == 1:
+            sizes = sizes * 2
+        copies = 2 if name == "adaptive_max_pool2d" else 1
+        return lambda ins: wrap(_adaptive_state(state_of(ins), sizes, label), copies)
+    if name in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d", "_pad_circular"):
+        pad = list(bound["pad"] if "pad" in bound else bound["padding"])
+        if not all(isinstance(p, int) for p in pad) or len(pad) % 2 or rank == 0:
+            return _unsupported(f"{label} has pads that are not constant")
+        # torch lists pads from the last axis backwards: (w_begin, w_end, h_begin, h_end, ...).
+        by_axis = {rank - 1 - i: (pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)}
+        return lambda ins: _pad_state(state_of(ins), by_axis, rank, label)
+    if name == "slice":
+        dim, start, end, step = bound["dim"], bound["start"], bound["end"], bound["step"]
+        if not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+            return _unsupported(f"{label} has bounds that are not constant")
+        axis = int(dim) % max(rank, 1)
+        return lambda ins: _slice_state(state_of(ins), axis, start, end, int(step or 1), label)
+    if name in _TORCH_UPSAMPLE:
+        return _torch_upsample_rule(node, name, bound, state_of, label)
+    if name in ("pixel_shuffle", "pixel_unshuffle"):
+        factor = int(bound["upscale_factor" if name == "pixel_shuffle" else "downscale_factor"])
+        if name == "pixel_shuffle":
+            return lambda ins: _depth_to_space_state(state_of(ins), factor, label)
+        return lambda ins: _space_to_depth_state(state_of(ins), factor, label)
+    if name == "flatten":
+        start = int(bound["start_dim"]) % max(rank, 1)
+        end = int(bound["end_dim"]) % max(rank, 1)
+
+        def flatten(ins: list[Any]) -> Any:
+            state = state_of(ins)
+            if isinstance(state, _Flat) or (start == 1 and end == rank - 1):
+                return _Flat(None, False)
+            return _Lost(f"{label} flattens axes {start}..{end} of a map")
+
+        return flatten
+    if name in ("view", "reshape", "_unsafe_view", "squeeze", "unsqueeze"):
+        in_dims, out_dims = _dims_of(source), _dims_of(node)
+        return lambda ins: _reshape_state(state_of(ins), in_dims, out_dims, label)
+    if name in ("linear", "addmm", "mm", "matmul"):
+        data = (
+            bound.get("input")
+            if name == "linear"
+            else (bound.get("mat1") if name == "addmm" else bound.get(first_arg))
+        )
+
+        def linear(ins: list[Any]) -> Any:
+            others = [
+                ins[i]
+                for n, i in position.items()
+                if not isinstance(data, torch.fx.Node) or n != data.name
+            ]
+            if any(o is not None for o in others):
+                return _Lost(f"{label} multiplies two image-dependent tensors")
+            state = state_of(ins, data)
+            if state is None:
+                return _Lost(f"{label} multiplies in an unexpected argument order")
+            if isinstance(state, _Flat):
+                return _Flat(state.layout, False)
+            if state.layout == "NHWC":
+                return state  # acts on the channel (last) axis only
+            return _Lost(f"{label} multiplies along the width axis of a NCHW map")
+
+        return linear
+    if name in _TORCH_REDUCE:
+        dims = bound.get("dim")
+        keepdim = bool(bound.get("keepdim") or False)
+        if isinstance(dims, int):
+            dims = [dims]
+        chosen = None if not dims else [int(d) % max(rank, 1) for d in dims]
+        return lambda ins: _reduce_state(state_of(ins), chosen, keepdim, rank, label)
+    if name == "cat":
+        dim = int(bound["dim"])
+        tensors = [t for t in bound["tensors"] if isinstance(t, torch.fx.Node)]
+        cat_rank = len(_meta_shape(tensors[0]) or ()) if tensors else 4
+        return lambda ins: _concat_state(
+            [state_of(ins, t) for t in tensors], dim % max(cat_rank, 1), label
+        )
+    if name == "permute":
+        dims = [int(d) % max(rank, 1) for d in bound["dims"]]
+        return lambda ins: _permute_state(state_of(ins), dims, label)
+    if name in _TORCH_KEEP:
+        return lambda ins: wrap(state_of(ins), 2 if name == "native_dropout" else 1)
+    if torch.Tag.pointwise in target.tags or name in _TORCH_POINTWISE:
+        return lambda ins: _combine(ins, label)
+    return _unsupported(f"{label} is not understood by the grid walk")
+
+
+def _adaptive_state(state: Any, sizes: Sequence[int | None], label: str) -> Any:
+    """An adaptive pool to ``sizes`` cells: flat at 1x1; the window ``k = s = n/m`` when ``m``
+    divides ``n``; else unknown (its windows have uneven sizes and spacing)."""
+    if isinstance(state, _Flat):
+        return state
+    if state.layout != "NCHW":
+        return _Lost(f"{label} is applied to a {state.layout} map")
+    if list(sizes) == [1, 1]:
+        return _Flat("NCHW", True)
+    if state.grid is None:
+        return state
+    axes = []
+    for g, m, axis in zip((state.grid.h, state.grid.w), sizes, _AXES, strict=True):
+        if m is None or m == g.n:
+            axes.append(g)
+        elif g.n % m:
+            return _Map(
+                "NCHW",
+                None,
+                f"{label} pools {g.n} cells into {m} on the {axis} axis: uneven windows",
+            )
+        else:
+            k = g.n // m
+            axes.append(_window_axis(g, k, k, 1, 0, 0, False, "NOTSET", label, axis))
+    return _Map("NCHW", Grid(axes[0], axes[1]))
+
+
+def _torch_conv_rule(
+    node: torch.fx.Node,
+    name: str,
+    bound: dict[str, Any],
+    state_of: Callable[..., Any],
+    label: str,
+) -> _Rule:
+    weight = _meta_shape(bound["weight"])
+    if weight is None or len(weight) != 4:
+        return _unsupported(f"{label} is not a 2-D convolution")
+    kernel = [int(weight[2]), int(weight[3])]
+    transposed = name == "conv_transpose2d" or bool(bound.get("transposed"))
+    strides = _ints2(bound["stride"], 1)
+    dilation = _ints2(bound["dilation"], 1)
+    padding = bound["padding"]
+    auto_pad = "NOTSET"
+    if isinstance(padding, str):
+        # padding='same' puts the odd pad at the end, as SAME_UPPER does (stride 1 only).
+        auto_pad = {"same": "SAME_UPPER", "valid": "VALID"}.get(padding, "")
+        pads = [0, 0]
+        if not auto_pad:
+            return _unsupported(f"{label} has padding '{padding}'")
+    else:
+        pads = _ints2(padding, 0)
+    if None in (strides, dilation, pads):
+        return _unsupported(f"{label} has arguments that are not constant")
+    window = _Window(
+        label,
+        (kernel[0], kernel[1]),
+        (strides[0], strides[1]),
+        (dilation[0], dilation[1]),
+        (pads[0], pads[1]),
+        (pads[0], pads[1]),
+        auto_pad=auto_pad,
+    )
+    if transposed:
+        output_padding = _ints2(bound.get("output_padding"), 0)
+        if output_padding is None or auto_pad != "NOTSET":
+            return _unsupported(f"{label} has arguments that are not understood")
+        window = replace(
+            window, transposed=True, output_padding=(output_padding[0], output_padding[1])
+        )
+    return lambda ins: _window_state(state_of(ins), window)
+
+
+def _torch_upsample_rule(
+    node: torch.fx.Node,
+    name: str,
+    bound: dict[str, Any],
+    state_of: Callable[..., Any],
+    label: str,
+) -> _Rule:
+    mode, coordinates, rounding = _TORCH_UPSAMPLE[name]
+    if coordinates is None:
+        coordinates = "align_corners" if bound.get("align_corners") else "half_pixel"
+    output_size = bound.get("output_size")
+    factors = bound.get("scale_factors")
+    if factors is None and None not in (bound.get("scales_h"), bound.get("scales_w")):
+        factors = [bound["scales_h"], bound["scales_w"]]
+    sizes = None if output_size is None else list(output_size)
+    scales = None if factors is None else [float(f) for f in factors]
+    if sizes is not None and not all(isinstance(s, int) for s in sizes):
+        return _unsupported(f"{label} has an output size that is not constant")
+    if (sizes is not None and len(sizes) != 2) or (scales is not None and len(scales) != 2):
+        return _unsupported(f"{label} is not a 2-D resize")
+    if sizes is None and scales is None:
+        return _unsupported(f"{label} has neither an output size nor scale factors")
+
+    def rule(ins: list[Any]) -> Any:
+        state = state_of(ins)
+        if isinstance(state, _Map) and state.layout != "NCHW":
+            return _Lost(f"{label} is applied to a {state.layout} map")
+        if coordinates == "align_corners":
+            # align_corners ignores the scale factor: cell j at j*(n-1)/(n_out-1).
+            return _resize_state(
+                state,
+                tuple(sizes) if sizes else _scaled_sizes(state, scales),
+                None,
+                mode,
+                coordinates,
+                rounding,
+                label,
+            )
+        # A given scale factor is used as is (torch's recompute_scale_factor=False);
+        # without one the ratio is n_out / n.
+        return _resize_state(
+            state,
+            tuple(sizes) if sizes else None,
+            tuple(scales) if scales else None,
+            mode,
+            coordinates,
+            rounding,
+            label,
+        )
+
+    return rule
+
+
+def _scaled_sizes(state: Any, scales: Sequence[float] | None) -> tuple[int, int] | None:
+    if not isinstance(state, _Map) or state.grid is None or scales is None:
+        return None
+    return (math.floor(state.grid.h.n * scales[0]), math.floor(state.grid.w.n * scales[1]))
+
+
+@contextmanager
+def _quiet_export_logs() -> Iterator[None]:
+    """torch logs a full traceback (fake-tensor and export internals) before raising; the
+    exception says the same, and its first line reaches the user as the reason."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+_EXPORT_LOGGERS = (
+    "torch.export",
+    "torch._export",
+    "torch._subclasses.fake_tensor",
+    "torch._dynamo",
+)
+
+
+def export_grid_graph(
+    module: torch.nn.Module, example: torch.Tensor
+) -> tuple[GridGraph | None, str | None]:
+    """``torch.export.export(module, (example,), strict=False)``, then :func:`torch_grid_graph`;
+    ``(None, reason)`` when the export (or the walk) fails.
+
+    Arguments the module computes from the input size in Python (``x.shape[-1] // 2``) are
+    frozen at ``example``'s size in the exported graph: replaying other sizes assumes they do not
+    change.
+    """
+    try:
+        with torch.no_grad(), _quiet_export_logs():
+            program = torch.export.export(module, (example,), strict=False)
+    except Exception as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        return None, f"torch.export failed ({type(exc).__name__}: {first})"
+    try:
+        return torch_grid_graph(program), None
+    except Exception as exc:
+        return None, f"the exported graph could not be walked ({type(exc).__name__}: {exc})"

@@ -1,0 +1,764 @@
+"""Sampling grids from the model graph (eqaudit.grids), for ONNX and torch.export graphs.
+
+Oracles: hand-computed grids (DESIGN.md section 4), the output sizes onnxruntime and PyTorch
+actually produce, and the centroid of d out[i, j] / d input for a linear stack with positive,
+mirror-symmetric kernels, which sits exactly at the cell's centre ``offset + stride * i``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from eqaudit.grids import (
+    AxisGrid,
+    Grid,
+    GridGraph,
+    export_grid_graph,
+    onnx_grid_graph,
+    torch_grid_graph,
+)
+from eqaudit.models import load_model
+from eqaudit.models.base import InputSpec
+from eqaudit.models.torch_adapter import TorchAdapter, load_torch
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def onnx_model(
+    nodes: Sequence[onnx.NodeProto],
+    initializers: Sequence[np.ndarray | tuple[str, np.ndarray]] = (),
+    *,
+    channels: int = 1,
+    layout: str = "NCHW",
+    opset: int = 17,
+    output: str = "y",
+    output_shape: Sequence[int] | None = None,
+) -> onnx.ModelProto:
+    """A graph with one image input 'x' of dynamic H and W (any size can be run)."""
+    shape = [1, channels, "H", "W"] if layout == "NCHW" else [1, "H", "W", channels]
+    inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in initializers]
+    graph = helper.make_graph(
+        list(nodes),
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def ort_shapes(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Shapes of every node output, from onnxruntime."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    names = [o for n in model.graph.node for o in n.output if o]
+    for name in names:
+        if name not in known:
+            exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    values = session.run(outputs, {"x": x})
+    return {name: np.asarray(v).shape for name, v in zip(outputs, values, strict=True)}
+
+
+def conv_weight(out_c: int, in_c: int, k: int) -> np.ndarray:
+    return np.ones((out_c, in_c, k, k), dtype=np.float32)
+
+
+def to_onnx(module: nn.Module, size: tuple[int, int], channels: int = 3) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, channels, *size),),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def export(module: nn.Module, size: tuple[int, int], channels: int = 3) -> GridGraph:
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    graph, reason = export_grid_graph(module.eval(), torch.zeros(1, channels, *size, dtype=dtype))
+    assert graph is not None, reason
+    return graph
+
+
+def torch_shapes(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Output shape of every module call, named as TorchAdapter names layers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+    handles = []
+    for path, sub in module.named_modules():
+        if not path:
+            continue
+
+        def hook(_m: nn.Module, _i: object, out: object, path: str = path) -> None:
+            index = calls.get(path, 0)
+            calls[path] = index + 1
+            if isinstance(out, torch.Tensor):
+                shapes[path if index == 0 else f"{path}:{index}"] = tuple(out.shape)
+
+        handles.append(sub.register_forward_hook(hook))
+    with torch.no_grad():
+        module(x)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def assert_sizes_match(graph: GridGraph, shapes: dict[str, tuple[int, ...]], h: int, w: int):
+    """Every known grid has the cell counts of the real tensor (in its own layout)."""
+    grids, layouts = graph.grids(h, w), graph.layouts(h, w)
+    checked = 0
+    for name, grid in grids.items():
+        if isinstance(grid, Grid) and name in shapes:
+            shape = shapes[name]
+            cells = shape[1:3] if layouts[name] == "NHWC" else shape[2:]
+            assert (grid.h.n, grid.w.n) == tuple(cells), name
+            checked += 1
+    assert checked > 0
+
+
+def axis(n: int, stride: float, offset: float) -> AxisGrid:
+    return AxisGrid(n, float(stride), float(offset))
+
+
+# -- test models -----------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    """ResNet's basic block: one ReLU module called twice, a residual add, a 1x1 downsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNetLike(nn.Module):
+    """ResNet-18's geometry (7x7/2 stem, functional 3x3/2 max pool, four stages of two blocks,
+    three of them strided, global pool, torch.flatten, fc); ``width=64`` is ResNet-18's size."""
+
+    def __init__(self, width: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages = []
+        cin = width
+        for i, cout in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(x, 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+RESNET_STRIDED = [
+    "conv1",
+    "layer2.0.conv1",
+    "layer2.0.downsample.0",
+    "layer3.0.conv1",
+    "layer3.0.downsample.0",
+    "layer4.0.conv1",
+    "layer4.0.downsample.0",
+    "layer4.1",
+]
+
+
+class Crop(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, 1:-1, 2::2]
+
+
+class Roll(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, dims=-1)
+
+
+def symmetric_kernel(k: int, channels_out: int, channels_in: int) -> torch.Tensor:
+    """Positive, mirror-symmetric (in both axes) kernels: centroid at the kernel centre."""
+    v = torch.tensor([min(i, k - 1 - i) + 1.0 for i in range(k)], dtype=torch.float64)
+    base = torch.outer(v, v)
+    scale = torch.arange(1, channels_out * channels_in + 1, dtype=torch.float64)
+    return scale.view(channels_out, channels_in, 1, 1) * base
+
+
+def linear_stack() -> nn.Sequential:
+    """No ReLU, positive symmetric kernels: d out / d input is a positive blob centred on the
+    cell. Covers stride, asymmetric 'same' padding, avg pooling, dilation, transposed conv,
+    bilinear upsampling, padding and slicing."""
+    layers = nn.Sequential(
+        nn.Conv2d(2, 3, 3, 2, 1),
+        nn.Conv2d(3, 3, 4, 1, padding="same"),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(3, 2, 3, 1, 2, dilation=2),
+        nn.ConvTranspose2d(2, 2, 3, 2, 1),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.ZeroPad2d((1, 2, 3, 0)),
+        Crop(),
+        nn.Conv2d(2, 2, 5, 3, 1),
+    ).double()
+    with torch.no_grad():
+        for m in layers:
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                w = m.weight
+                m.weight.copy_(symmetric_kernel(w.shape[-1], w.shape[0], w.shape[1]))
+                m.bias.zero_()
+    return layers.eval()
+
+
+# -- formulas --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", range(7, 15))
+def test_strided_3x3_conv_is_centred_on_odd_inputs(size: int) -> None:
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    grid = export(nn.Sequential(conv), (size, size)).grids(size, size)["0"]
+    assert grid.h == axis((size - 1) // 2 + 1, 2, 0)
+    assert grid.h.centred(size) is (size % 2 == 1)
+
+
+@pytest.mark.parametrize("size", range(6, 14))
+def test_2x2_pool_is_centred_on_even_inputs(size: int) -> None:
+    model = onnx_model(
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    )
+    grid = onnx_grid_graph(model, "x", "NCHW").grids(size, size)["y"]
+    assert grid.w == axis(size // 2, 2, 0.5)
+    assert grid.w.centred(size) is (size % 2 == 0)
+
+
+def test_resnet18_geometry_is_centred_at_225_not_224() -> None:
+    graph = export(ResNetLike(), (225, 225))
+    at_225, at_224 = graph.grids(225, 225), graph.grids(224, 224)
+    for name in RESNET_STRIDED:
+        assert at_225[name].h.centred(225) and at_225[name].w.centred(225), name
+        assert not at_224[name].h.centred(224), name
+    # The functional max pool is no module: the grid after it is layer1's.
+    assert at_225["layer1.0.conv1"].h == axis(57, 4, 0)
+    assert at_225["layer4.1"].h == axis(8, 32, 0)
+    assert at_224["layer4.1"].h == axis(7, 32, 0)
+    assert at_225["avgpool"] == "flat" and at_225["fc"] == "flat"
+
+
+@pytest.mark.parametrize(
+    ("auto_pad", "offset"), [("SAME_UPPER", 1.0), ("SAME_LOWER", 0.0), ("VALID", 1.0)]
+)
+def test_auto_pad_places_the_odd_pad(auto_pad: str, offset: float) -> None:
+    # k=3, s=2 on 8 cells: SAME pads 1 in total, at the end (UPPER) or the begin (LOWER).
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad=auto_pad
+    )
+    model = onnx_model([node], [("w", conv_weight(1, 1, 3))])
+    graph = onnx_grid_graph(model, "x", "NCHW")
+    n = 4 if auto_pad != "VALID" else 3
+    assert graph.grids(8, 8)["y"].h == axis(n, 2, offset)
+    assert ort_shapes(model, np.zeros((1, 1, 8, 8), np.float32))["y"][2] == n
+    # SAME pads depend on the size: 9 cells need 2 pads, one on each side.
+    if auto_pad != "VALID":
+        assert graph.grids(9, 9)["y"].h == axis(5, 2, 0)
+
+
+@pytest.mark.parametrize("ceil_mode", [0, 1])
+@pytest.mark.parametrize(
+    ("k", "s", "p", "d"), [(2, 2, 0, 1), (3, 2, 1, 1), (2, 2, 1, 1), (3, 3, 1, 2)]
+)
+def test_window_cells_match_onnxruntime_and_torch(ceil_mode: int, k: int, s: int, p: int, d: int):
+    node = helper.make_node(
+        "MaxPool",
+        ["x"],
+        ["y"],
+        kernel_shape=[k, k],
+        strides=[s, s],
+        pads=[p] * 4,
+        dilations=[d, d],
+        ceil_mode=ceil_mode,
+    )
+    model = onnx_model([node])
+    graph = onnx_grid_graph(model, "x", "NCHW")
+    for size in range(max(3, d * (k - 1) + 1 - 2 * p), 14):
+        grid = graph.grids(size, size + 1)["y"]
+        x = np.zeros((1, 1, size, size + 1), np.float32)
+        assert (grid.h.n, grid.w.n) == ort_shapes(model, x)["y"][2:]
+        out = F.max_pool2d(torch.from_numpy(x), k, s, p, d, ceil_mode=bool(ceil_mode))
+        assert (grid.h.n, grid.w.n) == tuple(out.shape[2:])
+        assert grid.h.offset == -p + d * (k - 1) / 2 and grid.h.stride == s
+
+
+def test_ceil_mode_drops_a_window_that_starts_in_the_padding() -> None:
+    # 3 cells, k=2, s=2, p=1: windows start at -1, 1, (3 = in the end padding: dropped).
+    graph = export(nn.Sequential(nn.MaxPool2d(2, 2, 1, ceil_mode=True)), (3, 3), channels=1)
+    assert graph.grids(3, 3)["0"].h == axis(2, 2, -0.5)
+    assert graph.grids(4, 4)["0"].h == axis(3, 2, -0.5)
+
+
+def test_dilation_spreads_the_kernel() -> None:
+    graph = export(
+        nn.Sequential(nn.Conv2d(1, 1, 3, dilation=2), nn.Conv2d(1, 1, 3, 2, 2, 2)), (20, 20), 1
+    )
+    grids = graph.grids(20, 20)
+    assert grids["0"].h == axis(16, 1, 2)  # 2*(3-1)/2 = 2 pixels from the border
+    assert grids["1"].h == axis(8, 2, 2)  # padding 2 cancels the dilated half-kernel
+
+
+@pytest.mark.parametrize(
+    ("k", "s", "p", "op", "offset"), [(3, 2, 1, 0, 0.0), (3, 2, 1, 1, 0.0), (4, 2, 1, 0, -0.25)]
+)
+def test_conv_transpose_grid(k: int, s: int, p: int, op: int, offset: float) -> None:
+    node = helper.make_node(
+        "ConvTranspose",
+        ["x", "w"],
+        ["y"],
+        kernel_shape=[k, k],
+        strides=[s, s],
+        pads=[p] * 4,
+        output_padding=[op, op],
+    )
+    model = onnx_model([node], [("w", conv_weight(1, 1, k))])
+    grid = onnx_grid_graph(model, "x", "NCHW").grids(5, 6)["y"]
+    assert grid.h == axis((5 - 1) * s - 2 * p + k + op, 1 / s, offset)
+    assert (grid.h.n, grid.w.n) == ort_shapes(model, np.zeros((1, 1, 5, 6), np.float32))["y"][2:]
+    # Without output padding the upsampled grid stays centred when its input was.
+    if op == 0:
+        assert grid.h.centred(5) and grid.w.centred(6)
+
+
+def _resize(mode: str, coordinates: str, scales=None, sizes=None, nearest="floor"):
+    inputs = ["x", "", "scales" if scales is not None else "", "sizes" if sizes is not None else ""]
+    node = helper.make_node(
+        "Resize",
+        inputs,
+        ["y"],
+        mode=mode,
+        coordinate_transformation_mode=coordinates,
+        nearest_mode=nearest,
+    )
+    inits = []
+    if scales is not None:
+        inits.append(("scales", np.asarray([1, 1, *scales], np.float32)))
+    if sizes is not None:
+        inits.append(("sizes", np.asarray([1, 1, *sizes], np.int64)))
+    return onnx_model([node], inits)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (_resize("linear", "half_pixel", scales=[2, 2]), axis(10, 0.5, -0.25)),
+        (_resize("linear", "pytorch_half_pixel", scales=[3, 3]), axis(15, 1 / 3, -1 / 3)),
+        (_resize("linear", "asymmetric", scales=[2, 2]), axis(10, 0.5, 0)),
+        (_resize("linear", "align_corners", sizes=[9, 9]), axis(9, 0.5, 0)),
+        (_resize("cubic", "half_pixel", scales=[0.5, 0.5]), axis(2, 2, 0.5)),
+        # Nearest copies: an upsample by 2 gets the half-pixel centre whatever its mode ...
+        (_resize("nearest", "asymmetric", scales=[2, 2]), axis(10, 0.5, -0.25)),
+        (
+            _resize("nearest", "half_pixel", scales=[3, 3], nearest="round_prefer_floor"),
+            axis(15, 1 / 3, -1 / 3),
+        ),
+        # ... and a subsample is the grid of the cells it keeps.
+        (_resize("nearest", "asymmetric", scales=[0.5, 0.5]), axis(2, 2, 0)),
+    ],
+)
+def test_resize_grids(model: onnx.ModelProto, expected: AxisGrid) -> None:
+    grid = onnx_grid_graph(model, "x", "NCHW").grids(5, 5)["y"]
+    assert grid.h.n == expected.n
+    assert grid.h.stride == pytest.approx(expected.stride)
+    assert grid.h.offset == pytest.approx(expected.offset)
+    assert (grid.h.n, grid.w.n) == ort_shapes(model, np.zeros((1, 1, 5, 5), np.float32))["y"][2:]
+
+
+def test_uneven_nearest_resize_is_unknown() -> None:
+    # asymmetric + round_prefer_floor by 3 copies cells 2, 3, 3, ... times: no uniform grid.
+    model = _resize("nearest", "asymmetric", scales=[3, 3], nearest="round_prefer_floor")
+    graph = onnx_grid_graph(model, "x", "NCHW")
+    assert graph.grids(5, 5)["y"] is None
+    assert "unevenly" in graph.unknown_reason("y")
+
+
+def test_pad_and_slice_move_the_offset() -> None:
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Slice", ["p", "starts", "ends", "axes", "steps"], ["y"]),
+    ]
+    inits = [
+        ("pads", np.asarray([0, 0, 1, 2, 0, 0, 3, -1], np.int64)),  # H: +1/+3, W: +2/-1
+        ("starts", np.asarray([1, 2], np.int64)),
+        ("ends", np.asarray([-1, 1000], np.int64)),
+        ("axes", np.asarray([2, 3], np.int64)),
+        ("steps", np.asarray([1, 3], np.int64)),
+    ]
+    model = onnx_model(nodes, inits)
+    grids = onnx_grid_graph(model, "x", "NCHW").grids(10, 11)
+    assert grids["p"] == Grid(axis(14, 1, -1), axis(12, 1, -2))
+    assert grids["y"] == Grid(axis(12, 1, 0), axis(4, 3, 0))
+    shapes = ort_shapes(model, np.zeros((1, 1, 10, 11), np.float32))
+    assert shapes["y"][2:] == (12, 4)
+
+
+def test_nhwc_model_transposes_first() -> None:
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node(
+            "Conv", ["t", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4
+        ),
+        helper.make_node("Transpose", ["c"], ["back"], perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["back"], ["r"]),
+        helper.make_node("ReduceMean", ["r"], ["y"], axes=[1, 2], keepdims=1),
+    ]
+    model = onnx_model(nodes, [("w", conv_weight(4, 3, 3))], channels=3, layout="NHWC", opset=13)
+    graph = onnx_grid_graph(model, "x", "NHWC")
+    grids, layouts = graph.grids(9, 9), graph.layouts(9, 9)
+    assert grids["x"] == grids["t"] == Grid(axis(9, 1, 0), axis(9, 1, 0))
+    assert grids["c"] == grids["r"] == Grid(axis(5, 2, 0), axis(5, 2, 0))
+    assert (layouts["x"], layouts["t"], layouts["r"], layouts["y"]) == (
+        "NHWC",
+        "NCHW",
+        "NHWC",
+        "NHWC",
+    )
+    assert grids["y"] == "flat"
+
+
+def test_grid_mismatch_in_an_add_is_unknown() -> None:
+    # ResNet-D style: a 2x2 average-pool shortcut (offset 0.5) added to a 3x3/2 conv (offset 0).
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "w"], ["a"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4
+        ),
+        helper.make_node("AveragePool", ["x"], ["b"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    graph = onnx_grid_graph(onnx_model(nodes, [("w", conv_weight(1, 1, 3))]), "x", "NCHW")
+    assert graph.grids(8, 8)["y"] is None
+    assert "different grids" in graph.unknown_reason("y")
+
+
+# -- the empirical oracle: gradient centroids ------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_grid_is_the_centroid_of_each_cells_receptive_field() -> None:
+    model = linear_stack()
+    size = (73, 66)
+    graph = export(model, size, channels=2)
+    grids = graph.grids(*size)
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        for name, m in model.named_children()
+    ]
+    x = torch.rand(1, 2, *size, dtype=torch.float64, requires_grad=True)
+    model(x)
+    for h in handles:
+        h.remove()
+    ys = torch.arange(size[0], dtype=torch.float64)[:, None]
+    xs = torch.arange(size[1], dtype=torch.float64)[None, :]
+    checked = 0
+    for name, out in outputs.items():
+        grid = grids[name]
+        assert (grid.h.n, grid.w.n) == tuple(out.shape[2:]), name
+        for i, j in ((grid.h.n // 2, grid.w.n // 2), (grid.h.n // 2 - 1, grid.w.n // 2 + 1)):
+            (g,) = torch.autograd.grad(out[0, 0, i, j], x, retain_graph=True)
+            weight = g[0].sum(0)
+            assert (weight >= 0).all()
+            cy = float((weight * ys).sum() / weight.sum())
+            cx = float((weight * xs).sum() / weight.sum())
+            assert cy == pytest.approx(grid.h.offset + grid.h.stride * i, abs=1e-9), name
+            assert cx == pytest.approx(grid.w.offset + grid.w.stride * j, abs=1e-9), name
+            checked += 1
+    assert checked == 2 * len(model)
+
+
+# -- ONNX and torch.export agree -------------------------------------------------------------------
+def mixed_model() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1),
+        nn.ReLU(),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(4, 4, 3, 1, 2, dilation=2),
+        nn.ConvTranspose2d(4, 4, 4, 2, 1),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Upsample(scale_factor=0.5, mode="nearest"),
+        nn.ZeroPad2d((1, 2, 3, 4)),
+        Crop(),
+        nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+
+
+_ONNX_LAYER_OPS = {
+    "Conv",
+    "Relu",
+    "AveragePool",
+    "ConvTranspose",
+    "Resize",
+    "Pad",
+    "MaxPool",
+    "GlobalAveragePool",
+    "Flatten",
+    "Gemm",
+}
+
+
+def test_onnx_and_torch_export_give_the_same_grids(tmp_path) -> None:
+    model = mixed_model()
+    size = (41, 38)
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, *size),), strict=False), pt2)
+    from_pt2 = torch_grid_graph(torch.export.load(pt2))
+    onnx_proto = to_onnx(model, size)
+    from_onnx = onnx_grid_graph(onnx_proto, "x", "NCHW")
+    # One ONNX node per module, except the crop: two Slice nodes, the second is its output.
+    onnx_names = [n.output[0] for n in onnx_proto.graph.node if n.op_type in _ONNX_LAYER_OPS]
+    slices = [n.output[0] for n in onnx_proto.graph.node if n.op_type == "Slice"]
+    onnx_names.insert(9, slices[-1])
+    torch_names = [str(i) for i in range(len(model))]
+    assert len(onnx_names) == len(torch_names)
+    torch_grids, onnx_grids = from_pt2.grids(*size), from_onnx.grids(*size)
+    for t, o in zip(torch_names, onnx_names, strict=True):
+        assert torch_grids[t] == onnx_grids[o], (t, o)
+    assert_sizes_match(
+        from_onnx, ort_shapes(onnx_proto, np.zeros((1, 3, *size), np.float32)), *size
+    )
+    assert_sizes_match(from_pt2, torch_shapes(model, torch.zeros(1, 3, *size)), *size)
+
+
+class Fn(nn.Module):
+    """A functional op as a module, so that both graphs name its output."""
+
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's gate: a flat (B, C, 1, 1) branch multiplied back onto the map."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, 2, 1)
+        self.fc2 = nn.Conv2d(2, c, 1)
+        self.act = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x * torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(x))))))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, then LayerNorm and Linear in NHWC between two permutes, residual add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pw(self.norm(self.dw(x).permute(0, 2, 3, 1)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def blocks_model() -> nn.Sequential:
+    layers = {
+        "stem": nn.Conv2d(3, 8, 3, 2, 1),
+        "se": SqueezeExcite(8),
+        "cnx": ConvNeXtBlock(8),
+        "bn": nn.BatchNorm2d(8),
+        "shuffle": nn.PixelShuffle(2),
+        "widen": Fn(lambda x: torch.cat([x] * 4, 1)),
+        "fixed": Fn(lambda x: F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=True)),
+        "nearest": Fn(lambda x: F.interpolate(x, scale_factor=3, mode="nearest")),
+        "pool": Fn(lambda x: F.avg_pool2d(x, 3, 2, 1)),
+        "crop": Fn(lambda x: torch.cat([x, 2 * x], 1)[:, :8, 1:]),
+        "reflect": Fn(lambda x: F.pad(x, (1, 2, 0, 1), mode="reflect")),
+        "mean": Fn(lambda x: x.mean((2, 3))),
+        "head": nn.Linear(8, 4),
+    }
+    return nn.Sequential(OrderedDict(layers)).eval()
+
+
+def test_onnx_and_torch_agree_on_mobile_and_convnext_blocks() -> None:
+    model, size = blocks_model(), (31, 29)
+    from_torch = export(model, size)
+    onnx_proto = to_onnx(model, size)
+    from_onnx = onnx_grid_graph(onnx_proto, "x", "NCHW")
+    torch_grids, onnx_grids = from_torch.grids(*size), from_onnx.grids(*size)
+    compared = 0
+    for path, grid in torch_grids.items():
+        scope = "/" + path.replace(".", "/") + "/"
+        outputs = [n.output[0] for n in onnx_proto.graph.node if n.name.startswith(scope)]
+        if outputs and outputs[-1] in onnx_grids:
+            assert grid == onnx_grids[outputs[-1]], path
+            assert grid is not None, from_torch.unknown_reason(path)
+            compared += 1
+    assert compared >= 12
+    assert torch_grids["se.fc2"] == "flat" and isinstance(torch_grids["se"], Grid)
+    assert torch_grids["cnx.pw"] == torch_grids["stem"]  # NHWC inside the block: same grid
+    assert from_torch.layouts(*size)["cnx.pw"] == "NHWC"
+    assert torch_grids["shuffle"].h == axis(32, 1, -0.5)
+    assert torch_grids["fixed"].h == axis(
+        20, 31 / 19, -0.5
+    )  # 32 cells at stride 1 -> 20, corners kept
+    assert_sizes_match(from_torch, torch_shapes(model, torch.zeros(1, 3, *size)), *size)
+    assert_sizes_match(
+        from_onnx, ort_shapes(onnx_proto, np.zeros((1, 3, *size), np.float32)), *size
+    )
+
+
+def test_replay_at_another_size_equals_a_fresh_extraction() -> None:
+    model = ResNetLike()
+    replayed = export(model, (64, 64)).grids(97, 90)
+    fresh = export(model, (97, 90)).grids(97, 90)
+    assert replayed == fresh
+    assert_sizes_match(
+        export(model, (64, 64)), torch_shapes(model, torch.zeros(1, 3, 97, 90)), 97, 90
+    )
+
+
+# -- unknown and invalid ---------------------------------------------------------------------------
+def test_unknown_onnx_op_makes_everything_downstream_unknown() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Tile", ["c", "reps"], ["t"], name="tiler"),
+        helper.make_node("Relu", ["t"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+    ]
+    inits = [("w", conv_weight(1, 1, 3)), ("reps", np.asarray([1, 1, 2, 2], np.int64))]
+    graph = onnx_grid_graph(onnx_model(nodes, inits), "x", "NCHW")
+    grids = graph.grids(9, 9)
+    assert grids["c"] == Grid(axis(4, 2, 1), axis(4, 2, 1))
+    assert grids["t"] is None and grids["r"] is None and grids["y"] is None
+    assert graph.unknown_reason("c") is None
+    assert "Tile 'tiler'" in graph.unknown_reason("y")
+
+
+def test_unknown_torch_op_names_the_aten_op_and_module() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), Roll(), nn.Conv2d(4, 4, 3))
+    graph = export(model, (17, 17))
+    grids = graph.grids(17, 17)
+    assert grids["0"] == Grid(axis(9, 2, 0), axis(9, 2, 0))
+    assert grids["1"] is None and grids["2"] is None
+    reason = graph.unknown_reason("2")
+    assert "roll" in reason and "module '1'" in reason
+
+
+def test_adaptive_pool_is_a_window_only_when_its_size_divides() -> None:
+    graph = export(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(3)), (12, 12))
+    assert graph.grids(12, 12)["1"].h == axis(3, 4, 1.5)
+    assert graph.grids(13, 12)["1"] is None
+    assert "uneven" in graph.unknown_reason("1", 13, 12)
+
+
+def test_an_input_too_small_for_a_window_is_invalid() -> None:
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], name="big")
+    graph = onnx_grid_graph(onnx_model([node], [("w", conv_weight(1, 1, 5))]), "x", "NCHW")
+    assert graph.invalid_reason(5, 5) is None
+    reason = graph.invalid_reason(4, 9)
+    assert "Conv 'big'" in reason and "height" in reason
+    assert graph.grids(4, 9)["y"] is None
+
+
+# -- adapters --------------------------------------------------------------------------------------
+def test_torch_adapter_names_map_to_exported_nodes() -> None:
+    """A module called twice (the block's ReLU), a residual add, a functional max pool."""
+    model = ResNetLike()
+    spec = InputSpec("x", "NCHW", 3, 33, 33, None)
+    adapter = TorchAdapter.from_module(model, input_spec=spec)
+    layers = adapter.probe_layers(torch.zeros(1, 3, 33, 33))
+    graph = adapter.grid_graph()
+    assert graph is not None and adapter.grid_graph() is graph  # cached
+    grids = graph.grids(33, 33)
+    names = {layer.name for layer in layers}
+    assert {"layer1.0.relu", "layer1.0.relu:1", "layer4.1.relu:1"} <= names
+    for layer in layers:
+        grid = grids[layer.name]
+        if layer.spatial:
+            assert (grid.h.n, grid.w.n) == layer.shape[1:], layer.name
+        else:
+            assert grid == "flat", layer.name
+    # The first call of the block's ReLU follows bn1, the second the residual add: same grid.
+    assert grids["layer2.0.relu"] == grids["layer2.0.relu:1"] == grids["layer2.0.conv1"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torch_adapter_grid_sources(tmp_path) -> None:
+    model = mixed_model()
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 41, 38),), strict=False), pt2)
+    from_pt2 = load_torch(pt2)
+    assert from_pt2.grid_graph().grids(41, 38)["0"] == Grid(axis(21, 2, 0), axis(19, 2, 0))
+
+    unsized = load_model(mixed_model())
+    assert unsized.grid_graph() is None and "input size" in unsized.grid_graph_note
+    unsized.with_input_size(41, 38)
+    assert unsized.grid_graph().grids(41, 38) == from_pt2.grid_graph().grids(41, 38)
+
+    scripted = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 41, 38)), scripted)
+    ts = load_torch(scripted, input_size=(41, 38))
+    assert ts.grid_graph() is None and "TorchScript" in ts.grid_graph_note
+
+
+def test_onnx_adapter_strides_and_layouts_come_from_the_grids(tmp_path) -> None:
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node(
+            "Conv", ["t", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4
+        ),
+        helper.make_node("Transpose", ["c"], ["n"], perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("ReduceMean", ["r"], ["m"], axes=[1, 2], keepdims=0),
+        helper.make_node("Gemm", ["m", "fc"], ["y"]),
+    ]
+    inits = [("w", conv_weight(4, 3, 3)), ("fc", np.ones((4, 2), np.float32))]
+    model = onnx_model(nodes, inits, channels=3, layout="NHWC", opset=13, output_shape=[1, 2])
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(model, path)
+    adapter = load_model(path)
+    adapter.with_input_size(9, 9)
+    layers = {layer.name: layer for layer in adapter.probe_layers(torch.rand(1, 3, 9, 9))}
+    assert layers["r"].stride == (2.0, 2.0) and layers["r"].shape == (4, 5, 5)  # NHWC -> NCHW
+    assert layers["m"].stride is None and layers["m"].shape == (4,)
+    assert adapter.grid_graph().grids(9, 9)["r"] == Grid(axis(5, 2, 0), axis(5, 2, 0))
