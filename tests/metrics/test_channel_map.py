@@ -1,0 +1,279 @@
+"""Equivariance up to a fitted channel map: known relations, streaming/merge, C4 group convolutions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from models_group import c4_net, rotation_permutation
+
+from eqaudit.data import synthetic_images
+from eqaudit.metrics.channel_map import (
+    DEFAULT_MAX_CHANNELS,
+    ChannelMapStats,
+    fitted_channel_error,
+    pooled_error,
+)
+
+
+def _rot(x: torch.Tensor, k: int = 1) -> torch.Tensor:
+    return torch.rot90(x, k, (-2, -1))
+
+
+def _parity(batch: int, start: int = 0) -> torch.Tensor:
+    """The engine's split: even global image index -> FIT half."""
+    return (torch.arange(start, start + batch) % 2) == 0
+
+
+def _features(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=g)
+
+
+# -- known relations ---------------------------------------------------------------------------
+
+
+def test_identity_relation_gives_zero_for_both_errors():
+    b = _features(8, 6, 5, seed=0)
+    result = fitted_channel_error(b, b.clone(), _parity(8))
+    assert result["naive_error"] < 1e-7
+    assert result["fitted_error"] < 1e-7
+    assert result["permutation"] == list(range(6))
+    assert (result["fit_images"], result["eval_images"]) == (4, 4)
+    assert (result["fit_cells"], result["eval_cells"]) == (4 * 25, 4 * 25)
+
+
+def test_channel_permutation_naive_large_fitted_zero_and_map_recovered():
+    b = _features(10, 8, 6, seed=1).abs()  # ReLU-like: positive, correlated channels
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(2))
+    a = b[:, perm]  # a[:, i] = b[:, perm[i]]
+    stats = ChannelMapStats()
+    stats.update(a, b, _parity(10))
+    result = stats.compute()
+    assert result["naive_error"] > 0.3
+    assert result["fitted_error"] < 1e-6
+    assert result["permutation"] == perm.tolist()
+    assert result["is_permutation"]
+    assert result["row_peak_share_min"] > 1 - 1e-9
+    expected = np.eye(8)[perm.numpy()]  # W[i, perm[i]] = 1
+    np.testing.assert_allclose(stats.channel_map(), expected, atol=1e-6)
+
+
+def test_general_linear_map_on_flat_features():
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    mixing = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    a = b @ mixing.T  # a_i = M b_i: flat (B, D) rows are the samples
+    stats = ChannelMapStats()
+    stats.update(a, b, _parity(400))
+    result = stats.compute()
+    assert result["fitted_error"] < 1e-7
+    assert result["fit_cells"] == 200
+    np.testing.assert_allclose(stats.channel_map(), mixing.numpy(), atol=1e-6)
+
+
+def test_unrelated_noise_keeps_a_large_fitted_error():
+    a = _features(40, 8, 10, seed=4)
+    b = _features(40, 8, 10, seed=5)
+    result = fitted_channel_error(a, b, _parity(40))
+    # Equal-norm unrelated maps: no cross term, naive = sqrt(2) / 2.
+    assert result["naive_error"] == pytest.approx(math.sqrt(2) / 2, abs=0.01)
+    # The best map from noise is W ~ 0 (overfit share c = C / fit_cells of the energy): the
+    # pooled formula then gives ~ sqrt(1 + c) / (1 + sqrt(c)), 0.96 here, not 0.71.
+    c = 8 / result["fit_cells"]
+    assert result["fitted_error"] == pytest.approx(math.sqrt(1 + c) / (1 + math.sqrt(c)), abs=0.01)
+    assert result["fitted_error"] > 0.9
+    assert not result["row_peak_share_min"] > 0.9
+
+
+def test_pooled_error_formula_by_hand():
+    # One sample a = (3, 4), b = (4, -3): E = 50 for W = I, ||a|| = ||b|| = 5 -> sqrt(50) / 10.
+    s_ab = np.outer([3.0, 4.0], [4.0, -3.0])
+    s_bb = np.outer([4.0, -3.0], [4.0, -3.0])
+    assert pooled_error(25.0, s_ab, s_bb) == pytest.approx(math.sqrt(2) / 2, rel=1e-15)
+    # W = 0: E = ||a||^2, denominator ||a|| -> exactly 1.
+    assert pooled_error(25.0, s_ab, s_bb, np.zeros((2, 2))) == pytest.approx(1.0, rel=1e-12)
+    assert pooled_error(0.0, np.zeros((2, 2)), np.zeros((2, 2))) == 0.0  # two zero maps
+    # Rounding that pushes E of an exact relation below 0 is clamped: exactly 0, not sqrt(|E|).
+    assert pooled_error(25.0 - 1e-9, s_bb, s_bb) == 0.0
+
+
+def test_scale_free():
+    b = _features(6, 4, 5, seed=6)
+    a = b[:, [1, 0, 3, 2]] + 0.01 * _features(6, 4, 5, seed=7)
+    small = fitted_channel_error(a, b, _parity(6))
+    # A power of two scales float32 exactly, so only the float64 sums may differ.
+    large = fitted_channel_error(2.0**12 * a, 2.0**12 * b, _parity(6))
+    for key in ("naive_error", "fitted_error", "fit_residual"):
+        assert large[key] == pytest.approx(small[key], rel=1e-9)
+
+
+def test_ridge_bias_is_about_half_the_ridge_for_well_conditioned_features():
+    # Why the default ridge is 1e-8: an exact permutation reads as ~ridge / 2, not 0.
+    b = _features(20, 8, 10, seed=8)
+    a = b[:, [3, 1, 2, 0, 7, 6, 5, 4]]
+    for ridge in (1e-4, 1e-6):
+        result = fitted_channel_error(a, b, _parity(20), ridge=ridge)
+        assert result["fitted_error"] == pytest.approx(ridge / 2, rel=0.3)
+    assert fitted_channel_error(a, b, _parity(20))["fitted_error"] < 1e-7
+
+
+def test_mask_keeps_only_defined_cells():
+    b = _features(6, 3, 7, seed=9)
+    a = b[:, [2, 0, 1]].clone()
+    mask = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
+    mask[..., 1:-1, 1:-1] = True
+    a[..., 0, :] = 100.0  # garbage on the border the mask removes
+    masked = fitted_channel_error(a, b, _parity(6), mask)
+    inner = fitted_channel_error(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], _parity(6))
+    assert masked["eval_cells"] == 3 * 25
+    for key in ("naive_error", "fitted_error"):
+        assert masked[key] == pytest.approx(inner[key], rel=1e-12, abs=1e-12)
+    assert masked["fitted_error"] < 1e-7
+
+
+def test_dead_reference_channel_is_tolerated_and_shows_in_the_rank():
+    b = _features(8, 4, 5, seed=10).abs()
+    b[:, 2] = 0.0  # a dead channel: S_bb is singular, the ridge keeps the solve defined
+    a = b[:, [1, 2, 3, 0]]
+    result = fitted_channel_error(a, b, _parity(8))
+    assert result["fit_rank"] == 3
+    assert result["fitted_error"] < 1e-7
+    assert result["naive_error"] > 0.3
+
+
+# -- streaming, merging, empty halves ---------------------------------------------------------
+
+
+def _streamed(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cuts: list[int]
+) -> ChannelMapStats:
+    stats = ChannelMapStats()
+    for start, stop in itertools.pairwise(cuts):
+        stats.update(a[start:stop], b[start:stop], _parity(stop - start, start), mask)
+    return stats
+
+
+def test_streaming_equals_one_shot_and_merge_equals_whole():
+    b = _features(23, 5, 6, seed=11)
+    mixing = torch.randn(5, 5, generator=torch.Generator().manual_seed(12))
+    a = torch.einsum("ij,bjhw->bihw", mixing, b) + 0.3 * _features(23, 5, 6, seed=13)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., :, 0] = False
+    whole = fitted_channel_error(a, b, _parity(23), mask)
+    streamed = _streamed(a, b, mask, [0, 3, 4, 11, 23])
+    merged = _streamed(a, b, mask, [0, 3, 10]).merge(_streamed(a, b, mask, [10, 17, 23]))
+    for stats in (streamed, merged):
+        result = stats.compute()
+        for key, value in whole.items():
+            if isinstance(value, float):
+                assert result[key] == pytest.approx(value, rel=1e-10), key
+            else:
+                assert result[key] == value, key
+    assert whole["fit_images"] == 12 and whole["eval_images"] == 11
+    assert 0.05 < whole["fitted_error"] < whole["naive_error"]
+
+
+def test_merge_with_an_empty_accumulator_is_a_copy():
+    b = _features(4, 3, 4, seed=14)
+    full = ChannelMapStats()
+    full.update(b[:, [1, 2, 0]], b, _parity(4))
+    for merged in (ChannelMapStats().merge(full), full.merge(ChannelMapStats())):
+        assert merged.compute() == full.compute()
+    merged.update(b, b, _parity(4))  # the merge result owns its state
+    assert full.compute()["fit_images"] == 2
+
+
+def test_empty_halves_and_zero_reference_give_none_with_a_reason():
+    b = _features(4, 3, 4, seed=15)
+    only_fit = fitted_channel_error(b, b, torch.ones(4, dtype=torch.bool))
+    assert only_fit["naive_error"] is None and only_fit["fitted_error"] is None
+    assert only_fit["reason"] == "no eval images"
+    assert only_fit["fit_residual"] < 1e-7
+    only_eval = fitted_channel_error(b, b, torch.zeros(4, dtype=torch.bool))
+    assert only_eval["fitted_error"] is None and only_eval["naive_error"] < 1e-7
+    assert only_eval["reason"] == "no fit images"
+    zero = fitted_channel_error(b, torch.zeros_like(b), _parity(4))
+    assert zero["fitted_error"] is None and zero["naive_error"] == pytest.approx(1.0)
+    assert zero["reason"] == "the reference is zero on every fit cell"
+    assert ChannelMapStats().compute()["channels"] is None
+
+
+def test_memory_guidance_and_misuse():
+    assert ChannelMapStats.bytes_for(DEFAULT_MAX_CHANNELS) == 8 * 2**20
+    assert ChannelMapStats.bytes_for(256) == 2 * 2**20
+    with pytest.raises(ValueError, match="ridge"):
+        ChannelMapStats(ridge=0.0)
+    stats = ChannelMapStats(channels=3)
+    with pytest.raises(ValueError, match="channels"):
+        stats.update(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3), _parity(2))
+    with pytest.raises(ValueError, match="fit mask"):
+        stats.update(torch.zeros(2, 3, 3, 3), torch.zeros(2, 3, 3, 3), _parity(3))
+    with pytest.raises(ValueError, match="merge"):
+        stats.merge(ChannelMapStats(channels=4))
+
+
+# -- C4 group convolutions (tests/models_group.py) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def net_and_images() -> tuple[torch.nn.Module, torch.Tensor]:
+    return c4_net(seed=0), synthetic_images(16, (15, 15), 3, seed=1)
+
+
+def _lift(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.relu1(net.lift(x))
+
+
+def _gconv(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.relu2(net.gconv(_lift(net, x)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("layer", [_lift, _gconv])
+def test_group_conv_channels_roll_within_groups_of_four_under_rot90(net_and_images, layer, k):
+    net, x = net_and_images
+    with torch.no_grad():
+        a, b = layer(net, _rot(x, k)), _rot(layer(net, x), k)
+    perm = rotation_permutation(a.shape[1] // 4, k)
+    assert (a - b[:, perm]).abs().max().item() < 1e-6
+    assert (a - b).abs().max().item() > 0.1  # ... and not with the identity on channels
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("layer", [_lift, _gconv])
+def test_lifting_conv_naive_large_fitted_near_zero(net_and_images, layer, k):
+    net, x = net_and_images
+    stats = ChannelMapStats()
+    for start in (0, 5, 11):  # uneven batches, the engine's global parity split
+        batch = x[start : start + {0: 5, 5: 6, 11: 5}[start]]
+        with torch.no_grad():
+            stats.update(
+                layer(net, _rot(batch, k)), _rot(layer(net, batch), k), _parity(len(batch), start)
+            )
+    result = stats.compute()
+    assert result["naive_error"] > 0.3
+    assert result["fitted_error"] < 1e-5
+    assert result["permutation"] == rotation_permutation(result["channels"] // 4, k)
+    assert result["row_peak_share_min"] > 0.9999
+
+
+def test_c4_layers_under_a_flip_are_not_rescued_by_a_channel_map(net_and_images):
+    net, x = net_and_images
+    with torch.no_grad():
+        a, b = _lift(net, torch.flip(x, (-1,))), torch.flip(_lift(net, x), (-1,))
+    result = fitted_channel_error(a, b, _parity(16))
+    assert result["fitted_error"] > 0.05  # C4 has no reflections: no channel map exists
+
+
+def test_c4_net_group_pooling_and_output_are_invariant(net_and_images):
+    net, x = net_and_images
+    with torch.no_grad():
+        pooled = net.gpool(_gconv(net, x))
+        a, b = net.gpool(_gconv(net, _rot(x))), _rot(pooled)
+        assert (a - b).abs().max().item() < 1e-6  # identity on channels after group pooling
+        assert (net(_rot(x)) - net(x)).abs().max().item() < 1e-5
+    assert fitted_channel_error(a, b, _parity(16))["naive_error"] < 1e-6
