@@ -12,7 +12,12 @@ Conventions (all elements):
 * A shift by ``(dy, dx)`` moves content down by ``dy`` and right by ``dx``:
   ``out[i, j] = in[i - dy, j - dx]``.
 * A rotation by ``angle`` degrees is counter-clockwise (same sense as rot90), about the true centre
-  ``((H - 1) / 2, (W - 1) / 2)`` of the pixel grid, bicubic, zero fill outside the source.
+  ``((H - 1) / 2, (W - 1) / 2)`` of the pixel grid, cubic convolution (Keys, Catmull-Rom),
+  zero fill outside the source.
+* Resampled images are not clipped to [0, 1]: the overshoot of bicubic or band-limited
+  interpolation is part of the resampled signal, and clipping it would be a non-linear distortion
+  that the feature-map action does not have (a linear model would no longer commute with the
+  transform). Thumbnails clip for display only.
 
 An element's action on a feature map of cumulative stride ``s`` is the same geometric operation on
 the map's own grid (identity on channels): a shift of ``k`` pixels is ``k / s`` cells, measurable
@@ -25,10 +30,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from eqaudit.metrics.functional import relative_error
+
+
+def _about_centre(linear: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, t)`` of the linear map ``A`` applied about the grid centre ``c``: ``t = c - A c``."""
+    centre = np.array([(height - 1) / 2, (width - 1) / 2])
+    return linear, centre - linear @ centre
 
 
 class NotMeasurable(Exception):
@@ -96,6 +108,12 @@ class Transform:
     def feature_floor(self, fmap: torch.Tensor) -> torch.Tensor | None:
         """The same floor for the element's action on a feature map (compared where defined)."""
         return None
+
+    def point_map(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where the element moves content, in input pixel coordinates ``p = (y, x)`` (pixel
+        centres at integers): content at ``p`` ends up at ``A @ p + t``. Returns ``(A, t)``.
+        The feature-map action on any sampling grid follows from it (:mod:`.geometry`)."""
+        raise NotImplementedError
 
     def to_dict(self) -> dict:
         return {"name": self.name, "family": self.family, "exact": self.exact}
@@ -174,6 +192,15 @@ class D4Element(Transform):
 
     def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
         return d4_apply(center_crop(source, margin), self.k, self.flip)
+
+    def point_map(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        # In (y, x) with y down: flip_h sends (y, x) to (y, -x); rot90 (counter-clockwise on
+        # screen, torch.rot90) sends (y, x) to (-x, y), both about the centre.
+        linear = np.array([[1.0, 0.0], [0.0, -1.0]]) if self.flip else np.eye(2)
+        turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+        for _ in range(self.k):
+            linear = turn @ linear
+        return _about_centre(linear, height, width)
 
     def feature_action(
         self, fmap: torch.Tensor, stride: tuple[float, float] | None
@@ -278,7 +305,7 @@ class Shift(Transform):
 
     def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
         if not self.integer:
-            return fourier_shift(center_crop(source, margin), self.dy, self.dx).clamp(0, 1)
+            return fourier_shift(center_crop(source, margin), self.dy, self.dx)
         dy, dx = int(self.dy), int(self.dx)
         if self.mode == "crop":
             height = source.shape[-2] - 2 * margin
@@ -303,6 +330,9 @@ class Shift(Transform):
         shifted, mask = _integer_shift(fmap, int(cy), int(cx), self.mode)
         return FeatureAction(shifted, None if self.mode == "circular" else mask)
 
+    def point_map(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.eye(2), np.array([float(self.dy), float(self.dx)])
+
     def image_floor(self, identity: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor | None:
         if self.integer:
             return None
@@ -326,8 +356,56 @@ class Shift(Transform):
 DISK_FRACTION = 0.8
 
 
+#: Keys' cubic-convolution parameter. -0.5 (Catmull-Rom) is the third-order accurate choice: it
+#: reproduces quadratics, and its slope at a pixel centre is the central difference. (torch's
+#: bicubic ``grid_sample`` uses -0.75, which reproduces only constants: on a ramp it moves values
+#: 1.5 times too fast under an infinitesimal rotation.)
+CUBIC_A = -0.5
+
+
+def _keys_weights(t: torch.Tensor) -> list[torch.Tensor]:
+    """Weights of the taps at offsets -1, 0, 1, 2 for fractional positions ``t`` in [0, 1)."""
+    a = CUBIC_A
+
+    def kernel(d: torch.Tensor) -> torch.Tensor:
+        d = d.abs()
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+    return [kernel(t + 1), kernel(t), kernel(1 - t), kernel(2 - t)]
+
+
+def cubic_sample(x: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) -> torch.Tensor:
+    """Sample ``(B, C, H, W)`` at fractional pixel positions ``(src_y, src_x)`` (each ``(h, w)``,
+    shared by the batch) with Keys cubic convolution (:data:`CUBIC_A`), zero outside the grid.
+
+    Convention: pixel centres at integer coordinates; a position on a centre returns that pixel.
+    """
+    height, width = x.shape[-2:]
+    pad = 2
+    lead = x.shape[:-2]
+    flat = F.pad(x, (pad, pad, pad, pad)).reshape(-1, (height + 2 * pad) * (width + 2 * pad))
+    src_y = src_y.to(torch.float64)
+    src_x = src_x.to(torch.float64)
+    y0, x0 = torch.floor(src_y), torch.floor(src_x)
+    wy = [w.to(x.dtype).reshape(1, -1) for w in _keys_weights(src_y - y0)]
+    wx = [w.to(x.dtype).reshape(1, -1) for w in _keys_weights(src_x - x0)]
+    # Taps beyond the padding read the (zero) padding: the image is zero outside.
+    rows = [(y0 + k + pad).clamp(0, height + 2 * pad - 1).long() for k in (-1, 0, 1, 2)]
+    cols = [(x0 + k + pad).clamp(0, width + 2 * pad - 1).long() for k in (-1, 0, 1, 2)]
+    stride = width + 2 * pad
+    out = torch.zeros(flat.shape[0], src_y.numel(), dtype=x.dtype)
+    for row, weight_y in zip(rows, wy, strict=True):
+        for col, weight_x in zip(cols, wx, strict=True):
+            taps = flat.index_select(1, (row * stride + col).reshape(-1))
+            out.addcmul_(taps, weight_y * weight_x)
+    return out.reshape(*lead, *src_y.shape)
+
+
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate ``(B, C, H, W)`` counter-clockwise about the grid centre; bicubic, zero fill."""
+    """Rotate ``(B, C, H, W)`` counter-clockwise about the grid centre; cubic (Keys, Catmull-Rom),
+    zero fill."""
     height, width = x.shape[-2:]
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
@@ -336,14 +414,9 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     cy, cx = (height - 1) / 2, (width - 1) / 2
     ii = torch.arange(height, dtype=torch.float64)[:, None] - cy
     jj = torch.arange(width, dtype=torch.float64)[None, :] - cx
-    src_x = cos * jj - sin * ii + cx
-    src_y = sin * jj + cos * ii + cy
-    # grid_sample with align_corners=True maps -1..1 onto pixel centres 0..size-1.
-    gx = 2 * src_x / max(width - 1, 1) - 1
-    gy = 2 * src_y / max(height - 1, 1) - 1
-    grid = torch.stack([gx.expand(height, width), gy.expand(height, width)], dim=-1)
-    grid = grid[None].expand(x.shape[0], height, width, 2).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=True)
+    src_x = (cos * jj - sin * ii + cx).expand(height, width)
+    src_y = (sin * jj + cos * ii + cy).expand(height, width)
+    return cubic_sample(x, src_y, src_x)
 
 
 class Rotation(Transform):
@@ -358,10 +431,16 @@ class Rotation(Transform):
 
     def apply_image(self, source: torch.Tensor, margin: int) -> torch.Tensor:
         # Rotating the larger source fills the corners with real content when a margin exists.
-        return center_crop(rotate(source, self.degrees), margin).clamp(0, 1)
+        return center_crop(rotate(source, self.degrees), margin)
 
     def inverse(self) -> Rotation:
         return Rotation(-self.degrees)
+
+    def point_map(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        theta = math.radians(self.degrees)
+        cos, sin = math.cos(theta), math.sin(theta)
+        # Counter-clockwise on screen is (y, x) -> (cos y - sin x, sin y + cos x): rot90 at 90.
+        return _about_centre(np.array([[cos, -sin], [sin, cos]]), height, width)
 
     def feature_action(
         self, fmap: torch.Tensor, stride: tuple[float, float] | None
