@@ -22,7 +22,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,10 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eqaudit.config import AuditConfig, parse_input_size
+from eqaudit.config import AuditConfig, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
+from eqaudit.lie import GENERATORS as LIE_GENERATORS
+from eqaudit.lie import LieAccumulator, lie_batch
 from eqaudit.metrics import (
     LayerStats,
     OrbitStats,
@@ -49,8 +51,17 @@ from eqaudit.metrics import (
     robustness_score,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
-from eqaudit.results import PREDICTION_COLUMNS, AuditResult, make_summary
+from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
+from eqaudit.transforms.elements import center_crop
+from eqaudit.transforms.geometry import (
+    SizeChoice,
+    aligned,
+    choose_aligned_size,
+    compare_on_grid,
+    misaligned_reason,
+    resampled_floor,
+)
 from eqaudit.transforms.labels import (
     LabelAction,
     build_label_action,
@@ -82,10 +93,28 @@ class _LayerState:
     stride_source: str
     stats: list[LayerStats]
     reasons: list[str | None]
+    #: the sampling grid (eqaudit.grids.Grid) when the graph gives it; None: unknown
+    grid: Any = None
+    grid_note: str | None = None
+    #: per element: does it map the grid onto itself (None: unknown grid / flat layer)
+    aligned: list[bool | None] = field(default_factory=list)
+    #: per element: exact | resampled | naive | invariance (set by the first comparison)
+    comparison: list[str | None] = field(default_factory=list)
+    channel_maps: list[Any] | None = None
 
     @property
     def kind(self) -> str:
         return "spatial" if self.info.spatial else "flat"
+
+    def scored(self, gi: int, element: Transform) -> bool:
+        """Does this (layer, element) row enter the layer scores? Measured, and exact, or a
+        resampled element compared about a known grid, or a flat layer (invariance)."""
+        if self.reasons[gi] is not None or self.comparison[gi] is None:
+            return False
+        comparison = self.comparison[gi]
+        if comparison in ("exact", "invariance"):
+            return True
+        return comparison == "resampled" and not element.exact and self.grid is not None
 
 
 def shown_path(path: str | Path | None) -> str | None:
@@ -225,26 +254,78 @@ class Engine:
         self.run_notes: list[str] = []
         self._score_low: torch.Tensor | None = None
         self._score_high: torch.Tensor | None = None
+        self.input_size = (height, width)
+        self.geometry_notes: list[str] = []
+        self.images_seen = 0
+        self.lie: LieAccumulator | None = LieAccumulator() if config.lie else None
+        self.lie_steps: dict[str, float] = {}
 
     # -- set-up ------------------------------------------------------------------------------
+    def _layer_grids(self) -> tuple[Any, dict[str, Any]]:
+        """The adapter's grid graph and the grids at this input size (empty when unknown)."""
+        try:
+            graph = self.adapter.grid_graph()
+        except Exception as exc:  # geometry is a help; the audit goes on without it
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self.geometry_notes.append(
+                f"sampling grids unavailable ({type(exc).__name__}: {first}); per-layer "
+                "alignment is unknown"
+            )
+            return None, {}
+        if graph is None:
+            note = self.adapter.grid_graph_note
+            self.geometry_notes.append(
+                f"sampling grids unavailable ({note}): per-layer alignment is unknown, and such "
+                "layers are compared on their own grid and kept out of the layer scores"
+                if note
+                else "sampling grids unavailable: per-layer alignment is unknown"
+            )
+            return None, {}
+        return graph, graph.grids(*self.input_size)
+
     def _setup_layers(self, first: torch.Tensor) -> None:
         if not self.config.layers:
             return
+        # The grids first: the graph also tells which captured maps are channels-last.
+        graph, grids = self._layer_grids()
         probed = self.adapter.probe_layers(first)
-        height, width = self.adapter.input_spec.size
+        height, width = self.input_size
+        g = len(self.elements)
         for info in _select_layers(probed, self.config.layer_patterns):
+            grid, note = grids.get(info.name), None
+            if isinstance(grid, str) or not info.spatial:
+                grid = None
+            elif grid is not None and (grid.h.n, grid.w.n) != tuple(info.shape[1:]):
+                note = (
+                    f"graph grid {grid.h.n}x{grid.w.n} does not match the map "
+                    f"{info.shape[1]}x{info.shape[2]}: grid treated as unknown"
+                )
+                grid = None
+            elif grid is None and graph is not None:
+                note = graph.unknown_reason(info.name)
             stride, source = info.stride, "graph"
-            if info.spatial and stride is None:
+            if grid is not None:
+                stride = (float(grid.h.stride), float(grid.w.stride))
+            elif info.spatial and stride is None:
                 sh = estimate_stride(height, info.shape[1])
                 sw = estimate_stride(width, info.shape[2])
                 stride = (sh, sw) if sh is not None and sw is not None else None
                 source = "shape" if stride is not None else "unknown"
             if not info.spatial:
                 stride, source = None, "n/a"
-            g = len(self.elements)
-            self.layer_states.append(
-                _LayerState(info, stride, source, [LayerStats() for _ in range(g)], [None] * g)
+            state = _LayerState(
+                info, stride, source, [LayerStats() for _ in range(g)], [None] * g, grid, note
             )
+            state.aligned = [
+                None
+                if not info.spatial or grid is None
+                else (True if e.is_identity else aligned(e, grid, self.input_size))
+                for e in self.elements
+            ]
+            state.comparison = [None] * g
+            if self.config.channel_map:
+                state.channel_maps = self._channel_maps(info)
+            self.layer_states.append(state)
 
     def setup(self) -> None:
         """Learn the layers' shapes from one (blank) image before the first batch."""
@@ -340,9 +421,57 @@ class Engine:
                 )
         self._track_spread(scores[0])
         self._update_outputs(scores, labels, ids, transformed)
+        if self.lie is not None:
+            self._update_lie(center_crop(pixels, self.margin))
+        # Channel maps are fitted on the images of even position and evaluated on the others
+        # (positions count over the whole image set, so shards agree on the split).
+        fit = (torch.arange(self.images_seen, self.images_seen + b) % 2) == 0
+        self.images_seen += b
         for state in self.layer_states:
             act = out.activations[state.info.name]
-            self._update_layer(state, act.reshape(g, b, *act.shape[1:]))
+            self._update_layer(state, act.reshape(g, b, *act.shape[1:]), fit)
+
+    def _update_lie(self, pixels: torch.Tensor) -> None:
+        """Lie derivatives of this batch's outputs (and, for PyTorch modules, each audited
+        layer's contribution). Forward-mode AD needs autograd: inference mode is lifted here."""
+        layers = []
+        for state in self.layer_states:
+            if state.info.spatial and state.grid is None:
+                self.lie.skipped.setdefault(  # type: ignore[union-attr]
+                    state.info.name, "sampling grid unknown: the generator's action is undefined"
+                )
+                continue
+            layers.append((state.info.name, state.grid if state.info.spatial else None))
+        with torch.inference_mode(False):
+            batch = lie_batch(
+                self.adapter,
+                pixels.clone(),
+                self.preprocessing,
+                self.output_kind or "logits",
+                layers=layers,
+            )
+        self.lie_steps = self.lie_steps or dict(batch.steps)
+        self.lie.update(batch)  # type: ignore[union-attr]
+
+    def lie_summary(self) -> dict | None:
+        """summary.lie: output derivatives per generator, per-layer contributions, method."""
+        if self.lie is None:
+            return None
+        return {
+            "method": self.lie.method,
+            "steps": self.lie_steps,
+            "outputs": self.lie.output_rows(),
+            "layers": self.lie.layer_rows(),
+        }
+
+    def _lie_columns(self, layer: str) -> dict[str, float | None]:
+        """Per layer: the mean normalised contribution to the output Lie derivative per
+        generator (None when not computed for this layer)."""
+        per_generator = self.lie.layers.get(layer, {}) if self.lie is not None else {}
+        return {
+            f"lie_{g}": per_generator[g].compute()["mean"] if g in per_generator else None
+            for g in LIE_GENERATORS
+        }
 
     def _setup_label_action(self, num_classes: int) -> None:
         """Permutations P_g of the classes (identity everywhere unless declared)."""
@@ -447,7 +576,7 @@ class Engine:
             }
         return suggestions
 
-    def _update_layer(self, state: _LayerState, act: torch.Tensor) -> None:
+    def _update_layer(self, state: _LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
         reference = act[0]
         for gi, element in enumerate(self.elements):
             if state.reasons[gi] is not None:
@@ -455,25 +584,86 @@ class Engine:
             if gi == 0:  # the identity is the reference itself: exactly zero, no work
                 zeros = torch.zeros(reference.shape[0], dtype=torch.float64)
                 state.stats[0].update(zeros, zeros)
+                state.comparison[0] = "exact" if state.info.spatial else "invariance"
                 continue
             if not state.info.spatial:
-                a, b, mask = act[gi], reference, None
+                a, b, mask, comparison = act[gi], reference, None, "invariance"
             else:
                 try:
-                    action = element.feature_action(reference, state.stride)
+                    found = compare_on_grid(
+                        element,
+                        reference,
+                        state.grid,
+                        self.input_size,
+                        state.stride,
+                        self.config.misaligned,
+                    )
                 except NotMeasurable as why:
                     state.reasons[gi] = str(why)
                     continue
+                action, comparison = found.action, found.comparison
                 a, b, mask = act[gi], action.transformed, action.mask
+            state.comparison[gi] = comparison
             floor = (
-                None
-                if element.exact or not state.info.spatial
-                else element.feature_floor(reference)
+                resampled_floor(element, reference, state.grid, self.input_size)
+                if comparison == "resampled"
+                else None
             )
             relative, cosine = errors_from_norms(*map_norms(a, b, mask))
             state.stats[gi].update(relative, cosine, floor)
+            if state.channel_maps is not None and state.channel_maps[gi] is not None:
+                state.channel_maps[gi].update(a, b, fit, mask)
+
+    def _channel_maps(self, info: LayerInfo) -> list[Any] | None:
+        """One channel-map accumulator per element, or None (with a note) for a layer too wide
+        to fit its C x C statistics."""
+        from eqaudit.metrics.channel_map import DEFAULT_MAX_CHANNELS as MAX_CHANNELS
+        from eqaudit.metrics.channel_map import ChannelMapStats
+
+        channels = info.shape[0] if info.shape else 0
+        if channels > MAX_CHANNELS:
+            self.geometry_notes.append(
+                f"--channel-map: {info.name} has {channels} channels (> {MAX_CHANNELS}): no "
+                "channel map fitted for it"
+            )
+            return None
+        return [None if e.is_identity else ChannelMapStats(channels) for e in self.elements]
 
     # -- results -----------------------------------------------------------------------------
+    @staticmethod
+    def _grid_columns(state: _LayerState) -> dict[str, float | None]:
+        grid = state.grid
+        if grid is None:
+            stride = state.stride
+            return {
+                "stride_h": stride[0] if stride else None,
+                "stride_w": stride[1] if stride else None,
+                "offset_h": None,
+                "offset_w": None,
+            }
+        return {
+            "stride_h": float(grid.h.stride),
+            "stride_w": float(grid.w.stride),
+            "offset_h": float(grid.h.offset),
+            "offset_w": float(grid.w.offset),
+        }
+
+    def geometry(self, rows: list[dict], size_choice: SizeChoice | None) -> dict:
+        """summary.geometry: how the per-layer comparisons relate to the sampling grids."""
+        spatial = [r for r in rows if r["kind"] == "spatial" and r["transform"] != "id"]
+        sources = sorted({s.stride_source for s in self.layer_states if s.info.spatial})
+        return {
+            "input_size": list(self.input_size),
+            "size_choice": size_choice.to_dict() if size_choice else None,
+            "misaligned_mode": self.config.misaligned,
+            "grid_source": sources,
+            "aligned_pairs": sum(1 for r in spatial if r["aligned"] is True),
+            # compared although the element does not map the grid onto itself
+            "misaligned_pairs": sum(1 for r in spatial if is_flagged(r)),
+            "unknown_pairs": sum(1 for r in spatial if r["aligned"] is None),
+            "notes": self.geometry_notes,
+        }
+
     def _mode(self, element: Transform) -> str:
         if self.label_action is None or self.label_action.of(element) == tuple(
             range(self.label_action.num_classes)
@@ -530,11 +720,25 @@ class Engine:
                     "shape": "x".join(str(d) for d in info.shape or ()),
                     "stride": "x".join(f"{s:g}" for s in state.stride) if state.stride else None,
                     "stride_source": state.stride_source,
+                    **self._grid_columns(state),
+                    "aligned": state.aligned[gi],
+                    "comparison": state.comparison[gi],
+                    "scored": state.scored(gi, element),
                 }
                 reason = state.reasons[gi]
                 if reason is None:
                     base.update(state.stats[gi].compute(), measurable=True, reason=None)
                     del base["n"]
+                    if state.aligned[gi] is False and state.comparison[gi] == "naive":
+                        base["reason"] = (
+                            "misaligned: "
+                            + misaligned_reason(element, state.grid, self.input_size)
+                            + "; compared on the map's own grid, kept out of layer scores"
+                        )
+                    elif state.comparison[gi] == "naive" and state.grid is None:
+                        base["reason"] = "sampling grid unknown" + (
+                            f" ({state.grid_note})" if state.grid_note else ""
+                        )
                 else:
                     base.update(
                         relative_error=None,
@@ -545,8 +749,33 @@ class Engine:
                         measurable=False,
                         reason=reason,
                     )
+                if self.config.channel_map:
+                    base.update(self._channel_columns(state, gi))
+                if self.lie is not None:
+                    base.update(self._lie_columns(info.name))
                 rows.append(base)
         return rows
+
+    @staticmethod
+    def _channel_columns(state: _LayerState, gi: int) -> dict[str, Any]:
+        """--channel-map: the error after the fitted 1x1 channel map (held-out half), the naive
+        error pooled over the same cells, and whether the fitted map is a channel permutation
+        (each row's weight almost all on one channel, rows on distinct channels)."""
+        stats = state.channel_maps[gi] if state.channel_maps is not None else None
+        if stats is None or state.reasons[gi] is not None:
+            return {
+                "fitted_relative_error": None,
+                "pooled_relative_error": None,
+                "channel_map_permutation": None,
+            }
+        found = stats.compute()
+        share = found.get("row_peak_share_min")
+        permutes = bool(found.get("is_permutation")) and share is not None and share >= 0.9
+        return {
+            "fitted_relative_error": found.get("fitted_error"),
+            "pooled_relative_error": found.get("naive_error"),
+            "channel_map_permutation": permutes if found.get("fitted_error") is not None else None,
+        }
 
     def scores(self, outputs: list[dict]) -> dict:
         measured = [r for r in outputs if r["skipped"] is None and r["transform"] != "id"]
@@ -566,7 +795,63 @@ class Engine:
             "clean_accuracy": identity.get("accuracy"),
             "worst_accuracy": min(accuracies) if accuracies else None,
             "orbit_accuracy": self.orbit_correct.compute() if self.orbit_correct.n else None,
+            **self._layer_scores(),
         }
+
+    def _layer_scores(self) -> dict:
+        """Mean relative error over the scored (layer, element) rows, identity excluded:
+        misaligned pairs and unknown grids are kept out (DESIGN.md section 4)."""
+        values, worst = [], None
+        for state in self.layer_states:
+            for gi, element in enumerate(self.elements):
+                if element.is_identity or not state.scored(gi, element):
+                    continue
+                error = state.stats[gi].compute()["relative_error"]
+                values.append(error)
+                if worst is None or error > worst[0]:
+                    worst = (error, state.info.name, element.name)
+        return {
+            "layer_relative_error": float(np.mean(values)) if values else None,
+            "worst_layer": {"layer": worst[1], "transform": worst[2], "relative_error": worst[0]}
+            if worst
+            else None,
+        }
+
+
+def _choose_input_size(
+    adapter: ModelAdapter, config: AuditConfig, elements: list[Transform]
+) -> SizeChoice:
+    """``--input-size aligned[:N]``: fix the adapter at the nearest size where every layer's
+    sampling grid is aligned under the battery's D4 elements; refuse with advice when the model
+    cannot take another size or its grids are unknown."""
+    spec = adapter.input_spec
+    fixed = spec.height is not None and spec.width is not None
+    requested = config.input_size or ((spec.height, spec.width) if fixed else None)
+    if requested is None:
+        raise UsageError(
+            "--input-size aligned needs a size to start from for a model with dynamic H and W: "
+            "write --input-size aligned:224 (or aligned:HxW)"
+        )
+    if fixed and requested != (spec.height, spec.width):
+        raise UsageError(
+            f"the model's input is fixed at {spec.height}x{spec.width}: it cannot take "
+            f"{requested[0]}x{requested[1]}; use --input-size aligned alone"
+        )
+    adapter.with_input_size(*requested)
+    graph = adapter.grid_graph()
+    if graph is None:
+        raise UsageError(
+            "--input-size aligned needs the model's sampling grids, and this model's graph does "
+            "not give them (TorchScript, or a module torch.export cannot trace): pass a size "
+            "with --input-size N"
+        )
+    if fixed:  # nothing to choose: say which layers cannot be compared exactly
+        return replace(choose_aligned_size(graph, requested, elements, max_distance=0), fixed=True)
+    choice = choose_aligned_size(graph, requested, elements)
+    if choice.chosen is not None and choice.chosen != requested:
+        adapter.input_spec = replace(adapter.input_spec, height=None, width=None)
+        adapter.with_input_size(*choice.chosen)
+    return choice
 
 
 def audit(
@@ -590,7 +875,9 @@ def audit(
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if config is None:
         if "input_size" in options:
-            options["input_size"] = parse_input_size(options["input_size"])
+            size, align = split_input_size(options["input_size"])
+            options["input_size"] = size
+            options["align_input"] = align or options.get("align_input", False)
         action = options.get("label_action")
         if isinstance(action, dict):
             options["label_action"] = tuple((str(k), str(v)) for k, v in action.items())
@@ -621,9 +908,13 @@ def audit(
         output_name=config.output_name,
         layout=config.layout,
         providers=config.providers,
-        input_size=config.input_size,
+        # --input-size aligned:N starts a search at N; the size is fixed once it is chosen.
+        input_size=None if config.align_input else config.input_size,
     )
-    if config.input_size is not None:
+    size_choice = None
+    if config.align_input:
+        size_choice = _choose_input_size(adapter, config, elements)
+    elif config.input_size is not None:
         adapter.with_input_size(*config.input_size)
     notes: list[str] = []
     channels = _resolve_channels(adapter, config, notes)
@@ -668,6 +959,9 @@ def audit(
             "and do not reflect the model's behaviour on real inputs; pass --data DIR",
         )
     outputs = engine.output_rows()
+    layer_rows = engine.layer_rows()
+    if size_choice is not None:
+        engine.run_notes.insert(0, size_choice.note())
     class_names = engine.class_names
     spec = adapter.input_spec
     summary = make_summary(
@@ -708,7 +1002,9 @@ def audit(
         },
         scores=engine.scores(outputs),
         outputs=outputs,
-        layers=engine.layer_rows(),
+        layers=layer_rows,
+        geometry=engine.geometry(layer_rows, size_choice),
+        **({"lie": engine.lie_summary()} if engine.lie is not None else {}),
         run={
             "started_at": started_at,
             "duration_s": round(time.perf_counter() - started, 3),

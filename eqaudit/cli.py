@@ -120,7 +120,11 @@ LayoutOpt = Annotated[
 ]
 InputSizeOpt = Annotated[
     str | None,
-    typer.Option(help="Input size N or HxW; needed when the model's H and W are dynamic."),
+    typer.Option(
+        help="Input size N or HxW; needed when the model's H and W are dynamic. 'aligned' or "
+        "'aligned:N' picks the nearest size (to the model's, or N) at which every strided "
+        "layer's sampling grid is symmetric about the image centre."
+    ),
 ]
 ProvidersOpt = Annotated[
     str | None,
@@ -131,8 +135,9 @@ ProvidersOpt = Annotated[
 
 
 def _model_options(**kw: Any) -> dict[str, Any]:
-    from eqaudit.config import parse_input_size
+    from eqaudit.config import split_input_size
 
+    size, aligned = split_input_size(kw["input_size"])
     return {
         "factory": kw["factory"],
         "trust_pickle": kw["trust_pickle"],
@@ -140,7 +145,8 @@ def _model_options(**kw: Any) -> dict[str, Any]:
         "output_name": kw["output_name"],
         "layout": kw["layout"],
         "providers": _csv(kw["providers"]),
-        "input_size": parse_input_size(kw["input_size"]),
+        "input_size": size,
+        **({"align_input": True} if aligned else {}),
     }
 
 
@@ -224,6 +230,34 @@ def check(
     batch_size: Annotated[
         int, typer.Option(help="Images per forward call, all transforms included.")
     ] = 64,
+    misaligned: Annotated[
+        str,
+        typer.Option(
+            help="Layers whose sampling grid an element does not map onto itself: flag (compare "
+            "on the map's own grid, mark, keep out of layer scores), resample (approximate "
+            "comparison about the true grid centre), skip.",
+            rich_help_panel="Per-layer geometry",
+        ),
+    ] = "flag",
+    lie: Annotated[
+        bool,
+        typer.Option(
+            "--lie",
+            help="Lie derivatives of the outputs under rotation and translation (per radian, per "
+            "pixel); PyTorch models also get each layer's contribution.",
+            rich_help_panel="Per-layer geometry",
+        ),
+    ] = False,
+    channel_map: Annotated[
+        bool,
+        typer.Option(
+            "--channel-map",
+            help="Also fit a 1x1 channel map per layer and element on half of the images and "
+            "report the error on the other half (equivariance up to permuted channels, as in "
+            "group-convolutional networks).",
+            rich_help_panel="Per-layer geometry",
+        ),
+    ] = False,
     label_action: Annotated[
         list[str] | None,
         typer.Option(

@@ -24,6 +24,10 @@ from typing import Any
 from eqaudit.errors import ConfigError, EqauditError, UsageError
 
 OUTPUT_KINDS = ("auto", "logits", "probs")
+#: How misaligned (layer, element) pairs are compared (:mod:`eqaudit.transforms.geometry`):
+#: ``flag`` on the map's own grid, reported but kept out of layer scores; ``resample`` about the
+#: true grid (approximate); ``skip`` not compared.
+MISALIGNED_MODES = ("flag", "resample", "skip")
 
 
 def parse_input_size(text: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -47,6 +51,32 @@ def parse_input_size(text: str | int | tuple[int, int] | None) -> tuple[int, int
     return (int(size[0]), int(size[1]))
 
 
+def split_input_size(
+    value: str | int | tuple[int, int] | None,
+) -> tuple[tuple[int, int] | None, bool]:
+    """``--input-size`` -> (size, aligned): ``224`` -> ((224, 224), False); ``aligned`` ->
+    (None, True); ``aligned:225`` / ``aligned:48x192`` -> ((225, 225), True), the size the
+    search for an aligned size starts from."""
+    if isinstance(value, str) and value.strip().lower().startswith("aligned"):
+        rest = value.strip()[len("aligned") :]
+        if not rest:
+            return None, True
+        if not rest.startswith(":"):
+            raise UsageError(
+                f"--input-size '{value}' is not a size: write aligned, aligned:N or aligned:HxW"
+            )
+        return parse_input_size(rest[1:]), True
+    return parse_input_size(value), False
+
+
+def format_input_size(size: tuple[int, int] | None, aligned: bool) -> str | None:
+    """The inverse of :func:`split_input_size` (for printing a resolved configuration)."""
+    text = f"{size[0]}x{size[1]}" if size else None
+    if aligned:
+        return f"aligned:{text}" if text else "aligned"
+    return text
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """Every option that changes the numbers of an audit."""
@@ -61,6 +91,8 @@ class AuditConfig:
     layout: str | None = None
     providers: tuple[str, ...] = ()
     input_size: tuple[int, int] | None = None
+    #: --input-size aligned: pick the nearest size at which every strided layer is aligned
+    align_input: bool = False
     outputs: str = "auto"
     # data
     data: str | None = None
@@ -78,6 +110,12 @@ class AuditConfig:
     layers: bool = True
     layer_patterns: tuple[str, ...] = field(default_factory=tuple)
     batch_size: int = 64
+    #: how (layer, element) pairs whose grid is not mapped onto itself are compared
+    misaligned: str = "flag"
+    #: Lie derivatives of the outputs (and per-layer attribution for PyTorch models)
+    lie: bool = False
+    #: also fit a 1x1 channel map per (layer, element) (equivariance up to channel permutation)
+    channel_map: bool = False
     # declared label action: ((element, action), ...), see eqaudit/transforms/labels.py
     label_action: tuple[tuple[str, str], ...] = ()
 
@@ -92,6 +130,12 @@ class AuditConfig:
             raise UsageError(f"--num-images must be at least 1, not {self.num_images}")
         if not self.layers and self.layer_patterns:
             raise UsageError("--layers and --no-layers contradict each other: keep one")
+        if self.misaligned not in MISALIGNED_MODES:
+            raise UsageError(
+                f"--misaligned must be one of {', '.join(MISALIGNED_MODES)}, not '{self.misaligned}'"
+            )
+        if self.channel_map and not self.layers:
+            raise UsageError("--channel-map needs per-layer results: drop --no-layers")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -194,6 +238,9 @@ OPTIONS: dict[str, _Option] = {
     "output_name": _Option("str"),
     "layout": _Option("str"),
     "input_size": _Option("size"),
+    "misaligned": _Option("str", "flag"),
+    "lie": _Option("bool", False),
+    "channel_map": _Option("bool", False),
     "providers": _Option("strs", ()),
     "out": _Option("path"),
     "fail_under": _Option("float"),
@@ -347,7 +394,8 @@ def _coerce(name: str, value: Any, where: str, base: Path | None) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise bad("a size N or HxW")
         try:
-            return parse_input_size(value)
+            size, aligned = split_input_size(value)
+            return format_input_size(size, aligned) if aligned else size
         except UsageError as exc:
             if error is UsageError:
                 raise
@@ -562,7 +610,8 @@ def resolve_config(
         output_name=v["output_name"],
         layout=v["layout"],
         providers=tuple(v["providers"]),
-        input_size=v["input_size"],
+        input_size=split_input_size(v["input_size"])[0],
+        align_input=split_input_size(v["input_size"])[1],
         outputs=v["outputs"],
         data=v["data"],
         labels=v["labels"],
@@ -577,6 +626,9 @@ def resolve_config(
         layers=not v["no_layers"],
         layer_patterns=tuple(v["layers"]),
         batch_size=v["batch_size"],
+        misaligned=v["misaligned"],
+        lie=bool(v["lie"]),
+        channel_map=bool(v["channel_map"]),
         label_action=parse_label_action_options(list(v["label_action"])),
     )
     gate = GateConfig(

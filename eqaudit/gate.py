@@ -40,7 +40,7 @@ from typing import Any
 
 from eqaudit.config import GateConfig
 from eqaudit.errors import ConfigError, UsageError
-from eqaudit.results import AuditResult
+from eqaudit.results import AuditResult, is_flagged, is_scored
 from eqaudit.stats import successes, wilson_bounds
 
 #: Significant figures of every gated number as printed (and compared).
@@ -300,9 +300,12 @@ def _layer_checks(summary: dict, gate: GateConfig) -> list[Check]:
         for transform in transforms:
             rows = [r for r in mine if r["transform"] == transform]
             name = f"layer_error[{pattern}][{transform}]"
-            measured = [r for r in rows if r["measurable"] and r["relative_error"] is not None]
+            measured = [r for r in rows if is_scored(r)]
+            misaligned = sum(1 for r in rows if is_flagged(r))
             if not measured:
                 reason = next((r["reason"] for r in rows if r.get("reason")), None)
+                if misaligned:
+                    reason = f"{misaligned} misaligned layer(s), kept out of layer checks"
                 checks.append(
                     Check(
                         name,
@@ -316,6 +319,7 @@ def _layer_checks(summary: dict, gate: GateConfig) -> list[Check]:
             worst = max(measured, key=lambda r: r["relative_error"])
             description = (
                 f"largest mean relative error over {len(measured)} layer(s), at {worst['layer']}"
+                + (f"; {misaligned} misaligned layer(s) left out" if misaligned else "")
             )
             checks.append(
                 _compare(

@@ -10,11 +10,33 @@ import torch
 from eqaudit.models import load_model
 
 
-def inspect_model(model: Path | str, **options: Any) -> dict:
-    """Input spec, outputs and auditable layers (with shapes when the input size is known)."""
+def _grid_text(grid: Any) -> str:
+    if grid is None:
+        return "unknown"
+    if isinstance(grid, str):
+        return grid
+    return (
+        f"{grid.h.stride:g}x{grid.w.stride:g} @ {grid.h.offset:g},{grid.w.offset:g}"
+        f" ({grid.h.n}x{grid.w.n})"
+    )
+
+
+def inspect_model(model: Path | str, align_input: bool = False, **options: Any) -> dict:
+    """Input spec, outputs and auditable layers (with shapes and sampling grids when the input
+    size is known). ``align_input``: choose the nearest aligned size first (as ``check``)."""
     input_size = options.get("input_size")
     adapter = load_model(model, **options)
-    if input_size is not None:
+    size_note = None
+    if align_input:
+        from eqaudit.audit import _choose_input_size
+        from eqaudit.config import AuditConfig
+        from eqaudit.transforms import parse_transforms
+
+        choice = _choose_input_size(
+            adapter, AuditConfig(input_size=input_size, align_input=True), parse_transforms("d4")
+        )
+        size_note = choice.note()
+    elif input_size is not None:
         adapter.with_input_size(*input_size)
     spec = adapter.input_spec
     info: dict[str, Any] = {
@@ -30,18 +52,40 @@ def inspect_model(model: Path | str, **options: Any) -> dict:
         with torch.inference_mode():
             layers = adapter.probe_layers(example)
             info["num_classes"] = int(adapter.run(example).scores.shape[1])
+        try:
+            graph = adapter.grid_graph()
+            grids = graph.grids(spec.height, spec.width) if graph is not None else {}
+        except Exception as exc:  # geometry is a help: inspect still lists the layers
+            grids, info["grid_note"] = {}, f"sampling grids unavailable: {exc}"
+        centred = _centred(grids, (spec.height, spec.width))
         info["layers"] = [
             {
                 "name": la.name,
                 "op": la.op,
                 "shape": list(la.shape or ()),
                 "kind": "spatial" if la.spatial else "flat",
+                "grid": _grid_text(grids.get(la.name)) if la.spatial else "flat",
+                "centred": centred.get(la.name) if la.spatial else None,
             }
             for la in layers
         ]
+        info["size_note"] = size_note
     else:
         info["layers"] = [
             {"name": la.name, "op": la.op, "shape": None, "kind": "?"} for la in adapter.layers()
         ]
         info["note"] = "the input size is dynamic: pass --input-size to see layer shapes"
     return info
+
+
+def _centred(grids: dict, size: tuple[int, int]) -> dict[str, bool]:
+    """Per tensor: is its grid symmetric about the image centre (rot180 maps it onto itself)?"""
+    from eqaudit.transforms import D4Element
+    from eqaudit.transforms.geometry import aligned
+
+    half_turn = D4Element(2, False)
+    return {
+        name: aligned(half_turn, grid, size)
+        for name, grid in grids.items()
+        if grid is not None and not isinstance(grid, str)
+    }

@@ -18,14 +18,27 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``warnings``         list of one-line strings shown to the user
 ``scores``           {"robustness_score", "mean_agreement", "mean_js_divergence",
                       "orbit_consistency", "worst_transform", "worst_accuracy", "orbit_accuracy",
-                      "clean_accuracy"}
+                      "clean_accuracy", "layer_relative_error" (mean over scored non-identity
+                      layer rows), "worst_layer"}
 ``outputs``          one row per element (identity first): transform, family, mode, exact, n,
                       agreement, agreement_low, agreement_high, js_divergence, logit_error,
                       accuracy, interpolation_floor, skipped
 ``layers``           one row per (layer, element): layer, op, index, kind (spatial|flat),
-                      transform, shape, stride, stride_source, relative_error,
-                      relative_error_p95, relative_error_max, cosine_distance,
-                      interpolation_floor, measurable, reason
+                      transform, shape, stride, stride_source (graph|shape|unknown|n/a),
+                      stride_h, stride_w, offset_h, offset_w (the sampling grid: cells centred
+                      at input pixel offset + stride * i; null when unknown), aligned (does the
+                      element map the grid onto itself; null: unknown grid or flat layer),
+                      comparison (exact|resampled|naive|invariance), scored (the row enters
+                      layer scores: measured, and exact, resampled about a known grid, or flat),
+                      relative_error, relative_error_p95, relative_error_max, cosine_distance,
+                      interpolation_floor, measurable, reason, [channel map, with
+                      --channel-map: fitted_relative_error, pooled_relative_error,
+                      channel_map_permutation], [lie_rotation, lie_translate_x,
+                      lie_translate_y: the layer's contribution to the output Lie derivative
+                      (with --lie, PyTorch models; on the identity row)]
+``geometry``         {"input_size", "size_choice", "misaligned_mode", "grid_source",
+                      "aligned_pairs", "misaligned_pairs", "unknown_pairs", "notes"}
+``lie``              with --lie: {"method", "step", "generators": {name: {"unit", "mean", ...}}}
 ``run``              {"started_at", "duration_s", "host"}: the only block that changes between
                       two identical runs
 
@@ -44,7 +57,7 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 OUTPUT_COLUMNS = [
     "transform",
@@ -70,6 +83,13 @@ LAYER_COLUMNS = [
     "shape",
     "stride",
     "stride_source",
+    "stride_h",
+    "stride_w",
+    "offset_h",
+    "offset_w",
+    "aligned",
+    "comparison",
+    "scored",
     "relative_error",
     "relative_error_p95",
     "relative_error_max",
@@ -88,6 +108,20 @@ PREDICTION_COLUMNS = [
     "agrees",
     "js_divergence",
 ]
+
+
+def is_scored(row: dict) -> bool:
+    """Does a layer row enter layer scores, worst-layer lists and layer gates? (Summaries
+    written before the ``scored`` column count every measurable row.)"""
+    if row.get("relative_error") is None:
+        return False
+    return bool(row.get("scored", row.get("measurable", False)))
+
+
+def is_flagged(row: dict) -> bool:
+    """A layer row compared although its grid is not mapped onto itself by the element (naive
+    or resampled): shown apart, kept out of layer scores."""
+    return row.get("aligned") is False and row.get("measurable", True) and not is_scored(row)
 
 
 def clean_number(value: Any) -> Any:
@@ -158,8 +192,9 @@ class AuditResult:
         if which == "outputs":
             return pd.DataFrame(self.outputs, columns=OUTPUT_COLUMNS)
         if which == "layers":
-            frame = pd.DataFrame(self.layers, columns=LAYER_COLUMNS)
-            return frame
+            # Optional measurements (--channel-map, --lie) add columns after the standard ones.
+            extra = [k for row in self.layers[:1] for k in row if k not in LAYER_COLUMNS]
+            return pd.DataFrame(self.layers, columns=LAYER_COLUMNS + extra)
         if which == "predictions":
             return self.predictions.copy()
         raise ValueError(f"unknown table '{which}': use outputs, layers or predictions")
@@ -208,9 +243,13 @@ def make_summary(**parts: Any) -> dict:
         "scores",
         "outputs",
         "layers",
+        "geometry",
+        "lie",
         "run",
     ]
+    optional = {"geometry", "lie"}
     summary = {"schema_version": SCHEMA_VERSION}
     for key in order[1:]:
-        summary[key] = parts[key]
+        if key in parts or key not in optional:
+            summary[key] = parts[key]
     return json_ready(summary)

@@ -26,6 +26,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from eqaudit.results import is_scored
+
 IDENTITY = "id"
 #: At most this many layer names under an axis; the others get a minor tick only.
 MAX_TICK_LABELS = 56
@@ -76,6 +78,9 @@ class LayerGrid:
     elements: list[str]  # (E,) non-identity elements, battery order
     error: np.ndarray  # (E, L) mean relative error; NaN where not measurable or absent
     unmeasurable: np.ndarray  # (E, L) bool: a row exists and says measurable = false
+    #: (E, L) relative error of pairs measured but kept out of scores (misaligned grid, or an
+    #: unknown grid): drawn apart, never ranked; NaN elsewhere
+    flagged: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
@@ -108,6 +113,7 @@ def layer_grid(summary: dict) -> LayerGrid:
     elements = [n for n in declared if n in present and n != IDENTITY]
     elements += sorted(present - set(elements) - {IDENTITY})
     error = np.full((len(elements), len(names)), np.nan)
+    flagged = np.full((len(elements), len(names)), np.nan)
     unmeasurable = np.zeros((len(elements), len(names)), dtype=bool)
     e_index = {n: i for i, n in enumerate(elements)}
     l_index = {n: i for i, n in enumerate(names)}
@@ -119,8 +125,10 @@ def layer_grid(summary: dict) -> LayerGrid:
         if row.get("measurable") is False:
             unmeasurable[e, col] = True
         elif row.get("relative_error") is not None:
-            error[e, col] = float(row["relative_error"])
-    return LayerGrid(names, [layers[n][1] for n in names], elements, error, unmeasurable)
+            target = error if is_scored(row) else flagged
+            target[e, col] = float(row["relative_error"])
+    kinds = [layers[n][1] for n in names]
+    return LayerGrid(names, kinds, elements, error, unmeasurable, flagged)
 
 
 def short_label(name: str, limit: int = LABEL_CHARS) -> str:
@@ -227,9 +235,11 @@ def layer_curve_svg(grid: LayerGrid) -> str:
         linear, log = fig.subplots(2, 1, sharex=True, height_ratios=[1, 1])
         worst = grid.worst()
         x = np.arange(len(grid.names))
-        positive = grid.error[np.isfinite(grid.error) & (grid.error > 0)]
-        top = float(np.nanmax(grid.error)) if np.isfinite(grid.error).any() else 0.0
+        shown = grid.error if grid.flagged is None else np.fmax(grid.error, grid.flagged)
+        positive = shown[np.isfinite(shown) & (shown > 0)]
+        top = float(np.nanmax(shown)) if np.isfinite(shown).any() else 0.0
         floor = _log_floor(positive)
+        any_flagged = grid.flagged is not None and bool(np.isfinite(grid.flagged).any())
         any_unmeasurable = bool(grid.unmeasurable.any())
         exact_zeros = bool((grid.error <= 0).any())
         band = 0.8 if any_unmeasurable else 0.95  # data stays below this axes fraction
@@ -246,6 +256,8 @@ def layer_curve_svg(grid: LayerGrid) -> str:
                 for kind, marker in marks:
                     mask = np.array([k == kind for k in grid.kinds])
                     ax.plot(x[mask], values[mask], ls="none", marker=marker, **style)
+            if any_flagged:
+                _draw_flagged(ax, grid, floor if scale == "log" else None)
             if any_unmeasurable:
                 _draw_unmeasurable(ax, grid)
             ax.set_yscale(scale)
@@ -287,7 +299,7 @@ def layer_curve_svg(grid: LayerGrid) -> str:
             loc="upper left", bbox_to_anchor=(1.005, 1.0), title="transform", title_fontsize=8
         )
         log.legend(
-            handles=_marker_legend(grid, any_unmeasurable, dense),
+            handles=_marker_legend(grid, any_unmeasurable, dense, any_flagged),
             loc="upper left",
             bbox_to_anchor=(1.005, 1.0),
             title="marks",
@@ -318,6 +330,19 @@ def _log_floor(positive: np.ndarray) -> float:
     return float(max(1e-12, 10 ** math.floor(math.log10(float(positive.min())))))
 
 
+def _draw_flagged(ax, grid: LayerGrid, floor: float | None) -> None:
+    """Pairs kept out of the scores (misaligned or unknown grids): grey crosses, no line, so
+    the curve of each element joins only the comparisons that mean something."""
+    assert grid.flagged is not None
+    for e in range(len(grid.elements)):
+        values = grid.flagged[e]
+        cols = np.flatnonzero(np.isfinite(values))
+        if not cols.size:
+            continue
+        y = values[cols] if floor is None else np.maximum(values[cols], floor)
+        ax.plot(cols, y, ls="none", marker="x", ms=5.0, mew=1.1, color=_colour(e), alpha=0.55)
+
+
 def _draw_unmeasurable(ax, grid: LayerGrid) -> None:
     transform = blended_transform_factory(ax.transData, ax.transAxes)
     ax.add_patch(
@@ -342,7 +367,7 @@ def _draw_unmeasurable(ax, grid: LayerGrid) -> None:
         )
 
 
-def _marker_legend(grid: LayerGrid, unmeasurable: bool, dense: bool) -> list:
+def _marker_legend(grid: LayerGrid, unmeasurable: bool, dense: bool, flagged: bool = False) -> list:
     spatial = "spatial layer" + (" (lines only)" if dense else "")
     handles: list = [
         Line2D(
@@ -368,6 +393,18 @@ def _marker_legend(grid: LayerGrid, unmeasurable: bool, dense: bool) -> list:
             )
         )
         handles.append(Patch(color=_FLAT_SHADE, label="flat layers' band"))
+    if flagged:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="none",
+                marker="x",
+                color="#667085",
+                ms=5,
+                label="misaligned grid\n(not exact; not scored)",
+            )
+        )
     if unmeasurable:
         handles.append(
             Line2D(
@@ -416,6 +453,9 @@ def layer_heatmap_svg(grid: LayerGrid) -> str:
             norm=LogNorm(vmin=floor, vmax=high),
             zorder=1,
         )
+        if grid.flagged is not None and np.isfinite(grid.flagged).any():
+            ys, xs = np.nonzero(np.isfinite(grid.flagged))
+            ax.plot(xs, ys, ls="none", marker="x", ms=4.5, color="#475467", mew=0.9, zorder=2)
         ax.set_yticks(range(rows), [short_label(e, 24) for e in grid.elements])
         ax.spines[:].set_visible(False)
         ax.tick_params(axis="y", length=0)
@@ -448,6 +488,10 @@ def layer_heatmap_svg(grid: LayerGrid) -> str:
         handles = [
             Patch(facecolor="#e4e7ec", edgecolor="#98a2b3", hatch="////", label="not measurable")
         ]
+        if grid.flagged is not None and np.isfinite(grid.flagged).any():
+            handles.append(
+                Line2D([], [], ls="none", marker="x", color="#475467", label="misaligned grid")
+            )
         if "flat" in grid.kinds:
             handles.append(Patch(facecolor="none", edgecolor="#344054", label="flat layer"))
             for i, kind in enumerate(grid.kinds):
@@ -465,6 +509,51 @@ def layer_heatmap_svg(grid: LayerGrid) -> str:
                     )
         ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(handles))
         return _to_svg(fig, "heatmap")
+
+
+# -- Lie derivatives: each layer's contribution ----------------------------------------------------
+LIE_PANELS = (
+    ("rotation", "per radian"),
+    ("translate_x", "per pixel"),
+    ("translate_y", "per pixel"),
+)
+
+
+def lie_bars_svg(rows: list[dict]) -> str | None:
+    """Bars of each layer's mean contribution to the output Lie derivative (summary.lie.layers),
+    layers in execution order; one panel per generator, since units differ (per radian, per
+    pixel). None when no layer has a value."""
+    names: list[str] = []
+    values: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row.get("generator") is None or row.get("mean") is None:
+            continue
+        if row["layer"] not in values:
+            names.append(row["layer"])
+            values[row["layer"]] = {}
+        values[row["layer"]][row["generator"]] = float(row["mean"])
+    panels = [(g, unit) for g, unit in LIE_PANELS if any(g in v for v in values.values())]
+    if not names or not panels:
+        return None
+    with matplotlib.rc_context(_RC):
+        longest = max(len(short_label(n)) for n in names)
+        fig = _figure(1.0 + 1.7 * len(panels) + 0.075 * longest)
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        x = np.arange(len(names))
+        for k, (ax, (generator, unit)) in enumerate(zip(axes, panels, strict=True)):
+            heights = np.array([values[n].get(generator, np.nan) for n in names])
+            ax.bar(x, np.nan_to_num(heights), width=0.7, color=_colour(k))
+            missing = np.flatnonzero(np.isnan(heights))
+            if missing.size:
+                ax.plot(missing, np.zeros(missing.size), ls="none", marker="x", color="#667085")
+            ax.set_ylabel(f"{unit}")
+            ax.set_title(f"{generator}: each layer's contribution (mean over images)")
+            ax.grid(axis="y", color="#e4e7ec", lw=0.6)
+            ax.set_xlim(-0.6, len(names) - 0.4)
+        ticks = _tick_positions(len(names), [])
+        axes[-1].set_xticks(ticks, [short_label(names[t]) for t in ticks], rotation=90)
+        axes[-1].set_xlabel("layer, in execution order")
+        return _to_svg(fig, "lie")
 
 
 # -- eqaudit compare: A and B overlaid ---------------------------------------------------------------

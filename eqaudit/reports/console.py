@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eqaudit.results import AuditResult
+from eqaudit.results import AuditResult, is_flagged, is_scored
 
 # Piped output (CI logs, files) is not cut at rich's default 80 columns; a terminal keeps its own
 # width, and COLUMNS still wins when set.
@@ -108,7 +108,7 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
             note,
         )
     stdout.print(table)
-    measurable = [r for r in s["layers"] if r["measurable"] and r["transform"] != "id"]
+    measurable = [r for r in s["layers"] if is_scored(r) and r["transform"] != "id"]
     if measurable:
         worst = sorted(measurable, key=lambda r: -r["relative_error"])[:max_layers]
         layers = Table(
@@ -132,6 +132,32 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
                 _num(r["cosine_distance"], 3),
             )
         stdout.print(layers)
+    lie = s.get("lie")
+    if lie and lie.get("outputs"):
+        parts = [f"{r['generator']} {_num(r['mean'], 3)} {r['unit']}" for r in lie["outputs"] if r]
+        stdout.print(
+            f"Lie derivative of the outputs (mean over images; {lie.get('method')}): "
+            + "; ".join(parts)
+        )
+    misaligned = [r for r in s["layers"] if is_flagged(r)]
+    if misaligned:
+        names = sorted({r["layer"] for r in misaligned})
+        stdout.print(
+            f"[yellow]{len(misaligned)} (layer, transform) pairs on {len(names)} layers are "
+            "misaligned: the sampling grid is not symmetric about the image centre, so no exact "
+            "comparison exists; flagged and kept out of the layer scores (try --input-size "
+            "aligned, or --misaligned resample)[/]"
+        )
+    unknown = sum(
+        1
+        for r in s["layers"]
+        if r.get("comparison") == "naive" and r.get("aligned") is None and r["transform"] != "id"
+    )
+    if unknown:
+        stdout.print(
+            f"[dim]{unknown} (layer, transform) pairs have unknown sampling grids: compared on "
+            "the map's own grid and kept out of the layer scores[/]"
+        )
     unmeasurable = sum(1 for r in s["layers"] if not r["measurable"])
     if unmeasurable:
         stdout.print(
@@ -174,13 +200,26 @@ def print_inspection(info: dict) -> None:
         warn(info["layers_note"])
     if info.get("note"):
         warn(info["note"])
+    if info.get("size_note"):
+        stdout.print(info["size_note"], markup=False, highlight=False)
+    if info.get("grid_note"):
+        warn(info["grid_note"])
     table = Table(title=f"Auditable layers ({len(info['layers'])})", title_justify="left")
-    for column in ("#", "layer", "op", "kind", "shape"):
+    with_grids = any("grid" in layer for layer in info["layers"])
+    columns = ("#", "layer", "op", "kind", "shape") + (
+        ("grid: stride @ offset (cells)", "centred") if with_grids else ()
+    )
+    for column in columns:
         # Layer names are what --layers takes: wrap them, never cut them with an ellipsis.
         table.add_column(column, overflow="fold" if column == "layer" else "ellipsis")
     for i, layer in enumerate(info["layers"]):
         shape = "x".join(str(d) for d in layer["shape"]) if layer["shape"] else "?"
-        table.add_row(str(i), layer["name"], layer["op"], layer["kind"], shape)
+        cells = [str(i), layer["name"], layer["op"], layer["kind"], shape]
+        if with_grids:
+            centred = layer.get("centred")
+            mark = "" if centred is None else ("yes" if centred else "[yellow]no[/]")
+            cells += [layer.get("grid", ""), mark]
+        table.add_row(*cells)
     stdout.print(table)
 
 

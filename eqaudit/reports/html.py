@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from eqaudit.errors import DataError, UsageError
-from eqaudit.results import AuditResult
+from eqaudit.results import AuditResult, is_scored
 
 if TYPE_CHECKING:
     from eqaudit.reports.charts import LayerGrid
@@ -323,12 +323,77 @@ def _scores(summary: dict) -> dict:
     }
 
 
+def _lie(summary: dict) -> dict | None:
+    """The Lie-derivative section: one row per generator and the per-layer bar chart."""
+    lie = summary.get("lie")
+    if not lie:
+        return None
+    rows = [
+        {
+            "generator": r["generator"],
+            "unit": r["unit"],
+            "mean": num(r.get("mean")),
+            "p95": num(r.get("p95")),
+            "max": num(r.get("max")),
+        }
+        for r in lie.get("outputs") or []
+    ]
+    from eqaudit.reports import charts  # matplotlib: imported only when a report is drawn
+
+    bars = charts.lie_bars_svg(lie.get("layers") or [])
+    skipped = [r for r in lie.get("layers") or [] if r.get("reason")]
+    steps = lie.get("steps") or {}
+    return {
+        "method": str(lie.get("method") or ""),
+        "steps": ", ".join(f"{g} {v:.3g}" for g, v in steps.items()),
+        "rows": rows,
+        "bars": Markup(bars) if bars else None,
+        "skipped": len(skipped),
+        "kind": summary.get("model", {}).get("output_kind"),
+    }
+
+
+def _geometry_notes(summary: dict) -> list[str]:
+    """Input-size choice, misaligned and unknown-grid counts, and the engine's notes."""
+    geometry = summary.get("geometry") or {}
+    notes = []
+    choice = geometry.get("size_choice")
+    if choice and choice.get("note"):
+        notes.append(str(choice["note"]))
+    misaligned, unknown = geometry.get("misaligned_pairs"), geometry.get("unknown_pairs")
+    mode = geometry.get("misaligned_mode", "flag")
+    if misaligned:
+        how = {
+            "flag": "compared on the map's own grid and drawn apart",
+            "resample": "compared approximately, resampled about the true grid centre",
+            "skip": "not compared",
+        }.get(mode, mode)
+        notes.append(
+            f"{misaligned} (layer, transform) pairs are misaligned ({how}); they are kept out of "
+            "the layer scores. --input-size aligned picks an input size where every grid is "
+            "symmetric, when the model accepts other sizes."
+        )
+    if unknown:
+        notes.append(
+            f"{unknown} (layer, transform) pairs have an unknown sampling grid (an operation "
+            "eqaudit does not follow); they are compared on the map's own grid and not scored."
+        )
+    notes.extend(str(n) for n in geometry.get("notes") or [])
+    return notes
+
+
+def _grid_text(row: dict) -> str:
+    """``stride 2x2 · offset 0.5x0.5`` (the sampling grid), or the stride alone."""
+    stride = row.get("stride") or "—"
+    if row.get("offset_h") is None or row.get("offset_w") is None:
+        return stride
+    return f"{stride} @ {row['offset_h']:g},{row['offset_w']:g}"
+
+
 def _layer_tables(summary: dict, grid: LayerGrid) -> tuple[list[dict], list[dict], int]:
     rank = {(grid.elements[e], grid.names[i]): n for n, (e, i) in enumerate(grid.worst(), 1)}
     measured = [
-        r
-        for r in summary.get("layers") or []
-        if r["transform"] != IDENTITY and r.get("relative_error") is not None
+        r for r in summary.get("layers") or [] if r["transform"] != IDENTITY and is_scored(r)
     ]
     measured.sort(key=lambda r: (-r["relative_error"], r.get("index") or 0, r["transform"]))
     worst = [
@@ -338,8 +403,9 @@ def _layer_tables(summary: dict, grid: LayerGrid) -> tuple[list[dict], list[dict
             "op": r.get("op") or "",
             "kind": r.get("kind") or "",
             "shape": r.get("shape") or "—",
-            "stride": r.get("stride") or "—",
+            "stride": _grid_text(r),
             "transform": r["transform"],
+            "comparison": r.get("comparison") or "",
             "error": num(r["relative_error"]),
             "p95": num(r.get("relative_error_p95")),
             "cosine": num(r.get("cosine_distance")),
@@ -348,12 +414,13 @@ def _layer_tables(summary: dict, grid: LayerGrid) -> tuple[list[dict], list[dict
     ]
     groups: dict[str, dict] = {}
     for r in summary.get("layers") or []:
-        if r.get("measurable") is False:
+        flagged = r.get("measurable") is not False and not is_scored(r)
+        if r.get("measurable") is False or (flagged and r["transform"] != IDENTITY):
             group = groups.setdefault(
                 r["layer"],
                 {
                     "layer": r["layer"],
-                    "stride": r.get("stride") or "—",
+                    "stride": _grid_text(r),
                     "elements": [],
                     "reason": r.get("reason") or "—",
                 },
@@ -494,6 +561,8 @@ def build_context(result: AuditResult) -> dict:
         "worst_layers": worst,
         "unmeasurable": unmeasurable,
         "unmeasurable_total": unmeasurable_total,
+        "geometry_notes": _geometry_notes(summary),
+        "lie": _lie(summary),
         "gallery": _gallery(summary, result.gallery or {}),
         "thresholds": {
             "good_agreement": pct(GOOD_AGREEMENT, 0),

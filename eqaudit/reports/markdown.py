@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eqaudit.gate import threshold_text
-from eqaudit.results import AuditResult
+from eqaudit.results import AuditResult, is_scored
 
 FILE_NAME = "summary.md"
 #: Hard cap on the file (GitHub accepts up to 1 MiB per step summary).
@@ -150,11 +150,7 @@ def render_audit(summary: dict) -> str:
         )
         + note,
     ]
-    measurable = [
-        r
-        for r in summary.get("layers") or []
-        if r["measurable"] and r["transform"] != "id" and r["relative_error"] is not None
-    ]
+    measurable = [r for r in summary.get("layers") or [] if is_scored(r) and r["transform"] != "id"]
     if measurable:
         worst = sorted(measurable, key=lambda r: -r["relative_error"])[:MAX_LAYER_ROWS]
         parts += [

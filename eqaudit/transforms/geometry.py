@@ -1,0 +1,404 @@
+"""How a transform element acts on a feature map, given the map's sampling grid.
+
+Convention: a spatial layer's cells are centred at input pixel coordinate ``o + s * i`` on each
+axis (``o`` the offset, ``s`` the cumulative stride, ``i = 0 .. n - 1``; input pixel centres at
+integers, see :mod:`eqaudit.grids`). An element moves content at input point ``p = (y, x)`` to
+``A p + t`` (:meth:`Transform.point_map`). In cell coordinates ``u`` (``p = o + S u``,
+``S = diag(s_h, s_w)``) the same motion is
+
+    u' = M u + b,    M = S^-1 A S,    b = S^-1 (A o + t - o).
+
+* When ``M`` is a signed permutation and ``b`` is integral, the element maps cells onto cells: the
+  comparison ``h(T_g x)`` vs ``T'_g h(x)`` is **exact**. For a D4 element it is *aligned* when the
+  map is also a bijection of the whole map (``o + s (n - 1) / 2 = (N - 1) / 2`` on each reversed
+  axis, equal grids on swapped axes: DESIGN.md section 4); a shift is aligned when every moved cell
+  lands on a cell (``s`` divides ``k``), the cells that move in from outside are masked.
+* Otherwise no exact comparison exists. A D4 element or integer shift whose motion does not land
+  on cells is **misaligned**: the map's grid is not symmetric about the image centre, so comparing
+  on the map's own grid (what a naive check does) measures the grid, not the model. It can be
+  compared **approximately** by resampling the reference map at the true source positions
+  (cubic convolution, cells whose stencil leaves the map masked).
+* Resampled elements (arbitrary rotations, sub-pixel shifts) are always compared that way: the map
+  is rotated about the true image centre expressed in cell coordinates (not the map's own centre)
+  and compared inside a disk around it, so a misaligned grid does not add a spurious shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from eqaudit.transforms.elements import (
+    DISK_FRACTION,
+    D4Element,
+    FeatureAction,
+    NotMeasurable,
+    Shift,
+    Transform,
+    cubic_sample,
+    fourier_shift,
+)
+
+_TOL = 1e-6
+
+
+class _Axis(Protocol):
+    n: int
+    stride: float
+    offset: float
+
+
+class GridLike(Protocol):
+    """``eqaudit.grids.Grid``: per-axis ``(n, stride, offset)``."""
+
+    h: _Axis
+    w: _Axis
+
+
+@dataclass(frozen=True)
+class CellMap:
+    """``u' = M u + b`` in cell coordinates (see the module docstring)."""
+
+    M: np.ndarray
+    b: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def on_cells(self) -> bool:
+        """True when every cell moves exactly onto a cell position (signed permutation, integral
+        translation)."""
+        m, b = self.M, self.b
+        integral = np.allclose(m, np.round(m), atol=_TOL) and np.allclose(b, np.round(b), atol=_TOL)
+        if not integral:
+            return False
+        r = np.round(m)
+        return bool(
+            np.all(np.abs(r).sum(axis=0) == 1)
+            and np.all(np.abs(r).sum(axis=1) == 1)
+            and np.all(np.isin(r, (-1, 0, 1)))
+        )
+
+    def sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """Source cell coordinates ``u = M^-1 (u' - b)`` of every output cell ``u'``."""
+        n_h, n_w = self.shape
+        ii, jj = np.meshgrid(np.arange(n_h, dtype=np.float64), np.arange(n_w), indexing="ij")
+        inverse = np.linalg.inv(self.M)
+        dy, dx = ii - self.b[0], jj - self.b[1]
+        return inverse[0, 0] * dy + inverse[0, 1] * dx, inverse[1, 0] * dy + inverse[1, 1] * dx
+
+    @property
+    def is_bijection(self) -> bool:
+        """On cells and onto the whole map: nothing moves in from outside."""
+        if not self.on_cells:
+            return False
+        sy, sx = self.sources()
+        n_h, n_w = self.shape
+        return bool(
+            np.all((sy > -_TOL) & (sy < n_h - 1 + _TOL) & (sx > -_TOL) & (sx < n_w - 1 + _TOL))
+        )
+
+    def true_centre(self, input_size: tuple[int, int], grid: GridLike) -> tuple[float, float]:
+        """The image centre in cell coordinates."""
+        height, width = input_size
+        return (
+            ((height - 1) / 2 - grid.h.offset) / grid.h.stride,
+            ((width - 1) / 2 - grid.w.offset) / grid.w.stride,
+        )
+
+
+def cell_map(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> CellMap:
+    """The element's motion in the grid's cell coordinates."""
+    a, t = element.point_map(*input_size)
+    s = np.array([grid.h.stride, grid.w.stride], dtype=np.float64)
+    o = np.array([grid.h.offset, grid.w.offset], dtype=np.float64)
+    m = (a * s[None, :]) / s[:, None]
+    b = (a @ o + t - o) / s
+    return CellMap(m, b, (grid.h.n, grid.w.n))
+
+
+def aligned(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> bool:
+    """Does the element map the grid onto itself (cells onto cells)?
+
+    D4 elements need a bijection of the whole map; shifts need every cell to land on a cell
+    (cells moving in from outside are masked, as at the input); resampled elements never map a
+    grid onto itself.
+    """
+    if not element.exact:
+        return False
+    cm = cell_map(element, grid, input_size)
+    return cm.is_bijection if isinstance(element, D4Element) else cm.on_cells
+
+
+def _gather(fmap: torch.Tensor, cm: CellMap) -> FeatureAction:
+    """Exact action: move every cell to its destination; cells with no source are masked."""
+    sy, sx = cm.sources()
+    iy, ix = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
+    n_h, n_w = fmap.shape[-2:]
+    valid = (iy >= 0) & (iy < n_h) & (ix >= 0) & (ix < n_w)
+    flat = torch.from_numpy(np.where(valid, iy * n_w + ix, 0).reshape(-1))
+    moved = fmap.flatten(-2)[..., flat].reshape(fmap.shape)
+    mask = torch.from_numpy(valid)[None, None]
+    if valid.all():
+        return FeatureAction(moved)
+    return FeatureAction(moved * mask.to(fmap.dtype), mask)
+
+
+def _sample(fmap: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:
+    """Cubic samples (the interpolant of :func:`rotate`) of ``(B, C, n_h, n_w)`` at fractional
+    cell positions, zero outside."""
+    return cubic_sample(fmap, torch.from_numpy(sy), torch.from_numpy(sx))
+
+
+def _resampled(
+    fmap: torch.Tensor, cm: CellMap, centre: tuple[float, float] | None
+) -> FeatureAction:
+    """Approximate action by resampling; compared where the bicubic stencil stays inside the map
+    (and, for rotations, inside a disk about the true centre)."""
+    n_h, n_w = fmap.shape[-2:]
+    sy, sx = cm.sources()
+    inside = (sy >= 1 - _TOL) & (sy <= n_h - 2 + _TOL) & (sx >= 1 - _TOL) & (sx <= n_w - 2 + _TOL)
+    if centre is not None:
+        cy, cx = centre
+        radius = DISK_FRACTION * min(cy, n_h - 1 - cy, cx, n_w - 1 - cx)
+        ii, jj = np.meshgrid(np.arange(n_h), np.arange(n_w), indexing="ij")
+        inside &= (ii - cy) ** 2 + (jj - cx) ** 2 <= radius**2
+    if not inside.any():
+        raise NotMeasurable(f"feature map {n_h}x{n_w} leaves no cell to compare after resampling")
+    mask = torch.from_numpy(inside)[None, None]
+    return FeatureAction(_sample(fmap, sy, sx) * mask.to(fmap.dtype), mask)
+
+
+@dataclass(frozen=True)
+class GridComparison:
+    """How one (layer, element) pair is compared.
+
+    ``comparison``: ``exact`` (cells onto cells), ``resampled`` (approximate: resampled elements,
+    or misaligned pairs under ``--misaligned resample``), ``naive`` (misaligned pair compared on
+    the map's own grid, ``--misaligned flag``). ``aligned`` is None when the grid is unknown.
+    """
+
+    action: FeatureAction
+    comparison: str
+    aligned: bool | None
+
+
+def compare_on_grid(
+    element: Transform,
+    fmap: torch.Tensor,
+    grid: GridLike | None,
+    input_size: tuple[int, int],
+    stride: tuple[float, float] | None,
+    misaligned: str = "flag",
+) -> GridComparison:
+    """``T'_g h`` for one reference map ``(B, C, n_h, n_w)``; raises :class:`NotMeasurable`."""
+    if grid is None:  # offset unknown: the map's own grid is all there is
+        action = element.feature_action(fmap, stride)
+        return GridComparison(action, "naive" if element.exact else "resampled", None)
+    if isinstance(element, D4Element) and element.k % 2 and fmap.shape[-1] != fmap.shape[-2]:
+        raise NotMeasurable(f"feature map is {fmap.shape[-2]}x{fmap.shape[-1]}, not square")
+    cm = cell_map(element, grid, input_size)
+    if element.exact and cm.on_cells:
+        own = (float(grid.h.stride), float(grid.w.stride))
+        if isinstance(element, Shift):  # the shift's own modes: masks, or wrap-around
+            return GridComparison(element.feature_action(fmap, own), "exact", True)
+        if cm.is_bijection:  # aligned: the plain action on the map's own grid is the true one
+            return GridComparison(element.feature_action(fmap, own), "exact", True)
+        # Off-centre by whole cells: every cell still lands on a cell; compare on the overlap.
+        return GridComparison(_gather(fmap, cm), "exact", False)
+    if element.exact:  # a D4 element or integer shift whose motion misses the cells
+        if misaligned == "skip":
+            raise NotMeasurable(_misaligned_reason(element, grid, input_size))
+        if misaligned == "resample":
+            return GridComparison(_resampled(fmap, cm, None), "resampled", False)
+        if isinstance(element, Shift):  # no naive comparison exists for a fraction of a cell
+            raise NotMeasurable(_misaligned_reason(element, grid, input_size))
+        return GridComparison(element.feature_action(fmap, stride), "naive", False)
+    if isinstance(element, Shift):  # sub-pixel shift: band-limited, border cells masked
+        return GridComparison(_fractional_shift(element, fmap, grid), "resampled", False)
+    centre = cm.true_centre(input_size, grid)
+    return GridComparison(_resampled(fmap, cm, centre), "resampled", False)
+
+
+def _fractional_shift(element: Shift, fmap: torch.Tensor, grid: GridLike) -> FeatureAction:
+    cy, cx = element.dy / grid.h.stride, element.dx / grid.w.stride
+    shifted = fourier_shift(fmap, cy, cx)
+    if element.mode == "circular":
+        return FeatureAction(shifted)
+    # Cells within reach of the wrapped-around border are not defined by the shift itself.
+    n_h, n_w = fmap.shape[-2:]
+    reach_y, reach_x = int(np.ceil(abs(cy))) + 1, int(np.ceil(abs(cx))) + 1
+    mask = torch.zeros(1, 1, n_h, n_w, dtype=torch.bool)
+    if n_h > 2 * reach_y and n_w > 2 * reach_x:
+        mask[..., reach_y : n_h - reach_y, reach_x : n_w - reach_x] = True
+    if not mask.any():
+        raise NotMeasurable(f"feature map {n_h}x{n_w} is too small for a shift of that size")
+    return FeatureAction(shifted * mask.to(fmap.dtype), mask)
+
+
+def resampled_floor(
+    element: Transform, fmap: torch.Tensor, grid: GridLike | None, input_size: tuple[int, int]
+) -> torch.Tensor | None:
+    """Interpolation floor of a resampled comparison: ``T'^-1 T' h`` against ``h``, per image."""
+    from eqaudit.metrics.functional import relative_error
+
+    if grid is None:
+        return element.feature_floor(fmap)
+    if isinstance(element, Shift):
+        if element.integer:
+            return None
+        return element.feature_floor(fmap)
+    cm = cell_map(element, grid, input_size)
+    centre = cm.true_centre(input_size, grid) if not element.exact else None
+    there = _resampled(fmap, cm, centre)
+    inverse = CellMap(np.linalg.inv(cm.M), -np.linalg.inv(cm.M) @ cm.b, cm.shape)
+    back = _resampled(there.transformed, inverse, centre)
+    mask = there.mask & back.mask if there.mask is not None and back.mask is not None else None
+    return relative_error(back.transformed, fmap, mask)
+
+
+def _misaligned_reason(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> str:
+    height, width = input_size
+    parts = []
+    for axis, size, name in ((grid.h, height, "h"), (grid.w, width, "w")):
+        centre = axis.offset + axis.stride * (axis.n - 1) / 2
+        parts.append(f"{name}: centre {centre:g} vs {(size - 1) / 2:g}")
+    if isinstance(element, Shift):
+        return (
+            f"a shift of ({element.dy:g}, {element.dx:g}) px is "
+            f"({element.dy / grid.h.stride:g}, {element.dx / grid.w.stride:g}) cells at stride "
+            f"({grid.h.stride:g}, {grid.w.stride:g}): no exact comparison exists"
+        )
+    return f"grid not symmetric about the image centre ({'; '.join(parts)})"
+
+
+def misaligned_reason(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> str:
+    """One line saying why a grid is not mapped onto itself by the element."""
+    return _misaligned_reason(element, grid, input_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing an aligned input size
+# --------------------------------------------------------------------------------------------
+
+
+def alignment_elements(elements: list[Transform], square: bool) -> list[D4Element]:
+    """The D4 elements whose alignment an input size must give (rot180 when the battery has
+    none: a grid symmetric about the centre also keeps rotations and flips of the input exact
+    on the feature maps)."""
+    chosen = [e for e in elements if isinstance(e, D4Element) and not e.is_identity]
+    if not square:
+        chosen = [e for e in chosen if e.k % 2 == 0]
+    return chosen or [D4Element(2, False)]
+
+
+class _GridGraph(Protocol):
+    def grids(self, height: int, width: int) -> dict[str, object]: ...
+
+    def invalid_reason(self, height: int, width: int) -> str | None: ...
+
+
+def misaligned_tensors(
+    graph: _GridGraph, size: tuple[int, int], elements: list[D4Element]
+) -> list[str] | None:
+    """Names of the graph's spatial tensors that some element does not map onto themselves at
+    this input size (None when the graph cannot take the size)."""
+    if graph.invalid_reason(*size) is not None:
+        return None
+    bad = []
+    for name, grid in graph.grids(*size).items():
+        if grid is None or isinstance(grid, str):
+            continue
+        if any(not aligned(e, grid, size) for e in elements):  # type: ignore[arg-type]
+            bad.append(name)
+    return bad
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    """The outcome of ``--input-size aligned``: the size chosen and why."""
+
+    requested: tuple[int, int]
+    chosen: tuple[int, int] | None
+    misaligned_at_requested: list[str]
+    elements: list[str]
+    unknown: int
+    fixed: bool = False
+
+    def note(self) -> str:
+        h, w = self.requested
+        count = len(self.misaligned_at_requested)
+        what = ", ".join(self.elements)
+        first = ", ".join(self.misaligned_at_requested[:3])
+        more = f" and {count - 3} more" if count > 3 else ""
+        if self.fixed and count:
+            return (
+                f"the model's input is fixed at {h}x{w}, where {count} tensors are misaligned "
+                f"under {what} ({first}{more}): their per-layer comparisons are not exact; "
+                "--misaligned resample compares them approximately about the true grid centre"
+            )
+        if self.chosen is None:
+            return (
+                f"no input size near {h}x{w} aligns every strided layer under {what}; "
+                f"kept {h}x{w} ({count} tensors misaligned)"
+            )
+        ch, cw = self.chosen
+        if self.chosen == self.requested:
+            return f"input {h}x{w}: every strided layer is already aligned under {what}"
+        return (
+            f"input size {ch}x{cw} chosen: the nearest to {h}x{w} at which every layer's sampling "
+            f"grid is symmetric about the image centre under {what} (at {h}x{w}, {count} tensors "
+            f"are misaligned: {first}{more})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "requested": list(self.requested),
+            "chosen": list(self.chosen) if self.chosen else None,
+            "misaligned_at_requested": self.misaligned_at_requested,
+            "elements": self.elements,
+            "unknown_grids": self.unknown,
+            "fixed": self.fixed,
+            "note": self.note(),
+        }
+
+
+def choose_aligned_size(
+    graph: _GridGraph,
+    requested: tuple[int, int],
+    elements: list[Transform],
+    max_distance: int = 64,
+) -> SizeChoice:
+    """The nearest input size to ``requested`` at which every spatial tensor of the graph is
+    aligned under the battery's D4 elements (ties: the larger size, which drops no content).
+
+    Square inputs stay square; for non-square ones each axis is searched on its own (a flip
+    reverses one axis; rot90 is not defined there), then the pair is checked together.
+    """
+    h0, w0 = requested
+    square = h0 == w0
+    needed = alignment_elements(elements, square)
+    at_requested = misaligned_tensors(graph, requested, needed) or []
+    unknown = sum(1 for g in graph.grids(h0, w0).values() if g is None)
+    names = [e.name for e in needed]
+
+    def ok(size: tuple[int, int], which: list[D4Element]) -> bool:
+        return misaligned_tensors(graph, size, which) == []
+
+    def nearest(start: int, make: object, which: list[D4Element]) -> int | None:
+        for d in range(max_distance + 1):
+            for n in (start + d, start - d) if d else (start,):
+                if n >= 1 and ok(make(n), which):  # type: ignore[operator]
+                    return n
+        return None
+
+    if square:
+        n = nearest(h0, lambda v: (v, v), needed)
+        chosen = (n, n) if n is not None else None
+    else:
+        h = nearest(h0, lambda v: (v, w0), [D4Element(2, True)])  # flip_v: the h axis
+        w = nearest(w0, lambda v: (h0, v), [D4Element(0, True)])  # flip_h: the w axis
+        chosen = (h, w) if h is not None and w is not None and ok((h, w), needed) else None
+    return SizeChoice(requested, chosen, at_requested, names, unknown)

@@ -1,0 +1,196 @@
+"""Per-layer geometry through the whole engine (issue: exact per-layer geometry).
+
+Known answers: the D4-symmetric CNN is exact at an aligned input size and *flagged* (not
+reported as broken) at a misaligned one; --input-size aligned picks the size; a lifting
+convolution is equivariant up to a channel permutation (--channel-map).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_group import c4_net
+from models_zoo import symmetric_cnn
+
+import eqaudit
+
+
+def _rows(result, transform: str | None = None, kind: str = "spatial") -> list[dict]:
+    return [
+        r
+        for r in result.layers
+        if r["kind"] == kind and r["transform"] != "id" and transform in (None, r["transform"])
+    ]
+
+
+@pytest.fixture(scope="module")
+def lifted():
+    return eqaudit.audit(c4_net(0), "c4", input_size=17, num_images=12, seed=1, channel_map=True)
+
+
+def test_lifting_convolution_is_equivariant_up_to_a_channel_permutation(lifted) -> None:
+    for layer in ("lift", "relu1", "gconv", "relu2"):
+        for transform in ("rot90", "rot180", "rot270"):
+            row = lifted.layer(layer, transform)
+            assert row["relative_error"] > 0.3, (layer, transform)  # naive: channels permuted
+            assert row["fitted_relative_error"] < 1e-5, (layer, transform)
+            assert row["channel_map_permutation"] is True
+            assert row["pooled_relative_error"] > 0.3
+
+
+def test_group_pooled_layers_are_invariant_without_a_map(lifted) -> None:
+    for layer in ("gpool", "pool", "fc"):
+        for transform in ("rot90", "rot180", "rot270"):
+            assert lifted.layer(layer, transform)["relative_error"] < 1e-5
+
+
+def test_channel_map_columns_reach_layers_csv(lifted, tmp_path) -> None:
+    frame = lifted.to_frame("layers")
+    assert {"fitted_relative_error", "pooled_relative_error", "channel_map_permutation"} <= set(
+        frame.columns
+    )
+    identity = frame[frame["transform"] == "id"]
+    assert identity["fitted_relative_error"].isna().all()
+
+
+def test_flips_are_not_rescued_by_a_channel_map() -> None:
+    # C4 has no reflections: the lifting layer is not flip-equivariant even up to a map.
+    result = eqaudit.audit(
+        c4_net(0), "flips", input_size=17, num_images=12, seed=1, channel_map=True
+    )
+    assert result.layer("lift", "flip_h")["fitted_relative_error"] > 0.05
+
+
+def test_channel_map_needs_layers() -> None:
+    with pytest.raises(eqaudit.errors.UsageError, match="--channel-map needs per-layer"):
+        eqaudit.audit(c4_net(0), "c4", input_size=17, num_images=2, layers=False, channel_map=True)
+
+
+def test_symmetric_cnn_is_exact_and_scored_at_an_aligned_size() -> None:
+    result = eqaudit.audit(symmetric_cnn(seed=0), "d4", input_size=33, num_images=8, seed=3)
+    spatial = _rows(result)
+    assert spatial and all(r["aligned"] is True for r in spatial)
+    assert all(r["comparison"] == "exact" and r["scored"] for r in spatial)
+    assert max(r["relative_error_max"] for r in spatial) < 1e-5
+    assert result.summary["scores"]["layer_relative_error"] < 1e-5
+    assert result.summary["geometry"]["misaligned_pairs"] == 0
+
+
+def test_symmetric_cnn_is_flagged_not_broken_at_a_misaligned_size() -> None:
+    # 32 is even: the stride-2 pad-1 convolutions' grids miss the image centre by half a pixel.
+    result = eqaudit.audit(symmetric_cnn(seed=0), "d4", input_size=32, num_images=8, seed=3)
+    misaligned = [r for r in _rows(result) if r["aligned"] is False]
+    assert misaligned, "the strided layers must be flagged"
+    assert all(not r["scored"] for r in misaligned)
+    assert all("misaligned" in r["reason"] for r in misaligned)
+    # The naive comparison on the map's own grid is large: that is what flagging keeps out.
+    assert max(r["relative_error"] for r in misaligned) > 0.05
+    # Layers before the first stride stay aligned, exact and scored.
+    aligned = [r for r in _rows(result) if r["aligned"] is True and r["transform"] != "transpose"]
+    assert aligned and all(r["scored"] and r["relative_error_max"] < 1e-5 for r in aligned)
+    # Flat layers are compared for invariance, exactly, whatever the grids: at 32 the pooled
+    # features really are not invariant (the outputs disagree too), so they are scored as such.
+    flat = _rows(result, "rot90", kind="flat")
+    assert flat and all(r["scored"] and r["relative_error"] > 1e-4 for r in flat)
+    assert result.output("rot90")["logit_error"] > 1e-4
+    geometry = result.summary["geometry"]
+    assert geometry["misaligned_pairs"] == len(misaligned)
+
+
+def test_input_size_aligned_picks_the_nearest_aligned_size() -> None:
+    result = eqaudit.audit(
+        symmetric_cnn(seed=0), "d4", input_size="aligned:32", num_images=8, seed=3
+    )
+    assert result.summary["model"]["input"]["height"] == 33
+    choice = result.summary["geometry"]["size_choice"]
+    assert choice["chosen"] == [33, 33] and choice["requested"] == [32, 32]
+    assert "33x33 chosen" in choice["note"]
+    assert all(r["aligned"] is True for r in _rows(result))
+    assert result.summary["geometry"]["misaligned_pairs"] == 0
+
+
+def test_misaligned_resample_gives_an_approximate_comparison() -> None:
+    result = eqaudit.audit(
+        symmetric_cnn(seed=0),
+        "flips",
+        input_size=32,
+        num_images=8,
+        seed=3,
+        misaligned="resample",
+    )
+    misaligned = [r for r in _rows(result) if r["aligned"] is False]
+    assert misaligned and all(r["comparison"] == "resampled" for r in misaligned)
+    assert all(not r["scored"] for r in misaligned)
+    assert all(r["interpolation_floor"] is not None for r in misaligned)
+    naive = eqaudit.audit(symmetric_cnn(seed=0), "flips", input_size=32, num_images=8, seed=3)
+    for row in misaligned:
+        flagged = naive.layer(row["layer"], row["transform"])
+        # Resampling about the true centre removes most of the grid's half-pixel offset.
+        assert row["relative_error"] < flagged["relative_error"]
+
+
+def test_unknown_grids_are_not_scored() -> None:
+    # A TorchScript module exposes no graph geometry and no hooks; an nn.Module whose forward
+    # torch.export cannot trace keeps shape-estimated strides and unknown offsets.
+    class Untraceable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            if float(h.mean()) > 1e9:  # data-dependent control flow: export refuses it
+                h = h * 2
+            return self.head(h.mean(dim=(2, 3)))
+
+    result = eqaudit.audit(Untraceable().eval(), "flips", input_size=9, num_images=4)
+    row = result.layer("conv", "flip_h")
+    assert row["aligned"] is None and row["comparison"] == "naive" and not row["scored"]
+    assert row["reason"].startswith("sampling grid unknown")
+
+
+def _linear_circular_cnn() -> torch.nn.Module:
+    """Stride-1 circular convolutions without non-linearities, global average pool, linear head:
+    every layer commutes with band-limited (Fourier) circular shifts, fractional ones included."""
+    torch.manual_seed(5)
+    conv = [
+        torch.nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="circular")
+        for c_in, c_out in ((3, 6), (6, 6))
+    ]
+    return torch.nn.Sequential(
+        conv[0], conv[1], torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 4)
+    ).eval()
+
+
+@pytest.mark.parametrize("size", [24, 25])
+def test_circular_cnn_passes_sub_pixel_shifts_to_the_interpolation_floor(size: int) -> None:
+    result = eqaudit.audit(
+        _linear_circular_cnn(),
+        "shift:0.5,1.25",
+        shift_mode="circular",
+        input_size=size,
+        num_images=6,
+    )
+    fractional = [r for r in result.layers if r["transform"].endswith("_fourier")]
+    assert fractional
+    for row in fractional:
+        floor = row["interpolation_floor"] or 0.0
+        assert row["relative_error"] <= floor + 1e-6, row
+        if row["kind"] == "spatial":
+            assert row["comparison"] == "resampled" and row["scored"]
+    for row in result.outputs[1:]:
+        assert row["agreement"] == 1.0 and row["logit_error"] < 1e-5
+
+
+def test_relu_aliasing_shows_above_the_floor_under_sub_pixel_shifts() -> None:
+    # The same check on a ReLU network: the first convolution commutes exactly, the ReLU after
+    # it creates harmonics that a half-pixel shift aliases (a real, measurable non-equivariance).
+    from models_zoo import SmallCNN
+
+    torch.manual_seed(2)
+    model = SmallCNN(padding_mode="circular", stride=1).eval()
+    result = eqaudit.audit(model, "shift:0.5", shift_mode="circular", input_size=25, num_images=6)
+    assert result.layer("conv1", "shift_x+0.5_fourier")["relative_error"] < 1e-6
+    relu = result.layer("relu1", "shift_x+0.5_fourier")
+    assert relu["relative_error"] > 100 * relu["interpolation_floor"]
