@@ -121,10 +121,13 @@ def export_onnx(
     channels: int = 3,
     dynamic_batch: bool = True,
     nhwc: bool = False,
+    dynamic_size: bool = False,
 ) -> Path:
     h, w = (size, size) if isinstance(size, int) else size
     shape = (1, h, w, channels) if nhwc else (1, channels, h, w)
     axes = {"image": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
+    if dynamic_size:  # H and W dynamic too (NCHW)
+        axes = {"image": {0: "batch", 2: "height", 3: "width"}, "scores": {0: "batch"}}
     torch.onnx.export(
         model,
         (torch.zeros(shape),),

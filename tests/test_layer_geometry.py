@@ -194,3 +194,137 @@ def test_relu_aliasing_shows_above_the_floor_under_sub_pixel_shifts() -> None:
     assert result.layer("conv1", "shift_x+0.5_fourier")["relative_error"] < 1e-6
     relu = result.layer("relu1", "shift_x+0.5_fourier")
     assert relu["relative_error"] > 100 * relu["interpolation_floor"]
+
+
+class _TinyResNet(torch.nn.Module):
+    """A ResNet-18-shaped stride stack (7x7/2 stem, 3x3/2 max pool, three stride-2 stages with
+    1x1/2 shortcuts) with few channels: aligned at 225 = 7 * 32 + 1, misaligned at 224."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = 4
+        self.stem = torch.nn.Conv2d(3, c, 7, stride=2, padding=3)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(3, stride=2, padding=1)
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(c, c, 3, stride=2, padding=1) for _ in range(3)
+        )
+        self.shortcuts = torch.nn.ModuleList(torch.nn.Conv2d(c, c, 1, stride=2) for _ in range(3))
+        self.gap = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.stem(x)))
+        for conv, shortcut in zip(self.convs, self.shortcuts, strict=True):
+            x = self.relu(conv(x) + shortcut(x))
+        return self.fc(self.gap(x).flatten(1))
+
+
+def _symmetric_resnet() -> torch.nn.Module:
+    from models_zoo import d4_symmetrise_
+
+    torch.manual_seed(11)
+    return d4_symmetrise_(_TinyResNet()).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_resnet_stride_stack_is_exact_at_225_and_flagged_at_224(backend, tmp_path) -> None:
+    from models_zoo import export_onnx
+
+    model = _symmetric_resnet()
+    results = {}
+    for size in (224, 225):
+        source = (
+            model if backend == "torch" else export_onnx(model, tmp_path / f"r{size}.onnx", size)
+        )
+        results[size] = eqaudit.audit(source, "d4", input_size=size, num_images=3, seed=0)
+    exact = _rows(results[225])
+    assert exact and all(r["aligned"] is True and r["comparison"] == "exact" for r in exact)
+    assert max(r["relative_error_max"] for r in exact) < 1e-5
+    flagged = [r for r in _rows(results[224]) if r["aligned"] is False]
+    assert flagged and all(not r["scored"] for r in flagged)
+    # The naive comparison at 224 is what a tool without grids would report as "broken": four
+    # orders of magnitude above the exact comparison of the same filters at 225.
+    assert max(r["relative_error"] for r in flagged) > 0.1
+    stems = [r for r in _rows(results[224], "rot90") if r["stride"] == "2x2"]
+    assert stems and all(r["offset_h"] == 0.0 and r["aligned"] is False for r in stems)
+
+
+def test_cli_input_size_aligned_and_misaligned_options(tmp_path) -> None:
+    from models_zoo import export_onnx
+    from typer.testing import CliRunner
+
+    from eqaudit.cli import app
+
+    path = export_onnx(symmetric_cnn(seed=0), tmp_path / "sym.onnx", 32, dynamic_size=True)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "check",
+            str(path),
+            "-t",
+            "flips",
+            "-n",
+            "4",
+            "--input-size",
+            "aligned:32",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "input size 33x33 chosen" in result.output
+    summary = eqaudit.AuditResult.from_json(out).summary
+    assert summary["model"]["input"]["height"] == 33
+    bad = runner.invoke(app, ["check", str(path), "--input-size", "33", "--misaligned", "maybe"])
+    assert bad.exit_code == 2
+    assert "--misaligned must be one of flag, resample, skip" in bad.output
+    dynamic = runner.invoke(app, ["check", str(path), "--input-size", "aligned", "-o", str(out)])
+    assert dynamic.exit_code == 2
+    assert "write --input-size aligned:224" in dynamic.output
+
+
+def test_layer_gate_leaves_misaligned_layers_out() -> None:
+    from eqaudit.config import GateConfig
+    from eqaudit.gate import evaluate_gate
+
+    result = eqaudit.audit(symmetric_cnn(seed=0), "d4", input_size=32, num_images=4, seed=3)
+    report = evaluate_gate(result, GateConfig(max_layer_error=(("conv*", 1e-4),)))
+    rot90 = next(c for c in report.checks if c.name == "layer_error[conv*][rot90]")
+    # conv1 (stride 1) is aligned and exact; conv2 and conv3 are misaligned and left out.
+    assert rot90.status == "passed"
+    assert "over 1 layer(s), at conv1" in rot90.description
+    assert "2 misaligned layer(s) left out" in rot90.description
+    naive = max(result.layer(n, "rot90")["relative_error"] for n in ("conv2", "conv3"))
+    assert naive > 1e-4  # what the gate would have failed on without grids
+
+
+def test_lie_derivatives_through_the_engine_and_the_report(tmp_path) -> None:
+    from models_zoo import SmallCNN, export_onnx
+
+    from eqaudit.reports import write_report
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    result = eqaudit.audit(model, "flips", input_size=17, num_images=6, seed=2, lie=True)
+    lie = result.summary["lie"]
+    assert lie["method"] == "forward-mode AD"
+    outputs = {r["generator"]: r for r in lie["outputs"]}
+    assert set(outputs) == {"rotation", "translate_x", "translate_y"}
+    assert all(r["n"] == 6 and r["mean"] > 0 for r in outputs.values())
+    assert outputs["rotation"]["unit"] == "per radian"
+    # Every audited layer of this chain has a contribution; layers.csv carries the means.
+    frame = result.to_frame("layers")
+    conv1 = frame[(frame["layer"] == "conv1") & (frame["transform"] == "flip_h")].iloc[0]
+    assert conv1["lie_rotation"] > 0 and conv1["lie_translate_x"] > 0
+    write_report(result, tmp_path / "r")
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert 'id="lie-outputs"' in html and 'id="lie-bars"' in html
+    # The same model through ONNX: central differences, outputs agree with the AD numbers.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    onnx = eqaudit.audit(path, "flips", num_images=6, seed=2, lie=True).summary["lie"]
+    assert onnx["method"].startswith("central differences")
+    for row in onnx["outputs"]:
+        assert row["mean"] == pytest.approx(outputs[row["generator"]]["mean"], rel=0.1)

@@ -402,7 +402,7 @@ def _marker_legend(grid: LayerGrid, unmeasurable: bool, dense: bool, flagged: bo
                 marker="x",
                 color="#667085",
                 ms=5,
-                label="misaligned grid\n(not exact; not scored)",
+                label="not scored: grid\nmisaligned or unknown",
             )
         )
     if unmeasurable:
@@ -455,6 +455,10 @@ def layer_heatmap_svg(grid: LayerGrid) -> str:
         )
         if grid.flagged is not None and np.isfinite(grid.flagged).any():
             ys, xs = np.nonzero(np.isfinite(grid.flagged))
+            for y, x in zip(ys, xs, strict=True):  # plain grey: compared, but not scored
+                ax.add_patch(
+                    Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor="#f2f4f7", lw=0, zorder=0.5)
+                )
             ax.plot(xs, ys, ls="none", marker="x", ms=4.5, color="#475467", mew=0.9, zorder=2)
         ax.set_yticks(range(rows), [short_label(e, 24) for e in grid.elements])
         ax.spines[:].set_visible(False)
@@ -490,7 +494,9 @@ def layer_heatmap_svg(grid: LayerGrid) -> str:
         ]
         if grid.flagged is not None and np.isfinite(grid.flagged).any():
             handles.append(
-                Line2D([], [], ls="none", marker="x", color="#475467", label="misaligned grid")
+                Line2D(
+                    [], [], ls="none", marker="x", color="#475467", label="misaligned/unknown grid"
+                )
             )
         if "flat" in grid.kinds:
             handles.append(Patch(facecolor="none", edgecolor="#344054", label="flat layer"))

@@ -132,6 +132,9 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
                 _num(r["cosine_distance"], 3),
             )
         stdout.print(layers)
+    choice = (s.get("geometry") or {}).get("size_choice")
+    if choice and choice.get("note"):
+        stdout.print(choice["note"], markup=False, highlight=False, soft_wrap=True)
     lie = s.get("lie")
     if lie and lie.get("outputs"):
         parts = [f"{r['generator']} {_num(r['mean'], 3)} {r['unit']}" for r in lie["outputs"] if r]

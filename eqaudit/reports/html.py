@@ -409,6 +409,8 @@ def _layer_tables(summary: dict, grid: LayerGrid) -> tuple[list[dict], list[dict
             "error": num(r["relative_error"]),
             "p95": num(r.get("relative_error_p95")),
             "cosine": num(r.get("cosine_distance")),
+            "fitted": num(r.get("fitted_relative_error")),
+            "permutes": bool(r.get("channel_map_permutation")),
         }
         for r in measured[:MAX_WORST_ROWS]
     ]
@@ -559,6 +561,7 @@ def build_context(result: AuditResult) -> dict:
         "curve": curve,
         "heatmap": heatmap,
         "worst_layers": worst,
+        "fitted": any("fitted_relative_error" in r for r in summary.get("layers") or []),
         "unmeasurable": unmeasurable,
         "unmeasurable_total": unmeasurable_total,
         "geometry_notes": _geometry_notes(summary),

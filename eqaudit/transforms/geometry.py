@@ -26,6 +26,7 @@ integers, see :mod:`eqaudit.grids`). An element moves content at input point ``p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -185,6 +186,19 @@ class GridComparison:
     aligned: bool | None
 
 
+@lru_cache(maxsize=4096)
+def _plan(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> tuple[CellMap, str]:
+    """The element's cell map on this grid and how to compare (cached: the same for every
+    batch): ``aligned`` (shifts that land on cells, D4 bijections), ``overlap`` (a D4 element
+    moving cells onto cells with some falling off the map), ``off-cells``."""
+    cm = cell_map(element, grid, input_size)
+    if not (element.exact and cm.on_cells):
+        return cm, "off-cells"
+    if isinstance(element, Shift) or cm.is_bijection:
+        return cm, "aligned"
+    return cm, "overlap"
+
+
 def compare_on_grid(
     element: Transform,
     fmap: torch.Tensor,
@@ -199,12 +213,10 @@ def compare_on_grid(
         return GridComparison(action, "naive" if element.exact else "resampled", None)
     if isinstance(element, D4Element) and element.k % 2 and fmap.shape[-1] != fmap.shape[-2]:
         raise NotMeasurable(f"feature map is {fmap.shape[-2]}x{fmap.shape[-1]}, not square")
-    cm = cell_map(element, grid, input_size)
-    if element.exact and cm.on_cells:
+    cm, plan = _plan(element, grid, input_size)
+    if plan != "off-cells":
         own = (float(grid.h.stride), float(grid.w.stride))
-        if isinstance(element, Shift):  # the shift's own modes: masks, or wrap-around
-            return GridComparison(element.feature_action(fmap, own), "exact", True)
-        if cm.is_bijection:  # aligned: the plain action on the map's own grid is the true one
+        if plan == "aligned":  # the plain action on the map's own grid is the true one
             return GridComparison(element.feature_action(fmap, own), "exact", True)
         # Off-centre by whole cells: every cell still lands on a cell; compare on the overlap.
         return GridComparison(_gather(fmap, cm), "exact", False)
