@@ -12,7 +12,9 @@ A and B are paired: every image is seen by both under every element, so each ele
 * both JS divergences and their difference, and the top-1 agreement of A with B.
 
 Layers are matched by name, then (for the rest) by execution order and shape, e.g. an ONNX export
-against its PyTorch module; unmatched layers are listed. ``B`` is a **regression** on an element
+against its PyTorch module; unmatched layers are listed. A layer difference is taken only where
+both rows are scored (compared exactly or resampled about a known grid): a pair on a misaligned
+or unknown grid keeps its two errors but no difference. ``B`` is a **regression** on an element
 when it agrees less often than ``A`` and the Holm-adjusted p-value is below ``alpha``.
 
 The comparison reads two :class:`~eqaudit.results.AuditResult` objects; :func:`compare` runs the
@@ -34,7 +36,7 @@ import pandas as pd
 from eqaudit.config import AuditConfig
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import FAILED, PASSED, SKIPPED, Check, shown
-from eqaudit.results import AuditResult, json_ready
+from eqaudit.results import AuditResult, is_scored, json_ready
 from eqaudit.stats import BOOTSTRAP_RESAMPLES, mcnemar_exact, paired_bootstrap_interval
 
 IDENTITY = "id"
@@ -64,6 +66,7 @@ CSV_COLUMNS = [
     "relative_error_a",
     "relative_error_b",
     "relative_error_difference",
+    "scored",
     "verdict",
 ]
 
@@ -516,6 +519,9 @@ def _compare_layers(a: AuditResult, b: AuditResult, elements: list[str]) -> tupl
             ra, rb = rows_a.get((name_a, g)), rows_b.get((name_b, g))
             ea = ra["relative_error"] if ra else None
             eb = rb["relative_error"] if rb else None
+            # A pair compared on a misaligned or unknown grid on either side is not a fair
+            # comparison of the two models' equivariance: no difference is taken.
+            scored = bool(ra and rb and is_scored(ra) and is_scored(rb))
             table.append(
                 {
                     "transform": g,
@@ -525,7 +531,8 @@ def _compare_layers(a: AuditResult, b: AuditResult, elements: list[str]) -> tupl
                     "shape": shapes[name_a],
                     "relative_error_a": ea,
                     "relative_error_b": eb,
-                    "relative_error_difference": _difference(ea, eb),
+                    "relative_error_difference": _difference(ea, eb) if scored else None,
+                    "scored": scored,
                 }
             )
     matching = {

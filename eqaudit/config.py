@@ -42,7 +42,8 @@ def parse_input_size(text: str | int | tuple[int, int] | None) -> tuple[int, int
         match = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+))?\s*", text)
         if not match:
             raise UsageError(
-                f"--input-size '{text}' is not a size: write N for a square input or HxW, e.g. 48x192"
+                f"--input-size '{text}' is not a size: write N for a square input or HxW, "
+                "e.g. 48x192 (or aligned, aligned:N)"
             )
         h = int(match.group(1))
         size = (h, int(match.group(2)) if match.group(2) else h)

@@ -328,3 +328,17 @@ def test_lie_derivatives_through_the_engine_and_the_report(tmp_path) -> None:
     assert onnx["method"].startswith("central differences")
     for row in onnx["outputs"]:
         assert row["mean"] == pytest.approx(outputs[row["generator"]]["mean"], rel=0.1)
+
+
+def test_compare_takes_layer_differences_only_on_scored_pairs() -> None:
+    from eqaudit.compare import compare_results
+
+    model = symmetric_cnn(seed=0)
+    a = eqaudit.audit(model, "flips", input_size=32, num_images=4, seed=3)
+    b = eqaudit.audit(symmetric_cnn(seed=1), "flips", input_size=32, num_images=4, seed=3)
+    rows = compare_results(a, b).data["layers"]
+    conv2 = next(r for r in rows if r["layer_a"] == "conv2" and r["transform"] == "flip_h")
+    assert conv2["scored"] is False and conv2["relative_error_difference"] is None
+    assert conv2["relative_error_a"] is not None  # both errors kept for the record
+    conv1 = next(r for r in rows if r["layer_a"] == "conv1" and r["transform"] == "flip_h")
+    assert conv1["scored"] is True and conv1["relative_error_difference"] is not None
