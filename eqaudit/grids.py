@@ -43,11 +43,20 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
 * space-to-depth by ``b`` is a ``b x b`` window of stride ``b``; depth-to-space is its inverse
   (``stride/b``, ``offset - stride*(b-1)/(2b)``).
 * element-wise ops and normalisations keep the grid; an op combining several spatial inputs
-  needs them on one grid (a constant, or a tensor with 1x1 spatial axes, broadcasts). Channel
-  concatenation likewise. NCHW <-> NHWC transposes change the layout, not the grid.
-* global pools, flatten, Gemm/linear, means over H and W, adaptive pools to 1x1 give ``"flat"``
-  (no spatial axes). An adaptive pool to ``m`` cells is the window ``k = s = n/m`` when ``m``
-  divides ``n``, else unknown.
+  needs them on one grid, layout and rank (a constant, or a tensor with 1x1 spatial axes of the
+  map's rank, broadcasts). Channel concatenation likewise. NCHW <-> NHWC transposes change the
+  layout, not the grid.
+* grouped channels: a NCHW map may be viewed with several channel axes,
+  ``(B, C1, .., Ck, H, W)`` (rank >= 4; group pooling reshapes ``(B, C, H, W)`` to
+  ``(B, C/G, G, H, W)`` and takes the max over ``G``). A reshape/view/flatten/unflatten/
+  squeeze/unsqueeze whose output keeps the batch axis first and H, W last, with their sizes,
+  keeps the grid: row-major order then gives every element the same ``(b, h, w)``. A reduction
+  over channel axes only keeps the grid (while a channel axis is left); permuting channel axes
+  only keeps it. Anything else on such a tensor (a window op, a resize, a pad) is unknown.
+* global pools, flatten, Gemm/linear, reductions over both H and W (amax, mean, norm ...),
+  adaptive pools to 1x1 give ``"flat"`` (no spatial axes); a reduction over one of H and W is
+  unknown. An adaptive pool to ``m`` cells is the window ``k = s = n/m`` when ``m`` divides
+  ``n``, else unknown. NHWC maps stay rank 4: a reshape of one is unknown.
 
 Anything else that depends on the image makes its output unknown (``None``), and everything
 downstream of it; :meth:`GridGraph.unknown_reason` names the op. Nothing is guessed.
@@ -119,21 +128,33 @@ class Grid:
 # -- replay states ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Map:
-    """A rank-4 spatial tensor whose axes are known; ``grid`` None when the grid is unknown."""
+    """A spatial tensor whose axes are known; ``grid`` None when the grid is unknown.
 
-    layout: str  # "NCHW" or "NHWC"
+    NHWC maps have rank 4. NCHW maps may have rank ``r > 4``: ``(B, C1, .., Ck, H, W)``, the
+    batch axis first, H and W last and ``r - 3`` channel axes between them (grouped channels:
+    a ``(B, C // G, G, H, W)`` view of a ``(B, C, H, W)`` map)."""
+
+    layout: str  # "NCHW" (NCHW-like at rank > 4) or "NHWC"
     grid: Grid | None
     reason: str | None = None  # why the grid is unknown
+    rank: int = 4
 
 
 @dataclass(frozen=True)
 class _Flat:
     """A tensor without spatial axes. ``layout`` is set for a rank-4 tensor with 1x1 spatial axes
     ((B, C, 1, 1) or (B, 1, 1, C)); ``broadcasts``: constant over H and W when broadcast against
-    a map (1x1 spatial axes, or a scalar)."""
+    a map (1x1 spatial axes, or a scalar); ``rank``: the tensor's rank when known and ``layout``
+    does not say it (a scalar: 0; ``(B, C, G, 1, 1)``: 5)."""
 
     layout: str | None = None
     broadcasts: bool = False
+    rank: int | None = None
+
+    @property
+    def ndim(self) -> int | None:
+        """The tensor's rank when known."""
+        return 4 if self.layout is not None else self.rank
 
 
 @dataclass(frozen=True)
@@ -150,9 +171,10 @@ _Rule = Callable[[list[Any]], Any]
 class _TooSmall(Exception):
     """The input size gives a window op fewer than one output cell."""
 
-    def __init__(self, message: str, layout: str = "NCHW") -> None:
+    def __init__(self, message: str, layout: str = "NCHW", rank: int = 4) -> None:
         super().__init__(message)
         self.layout = layout
+        self.rank = rank
 
 
 @dataclass(frozen=True)
@@ -238,7 +260,8 @@ class GridGraph:
         for name, tensor in self._public.items():
             state = _first(replay.states.get(tensor))
             if tensor not in self._meta:
-                out[name] = state.layout if isinstance(state, (_Map, _Flat)) else None
+                rank4 = isinstance(state, (_Map, _Flat)) and _rank_of(state) == 4
+                out[name] = state.layout if rank4 else None
         return out
 
     def unknown_reason(
@@ -293,7 +316,7 @@ class GridGraph:
                     out = step.rule(ins)
                 except _TooSmall as exc:
                     invalid = invalid or str(exc)
-                    out = _Map(exc.layout, None, str(exc))
+                    out = _Map(exc.layout, None, str(exc), exc.rank)
             if out is None:
                 continue  # not image content (a shape, an assertion)
             if isinstance(out, tuple) and len(step.outputs) > 1:
@@ -321,6 +344,37 @@ def _first(state: Any) -> Any:
 _AXES = ("height", "width")
 _SPATIAL = {"NCHW": (2, 3), "NHWC": (1, 2)}
 _CHANNEL = {"NCHW": 1, "NHWC": 3}
+
+
+def _rank_of(state: Any) -> int | None:
+    """A state's tensor rank when known."""
+    if isinstance(state, _Map):
+        return state.rank
+    if isinstance(state, _Flat):
+        return state.ndim
+    return None
+
+
+def _spatial_axes(state: _Map) -> tuple[int, int]:
+    """Tensor axes of H and W: the last two of a NCHW(-like) map, 1 and 2 of a NHWC one."""
+    return (state.rank - 2, state.rank - 1) if state.layout == "NCHW" else _SPATIAL["NHWC"]
+
+
+def _channel_axes(state: _Map) -> tuple[int, ...]:
+    """Tensor axes between the batch axis and the spatial ones (NCHW), or the last one (NHWC)."""
+    return tuple(range(1, state.rank - 2)) if state.layout == "NCHW" else (3,)
+
+
+def _normalised(axes: Sequence[int], rank: int) -> list[int] | None:
+    """Axes in ``0 .. rank-1`` (negative ones count from the end); None if one is out of range."""
+    if any(not -rank <= a < rank for a in axes):
+        return None
+    return [a % rank for a in axes]
+
+
+def _not_rank4(state: _Map, label: str) -> _Lost:
+    """Why an op defined on rank-4 maps only cannot take a map of another rank."""
+    return _Lost(f"{label} is applied to a rank-{state.rank} map (it expects rank 4)")
 
 
 def _window_axis(
@@ -383,12 +437,19 @@ def _pad_axis(g: AxisGrid, pb: int, pe: int, label: str, axis: str, layout: str)
 
 
 def _slice_axis(
-    g: AxisGrid, start: int | None, end: int | None, step: int, label: str, axis: str, layout: str
+    g: AxisGrid,
+    start: int | None,
+    end: int | None,
+    step: int,
+    label: str,
+    axis: str,
+    layout: str,
+    rank: int = 4,
 ) -> AxisGrid:
     first, _, _ = slice(start, end, step).indices(g.n)
     n_out = len(range(*slice(start, end, step).indices(g.n)))
     if n_out < 1:
-        raise _TooSmall(f"{label} leaves no cells on the {axis} axis", layout)
+        raise _TooSmall(f"{label} leaves no cells on the {axis} axis", layout, rank)
     return AxisGrid(n_out, g.stride * step, g.offset + g.stride * first)
 
 
@@ -451,11 +512,14 @@ def _grid_text(grid: Grid) -> str:
     )
 
 
-def _combine(ins: Sequence[Any], label: str) -> Any:
-    """State of an element-wise combination of ``ins`` (None entries: constants).
+def _combine(ins: Sequence[Any], label: str, out_rank: int | None = None) -> Any:
+    """State of an element-wise combination of ``ins`` (None entries: constants); ``out_rank``:
+    the output's rank when the graph says it.
 
-    Maps must share one grid and layout; flat tensors with 1x1 spatial axes (or scalars) broadcast
-    over a map; other flat tensors broadcast against a map would mix features into the W axis.
+    Maps must share one grid, layout and rank; flat tensors with 1x1 spatial axes of the map's
+    rank (or scalars) broadcast over a map; other flat tensors broadcast against a map would mix
+    features into the W axis (or the batch axis into a channel axis). An output of higher rank
+    than its maps (a constant broadcast in front) no longer has the batch axis first.
     """
     states = [_first(s) for s in ins if s is not None]
     maps = [s for s in states if isinstance(s, _Map)]
@@ -464,14 +528,25 @@ def _combine(ins: Sequence[Any], label: str) -> Any:
         if not flats:
             return None
         layouts = {f.layout for f in flats}
-        return _Flat(
-            flats[0].layout if len(layouts) == 1 else None, all(f.broadcasts for f in flats)
-        )
+        ranks = {f.ndim for f in flats}
+        rank = next(iter(ranks)) if len(ranks) == 1 else None
+        if out_rank is not None and rank is not None and out_rank != rank:
+            return _Flat(None, False, out_rank)  # broadcast to a higher rank: the batch axis moved
+        layout = flats[0].layout if len(layouts) == 1 else None
+        return _Flat(layout, all(f.broadcasts for f in flats), None if layout else rank)
     if any(not f.broadcasts for f in flats):
         return _Lost(f"{label} broadcasts flat features against a spatial map")
-    layout = maps[0].layout
+    layout, rank = maps[0].layout, maps[0].rank
     if any(m.layout != layout for m in maps):
         return _Lost(f"{label} combines maps of different layouts (NCHW and NHWC)")
+    if any(m.rank != rank for m in maps):
+        return _Lost(f"{label} combines maps of ranks {sorted({m.rank for m in maps})}")
+    if out_rank is not None and out_rank != rank:
+        return _Lost(f"{label} broadcasts a rank-{rank} map to rank {out_rank}")
+    for f in flats:
+        if f.layout not in (None, layout) or f.ndim not in (None, 0, rank):
+            kind = f"{f.layout} tensor" if f.layout else f"rank-{f.ndim} tensor"
+            return _Lost(f"{label} broadcasts a {kind} against a rank-{rank} {layout} map")
     unknown = next((m for m in maps if m.grid is None), None)
     if unknown is not None:
         return unknown
@@ -485,6 +560,7 @@ def _combine(ins: Sequence[Any], label: str) -> Any:
                 None,
                 f"{label} combines maps on different grids ({_grid_text(first)} and "
                 f"{_grid_text(other.grid)})",
+                rank,
             )
     return maps[0]
 
@@ -544,16 +620,21 @@ def _window_state(state: Any, window: _Window) -> Any:
         return _Lost(f"{label} grows a 1x1 map")
     if state.layout != "NCHW":
         return _Lost(f"{label} is applied to a {state.layout} map (it expects NCHW)")
+    if state.rank != 4:
+        return _not_rank4(state, label)
     if state.grid is None:
         return state
     return _Map("NCHW", Grid(window.axis(state.grid.h, 0), window.axis(state.grid.w, 1)))
 
 
 def _global_state(state: Any, label: str) -> Any:
+    """A global pool over every axis after the channel one: flat, 1x1 spatial axes kept."""
     if isinstance(state, _Flat):
         return state
     if state.layout != "NCHW":
         return _Lost(f"{label} is applied to a {state.layout} map (it expects NCHW)")
+    if state.rank != 4:  # also pools the channel axes after the first: (B, C, 1, .., 1)
+        return _Flat(None, True, state.rank)
     return _Flat("NCHW", True)
 
 
@@ -565,8 +646,8 @@ def _pad_state(state: Any, pads: Mapping[int, tuple[int, int]], rank: int, label
             if not any(pads.get(a, (0, 0)) != (0, 0) for a in (2, 3))
             else _Lost(f"{label} pads flat features spatially")
         )
-    if rank != 4:
-        return _Lost(f"{label} pads a tensor of rank {rank}")
+    if rank != 4 or state.rank != 4:
+        return _Lost(f"{label} pads a tensor of rank {rank if rank != 4 else state.rank}")
     if pads.get(0, (0, 0)) != (0, 0):
         return _Lost(f"{label} pads the batch axis")
     if state.grid is None:
@@ -577,46 +658,80 @@ def _pad_state(state: Any, pads: Mapping[int, tuple[int, int]], rank: int, label
     return _Map(state.layout, Grid(h, w))
 
 
+def _resolve_axes(
+    state: Any, axes: Sequence[int], rank: int | None, label: str
+) -> list[int] | _Lost:
+    """``axes`` (negative ones count from the end) normalised by the state's rank: a map's own
+    (which must agree with the graph's ``rank`` when that is known), else ``rank``, else 4 (flat
+    tensors of unknown rank, as before ranks were tracked)."""
+    own = _rank_of(state)
+    if isinstance(state, _Map) and rank is not None and rank != own:
+        return _Lost(f"{label} sees a rank-{rank} tensor where the walk has a rank-{own} map")
+    size = own if own is not None else (rank if rank is not None else 4)
+    found = _normalised(axes, size)
+    if found is None:
+        return _Lost(f"{label} names axes {list(axes)} of a rank-{size} tensor")
+    return found
+
+
 def _slice_state(
-    state: Any, axis: int, start: int | None, end: int | None, step: int, label: str
+    state: Any,
+    axis: int,
+    start: int | None,
+    end: int | None,
+    step: int,
+    label: str,
+    rank: int | None = None,
 ) -> Any:
-    """Slice one (normalised) tensor axis; steps must be positive."""
+    """Slice one tensor axis (negative: from the end; ``rank``: the graph's rank for it, when
+    known); steps must be positive."""
     if step < 1:
         return _Lost(f"{label} slices with step {step} (only positive steps are understood)")
+    found = _resolve_axes(state, [axis], rank, label)
+    if isinstance(found, _Lost):
+        return found
+    axis = found[0]
     if isinstance(state, _Flat):
         if state.layout is not None and axis in _SPATIAL[state.layout]:
             first = slice(start, end, step).indices(1)
             if len(range(*first)) != 1:
                 return _Lost(f"{label} slices a 1x1 axis empty")
         return state
-    if axis == 0 or axis == _CHANNEL[state.layout]:
-        return state
-    if state.grid is None:
-        return state
-    ah, _ = _SPATIAL[state.layout]
+    ah, aw = _spatial_axes(state)
+    if axis not in (ah, aw) or state.grid is None:
+        return state  # the batch axis or a channel axis
+    where = (label, _AXES[0] if axis == ah else _AXES[1], state.layout, state.rank)
     if axis == ah:
-        h = _slice_axis(state.grid.h, start, end, step, label, "height", state.layout)
-        return _Map(state.layout, Grid(h, state.grid.w))
-    w = _slice_axis(state.grid.w, start, end, step, label, "width", state.layout)
-    return _Map(state.layout, Grid(state.grid.h, w))
+        h = _slice_axis(state.grid.h, start, end, step, *where)
+        return replace(state, grid=Grid(h, state.grid.w))
+    w = _slice_axis(state.grid.w, start, end, step, *where)
+    return replace(state, grid=Grid(state.grid.h, w))
 
 
-def _concat_state(ins: Sequence[Any], axis: int, label: str) -> Any:
+def _concat_state(ins: Sequence[Any], axis: int, label: str, rank: int | None = None) -> Any:
+    """Concatenate along ``axis`` (negative: from the end; ``rank``: the graph's, when known):
+    maps along a channel axis only."""
     states = [_first(s) for s in ins if s is not None]
     maps = [s for s in states if isinstance(s, _Map)]
+    found = _resolve_axes(maps[0] if maps else next(iter(states), None), [axis], rank, label)
+    if isinstance(found, _Lost):
+        return found
     if not maps:
-        if axis == 0:
+        if found[0] == 0:
             return _Lost(f"{label} concatenates along the batch axis")
         return _combine(ins, label)
-    layout = maps[0].layout
-    if axis != _CHANNEL[layout]:
-        return _Lost(f"{label} concatenates along axis {axis}, not the channel axis")
+    if found[0] not in _channel_axes(maps[0]):
+        return _Lost(f"{label} concatenates along axis {found[0]}, not a channel axis")
     return _combine(ins, label)
 
 
 def _permute_state(state: Any, perm: Sequence[int], label: str) -> Any:
+    """Permute axes: NCHW <-> NHWC moves the layout; a permutation of the channel axes of a
+    NCHW(-like) map alone keeps it."""
     perm = list(perm)
-    if perm == [0, 1, 2, 3]:
+    if isinstance(state, _Map) and len(perm) != state.rank:
+        return _Lost(f"{label} permutes {len(perm)} axes of a rank-{state.rank} map")
+    if perm == list(range(len(perm))):
         return state
     moves = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
     if isinstance(state, _Flat):
@@ -628,34 +743,59 @@ def _permute_state(state: Any, perm: Sequence[int], label: str) -> Any:
             if target
             else _Lost(f"{label} permutes axes {perm} of flat features")
         )
+    r = state.rank
+    if state.layout == "NCHW" and perm[0] == 0 and perm[-2:] == [r - 2, r - 1]:
+        return state  # only the channel axes between batch and H move
     target = moves.get((state.layout, tuple(perm)))
-    if target is None:
-        return _Lost(f"{label} permutes axes {perm} of a {state.layout} map")
+    if target is None or r != 4:
+        return _Lost(f"{label} permutes axes {perm} of a rank-{r} {state.layout} map")
     return _Map(target, state.grid, state.reason)
 
 
 def _reduce_state(
-    state: Any, axes: Sequence[int] | None, keepdims: bool, rank: int, label: str
+    state: Any, axes: Sequence[int] | None, keepdims: bool, rank: int | None, label: str
 ) -> Any:
-    """A reduction over ``axes`` (normalised; None: all)."""
+    """A reduction over ``axes`` (None: all; negative ones count from the end) of a tensor of
+    rank ``rank`` (the graph's, None when unknown).
+
+    Over channel axes only: the grid is kept (the result must keep a channel axis, rank >= 4).
+    Over H and W both (a reduction always takes a whole axis): flat, a broadcastable
+    ``(B, C, 1, 1)`` with ``keepdims``. Over one of H and W: unknown (the other stays, alone).
+    """
     if isinstance(state, _Flat):
         if keepdims:
             return state
-        return _Flat(None, state.broadcasts or axes is None or len(axes) == rank)
-    if rank != 4:
-        return _Lost(f"{label} reduces a tensor of rank {rank}")
-    every = axes is None or len(set(axes)) == 4
-    spatial = set(_SPATIAL[state.layout])
-    chosen = set(range(4) if axes is None else axes)
-    if spatial <= chosen:
-        if every and not keepdims:
-            return _Flat(None, True)
-        return _Flat(state.layout if keepdims else None, keepdims)
-    if chosen & spatial:
-        return _Lost(f"{label} reduces one spatial axis only")
-    if 0 in chosen or not keepdims:
-        return _Lost(f"{label} reduces {'the batch axis' if 0 in chosen else 'without keepdims'}")
-    return state
+        if axes is None:
+            return _Flat(None, True, 0)
+        found = _resolve_axes(state, axes, rank, label)
+        if isinstance(found, _Lost):
+            return found
+        size = state.ndim if state.ndim is not None else rank
+        left = None if size is None else size - len(set(found))
+        return _Flat(None, state.broadcasts or left == 0, left)
+    found = list(range(state.rank)) if axes is None else _resolve_axes(state, axes, rank, label)
+    if isinstance(found, _Lost):
+        return found
+    chosen = set(found)
+    r = state.rank
+    ah, aw = _spatial_axes(state)
+    if {ah, aw} <= chosen:
+        if keepdims:
+            return _Flat(state.layout, True) if r == 4 else _Flat(None, True, r)
+        left = r - len(chosen)
+        return _Flat(None, left == 0, left)
+    if chosen & {ah, aw}:
+        taken, kept = _AXES if ah in chosen else _AXES[::-1]
+        return _Lost(f"{label} reduces the {taken} axis but not the {kept} axis")
+    if 0 in chosen:
+        return _Lost(f"{label} reduces the batch axis")
+    left = r if keepdims else r - len(chosen)
+    if left < 4:
+        return _Lost(
+            f"{label} reduces away every channel axis: a rank-{left} (B, H, W) tensor is not "
+            "tracked (keepdims keeps a channel axis)"
+        )
+    return replace(state, rank=left)
 
 
 def _reshape_state(
@@ -664,7 +804,9 @@ def _reshape_state(
     out_dims: Sequence[int | None] | None,
     label: str,
 ) -> Any:
-    """A reshape from ``in_dims`` to ``out_dims`` (None entries: unknown sizes).
+    """A reshape from ``in_dims`` to ``out_dims`` (None entries: unknown sizes) that is not a
+    regrouping of channel axes (those keep the grid; the callers decide, see
+    :func:`_torch_regroup_rank` and :func:`_onnx_regroup_rank`).
 
     A map or flat tensor reshaped to (B, D) is flat, as flatten is, unless the batch axis visibly
     changes (a (B*H*W, C) view folds the spatial axes into the batch); a flat tensor reshaped to
@@ -679,15 +821,20 @@ def _reshape_state(
         batch = (in_dims or [None])[0], (out_dims or [None])[0]
         if len(out_dims) == 2 and None not in batch and batch[0] != batch[1]:
             return _Lost(f"{label} folds other axes into the batch axis")
-        return _Flat(None, len(out_dims) == 0)
+        return _Flat(None, len(out_dims) == 0, len(out_dims))
     if isinstance(state, _Flat) and len(out_dims) == 4 and out_dims[2:] == [1, 1]:
         return _Flat("NCHW", True)
-    return _Lost(f"{label} reshapes a {'map' if isinstance(state, _Map) else 'tensor'}")
+    if isinstance(state, _Map):
+        return _Lost(
+            f"{label} reshapes a map other than by regrouping its channel axes (batch first, "
+            "H and W last, all three kept)"
+        )
+    return _Lost(f"{label} reshapes a tensor")
 
 
 def _space_to_depth_state(state: Any, block: int, label: str) -> Any:
-    if not isinstance(state, _Map) or state.layout != "NCHW":
-        return _Lost(f"{label} is applied to a tensor that is not a NCHW map")
+    if not isinstance(state, _Map) or state.layout != "NCHW" or state.rank != 4:
+        return _Lost(f"{label} is applied to a tensor that is not a rank-4 NCHW map")
     if state.grid is None:
         return state
     axes = []
@@ -699,8 +846,8 @@ def _space_to_depth_state(state: Any, block: int, label: str) -> Any:
 
 
 def _depth_to_space_state(state: Any, block: int, label: str) -> Any:
-    if not isinstance(state, _Map) or state.layout != "NCHW":
-        return _Lost(f"{label} is applied to a tensor that is not a NCHW map")
+    if not isinstance(state, _Map) or state.layout != "NCHW" or state.rank != 4:
+        return _Lost(f"{label} is applied to a tensor that is not a rank-4 NCHW map")
     if state.grid is None:
         return state
     h, w = (
@@ -725,6 +872,8 @@ def _resize_state(
     ``rounding``: the nearest mode (floor, ceil, round_prefer_floor, round_prefer_ceil)."""
     if isinstance(state, _Flat):
         return _Lost(f"{label} resizes flat features")
+    if state.rank != 4:
+        return _not_rank4(state, label)
     if state.grid is None:
         return state
     axes = []
@@ -874,6 +1023,7 @@ _ONNX_FOLDABLE = {
     "Expand",
     "Shape",
     "Neg",
+    "Mod",
 }
 
 
@@ -899,6 +1049,7 @@ class _OnnxGraphFacts:
         self._producers = {out: node for node in graph.node for out in node.output if out}
         self._dependent = dependent
         self._values: dict[str, np.ndarray | None] = {}
+        self._entries: dict[str, list[_Entry] | None] = {}
         self._opsets = {
             (o.domain or ""): o.version for o in model.opset_import if o.domain in ("", "ai.onnx")
         }
@@ -912,9 +1063,17 @@ class _OnnxGraphFacts:
         for init in graph.initializer:
             self.dims.setdefault(init.name, [int(d) for d in init.dims])
 
-    def rank(self, name: str) -> int | None:
+    def rank(self, name: str, depth: int = 0) -> int | None:
+        """A tensor's rank from shape inference, else (a Reshape's output) the number of
+        entries of its target."""
         dims = self.dims.get(name)
-        return len(dims) if dims is not None else None
+        if dims is not None:
+            return len(dims)
+        node = self._producers.get(name)
+        if node is None or node.op_type != "Reshape" or len(node.input) < 2:
+            return None
+        entries = self.shape_entries(node.input[1], depth + 1)
+        return None if entries is None else len(entries)
 
     def value(self, name: str, depth: int = 0) -> np.ndarray | None:
         """The constant value of a tensor, folding small constant subgraphs; None if unknown."""
@@ -969,6 +1128,66 @@ class _OnnxGraphFacts:
     def ints(self, name: str) -> list[int] | None:
         value = self.value(name)
         return None if value is None else [int(v) for v in value.reshape(-1)]
+
+    def shape_entries(self, name: str, depth: int = 0) -> list[_Entry] | None:
+        """The entries of a small int tensor (a Reshape target; a scalar is one entry): an int
+        where constant, ``(tensor, axis)`` where it reads that size of a tensor's shape
+        (Shape, then Gather/Slice/Concat/Unsqueeze/Squeeze/Cast/Identity), None where it is
+        computed otherwise; None when even the number of entries is unknown."""
+        if name in self._entries:
+            return self._entries[name]
+        value = self.value(name)
+        if value is not None:
+            return [int(v) for v in value.reshape(-1)]
+        node = self._producers.get(name)
+        if node is None or depth > 32 or node.domain not in ("", "ai.onnx"):
+            return self._opaque_entries(name)
+        found = self._traced_entries(node, depth)
+        self._entries[name] = found
+        return found
+
+    def _traced_entries(self, node: onnx.NodeProto, depth: int) -> list[_Entry] | None:
+        op, args = node.op_type, list(node.input)
+        if op == "Shape":
+            rank = self.rank(args[0], depth + 1)
+            if rank is None:
+                return None
+            first, last = int(_attr(node, "start", 0)), int(_attr(node, "end", rank))
+            return [(args[0], k) for k in range(rank)[first:last]]
+        if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+            return self.shape_entries(args[0], depth + 1)
+        if op == "Concat":
+            pieces = [self.shape_entries(piece, depth + 1) for piece in args]
+            if any(p is None for p in pieces):
+                return self._opaque_entries(node.output[0])
+            return [entry for piece in pieces for entry in piece or []]
+        if op == "Gather" and int(_attr(node, "axis", 0)) == 0:
+            data, indices = self.shape_entries(args[0], depth + 1), self.ints(args[1])
+            if (
+                data is not None
+                and indices is not None
+                and all(-len(data) <= i < len(data) for i in indices)
+            ):
+                return [data[i] for i in indices]
+        if op == "Slice" and len(args) >= 3:
+            data = self.shape_entries(args[0], depth + 1)
+            starts, ends = self.ints(args[1]), self.ints(args[2])
+            axes = self.ints(args[3]) if len(args) > 3 and args[3] else [0]
+            steps = self.ints(args[4]) if len(args) > 4 and args[4] else [1]
+            if data is not None and starts and ends and axes in ([0], [-1]) and steps[0] > 0:
+                return data[slice(starts[0], ends[0], steps[0])]
+        return self._opaque_entries(node.output[0])
+
+    def _opaque_entries(self, name: str) -> list[_Entry] | None:
+        """``[None] * n`` for a tensor of ``n`` entries computed some other way."""
+        dims = self.dims.get(name)
+        if dims is None or len(dims) > 1 or (dims and dims[0] is None):
+            return None
+        return [None] * (dims[0] if dims else 1)
+
+
+#: One entry of a shape tensor: a constant, a size read from ``(tensor, axis)``, or unknown.
+_Entry = int | tuple[str, int] | None
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -1058,8 +1277,8 @@ def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: 
         return lambda ins: _permute_state(ins[0], perm, label)
     if op == "Concat":
         axis = int(_attr(node, "axis", 1))
-        rank = facts.rank(node.output[0]) or 4
-        return lambda ins: _concat_state(ins, axis % rank, label)
+        rank = facts.rank(node.output[0])
+        return lambda ins: _concat_state(ins, axis, label, rank)
     if op == "Flatten":
         axis = int(_attr(node, "axis", 1))
         return lambda ins: (
@@ -1083,13 +1302,17 @@ def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: 
         return lambda ins: _depth_to_space_state(_first(ins[0]), block, label)
     if op == "Split":
         axis = int(_attr(node, "axis", 0))
-        rank = facts.rank(node.input[0]) or 4
+        rank = facts.rank(node.input[0])
 
         def split(ins: list[Any]) -> Any:
-            state = ins[0]
-            channel = _CHANNEL.get(getattr(state, "layout", None) or "", -1)
-            if isinstance(state, _Map) and axis % rank != channel:
-                return _Lost(f"{label} splits axis {axis % rank}, not the channel axis")
+            state = _first(ins[0])
+            if not isinstance(state, _Map):
+                return state
+            found = _resolve_axes(state, [axis], rank, label)
+            if isinstance(found, _Lost):
+                return found
+            if found[0] not in _channel_axes(state):
+                return _Lost(f"{label} splits axis {found[0]}, not a channel axis")
             return state
 
         return split
@@ -1180,14 +1403,14 @@ def _onnx_slice_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, l
             or (inputs[4] and steps is None)
         ):
             return _unsupported(f"{label} has bounds that are not constant")
-    rank = facts.rank(node.input[0]) or 4
-    axes = [a % rank for a in (axes if axes is not None else range(len(starts)))]
+    rank = facts.rank(node.input[0])
+    axes = list(axes if axes is not None else range(len(starts)))
     steps = steps or [1] * len(starts)
 
     def rule(ins: list[Any]) -> Any:
         state = _first(ins[0])
         for axis, start, end, step in zip(axes, starts, ends, steps, strict=False):
-            state = _slice_state(state, axis, start, end, step, label)
+            state = _slice_state(state, axis, start, end, step, label, rank)
             if isinstance(state, _Lost):
                 break
         return state
@@ -1236,6 +1459,8 @@ def _onnx_resize_rule(
         state = _first(ins[0])
         if isinstance(state, _Flat):
             return _Lost(f"{label} resizes flat features")
+        if state.rank != 4:
+            return _not_rank4(state, label)
         spatial = _SPATIAL[state.layout]
         for axis in (a for a in by_axis if a not in spatial):
             kept = 1 if use_scales else input_dims[axis]
@@ -1270,15 +1495,106 @@ def _onnx_matmul_rule(node: onnx.NodeProto, label: str) -> _Rule:
 
 
 def _onnx_reshape_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str) -> _Rule:
-    in_dims, out_dims = facts.dims.get(node.input[0]), facts.dims.get(node.output[0])
-    return lambda ins: _reshape_state(_first(ins[0]), in_dims, out_dims, label)
+    """Reshape, Squeeze, Unsqueeze: a regrouping of a NCHW(-like) map's channel axes keeps its
+    grid (:func:`_onnx_regroup_rank`); else as :func:`_reshape_state`."""
+    data, op = node.input[0], node.op_type
+    in_dims, out_dims = facts.dims.get(data), facts.dims.get(node.output[0])
+    entries: list[_Entry] | None = None
+    axes: list[int] | None = None
+    if op == "Reshape":
+        entries = facts.shape_entries(node.input[1]) if len(node.input) > 1 else None
+        if entries is not None and not _attr(node, "allowzero", 0):
+            # 0 copies the input's size at the same position (allowzero=0).
+            entries = [(data, i) if e == 0 else e for i, e in enumerate(entries)]
+    elif _attr(node, "axes", None) is not None:
+        axes = [int(a) for a in _attr(node, "axes", [])]
+    elif len(node.input) > 1 and node.input[1]:
+        axes = facts.ints(node.input[1])
+
+    def rule(ins: list[Any]) -> Any:
+        state = _first(ins[0])
+        if isinstance(state, _Map) and state.layout == "NCHW":
+            regroup = _onnx_regroup_rank(op, data, state.rank, in_dims, out_dims, entries, axes)
+            if regroup is not None:
+                return replace(state, rank=regroup)
+        return _reshape_state(state, in_dims, out_dims, label)
+
+    return rule
+
+
+def _onnx_regroup_rank(
+    op: str,
+    data: str,
+    rank: int,
+    in_dims: Sequence[int | None] | None,
+    out_dims: Sequence[int | None] | None,
+    entries: Sequence[_Entry] | None,
+    axes: Sequence[int] | None,
+) -> int | None:
+    """The output rank when a Reshape/Squeeze/Unsqueeze of a rank-``rank`` NCHW(-like) map only
+    regroups its channel axes (batch axis first, H and W last, all three kept), else None.
+
+    Squeeze/Unsqueeze: every named axis is a channel axis. Reshape (as
+    :func:`_torch_regroup_rank`): the target's first entry is the input's batch size and its
+    last two the input's H and W, each shown by the target itself (read from the input's shape,
+    a 0 that copies it, or a constant equal to a static size) or by static sizes from shape
+    inference; a ``-1`` first entry is the batch size when the constant entries between multiply
+    to the input's static channel sizes. Sizes frozen at the exported size are assumed to stay.
+    """
+    if in_dims is not None and len(in_dims) != rank:
+        return None
+    if op == "Unsqueeze":
+        if axes is None:
+            return None
+        out_rank = rank + len(axes)
+        found = _normalised(axes, out_rank)
+        ok = found is not None and all(1 <= a <= out_rank - 3 for a in found)
+        return out_rank if ok else None
+    if op == "Squeeze":
+        found = None if axes is None else _normalised(axes, rank)
+        if found is None or not found:  # no axes: every size-1 axis (sizes decide): never
+            return None
+        out_rank = rank - len(set(found))
+        ok = out_rank >= 4 and all(1 <= a <= rank - 3 for a in found)
+        return out_rank if ok else None
+    out_rank = len(entries) if entries is not None else len(out_dims or ())
+    if out_rank < 4:
+        return None
+
+    def static(dims: Sequence[int | None] | None, i: int) -> int | None:
+        return dims[i] if dims is not None and -len(dims) <= i < len(dims) else None
+
+    def kept(i: int, j: int) -> bool:
+        """Whether output axis ``i`` provably has input axis ``j``'s size."""
+        entry = entries[i] if entries is not None else None
+        if isinstance(entry, tuple) and entry[0] == data:
+            return entry[1] == j % rank  # another of its sizes: not this one at every size
+        size_in = static(in_dims, j)
+        if isinstance(entry, int) and entry > 0 and entry == size_in:
+            return True
+        size_out = static(out_dims, i) if len(out_dims or ()) == out_rank else None
+        return size_in is not None and size_in == size_out
+
+    if not (kept(-2, -2) and kept(-1, -1)):
+        return None
+    if kept(0, 0):
+        return out_rank
+    # A -1 batch entry: the batch size when the entries between give the channel count.
+    if entries is None or entries[0] != -1:
+        return None
+    middle_in = [static(in_dims, j) for j in range(1, rank - 2)]
+    middle_out = [e for e in entries[1:-2] if isinstance(e, int) and e > 0]
+    if None in middle_in or len(middle_out) != out_rank - 3:
+        return None
+    channels = math.prod(d for d in middle_in if d is not None)
+    return out_rank if math.prod(middle_out) == channels else None
 
 
 def _onnx_reduce_rule(
     node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str
 ) -> _Rule:
     keepdims = bool(_attr(node, "keepdims", 1))
-    rank = facts.rank(node.input[0]) or 4
+    rank = facts.rank(node.input[0])
     axes_from_input = (node.op_type == "ReduceSum" and opset >= 13) or opset >= 18
     if axes_from_input:
         axes = facts.ints(node.input[1]) if len(node.input) > 1 and node.input[1] else []
@@ -1289,7 +1605,7 @@ def _onnx_reduce_rule(
     noop = bool(_attr(node, "noop_with_empty_axes", 0))
     if not axes and noop:
         return lambda ins: _first(ins[0])
-    chosen = [a % rank for a in axes] if axes else None
+    chosen = list(axes) if axes else None
     return lambda ins: _reduce_state(_first(ins[0]), chosen, keepdims, rank, label)
 
 
@@ -1348,7 +1664,23 @@ _TORCH_POINTWISE = {
     "leaky_relu_",
     "logit",
 }
-_TORCH_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "nansum", "nanmean"}
+_TORCH_REDUCE = {
+    "mean",
+    "sum",
+    "prod",
+    "amax",
+    "amin",
+    "var",
+    "std",
+    "logsumexp",
+    "nansum",
+    "nanmean",
+    "norm",
+    "linalg_vector_norm",
+}
+# aten.max / aten.min overloads that reduce (max.other is element-wise); argmax/argmin give
+# integer indices and stay unknown.
+_BY_DIM = {"dim", "default"}
 _TORCH_UPSAMPLE = {
     "upsample_nearest2d": ("nearest", "asymmetric", "floor"),
     "_upsample_nearest_exact2d": ("nearest", "tf_half_pixel_for_nn", "floor"),
@@ -1561,8 +1893,9 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
         dim, start, end, step = bound["dim"], bound["start"], bound["end"], bound["step"]
         if not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
             return _unsupported(f"{label} has bounds that are not constant")
-        axis = int(dim) % max(rank, 1)
-        return lambda ins: _slice_state(state_of(ins), axis, start, end, int(step or 1), label)
+        return lambda ins: _slice_state(
+            state_of(ins), int(dim), start, end, int(step or 1), label, rank
+        )
     if name in _TORCH_UPSAMPLE:
         return _torch_upsample_rule(node, name, bound, state_of, label)
     if name in ("pixel_shuffle", "pixel_unshuffle"):
@@ -1570,20 +1903,8 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
         if name == "pixel_shuffle":
             return lambda ins: _depth_to_space_state(state_of(ins), factor, label)
         return lambda ins: _space_to_depth_state(state_of(ins), factor, label)
-    if name == "flatten":
-        start = int(bound["start_dim"]) % max(rank, 1)
-        end = int(bound["end_dim"]) % max(rank, 1)
-
-        def flatten(ins: list[Any]) -> Any:
-            state = state_of(ins)
-            if isinstance(state, _Flat) or (start == 1 and end == rank - 1):
-                return _Flat(None, False)
-            return _Lost(f"{label} flattens axes {start}..{end} of a map")
-
-        return flatten
-    if name in ("view", "reshape", "_unsafe_view", "squeeze", "unsqueeze"):
-        in_dims, out_dims = _dims_of(source), _dims_of(node)
-        return lambda ins: _reshape_state(state_of(ins), in_dims, out_dims, label)
+    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze"):
+        return _torch_view_rule(node, name, bound, state_of, rank, label)
     if name in ("linear", "addmm", "mm", "matmul"):
         data = (
             bound.get("input")
@@ -1609,19 +1930,22 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
             return _Lost(f"{label} multiplies along the width axis of a NCHW map")
 
         return linear
-    if name in _TORCH_REDUCE:
+    if name in _TORCH_REDUCE or (name in ("max", "min") and target._overloadname in _BY_DIM):
         dims = bound.get("dim")
         keepdim = bool(bound.get("keepdim") or False)
         if isinstance(dims, int):
             dims = [dims]
-        chosen = None if not dims else [int(d) % max(rank, 1) for d in dims]
-        return lambda ins: _reduce_state(state_of(ins), chosen, keepdim, rank, label)
+        axes = None if not dims else [int(d) for d in dims]  # no dims (or []): every axis
+        if multi:  # max.dim / min.dim: (values, indices); integer indices are not compared
+            indices = _Lost(f"{label} gives integer indices")
+            return lambda ins: (_reduce_state(state_of(ins), axes, keepdim, rank, label), indices)
+        return lambda ins: _reduce_state(state_of(ins), axes, keepdim, rank, label)
     if name == "cat":
         dim = int(bound["dim"])
         tensors = [t for t in bound["tensors"] if isinstance(t, torch.fx.Node)]
-        cat_rank = len(_meta_shape(tensors[0]) or ()) if tensors else 4
+        cat_rank = len(_meta_shape(tensors[0]) or ()) if tensors else None
         return lambda ins: _concat_state(
-            [state_of(ins, t) for t in tensors], dim % max(cat_rank, 1), label
+            [state_of(ins, t) for t in tensors], dim, label, cat_rank or None
         )
     if name == "permute":
         dims = [int(d) % max(rank, 1) for d in bound["dims"]]
@@ -1629,8 +1953,92 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
     if name in _TORCH_KEEP:
         return lambda ins: wrap(state_of(ins), 2 if name == "native_dropout" else 1)
     if torch.Tag.pointwise in target.tags or name in _TORCH_POINTWISE:
-        return lambda ins: _combine(ins, label)
+        out_shape = _meta_shape(node)
+        out_rank = None if out_shape is None else len(out_shape)
+        return lambda ins: _combine(ins, label, out_rank)
     return _unsupported(f"{label} is not understood by the grid walk")
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes from ``val`` metadata are equal: ints by value, symbolic sizes by
+    expression (a size the export kept dynamic)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        try:
+            return bool(a.node.expr == b.node.expr)
+        except Exception:  # an unusual symbolic size: not provably equal
+            return False
+    return False
+
+
+def _torch_regroup_rank(
+    name: str, bound: Mapping[str, Any], source: Any, node: torch.fx.Node
+) -> int | None:
+    """The output rank when a view-like op only splits, merges, inserts or removes channel axes
+    of a NCHW(-like) tensor, else None.
+
+    The test is on the sizes the export saw: the batch axis and the last two axes keep their
+    sizes, and the output has rank >= 4. Then every element keeps its batch, H and W index
+    (row-major order, and the sizes between them multiply to the same count). A view's target
+    is frozen at the exported size anyway; ops that name axes (flatten, unflatten, squeeze,
+    unsqueeze) must also name channel axes only, so that at another input size they still
+    leave H and W alone (``squeeze()`` without axes depends on which sizes are 1: never).
+    """
+    src, out = _meta_shape(source), _meta_shape(node)
+    if src is None or out is None or len(src) < 4 or len(out) < 4:
+        return None
+    if not all(_same_size(src[i], out[i]) for i in (0, -2, -1)):
+        return None
+    r, q = len(src), len(out)
+    if name == "unsqueeze":
+        axes, limit = [int(bound["dim"]) % q], q  # the new axis, in the output
+    elif name == "squeeze":
+        dims = bound.get("dim")
+        if dims is None:
+            return None
+        axes, limit = [int(d) % r for d in ([dims] if isinstance(dims, int) else dims)], r
+    elif name == "flatten":
+        axes, limit = [int(bound["start_dim"]) % r, int(bound["end_dim"]) % r], r
+    elif name == "unflatten":
+        axes, limit = [int(bound["dim"]) % r], r
+    else:
+        axes, limit = [], r
+    return q if all(1 <= a <= limit - 3 for a in axes) else None
+
+
+def _torch_view_rule(
+    node: torch.fx.Node,
+    name: str,
+    bound: Mapping[str, Any],
+    state_of: Callable[..., Any],
+    rank: int,
+    label: str,
+) -> _Rule:
+    """view, reshape, _unsafe_view, flatten, unflatten, squeeze, unsqueeze: a regrouping of a
+    NCHW(-like) map's channel axes keeps its grid (:func:`_torch_regroup_rank`); else as
+    :func:`_reshape_state` (flatten: flat when it takes every axis after the batch one)."""
+    source = bound.get(node.target._schema.arguments[0].name)  # type: ignore[union-attr]
+    regroup = _torch_regroup_rank(name, bound, source, node)
+    in_dims, out_dims = _dims_of(source), _dims_of(node)
+    start = int(bound["start_dim"]) % max(rank, 1) if name == "flatten" else 0
+    end = int(bound["end_dim"]) % max(rank, 1) if name == "flatten" else 0
+
+    def view(ins: list[Any]) -> Any:
+        state = state_of(ins)
+        if isinstance(state, _Map) and state.layout == "NCHW" and regroup is not None:
+            if state.rank != rank:
+                return _Lost(
+                    f"{label} sees a rank-{rank} tensor where the walk has rank {state.rank}"
+                )
+            return replace(state, rank=regroup)
+        if name == "flatten":
+            if isinstance(state, _Flat) or (start == 1 and end == rank - 1):
+                return _Flat(None, False, rank - (end - start))
+            return _Lost(f"{label} flattens axes {start}..{end} of a map")
+        return _reshape_state(state, in_dims, out_dims, label)
+
+    return view
 
 
 def _adaptive_state(state: Any, sizes: Sequence[int | None], label: str) -> Any:
@@ -1640,6 +2048,8 @@ def _adaptive_state(state: Any, sizes: Sequence[int | None], label: str) -> Any:
         return state
     if state.layout != "NCHW":
         return _Lost(f"{label} is applied to a {state.layout} map")
+    if state.rank != 4:
+        return _not_rank4(state, label)
     if list(sizes) == [1, 1]:
         return _Flat("NCHW", True)
     if state.grid is None:

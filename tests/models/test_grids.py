@@ -18,9 +18,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from models_group import GroupPool, c4_net
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+import eqaudit
 from eqaudit.grids import (
     AxisGrid,
     Grid,
@@ -79,8 +81,13 @@ def conv_weight(out_c: int, in_c: int, k: int) -> np.ndarray:
     return np.ones((out_c, in_c, k, k), dtype=np.float32)
 
 
-def to_onnx(module: nn.Module, size: tuple[int, int], channels: int = 3) -> onnx.ModelProto:
+def to_onnx(
+    module: nn.Module, size: tuple[int, int], channels: int = 3, dynamic: bool = False
+) -> onnx.ModelProto:
+    """The legacy (TorchScript) exporter; ``dynamic``: batch, H and W dynamic, so the graph
+    reads sizes with Shape nodes instead of constants."""
     buffer = io.BytesIO()
+    axes = {"x": {0: "B", 2: "H", 3: "W"}} if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -90,6 +97,7 @@ def to_onnx(module: nn.Module, size: tuple[int, int], channels: int = 3) -> onnx
             dynamo=False,
             input_names=["x"],
             output_names=["y"],
+            dynamic_axes=axes,
         )
     return onnx.load_from_string(buffer.getvalue())
 
@@ -125,13 +133,14 @@ def torch_shapes(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...
 
 
 def assert_sizes_match(graph: GridGraph, shapes: dict[str, tuple[int, ...]], h: int, w: int):
-    """Every known grid has the cell counts of the real tensor (in its own layout)."""
+    """Every known grid has the cell counts of the real tensor (in its own layout; NCHW-like
+    tensors of rank > 4 end in H, W)."""
     grids, layouts = graph.grids(h, w), graph.layouts(h, w)
     checked = 0
     for name, grid in grids.items():
         if isinstance(grid, Grid) and name in shapes:
             shape = shapes[name]
-            cells = shape[1:3] if layouts[name] == "NHWC" else shape[2:]
+            cells = shape[1:3] if layouts[name] == "NHWC" else shape[-2:]
             assert (grid.h.n, grid.w.n) == tuple(cells), name
             checked += 1
     assert checked > 0
@@ -655,6 +664,246 @@ def test_replay_at_another_size_equals_a_fresh_extraction() -> None:
     assert_sizes_match(
         export(model, (64, 64)), torch_shapes(model, torch.zeros(1, 3, 97, 90)), 97, 90
     )
+
+
+# -- grouped channels (rank > 4) -------------------------------------------------------------------
+CONV_17 = Grid(axis(9, 2, 0), axis(9, 2, 0))  # Conv2d(3, 8, 3, 2, 1) on 17x17 (cell i at 2i)
+
+
+def grouped(x: torch.Tensor) -> torch.Tensor:
+    """(B, 8, H, W) -> (B, 2, 4, H, W), sizes read from the tensor as GroupPool does."""
+    return x.reshape(x.shape[0], 2, 4, *x.shape[2:])
+
+
+def after_conv(layer: nn.Module) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(conv=nn.Conv2d(3, 8, 3, 2, 1), layer=layer, relu=nn.ReLU())
+    ).eval()
+
+
+def onnx_tensor(model: onnx.ModelProto, op: str) -> str:
+    """The output of the model's last ``op`` node."""
+    return [n.output[0] for n in model.graph.node if n.op_type == op][-1]
+
+
+def test_group_pool_keeps_the_strided_conv_grid_in_pt2_and_onnx(tmp_path) -> None:
+    model = after_conv(GroupPool())
+    pt2 = tmp_path / "gpool.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 17, 17),), strict=False), pt2)
+    from_pt2 = torch_grid_graph(torch.export.load(pt2))
+    grids = from_pt2.grids(17, 17)
+    assert grids["conv"] == grids["layer"] == grids["relu"] == CONV_17
+    assert from_pt2.unknown_reason("layer") is None
+    assert from_pt2.layouts(17, 17)["layer"] == "NCHW"
+
+    static = to_onnx(model, (17, 17))
+    graph = onnx_grid_graph(static, "x", "NCHW")
+    reshaped = onnx_tensor(static, "Reshape")  # (1, 2, 4, 9, 9): same cells, one more axis
+    pooled = onnx_tensor(static, "ReduceMax")
+    grids = graph.grids(17, 17)
+    assert grids[reshaped] == grids[pooled] == grids["y"] == CONV_17
+    assert graph.layouts(17, 17)[reshaped] is None and graph.layouts(17, 17)[pooled] == "NCHW"
+
+    # Dynamic H and W: the target is Concat(Shape(x)[0], C // 4, 4, Shape(x)[2], Shape(x)[3]).
+    dynamic = to_onnx(model, (17, 17), dynamic=True)
+    graph = onnx_grid_graph(dynamic, "x", "NCHW")
+    assert "Shape" in {n.op_type for n in dynamic.graph.node}
+    assert graph.grids(17, 17)["y"] == CONV_17
+    assert graph.grids(22, 21)["y"] == Grid(axis(11, 2, 0), axis(11, 2, 0))
+    x = np.zeros((2, 3, 22, 21), np.float32)
+    assert_sizes_match(graph, ort_shapes(dynamic, x), 22, 21)
+
+
+def test_c4_group_pooling_is_compared_exactly() -> None:
+    graph = export(c4_net(0), (17, 17))
+    assert graph.grids(17, 17)["gpool"] == Grid(axis(17, 1, 0), axis(17, 1, 0))
+    row = eqaudit.audit(c4_net(0), "c4", input_size=17, num_images=2).layer("gpool", "rot90")
+    assert row["comparison"] == "exact" and row["aligned"] is True
+    assert row["relative_error"] < 1e-5
+
+
+CHANNEL_REDUCTIONS = {
+    "amax": lambda g, k: g.amax(2, keepdim=k),
+    "amin": lambda g, k: g.amin(-3, keepdim=k),
+    "max.dim": lambda g, k: g.max(2, keepdim=k)[0],
+    "min.dim": lambda g, k: g.min(2, keepdim=k).values,
+    "sum": lambda g, k: g.sum(2, keepdim=k),
+    "mean": lambda g, k: g.mean(2, keepdim=k),
+    "prod": lambda g, k: g.prod(2, keepdim=k),
+    "logsumexp": lambda g, k: g.logsumexp(2, keepdim=k),
+    "norm": lambda g, k: g.norm(dim=2, keepdim=k),
+    "two axes": lambda g, k: g.unsqueeze(2).sum((1, 2), keepdim=k),
+}
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("op", sorted(CHANNEL_REDUCTIONS))
+def test_reductions_over_channel_axes_keep_the_grid(op: str, keepdim: bool) -> None:
+    model = after_conv(Fn(lambda x: CHANNEL_REDUCTIONS[op](grouped(x), keepdim)))
+    from_torch = export(model, (17, 17))
+    assert from_torch.grids(17, 17)["layer"] == CONV_17, from_torch.unknown_reason("layer")
+    assert from_torch.grids(17, 17)["relu"] == CONV_17
+    proto = to_onnx(model, (17, 17))
+    from_onnx = onnx_grid_graph(proto, "x", "NCHW")
+    assert from_onnx.grids(17, 17)["y"] == CONV_17, from_onnx.unknown_reason("y")
+    assert_sizes_match(from_onnx, ort_shapes(proto, np.zeros((1, 3, 17, 17), np.float32)), 17, 17)
+
+
+REGROUPINGS = {
+    "view -1": lambda x: x.view(-1, 2, 4, *x.shape[2:]).amax(1),
+    "unflatten, flatten": lambda x: x.unflatten(1, (2, 2, 2)).flatten(2, 3).sum(1),
+    "unsqueeze, squeeze": lambda x: x.unsqueeze(1).unsqueeze(3).squeeze(3).mean(1),
+    "permute groups": lambda x: grouped(x).permute(0, 2, 1, 3, 4).reshape(x.shape),
+    "concat groups": lambda x: torch.cat([grouped(x), -grouped(x)], 1).amax(1),
+    "slice groups": lambda x: grouped(x)[:, :, 1:3].sum(2),
+    "constant groups": lambda x: (grouped(x) * torch.arange(4.0).view(4, 1, 1)).sum(2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGROUPINGS))
+def test_regrouping_channel_axes_keeps_the_grid(name: str) -> None:
+    model = after_conv(Fn(REGROUPINGS[name]))
+    graph = export(model, (17, 17))
+    assert graph.grids(17, 17)["layer"] == CONV_17, graph.unknown_reason("layer")
+    proto = to_onnx(model, (17, 17))
+    assert onnx_grid_graph(proto, "x", "NCHW").grids(17, 17)["y"] == CONV_17
+
+
+UNKNOWN = {
+    # H folded into the channels: (B, 8, 9, 9) -> (B, 72, 1, 9), or (B, 8, 9, 1, 9) (rank 5,
+    # H, W last but not the map's H: its sizes differ).
+    "fold H into channels": (
+        lambda x: x.reshape(x.shape[0], -1, 1, x.shape[3]),
+        "regrouping its channel axes",
+    ),
+    "fold H, keep rank 5": (
+        lambda x: x.reshape(x.shape[0], 8, 9, 1, 9).amax(2),
+        "regrouping its channel axes",
+    ),
+    "merge H and W": (lambda x: x.flatten(2), "flattens axes 2..3"),
+    "reduce H": (lambda x: x.mean(2), "reduces the height axis but not the width axis"),
+    "reduce W, keepdim": (
+        lambda x: grouped(x).amax(-1, keepdim=True),
+        "reduces the width axis but not the height axis",
+    ),
+    "reduce every channel axis": (lambda x: x.sum(1), "rank-3 (B, H, W)"),
+    "ranks 4 and 5 combined": (
+        lambda x: grouped(x) * x.mean(1, keepdim=True),
+        "combines maps of ranks [4, 5]",
+    ),
+    "argmax": (lambda x: grouped(x).argmax(2).float(), "argmax"),
+    "nhwc regrouped": (
+        lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], 9, 9, 2, 4).sum(-1),
+        "reshapes a map",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNKNOWN))
+def test_ambiguous_reshapes_and_reductions_stay_unknown(name: str) -> None:
+    fn, reason = UNKNOWN[name]
+    graph = export(
+        nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3, 2, 1), layer=Fn(fn))), (17, 17)
+    )
+    assert graph.grids(17, 17)["conv"] == CONV_17
+    assert graph.grids(17, 17)["layer"] is None
+    assert reason in graph.unknown_reason("layer")
+
+
+@pytest.mark.parametrize("name", ["fold H into channels", "reduce H"])
+def test_ambiguous_onnx_reshapes_and_reductions_stay_unknown(name: str) -> None:
+    fn, _ = UNKNOWN[name]
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Fn(fn)).eval()
+    for dynamic in (False, True):
+        graph = onnx_grid_graph(to_onnx(model, (17, 17), dynamic=dynamic), "x", "NCHW")
+        assert graph.grids(17, 17)["y"] is None
+        assert ("Reshape" if "fold" in name else "ReduceMean") in graph.unknown_reason("y")
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: x.mean((2, 3)),
+        lambda x: x.amax((-1, -2), keepdim=True),
+        lambda x: grouped(x).sum((3, 4)),
+        lambda x: grouped(x).norm(dim=(-2, -1), keepdim=True),
+    ],
+)
+def test_reductions_over_h_and_w_are_flat(fn) -> None:  # type: ignore[no-untyped-def]
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3, 2, 1), layer=Fn(fn))).eval()
+    assert export(model, (17, 17)).grids(17, 17)["layer"] == "flat"
+    assert onnx_grid_graph(to_onnx(model, (17, 17)), "x", "NCHW").grids(17, 17)["y"] == "flat"
+
+
+def _shape_target(pieces: Sequence[tuple[str, object]]) -> list[onnx.NodeProto]:
+    """Concat of constants and slices of Shape(c) into 'target' (dynamic H and W)."""
+    nodes = [helper.make_node("Shape", ["c"], ["shape"])]
+    names = []
+    for i, (kind, value) in enumerate(pieces):
+        name = f"piece{i}"
+        if kind == "const":
+            nodes.append(helper.make_node("Constant", [], [name], value_ints=list(value)))
+        else:
+            start, end = value  # type: ignore[misc]
+            nodes += [
+                helper.make_node("Constant", [], [f"s{i}"], value_ints=[start]),
+                helper.make_node("Constant", [], [f"e{i}"], value_ints=[end]),
+                helper.make_node("Slice", ["shape", f"s{i}", f"e{i}"], [name]),
+            ]
+        names.append(name)
+    return [*nodes, helper.make_node("Concat", names, ["target"], axis=0)]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "kept"),
+    [
+        ([("const", [0, 2, 4]), ("shape", (2, 4))], True),  # 0: the batch size, copied
+        ([("shape", (0, 1)), ("const", [-1, 2]), ("shape", (2, 4))], True),
+        ([("const", [-1, 2, 4]), ("shape", (2, 4))], True),  # -1: the batch, 2 * 4 = 8
+        ([("const", [-1, 2, 2]), ("shape", (2, 4))], False),  # -1 is not the batch size
+        ([("const", [0, -1]), ("shape", (3, 4)), ("const", [1])], False),  # (B, 8H, W, 1)
+        ([("const", [0, 2, 4]), ("shape", (3, 4)), ("shape", (2, 3))], False),  # H, W swapped
+    ],
+)
+def test_onnx_reshape_to_a_shape_derived_target(pieces, kept: bool) -> None:  # type: ignore[no-untyped-def]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+        *_shape_target(pieces),
+        helper.make_node("Reshape", ["c", "target"], ["r"], name="regroup"),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    model = onnx_model(nodes, [("w", conv_weight(8, 1, 3))], opset=17)
+    graph = onnx_grid_graph(model, "x", "NCHW")
+    for h, w in ((17, 17), (21, 15)):
+        conv = graph.grids(h, w)["c"]
+        assert graph.grids(h, w)["y"] == (conv if kept else None)
+    if kept:
+        x = np.zeros((1, 1, 21, 15), np.float32)
+        assert_sizes_match(graph, ort_shapes(model, x), 21, 15)
+    else:
+        assert "Reshape 'regroup'" in graph.unknown_reason("y")
+
+
+@pytest.mark.parametrize(
+    ("ops", "kept"),
+    [
+        ([("Unsqueeze", [2]), ("ReduceMax", [2])], True),
+        ([("Unsqueeze", [1, 2]), ("ReduceSum", [1, -3])], True),
+        ([("Unsqueeze", [1]), ("Squeeze", [1])], True),
+        ([("Unsqueeze", [-1]), ("ReduceMax", [-1])], False),  # the new axis lands after W
+        ([("Unsqueeze", [0]), ("ReduceMax", [0])], False),  # ... or before the batch
+        ([("Unsqueeze", [2]), ("ReduceMean", [3])], False),  # H of the rank-5 tensor
+    ],
+)
+def test_onnx_squeeze_and_unsqueeze_of_channel_axes(ops, kept: bool) -> None:  # type: ignore[no-untyped-def]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], kernel_shape=[3, 3], strides=[2, 2])]
+    for i, (op, axes) in enumerate(ops):
+        extra = {"keepdims": 0} if op.startswith("Reduce") else {}
+        node = helper.make_node(op, [f"t{i}"], [f"t{i + 1}"], axes=axes, **extra)
+        nodes.append(node)
+    nodes.append(helper.make_node("Relu", [f"t{len(ops)}"], ["y"]))
+    graph = onnx_grid_graph(onnx_model(nodes, [("w", conv_weight(8, 1, 3))], opset=11), "x", "NCHW")
+    assert graph.grids(17, 17)["y"] == (Grid(axis(8, 2, 1), axis(8, 2, 1)) if kept else None)
 
 
 # -- unknown and invalid ---------------------------------------------------------------------------
