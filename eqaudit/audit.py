@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eqaudit.config import AuditConfig, split_input_size
+from eqaudit.config import AuditConfig, parse_shard, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
@@ -52,6 +52,7 @@ from eqaudit.metrics import (
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
+from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
 from eqaudit.transforms.elements import center_crop
 from eqaudit.transforms.geometry import (
@@ -400,6 +401,10 @@ class Engine:
     # -- one batch ---------------------------------------------------------------------------
     def run_batch(self, pixels: torch.Tensor, labels: torch.Tensor | None, ids: list[str]) -> None:
         g, b = len(self.elements), pixels.shape[0]
+        # Places in the whole audited set (a shard starts further on): they decide the gallery,
+        # the channel-map split and the order of predictions.csv, never the batching.
+        positions = list(range(self.images_seen, self.images_seen + b))
+        self.images_seen += b
         transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
         model_in = self.preprocessing.normalise(torch.cat(transformed))
         first = not self.predictions
@@ -420,13 +425,11 @@ class Engine:
                     "(non-negative rows summing to 1): softmax will be applied on top of them"
                 )
         self._track_spread(scores[0])
-        self._update_outputs(scores, labels, ids, transformed)
+        self._update_outputs(scores, labels, ids, transformed, positions)
         if self.lie is not None:
             self._update_lie(center_crop(pixels, self.margin))
-        # Channel maps are fitted on the images of even position and evaluated on the others
-        # (positions count over the whole image set, so shards agree on the split).
-        fit = (torch.arange(self.images_seen, self.images_seen + b) % 2) == 0
-        self.images_seen += b
+        # Channel maps are fitted on the images of even position and evaluated on the others.
+        fit = (torch.tensor(positions) % 2) == 0
         for state in self.layer_states:
             act = out.activations[state.info.name]
             self._update_layer(state, act.reshape(g, b, *act.shape[1:]), fit)
@@ -488,6 +491,7 @@ class Engine:
         labels: torch.Tensor | None,
         ids: list[str],
         transformed: list[torch.Tensor],
+        positions: list[int],
     ) -> None:
         """Compare every element with the identity under the declared label action:
         ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance)."""
@@ -534,7 +538,7 @@ class Engine:
                         "js_divergence": js.numpy(),
                     },
                     columns=PREDICTION_COLUMNS,
-                )
+                ).assign(_order=[p * len(self.elements) + gi for p in positions])
             )
         agree_matrix = torch.stack(agree_all)
         self.gallery.update(
@@ -546,10 +550,20 @@ class Engine:
             torch.stack(js_all),
             agree_matrix,
             labels,
+            positions,
         )
         self.orbit.update(agree_matrix.all(dim=0))
         if labelled:
             self.orbit_correct.update(torch.stack(correct_all).all(dim=0)[mask])
+
+    def predictions_frame(self) -> pd.DataFrame:
+        """predictions.csv: one row per (image, element), images in audited order, elements in
+        battery order (independent of batching and sharding)."""
+        if not self.predictions:
+            return pd.DataFrame(columns=PREDICTION_COLUMNS)
+        frame = pd.concat(self.predictions, ignore_index=True)
+        frame = frame.sort_values("_order", kind="stable").drop(columns="_order")
+        return frame.reset_index(drop=True)
 
     def suggested_label_action(self) -> dict:
         """Per D4 element, the class each reference top-1 class most often becomes: the action
@@ -648,13 +662,13 @@ class Engine:
             "offset_w": float(grid.w.offset),
         }
 
-    def geometry(self, rows: list[dict], size_choice: SizeChoice | None) -> dict:
+    def geometry(self, rows: list[dict], size_choice: dict | None) -> dict:
         """summary.geometry: how the per-layer comparisons relate to the sampling grids."""
         spatial = [r for r in rows if r["kind"] == "spatial" and r["transform"] != "id"]
         sources = sorted({s.stride_source for s in self.layer_states if s.info.spatial})
         return {
             "input_size": list(self.input_size),
-            "size_choice": size_choice.to_dict() if size_choice else None,
+            "size_choice": size_choice,
             "misaligned_mode": self.config.misaligned,
             "grid_source": sources,
             "aligned_pairs": sum(1 for r in spatial if r["aligned"] is True),
@@ -886,6 +900,8 @@ def audit(
         for key in ("providers", "layer_patterns", "mean", "std"):
             if isinstance(options.get(key), list):
                 options[key] = tuple(options[key])
+        if "shard" in options:
+            options["shard"] = parse_shard(options["shard"])
         config = AuditConfig(
             transforms=transforms,
             data=None if data is None or isinstance(data, np.ndarray) else str(data),
@@ -936,10 +952,14 @@ def audit(
     engine.class_names = source.class_names or getattr(adapter, "class_names", None)
     engine.setup()
     images_per_step = engine.images_per_step(config.batch_size, available_memory())
-    total, done = len(source), 0
+    positions = range(len(source))
+    if config.shard is not None:
+        positions = shard_range(len(source), *config.shard)
+        engine.images_seen = positions.start
+    total, done = len(positions), 0
     torch.manual_seed(config.seed)
     with torch.inference_mode():
-        for batch in source.iter_batches(images_per_step):
+        for batch in source.iter_batches(images_per_step, positions.start, positions.stop):
             engine.run_batch(batch.pixels, batch.labels, batch.ids)
             if engine.layer_states:  # only activations are large enough to fragment the heap
                 release_freed_memory()
@@ -948,39 +968,19 @@ def audit(
                 progress(done, total)
 
     description = source.description
-    warnings = list(engine.warnings)
-    constant = engine.constant_output_warning(len(source))
-    if constant:
-        warnings.append(constant)
-    if description.synthetic:
-        warnings.insert(
-            0,
-            "SYNTHETIC INPUTS: no --data was given, so these numbers come from generated images "
-            "and do not reflect the model's behaviour on real inputs; pass --data DIR",
-        )
-    outputs = engine.output_rows()
-    layer_rows = engine.layer_rows()
-    if size_choice is not None:
-        engine.run_notes.insert(0, size_choice.note())
-    class_names = engine.class_names
     spec = adapter.input_spec
-    summary = make_summary(
-        eqaudit=_versions(),
-        model={
+    context = {
+        "eqaudit": _versions(),
+        "model": {
             "path": shown_path(adapter.path),
             "name": adapter.path.name,
             "sha256": adapter.sha256,
             "backend": adapter.backend,
             **adapter.describe(),
             "input": spec.to_dict(),
-            "output_kind": engine.output_kind,
-            "output_kind_source": engine.output_kind_source,
-            "num_classes": engine.num_classes,
-            "class_names": class_names,
-            "layers_audited": len(engine.layer_states),
         },
-        preprocessing={**preprocessing.to_dict(), "notes": notes},
-        transforms={
+        "preprocessing": {**preprocessing.to_dict(), "notes": notes},
+        "transforms": {
             "spec": config.transforms,
             "shift_mode": config.shift_mode,
             "margin": engine.margin,
@@ -988,13 +988,66 @@ def audit(
                 {**e.to_dict(), "skipped": engine.skipped[e.name]} for e in engine.all_elements
             ],
         },
-        data={**description.to_dict(), "path": shown_path(description.path)},
-        seed=config.seed,
-        options={
+        "data": {**description.to_dict(), "path": shown_path(description.path)},
+        "seed": config.seed,
+        "options": {
             **config.to_dict(),
             "data": shown_path(config.data),
             "labels": shown_path(config.labels),
+            "shard": None,
         },
+        "size_choice": size_choice.to_dict() if size_choice else None,
+        "run": {
+            "started_at": started_at,
+            "host": platform.node(),
+            "images_per_step": images_per_step,
+            "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
+        },
+    }
+    result = build_result(engine, context, time.perf_counter() - started)
+    if config.shard is None:
+        return result
+    from eqaudit.shard import shard_result
+
+    return shard_result(result, engine, context, config.shard, positions)
+
+
+def build_result(engine: Engine, context: dict, duration: float) -> AuditResult:
+    """The AuditResult of an engine's accumulated state and the run's context (everything in
+    the summary that does not come from the images): a single run and merged shards both end
+    here, which is what makes a merge equal to a single run."""
+    data = context["data"]
+    warnings = list(engine.warnings)
+    constant = engine.constant_output_warning(int(data["count"]))
+    if constant:
+        warnings.append(constant)
+    if data.get("synthetic"):
+        warnings.insert(
+            0,
+            "SYNTHETIC INPUTS: no --data was given, so these numbers come from generated images "
+            "and do not reflect the model's behaviour on real inputs; pass --data DIR",
+        )
+    outputs = engine.output_rows()
+    layer_rows = engine.layer_rows()
+    size_choice = context.get("size_choice")
+    notes = list(engine.run_notes)
+    if size_choice is not None:
+        notes.insert(0, size_choice["note"])
+    summary = make_summary(
+        eqaudit=context["eqaudit"],
+        model={
+            **context["model"],
+            "output_kind": engine.output_kind,
+            "output_kind_source": engine.output_kind_source,
+            "num_classes": engine.num_classes,
+            "class_names": engine.class_names,
+            "layers_audited": len(engine.layer_states),
+        },
+        preprocessing=context["preprocessing"],
+        transforms=context["transforms"],
+        data=data,
+        seed=context["seed"],
+        options=context["options"],
         warnings=warnings,
         label_action={
             **engine.label_action.to_dict(),
@@ -1006,13 +1059,13 @@ def audit(
         geometry=engine.geometry(layer_rows, size_choice),
         **({"lie": engine.lie_summary()} if engine.lie is not None else {}),
         run={
-            "started_at": started_at,
-            "duration_s": round(time.perf_counter() - started, 3),
-            "host": platform.node(),
-            "images_per_step": images_per_step,
-            "notes": engine.run_notes,
-            "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
+            "started_at": context["run"]["started_at"],
+            "duration_s": round(duration, 3),
+            "host": context["run"]["host"],
+            "images_per_step": context["run"]["images_per_step"],
+            "notes": notes,
+            "argv": context["run"]["argv"],
         },
     )
-    predictions = pd.concat(engine.predictions, ignore_index=True)
+    predictions = engine.predictions_frame()
     return AuditResult(summary=summary, predictions=predictions, gallery=engine.gallery.to_dict())

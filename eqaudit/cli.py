@@ -258,6 +258,16 @@ def check(
             rich_help_panel="Per-layer geometry",
         ),
     ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Audit only the I-th of N slices of the images (1-based, e.g. 2/8 or "
+            "$SLURM_ARRAY_TASK_ID/8) and save a mergeable state with the report; combine the "
+            "shard folders with eqaudit merge.",
+            metavar="I/N",
+            rich_help_panel="Scale-out",
+        ),
+    ] = None,
     label_action: Annotated[
         list[str] | None,
         typer.Option(
@@ -428,6 +438,10 @@ def _run_check(
 
     started = time.perf_counter() if started is None else started
     gate = gate or GateConfig()
+    if config.shard is not None and gate != GateConfig():
+        raise UsageError(
+            "gate options judge the whole audit: pass them to eqaudit merge, not to a --shard run"
+        )
     check_out_dir(out)  # a bad --out fails before the audit, not after it
     baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
     with console.progress_bar("auditing") as progress:
@@ -440,6 +454,14 @@ def _run_check(
     console.print_summary(result, out_dir=str(out))
     if suggest:
         console.print_label_suggestions(result)
+    if config.shard is not None:
+        index, total = config.shard
+        console.stdout.print(
+            f"Shard {index}/{total} state written to {out}: when all {total} shards are done, "
+            f"run eqaudit merge on their folders",
+            markup=False,
+            soft_wrap=True,
+        )
     _finish(
         verdict.lines()
         + ([f"Baseline written to {gate.save_baseline}"] if gate.save_baseline else []),
@@ -536,6 +558,55 @@ def report(
 
     path = rerender(source, out)
     console.stdout.print(f"Report written to {path}", markup=False)
+
+
+@app.command()
+@_handle_errors
+def merge(
+    ctx: typer.Context,
+    shards: Annotated[
+        list[Path],
+        typer.Argument(help="The report folders written by eqaudit check --shard I/N, all N."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output folder for the merged report."),
+    ] = Path("reports/merged"),
+    fail_under: Annotated[
+        float | None,
+        typer.Option(
+            help="Fail (exit 1) when the merged robustness score is below SCORE.",
+            metavar="SCORE",
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="Config file whose gate thresholds apply.", metavar="FILE"),
+    ] = None,
+) -> None:
+    """Merge the states of N shards into the report a single run would give (summary, CSVs,
+    report.html), then apply the gate."""
+    from eqaudit.config import resolve_config
+    from eqaudit.gate import evaluate_gate
+    from eqaudit.reports import check_out_dir, console, write_report
+    from eqaudit.reports.markdown import render_audit
+    from eqaudit.shard import merge_shards
+
+    started = time.perf_counter()
+    given = {k: v for k, v in _given(ctx).items() if k == "fail_under"}
+    resolved = resolve_config(given, config_file=config_file)
+    check_out_dir(out)
+    result = merge_shards(shards)
+    verdict = evaluate_gate(result, resolved.gate, None)
+    result = verdict.attach(result)
+    write_report(result, out)
+    console.print_summary(result, out_dir=str(out))
+    _finish(
+        verdict.lines(),
+        render_audit(result.summary),
+        verdict.verdict(result.score, time.perf_counter() - started),
+        verdict.passed,
+    )
 
 
 # Audit options of `compare` (the same meaning as in `check`; both models get the same values).

@@ -70,6 +70,22 @@ def split_input_size(
     return parse_input_size(value), False
 
 
+def parse_shard(value: str | tuple[int, int] | list | None) -> tuple[int, int] | None:
+    """``"2/8"`` -> (2, 8): the second of eight slices (1-based, as Slurm array indices)."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        index, total = (int(v) for v in value)
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+        if not match:
+            raise UsageError(f"--shard '{value}' is not I/N: write e.g. --shard 2/8 (1-based)")
+        index, total = int(match.group(1)), int(match.group(2))
+    if not 1 <= index <= total:
+        raise UsageError(f"--shard {index}/{total}: I must be between 1 and N")
+    return (index, total)
+
+
 def format_input_size(size: tuple[int, int] | None, aligned: bool) -> str | None:
     """The inverse of :func:`split_input_size` (for printing a resolved configuration)."""
     text = f"{size[0]}x{size[1]}" if size else None
@@ -117,6 +133,9 @@ class AuditConfig:
     lie: bool = False
     #: also fit a 1x1 channel map per (layer, element) (equivariance up to channel permutation)
     channel_map: bool = False
+    #: (I, N): audit only the I-th of N deterministic slices of the images (1-based), and save a
+    #: mergeable state beside the report (eqaudit merge)
+    shard: tuple[int, int] | None = None
     # declared label action: ((element, action), ...), see eqaudit/transforms/labels.py
     label_action: tuple[tuple[str, str], ...] = ()
 
@@ -135,6 +154,12 @@ class AuditConfig:
             raise UsageError(
                 f"--misaligned must be one of {', '.join(MISALIGNED_MODES)}, not '{self.misaligned}'"
             )
+        if self.shard is not None:
+            index, total = self.shard
+            if not (isinstance(index, int) and isinstance(total, int) and 1 <= index <= total):
+                raise UsageError(
+                    f"--shard must be I/N with 1 <= I <= N, not {index}/{total}: e.g. --shard 2/8"
+                )
         if self.channel_map and not self.layers:
             raise UsageError("--channel-map needs per-layer results: drop --no-layers")
 
@@ -143,7 +168,7 @@ class AuditConfig:
         d["providers"] = list(self.providers)
         d["layer_patterns"] = list(self.layer_patterns)
         d["label_action"] = {name: action for name, action in self.label_action}
-        for key in ("input_size", "mean", "std"):
+        for key in ("input_size", "mean", "std", "shard"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
@@ -242,6 +267,7 @@ OPTIONS: dict[str, _Option] = {
     "misaligned": _Option("str", "flag"),
     "lie": _Option("bool", False),
     "channel_map": _Option("bool", False),
+    "shard": _Option("shard"),
     "providers": _Option("strs", ()),
     "out": _Option("path"),
     "fail_under": _Option("float"),
@@ -397,6 +423,13 @@ def _coerce(name: str, value: Any, where: str, base: Path | None) -> Any:
         try:
             size, aligned = split_input_size(value)
             return format_input_size(size, aligned) if aligned else size
+        except UsageError as exc:
+            if error is UsageError:
+                raise
+            raise ConfigError(f"{where}: {exc}") from None
+    if kind == "shard":
+        try:
+            return parse_shard(value)
         except UsageError as exc:
             if error is UsageError:
                 raise
@@ -630,6 +663,7 @@ def resolve_config(
         misaligned=v["misaligned"],
         lie=bool(v["lie"]),
         channel_map=bool(v["channel_map"]),
+        shard=v["shard"],
         label_action=parse_label_action_options(list(v["label_action"])),
     )
     gate = GateConfig(

@@ -6,6 +6,11 @@ The engine offers every (image, element) pair; the gallery keeps, with bounded m
   ``max_flips``, each with the thumbnail of the original and of the transformed image;
 * ``orbits``: the first ``orbit_images`` images under every element of the battery.
 
+Selection is a function of the whole image set, not of the batching: a flip's rank is
+``(-JS, position * G + element)`` with ``position`` the image's place in the audited set, and
+orbits are the images at positions ``0 .. orbit_images - 1``. So the galleries of shards merge
+(:meth:`Gallery.merge` on their :meth:`Gallery.state`) into the gallery of a single run.
+
 Thumbnails are the pixel-space images (after resizing, before normalisation) as small PNG data
 URIs, so a report can be rendered later from ``gallery.json`` without re-running the model.
 """
@@ -15,7 +20,6 @@ from __future__ import annotations
 import base64
 import heapq
 import io
-import itertools
 
 import numpy as np
 import torch
@@ -55,9 +59,11 @@ class Gallery:
     def __init__(self, max_flips: int = 24, orbit_images: int = 3) -> None:
         self.max_flips = max_flips
         self.orbit_images = orbit_images
+        # Min-heap of (JS, -sequence, entry): the root is the flip to drop first (the smallest
+        # JS; among equal JS the latest), so ties keep the earliest flips, whatever the batching.
         self._heap: list[tuple[float, int, dict]] = []
-        self._counter = itertools.count()
         self.orbits: list[dict] = []
+        self._encoded: list[dict] | None = None  # flips merged from states: already encoded
 
     def update(
         self,
@@ -69,10 +75,14 @@ class Gallery:
         js: torch.Tensor,
         agree: torch.Tensor,
         labels: torch.Tensor | None,
+        positions: list[int] | None = None,
     ) -> None:
         """``images[g]`` is ``(B, C, H, W)`` for element ``g`` (0 = identity); ``top1``,
         ``confidence``, ``js`` and ``agree`` (top-1 as the declared label action expects) are
-        ``(G, B)``. Thumbnails are kept as small images and encoded once, in :meth:`to_dict`."""
+        ``(G, B)``; ``positions`` are the images' places in the audited set (default: in order
+        from 0). Thumbnails are kept as small images and encoded once, in :meth:`to_dict`."""
+        if positions is None:
+            positions = list(range(len(ids)))
         originals: dict[int, Image.Image] = {}
 
         def original(b: int) -> Image.Image:
@@ -82,9 +92,10 @@ class Gallery:
 
         for b, image_id in enumerate(ids):
             label = int(labels[b]) if labels is not None else -1
-            if len(self.orbits) < self.orbit_images:
+            if positions[b] < self.orbit_images:
                 self.orbits.append(
                     {
+                        "position": positions[b],
                         "image": image_id,
                         "label": label,
                         "elements": [
@@ -102,7 +113,8 @@ class Gallery:
                 if agree[g, b]:
                     continue
                 key = float(js[g, b])
-                if len(self._heap) >= self.max_flips and key <= self._heap[0][0]:
+                rank = (key, -(positions[b] * len(names) + g))
+                if len(self._heap) >= self.max_flips and rank <= self._heap[0][:2]:
                     continue
                 entry = {
                     "image": image_id,
@@ -120,7 +132,7 @@ class Gallery:
                         "thumbnail": thumbnail(images[g][b]),
                     },
                 }
-                item = (key, next(self._counter), entry)
+                item = (*rank, entry)
                 if len(self._heap) < self.max_flips:
                     heapq.heappush(self._heap, item)
                 else:
@@ -128,33 +140,51 @@ class Gallery:
 
     def to_dict(self) -> dict:
         """The kept thumbnails as PNG data URIs (see the module docstring)."""
+        return self.state(with_rank=False)
+
+    def state(self, with_rank: bool = True) -> dict:
+        """JSON-able: flips worst first (with their rank keys when ``with_rank``), orbits in
+        order; thumbnails as PNG data URIs."""
         encoded: dict[int, str] = {}
 
-        def uri(pil: Image.Image) -> str:
+        def uri(pil: Image.Image | str) -> str:
+            if isinstance(pil, str):  # merged from a state: already a data URI
+                return pil
             if id(pil) not in encoded:  # an original shared by several flips: encode it once
                 encoded[id(pil)] = png_uri(pil)
             return encoded[id(pil)]
 
         flips = []
-        for _, _, entry in sorted(self._heap, key=lambda t: (-t[0], t[1])):
-            flips.append(
-                {
-                    **entry,
-                    "original": {
-                        **entry["original"],
-                        "thumbnail": uri(entry["original"]["thumbnail"]),
-                    },
-                    "transformed": {
-                        **entry["transformed"],
-                        "thumbnail": uri(entry["transformed"]["thumbnail"]),
-                    },
-                }
-            )
-        orbits = [
-            {
-                **orbit,
-                "elements": [{**e, "thumbnail": uri(e["thumbnail"])} for e in orbit["elements"]],
+        for js, negative_sequence, entry in sorted(self._heap, key=lambda t: (-t[0], -t[1])):
+            flip = {
+                **entry,
+                "original": {**entry["original"], "thumbnail": uri(entry["original"]["thumbnail"])},
+                "transformed": {
+                    **entry["transformed"],
+                    "thumbnail": uri(entry["transformed"]["thumbnail"]),
+                },
             }
-            for orbit in self.orbits
-        ]
+            if with_rank:
+                flip["rank"] = [js, -negative_sequence]
+            flips.append(flip)
+        orbits = []
+        for orbit in sorted(self.orbits, key=lambda o: o["position"]):
+            kept = {k: v for k, v in orbit.items() if with_rank or k != "position"}
+            kept["elements"] = [{**e, "thumbnail": uri(e["thumbnail"])} for e in orbit["elements"]]
+            orbits.append(kept)
         return {"flips": flips, "orbits": orbits}
+
+    @classmethod
+    def merge(cls, states: list[dict], max_flips: int = 24, orbit_images: int = 3) -> Gallery:
+        """The gallery of a single run over the union of the shards that gave ``states``."""
+        gallery = cls(max_flips, orbit_images)
+        for state in states:
+            for flip in state["flips"]:
+                js, sequence = flip["rank"]
+                entry = {k: v for k, v in flip.items() if k != "rank"}
+                gallery._heap.append((float(js), -int(sequence), entry))
+            gallery.orbits.extend(state["orbits"])
+        gallery._heap = sorted(gallery._heap, key=lambda t: (-t[0], -t[1]))[:max_flips]
+        heapq.heapify(gallery._heap)
+        gallery.orbits = sorted(gallery.orbits, key=lambda o: o["position"])[:orbit_images]
+        return gallery

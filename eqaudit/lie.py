@@ -88,6 +88,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eqaudit.data.preprocess import Preprocessing
+from eqaudit.metrics.accumulators import _Mergeable
+from eqaudit.metrics.exact import ExactSum, exact_mean
 from eqaudit.metrics.functional import EPS
 from eqaudit.models.base import ModelAdapter
 from eqaudit.transforms.elements import CUBIC_A, fourier_shift, rotate
@@ -263,15 +265,17 @@ LIE_HIST_EDGES = np.logspace(_LOW_EXP, _HIGH_EXP, (_HIGH_EXP - _LOW_EXP) * _BINS
 
 
 @dataclass
-class LieStats:
-    """Mergeable float64 summary of per-image Lie derivatives: count, sum, sum of squares,
+class LieStats(_Mergeable):
+    """Mergeable summary of per-image Lie derivatives: count, exact sum and sum of squares,
     maximum and a log-spaced histogram (50 bins per decade, 1e-12 to 1e6) for the 95th
     percentile, read as its bin's upper edge (at most 4.7% above the order statistic, never
-    above the maximum). ``merge(a, b).compute() == whole.compute()`` up to float64 rounding."""
+    above the maximum). Sums are exact, so ``merge(a, b).compute() == whole.compute()``."""
+
+    _max_fields = ("maximum",)
 
     n: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
+    total: ExactSum = field(default_factory=ExactSum)
+    total_sq: ExactSum = field(default_factory=ExactSum)
     maximum: float = 0.0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(LIE_HIST_EDGES), dtype=np.int64))
 
@@ -280,20 +284,11 @@ class LieStats:
         if v.size == 0:
             return
         self.n += int(v.size)
-        self.total += float(v.sum())
-        self.total_sq += float((v * v).sum())
+        self.total.add(v)
+        self.total_sq.add(v * v)
         self.maximum = max(self.maximum, float(v.max()))
         index = np.minimum(np.searchsorted(LIE_HIST_EDGES, v, side="left"), len(self.hist) - 1)
         self.hist = self.hist + np.bincount(index, minlength=len(self.hist))
-
-    def merge(self, other: LieStats) -> LieStats:
-        return LieStats(
-            n=self.n + other.n,
-            total=self.total + other.total,
-            total_sq=self.total_sq + other.total_sq,
-            maximum=max(self.maximum, other.maximum),
-            hist=self.hist + other.hist,
-        )
 
     def quantile(self, q: float) -> float:
         if self.n == 0:
@@ -306,8 +301,8 @@ class LieStats:
         if self.n == 0:
             nan = math.nan
             return {"n": 0, "mean": nan, "std": nan, "p95": nan, "max": nan}
-        mean = self.total / self.n
-        var = max(self.total_sq / self.n - mean * mean, 0.0)
+        mean = exact_mean(self.total, self.n)
+        var = max(exact_mean(self.total_sq, self.n) - mean * mean, 0.0)
         return {
             "n": self.n,
             "mean": mean,

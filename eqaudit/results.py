@@ -152,6 +152,8 @@ class AuditResult:
     )
     #: Thumbnails for the report (see :mod:`eqaudit.gallery`): {"flips": [...], "orbits": [...]}.
     gallery: dict = field(default_factory=lambda: {"flips": [], "orbits": []})
+    #: ``eqaudit check --shard``: the mergeable state (JSON payload, arrays), see eqaudit.shard
+    shard_state: tuple[dict, dict] | None = field(default=None, repr=False, compare=False)
 
     # -- convenient views --------------------------------------------------------------------
     @property

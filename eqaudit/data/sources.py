@@ -151,15 +151,19 @@ class ImageSource(ABC):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def iter_batches(self, batch_size: int) -> Iterator[ImageBatch]:
-        """Yield the images in order, ``batch_size`` at a time (the last batch may be smaller)."""
+    def iter_batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[ImageBatch]:
+        """Yield the images at positions ``start .. stop - 1`` (default: all) in order,
+        ``batch_size`` at a time (the last batch may be smaller)."""
         if not _positive_int(batch_size):
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
-        return self._batches(int(batch_size))
+        stop = len(self) if stop is None else min(stop, len(self))
+        return self._batches(int(batch_size), start, stop)
 
-    def _batches(self, batch_size: int) -> Iterator[ImageBatch]:
-        for start in range(0, len(self), batch_size):
-            positions = range(start, min(len(self), start + batch_size))
+    def _batches(self, batch_size: int, first: int, stop: int) -> Iterator[ImageBatch]:
+        for start in range(first, stop, batch_size):
+            positions = range(start, min(stop, start + batch_size))
             labels = None if self.labels is None else self.labels[start : positions.stop].clone()
             yield ImageBatch(self._load(positions), labels, self.ids[start : positions.stop])
 

@@ -1,9 +1,11 @@
 """Streaming, mergeable accumulators for the output and per-layer metrics.
 
-Each accumulator declares its state (float64 sums and int64 counts), takes per-image values with
-``update`` and gives the aggregate with ``compute``; ``merge`` adds two states, so an audit can be
-sharded and resumed: ``merge(a, b).compute() == whole.compute()`` up to float64 rounding. The
-maths lives in :mod:`eqaudit.metrics.functional` and is shared with the one-shot functions.
+Each accumulator declares its state (exact sums, integer counts, maxima, histograms), takes
+per-image values with ``update`` and gives the aggregate with ``compute``; ``merge`` adds two
+states, so an audit can be sharded and resumed. Sums are :class:`~eqaudit.metrics.exact.ExactSum`
+(exact, rounded once when read), so ``merge(a, b).compute() == whole.compute()`` holds exactly,
+whatever the batches and shards. ``to_state``/``from_state`` give a JSON-able form (no pickle).
+The maths lives in :mod:`eqaudit.metrics.functional` and is shared with the one-shot functions.
 
 Percentiles are read from a fixed log-spaced histogram (100 bins per decade from 1e-12 to 10),
 which is what makes them mergeable with bounded memory: a reported 95th percentile is the upper
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from eqaudit.metrics.exact import ExactSum, exact_mean
 from eqaudit.metrics.functional import wilson_interval
 
 _BINS_PER_DECADE = 100
@@ -37,7 +40,8 @@ def _histogram(values: np.ndarray) -> np.ndarray:
 
 
 class _Mergeable:
-    """Dataclass helper: merge adds every field (max-fields take the maximum)."""
+    """Dataclass helper: merge adds every field (max-fields take the maximum); the state
+    round-trips through JSON-able dicts (exact sums as hex integers, histograms sparse)."""
 
     _max_fields: tuple[str, ...] = ()
 
@@ -48,6 +52,37 @@ class _Mergeable:
             merged[f.name] = max(a, b) if f.name in self._max_fields else a + b
         return type(self)(**merged)
 
+    def to_state(self) -> dict:
+        state: dict = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, ExactSum):
+                state[f.name] = {"exact": value.to_json()}
+            elif isinstance(value, np.ndarray):
+                nonzero = np.flatnonzero(value)
+                state[f.name] = {
+                    "size": int(value.size),
+                    "index": nonzero.tolist(),
+                    "count": value[nonzero].tolist(),
+                }
+            else:
+                state[f.name] = value
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict):  # type: ignore[no-untyped-def]
+        values: dict = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            value = state[f.name]
+            if isinstance(value, dict) and "exact" in value:
+                value = ExactSum.from_json(value["exact"])
+            elif isinstance(value, dict) and "size" in value:
+                array = np.zeros(value["size"], dtype=np.int64)
+                array[np.asarray(value["index"], dtype=np.int64)] = value["count"]
+                value = array
+            values[f.name] = value
+        return cls(**values)
+
 
 @dataclass
 class OutputStats(_Mergeable):
@@ -55,13 +90,13 @@ class OutputStats(_Mergeable):
 
     n: int = 0
     agree: int = 0
-    js_sum: float = 0.0
+    js_sum: ExactSum = field(default_factory=ExactSum)
     logit_n: int = 0
-    logit_sum: float = 0.0
+    logit_sum: ExactSum = field(default_factory=ExactSum)
     labelled: int = 0
     correct: int = 0
     floor_n: int = 0
-    floor_sum: float = 0.0
+    floor_sum: ExactSum = field(default_factory=ExactSum)
 
     def update(
         self,
@@ -75,16 +110,16 @@ class OutputStats(_Mergeable):
         images), ``js``/``logit_error``/``floor`` float ``(B,)``."""
         self.n += int(agree.numel())
         self.agree += int(agree.sum())
-        self.js_sum += float(js.to(torch.float64).sum())
+        self.js_sum.add(js)
         if logit_error is not None:
             self.logit_n += int(logit_error.numel())
-            self.logit_sum += float(logit_error.to(torch.float64).sum())
+            self.logit_sum.add(logit_error)
         if correct is not None:
             self.labelled += int(correct.numel())
             self.correct += int(correct.sum())
         if floor is not None:
             self.floor_n += int(floor.numel())
-            self.floor_sum += float(floor.to(torch.float64).sum())
+            self.floor_sum.add(floor)
 
     def compute(self) -> dict[str, float | None]:
         low, high = wilson_interval(self.agree, self.n)
@@ -93,10 +128,12 @@ class OutputStats(_Mergeable):
             "agreement": self.agree / self.n if self.n else math.nan,
             "agreement_low": low,
             "agreement_high": high,
-            "js_divergence": self.js_sum / self.n if self.n else math.nan,
-            "logit_error": self.logit_sum / self.logit_n if self.logit_n else None,
+            "js_divergence": exact_mean(self.js_sum, self.n),
+            "logit_error": exact_mean(self.logit_sum, self.logit_n) if self.logit_n else None,
             "accuracy": self.correct / self.labelled if self.labelled else None,
-            "interpolation_floor": self.floor_sum / self.floor_n if self.floor_n else None,
+            "interpolation_floor": exact_mean(self.floor_sum, self.floor_n)
+            if self.floor_n
+            else None,
         }
 
 
@@ -123,11 +160,11 @@ class LayerStats(_Mergeable):
     _max_fields = ("rel_max",)
 
     n: int = 0
-    rel_sum: float = 0.0
+    rel_sum: ExactSum = field(default_factory=ExactSum)
     rel_max: float = 0.0
-    cos_sum: float = 0.0
+    cos_sum: ExactSum = field(default_factory=ExactSum)
     floor_n: int = 0
-    floor_sum: float = 0.0
+    floor_sum: ExactSum = field(default_factory=ExactSum)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES), dtype=np.int64))
 
     def update(
@@ -137,12 +174,12 @@ class LayerStats(_Mergeable):
         interpolation floor of the feature-map action."""
         if floor is not None:
             self.floor_n += int(floor.numel())
-            self.floor_sum += float(floor.to(torch.float64).sum())
+            self.floor_sum.add(floor)
         rel = relative.detach().to(torch.float64).cpu().numpy()
         self.n += rel.size
-        self.rel_sum += float(rel.sum())
+        self.rel_sum.add(rel)
         self.rel_max = max(self.rel_max, float(rel.max(initial=0.0)))
-        self.cos_sum += float(cosine.to(torch.float64).sum())
+        self.cos_sum.add(cosine)
         self.hist = self.hist + _histogram(rel)
 
     def quantile(self, q: float) -> float:
@@ -157,9 +194,11 @@ class LayerStats(_Mergeable):
     def compute(self) -> dict[str, float]:
         return {
             "n": self.n,
-            "relative_error": self.rel_sum / self.n if self.n else math.nan,
+            "relative_error": exact_mean(self.rel_sum, self.n),
             "relative_error_p95": self.quantile(0.95),
             "relative_error_max": self.rel_max if self.n else math.nan,
-            "cosine_distance": self.cos_sum / self.n if self.n else math.nan,
-            "interpolation_floor": self.floor_sum / self.floor_n if self.floor_n else None,
+            "cosine_distance": exact_mean(self.cos_sum, self.n),
+            "interpolation_floor": exact_mean(self.floor_sum, self.floor_n)
+            if self.floor_n
+            else None,
         }

@@ -43,6 +43,8 @@ KNOWN_FILES = {
     "report.html",
     "junit.xml",
     "summary.md",
+    "shard-state.json",
+    "shard-state.npz",
 }
 
 
@@ -96,7 +98,12 @@ def write_report(
             raise UsageError(f"unknown report format '{name}': use {', '.join(WRITERS)}")
 
     def produce(staging: Path) -> list[str]:
-        return [file for name in formats for file in WRITERS[name](result, staging)]
+        files = [file for name in formats for file in WRITERS[name](result, staging)]
+        if result.shard_state is not None:  # eqaudit check --shard: what eqaudit merge reads
+            from eqaudit.shard import write_state
+
+            files += write_state(staging, result.shard_state)
+        return files
 
     return write_folder(out_dir, produce, KNOWN_FILES)
 

@@ -1,0 +1,189 @@
+"""Sharded audits: N shards merged give the single run's summary, CSVs and gallery, bit for bit."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models_zoo import SmallCNN, calibrate_, export_onnx
+from typer.testing import CliRunner
+
+import eqaudit
+from eqaudit.cli import app
+from eqaudit.errors import DataError, UsageError
+from eqaudit.metrics import LayerStats, OutputStats
+from eqaudit.metrics.exact import SCALE_BITS, ExactSum
+from eqaudit.reports import write_report
+from eqaudit.shard import merge_shards, shard_range
+
+FILES = ("outputs.csv", "layers.csv", "predictions.csv", "gallery.json")
+#: float64 matrix sums whose rounding the ridge solve amplifies (documented in eqaudit.shard):
+#: equal to ~1e-9 relative, not bit for bit
+CHANNEL_COLUMNS = ("fitted_relative_error", "pooled_relative_error")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return calibrate_(SmallCNN(), 17).eval()
+
+
+def _run_all(
+    source, tmp: Path, shards: int, **options
+) -> tuple[eqaudit.AuditResult, eqaudit.AuditResult]:
+    single = eqaudit.audit(source, **options)
+    write_report(single, tmp / "single")
+    folders = []
+    for index in range(1, shards + 1):
+        part = eqaudit.audit(source, shard=(index, shards), **options)
+        write_report(part, tmp / f"shard{index}")
+        folders.append(tmp / f"shard{index}")
+    merged = merge_shards(folders[::-1])  # any order
+    write_report(merged, tmp / "merged")
+    return single, merged
+
+
+def _without_run(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "run"}
+
+
+def test_exact_sum_is_exact_and_order_free() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.random(3000) * 10.0 ** rng.integers(-30, 8, 3000), [5e-324, -2.5]])
+    whole = ExactSum()
+    whole.add(values)
+    assert Fraction(whole.total, 2**SCALE_BITS) == sum(Fraction(v) for v in values)
+    parts = [ExactSum() for _ in range(3)]
+    for part, chunk in zip(parts, np.array_split(rng.permutation(values), 3), strict=True):
+        part.add(chunk)
+    assert (parts[2] + parts[0] + parts[1]).total == whole.total
+    assert whole.value == math.fsum(values)  # both correctly rounded
+    assert ExactSum.from_json(whole.to_json()) == whole
+
+
+def test_accumulator_states_round_trip_through_json() -> None:
+    stats = LayerStats()
+    stats.update(torch.tensor([0.1, 0.02, 1e-9]), torch.tensor([0.3, 0.1, 0.0]))
+    again = LayerStats.from_state(json.loads(json.dumps(stats.to_state())))
+    assert again.compute() == stats.compute()
+    out = OutputStats()
+    out.update(torch.tensor([True, False]), torch.tensor([0.01, 0.2]), torch.tensor([0.1, 0.5]))
+    assert OutputStats.from_state(json.loads(json.dumps(out.to_state()))).compute() == out.compute()
+
+
+def test_shard_ranges_cover_the_images_once() -> None:
+    for count in (0, 1, 7, 13, 100):
+        for total in (1, 2, 3, 8):
+            ranges = [shard_range(count, i, total) for i in range(1, total + 1)]
+            assert [p for r in ranges for p in r] == list(range(count))
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_merged_shards_equal_a_single_run(model, tmp_path, shards) -> None:
+    options = dict(
+        transforms="d4,rot:20,shift:1",
+        input_size=17,
+        num_images=13,
+        seed=4,
+        batch_size=24,  # 3 images per step: shard edges fall inside the single run's batches
+        lie=True,
+        channel_map=True,
+        label_action=("flip_h=swap:0,1", "rot90=id"),
+    )
+    single, merged = _run_all(model, tmp_path, shards, **options)
+    a, b = _without_run(single.summary), _without_run(merged.summary)
+    layers_a, layers_b = a.pop("layers"), b.pop("layers")
+    assert a == b
+    for row_a, row_b in zip(layers_a, layers_b, strict=True):
+        for column in CHANNEL_COLUMNS:
+            x, y = row_a.pop(column), row_b.pop(column)
+            assert (x is None and y is None) or y == pytest.approx(x, rel=1e-7, abs=1e-12)
+        assert row_a == row_b
+    for name in ("outputs.csv", "predictions.csv", "gallery.json"):
+        assert filecmp.cmp(tmp_path / "single" / name, tmp_path / "merged" / name, shallow=False)
+    assert merged.predictions.equals(single.predictions)
+    assert merged.summary["run"]["notes"][-1] == f"merged from {shards} shards by eqaudit merge"
+
+
+def test_merged_onnx_shards_equal_a_single_run_bit_for_bit(model, tmp_path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    single, merged = _run_all(path, tmp_path, 3, transforms="d4", num_images=10, batch_size=16)
+    assert _without_run(single.summary) == _without_run(merged.summary)
+    for name in FILES:
+        assert filecmp.cmp(tmp_path / "single" / name, tmp_path / "merged" / name, shallow=False)
+
+
+def test_a_shard_report_says_what_it_covers(model, tmp_path) -> None:
+    part = eqaudit.audit(model, "flips", input_size=17, num_images=10, shard=(2, 3))
+    assert part.summary["shard"] == {"index": 2, "total": 3, "start": 3, "stop": 6, "images": 3}
+    assert part.summary["data"]["count"] == 3 and part.summary["data"]["count_all"] == 10
+    assert part.summary["warnings"][0].startswith("SHARD 2/3")
+    assert part.outputs[1]["n"] == 3
+
+
+def test_merge_refuses_incomplete_repeated_or_mismatched_shards(model, tmp_path) -> None:
+    for i in (1, 2):
+        write_report(
+            eqaudit.audit(model, "flips", input_size=17, num_images=6, shard=(i, 2)),
+            tmp_path / f"s{i}",
+        )
+    write_report(
+        eqaudit.audit(model, "flips", input_size=17, num_images=6, seed=9, shard=(2, 2)),
+        tmp_path / "other",
+    )
+    with pytest.raises(UsageError, match=r"missing: \[2\]"):
+        merge_shards([tmp_path / "s1"])
+    with pytest.raises(UsageError, match=r"repeated: \[1\]"):
+        merge_shards([tmp_path / "s1", tmp_path / "s1", tmp_path / "s2"])
+    with pytest.raises(UsageError, match=r"different .*data"):
+        merge_shards([tmp_path / "s1", tmp_path / "other"])
+    with pytest.raises(UsageError, match=r"holds no shard-state\.json"):
+        merge_shards([tmp_path])
+    (tmp_path / "s2" / "shard-state.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataError, match="cannot read the shard state"):
+        merge_shards([tmp_path / "s1", tmp_path / "s2"])
+
+
+def test_state_files_hold_no_pickles(model, tmp_path) -> None:
+    write_report(
+        eqaudit.audit(model, "flips", input_size=17, num_images=4, shard=(1, 1)), tmp_path / "s"
+    )
+    with np.load(tmp_path / "s" / "shard-state.npz", allow_pickle=False) as npz:
+        assert "predictions/image" in npz.files
+
+
+def test_cli_shards_then_merge_with_a_gate(model, tmp_path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    runner = CliRunner()
+    common = [str(path), "-t", "flips", "-n", "6"]
+    for i in (1, 2):
+        result = runner.invoke(
+            app, ["check", *common, "--shard", f"{i}/2", "-o", str(tmp_path / f"s{i}")]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"Shard {i}/2 state written" in result.output
+    gated = runner.invoke(app, ["check", *common, "--shard", "1/2", "--fail-under", "50"])
+    assert gated.exit_code == 2 and "pass them to eqaudit merge" in gated.output
+    merged = runner.invoke(
+        app,
+        [
+            "merge",
+            str(tmp_path / "s1"),
+            str(tmp_path / "s2"),
+            "-o",
+            str(tmp_path / "m"),
+            "--fail-under",
+            "0",
+        ],
+    )
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "m" / "report.html").is_file()
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["data"]["count"] == 6
+    bad = runner.invoke(app, ["check", *common, "--shard", "3/2"])
+    assert bad.exit_code == 2 and "I must be between 1 and N" in bad.output
