@@ -34,6 +34,7 @@ import torch
 
 from eqaudit.config import AuditConfig, parse_shard, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
+from eqaudit.device import free_memory, place
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
 from eqaudit.lie import GENERATORS as LIE_GENERATORS
@@ -153,8 +154,7 @@ def _libc_trim() -> Callable[[], None]:
 release_freed_memory = _libc_trim()
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to this process (Linux MemAvailable), None when unknown."""
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
@@ -166,6 +166,60 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_available() -> int | None:
+    """Room left under the process's cgroup memory limit (v2, else v1): a container's limit,
+    which MemAvailable (the host's) does not show."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            return max(limit - usage, 0)
+    return None
+
+
+def _address_space_available() -> int | None:
+    """Room left under RLIMIT_AS (ulimit -v), from the process's current virtual size."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmSize:"):
+                    return max(soft - int(line.split()[1]) * 1024, 0)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use: the least of the system's MemAvailable, the
+    room under its cgroup's limit (containers, Kubernetes) and under ``ulimit -v``. None when
+    none of them is known."""
+    known = [
+        v
+        for v in (_meminfo_available(), _cgroup_available(), _address_space_available())
+        if v is not None
+    ]
+    return min(known) if known else None
 
 
 def _versions() -> dict[str, str]:
@@ -338,11 +392,21 @@ class Engine:
         """Bytes of the selected layers' activations for one image under one element."""
         return sum(4 * math.prod(s.info.shape or ()) for s in self.layer_states)
 
-    def images_per_step(self, batch_size: int, available: int | None) -> int:
+    def images_per_step(
+        self,
+        batch_size: int | None,
+        available: int | None,
+        forward_bytes: int = 0,
+    ) -> int:
         """Images per forward call so that ``G x B`` images fit ``batch_size`` and, with their
-        activations, half of the available memory (the memory guard)."""
+        activations, half of the available memory (the memory guard). ``batch_size`` None: 64
+        forward images, or (``forward_bytes`` known: the model's own peak memory per forward
+        image on a GPU) as many as half the free device memory holds, at most 4096."""
         g = len(self.elements)
-        wanted = max(1, batch_size // g)
+        if batch_size is None and forward_bytes and available:
+            per_forward = forward_bytes + 3 * self.activation_bytes_per_image()
+            batch_size = int(min(4096, max(g, (available // 2) // max(per_forward, 1))))
+        wanted = max(1, (batch_size or 64) // g)
         per_image = self.activation_bytes_per_image() * g
         if available is None or per_image == 0:
             return wanted
@@ -626,7 +690,7 @@ class Engine:
             relative, cosine = errors_from_norms(*map_norms(a, b, mask))
             state.stats[gi].update(relative, cosine, floor)
             if state.channel_maps is not None and state.channel_maps[gi] is not None:
-                state.channel_maps[gi].update(a, b, fit, mask)
+                state.channel_maps[gi].update(a, b, fit.to(a.device), mask)
 
     def _channel_maps(self, info: LayerInfo) -> list[Any] | None:
         """One channel-map accumulator per element, or None (with a note) for a layer too wide
@@ -832,6 +896,28 @@ class Engine:
         }
 
 
+def _images_per_step(
+    engine: Engine, adapter: ModelAdapter, config: AuditConfig, preprocessing: Preprocessing
+) -> int:
+    """The memory guard, on the memory where the activations live: the host's, or the GPU's
+    free memory for a PyTorch model on CUDA (then, without --batch-size, the batch is sized from
+    one probe's peak memory per forward image)."""
+    if not (config.device.startswith("cuda") and adapter.backend == "torch"):
+        return engine.images_per_step(config.batch_size, available_memory())
+    g = len(engine.elements)
+    height, width = adapter.input_spec.size
+    probe = preprocessing.normalise(torch.zeros(g, preprocessing.pixel_channels, height, width))
+    torch.cuda.synchronize(config.device)
+    torch.cuda.reset_peak_memory_stats(config.device)
+    before = torch.cuda.memory_allocated(config.device)
+    with torch.inference_mode():
+        adapter.run(probe)
+    peak = torch.cuda.max_memory_allocated(config.device) - before
+    return engine.images_per_step(
+        config.batch_size, free_memory(config.device), forward_bytes=max(peak // g, 1)
+    )
+
+
 def _choose_input_size(
     adapter: ModelAdapter, config: AuditConfig, elements: list[Transform]
 ) -> SizeChoice:
@@ -932,6 +1018,7 @@ def audit(
         size_choice = _choose_input_size(adapter, config, elements)
     elif config.input_size is not None:
         adapter.with_input_size(*config.input_size)
+    place(adapter, config.device)
     notes: list[str] = []
     channels = _resolve_channels(adapter, config, notes)
     if channels != preprocessing.channels and channels is not None:
@@ -951,7 +1038,7 @@ def audit(
     )
     engine.class_names = source.class_names or getattr(adapter, "class_names", None)
     engine.setup()
-    images_per_step = engine.images_per_step(config.batch_size, available_memory())
+    images_per_step = _images_per_step(engine, adapter, config, preprocessing)
     positions = range(len(source))
     if config.shard is not None:
         positions = shard_range(len(source), *config.shard)

@@ -228,8 +228,20 @@ def check(
         bool, typer.Option("--no-layers", help="Skip per-layer equivariance (outputs only).")
     ] = False,
     batch_size: Annotated[
-        int, typer.Option(help="Images per forward call, all transforms included.")
-    ] = 64,
+        int | None,
+        typer.Option(
+            help="Images per forward call, all transforms included (default 64 on the CPU; on "
+            "a GPU, chosen from its free memory)."
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where the model runs: cpu, cuda or cuda:N (PyTorch models; ONNX models need "
+            "onnxruntime-gpu). Activations are reduced on the device.",
+            rich_help_panel="Scale-out",
+        ),
+    ] = "cpu",
     misaligned: Annotated[
         str,
         typer.Option(
@@ -650,7 +662,9 @@ LayersOpt = Annotated[
 NoLayersOpt = Annotated[
     bool, typer.Option("--no-layers", help="Outputs only.", rich_help_panel=_AUDIT)
 ]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward call.", rich_help_panel=_AUDIT)]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option(help="Images per forward call.", rich_help_panel=_AUDIT)
+]
 LabelActionOpt = Annotated[
     list[str] | None,
     typer.Option("--label-action", help="ELEMENT=ACTION, as in check.", rich_help_panel=_AUDIT),
@@ -705,7 +719,7 @@ def compare(
     outputs: OutputsOpt = "auto",
     layers: LayersOpt = None,
     no_layers: NoLayersOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = None,
     label_action: LabelActionOpt = None,
     factory: FactoryOpt = None,
     trust_pickle: TrustPickleOpt = False,

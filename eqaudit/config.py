@@ -126,7 +126,11 @@ class AuditConfig:
     # engine
     layers: bool = True
     layer_patterns: tuple[str, ...] = field(default_factory=tuple)
-    batch_size: int = 64
+    #: images per forward call, all elements included; None: 64 on the CPU, from free memory
+    #: on a GPU
+    batch_size: int | None = None
+    #: where the model runs: cpu, cuda, cuda:N (eqaudit.device)
+    device: str = "cpu"
     #: how (layer, element) pairs whose grid is not mapped onto itself are compared
     misaligned: str = "flag"
     #: Lie derivatives of the outputs (and per-layer attribution for PyTorch models)
@@ -144,7 +148,7 @@ class AuditConfig:
             raise UsageError(
                 f"--outputs must be one of {', '.join(OUTPUT_KINDS)}, not '{self.outputs}'"
             )
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.num_images is not None and self.num_images < 1:
             raise UsageError(f"--num-images must be at least 1, not {self.num_images}")
@@ -257,7 +261,8 @@ OPTIONS: dict[str, _Option] = {
     "outputs": _Option("str", "auto"),
     "layers": _Option("strs", ()),
     "no_layers": _Option("bool", False),
-    "batch_size": _Option("int", 64),
+    "batch_size": _Option("int"),
+    "device": _Option("str", "cpu"),
     "label_action": _Option("strs", (), separator=";"),
     "factory": _Option("factory"),
     "input_name": _Option("str"),
@@ -660,6 +665,7 @@ def resolve_config(
         layers=not v["no_layers"],
         layer_patterns=tuple(v["layers"]),
         batch_size=v["batch_size"],
+        device=v["device"],
         misaligned=v["misaligned"],
         lie=bool(v["lie"]),
         channel_map=bool(v["channel_map"]),

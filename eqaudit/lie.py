@@ -162,7 +162,7 @@ def fourier_derivative(x: torch.Tensor, dim: int) -> torch.Tensor:
     derivative of :func:`fourier_shift`'s interpolant, Nyquist bin of an even axis zeroed."""
     n = x.shape[dim]
     spectrum = torch.fft.rfft(x.to(torch.float64), dim=dim)
-    freq = torch.fft.rfftfreq(n, dtype=torch.float64)
+    freq = torch.fft.rfftfreq(n, dtype=torch.float64, device=x.device)
     if n % 2 == 0:
         freq[-1] = 0.0  # fourier_shift keeps cos(pi t) there: slope 0 at t = 0
     factor = 2j * math.pi * freq
@@ -198,8 +198,10 @@ def feature_tangent(
         return -fourier_derivative(fmap, -2) / stride_h
     n_h, n_w = fmap.shape[-2:]
     height, width = input_size
-    y = offset_h + stride_h * torch.arange(n_h, dtype=torch.float64) - (height - 1) / 2
-    x = offset_w + stride_w * torch.arange(n_w, dtype=torch.float64) - (width - 1) / 2
+    y = offset_h + stride_h * torch.arange(n_h, dtype=torch.float64, device=fmap.device)
+    y = y - (height - 1) / 2
+    x = offset_w + stride_w * torch.arange(n_w, dtype=torch.float64, device=fmap.device)
+    x = x - (width - 1) / 2
     coeff_j = (-y / stride_w).to(fmap.dtype)[:, None]
     coeff_i = (x / stride_h).to(fmap.dtype)[None, :]
     return coeff_j * cubic_slope(fmap, -1) + coeff_i * cubic_slope(fmap, -2)
@@ -248,8 +250,8 @@ def default_steps(input_size: tuple[int, int]) -> dict[str, float]:
 
 def normalised_derivative(scores: torch.Tensor, tangent: torch.Tensor, kind: str) -> torch.Tensor:
     """Per image, float64: ``||c(z')|| / ||c(z)||`` for logits, ``||z'||`` for probabilities."""
-    z = scores.to(torch.float64)
-    dz = tangent.to(torch.float64)
+    z = scores.to("cpu", torch.float64)
+    dz = tangent.to("cpu", torch.float64)
     if kind == "probs":
         return dz.norm(dim=1)
     z = z - z.mean(dim=1, keepdim=True)
@@ -442,7 +444,8 @@ def _to_model(adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:
     """Canonical ``(B, C, H, W)`` -> the module's own layout and dtype."""
     if adapter.input_spec.layout == "NHWC":
         x = x.permute(0, 2, 3, 1)
-    return x.contiguous().to(getattr(adapter, "_input_dtype", torch.float32))
+    device = getattr(adapter, "device", None) or "cpu"
+    return x.contiguous().to(device=device, dtype=getattr(adapter, "_input_dtype", torch.float32))
 
 
 def _chunked(

@@ -257,7 +257,8 @@ class ModelAdapter(ABC):
                     f"the model failed at run time: {first[:300]} "
                     "(check --input-size, --layout and --channels against what the model expects)"
                 ) from exc
-            scores_parts.append(self._canonical_scores(raw_scores)[:keep])
+            # Scores are small: the engine reads them on the CPU (activations stay on the device).
+            scores_parts.append(self._canonical_scores(raw_scores)[:keep].cpu())
             for name, value in raw_acts.items():
                 canonical = self._canonical_activation(name, value)
                 if canonical is not None and canonical.ndim == 4 and canonical.shape[2:] == (1, 1):

@@ -145,6 +145,7 @@ class TorchAdapter(ModelAdapter):
     ) -> None:
         super().__init__(path, input_spec)
         self.module = module
+        self.device = "cpu"
         self._program = program
         #: module outputs the graph shows in NHWC (a Linear over channels-last maps, as in
         #: ConvNeXt): permuted to canonical NCHW when captured
@@ -289,9 +290,15 @@ class TorchAdapter(ModelAdapter):
                 handle.remove()
 
     # -- running ---------------------------------------------------------------------------------
+    def to_device(self, device: str) -> None:
+        """Run the module on ``device`` (``cpu``, ``cuda``, ``cuda:N``); activations stay there
+        (the engine reduces them in place), scores come back to the CPU."""
+        self.module = self.module.to(device)
+        self.device = device
+
     def _forward(self, batch: torch.Tensor) -> Any:
         with torch.no_grad():
-            return self.module(batch.to(self._input_dtype))
+            return self.module(batch.to(device=self.device, dtype=self._input_dtype))
 
     def _run_impl(
         self, batch: torch.Tensor, layers: Sequence[str]

@@ -62,12 +62,14 @@ def center_crop(x: torch.Tensor, margin: int) -> torch.Tensor:
     return x[..., margin:-margin, margin:-margin]
 
 
-def _disk_mask(height: int, width: int, fraction: float) -> torch.Tensor:
+def _disk_mask(
+    height: int, width: int, fraction: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Cells whose centre lies within ``fraction`` of the inscribed radius of the grid centre."""
     cy, cx = (height - 1) / 2, (width - 1) / 2
     radius = fraction * (min(height, width) - 1) / 2
-    ii = torch.arange(height, dtype=torch.float64)[:, None] - cy
-    jj = torch.arange(width, dtype=torch.float64)[None, :] - cx
+    ii = torch.arange(height, dtype=torch.float64, device=device)[:, None] - cy
+    jj = torch.arange(width, dtype=torch.float64, device=device)[None, :] - cx
     return ((ii**2 + jj**2) <= radius**2)[None, None]
 
 
@@ -229,8 +231,8 @@ def fourier_shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
     bin of an even axis is shifted by its real part only, which keeps the output real.
     """
     height, width = x.shape[-2:]
-    fy = torch.fft.fftfreq(height, dtype=torch.float64)
-    fx = torch.fft.rfftfreq(width, dtype=torch.float64)
+    fy = torch.fft.fftfreq(height, dtype=torch.float64, device=x.device)
+    fx = torch.fft.rfftfreq(width, dtype=torch.float64, device=x.device)
     # Separable phase ramp. A Nyquist bin (even axis) has no sign of its own: keeping only the
     # real part of its factor keeps the output real, and is exact for integer shifts.
     py = torch.exp(-2j * math.pi * fy * dy)
@@ -250,7 +252,7 @@ def _integer_shift(
     """Shift ``(B, C, H, W)`` by integers; return the shifted map and its validity mask."""
     height, width = x.shape[-2:]
     rolled = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-    mask = torch.ones(1, 1, height, width, dtype=torch.bool)
+    mask = torch.ones(1, 1, height, width, dtype=torch.bool, device=x.device)
     if mode == "circular":
         return rolled, mask
     # Cells that wrapped around are not defined by the shift itself.
@@ -386,8 +388,8 @@ def cubic_sample(x: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) -> t
     pad = 2
     lead = x.shape[:-2]
     flat = F.pad(x, (pad, pad, pad, pad)).reshape(-1, (height + 2 * pad) * (width + 2 * pad))
-    src_y = src_y.to(torch.float64)
-    src_x = src_x.to(torch.float64)
+    src_y = src_y.to(device=x.device, dtype=torch.float64)
+    src_x = src_x.to(device=x.device, dtype=torch.float64)
     y0, x0 = torch.floor(src_y), torch.floor(src_x)
     wy = [w.to(x.dtype).reshape(1, -1) for w in _keys_weights(src_y - y0)]
     wx = [w.to(x.dtype).reshape(1, -1) for w in _keys_weights(src_x - x0)]
@@ -395,7 +397,7 @@ def cubic_sample(x: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) -> t
     rows = [(y0 + k + pad).clamp(0, height + 2 * pad - 1).long() for k in (-1, 0, 1, 2)]
     cols = [(x0 + k + pad).clamp(0, width + 2 * pad - 1).long() for k in (-1, 0, 1, 2)]
     stride = width + 2 * pad
-    out = torch.zeros(flat.shape[0], src_y.numel(), dtype=x.dtype)
+    out = torch.zeros(flat.shape[0], src_y.numel(), dtype=x.dtype, device=x.device)
     for row, weight_y in zip(rows, wy, strict=True):
         for col, weight_x in zip(cols, wx, strict=True):
             taps = flat.index_select(1, (row * stride + col).reshape(-1))
@@ -412,8 +414,8 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     # Output pixel (i, j) samples the input at R(-theta) applied to its offset from the centre.
     # Pixel units, with y pointing down: a counter-clockwise turn on screen is clockwise in (x, y).
     cy, cx = (height - 1) / 2, (width - 1) / 2
-    ii = torch.arange(height, dtype=torch.float64)[:, None] - cy
-    jj = torch.arange(width, dtype=torch.float64)[None, :] - cx
+    ii = torch.arange(height, dtype=torch.float64, device=x.device)[:, None] - cy
+    jj = torch.arange(width, dtype=torch.float64, device=x.device)[None, :] - cx
     src_x = (cos * jj - sin * ii + cx).expand(height, width)
     src_y = (sin * jj + cos * ii + cy).expand(height, width)
     return cubic_sample(x, src_y, src_x)
@@ -448,7 +450,9 @@ class Rotation(Transform):
         height, width = fmap.shape[-2:]
         if min(height, width) < 5:
             raise NotMeasurable(f"feature map {height}x{width} is too small to resample")
-        return FeatureAction(rotate(fmap, self.degrees), _disk_mask(height, width, DISK_FRACTION))
+        return FeatureAction(
+            rotate(fmap, self.degrees), _disk_mask(height, width, DISK_FRACTION, fmap.device)
+        )
 
     def image_floor(self, identity: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor | None:
         height, width = identity.shape[-2:]
@@ -460,7 +464,7 @@ class Rotation(Transform):
         if min(height, width) < 5:
             return None
         back = rotate(rotate(fmap, self.degrees), -self.degrees)
-        return relative_error(back, fmap, _disk_mask(height, width, DISK_FRACTION))
+        return relative_error(back, fmap, _disk_mask(height, width, DISK_FRACTION, fmap.device))
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "degrees": self.degrees}

@@ -139,9 +139,9 @@ def _gather(fmap: torch.Tensor, cm: CellMap) -> FeatureAction:
     iy, ix = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
     n_h, n_w = fmap.shape[-2:]
     valid = (iy >= 0) & (iy < n_h) & (ix >= 0) & (ix < n_w)
-    flat = torch.from_numpy(np.where(valid, iy * n_w + ix, 0).reshape(-1))
+    flat = torch.from_numpy(np.where(valid, iy * n_w + ix, 0).reshape(-1)).to(fmap.device)
     moved = fmap.flatten(-2)[..., flat].reshape(fmap.shape)
-    mask = torch.from_numpy(valid)[None, None]
+    mask = torch.from_numpy(valid)[None, None].to(fmap.device)
     if valid.all():
         return FeatureAction(moved)
     return FeatureAction(moved * mask.to(fmap.dtype), mask)
@@ -168,7 +168,7 @@ def _resampled(
         inside &= (ii - cy) ** 2 + (jj - cx) ** 2 <= radius**2
     if not inside.any():
         raise NotMeasurable(f"feature map {n_h}x{n_w} leaves no cell to compare after resampling")
-    mask = torch.from_numpy(inside)[None, None]
+    mask = torch.from_numpy(inside)[None, None].to(fmap.device)
     return FeatureAction(_sample(fmap, sy, sx) * mask.to(fmap.dtype), mask)
 
 
@@ -242,7 +242,7 @@ def _fractional_shift(element: Shift, fmap: torch.Tensor, grid: GridLike) -> Fea
     # Cells within reach of the wrapped-around border are not defined by the shift itself.
     n_h, n_w = fmap.shape[-2:]
     reach_y, reach_x = int(np.ceil(abs(cy))) + 1, int(np.ceil(abs(cx))) + 1
-    mask = torch.zeros(1, 1, n_h, n_w, dtype=torch.bool)
+    mask = torch.zeros(1, 1, n_h, n_w, dtype=torch.bool, device=fmap.device)
     if n_h > 2 * reach_y and n_w > 2 * reach_x:
         mask[..., reach_y : n_h - reach_y, reach_x : n_w - reach_x] = True
     if not mask.any():

@@ -1,0 +1,72 @@
+"""``--device``: where the model runs (``cpu``, ``cuda``, ``cuda:N``).
+
+PyTorch models move to the device; their activations stay there and the engine reduces them in
+place (per-image norms, histograms, channel moments), so only small statistics come back to the
+CPU. ONNX models run with onnxruntime's CUDA execution provider (``pip install onnxruntime-gpu``).
+Asking for a device that is not there is a usage error (exit 2) that says what is missing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from eqaudit.errors import UsageError
+from eqaudit.models.base import ModelAdapter
+
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """The device string, validated against this machine."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise UsageError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise UsageError(
+            f"--device {device}: no CUDA device is visible to torch {torch.__version__} "
+            f"({build}): run on a machine with a GPU and a CUDA build of torch, or use --device cpu"
+        )
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    return device
+
+
+def place(adapter: ModelAdapter, device: str) -> None:
+    """Run ``adapter`` on ``device``, or say (exit 2) why it cannot."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise UsageError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    if adapter.backend == "onnx":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise UsageError(
+                f"--device {device}: onnxruntime has no CUDAExecutionProvider here (available: "
+                f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
+            )
+        index = device.split(":")[1] if ":" in device else "0"
+        adapter.providers = [  # type: ignore[attr-defined]
+            ("CUDAExecutionProvider", {"device_id": index}),
+            "CPUExecutionProvider",
+        ]
+        return
+    check_device(device)
+    adapter.to_device(device)  # type: ignore[attr-defined]
+
+
+def free_memory(device: str) -> int | None:
+    """Free bytes on a CUDA device (None for the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)

@@ -1,0 +1,88 @@
+"""--device and the memory the engine budgets for: clear refusals here, real runs on a GPU.
+
+The GPU tests run only where torch sees a CUDA device (CI has none: they skip with the reason).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from models_zoo import SmallCNN, calibrate_, export_onnx
+
+import eqaudit
+from eqaudit.errors import UsageError
+
+engine_module = importlib.import_module("eqaudit.audit")  # the module, not the function
+
+CUDA = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device visible to torch on this machine")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return calibrate_(SmallCNN(), 17).eval()
+
+
+def test_a_device_that_is_not_a_device_is_refused(model) -> None:
+    with pytest.raises(UsageError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
+        eqaudit.audit(model, "flips", input_size=17, num_images=2, device="gpu")
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has a GPU: the refusal cannot be observed")
+def test_cuda_without_a_gpu_says_what_is_missing(model, tmp_path) -> None:
+    with pytest.raises(UsageError, match="no CUDA device is visible to torch"):
+        eqaudit.audit(model, "flips", input_size=17, num_images=2, device="cuda")
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    with pytest.raises(UsageError, match="pip install onnxruntime-gpu"):
+        eqaudit.audit(path, "flips", num_images=2, device="cuda")
+
+
+def test_available_memory_takes_the_tightest_limit(monkeypatch) -> None:
+    monkeypatch.setattr(engine_module, "_meminfo_available", lambda: 20 * 2**30)
+    monkeypatch.setattr(engine_module, "_cgroup_available", lambda: 3 * 2**30)
+    monkeypatch.setattr(engine_module, "_address_space_available", lambda: None)
+    assert engine_module.available_memory() == 3 * 2**30
+    monkeypatch.setattr(engine_module, "_cgroup_available", lambda: None)
+    assert engine_module.available_memory() == 20 * 2**30
+
+
+def test_cgroup_limit_is_read_from_memory_max(monkeypatch) -> None:
+    files = {"/sys/fs/cgroup/memory.max": 4 * 2**30, "/sys/fs/cgroup/memory.current": 2**30}
+    monkeypatch.setattr(engine_module, "_read_int", files.get)
+    assert engine_module._cgroup_available() == 3 * 2**30
+    files["/sys/fs/cgroup/memory.max"] = None  # "max": no limit
+    assert engine_module._cgroup_available() is None
+
+
+def test_a_tight_container_shrinks_the_batch_instead_of_dying(model, monkeypatch) -> None:
+    # All-layer activations of 8 images x 2 elements need ~9 MB here; a container with 12 MB
+    # free leaves room for one image per step.
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 12 * 2**20)
+    result = eqaudit.audit(model, "flips", input_size=65, num_images=3, batch_size=16)
+    assert result.summary["run"]["images_per_step"] < 8
+    assert any("batch shrunk" in n for n in result.summary["run"]["notes"])
+    assert result.outputs[1]["n"] == 3
+
+
+@needs_gpu
+def test_cuda_audit_matches_the_cpu_audit(model) -> None:
+    options = dict(input_size=17, num_images=6, seed=1, channel_map=True, lie=True)
+    cpu = eqaudit.audit(model, "d4,rot:20", **options)
+    gpu = eqaudit.audit(model, "d4,rot:20", device="cuda", **options)
+    for a, b in zip(cpu.outputs, gpu.outputs, strict=True):
+        assert a["agreement"] == b["agreement"]
+        assert b["js_divergence"] == pytest.approx(a["js_divergence"], rel=1e-3, abs=1e-7)
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert (a["relative_error"] is None) == (b["relative_error"] is None)
+        if a["relative_error"] is not None:
+            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-3, abs=1e-6)
+
+
+@needs_gpu
+def test_cuda_batch_is_sized_from_free_memory(model) -> None:
+    result = eqaudit.audit(model, "d4", input_size=17, num_images=4, device="cuda")
+    assert result.summary["run"]["images_per_step"] >= 1
+    assert result.summary["options"]["device"] == "cuda"
