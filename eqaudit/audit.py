@@ -1091,11 +1091,13 @@ def audit(
             "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
         },
     }
+    from eqaudit.shard import empty_shard_result, shard_result
+
+    if config.shard is not None and not len(positions):  # more shards than images
+        return empty_shard_result(engine, context, config.shard, positions)
     result = build_result(engine, context, time.perf_counter() - started)
     if config.shard is None:
         return result
-    from eqaudit.shard import shard_result
-
     return shard_result(result, engine, context, config.shard, positions)
 
 

@@ -280,6 +280,30 @@ def check(
             rich_help_panel="Scale-out",
         ),
     ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run the audit as shards on a Ray cluster (pip install 'eqaudit[ray]') and "
+            "merge them: the same result as a single run.",
+            rich_help_panel="Scale-out",
+        ),
+    ] = False,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="With --ray: how many shards (default one per GPU with --device cuda, else "
+            "one per CPU of the cluster).",
+            rich_help_panel="Scale-out",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: the cluster to join (default $RAY_ADDRESS, else a local one).",
+            rich_help_panel="Scale-out",
+        ),
+    ] = None,
     label_action: Annotated[
         list[str] | None,
         typer.Option(
@@ -413,6 +437,8 @@ def check(
     if model is None:
         raise UsageError("missing MODEL: give the model file to audit, e.g. eqaudit check m.onnx")
     out_dir = Path(resolved.out) if resolved.out else Path("reports") / model.stem
+    if (shards is not None or ray_address is not None) and not ray:
+        raise UsageError("--shards and --ray-address go with --ray: add --ray")
     _run_check(
         model,
         resolved.audit,
@@ -420,6 +446,7 @@ def check(
         suggest_label_action,
         gate=resolved.gate,
         started=started,
+        ray={"shards": shards, "address": ray_address} if ray else None,
     )
 
 
@@ -441,6 +468,7 @@ def _run_check(
     suggest: bool = False,
     gate: Any = None,
     started: float | None = None,
+    ray: dict | None = None,
 ) -> None:
     from eqaudit.audit import audit
     from eqaudit.config import GateConfig
@@ -456,8 +484,19 @@ def _run_check(
         )
     check_out_dir(out)  # a bad --out fails before the audit, not after it
     baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
-    with console.progress_bar("auditing") as progress:
-        result = audit(model, config=config, progress=progress)
+    with console.progress_bar("auditing" if ray is None else "shards on Ray") as progress:
+        if ray is None:
+            result = audit(model, config=config, progress=progress)
+        else:
+            from eqaudit.distributed import audit_on_ray
+
+            result = audit_on_ray(model, config, progress=progress, **ray)
+    shard = result.summary.get("shard")
+    if shard is not None and not shard["images"]:
+        raise UsageError(
+            f"shard {shard['index']}/{shard['total']} has no images: the audit has fewer images "
+            "than shards; use fewer shards"
+        )
     verdict = evaluate_gate(result, gate, baseline)
     result = verdict.attach(result)
     write_report(result, out)

@@ -126,7 +126,9 @@ def engine_state(engine: Engine) -> tuple[dict, dict[str, np.ndarray]]:
         "output_stats": [s.to_state() for s in engine.output_stats],
         "orbit": engine.orbit.to_state(),
         "orbit_correct": engine.orbit_correct.to_state(),
-        "confusion": [[[i, j, n] for (i, j), n in c.items()] for c in engine._confusion],
+        "confusion": [
+            [[i, j, n] for (i, j), n in c.items()] for c in getattr(engine, "_confusion", [])
+        ],
         "score_low": None if engine._score_low is None else engine._score_low.tolist(),
         "score_high": None if engine._score_high is None else engine._score_high.tolist(),
         "warnings": engine.warnings,
@@ -188,6 +190,25 @@ def shard_result(
     )
 
 
+def empty_shard_result(
+    engine: Engine, context: dict, shard: tuple[int, int], positions: range
+) -> AuditResult:
+    """A shard with no images (more shards than images): nothing to report, an empty state
+    that merges as zero."""
+    state, arrays = engine_state(engine)
+    index, total = shard
+    info = {"index": index, "total": total, "start": positions.start, "stop": positions.stop}
+    info["images"] = 0
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "shard": info,
+        "context": json_ready(context),
+        "engine": json_ready(state),
+    }
+    return AuditResult(summary={"shard": info, "warnings": []}, shard_state=(payload, arrays))
+
+
 def write_state(folder: Path, state: tuple[dict, dict[str, np.ndarray]]) -> list[str]:
     """Write ``shard-state.json`` and ``shard-state.npz`` into ``folder``."""
     payload, arrays = state
@@ -231,7 +252,12 @@ def merge_shards(folders: list[Path]) -> AuditResult:
     """The result a single run would give, from the states of all N shards of one audit."""
     if not folders:
         raise UsageError("eqaudit merge needs the shard folders: eqaudit merge DIR1 DIR2 ...")
-    loaded = [_load(Path(f)) for f in folders]
+    return merge_states([_load(Path(f)) for f in folders])
+
+
+def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResult:
+    """:func:`merge_shards` on states already in memory (from ``AuditResult.shard_state``)."""
+    loaded = list(loaded)
     loaded.sort(key=lambda item: item[0]["shard"]["index"])
     total = loaded[0][0]["shard"]["total"]
     indices = [p["shard"]["index"] for p, _ in loaded]
@@ -271,6 +297,9 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
     from eqaudit.transforms import parse_transforms
 
     context = payloads[0]["context"]
+    with_images = [p for p in payloads if p["shard"]["images"]]
+    if not with_images:
+        raise UsageError("none of the shards audited any image: check --data and --num-images")
     options = {f.name: context["options"].get(f.name) for f in fields(AuditConfig)}
     for key in ("input_size", "mean", "std", "providers", "layer_patterns"):
         if isinstance(options.get(key), list):
@@ -300,7 +329,7 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
 
     elements = parse_transforms(config.transforms, config.shift_mode)
     engine = Engine(_Offline(), elements, preprocessing, config)  # type: ignore[arg-type]
-    first = payloads[0]["engine"]
+    first = with_images[0]["engine"]
     engine.output_kind = first["output_kind"]
     engine.output_kind_source = first["output_kind_source"]
     engine.num_classes = first["num_classes"]
@@ -313,7 +342,8 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
             total = total.merge(kind.from_state(state))
         return total
 
-    shards = [p["engine"] for p in payloads]
+    shards = [p["engine"] for p in with_images]
+    arrays = [a for p, a in zip(payloads, arrays, strict=True) if p["shard"]["images"]]
     engine.output_stats = [
         merged([s["output_stats"][gi] for s in shards], OutputStats)
         for gi in range(len(engine.elements))

@@ -1,0 +1,109 @@
+"""Audits spread over a Ray cluster: the shards of :mod:`eqaudit.shard`, run as Ray tasks.
+
+``eqaudit check MODEL --ray`` (``pip install 'eqaudit[ray]'``) connects to a Ray cluster
+(``--ray-address``, else ``$RAY_ADDRESS``, else a local instance started for the run), splits the
+images into N shards (``--shards N``; default one per GPU with ``--device cuda``, else one per
+CPU of the cluster, at most one per image), runs ``eqaudit.audit(MODEL, shard=(i, N))`` in one
+task per shard, and merges the returned states on the driver: the result equals a single run's
+(:mod:`eqaudit.shard`). The model path and the data folder must be readable at the same paths on
+every node (shared storage, or a local cluster). Ray's own scheduling, retries and object store
+do the work; nothing here is a home-made scheduler.
+
+The same shards run without Ray as independent jobs (a Slurm array, a Kubernetes indexed Job),
+each writing its folder; ``eqaudit merge`` then combines them. See docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from eqaudit.config import AuditConfig
+from eqaudit.errors import UsageError
+from eqaudit.results import AuditResult
+
+
+def _audit_shard(model: str, config: AuditConfig, threads: int) -> tuple[dict, dict]:
+    """One Ray task: audit one shard, return its mergeable state (runs on a worker)."""
+    import torch
+
+    from eqaudit.audit import audit
+
+    torch.set_num_threads(max(1, threads))
+    result = audit(model, config=config)
+    assert result.shard_state is not None
+    return result.shard_state
+
+
+def audit_on_ray(
+    model: str | Path,
+    config: AuditConfig,
+    *,
+    shards: int | None = None,
+    address: str | None = None,
+    progress: Any = None,
+) -> AuditResult:
+    """Run the audit of ``model`` with ``config`` as N Ray tasks and merge (module docstring)."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(
+            "--ray needs Ray, which is not installed: pip install 'eqaudit[ray]' (or run the "
+            "shards yourself with --shard I/N and eqaudit merge)"
+        ) from None
+    if not isinstance(model, (str, Path)):
+        raise UsageError("--ray audits a model file that every Ray node can read: pass its path")
+    if config.shard is not None:
+        raise UsageError("--ray makes the shards itself: drop --shard")
+    if shards is not None and shards < 1:
+        raise UsageError(f"--shards must be at least 1, not {shards}")
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise UsageError(
+                f"cannot connect to the Ray cluster{f' at {address}' if address else ''} "
+                f"({type(exc).__name__}: {first}): start it with 'ray start --head' or fix "
+                "--ray-address"
+            ) from None
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        cpus = max(1, int(resources.get("CPU", 1)))
+        on_gpu = config.device.startswith("cuda")
+        if on_gpu and gpus == 0:
+            raise UsageError("--ray --device cuda: the Ray cluster has no GPU resources")
+        count = shards or (gpus if on_gpu else cpus)
+        threads = 1 if on_gpu else max(1, cpus // count)
+        task = ray.remote(num_cpus=1 if on_gpu else threads, num_gpus=1 if on_gpu else 0)(
+            _audit_shard
+        )
+        # Each task sees its own GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES).
+        device = "cuda" if on_gpu else config.device
+        pending = [
+            task.remote(str(model), replace(config, shard=(i, count), device=device), threads)
+            for i in range(1, count + 1)
+        ]
+        states = []
+        remaining = list(pending)
+        while remaining:
+            done, remaining = ray.wait(remaining, num_returns=1)
+            states.append(ray.get(done[0]))
+            if progress is not None:
+                progress(len(states), count)
+    finally:
+        if started_here:
+            ray.shutdown()
+    from eqaudit.shard import merge_states
+
+    return merge_states(states)

@@ -1,0 +1,50 @@
+"""--ray: the shards of an audit as tasks on a local Ray instance, merged on the driver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_zoo import SmallCNN, calibrate_, export_onnx
+
+import eqaudit
+from eqaudit.config import AuditConfig
+from eqaudit.errors import UsageError
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'eqaudit[ray]')")
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = calibrate_(SmallCNN(), 17).eval()
+    return export_onnx(model, tmp_path_factory.mktemp("ray") / "m.onnx", 17)
+
+
+def test_ray_shards_merge_into_the_single_run(onnx_model) -> None:
+    from eqaudit.distributed import audit_on_ray
+
+    config = AuditConfig(transforms="d4,shift:1", num_images=9, seed=2, batch_size=16)
+    single = eqaudit.audit(onnx_model, config=config)
+    merged = audit_on_ray(onnx_model, config, shards=4)
+    assert {k: v for k, v in merged.summary.items() if k != "run"} == {
+        k: v for k, v in single.summary.items() if k != "run"
+    }
+    assert merged.predictions.equals(single.predictions)
+    assert merged.gallery == single.gallery
+
+
+def test_more_shards_than_images_still_merge(onnx_model) -> None:
+    from eqaudit.distributed import audit_on_ray
+
+    config = AuditConfig(transforms="flips", num_images=2, layers=False)
+    merged = audit_on_ray(onnx_model, config, shards=3)
+    assert merged.summary["data"]["count"] == 2 and merged.outputs[1]["n"] == 2
+
+
+def test_ray_refuses_what_it_cannot_do(onnx_model) -> None:
+    from eqaudit.distributed import audit_on_ray
+
+    with pytest.raises(UsageError, match="drop --shard"):
+        audit_on_ray(onnx_model, AuditConfig(shard=(1, 2)))
+    with pytest.raises(UsageError, match="pass its path"):
+        audit_on_ray(torch.nn.Linear(2, 2), AuditConfig())  # type: ignore[arg-type]
