@@ -291,9 +291,8 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
     from eqaudit.data import make_preprocessing
     from eqaudit.gallery import Gallery
     from eqaudit.lie import LieAccumulator, LieStats
-    from eqaudit.metrics import LayerStats, OrbitStats, OutputStats
-    from eqaudit.metrics.channel_map import ChannelMapStats, ChannelMoments
-    from eqaudit.models.base import InputSpec, LayerInfo
+    from eqaudit.metrics import OrbitStats, OutputStats
+    from eqaudit.models.base import InputSpec
     from eqaudit.transforms import parse_transforms
 
     context = payloads[0]["context"]
@@ -367,7 +366,7 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
         for s in shards:
             target.extend(w for w in s[key] if w not in target)
     engine.images_seen = sum(p["shard"]["images"] for p in payloads)
-    _merge_layers(engine, shards, arrays, LayerInfo, LayerStats, ChannelMapStats, ChannelMoments)
+    _merge_layers(engine, shards, arrays)
     if first["lie"] is not None:
         lie = LieAccumulator(method=first["lie"]["method"])
         engine.lie_steps = first["lie"]["steps"]
@@ -392,9 +391,13 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
     return build_result(engine, context, 0.0)
 
 
-def _merge_layers(engine, shards, arrays, LayerInfo, LayerStats, ChannelMapStats, ChannelMoments):  # type: ignore[no-untyped-def]
+def _merge_layers(engine: Engine, shards: list[dict], arrays: list[dict[str, np.ndarray]]) -> None:
+    """Rebuild the engine's per-layer states from the shards' (same layers, in order)."""
     from eqaudit.audit import _LayerState
     from eqaudit.grids import AxisGrid, Grid
+    from eqaudit.metrics import LayerStats
+    from eqaudit.metrics.channel_map import ChannelMapStats, ChannelMoments
+    from eqaudit.models.base import LayerInfo
 
     g = len(engine.elements)
     for li, layer in enumerate(shards[0]["layers"]):
