@@ -25,7 +25,8 @@ def inspect_model(model: Path | str, align_input: bool = False, **options: Any) 
     """Input spec, outputs and auditable layers (with shapes and sampling grids when the input
     size is known). ``align_input``: choose the nearest aligned size first (as ``check``)."""
     input_size = options.get("input_size")
-    adapter = load_model(model, **options)
+    # aligned:N starts a search at N: the model must not be fixed at N before it runs.
+    adapter = load_model(model, **{**options, "input_size": None} if align_input else options)
     size_note = None
     if align_input:
         from eqaudit.audit import _choose_input_size

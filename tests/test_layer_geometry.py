@@ -342,3 +342,18 @@ def test_compare_takes_layer_differences_only_on_scored_pairs() -> None:
     assert conv2["relative_error_a"] is not None  # both errors kept for the record
     conv1 = next(r for r in rows if r["layer_a"] == "conv1" and r["transform"] == "flip_h")
     assert conv1["scored"] is True and conv1["relative_error_difference"] is not None
+
+
+def test_inspect_shows_grids_and_chooses_an_aligned_size() -> None:
+    from typer.testing import CliRunner
+
+    from eqaudit.cli import app
+
+    runner = CliRunner()
+    args = ["inspect", "eqaudit/demo/assets/demo_cnn.pt", "--factory", "eqaudit.demo.model:build"]
+    result = runner.invoke(app, [*args, "--input-size", "aligned:32"])
+    assert result.exit_code == 0, result.output
+    assert "input size 33x33 chosen" in result.output
+    assert "2x2 @ 0,0 (17x17)" in result.output  # the first stride-2 convolution's grid
+    misaligned = runner.invoke(app, [*args, "--input-size", "32"])
+    assert misaligned.exit_code == 0 and "2x2 @ 0,0 (16x16)" in misaligned.output
