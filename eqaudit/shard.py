@@ -175,19 +175,23 @@ def shard_result(
         f"of {context['data']['count']} only; merge the shards with eqaudit merge",
         *summary["warnings"],
     ]
-    payload = {
+    return AuditResult(
+        summary=summary,
+        predictions=result.predictions,
+        gallery=result.gallery,
+        shard_state=(_payload(info, context, state), arrays),
+    )
+
+
+def _payload(info: dict, context: dict, state: dict) -> dict:
+    """shard-state.json: what eqaudit merge reads."""
+    return {
         "format": FORMAT,
         "version": VERSION,
         "shard": info,
         "context": json_ready(context),
         "engine": json_ready(state),
     }
-    return AuditResult(
-        summary=summary,
-        predictions=result.predictions,
-        gallery=result.gallery,
-        shard_state=(payload, arrays),
-    )
 
 
 def empty_shard_result(
@@ -199,14 +203,10 @@ def empty_shard_result(
     index, total = shard
     info = {"index": index, "total": total, "start": positions.start, "stop": positions.stop}
     info["images"] = 0
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "shard": info,
-        "context": json_ready(context),
-        "engine": json_ready(state),
-    }
-    return AuditResult(summary={"shard": info, "warnings": []}, shard_state=(payload, arrays))
+    return AuditResult(
+        summary={"shard": info, "warnings": []},
+        shard_state=(_payload(info, context, state), arrays),
+    )
 
 
 def write_state(folder: Path, state: tuple[dict, dict[str, np.ndarray]]) -> list[str]:
