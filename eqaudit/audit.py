@@ -55,12 +55,13 @@ from eqaudit.models import LayerInfo, ModelAdapter, load_model
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
 from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
-from eqaudit.transforms.elements import center_crop
+from eqaudit.transforms.elements import center_crop, d4_apply
 from eqaudit.transforms.geometry import (
     SizeChoice,
     aligned,
     choose_aligned_size,
     compare_on_grid,
+    comparison_plan,
     misaligned_reason,
     resampled_floor,
 )
@@ -103,6 +104,8 @@ class _LayerState:
     #: per element: exact | resampled | naive | invariance (set by the first comparison)
     comparison: list[str | None] = field(default_factory=list)
     channel_maps: list[Any] | None = None
+    #: per element: a D4 action on the map's own grid without a mask (the fast path)
+    own_grid: list[bool] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -377,7 +380,25 @@ class Engine:
                 else (True if e.is_identity else aligned(e, grid, self.input_size))
                 for e in self.elements
             ]
-            state.comparison = [None] * g
+            # D4 pairs compared on the map's own grid, without a mask (aligned: exact; or
+            # misaligned under --misaligned flag, or an unknown grid: naive) are known before the
+            # first batch, and take the fast path of _own_grid_d4_norms on every batch.
+            square = info.spatial and info.shape[1] == info.shape[2]
+            state.comparison, state.own_grid = [None] * g, [False] * g
+            for gi, e in enumerate(self.elements):
+                if not info.spatial or not isinstance(e, D4Element) or e.is_identity:
+                    continue
+                if e.k % 2 and not square:
+                    continue  # not measurable: the first batch records why
+                if state.aligned[gi] is True:
+                    state.comparison[gi], state.own_grid[gi] = "exact", True
+                elif state.aligned[gi] is None or self.config.misaligned == "flag":
+                    on_cells = (
+                        grid is not None
+                        and comparison_plan(e, grid, self.input_size)[1] != "off-cells"
+                    )
+                    if not on_cells:  # (off-centre by whole cells: compared on the overlap)
+                        state.comparison[gi], state.own_grid[gi] = "naive", True
             if self.config.channel_map:
                 state.channel_maps = self._channel_maps(info)
             self.layer_states.append(state)
@@ -654,9 +675,36 @@ class Engine:
             }
         return suggestions
 
+    @staticmethod
+    def _own_grid_d4_norms(
+        element: D4Element, reference: torch.Tensor, a: torch.Tensor, nb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(||a||, ||T'b||, ||a - T'b||)`` for a D4 element acting on the map's own grid
+        without a mask: ``T'b`` is one fresh copy that ``a`` is subtracted from in place, and
+        ``||T'b|| = ||b||`` (a permutation of cells) is computed once per layer."""
+        dims = tuple(range(1, a.ndim))
+        moved = d4_apply(reference, element.k, element.flip)
+        na = torch.linalg.vector_norm(a, dim=dims).to(torch.float64)
+        nd = torch.linalg.vector_norm(moved.sub_(a), dim=dims).to(torch.float64)
+        return na, nb, nd
+
     def _update_layer(self, state: _LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
         reference = act[0]
+        reference_norm: torch.Tensor | None = None  # ||b||, shared by the exact D4 elements
         for gi, element in enumerate(self.elements):
+            fast = (
+                state.own_grid[gi]
+                and state.reasons[gi] is None
+                and (state.channel_maps is None or state.channel_maps[gi] is None)
+            )
+            if fast:  # the common case: a D4 element on the map's own grid, no mask
+                a = act[gi]
+                if reference_norm is None:
+                    dims = tuple(range(1, reference.ndim))
+                    reference_norm = torch.linalg.vector_norm(reference, dim=dims).to(torch.float64)
+                norms = self._own_grid_d4_norms(element, reference, a, reference_norm)
+                state.stats[gi].update(*errors_from_norms(*norms))
+                continue
             if state.reasons[gi] is not None:
                 continue
             if gi == 0:  # the identity is the reference itself: exactly zero, no work
@@ -1045,7 +1093,9 @@ def audit(
         engine.images_seen = positions.start
     total, done = len(positions), 0
     torch.manual_seed(config.seed)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: inference tensors have no version counter, which the torch
+    # adapter reads to know which captured activations a forward overwrites in place.
+    with torch.no_grad():
         for batch in source.iter_batches(images_per_step, positions.start, positions.stop):
             engine.run_batch(batch.pixels, batch.labels, batch.ids)
             if engine.layer_states:  # only activations are large enough to fragment the heap

@@ -146,6 +146,9 @@ class TorchAdapter(ModelAdapter):
         super().__init__(path, input_spec)
         self.module = module
         self.device = "cpu"
+        #: captured outputs that the forward later modifies in place (learnt on the first run
+        #: with layers, see _run_impl); None until then: every capture is cloned
+        self._overwritten: set[str] | None = None
         self._program = program
         #: module outputs the graph shows in NHWC (a Linear over channels-last maps, as in
         #: ConvNeXt): permuted to canonical NCHW when captured
@@ -310,18 +313,51 @@ class TorchAdapter(ModelAdapter):
         if not modules:
             return _scores_of(self._forward(batch)), captured
 
+        originals: dict[str, tuple[torch.Tensor, int]] = {}
+        learning = self._overwritten is None
+
         def keep(path: str, index: int, output: Any) -> None:
             name = path if index == 0 else f"{path}:{index}"
             if name not in wanted:
                 return
             tensor = _first_tensor(output)
-            if tensor is not None and tensor.is_floating_point():
-                # clone: an in-place op later in the forward would overwrite a shared buffer
-                captured[name] = tensor.detach().clone()
+            if tensor is None or not tensor.is_floating_point():
+                return
+            tensor = tensor.detach()  # shares storage and version counter with the output
+            version = _version(tensor)
+            if version is not None:
+                originals[name] = (tensor, version)
+            if learning or name in self._overwritten or version is None:  # type: ignore[operator]
+                # clone: an in-place op later in the forward overwrites this buffer
+                captured[name] = tensor.clone()
+            else:
+                captured[name] = tensor
 
         with self._hooks(modules, keep):
             output = self._forward(batch)
+        overwritten = {
+            name for name, (tensor, version) in originals.items() if _version(tensor) != version
+        }
+        if learning:
+            # Learnt once, with every candidate layer exposed (the probe): which outputs are
+            # modified in place later in the forward (a ReLU(inplace=True) after a batch norm,
+            # `out += identity`). Only those are cloned from now on: a copy of every activation
+            # is the largest cost of capturing them.
+            self._overwritten = overwritten
+        elif overwritten - self._overwritten:  # type: ignore[operator]
+            # A forward that writes in place where the probe's did not (data-dependent code):
+            # the uncloned captures are stale; learn and run this batch again.
+            self._overwritten |= overwritten  # type: ignore[operator]
+            return self._run_impl(batch, layers)
         return _scores_of(output), captured
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which have none)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -187,7 +187,9 @@ class GridComparison:
 
 
 @lru_cache(maxsize=4096)
-def _plan(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> tuple[CellMap, str]:
+def comparison_plan(
+    element: Transform, grid: GridLike, input_size: tuple[int, int]
+) -> tuple[CellMap, str]:
     """The element's cell map on this grid and how to compare (cached: the same for every
     batch): ``aligned`` (shifts that land on cells, D4 bijections), ``overlap`` (a D4 element
     moving cells onto cells with some falling off the map), ``off-cells``."""
@@ -213,7 +215,7 @@ def compare_on_grid(
         return GridComparison(action, "naive" if element.exact else "resampled", None)
     if isinstance(element, D4Element) and element.k % 2 and fmap.shape[-1] != fmap.shape[-2]:
         raise NotMeasurable(f"feature map is {fmap.shape[-2]}x{fmap.shape[-1]}, not square")
-    cm, plan = _plan(element, grid, input_size)
+    cm, plan = comparison_plan(element, grid, input_size)
     if plan != "off-cells":
         own = (float(grid.h.stride), float(grid.w.stride))
         if plan == "aligned":  # the plain action on the map's own grid is the true one

@@ -637,3 +637,51 @@ def test_every_error_is_an_eqaudit_error_with_one_line(tmp_path):
     with pytest.raises(EqauditError) as error:
         load_torch(path)
     assert_one_line(error)
+
+
+def test_only_outputs_overwritten_in_place_are_cloned_after_the_first_run():
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    adapter = TorchAdapter.from_module(model, input_spec=spec())
+    x = images()
+    adapter.run(x, ["conv", "act"])  # learns which captures a later op overwrites
+    assert adapter._overwritten == {"conv"}
+    with torch.no_grad():
+        conv = model.conv(x)
+    for _ in range(2):
+        out = adapter.run(x, ["conv", "act"])
+        torch.testing.assert_close(out.activations["conv"], conv, rtol=0, atol=0)
+        torch.testing.assert_close(out.activations["act"], conv.clamp(min=0), rtol=0, atol=0)
+    # Inference tensors carry no version counter: everything is cloned there, still right.
+    with torch.inference_mode():
+        out = adapter.run(x, ["conv", "act"])
+    torch.testing.assert_close(out.activations["conv"], conv, rtol=0, atol=0)
+
+
+class SometimesInplace(nn.Module):
+    """Writes into the conv's output only for inputs with a large mean (data-dependent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if float(x.mean()) > 10:
+            h.mul_(0)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_data_dependent_inplace_write_is_caught_and_the_batch_rerun():
+    torch.manual_seed(0)
+    model = SometimesInplace().eval()
+    adapter = TorchAdapter.from_module(model, input_spec=spec())
+    adapter.run(images(), ["conv"])  # learns: nothing is overwritten
+    assert adapter._overwritten == set()
+    big = images() + 100
+    with torch.no_grad():
+        conv = model.conv(big)
+        out = adapter.run(big, ["conv"])
+    torch.testing.assert_close(out.activations["conv"], conv, rtol=0, atol=0)
+    assert adapter._overwritten == {"conv"}
