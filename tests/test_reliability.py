@@ -178,3 +178,27 @@ def test_interrupted_run_leaves_the_previous_report(tmp_path, sig, code):
     assert "Traceback" not in stderr
     assert _files(out) == before
     assert not [p for p in out.iterdir() if p.name.startswith(".eqaudit-")]
+
+
+def test_a_model_with_noise_in_its_forward_is_reported_as_non_deterministic() -> None:
+    import torch
+    from torch import nn
+
+    import eqaudit
+
+    class Noisy(nn.Module):  # randomness that eval() does not switch off
+        def __init__(self, noise: float) -> None:
+            super().__init__()
+            self.noise = noise
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(324, 3)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x + self.noise * torch.randn_like(x))
+
+    torch.manual_seed(0)
+    result = eqaudit.audit(Noisy(0.5), "flips", input_size=9, num_images=4, layers=False)
+    assert any("not deterministic" in w for w in result.warnings)
+    clean = eqaudit.audit(Noisy(0.0), "flips", input_size=9, num_images=4, layers=False)
+    assert not any("not deterministic" in w for w in clean.warnings)
