@@ -86,3 +86,61 @@ def test_cuda_batch_is_sized_from_free_memory(model) -> None:
     result = eqaudit.audit(model, "d4", input_size=17, num_images=4, device="cuda")
     assert result.summary["run"]["images_per_step"] >= 1
     assert result.summary["options"]["device"] == "cuda"
+
+
+def test_a_runtime_out_of_memory_error_says_out_of_memory(tmp_path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    # A model whose forward fails the way torch's CPU allocator does when memory runs out.
+    script = tmp_path / "oom.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Hungry(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.conv = nn.Conv2d(3, 2, 3)
+
+                def forward(self, x):
+                    raise RuntimeError(
+                        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                        "allocate memory: you tried to allocate 1073741824 bytes"
+                    )
+
+            def build():
+                return Hungry()
+            """
+        )
+    )
+    torch.save(
+        {"conv.weight": torch.zeros(2, 3, 3, 3), "conv.bias": torch.zeros(2)}, tmp_path / "w.pt"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eqaudit",
+            "check",
+            str(tmp_path / "w.pt"),
+            "--factory",
+            f"{script}:build",
+            "--input-size",
+            "9",
+            "-n",
+            "2",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: out of memory while auditing")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -114,6 +114,22 @@ class RunOutput:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+_OUT_OF_MEMORY = (
+    "bad_alloc",
+    "can't allocate memory",
+    "out of memory",
+    "Failed to allocate memory",
+    "not enough memory",
+)
+
+
+def looks_out_of_memory(message: str) -> bool:
+    """Does a runtime's error say it ran out of memory? (onnxruntime: std::bad_alloc, torch:
+    DefaultCPUAllocator: can't allocate memory, CUDA out of memory.)"""
+    lowered = message.lower()
+    return any(marker.lower() in lowered for marker in _OUT_OF_MEMORY)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -253,6 +269,9 @@ class ModelAdapter(ABC):
                 raise
             except Exception as exc:  # the model's own failure, not ours
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if looks_out_of_memory(str(exc)):
+                    # Not the model's fault: the CLI reports it as out of memory (exit 3).
+                    raise MemoryError(first) from exc
                 raise ModelRunError(
                     f"the model failed at run time: {first[:300]} "
                     "(check --input-size, --layout and --channels against what the model expects)"

@@ -25,7 +25,7 @@ from onnx import TensorProto
 
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, onnx_grid_graph
-from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter
+from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter, looks_out_of_memory
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 # Ops never worth auditing as a layer (shape arithmetic, constants).
@@ -339,6 +339,8 @@ class OnnxAdapter(ModelAdapter):
             )
         except Exception as exc:
             first = _ort_message(exc)
+            if looks_out_of_memory(str(exc)):
+                raise MemoryError(first) from exc
             raise ModelLoadError(
                 f"onnxruntime cannot load '{self.path.name}': {first[:300]} "
                 "(an unsupported or custom operator? re-export the model with standard ONNX ops)"
