@@ -317,6 +317,7 @@ class Engine:
         self.images_seen = 0
         self.lie: LieAccumulator | None = LieAccumulator() if config.lie else None
         self.lie_steps: dict[str, float] = {}
+        self._input_buffer: torch.Tensor | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _layer_grids(self) -> tuple[Any, dict[str, Any]]:
@@ -491,7 +492,13 @@ class Engine:
         positions = list(range(self.images_seen, self.images_seen + b))
         self.images_seen += b
         transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
-        model_in = self.preprocessing.normalise(torch.cat(transformed))
+        # The model input is assembled and normalised in one buffer reused across batches:
+        # fresh pages for every batch cost more than the copies.
+        shape = (g * b, *transformed[0].shape[1:])
+        if self._input_buffer is None or tuple(self._input_buffer.shape) != shape:
+            self._input_buffer = torch.empty(shape, dtype=torch.float32)
+        torch.cat([t.to(torch.float32) for t in transformed], out=self._input_buffer)
+        model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
         first = not self.predictions
         names = [s.info.name for s in self.layer_states]
         out = self.adapter.run(model_in, names)

@@ -102,8 +102,11 @@ class Preprocessing:
         """Channels in pixel space: 1 for a gray model, else 3 (RGB)."""
         return 1 if self.channels == "gray" else 3
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` pixel-space batch (RGB or gray, [0, 1]) -> model input, NCHW float32."""
+    def normalise(self, pixels: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``(B, C, H, W)`` pixel-space batch (RGB or gray, [0, 1]) -> model input, NCHW float32.
+
+        ``inplace``: overwrite ``pixels`` (a float32 batch the caller owns) instead of allocating
+        the result; the same operations in the same order, so the same values."""
         if pixels.ndim != 4 or pixels.shape[1] != self.pixel_channels:
             raise ValueError(
                 f"expected pixels (B, {self.pixel_channels}, H, W), got {tuple(pixels.shape)}"
@@ -113,6 +116,8 @@ class Preprocessing:
             x = x.flip(1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        if inplace and x.data_ptr() == pixels.data_ptr():
+            return x.mul_(self.scale).sub_(mean).div_(std)
         return (x * self.scale - mean) / std
 
     def to_dict(self) -> dict:
