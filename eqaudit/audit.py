@@ -90,7 +90,10 @@ def estimate_stride(size: int, cells: int) -> float | None:
 
 
 @dataclass
-class _LayerState:
+class LayerState:
+    """One audited layer's accumulators and geometry, per transform element (the engine's
+    state; eqaudit.shard saves and rebuilds it)."""
+
     info: LayerInfo
     stride: tuple[float, float] | None
     stride_source: str
@@ -300,7 +303,7 @@ class Engine:
         self.output_stats = [OutputStats() for _ in self.elements]
         self.orbit = OrbitStats()
         self.orbit_correct = OrbitStats()
-        self.layer_states: list[_LayerState] = []
+        self.layer_states: list[LayerState] = []
         self.output_kind: str | None = None if config.outputs == "auto" else config.outputs
         self.output_kind_source = "auto" if config.outputs == "auto" else "option"
         self.warnings: list[str] = []
@@ -372,7 +375,7 @@ class Engine:
                 source = "shape" if stride is not None else "unknown"
             if not info.spatial:
                 stride, source = None, "n/a"
-            state = _LayerState(
+            state = LayerState(
                 info, stride, source, [LayerStats() for _ in range(g)], [None] * g, grid, note
             )
             state.aligned = [
@@ -697,7 +700,7 @@ class Engine:
         nd = torch.linalg.vector_norm(moved.sub_(a), dim=dims).to(torch.float64)
         return na, nb, nd
 
-    def _update_layer(self, state: _LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
+    def _update_layer(self, state: LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
         reference = act[0]
         reference_norm: torch.Tensor | None = None  # ||b||, shared by the exact D4 elements
         for gi, element in enumerate(self.elements):
@@ -766,7 +769,7 @@ class Engine:
 
     # -- results -----------------------------------------------------------------------------
     @staticmethod
-    def _grid_columns(state: _LayerState) -> dict[str, float | None]:
+    def _grid_columns(state: LayerState) -> dict[str, float | None]:
         grid = state.grid
         if grid is None:
             stride = state.stride
@@ -892,7 +895,7 @@ class Engine:
         return rows
 
     @staticmethod
-    def _channel_columns(state: _LayerState, gi: int) -> dict[str, Any]:
+    def _channel_columns(state: LayerState, gi: int) -> dict[str, Any]:
         """--channel-map: the error after the fitted 1x1 channel map (held-out half), the naive
         error pooled over the same cells, and whether the fitted map is a channel permutation
         (each row's weight almost all on one channel, rows on distinct channels)."""
@@ -975,7 +978,7 @@ def _images_per_step(
     )
 
 
-def _choose_input_size(
+def choose_input_size(
     adapter: ModelAdapter, config: AuditConfig, elements: list[Transform]
 ) -> SizeChoice:
     """``--input-size aligned[:N]``: fix the adapter at the nearest size where every layer's
@@ -1072,7 +1075,7 @@ def audit(
     )
     size_choice = None
     if config.align_input:
-        size_choice = _choose_input_size(adapter, config, elements)
+        size_choice = choose_input_size(adapter, config, elements)
     elif config.input_size is not None:
         adapter.with_input_size(*config.input_size)
     place(adapter, config.device)

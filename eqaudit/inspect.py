@@ -29,11 +29,11 @@ def inspect_model(model: Path | str, align_input: bool = False, **options: Any) 
     adapter = load_model(model, **{**options, "input_size": None} if align_input else options)
     size_note = None
     if align_input:
-        from eqaudit.audit import _choose_input_size
+        from eqaudit.audit import choose_input_size
         from eqaudit.config import AuditConfig
         from eqaudit.transforms import parse_transforms
 
-        choice = _choose_input_size(
+        choice = choose_input_size(
             adapter, AuditConfig(input_size=input_size, align_input=True), parse_transforms("d4")
         )
         size_note = choice.note()

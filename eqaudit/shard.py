@@ -393,7 +393,7 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
 
 def _merge_layers(engine: Engine, shards: list[dict], arrays: list[dict[str, np.ndarray]]) -> None:
     """Rebuild the engine's per-layer states from the shards' (same layers, in order)."""
-    from eqaudit.audit import _LayerState
+    from eqaudit.audit import LayerState
     from eqaudit.grids import AxisGrid, Grid
     from eqaudit.metrics import LayerStats
     from eqaudit.metrics.channel_map import ChannelMapStats, ChannelMoments
@@ -403,7 +403,7 @@ def _merge_layers(engine: Engine, shards: list[dict], arrays: list[dict[str, np.
     for li, layer in enumerate(shards[0]["layers"]):
         info = layer["info"]
         grid = layer["grid"]
-        state = _LayerState(
+        state = LayerState(
             LayerInfo(
                 name=info["name"],
                 op=info["op"],
