@@ -24,6 +24,7 @@ last bits when batches are grouped differently, and the ridge solve (condition n
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,6 +287,7 @@ def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResul
 
 
 def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) -> AuditResult:
+    started = time.perf_counter()
     from eqaudit.audit import Engine, build_result
     from eqaudit.config import AuditConfig
     from eqaudit.data import make_preprocessing
@@ -387,8 +389,19 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
         columns = {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith("predictions/")}
         if columns:
             engine.predictions.append(pd.DataFrame(columns))
-    engine.run_notes.append(f"merged from {len(payloads)} shards by eqaudit merge")
-    return build_result(engine, context, 0.0)
+    engine.run_notes.append(
+        f"merged from {len(payloads)} shards by eqaudit merge (each shard's own run time and "
+        "command are in its report)"
+    )
+    import sys
+    from datetime import datetime, timezone
+
+    run = {
+        **context["run"],
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
+    }
+    return build_result(engine, {**context, "run": run}, time.perf_counter() - started)
 
 
 def _merge_layers(engine: Engine, shards: list[dict], arrays: list[dict[str, np.ndarray]]) -> None:
