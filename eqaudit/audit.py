@@ -321,6 +321,7 @@ class Engine:
         self.lie: LieAccumulator | None = LieAccumulator() if config.lie else None
         self.lie_steps: dict[str, float] = {}
         self._input_buffer: torch.Tensor | None = None
+        self._difference_buffers: dict[tuple, np.ndarray] = {}
 
     # -- set-up ------------------------------------------------------------------------------
     def _layer_grids(self) -> tuple[Any, dict[str, Any]]:
@@ -687,17 +688,32 @@ class Engine:
             }
         return suggestions
 
-    @staticmethod
     def _own_grid_d4_norms(
-        element: D4Element, reference: torch.Tensor, a: torch.Tensor, nb: torch.Tensor
+        self, element: D4Element, reference: torch.Tensor, a: torch.Tensor, nb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(||a||, ||T'b||, ||a - T'b||)`` for a D4 element acting on the map's own grid
-        without a mask: ``T'b`` is one fresh copy that ``a`` is subtracted from in place, and
-        ``||T'b|| = ||b||`` (a permutation of cells) is computed once per layer."""
+        without a mask; ``||T'b|| = ||b||`` (a permutation of cells) is computed once per layer.
+
+        On the CPU the difference is one pass into a reused buffer: numpy views rotate and flip
+        without copying (negative strides), which torch tensors cannot; elsewhere ``T'b`` is
+        one copy that ``a`` is subtracted from in place."""
         dims = tuple(range(1, a.ndim))
-        moved = d4_apply(reference, element.k, element.flip)
         na = torch.linalg.vector_norm(a, dim=dims).to(torch.float64)
-        nd = torch.linalg.vector_norm(moved.sub_(a), dim=dims).to(torch.float64)
+        if reference.device.type == "cpu" and reference.dtype == torch.float32:
+            key = tuple(reference.shape)
+            buffer = self._difference_buffers.get(key)
+            if buffer is None:
+                self._difference_buffers.clear()  # one shape at a time: bounded memory
+                buffer = self._difference_buffers[key] = np.empty(key, dtype=np.float32)
+            view = reference.numpy()
+            if element.flip:
+                view = view[..., ::-1]
+            view = np.rot90(view, element.k, axes=(-2, -1))
+            np.subtract(view, a.numpy(), out=buffer)
+            difference = torch.from_numpy(buffer)
+        else:
+            difference = d4_apply(reference, element.k, element.flip).sub_(a)
+        nd = torch.linalg.vector_norm(difference, dim=dims).to(torch.float64)
         return na, nb, nd
 
     def _update_layer(self, state: LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
