@@ -246,7 +246,10 @@ class ModelAdapter(ABC):
         return probed
 
     def run(self, batch: torch.Tensor, layers: Sequence[str] = ()) -> RunOutput:
-        """Run a canonical ``(B, C, H, W)`` float32 batch; see the module docstring."""
+        """Run a canonical ``(B, C, H, W)`` float32 batch; see the module docstring.
+
+        Activations may share memory with the backend's next run of the same layers and batch
+        size: use them before running again. Scores are always the caller's own."""
         spec = self.input_spec
         if batch.ndim != 4 or batch.shape[1] != spec.channels:
             raise UsageError(
@@ -284,7 +287,12 @@ class ModelAdapter(ABC):
                     canonical = canonical.flatten(1)  # globally pooled: no spatial axes left
                 # A layer that sees another batch (a model looping over crops) is not auditable.
                 if canonical is not None and canonical.shape[0] == chunk.shape[0]:
-                    acts_parts.setdefault(name, []).append(canonical[:keep])
+                    part = canonical[:keep]
+                    # A backend may write its next run into the same arrays (the ONNX adapter
+                    # reuses them per batch shape): a chunk's part must survive the next chunk.
+                    acts_parts.setdefault(name, []).append(
+                        part.clone() if len(chunks) > 1 else part
+                    )
         scores = scores_parts[0] if len(scores_parts) == 1 else torch.cat(scores_parts)
         bad = ~torch.isfinite(scores).all(dim=1)
         if bad.any():

@@ -31,3 +31,18 @@ def test_reused_outputs_hold_each_runs_own_values(tmp_path) -> None:
     reference = fresh.run(third_x, names)
     for name in names:
         torch.testing.assert_close(third.activations[name], reference.activations[name])
+
+
+def test_a_fixed_batch_model_keeps_every_chunks_activations(tmp_path) -> None:
+    # A batch-1 graph runs a batch chunk by chunk with the same key: each chunk must keep its own
+    # activations, not the last chunk's arrays.
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    fixed = load_model(export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False))
+    dynamic = load_model(export_onnx(model, tmp_path / "dynamic.onnx", 17))
+    names = [layer.name for layer in fixed.probe_layers(torch.zeros(1, 3, 17, 17))]
+    dynamic.probe_layers(torch.zeros(1, 3, 17, 17))
+    x = torch.randn(3, 3, 17, 17)
+    got, want = fixed.run(x, names), dynamic.run(x, names)
+    for name in names:
+        torch.testing.assert_close(got.activations[name], want.activations[name])
