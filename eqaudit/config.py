@@ -640,6 +640,7 @@ def resolve_config(
         raise UsageError("--max-layer-error needs per-layer results: drop --no-layers")
     from eqaudit.transforms.labels import parse_label_action_options
 
+    input_size, align_input = split_input_size(v["input_size"])
     audit = AuditConfig(
         transforms=v["transforms"],
         shift_mode=v["shift_mode"],
@@ -649,8 +650,8 @@ def resolve_config(
         output_name=v["output_name"],
         layout=v["layout"],
         providers=tuple(v["providers"]),
-        input_size=split_input_size(v["input_size"])[0],
-        align_input=split_input_size(v["input_size"])[1],
+        input_size=input_size,
+        align_input=align_input,
         outputs=v["outputs"],
         data=v["data"],
         labels=v["labels"],

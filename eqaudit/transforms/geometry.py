@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from eqaudit.metrics.functional import relative_error
 from eqaudit.transforms.elements import (
     DISK_FRACTION,
     D4Element,
@@ -224,11 +225,11 @@ def compare_on_grid(
         return GridComparison(_gather(fmap, cm), "exact", False)
     if element.exact:  # a D4 element or integer shift whose motion misses the cells
         if misaligned == "skip":
-            raise NotMeasurable(_misaligned_reason(element, grid, input_size))
+            raise NotMeasurable(misaligned_reason(element, grid, input_size))
         if misaligned == "resample":
             return GridComparison(_resampled(fmap, cm, None), "resampled", False)
         if isinstance(element, Shift):  # no naive comparison exists for a fraction of a cell
-            raise NotMeasurable(_misaligned_reason(element, grid, input_size))
+            raise NotMeasurable(misaligned_reason(element, grid, input_size))
         return GridComparison(element.feature_action(fmap, stride), "naive", False)
     if isinstance(element, Shift):  # sub-pixel shift: band-limited, border cells masked
         return GridComparison(_fractional_shift(element, fmap, grid), "resampled", False)
@@ -256,8 +257,6 @@ def resampled_floor(
     element: Transform, fmap: torch.Tensor, grid: GridLike | None, input_size: tuple[int, int]
 ) -> torch.Tensor | None:
     """Interpolation floor of a resampled comparison: ``T'^-1 T' h`` against ``h``, per image."""
-    from eqaudit.metrics.functional import relative_error
-
     if grid is None:
         return element.feature_floor(fmap)
     if isinstance(element, Shift):
@@ -273,7 +272,8 @@ def resampled_floor(
     return relative_error(back.transformed, fmap, mask)
 
 
-def _misaligned_reason(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> str:
+def misaligned_reason(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> str:
+    """One line saying why a grid is not mapped onto itself by the element."""
     height, width = input_size
     parts = []
     for axis, size, name in ((grid.h, height, "h"), (grid.w, width, "w")):
@@ -286,11 +286,6 @@ def _misaligned_reason(element: Transform, grid: GridLike, input_size: tuple[int
             f"({grid.h.stride:g}, {grid.w.stride:g}): no exact comparison exists"
         )
     return f"grid not symmetric about the image centre ({'; '.join(parts)})"
-
-
-def misaligned_reason(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> str:
-    """One line saying why a grid is not mapped onto itself by the element."""
-    return _misaligned_reason(element, grid, input_size)
 
 
 # --------------------------------------------------------------------------------------------
