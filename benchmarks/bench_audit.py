@@ -9,7 +9,8 @@ audited under D4 on synthetic images, with the ONNX backend (onnxruntime) and th
   runtime (``InferenceSession.run`` / the module under ``torch.inference_mode``);
 * ``exposed``: the same inference with every layer that the all-layers audit compares handed out
   and nothing else done with it (ONNX: the layers appended as graph outputs, as eqaudit does;
-  PyTorch: forward hooks that clone the module outputs, as eqaudit does). ``exposed / plain`` is
+  PyTorch: forward hooks that receive every module output, as eqaudit's do, and drop it).
+  ``exposed / plain`` is
   what the runtime itself pays to expose the tensors (onnxruntime loses its Conv + Relu / Add
   fusions and copies the outputs); ``all-layers / exposed`` is eqaudit's own overhead;
 * ``audit-no-layers``: ``eqaudit.audit(..., transforms="d4", layers=False)``, end to end (model
@@ -47,6 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
@@ -251,32 +253,31 @@ def onnx_session(onnx_path: Path, layers: Sequence[str], device: str | None):
     return ort.InferenceSession(source, sess_options=options, providers=ort_providers(device))
 
 
-def capture_hooks(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Forward hooks on ``model`` that clone the outputs of the named modules into the returned
-    dict, named like eqaudit names them (``path`` for a module's first call in a forward,
-    ``path:i`` for its i-th later call). Clear the dict before each forward."""
+def capture_hooks(model: nn.Module, names: Sequence[str]) -> Counter[str]:
+    """Forward hooks on ``model`` that receive the outputs of the named modules, named like
+    eqaudit names them (``path`` for a module's first call in a forward, ``path:i`` for its i-th
+    later call), as eqaudit's hooks do: the live tensor, neither cloned nor kept (eqaudit reduces
+    it inside the hook). The returned counter tells how many tensors were handed over."""
     wanted = set(names)
     paths = {name.split(":")[0] for name in names}
-    captured: dict[str, torch.Tensor] = {}
+    handed: Counter[str] = Counter()
     calls: dict[str, int] = {}
 
     def make_hook(path: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not captured:  # first hook of a new forward
-                calls.clear()
             index = calls.get(path, 0)
             calls[path] = index + 1
             name = path if index == 0 else f"{path}:{index}"
             if name in wanted and isinstance(output, torch.Tensor):
-                # clone, as eqaudit does: a later in-place ReLU would overwrite the buffer
-                captured[name] = output.detach().clone()
+                handed[name] += output.detach().ndim > 0
 
         return hook
 
+    model.register_forward_pre_hook(lambda *_: calls.clear())  # a new forward: count afresh
     for path, module in model.named_modules():
         if path in paths:
             module.register_forward_hook(make_hook(path))
-    return captured
+    return handed
 
 
 def make_plain(
@@ -302,15 +303,14 @@ def make_plain(
 
     target = device or "cpu"
     module = copy.deepcopy(model).to(target)
-    captured = capture_hooks(module, layers) if layers else {}
+    if layers:
+        capture_hooks(module, layers)
 
     def run_torch() -> None:
         with torch.inference_mode():
             for batch in batches:
-                captured.clear()
                 # The host-to-device copy is part of the work: the audit has to make it too.
                 module(batch.to(target))
-        captured.clear()
         synchronise(device)
 
     return run_torch

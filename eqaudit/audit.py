@@ -9,7 +9,9 @@ size bounds ``G x B``). It then compares each element with the identity, image b
   invariance for flat features (DESIGN.md section 4).
 
 Accumulators take per-image values and the activations are dropped before the next batch, so
-memory does not grow with the number of images.
+memory does not grow with the number of images. A layer is compared as soon as the adapter hands
+it over: a PyTorch forward hands each module output over while it runs (nothing is cloned or kept
+beyond the forward's own tensors); an ONNX session hands out every requested output at its end.
 """
 
 from __future__ import annotations
@@ -436,13 +438,16 @@ class Engine:
         per_image = self.activation_bytes_per_image() * g
         if available is None or per_image == 0:
             return wanted
-        # Activations are held once by the runtime and once by the engine, and compared in
-        # float64 one layer at a time: budget three copies against half of what is free.
+        # Activations handed out at the end of a run are all held at once, by the runtime and
+        # the engine: budget three copies against half of what is free. Streamed ones (PyTorch,
+        # one chunk) are reduced as the forward goes and never all held: one copy bounds them.
         budget = available // 2
-        fits = budget // (3 * per_image)
+        copies = 1 if self._streams(wanted * g) else 3
+        per_image *= copies
+        fits = budget // per_image
         if fits < 1:
             raise UsageError(
-                f"one image under the {g} transform elements needs {3 * per_image / 2**30:.1f} GiB "
+                f"one image under the {g} transform elements needs {per_image / 2**30:.1f} GiB "
                 f"of activations for the {len(self.layer_states)} audited layers, more than half "
                 f"of the {available / 2**30:.1f} GiB available: select fewer layers with --layers "
                 "or audit outputs only with --no-layers"
@@ -453,6 +458,12 @@ class Engine:
                 "in memory"
             )
         return int(min(wanted, fits))
+
+    def _streams(self, forward_images: int) -> bool:
+        """Does a run of this many forward images stream its activations (see
+        :meth:`ModelAdapter.run`)? Not when a fixed batch size splits it into chunks."""
+        fixed = self.adapter.input_spec.batch
+        return self.adapter.streams_activations and (fixed is None or fixed == forward_images)
 
     def _track_spread(self, reference: torch.Tensor) -> None:
         """Keep the range of the identity scores, to tell a model that ignores its input."""
@@ -504,8 +515,16 @@ class Engine:
         torch.cat([t.to(torch.float32) for t in transformed], out=self._input_buffer)
         model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
         first = not self.predictions
-        names = [s.info.name for s in self.layer_states]
-        out = self.adapter.run(model_in, names)
+        # Channel maps are fitted on the images of even position and evaluated on the others.
+        fit = (torch.tensor(positions) % 2) == 0
+        states = {s.info.name: s for s in self.layer_states}
+
+        def reduce(name: str, act: torch.Tensor) -> None:
+            # Called with each layer's activations as the forward computes them (PyTorch
+            # hooks) or after it (ONNX): reduced at once to per-image numbers, never kept.
+            self._update_layer(states[name], act.reshape(g, b, *act.shape[1:]), fit)
+
+        out = self.adapter.run(model_in, list(states), sink=reduce if states else None)
         scores = out.scores.reshape(g, b, -1)
         self.num_classes = scores.shape[-1]
         if first:
@@ -526,11 +545,6 @@ class Engine:
         self._update_outputs(scores, labels, ids, transformed, positions)
         if self.lie is not None:
             self._update_lie(center_crop(pixels, self.margin))
-        # Channel maps are fitted on the images of even position and evaluated on the others.
-        fit = (torch.tensor(positions) % 2) == 0
-        for state in self.layer_states:
-            act = out.activations[state.info.name]
-            self._update_layer(state, act.reshape(g, b, *act.shape[1:]), fit)
 
     def _update_lie(self, pixels: torch.Tensor) -> None:
         """Lie derivatives of this batch's outputs (and, for PyTorch modules, each audited

@@ -69,14 +69,34 @@ def test_same_inputs_give_byte_identical_reports_apart_from_the_run_block(tmp_pa
             assert a[name] == b[name], name
 
 
-def test_memory_guard_shrinks_the_batch_or_refuses(monkeypatch):
+MAPS = 8 * 33 * 33 * 2 + 16 * 17 * 17 * 2 + 16 * 9 * 9 * 2  # conv + relu maps of symmetric_cnn
+
+
+@pytest.mark.parametrize(
+    ("backend", "per_image", "copies"),
+    [
+        # PyTorch streams each layer to the engine during the forward: one copy bounds it.
+        ("torch", 4 * (MAPS + 16 * 3 + 5), 1),  # + pool, flatten, norm, fc
+        # onnxruntime hands every output out at the end: runtime + engine + float64 work.
+        ("onnx", 4 * (MAPS + 16 * 3), 3),  # + pool, the norm's Sub and Div
+    ],
+)
+def test_memory_guard_shrinks_the_batch_or_refuses(
+    monkeypatch, tmp_path, backend, per_image, copies
+):
     model = symmetric_cnn()
-    per_image = 4 * (8 * 33 * 33 * 2 + 16 * 17 * 17 * 2 + 16 * 9 * 9 * 2 + 16 * 4 + 5)
-    # Room for three copies of 2 images x 8 elements within half of "available" memory.
-    monkeypatch.setattr(engine_module, "available_memory", lambda: 2 * 3 * 8 * 2 * per_image + 1)
+    if backend == "onnx":
+        model = str(export_onnx(model, tmp_path / "sym.onnx", 33))
+    # Room for `copies` copies of 2 images x 8 elements within half of "available" memory.
+    room = 2 * copies * 8 * 2 * per_image
+    monkeypatch.setattr(engine_module, "available_memory", lambda: room + 1)
     result = eqaudit.audit(model, "d4", input_size=33, num_images=6, batch_size=64)
     assert result.summary["run"]["images_per_step"] == 2
     assert "batch shrunk from 8 to 2" in result.summary["run"]["notes"][0]
+    # One byte less and only one image fits: the budget is exactly that many copies.
+    monkeypatch.setattr(engine_module, "available_memory", lambda: room - 1)
+    tighter = eqaudit.audit(model, "d4", input_size=33, num_images=2, batch_size=64)
+    assert tighter.summary["run"]["images_per_step"] == 1
     # Same numbers as an unconstrained run: the batch size does not change the results.
     monkeypatch.setattr(engine_module, "available_memory", lambda: None)
     free = eqaudit.audit(model, "d4", input_size=33, num_images=6, batch_size=64)
@@ -87,11 +107,52 @@ def test_memory_guard_shrinks_the_batch_or_refuses(monkeypatch):
         assert a["js_divergence"] == pytest.approx(b["js_divergence"], rel=1e-6, abs=1e-15)
     for a, b in zip(result.layers, free.layers, strict=True):
         assert a["relative_error"] == pytest.approx(b["relative_error"], rel=1e-9, abs=1e-12)
-    monkeypatch.setattr(engine_module, "available_memory", lambda: per_image)
+    monkeypatch.setattr(engine_module, "available_memory", lambda: copies * per_image)
     with pytest.raises(UsageError, match="--no-layers"):
         eqaudit.audit(model, "d4", input_size=33, num_images=6)
     # Outputs only needs no activation memory.
     eqaudit.audit(model, "d4", input_size=33, num_images=2, layers=False)
+
+
+class InplaceResidual(torch.nn.Module):
+    """Batch norm into ReLU(inplace=True) and ``out += identity``: captured outputs that the
+    forward overwrites later, the case streaming must get right without cloning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(identity))
+        out += identity
+        return self.fc(self.relu(out).mean((2, 3)))
+
+
+def test_streamed_layers_give_the_numbers_of_returned_ones(monkeypatch):
+    torch.manual_seed(0)
+    model = InplaceResidual().eval()
+    for bn in (model.bn1, model.bn2):  # non-trivial statistics: outputs with negative parts
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    kwargs = {"input_size": 17, "num_images": 5, "batch_size": 24, "transforms": "d4,shift:1"}
+    streamed = eqaudit.audit(model, **kwargs)
+    adapter_module = importlib.import_module("eqaudit.models.torch_adapter")
+    monkeypatch.setattr(adapter_module.TorchAdapter, "streams_activations", False)
+    returned = eqaudit.audit(model, **kwargs)
+    assert len(streamed.layers) == len(returned.layers) > 20
+    layers = {row["layer"] for row in streamed.layers}
+    assert {"bn1", "bn2", "relu", "relu:1"} <= layers
+    # Same batches, same comparisons: equal to the last bit, rows and summary alike.
+    assert streamed.layers == returned.layers
+    assert streamed.outputs == returned.outputs
+    bn2 = [r for r in streamed.layers if r["layer"] == "bn2" and r["transform"] == "rot90"]
+    assert bn2[0]["relative_error"] > 0.1  # a random residual block is far from equivariant
 
 
 SLOW_FACTORY = """

@@ -25,13 +25,21 @@ Layers: :meth:`ModelAdapter.layers` lists the auditable intermediate tensors in 
 from a probe run (:meth:`ModelAdapter.probe_layers`), because many graphs do not declare them.
 Their sampling grids (where each cell sits in the input) come from the graph, replayable at any
 input size: :meth:`ModelAdapter.grid_graph` (see :mod:`eqaudit.grids`).
+
+Streaming: ``run(batch, layers, sink=f)`` hands each canonical activation to ``f(name, tensor)``
+instead of returning it. A backend that can (``streams_activations``: PyTorch forward hooks) calls
+the sink *while the forward runs*, with the live tensor: the engine reduces a layer to a few
+numbers per image before a later in-place op overwrites it, so nothing is cloned or kept, and the
+memory held is the forward's own. The tensor is valid only during the call. Other backends (an
+ONNX session hands out every output at the end), and batches split into fixed-size chunks, call
+the sink after the run, once per layer, with the whole batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,6 +114,19 @@ class LayerInfo:
         return self.shape is not None and len(self.shape) == 3
 
 
+#: ``sink(name, activation)``: receives a canonical activation of the whole batch.
+Sink = Callable[[str, torch.Tensor], None]
+
+
+class _SinkFailed(Exception):
+    """The caller's sink raised inside the model's forward: re-raised as itself by
+    :meth:`ModelAdapter.run`, never blamed on the model."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass
 class RunOutput:
     """Scores ``(B, K)`` float32 and canonical activations by layer name."""
@@ -142,6 +163,8 @@ class ModelAdapter(ABC):
     """One loaded model. Subclasses implement the ``_impl`` methods only."""
 
     backend: str = "?"
+    #: ``_run_impl`` can hand activations to a sink during the forward (see the module docstring).
+    streams_activations: bool = False
     #: Output declared by the model file as probabilities (``None``: unknown, detect from data).
     declared_output_kind: str | None = None
 
@@ -159,12 +182,17 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def _run_impl(
-        self, batch: torch.Tensor, layers: Sequence[str]
+        self,
+        batch: torch.Tensor,
+        layers: Sequence[str],
+        emit: Callable[[str, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run one chunk in the model's own layout; return raw scores and raw activations.
 
         Raw activations are returned in the model's own layout; :meth:`_canonical_activation`
-        brings them to canonical form.
+        brings them to canonical form. With ``emit`` (only when :attr:`streams_activations`),
+        each raw activation goes to ``emit(name, raw)`` as soon as it is computed and is not
+        returned (nor copied).
         """
 
     def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
@@ -245,11 +273,14 @@ class ModelAdapter(ABC):
         self._layers = probed
         return probed
 
-    def run(self, batch: torch.Tensor, layers: Sequence[str] = ()) -> RunOutput:
+    def run(
+        self, batch: torch.Tensor, layers: Sequence[str] = (), sink: Sink | None = None
+    ) -> RunOutput:
         """Run a canonical ``(B, C, H, W)`` float32 batch; see the module docstring.
 
         Activations may share memory with the backend's next run of the same layers and batch
-        size: use them before running again. Scores are always the caller's own."""
+        size: use them before running again. With ``sink`` they are handed to it (streamed when
+        the backend can) and not returned. Scores are always the caller's own."""
         spec = self.input_spec
         if batch.ndim != 4 or batch.shape[1] != spec.channels:
             raise UsageError(
@@ -261,13 +292,18 @@ class ModelAdapter(ABC):
                 f"images of size {tuple(batch.shape[2:])} do not match the model input {spec.size}"
             )
         chunks = self._chunks(batch)
+        emit = None
+        if sink is not None and layers and self.streams_activations and len(chunks) == 1:
+            emit = self._emitter(sink, chunks[0][0].shape[0])
         scores_parts: list[torch.Tensor] = []
         acts_parts: dict[str, list[torch.Tensor]] = {}
         for chunk, keep in chunks:
             model_input = chunk.permute(0, 2, 3, 1) if spec.layout == "NHWC" else chunk
             model_input = model_input.contiguous()
             try:
-                raw_scores, raw_acts = self._run_impl(model_input, layers)
+                raw_scores, raw_acts = self._run_impl(model_input, layers, emit)
+            except _SinkFailed as failed:  # the engine's own error, raised inside a hook
+                raise failed.error from None
             except (UsageError, ModelRunError, UnsupportedModelError):
                 raise
             except Exception as exc:  # the model's own failure, not ours
@@ -282,11 +318,8 @@ class ModelAdapter(ABC):
             # Scores are small: the engine reads them on the CPU (activations stay on the device).
             scores_parts.append(self._canonical_scores(raw_scores)[:keep].cpu())
             for name, value in raw_acts.items():
-                canonical = self._canonical_activation(name, value)
-                if canonical is not None and canonical.ndim == 4 and canonical.shape[2:] == (1, 1):
-                    canonical = canonical.flatten(1)  # globally pooled: no spatial axes left
-                # A layer that sees another batch (a model looping over crops) is not auditable.
-                if canonical is not None and canonical.shape[0] == chunk.shape[0]:
+                canonical = self._auditable(name, value, chunk.shape[0])
+                if canonical is not None:
                     part = canonical[:keep]
                     # A backend may write its next run into the same arrays (the ONNX adapter
                     # reuses them per batch shape): a chunk's part must survive the next chunk.
@@ -304,7 +337,36 @@ class ModelAdapter(ABC):
             name: parts[0] if len(parts) == 1 else torch.cat(parts)
             for name, parts in acts_parts.items()
         }
+        if sink is not None:  # not streamed: handed over now, one layer at a time
+            for name, value in activations.items():
+                sink(name, value)
+            activations = {}
         return RunOutput(scores=scores, activations=activations)
+
+    def _auditable(self, name: str, value: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The canonical activation, or None when it is not auditable."""
+        canonical = self._canonical_activation(name, value)
+        if canonical is not None and canonical.ndim == 4 and canonical.shape[2:] == (1, 1):
+            canonical = canonical.flatten(1)  # globally pooled: no spatial axes left
+        # A layer that sees another batch (a model looping over crops) is not auditable.
+        if canonical is None or canonical.shape[0] != rows:
+            return None
+        return canonical
+
+    def _emitter(self, sink: Sink, rows: int) -> Callable[[str, torch.Tensor], None]:
+        """``emit(name, raw)`` for :meth:`_run_impl`: canonical form, then the sink; the sink's
+        own errors are marked so that they are not reported as the model's."""
+
+        def emit(name: str, raw: torch.Tensor) -> None:
+            canonical = self._auditable(name, raw, rows)
+            if canonical is None:
+                return
+            try:
+                sink(name, canonical)
+            except Exception as exc:
+                raise _SinkFailed(exc) from exc
+
+        return emit
 
     def _chunks(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         fixed = self.input_spec.batch

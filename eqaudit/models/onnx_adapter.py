@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -352,8 +352,13 @@ class OnnxAdapter(ModelAdapter):
         return session
 
     def _run_impl(
-        self, batch: torch.Tensor, layers: Sequence[str]
+        self,
+        batch: torch.Tensor,
+        layers: Sequence[str],
+        emit: Callable[[str, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # One session.run hands every output out at its end: activations are returned
+        # (streams_activations is False, so emit is never given).
         names = tuple(layers)
         session = self._session(names)
         feed = batch.numpy().astype(self.input_spec.dtype, copy=False)

@@ -19,8 +19,11 @@ order (learnt from one dummy forward when the input size is known). A module cal
 in one forward (a shared ReLU) yields ``name``, ``name:1``, ``name:2`` ... one per call. Containers
 (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) are skipped: a Sequential's output is its
 last child's. Hooks are registered for the requested layers of one run only, so a plain run has no
-overhead, and captured tensors are cloned because a later in-place op (``ReLU(inplace=True)``)
-would otherwise overwrite them.
+overhead. The engine's runs stream (``streams_activations``): each hook hands its live output to
+the engine, which reduces it before the forward goes on, so nothing is cloned or kept. When the
+activations are returned instead (the probe, a batch split into fixed-size chunks), outputs that
+a later in-place op overwrites (``ReLU(inplace=True)``, ``out += identity``) are cloned; which
+ones is learnt on the probe from the tensors' version counters.
 
 Sampling grids (:meth:`~eqaudit.models.base.ModelAdapter.grid_graph`) are read from the graph: a
 ``.pt2`` archive's own program; a module (pickle, state dict + factory, in memory) is exported
@@ -128,6 +131,7 @@ class TorchAdapter(ModelAdapter):
     """A PyTorch model run on CPU in float32, with per-layer capture by forward hooks."""
 
     backend = "torch"
+    streams_activations = True
 
     def __init__(
         self,
@@ -304,7 +308,10 @@ class TorchAdapter(ModelAdapter):
             return self.module(batch.to(device=self.device, dtype=self._input_dtype))
 
     def _run_impl(
-        self, batch: torch.Tensor, layers: Sequence[str]
+        self,
+        batch: torch.Tensor,
+        layers: Sequence[str],
+        emit: Callable[[str, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         wanted = set(layers)
         captured: dict[str, torch.Tensor] = {}
@@ -312,6 +319,8 @@ class TorchAdapter(ModelAdapter):
         modules = {path: entry for path, entry in self._candidates.items() if path in paths}
         if not modules:
             return _scores_of(self._forward(batch)), captured
+        if emit is not None:
+            return self._stream(batch, wanted, modules, emit), captured
 
         originals: dict[str, tuple[torch.Tensor, int]] = {}
         learning = self._overwritten is None
@@ -350,6 +359,26 @@ class TorchAdapter(ModelAdapter):
             self._overwritten |= overwritten  # type: ignore[operator]
             return self._run_impl(batch, layers)
         return _scores_of(output), captured
+
+    def _stream(
+        self,
+        batch: torch.Tensor,
+        wanted: set[str],
+        modules: Mapping[str, tuple[list[nn.Module], str]],
+        emit: Callable[[str, torch.Tensor], None],
+    ) -> torch.Tensor:
+        """One forward whose hooks hand each wanted output to ``emit`` as it is computed: the
+        engine reduces it before any later op can overwrite it in place, so nothing is cloned."""
+
+        def hand_over(path: str, index: int, output: Any) -> None:
+            name = path if index == 0 else f"{path}:{index}"
+            tensor = _first_tensor(output) if name in wanted else None
+            if tensor is not None and tensor.is_floating_point():
+                emit(name, tensor.detach())
+
+        with self._hooks(modules, hand_over):
+            output = self._forward(batch)
+        return _scores_of(output)
 
 
 def _version(tensor: torch.Tensor) -> int | None:

@@ -685,3 +685,60 @@ def test_a_data_dependent_inplace_write_is_caught_and_the_batch_rerun():
         out = adapter.run(big, ["conv"])
     torch.testing.assert_close(out.activations["conv"], conv, rtol=0, atol=0)
     assert adapter._overwritten == {"conv"}
+
+
+# -- streaming: activations handed to a sink while the forward runs --------------------------------
+def test_a_sink_sees_each_output_before_a_later_inplace_op_and_nothing_is_returned():
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    adapter = TorchAdapter.from_module(model, input_spec=spec())
+    x = images()
+    seen: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+
+    def sink(name: str, value: torch.Tensor) -> None:
+        order.append(name)
+        seen[name] = value.clone()  # the test keeps a copy; the engine reduces in place
+
+    out = adapter.run(x, ["conv", "act"], sink=sink)
+    assert out.activations == {}
+    assert order == ["conv", "act"]  # streamed in execution order, during the forward
+    with torch.no_grad():
+        conv = model.conv(x)
+    assert (seen["conv"] < 0).any(), "the conv output was handed over before the ReLU ran"
+    torch.testing.assert_close(seen["conv"], conv, rtol=0, atol=0)
+    torch.testing.assert_close(seen["act"], conv.clamp(min=0), rtol=0, atol=0)
+    # Streaming never learns or clones: only a returned capture needs the version counters.
+    assert adapter._overwritten is None
+    assert no_hooks_left(adapter.module)
+
+
+def test_a_sink_error_is_the_callers_not_the_models():
+    adapter = TorchAdapter.from_module(InplaceNet().eval(), input_spec=spec())
+
+    def broken(name: str, value: torch.Tensor) -> None:
+        raise ZeroDivisionError("engine bug")
+
+    with pytest.raises(ZeroDivisionError, match="engine bug"):
+        adapter.run(images(), ["conv"], sink=broken)
+
+    def short_of_memory(name: str, value: torch.Tensor) -> None:
+        raise MemoryError("no room for the comparison")
+
+    with pytest.raises(MemoryError, match="no room"):  # the CLI's exit 3, advice included
+        adapter.run(images(), ["conv"], sink=short_of_memory)
+    assert no_hooks_left(adapter.module)
+
+
+def test_a_fixed_batch_model_hands_the_whole_batch_to_the_sink_after_the_run(tmp_path):
+    model = tiny()
+    adapter = load_torch(export(tmp_path, model, images(2)))  # batch fixed at 2
+    names = [layer.name for layer in adapter.probe_layers(images(1))]
+    x = images(5)  # three chunks, the last padded
+    seen: dict[str, torch.Tensor] = {}
+    out = adapter.run(x, names, sink=lambda name, value: seen.setdefault(name, value))
+    assert out.activations == {} and list(seen) == names
+    whole = adapter.run(x, names).activations
+    for name in names:
+        assert seen[name].shape[0] == 5
+        torch.testing.assert_close(seen[name], whole[name], rtol=0, atol=0)
