@@ -21,9 +21,11 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -323,7 +325,9 @@ class Engine:
         self.lie: LieAccumulator | None = LieAccumulator() if config.lie else None
         self.lie_steps: dict[str, float] = {}
         self._input_buffer: torch.Tensor | None = None
-        self._difference_buffers: dict[tuple, np.ndarray] = {}
+        self._difference_buffers: dict[int, np.ndarray] = {}  # by thread, see _own_grid_d4_norms
+        self._pool: ThreadPoolExecutor | None = None  # layer comparisons, see _update_layers
+        self._pool_workers = 0
 
     # -- set-up ------------------------------------------------------------------------------
     def _layer_grids(self) -> tuple[Any, dict[str, Any]]:
@@ -518,13 +522,21 @@ class Engine:
         # Channel maps are fitted on the images of even position and evaluated on the others.
         fit = (torch.tensor(positions) % 2) == 0
         states = {s.info.name: s for s in self.layer_states}
+        handed_out: list[tuple[LayerState, torch.Tensor]] = []
+        streams = self._streams(g * b)
 
         def reduce(name: str, act: torch.Tensor) -> None:
             # Called with each layer's activations as the forward computes them (PyTorch
-            # hooks) or after it (ONNX): reduced at once to per-image numbers, never kept.
-            self._update_layer(states[name], act.reshape(g, b, *act.shape[1:]), fit)
+            # hooks): reduced at once to per-image numbers, never kept. Handed out after the
+            # run (ONNX): compared below, several layers at a time.
+            act = act.reshape(g, b, *act.shape[1:])
+            if streams:
+                self._update_layer(states[name], act, fit)
+            else:
+                handed_out.append((states[name], act))
 
         out = self.adapter.run(model_in, list(states), sink=reduce if states else None)
+        self._update_layers(handed_out, fit)
         scores = out.scores.reshape(g, b, -1)
         self.num_classes = scores.shape[-1]
         if first:
@@ -714,11 +726,14 @@ class Engine:
         dims = tuple(range(1, a.ndim))
         na = torch.linalg.vector_norm(a, dim=dims).to(torch.float64)
         if reference.device.type == "cpu" and reference.dtype == torch.float32:
-            key = tuple(reference.shape)
-            buffer = self._difference_buffers.get(key)
-            if buffer is None:
-                self._difference_buffers.clear()  # one shape at a time: bounded memory
-                buffer = self._difference_buffers[key] = np.empty(key, dtype=np.float32)
+            # One flat buffer per thread (layers may be compared on several), as large as the
+            # largest map so far and viewed in each map's shape: new pages per layer (page
+            # faults, zeroing) would cost more than the subtraction.
+            thread, size = threading.get_ident(), reference.numel()
+            flat = self._difference_buffers.get(thread)
+            if flat is None or flat.size < size:
+                flat = self._difference_buffers[thread] = np.empty(size, dtype=np.float32)
+            buffer = flat[:size].reshape(reference.shape)
             view = reference.numpy()
             if element.flip:
                 view = view[..., ::-1]
@@ -729,6 +744,42 @@ class Engine:
             difference = d4_apply(reference, element.k, element.flip).sub_(a)
         nd = torch.linalg.vector_norm(difference, dim=dims).to(torch.float64)
         return na, nb, nd
+
+    def _update_layers(
+        self, layers: list[tuple[LayerState, torch.Tensor]], fit: torch.Tensor
+    ) -> None:
+        """Compare layers handed out together, on as many threads as torch may use.
+
+        The comparisons are memory-bound numpy and torch passes that release the GIL, and the
+        runtime is idle meanwhile: layers go to ``torch.get_num_threads()`` workers, each on one
+        thread (no nested intra-op teams), largest first. A layer's state is touched by one worker
+        only and every sum is exact (:mod:`eqaudit.metrics.exact`), so the numbers do not depend
+        on the schedule."""
+        workers = min(torch.get_num_threads(), len(layers))
+        on_cpu = all(act.device.type == "cpu" for _, act in layers)
+        if workers < 2 or not on_cpu:
+            for state, act in layers:
+                self._update_layer(state, act, fit)
+            return
+        layers = sorted(layers, key=lambda pair: -pair[1].numel())
+
+        def work(pair: tuple[LayerState, torch.Tensor]) -> None:
+            self._update_layer(*pair, fit)
+
+        if self._pool is None or self._pool_workers != workers:
+            self.close()
+            self._pool = ThreadPoolExecutor(
+                workers, "eqaudit-compare", initializer=torch.set_num_threads, initargs=(1,)
+            )
+            self._pool_workers = workers
+        for _ in self._pool.map(work, layers):  # re-raises a worker's error here
+            pass
+
+    def close(self) -> None:
+        """Stop the comparison workers (their buffers go with the engine)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _update_layer(self, state: LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
         reference = act[0]
@@ -1137,14 +1188,17 @@ def audit(
     torch.manual_seed(config.seed)
     # no_grad, not inference_mode: inference tensors have no version counter, which the torch
     # adapter reads to know which captured activations a forward overwrites in place.
-    with torch.no_grad():
-        for batch in source.iter_batches(images_per_step, positions.start, positions.stop):
-            engine.run_batch(batch.pixels, batch.labels, batch.ids)
-            if engine.layer_states:  # only activations are large enough to fragment the heap
-                release_freed_memory()
-            done += len(batch.ids)
-            if progress is not None:
-                progress(done, total)
+    try:
+        with torch.no_grad():
+            for batch in source.iter_batches(images_per_step, positions.start, positions.stop):
+                engine.run_batch(batch.pixels, batch.labels, batch.ids)
+                if engine.layer_states:  # only activations are large enough to fragment the heap
+                    release_freed_memory()
+                done += len(batch.ids)
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        engine.close()
 
     description = source.description
     spec = adapter.input_spec

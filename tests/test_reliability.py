@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -153,6 +154,34 @@ def test_streamed_layers_give_the_numbers_of_returned_ones(monkeypatch):
     assert streamed.outputs == returned.outputs
     bn2 = [r for r in streamed.layers if r["layer"] == "bn2" and r["transform"] == "rot90"]
     assert bn2[0]["relative_error"] > 0.1  # a random residual block is far from equivariant
+
+
+def test_layers_handed_out_together_are_compared_on_torch_threads(monkeypatch, tmp_path):
+    model = str(export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33))
+    kwargs = {"input_size": 33, "num_images": 5, "batch_size": 24, "transforms": "d4,rot:30"}
+    threads: set[str] = set()
+    update = engine_module.Engine._update_layer
+
+    def spy(self, state, act, fit):
+        threads.add(threading.current_thread().name)
+        return update(self, state, act, fit)
+
+    monkeypatch.setattr(engine_module.Engine, "_update_layer", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = eqaudit.audit(model, **kwargs)
+        assert threads == {"MainThread"}
+        threads.clear()
+        torch.set_num_threads(2)
+        two = eqaudit.audit(model, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    assert threads and all(name.startswith("eqaudit-compare") for name in threads)
+    assert not any(t.name.startswith("eqaudit-compare") for t in threading.enumerate())
+    # The schedule does not change a number: exact, resampled and flat rows alike.
+    assert one.layers == two.layers
+    assert {row["comparison"] for row in one.layers} >= {"exact", "resampled", "invariance"}
 
 
 SLOW_FACTORY = """
