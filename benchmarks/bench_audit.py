@@ -236,7 +236,8 @@ def audited_layer_names(result: eqaudit.AuditResult) -> list[str]:
 
 def onnx_session(onnx_path: Path, layers: Sequence[str], device: str | None):
     """An onnxruntime session of the model with ``layers`` appended as graph outputs, created
-    the way eqaudit creates its own (default graph optimisations, errors-only logging)."""
+    the way eqaudit creates its own (default graph optimisations, errors-only logging, no memory
+    pattern when layers are exposed)."""
     import onnx
     import onnxruntime as ort
 
@@ -244,6 +245,7 @@ def onnx_session(onnx_path: Path, layers: Sequence[str], device: str | None):
     options.log_severity_level = 3
     source: str | bytes = str(onnx_path)
     if layers:
+        options.enable_mem_pattern = False  # as eqaudit's layer sessions (OnnxAdapter._session)
         model = onnx.load(str(onnx_path))
         known = {o.name for o in model.graph.output}
         for name in layers:
@@ -505,7 +507,8 @@ def memory_cap_case(
     loading the model and the rest cost without activations) and an all-layers audit (which also
     reports the activation bytes per image). The cap is the starting size + the outputs-only rise
     + the smaller of (a) half of what the engine's own rule says a full step of activations needs
-    (3 copies of ``G x k`` images' activations, ``k = batch_size // G``) and (b) half of the
+    (3 copies of ``G x k`` images' activations for ONNX, whose session hands every output out
+    at once; 1 for PyTorch, whose hooks stream them; ``k = batch_size // G``) and (b) half of the
     all-layers run's extra rise: a run that keeps full batches cannot fit; one that takes a
     fraction of a batch per step can. Returns (uncapped all-layers report, capped report, cap).
     """
@@ -520,7 +523,8 @@ def memory_cap_case(
     fixed = (bare["vm_peak_mib"] - bare["vm_before_mib"]) * 2**20
     elements = len(parse_transforms(TRANSFORMS, "crop"))
     per_call = max(1, args.batch_size // elements)
-    full_step = 3 * elements * per_call * free["activation_bytes"]
+    copies = 3 if backend == "onnx" else 1  # the engine's rule (Engine.images_per_step)
+    full_step = copies * elements * per_call * free["activation_bytes"]
     extra = (free["vm_peak_mib"] - free["vm_before_mib"]) * 2**20 - fixed
     headroom = fixed + min(full_step / 2, extra / 2)
     limit = int(free["vm_before_mib"] * 2**20 + headroom)

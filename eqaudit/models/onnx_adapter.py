@@ -12,6 +12,7 @@ whose geometry is not understood give an unknown grid rather than a guess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -137,6 +138,8 @@ class OnnxAdapter(ModelAdapter):
         #: (session, layers, batch shape) -> the last run's output arrays, written again by the
         #: next run with the same key: activations handed out are valid until that next run
         self._reuse: dict[tuple, list[np.ndarray]] = {}
+        #: per-image output shapes of a (session, outputs, image shape), from its last run
+        self._per_image: dict[tuple, list[tuple[int, ...] | None]] = {}
         # The graph walk (shape inference included) is only needed for per-layer audits.
         self._candidates: list[tuple[str, str]] | None = None
         self._inferred: onnx.ModelProto | None = None
@@ -331,6 +334,12 @@ class OnnxAdapter(ModelAdapter):
         # Fatal only: onnxruntime logs straight to the process's stderr, which would add lines
         # beside eqaudit's one error line; its errors reach us as exceptions anyway.
         options.log_severity_level = 4
+        if layers:
+            # onnxruntime's memory pattern, planned after a first run, allocates a second block
+            # as large as every exposed output (1.4 GB for ResNet-18 at 224 x 64): fresh pages
+            # on the second batch that cost more than the planning saves (the outputs are bound
+            # to the adapter's own arrays, and a plain session keeps the pattern).
+            options.enable_mem_pattern = False
         try:
             # The plain model loads from its (already validated) file: no serialised copy.
             source = str(self.path) if not layers and self.path.is_file() else None
@@ -364,14 +373,31 @@ class OnnxAdapter(ModelAdapter):
         feed = batch.numpy().astype(self.input_spec.dtype, copy=False)
         outputs = [self.output_name, *names]
         key = (id(session), names, feed.shape)
+        results = None
+        if names and key not in self._reuse:
+            # A new batch shape: the outputs go into arrays allocated here (their per-image
+            # shapes are known from an earlier run), not into onnxruntime's own: its allocation
+            # plan for a bound run differs, and switching later costs a second set of pages.
+            buffers = self._fresh_buffers(session, names, feed.shape)
+            if buffers is not None:
+                with contextlib.suppress(Exception):  # an unusual graph: run it unbound below
+                    results = self._run_into(session, feed, outputs, buffers)
         try:
-            if names and key in self._reuse:
+            if results is not None:
+                pass
+            elif names and key in self._reuse:
                 results = self._run_into(session, feed, outputs, self._reuse[key])
             else:
                 results = session.run(outputs, {self.input_spec.name: feed})
         except Exception as exc:  # the base class turns it into a ModelRunError
             raise RuntimeError(_ort_message(exc)) from exc
         arrays = [np.asarray(value) for value in results]
+        if names:
+            rows = feed.shape[0]
+            self._per_image[id(session), names, feed.shape[1:]] = [
+                a.shape[1:] if a.ndim and a.shape[0] == rows and a.dtype == np.float32 else None
+                for a in arrays
+            ]
         if names and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
             # The next run of the same layers and batch size writes into these arrays instead
             # of new ones: handing out every layer allocates hundreds of MB per batch, and
@@ -386,6 +412,17 @@ class OnnxAdapter(ModelAdapter):
             if array.dtype.kind == "f":
                 acts[name] = torch.from_numpy(array.astype(np.float32, copy=False))
         return scores, acts
+
+    def _fresh_buffers(
+        self, session: ort.InferenceSession, names: tuple[str, ...], feed: tuple[int, ...]
+    ) -> list[np.ndarray] | None:
+        """New float32 output arrays for a batch of input shape ``feed``, or None while a
+        per-image output shape is unknown (no run of these outputs at this image size yet) or
+        an output is not batch-major float32."""
+        shapes = self._per_image.get((id(session), names, feed[1:]))
+        if shapes is None or any(shape is None for shape in shapes):
+            return None
+        return [np.empty((feed[0], *shape), dtype=np.float32) for shape in shapes]
 
     def _run_into(
         self,
