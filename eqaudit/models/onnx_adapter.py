@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -245,10 +246,15 @@ class OnnxAdapter(ModelAdapter):
 
     # -- graph walk --------------------------------------------------------------------------
     def _inferred_model(self) -> onnx.ModelProto:
-        """The model after shape inference (the model itself when inference fails)."""
+        """The graph after shape inference (the model itself when inference fails). Inferred on
+        a copy whose large weights are declared inputs of the same type and shape: inference
+        reads their shapes, not their values, and copying 46 MB of weights costs 0.1 s. Only the
+        inferred types and shapes are read from it, never its initializers."""
         if self._inferred is None:
             try:
-                self._inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+                self._inferred = onnx.shape_inference.infer_shapes(
+                    _without_large_weights(self.model), strict_mode=False
+                )
             except Exception:  # shape inference is a help, not a requirement
                 self._inferred = self.model
         return self._inferred
@@ -450,6 +456,37 @@ class OnnxAdapter(ModelAdapter):
         }
 
 
+def _without_large_weights(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over ``limit`` bytes are graph inputs of the same
+    type and shape (small ones, which shape inference may read as values: a Reshape's shape, a
+    Resize's scales, are kept)."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip=("graph",))
+    _copy_fields(light.graph, model.graph, skip=("initializer",))
+    declared = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() <= limit:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            light.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return light
+
+
+def _copy_fields(target: Any, source: Any, skip: tuple[str, ...]) -> None:
+    """Copy the set fields of protobuf message ``source`` into ``target``, except ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def load_onnx(
     path: Path,
     *,
@@ -476,7 +513,9 @@ def load_onnx(
     except Exception as exc:
         raise ModelLoadError(f"cannot read the external data of '{path}': {exc}") from exc
     try:
-        onnx.checker.check_model(model)
+        # From the file when there is one: checking the in-memory model serialises it first
+        # (0.07 s for a 46 MB model), while the checker reads the file as fast.
+        onnx.checker.check_model(str(path) if path.is_file() else model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"'{path}' is not a valid ONNX model: {first[:300]}") from exc

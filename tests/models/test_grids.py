@@ -1011,3 +1011,40 @@ def test_onnx_adapter_strides_and_layouts_come_from_the_grids(tmp_path) -> None:
     assert layers["r"].stride == (2.0, 2.0) and layers["r"].shape == (4, 5, 5)  # NHWC -> NCHW
     assert layers["m"].stride is None and layers["m"].shape == (4,)
     assert adapter.grid_graph().grids(9, 9)["r"] == Grid(axis(5, 2, 0), axis(5, 2, 0))
+
+
+class ResizeHead(nn.Module):
+    """Convolutions (large weights), an upsample (small scale constants) and a reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(self.conv2(torch.relu(self.conv1(x))), scale_factor=2.0)
+        return self.fc(h[:, :, ::2, ::2].reshape(x.shape[0], -1))
+
+
+def test_shape_inference_without_the_large_weights_infers_the_same_types():
+    from eqaudit.models.onnx_adapter import _without_large_weights
+
+    buffer = io.BytesIO()
+    torch.onnx.export(ResizeHead().eval(), (torch.zeros(1, 3, 32, 32),), buffer, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    light = _without_large_weights(model)
+    large = {t.name for t in model.graph.initializer if t.ByteSize() > 4096}
+    assert large and large <= {i.name for i in light.graph.input}
+    assert {t.name for t in light.graph.initializer} == {
+        t.name for t in model.graph.initializer if t.name not in large
+    }
+    assert light.ByteSize() < model.ByteSize() / 10
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    types = [
+        {v.name: v.type for v in [*m.graph.value_info, *m.graph.output]} for m in (full, inferred)
+    ]
+    assert len(types[0]) > 8 and types[0] == types[1]
+    # The model itself is untouched.
+    assert len(model.graph.initializer) == len(large) + len(light.graph.initializer)
