@@ -54,6 +54,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -291,15 +292,31 @@ def make_plain(
     layers: Sequence[str] = (),
 ) -> Callable[[], None]:
     """A no-argument callable running every batch once in the backend's own runtime; with
-    ``layers``, the runtime also hands out those layers' outputs (which are then dropped)."""
+    ``layers``, the runtime also hands out those layers' outputs (which are then dropped): for
+    ONNX on the CPU into arrays reused from one call to the next of the same batch shape, as
+    eqaudit's adapter binds them (freeing and faulting 1.4 GB per call would also slow whatever
+    runs next in this process)."""
     if backend == "onnx":
         session = onnx_session(onnx_path, layers, device)
         feeds = [b.numpy() for b in batches]
         wanted = ["logits", *layers]
+        reused: dict[tuple[int, ...], list[np.ndarray]] = {}
 
         def run_onnx() -> None:
             for feed in feeds:
-                session.run(wanted, {"input": feed})
+                buffers = reused.get(feed.shape)
+                if not layers or device not in (None, "cpu") or buffers is None:
+                    outputs = session.run(wanted, {"input": feed})
+                    if layers and device in (None, "cpu"):
+                        reused[feed.shape] = [np.asarray(o) for o in outputs]
+                    continue
+                binding = session.io_binding()
+                binding.bind_cpu_input("input", feed)
+                for name, buffer in zip(wanted, buffers, strict=True):
+                    binding.bind_output(
+                        name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data
+                    )
+                session.run_with_iobinding(binding)
 
         return run_onnx
 
@@ -384,10 +401,18 @@ def peak_memory() -> dict[str, float | None]:
     }
 
 
-def activation_bytes(result: eqaudit.AuditResult) -> int:
-    """Bytes of the audited layers' float32 activations for one image under one element."""
+def layer_bytes(result: eqaudit.AuditResult) -> list[int]:
+    """Bytes of each audited layer's float32 activations for one image under one element."""
     shapes = {row["layer"]: row["shape"] for row in result.summary["layers"]}
-    return sum(4 * math.prod(int(d) for d in s.split("x")) for s in shapes.values() if s)
+    return [4 * math.prod(int(d) for d in s.split("x")) for s in shapes.values() if s]
+
+
+def held_bytes(result: eqaudit.AuditResult, backend: str) -> int:
+    """What the engine's rule (``Engine.held_bytes_per_image``) says the comparisons hold for
+    one image under one element: three copies of every layer when the runtime hands them out
+    together (ONNX), four of the largest when they stream (PyTorch hooks)."""
+    sizes = layer_bytes(result) or [0]
+    return 3 * sum(sizes) if backend == "onnx" else 4 * max(sizes)
 
 
 def engine_available_memory() -> int | None:
@@ -431,7 +456,8 @@ def child_main(args: argparse.Namespace) -> None:
         layers=result.summary["model"]["layers_audited"],
         images_per_step=run["images_per_step"],
         notes=run["notes"],
-        activation_bytes=activation_bytes(result) if args.layers == "all" else 0,
+        activation_bytes=sum(layer_bytes(result)) if args.layers == "all" else 0,
+        held_bytes=held_bytes(result, args.backend) if args.layers == "all" else 0,
     )
     print(json.dumps(report), flush=True)
 
@@ -507,8 +533,9 @@ def memory_cap_case(
     loading the model and the rest cost without activations) and an all-layers audit (which also
     reports the activation bytes per image). The cap is the starting size + the outputs-only rise
     + the smaller of (a) half of what the engine's own rule says a full step of activations needs
-    (3 copies of ``G x k`` images' activations for ONNX, whose session hands every output out
-    at once; 1 for PyTorch, whose hooks stream them; ``k = batch_size // G``) and (b) half of the
+    (for ``G x k`` images, ``k = batch_size // G``: 3 copies of every layer for ONNX, whose
+    session hands every output out at once; 4 of the largest for PyTorch, whose hooks stream
+    them) and (b) half of the
     all-layers run's extra rise: a run that keeps full batches cannot fit; one that takes a
     fraction of a batch per step can. Returns (uncapped all-layers report, capped report, cap).
     """
@@ -523,8 +550,7 @@ def memory_cap_case(
     fixed = (bare["vm_peak_mib"] - bare["vm_before_mib"]) * 2**20
     elements = len(parse_transforms(TRANSFORMS, "crop"))
     per_call = max(1, args.batch_size // elements)
-    copies = 3 if backend == "onnx" else 1  # the engine's rule (Engine.images_per_step)
-    full_step = copies * elements * per_call * free["activation_bytes"]
+    full_step = elements * per_call * free["held_bytes"]  # the engine's rule
     extra = (free["vm_peak_mib"] - free["vm_before_mib"]) * 2**20 - fixed
     headroom = fixed + min(full_step / 2, extra / 2)
     limit = int(free["vm_before_mib"] * 2**20 + headroom)

@@ -424,30 +424,41 @@ class Engine:
         """Bytes of the selected layers' activations for one image under one element."""
         return sum(4 * math.prod(s.info.shape or ()) for s in self.layer_states)
 
+    def held_bytes_per_image(self, streams: bool) -> int:
+        """What the engine holds for one image under one element while comparing layers.
+
+        Handed out together (ONNX, fixed-size chunks): every layer, held by the runtime and by
+        the engine and compared in float64 one layer at a time: three copies of them all.
+        Streamed (PyTorch hooks): one layer at a time, the forward's own tensor plus the
+        comparison's work (a transformed reference, the difference, a mask, float64 moments for
+        channel maps): four copies of the largest layer."""
+        if streams:
+            return 4 * max(
+                (4 * math.prod(s.info.shape or ()) for s in self.layer_states), default=0
+            )
+        return 3 * self.activation_bytes_per_image()
+
     def images_per_step(
         self,
         batch_size: int | None,
         available: int | None,
         forward_bytes: int = 0,
     ) -> int:
-        """Images per forward call so that ``G x B`` images fit ``batch_size`` and, with their
-        activations, half of the available memory (the memory guard). ``batch_size`` None: 64
-        forward images, or (``forward_bytes`` known: the model's own peak memory per forward
-        image on a GPU) as many as half the free device memory holds, at most 4096."""
+        """Images per forward call so that ``G x B`` images fit ``batch_size`` and, with what
+        the comparisons hold (:meth:`held_bytes_per_image`), half of the available memory (the
+        memory guard). ``batch_size`` None: 64 forward images, or (``forward_bytes`` known: the
+        model's own peak memory per forward image on a GPU) as many as half the free device
+        memory holds, at most 4096."""
         g = len(self.elements)
         if batch_size is None and forward_bytes and available:
-            per_forward = forward_bytes + 3 * self.activation_bytes_per_image()
+            # A run sized here is one chunk whenever the model's batch is dynamic.
+            per_forward = forward_bytes + self.held_bytes_per_image(self._streams(None))
             batch_size = int(min(4096, max(g, (available // 2) // max(per_forward, 1))))
         wanted = max(1, (batch_size or 64) // g)
-        per_image = self.activation_bytes_per_image() * g
+        per_image = self.held_bytes_per_image(self._streams(wanted * g)) * g
         if available is None or per_image == 0:
             return wanted
-        # Activations handed out at the end of a run are all held at once, by the runtime and
-        # the engine: budget three copies against half of what is free. Streamed ones (PyTorch,
-        # one chunk) are reduced as the forward goes and never all held: one copy bounds them.
         budget = available // 2
-        copies = 1 if self._streams(wanted * g) else 3
-        per_image *= copies
         fits = budget // per_image
         if fits < 1:
             raise UsageError(
@@ -463,9 +474,9 @@ class Engine:
             )
         return int(min(wanted, fits))
 
-    def _streams(self, forward_images: int) -> bool:
-        """Does a run of this many forward images stream its activations (see
-        :meth:`ModelAdapter.run`)? Not when a fixed batch size splits it into chunks."""
+    def _streams(self, forward_images: int | None) -> bool:
+        """Does a run of this many forward images (None: any number) stream its activations
+        (see :meth:`ModelAdapter.run`)? Not when a fixed batch size splits it into chunks."""
         fixed = self.adapter.input_spec.batch
         return self.adapter.streams_activations and (fixed is None or fixed == forward_images)
 
