@@ -34,6 +34,7 @@ import contextlib
 import copy
 import cProfile
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -434,16 +435,21 @@ def child_main(args: argparse.Namespace) -> None:
     available = engine_available_memory()
     report: dict[str, Any] = {"before_mib": before, "vm_before_mib": vm_before}
     report["available_gib"] = None if available is None else available / 2**30
+    audit = functools.partial(
+        run_audit,
+        args.backend,
+        model,
+        Path(args.onnx) if args.onnx else Path(),
+        size=args.size,
+        layers=args.layers == "all",
+        batch_size=args.batch_size,
+    )
     try:
-        result = run_audit(
-            args.backend,
-            model,
-            Path(args.onnx) if args.onnx else Path(),
-            images=args.images,
-            size=args.size,
-            layers=args.layers == "all",
-            batch_size=args.batch_size,
-        )
+        if args.timed:  # as the in-process cases: one batch of images first, untimed
+            audit(images=min(args.images, max(1, args.batch_size // 8)))
+        start = time.perf_counter()
+        result = audit(images=args.images)
+        report["audit_s"] = time.perf_counter() - start
     except BaseException as exc:  # MemoryError, the engine's own errors, a runtime's bad_alloc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         report.update(peak_memory(), error=f"{type(exc).__name__}: {first[:300]}")
@@ -470,9 +476,11 @@ def run_child(
     layers: bool,
     args: argparse.Namespace,
     address_space: int | None = None,
+    timed: bool = False,
 ) -> dict[str, Any]:
     """Run one audit in a fresh process (optionally under ``RLIMIT_AS = address_space`` bytes,
-    set before ``exec``) and return its report, with ``rc`` and, on failure, ``error``."""
+    set before ``exec``; ``timed``: after a one-batch warm-up audit) and return its report, with
+    ``rc`` and, on failure, ``error``."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -492,6 +500,8 @@ def run_child(
     ]
     if backend == "onnx":
         command += ["--onnx", str(onnx_path)]
+    if timed:
+        command.append("--timed")
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
@@ -638,7 +648,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="also cProfile one all-layers audit per backend"
     )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=None,
+        help="also time each audit in N fresh processes, as a CLI run (default: --repeats; 0 "
+        "to skip)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layers", choices=("all", "none"), default="all", help=argparse.SUPPRESS)
     parser.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -648,6 +666,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.fresh is None:
+        args.fresh = args.repeats
     return args
 
 
@@ -740,6 +760,41 @@ def time_cases(
                 f"{len(layer_names[backend]):>7}"
             )
     print(f"goals: no-layers ratio <= {GOAL_NO_LAYERS}, all-layers ratio <= {GOAL_ALL_LAYERS}")
+    if args.fresh > 0 and args.device is None:
+        fresh_audits(args, backends, onnx_path, {b: min(times[b, "plain"]) for b in backends})
+
+
+def fresh_audits(
+    args: argparse.Namespace, backends: Sequence[str], onnx_path: Path, plain: dict[str, float]
+) -> None:
+    """Each audit alone in a fresh process, as a CLI run is (after a one-batch warm-up audit),
+    against the fastest in-process plain time. One process that ran other large cases first
+    can make an audit slower than it is alone: on this project's VM, an ONNX all-layers audit
+    right after the 'exposed' case spent 5-7 s more in the kernel on the same page faults."""
+    times: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(args.fresh):
+        for backend in backends:
+            for layers in (False, True):
+                report = run_child(
+                    backend, onnx_path, args.images, args.size, layers, args, timed=True
+                )
+                if report["rc"] != 0:
+                    raise SystemExit(f"fresh audit failed ({backend}): {report.get('error')}")
+                times.setdefault((backend, layers), []).append(report["audit_s"])
+    print(
+        f"\nfresh processes: fastest of {args.fresh} audit(s), each alone in a new process after "
+        "a one-batch warm-up; ratio = audit / the fastest in-process plain time"
+    )
+    header = f"{'backend':<8} {'plain s':>8} {'no-layers s':>12} {'ratio':>6} "
+    header += f"{'all-layers s':>13} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for backend in backends:
+        bare, full = min(times[backend, False]), min(times[backend, True])
+        print(
+            f"{backend:<8} {plain[backend]:>8.2f} {bare:>12.2f} {_ratio(bare, plain[backend]):>6} "
+            f"{full:>13.2f} {_ratio(full, plain[backend]):>6}"
+        )
 
 
 def memory_tables(
