@@ -444,6 +444,14 @@ def child_main(args: argparse.Namespace) -> None:
         layers=args.layers == "all",
         batch_size=args.batch_size,
     )
+    if args.layers == "plain":  # the plain case alone in this process, warmed up the same way
+        onnx_path = Path(args.onnx) if args.onnx else Path()
+        batches = plain_batches(args.images, args.size, args.batch_size)
+        plain = make_plain(args.backend, model, onnx_path, batches, None)
+        plain()
+        report["plain_s"] = timed(plain)
+        print(json.dumps(report), flush=True)
+        return
     try:
         if args.timed:  # as the in-process cases: one batch of images first, untimed
             audit(images=min(args.images, max(1, args.batch_size // 8)))
@@ -473,7 +481,7 @@ def run_child(
     onnx_path: Path,
     images: int,
     size: int,
-    layers: bool,
+    layers: bool | str,
     args: argparse.Namespace,
     address_space: int | None = None,
     timed: bool = False,
@@ -496,7 +504,7 @@ def run_child(
         "--threads",
         str(args.threads),
         "--layers",
-        "all" if layers else "none",
+        layers if isinstance(layers, str) else "all" if layers else "none",
     ]
     if backend == "onnx":
         command += ["--onnx", str(onnx_path)]
@@ -657,7 +665,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--layers", choices=("all", "none"), default="all", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--layers", choices=("all", "none", "plain"), default="all", help=argparse.SUPPRESS
+    )
     parser.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     defaults = {"images": 32, "size": 224, "repeats": 3, "memory": "16,128,112", "cap": "16,224"}
@@ -761,39 +771,38 @@ def time_cases(
             )
     print(f"goals: no-layers ratio <= {GOAL_NO_LAYERS}, all-layers ratio <= {GOAL_ALL_LAYERS}")
     if args.fresh > 0 and args.device is None:
-        fresh_audits(args, backends, onnx_path, {b: min(times[b, "plain"]) for b in backends})
+        fresh_audits(args, backends, onnx_path)
 
 
-def fresh_audits(
-    args: argparse.Namespace, backends: Sequence[str], onnx_path: Path, plain: dict[str, float]
-) -> None:
-    """Each audit alone in a fresh process, as a CLI run is (after a one-batch warm-up audit),
-    against the fastest in-process plain time. One process that ran other large cases first
-    can make an audit slower than it is alone: on this project's VM, an ONNX all-layers audit
-    right after the 'exposed' case spent 5-7 s more in the kernel on the same page faults."""
-    times: dict[tuple[str, bool], list[float]] = {}
+def fresh_audits(args: argparse.Namespace, backends: Sequence[str], onnx_path: Path) -> None:
+    """Each case alone in a fresh process, as a CLI run is: plain inference, and each audit
+    after a one-batch warm-up audit. One process that ran other large cases first can make an
+    audit slower than it is alone: on this project's VM, an ONNX all-layers audit right after
+    the 'exposed' case spent 5-7 s more in the kernel on the same page faults."""
+    times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.fresh):
         for backend in backends:
-            for layers in (False, True):
+            for mode in ("plain", "none", "all"):
                 report = run_child(
-                    backend, onnx_path, args.images, args.size, layers, args, timed=True
+                    backend, onnx_path, args.images, args.size, mode, args, timed=True
                 )
                 if report["rc"] != 0:
-                    raise SystemExit(f"fresh audit failed ({backend}): {report.get('error')}")
-                times.setdefault((backend, layers), []).append(report["audit_s"])
+                    raise SystemExit(f"fresh {mode} run failed ({backend}): {report.get('error')}")
+                value = report["plain_s" if mode == "plain" else "audit_s"]
+                times.setdefault((backend, mode), []).append(value)
     print(
-        f"\nfresh processes: fastest of {args.fresh} audit(s), each alone in a new process after "
-        "a one-batch warm-up; ratio = audit / the fastest in-process plain time"
+        f"\nfresh processes: fastest of {args.fresh}, each case alone in a new process after a "
+        "one-batch warm-up; ratio = audit / plain"
     )
     header = f"{'backend':<8} {'plain s':>8} {'no-layers s':>12} {'ratio':>6} "
     header += f"{'all-layers s':>13} {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for backend in backends:
-        bare, full = min(times[backend, False]), min(times[backend, True])
+        plain, bare, full = (min(times[backend, mode]) for mode in ("plain", "none", "all"))
         print(
-            f"{backend:<8} {plain[backend]:>8.2f} {bare:>12.2f} {_ratio(bare, plain[backend]):>6} "
-            f"{full:>13.2f} {_ratio(full, plain[backend]):>6}"
+            f"{backend:<8} {plain:>8.2f} {bare:>12.2f} {_ratio(bare, plain):>6} "
+            f"{full:>13.2f} {_ratio(full, plain):>6}"
         )
 
 
