@@ -787,10 +787,11 @@ class Engine:
             pass
 
     def close(self) -> None:
-        """Stop the comparison workers (their buffers go with the engine)."""
+        """Stop the comparison workers and drop the difference buffers."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        self._difference_buffers.clear()
 
     def _update_layer(self, state: LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
         reference = act[0]
