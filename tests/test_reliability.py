@@ -115,6 +115,33 @@ def test_memory_guard_shrinks_the_batch_or_refuses(monkeypatch, tmp_path, backen
     eqaudit.audit(model, "d4", input_size=33, num_images=2, layers=False)
 
 
+@pytest.mark.parametrize(("backend", "held"), [("torch", 4 * 4 * 8 * 33 * 33), ("onnx", None)])
+def test_gpu_batch_sizing_budgets_the_forward_and_what_the_comparisons_hold(
+    monkeypatch, tmp_path, backend, held
+):
+    # Without --batch-size on a GPU, forward images per call = half the free memory over (the
+    # model's own peak per forward image + what the comparisons hold per forward image).
+    model = symmetric_cnn()
+    if backend == "onnx":
+        model = str(export_onnx(model, tmp_path / "sym.onnx", 33))
+        held = 3 * 4 * (MAPS + 16 * 3)
+    engines = []
+    sizing = engine_module.Engine.images_per_step
+
+    def spy(self, *args, **kwargs):
+        engines.append(self)
+        return sizing(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "images_per_step", spy)
+    eqaudit.audit(model, "d4", input_size=33, num_images=2)
+    (engine,) = engines
+    assert engine.held_bytes_per_image(engine._streams(None)) == held
+    forward = 3_000_000  # bytes per forward image, as a GPU probe would measure
+    for free in (10 * 2**30, 2**30, 64 * 2**20):
+        batch = min(4096, max(8, (free // 2) // (forward + held)))
+        assert engine.images_per_step(None, free, forward_bytes=forward) == batch // 8
+
+
 class InplaceResidual(torch.nn.Module):
     """Batch norm into ReLU(inplace=True) and ``out += identity``: captured outputs that the
     forward overwrites later, the case streaming must get right without cloning."""
