@@ -326,6 +326,7 @@ class Engine:
         self.lie_steps: dict[str, float] = {}
         self._input_buffer: torch.Tensor | None = None
         self._difference_buffers: dict[int, np.ndarray] = {}  # by thread, see _own_grid_d4_norms
+        self._records: list[tuple] = []  # this batch's per-image layer errors, see _record
         self._pool: ThreadPoolExecutor | None = None  # layer comparisons, see _update_layers
         self._pool_workers = 0
 
@@ -548,6 +549,7 @@ class Engine:
 
         out = self.adapter.run(model_in, list(states), sink=reduce if states else None)
         self._update_layers(handed_out, fit)
+        self._flush_records()
         scores = out.scores.reshape(g, b, -1)
         self.num_classes = scores.shape[-1]
         if first:
@@ -786,6 +788,34 @@ class Engine:
         for _ in self._pool.map(work, layers):  # re-raises a worker's error here
             pass
 
+    def _record(
+        self,
+        stats: LayerStats,
+        relative: torch.Tensor,
+        cosine: torch.Tensor,
+        floor: torch.Tensor | None = None,
+    ) -> None:
+        """Per-image errors of one (layer, element), added to ``stats`` at the end of the batch
+        (:meth:`_flush_records`). Appending is safe from the comparison workers."""
+        self._records.append((stats, relative, cosine, floor))
+
+    def _flush_records(self) -> None:
+        """Bring the batch's per-image errors to the host in one copy, then accumulate them.
+
+        On a GPU a copy per (layer, element) would make the host wait for the device at every
+        layer of the forward (a streamed forward stalls at each hook); one copy per batch lets
+        the device run ahead. The values are unchanged: concatenated, copied and split."""
+        records, self._records = self._records, []
+        if not records:
+            return
+        parts = [t for _, rel, cos, floor in records for t in (rel, cos, floor) if t is not None]
+        device = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
+        host = torch.cat([t.reshape(-1).to(device, torch.float64) for t in parts]).cpu()
+        values = iter(torch.split(host, [t.numel() for t in parts]))
+        for stats, _, _, floor in records:
+            relative, cosine = next(values), next(values)
+            stats.update(relative, cosine, next(values) if floor is not None else None)
+
     def close(self) -> None:
         """Stop the comparison workers and drop the difference buffers."""
         if self._pool is not None:
@@ -808,7 +838,7 @@ class Engine:
                     dims = tuple(range(1, reference.ndim))
                     reference_norm = torch.linalg.vector_norm(reference, dim=dims).to(torch.float64)
                 norms = self._own_grid_d4_norms(element, reference, a, reference_norm)
-                state.stats[gi].update(*errors_from_norms(*norms))
+                self._record(state.stats[gi], *errors_from_norms(*norms))
                 continue
             if state.reasons[gi] is not None:
                 continue
@@ -841,7 +871,7 @@ class Engine:
                 else None
             )
             relative, cosine = errors_from_norms(*map_norms(a, b, mask))
-            state.stats[gi].update(relative, cosine, floor)
+            self._record(state.stats[gi], relative, cosine, floor)
             if state.channel_maps is not None and state.channel_maps[gi] is not None:
                 state.channel_maps[gi].update(a, b, fit.to(a.device), mask)
 
