@@ -580,6 +580,34 @@ class _Window:
     transposed: bool = False
     output_padding: tuple[int, int] = (0, 0)
 
+    @classmethod
+    def of(
+        cls,
+        label: str,
+        kernel: Sequence[int],
+        strides: Sequence[int],
+        dilations: Sequence[int],
+        pads_begin: Sequence[int],
+        pads_end: Sequence[int] | None = None,
+        **options: Any,
+    ) -> _Window:
+        """From per-axis (height, width) sequences; ``pads_end`` defaults to ``pads_begin``
+        (PyTorch pads both ends alike)."""
+
+        def pair(values: Sequence[int]) -> tuple[int, int]:
+            return (int(values[0]), int(values[1]))
+
+        ends = pads_begin if pads_end is None else pads_end
+        return cls(
+            label,
+            pair(kernel),
+            pair(strides),
+            pair(dilations),
+            pair(pads_begin),
+            pair(ends),
+            **options,
+        )
+
     def axis(self, g: AxisGrid, i: int) -> AxisGrid:
         if self.transposed:
             return _transpose_axis(
@@ -1340,13 +1368,13 @@ def _onnx_window_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str) 
     auto_pad = str(_attr(node, "auto_pad", "NOTSET"))
     if strides is None or dilations is None or len(pads) != 4:
         return _unsupported(f"{label} is not a 2-D window op")
-    window = _Window(
+    window = _Window.of(
         label,
-        (kernel[0], kernel[1]),
-        (strides[0], strides[1]),
-        (dilations[0], dilations[1]),
-        (pads[0], pads[1]),
-        (pads[2], pads[3]),
+        kernel,
+        strides,
+        dilations,
+        pads[:2],
+        pads[2:],
         ceil_mode=bool(_attr(node, "ceil_mode", 0)),
         auto_pad=auto_pad,
     )
@@ -1864,15 +1892,7 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
         ceil_mode = bool(bound["ceil_mode"])
         if None in (kernel, strides, padding, dilation) or rank != 4:
             return _unsupported(f"{label} is not a 2-D pool with constant arguments")
-        window = _Window(
-            label,
-            (kernel[0], kernel[1]),
-            (strides[0], strides[1]),
-            (dilation[0], dilation[1]),
-            (padding[0], padding[1]),
-            (padding[0], padding[1]),
-            ceil_mode=ceil_mode,
-        )
+        window = _Window.of(label, kernel, strides, dilation, padding, ceil_mode=ceil_mode)
         copies = 2 if name == "max_pool2d_with_indices" else 1
         return lambda ins: wrap(_window_state(state_of(ins), window), copies)
     if name in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
@@ -2096,15 +2116,7 @@ def _torch_conv_rule(
         pads = _ints2(padding, 0)
     if None in (strides, dilation, pads):
         return _unsupported(f"{label} has arguments that are not constant")
-    window = _Window(
-        label,
-        (kernel[0], kernel[1]),
-        (strides[0], strides[1]),
-        (dilation[0], dilation[1]),
-        (pads[0], pads[1]),
-        (pads[0], pads[1]),
-        auto_pad=auto_pad,
-    )
+    window = _Window.of(label, kernel, strides, dilation, pads, auto_pad=auto_pad)
     if transposed:
         output_padding = _ints2(bound.get("output_padding"), 0)
         if output_padding is None or auto_pad != "NOTSET":
