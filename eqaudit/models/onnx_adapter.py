@@ -379,22 +379,12 @@ class OnnxAdapter(ModelAdapter):
         feed = batch.numpy().astype(self.input_spec.dtype, copy=False)
         outputs = [self.output_name, *names]
         key = (id(session), names, feed.shape)
-        results = None
-        if names and key not in self._reuse:
-            # A new batch shape: the outputs go into arrays allocated here (their per-image
-            # shapes are known from an earlier run), not into onnxruntime's own: its allocation
-            # plan for a bound run differs, and switching later costs a second set of pages.
-            buffers = self._fresh_buffers(session, names, feed.shape)
-            if buffers is not None:
-                with contextlib.suppress(Exception):  # an unusual graph: run it unbound below
-                    results = self._run_into(session, feed, outputs, buffers)
+        reused = self._reuse.get(key) if names else None
         try:
-            if results is not None:
-                pass
-            elif names and key in self._reuse:
-                results = self._run_into(session, feed, outputs, self._reuse[key])
+            if reused is not None:
+                results = self._run_into(session, feed, outputs, reused)
             else:
-                results = session.run(outputs, {self.input_spec.name: feed})
+                results = self._run_new_shape(session, feed, outputs, names)
         except Exception as exc:  # the base class turns it into a ModelRunError
             raise RuntimeError(_ort_message(exc)) from exc
         arrays = [np.asarray(value) for value in results]
@@ -418,6 +408,23 @@ class OnnxAdapter(ModelAdapter):
             if array.dtype.kind == "f":
                 acts[name] = torch.from_numpy(array.astype(np.float32, copy=False))
         return scores, acts
+
+    def _run_new_shape(
+        self,
+        session: ort.InferenceSession,
+        feed: np.ndarray,
+        outputs: list[str],
+        names: tuple[str, ...],
+    ) -> list[np.ndarray]:
+        """A run without arrays to reuse. With layers, the outputs go into arrays allocated here
+        (their per-image shapes are known from an earlier run), not into onnxruntime's own: its
+        allocation plan for a bound run differs, and switching later costs a second set of
+        pages. Without known shapes, or for a graph whose binding fails, a plain run."""
+        buffers = self._fresh_buffers(session, names, feed.shape) if names else None
+        if buffers is not None:
+            with contextlib.suppress(Exception):  # an unusual graph: run it unbound below
+                return self._run_into(session, feed, outputs, buffers)
+        return session.run(outputs, {self.input_spec.name: feed})
 
     def _fresh_buffers(
         self, session: ort.InferenceSession, names: tuple[str, ...], feed: tuple[int, ...]
