@@ -421,9 +421,13 @@ class Engine:
         blank = torch.zeros(1, self.preprocessing.pixel_channels, height, width)
         self._setup_layers(self.preprocessing.normalise(blank))
 
+    def _layer_bytes(self) -> list[int]:
+        """Bytes of each selected layer's activation for one image under one element."""
+        return [4 * math.prod(s.info.shape or ()) for s in self.layer_states]
+
     def activation_bytes_per_image(self) -> int:
         """Bytes of the selected layers' activations for one image under one element."""
-        return sum(4 * math.prod(s.info.shape or ()) for s in self.layer_states)
+        return sum(self._layer_bytes())
 
     def held_bytes_per_image(self, streams: bool) -> int:
         """What the engine holds for one image under one element while comparing layers.
@@ -434,9 +438,7 @@ class Engine:
         comparison's work (a transformed reference, the difference, a mask, float64 moments for
         channel maps): four copies of the largest layer."""
         if streams:
-            return 4 * max(
-                (4 * math.prod(s.info.shape or ()) for s in self.layer_states), default=0
-            )
+            return 4 * max(self._layer_bytes(), default=0)
         return 3 * self.activation_bytes_per_image()
 
     def images_per_step(
@@ -453,10 +455,10 @@ class Engine:
         g = len(self.elements)
         if batch_size is None and forward_bytes and available:
             # A run sized here is one chunk whenever the model's batch is dynamic.
-            per_forward = forward_bytes + self.held_bytes_per_image(self._streams(None))
+            per_forward = forward_bytes + self.held_bytes_per_image(self.adapter.streams(None))
             batch_size = int(min(4096, max(g, (available // 2) // max(per_forward, 1))))
         wanted = max(1, (batch_size or 64) // g)
-        per_image = self.held_bytes_per_image(self._streams(wanted * g)) * g
+        per_image = self.held_bytes_per_image(self.adapter.streams(wanted * g)) * g
         if available is None or per_image == 0:
             return wanted
         budget = available // 2
@@ -474,12 +476,6 @@ class Engine:
                 "in memory"
             )
         return int(min(wanted, fits))
-
-    def _streams(self, forward_images: int | None) -> bool:
-        """Does a run of this many forward images (None: any number) stream its activations
-        (see :meth:`ModelAdapter.run`)? Not when a fixed batch size splits it into chunks."""
-        fixed = self.adapter.input_spec.batch
-        return self.adapter.streams_activations and (fixed is None or fixed == forward_images)
 
     def _track_spread(self, reference: torch.Tensor) -> None:
         """Keep the range of the identity scores, to tell a model that ignores its input."""
@@ -535,7 +531,7 @@ class Engine:
         fit = (torch.tensor(positions) % 2) == 0
         states = {s.info.name: s for s in self.layer_states}
         handed_out: list[tuple[LayerState, torch.Tensor]] = []
-        streams = self._streams(g * b)
+        streams = self.adapter.streams(g * b)
 
         def reduce(name: str, act: torch.Tensor) -> None:
             # Called with each layer's activations as the forward computes them (PyTorch

@@ -135,7 +135,7 @@ def test_gpu_batch_sizing_budgets_the_forward_and_what_the_comparisons_hold(
     monkeypatch.setattr(engine_module.Engine, "images_per_step", spy)
     eqaudit.audit(model, "d4", input_size=33, num_images=2)
     (engine,) = engines
-    assert engine.held_bytes_per_image(engine._streams(None)) == held
+    assert engine.held_bytes_per_image(engine.adapter.streams(None)) == held
     forward = 3_000_000  # bytes per forward image, as a GPU probe would measure
     for free in (10 * 2**30, 2**30, 64 * 2**20):
         batch = min(4096, max(8, (free // 2) // (forward + held)))

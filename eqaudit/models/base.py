@@ -293,8 +293,8 @@ class ModelAdapter(ABC):
             )
         chunks = self._chunks(batch)
         emit = None
-        if sink is not None and layers and self.streams_activations and len(chunks) == 1:
-            emit = self._emitter(sink, chunks[0][0].shape[0])
+        if sink is not None and layers and self.streams(batch.shape[0]):
+            emit = self._emitter(sink, batch.shape[0])
         scores_parts: list[torch.Tensor] = []
         acts_parts: dict[str, list[torch.Tensor]] = {}
         for chunk, keep in chunks:
@@ -367,6 +367,13 @@ class ModelAdapter(ABC):
                 raise _SinkFailed(exc) from exc
 
         return emit
+
+    def streams(self, rows: int | None) -> bool:
+        """Does :meth:`run` stream the activations of a batch of ``rows`` images (None: of any
+        size) to its sink? Only a backend that can, and only for a batch that
+        :meth:`_chunks` leaves whole (a dynamic batch, or the model's fixed size)."""
+        fixed = self.input_spec.batch
+        return self.streams_activations and (fixed is None or fixed == rows)
 
     def _chunks(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         fixed = self.input_spec.batch
