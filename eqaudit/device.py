@@ -4,11 +4,18 @@ PyTorch models move to the device; their activations stay there and the engine r
 place (per-image norms, histograms, channel moments), so only small statistics come back to the
 CPU. ONNX models run with onnxruntime's CUDA execution provider (``pip install onnxruntime-gpu``).
 Asking for a device that is not there is a usage error (exit 2) that says what is missing.
+
+Precision: on a GPU the audit runs in IEEE float32, as on the CPU. PyTorch lets cuDNN run float32
+convolutions in TF32 by default (10-bit mantissa, ~1e-3 relative error per product sum), which
+would show an exactly equivariant network as ~1e-3 from equivariant on a GPU and not on a CPU;
+:func:`ieee_float32` turns TF32 off for the audit and restores the caller's settings after.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -70,3 +77,25 @@ def free_memory(device: str) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     return int(free)
+
+
+@contextmanager
+def ieee_float32(device: str) -> Iterator[None]:
+    """Within the block, float32 convolutions and matrix products on CUDA run in IEEE float32
+    (no TF32); the caller's settings come back afterwards. Nothing changes for the CPU."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    try:
+        saved = [flag.allow_tf32 for flag in flags]
+    except RuntimeError:  # the caller set torch's newer fp32_precision API: leave it to them
+        yield
+        return
+    try:
+        for flag in flags:
+            flag.allow_tf32 = False
+        yield
+    finally:
+        for flag, value in zip(flags, saved, strict=True):
+            flag.allow_tf32 = value

@@ -40,6 +40,24 @@ def test_cuda_without_a_gpu_says_what_is_missing(model, tmp_path) -> None:
         eqaudit.audit(path, "flips", num_images=2, device="cuda")
 
 
+def test_cuda_audits_run_in_ieee_float32_and_restore_the_callers_settings() -> None:
+    from eqaudit.device import ieee_float32
+
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    saved = [flag.allow_tf32 for flag in flags]
+    try:
+        for flag in flags:
+            flag.allow_tf32 = True
+        with ieee_float32("cuda:0"):
+            assert [flag.allow_tf32 for flag in flags] == [False, False]
+        assert [flag.allow_tf32 for flag in flags] == [True, True]
+        with ieee_float32("cpu"):  # nothing to change on the CPU
+            assert [flag.allow_tf32 for flag in flags] == [True, True]
+    finally:
+        for flag, value in zip(flags, saved, strict=True):
+            flag.allow_tf32 = value
+
+
 def test_available_memory_takes_the_tightest_limit(monkeypatch) -> None:
     monkeypatch.setattr(engine_module, "_meminfo_available", lambda: 20 * 2**30)
     monkeypatch.setattr(engine_module, "_cgroup_available", lambda: 3 * 2**30)
@@ -76,6 +94,10 @@ def test_cuda_audit_matches_the_cpu_audit(model) -> None:
         assert a["agreement"] == b["agreement"]
         assert b["js_divergence"] == pytest.approx(a["js_divergence"], rel=1e-3, abs=1e-7)
     for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        # The grids are read from the same graph: a failed export on the device would leave them
+        # guessed, and the resampled comparisons would move.
+        grid = ("stride_source", "stride_h", "stride_w", "offset_h", "offset_w", "comparison")
+        assert {k: b[k] for k in grid} == {k: a[k] for k in grid}, (a["layer"], a["transform"])
         assert (a["relative_error"] is None) == (b["relative_error"] is None)
         if a["relative_error"] is not None:
             assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-3, abs=1e-6)

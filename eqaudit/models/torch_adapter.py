@@ -210,8 +210,12 @@ class TorchAdapter(ModelAdapter):
         spec = self.input_spec
         if spec.height is None or spec.width is None:
             return None, "the input size is unknown: sampling grids need an export at that size"
+        # On the module's device: an export that mixes a CPU example with CUDA weights fails,
+        # and the grids would then be guessed instead of read.
         example = torch.zeros(
-            (spec.batch or 1, spec.channels, spec.height, spec.width), dtype=self._input_dtype
+            (spec.batch or 1, spec.channels, spec.height, spec.width),
+            dtype=self._input_dtype,
+            device=self.device,
         )
         return export_grid_graph(self.module, example)
 
