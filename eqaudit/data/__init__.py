@@ -2,8 +2,10 @@
 
 Pixel space is float32 ``(B, C, H, W)`` in [0, 1], RGB or gray; transforms act there, and
 :meth:`Preprocessing.normalise` turns pixel-space batches into the model's input afterwards.
+Sources load their batches ahead of the consumer on a few threads (:mod:`eqaudit.data.prefetch`).
 """
 
+from eqaudit.data.prefetch import PREFETCH_BATCHES, default_load_workers
 from eqaudit.data.preprocess import (
     CHANNEL_ORDERS,
     PRESETS,
@@ -35,6 +37,7 @@ __all__ = [
     "CHANNEL_ORDERS",
     "DEFAULT_SYNTHETIC_COUNT",
     "IMAGE_SUFFIXES",
+    "PREFETCH_BATCHES",
     "PRESETS",
     "RESIZE_POLICIES",
     "ArraySource",
@@ -45,6 +48,7 @@ __all__ = [
     "Preprocessing",
     "ResizePlan",
     "SyntheticSource",
+    "default_load_workers",
     "load_class_names",
     "make_preprocessing",
     "open_images",

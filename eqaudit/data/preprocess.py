@@ -114,8 +114,8 @@ class Preprocessing:
         x = pixels.to(torch.float32)
         if self.channels == "bgr":
             x = x.flip(1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         if inplace and x.data_ptr() == pixels.data_ptr():
             return x.mul_(self.scale).sub_(mean).div_(std)
         return (x * self.scale - mean) / std

@@ -6,9 +6,11 @@ margin kept on every side so crop-shifts of up to ``m`` pixels cut real image co
 identity image is the central ``(H, W)`` window.
 
 Sources stream: opening one reads headers/validates, but pixels are decoded one batch at a time
-in :meth:`ImageSource.iter_batches`. A folder is validated when opened (every audited file is
-decoded once and dropped) so that unreadable files are skipped *before* the audit, the image
-count is final, and the notes (conversions, upscaling) are known up front.
+in :meth:`ImageSource.iter_batches`, by default on a few threads that load the next batches while
+the consumer works on the current one (:mod:`eqaudit.data.prefetch`). A folder is validated when
+opened (every audited file is decoded once and dropped) so that unreadable files are skipped
+*before* the audit, the image count is final, and the notes (conversions, upscaling) are known
+up front.
 
 Determinism: files are ordered by their relative POSIX path; a ``num_images`` subset is the first
 ``num_images`` usable entries of ``numpy.random.default_rng(seed).permutation(count)``, kept in
@@ -24,6 +26,7 @@ import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eqaudit.data.prefetch import PREFETCH_BATCHES, default_load_workers, load_ahead
 from eqaudit.data.preprocess import (
     RESIZE_POLICIES,
-    array_to_tensor,
     composite_alpha,
     has_alpha,
     is_gray_mode,
@@ -42,7 +45,7 @@ from eqaudit.data.preprocess import (
     resize_array,
     to_channels,
 )
-from eqaudit.data.synthetic import synthetic_images
+from eqaudit.data.synthetic import synthetic_image
 from eqaudit.errors import DataError, UsageError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
@@ -112,7 +115,10 @@ class _Geometry:
 class ImageSource(ABC):
     """A fixed, ordered set of images delivered in pixel space, one batch at a time.
 
-    Subclasses implement :meth:`_load` only: the pixels of the images at some positions.
+    Subclasses implement :meth:`_load_into` only: write the pixels of the images at some
+    positions into an array. It is called from several loader threads at once (for disjoint
+    positions), so it must be thread-safe; process-wide settings it needs (warning filters) go
+    in :meth:`_loading`, which the iterating thread enters.
     """
 
     def __init__(
@@ -152,24 +158,76 @@ class ImageSource(ABC):
         return len(self.ids)
 
     def iter_batches(
-        self, batch_size: int, start: int = 0, stop: int | None = None
+        self,
+        batch_size: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        workers: int | None = None,
     ) -> Iterator[ImageBatch]:
         """Yield the images at positions ``start .. stop - 1`` (default: all) in order,
-        ``batch_size`` at a time (the last batch may be smaller)."""
+        ``batch_size`` at a time (the last batch may be smaller).
+
+        ``workers`` loader threads (default :func:`~eqaudit.data.prefetch.default_load_workers`,
+        ``min(CPUs, 8)``) load each batch in parallel, split into runs of positions, and load
+        the next batches while the caller works on the current one. ``workers=1`` loads each
+        batch in the calling thread when it is asked for (no threads). The batches are the same
+        whatever the worker count: pixels bit-identical, labels, ids and order.
+
+        Memory: with ``workers > 1``, while the caller holds batch ``k``, batches ``k + 1 ..
+        k + 2`` (:data:`~eqaudit.data.prefetch.PREFETCH_BATCHES`) may be loading or loaded: two
+        batches of pixels more than loading on demand.
+
+        An error while loading batch ``k`` is raised when batch ``k`` is asked for. Stopping
+        early (leaving the ``for`` loop, by ``break`` or an exception, or ``.close()``) stops the
+        threads before it returns: chunks not started are dropped, running ones finish.
+        """
         if not _positive_int(batch_size):
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+        if workers is None:
+            workers = default_load_workers()
+        elif not _positive_int(workers):
+            raise UsageError(f"loader workers must be a positive integer, got {workers!r}")
         stop = len(self) if stop is None else min(stop, len(self))
-        return self._batches(int(batch_size), start, stop)
+        size = int(batch_size)
+        plans = [range(first, min(stop, first + size)) for first in range(start, stop, size)]
+        if workers == 1:
+            return self._batches(plans)
+        return self._prefetched_batches(plans, int(workers))
 
-    def _batches(self, batch_size: int, first: int, stop: int) -> Iterator[ImageBatch]:
-        for start in range(first, stop, batch_size):
-            positions = range(start, min(stop, start + batch_size))
-            labels = None if self.labels is None else self.labels[start : positions.stop].clone()
-            yield ImageBatch(self._load(positions), labels, self.ids[start : positions.stop])
+    def _batches(self, plans: list[range]) -> Iterator[ImageBatch]:
+        for positions in plans:
+            with self._loading():
+                pixels = self._load(positions)
+            yield self._batch(positions, pixels)
 
-    @abstractmethod
+    def _prefetched_batches(self, plans: list[range], workers: int) -> Iterator[ImageBatch]:
+        image_shape = (self.channels, *self.source_size)
+        loaded = load_ahead(plans, self._load_into, image_shape, workers, PREFETCH_BATCHES)
+        # closing() joins the threads before _loading() restores what the workers relied on.
+        with self._loading(), closing(loaded):
+            for positions, pixels in zip(plans, loaded, strict=True):
+                yield self._batch(positions, torch.from_numpy(pixels))
+
+    def _batch(self, positions: range, pixels: torch.Tensor) -> ImageBatch:
+        at = slice(positions.start, positions.stop)
+        labels = None if self.labels is None else self.labels[at].clone()
+        return ImageBatch(pixels, labels, self.ids[at])
+
     def _load(self, positions: range) -> torch.Tensor:
         """Pixels ``(len(positions), C, H+2m, W+2m)`` of the images at these positions."""
+        out = np.empty((len(positions), self.channels, *self.source_size), dtype=np.float32)
+        self._load_into(positions, out)
+        return torch.from_numpy(out)
+
+    @abstractmethod
+    def _load_into(self, positions: range, out: np.ndarray) -> None:
+        """Write the pixels of the images at ``positions`` into ``out``, float32
+        ``(len(positions), C, H+2m, W+2m)``. Thread-safe for disjoint positions."""
+
+    def _loading(self) -> AbstractContextManager[None]:
+        """Entered by the iterating thread around the loads (all of them, when threads load)."""
+        return nullcontext()
 
 
 # -- folders --------------------------------------------------------------------------------------
@@ -192,18 +250,19 @@ class FolderSource(ImageSource):
         super().__init__(**kwargs)
         self._files = files
 
-    def _load(self, positions: range) -> torch.Tensor:
-        images = []
-        for position in positions:
+    def _load_into(self, positions: range, out: np.ndarray) -> None:
+        for i, position in enumerate(positions):
             try:
-                values, _ = _read_image(self._files[position])
+                values, _ = _decode_image(self._files[position])
             except _Unreadable as exc:
                 raise DataError(
                     f"'{self.ids[position]}' can no longer be read ({exc}): "
                     "do not change the data folder during an audit"
                 ) from None
-            images.append(_fit(values, self._geometry))
-        return torch.stack(images)
+            out[i] = _fit(values, self._geometry)
+
+    def _loading(self) -> AbstractContextManager[None]:
+        return _bomb_warnings_ignored()
 
 
 def _open_folder(
@@ -301,23 +360,38 @@ def _read_image(path: Path) -> tuple[np.ndarray, _FileInfo]:
 
     Raises :class:`_Unreadable` with a short reason for anything that is not a usable image.
     """
+    with _bomb_warnings_ignored():
+        return _decode_image(path)
+
+
+@contextmanager
+def _bomb_warnings_ignored() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning ignored: we apply Image.MAX_IMAGE_PIXELS ourselves
+    (:func:`_check_pixel_limit`), as a hard limit. ``catch_warnings`` swaps the process-wide
+    filter list, so only the thread that owns the loader threads enters this, around all of
+    their work; the threads call :func:`_decode_image` directly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode_image(path: Path) -> tuple[np.ndarray, _FileInfo]:
+    """:func:`_read_image` without the warning filter: callers hold
+    :func:`_bomb_warnings_ignored`; thread-safe."""
     try:
         if path.stat().st_size == 0:
             raise _Unreadable("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # We apply Image.MAX_IMAGE_PIXELS ourselves below, as a hard limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_pixel_limit(image.size)
-                image.load()
-                oriented, rotated = _exif_oriented(image)
-                info = _FileInfo(
-                    gray=is_gray_mode(oriented),
-                    alpha=has_alpha(oriented),
-                    size=(oriented.height, oriented.width),
-                    exif_rotated=rotated,
-                )
-                return pil_to_array(oriented), info
+        with Image.open(path) as image:
+            _check_pixel_limit(image.size)
+            image.load()
+            oriented, rotated = _exif_oriented(image)
+            info = _FileInfo(
+                gray=is_gray_mode(oriented),
+                alpha=has_alpha(oriented),
+                size=(oriented.height, oriented.width),
+                exif_rotated=rotated,
+            )
+            return pil_to_array(oriented), info
     except _Unreadable:
         raise
     except UnidentifiedImageError:
@@ -351,10 +425,10 @@ def _exif_oriented(image: Image.Image) -> tuple[Image.Image, bool]:
         return image, False
 
 
-def _fit(values: np.ndarray, geometry: _Geometry) -> torch.Tensor:
-    """``(H, W, 1|3)`` float -> ``(C, *source_size)`` tensor in the source's channels."""
+def _fit(values: np.ndarray, geometry: _Geometry) -> np.ndarray:
+    """``(H, W, 1|3)`` float -> ``(C, *source_size)`` float32 view in the source's channels."""
     values = to_channels(values, geometry.channels)
-    return array_to_tensor(resize_array(values, geometry.source_size, geometry.resize))
+    return resize_array(values, geometry.source_size, geometry.resize).transpose(2, 0, 1)
 
 
 def _image_notes(infos: Counter[_FileInfo], geometry: _Geometry) -> list[str]:
@@ -481,10 +555,12 @@ class ArraySource(ImageSource):
         self._array = array
         self._layout = layout
 
-    def _load(self, positions: range) -> torch.Tensor:
+    def _load_into(self, positions: range, out: np.ndarray) -> None:
         indices = self._layout.indices[positions.start : positions.stop]
+        # Per image arithmetic only: a chunk of a batch gives the pixels the whole batch would.
         batch = self._layout.to_float_nhwc(np.asarray(self._array[indices]))
-        return torch.stack([_fit(image, self._geometry) for image in batch])
+        for i, image in enumerate(batch):
+            out[i] = _fit(image, self._geometry)
 
 
 @dataclass(frozen=True)
@@ -723,14 +799,10 @@ class SyntheticSource(ImageSource):
         super().__init__(**kwargs)
         self._seed = seed
 
-    def _load(self, positions: range) -> torch.Tensor:
-        return synthetic_images(
-            len(positions),
-            self.source_size,
-            self.channels,
-            seed=self._seed,
-            start=positions.start,
-        )
+    def _load_into(self, positions: range, out: np.ndarray) -> None:
+        # Image i depends on (seed, i) only, whichever thread and batch draws it.
+        for i, position in enumerate(positions):
+            out[i] = synthetic_image(position, self.source_size, self.channels, self._seed)
 
 
 def _open_synthetic(

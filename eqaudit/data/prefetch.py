@@ -1,0 +1,120 @@
+"""Loading image batches ahead of their consumer, on threads, in parallel within each batch.
+
+The engine spends its time in the model (GPU kernels or torch's own CPU threads) while decoding
+JPEGs or drawing synthetic scenes is numpy and Pillow work that releases the GIL. So a small pool
+of threads loads batch ``k + 1 .. k + ahead`` while the consumer works on batch ``k``, each batch
+split into chunks of consecutive positions that the threads take in order.
+
+Guarantees:
+
+* Same batches as loading them one after the other: each chunk writes its own slice of the
+  batch's preallocated array, so the pixels are bit-identical whatever the worker count, and
+  batches are handed out in order.
+* Bounded memory: while the consumer holds batch ``k``, only batches ``k + 1 .. k + ahead`` are
+  loading or loaded (``ahead`` = :data:`PREFETCH_BATCHES` by default).
+* Errors in place: an exception raised while loading batch ``k`` is raised to the consumer when
+  it asks for batch ``k`` (the first failing chunk's, which is the first failing position's),
+  never earlier; the batches before it are handed out first.
+* Prompt stop: closing the iterator (``.close()``, leaving a ``for`` loop by an exception, or the
+  iterator being garbage-collected) cancels the chunks not yet started and joins the threads
+  before it returns; at most one chunk per thread (:data:`MAX_CHUNK` images) is finished first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+PREFETCH_BATCHES = 2  # batches loaded ahead of the one the consumer holds
+MAX_DEFAULT_WORKERS = 8
+MAX_CHUNK = 8  # images per task at most: bounds the wait when the consumer stops early
+_CHUNKS_PER_WORKER = 4  # tasks per thread and batch, so that uneven images balance out
+
+LoadInto = Callable[[range, np.ndarray], None]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``taskset`` and container CPU sets count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_load_workers() -> int:
+    """``min(usable CPUs, 8)``: one loader thread per core the process may run on.
+
+    Beyond about 8 threads the Python-level part of each image (Pillow calls, numpy dispatch,
+    held under the GIL) and the engine's own thread limit the gain; on one core, 1 (no threads).
+    """
+    return max(1, min(usable_cpus(), MAX_DEFAULT_WORKERS))
+
+
+def chunks(positions: range, workers: int) -> list[range]:
+    """``positions`` cut into consecutive runs: about ``4 x workers`` of them, each of 1 to
+    :data:`MAX_CHUNK` positions."""
+    size = min(MAX_CHUNK, max(1, math.ceil(len(positions) / (workers * _CHUNKS_PER_WORKER))))
+    return [
+        range(start, min(positions.stop, start + size))
+        for start in range(positions.start, positions.stop, size)
+    ]
+
+
+def load_ahead(
+    batches: Sequence[range],
+    load_into: LoadInto,
+    image_shape: tuple[int, ...],
+    workers: int,
+    ahead: int = PREFETCH_BATCHES,
+) -> Iterator[np.ndarray]:
+    """Yield, for each range of positions in ``batches``, a float32 array
+    ``(len(positions), *image_shape)`` filled by ``load_into(chunk, out)`` calls on ``workers``
+    threads; see the module docstring for order, memory, error and shutdown guarantees.
+
+    ``load_into(chunk, out)`` writes the images at the positions ``chunk`` into ``out`` (shape
+    ``(len(chunk), *image_shape)``). It runs on several threads at once, for disjoint chunks, so
+    it must not touch shared mutable state, including the process-global ``warnings`` filters
+    (``warnings.catch_warnings`` is not thread-safe: the owner sets filters around the whole
+    iteration instead). It should avoid torch kernels: every thread that enters torch's OpenMP
+    parallel regions gets its own team of threads.
+
+    Nothing starts until the first batch is asked for. Use it under ``contextlib.closing`` (or
+    close it) when the caller needs the threads stopped at a given point.
+    """
+    if workers < 1 or ahead < 0:
+        raise ValueError(f"need workers >= 1 and ahead >= 0, got {workers} and {ahead}")
+    upcoming = iter(batches)
+    pending: deque[tuple[np.ndarray, list[Future[None]]]] = deque()
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eqaudit-load")
+
+    def submit_next() -> None:
+        positions = next(upcoming, None)
+        if positions is None:
+            return
+        out = np.empty((len(positions), *image_shape), dtype=np.float32)
+        offset = positions.start
+        futures = [
+            executor.submit(load_into, chunk, out[chunk.start - offset : chunk.stop - offset])
+            for chunk in chunks(positions, workers)
+        ]
+        pending.append((out, futures))
+
+    try:
+        for _ in range(ahead + 1):
+            submit_next()
+        while pending:
+            out, futures = pending.popleft()
+            for future in futures:
+                future.result()  # re-raises the chunk's exception, as the consumer's error
+            del futures
+            yield out
+            del out  # the consumer owns it now; do not keep it alive during the next wait
+            submit_next()
+    finally:
+        # Queued chunks are dropped; the ones running finish; then every thread is joined.
+        executor.shutdown(wait=True, cancel_futures=True)
