@@ -15,12 +15,13 @@ edge of its bin (at most 2.4% above the exact order statistic) and never above t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
-from eqaudit.metrics.exact import ExactSum, exact_mean
+from eqaudit.metrics.exact import ExactSum, exact_mean, exact_row_integers
 from eqaudit.metrics.functional import wilson_interval
 
 _BINS_PER_DECADE = 100
@@ -98,28 +99,72 @@ class OutputStats(_Mergeable):
     floor_n: int = 0
     floor_sum: ExactSum = field(default_factory=ExactSum)
 
+    @staticmethod
+    def _host(values: torch.Tensor | np.ndarray) -> np.ndarray:
+        """A tensor (on any device) or array as a host numpy array, values unchanged."""
+        if isinstance(values, torch.Tensor):
+            return values.detach().cpu().numpy()
+        return np.asarray(values)
+
     def update(
         self,
-        agree: torch.Tensor,
-        js: torch.Tensor,
-        logit_error: torch.Tensor | None = None,
-        correct: torch.Tensor | None = None,
-        floor: torch.Tensor | None = None,
+        agree: torch.Tensor | np.ndarray,
+        js: torch.Tensor | np.ndarray,
+        logit_error: torch.Tensor | np.ndarray | None = None,
+        correct: torch.Tensor | np.ndarray | None = None,
+        floor: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         """Per-image values: ``agree``/``correct`` bool ``(B,)`` (correct only for labelled
-        images), ``js``/``logit_error``/``floor`` float ``(B,)``."""
-        self.n += int(agree.numel())
-        self.agree += int(agree.sum())
-        self.js_sum.add(js)
+        images), ``js``/``logit_error``/``floor`` float ``(B,)``; numpy arrays or tensors on
+        any device (host arrays are the cheap path: the engine passes those)."""
+        agree = self._host(agree)
+        self.n += agree.size
+        self.agree += int(np.count_nonzero(agree))
+        self.js_sum.add(self._host(js))
         if logit_error is not None:
-            self.logit_n += int(logit_error.numel())
+            logit_error = self._host(logit_error)
+            self.logit_n += logit_error.size
             self.logit_sum.add(logit_error)
         if correct is not None:
-            self.labelled += int(correct.numel())
-            self.correct += int(correct.sum())
+            correct = self._host(correct)
+            self.labelled += correct.size
+            self.correct += int(np.count_nonzero(correct))
         if floor is not None:
-            self.floor_n += int(floor.numel())
+            floor = self._host(floor)
+            self.floor_n += floor.size
             self.floor_sum.add(floor)
+
+    @staticmethod
+    def update_rows(
+        stats: Sequence[OutputStats],
+        agree: np.ndarray,
+        js: np.ndarray,
+        logit_error: np.ndarray | None = None,
+        correct: np.ndarray | None = None,
+        floors: Sequence[np.ndarray | None] | None = None,
+    ) -> None:
+        """``stats[g].update(agree[g], js[g], logit_error[g], correct[g], floors[g])`` for every
+        element ``g`` at once, on host arrays ``(G, B)`` (``correct``: ``(G, L)`` over the
+        labelled images; ``floors[g]``: ``(B,)`` or None). The exact sums of all rows are taken
+        in one vectorised pass, the same integers as row by row."""
+        agreed = np.count_nonzero(agree, axis=1).tolist()
+        js_totals = exact_row_integers(js)
+        logit_totals = exact_row_integers(logit_error) if logit_error is not None else None
+        right = np.count_nonzero(correct, axis=1).tolist() if correct is not None else None
+        for gi, s in enumerate(stats):
+            s.n += agree.shape[1]
+            s.agree += agreed[gi]
+            s.js_sum.total += js_totals[gi]
+            if logit_totals is not None:
+                s.logit_n += logit_error.shape[1]  # type: ignore[union-attr]
+                s.logit_sum.total += logit_totals[gi]
+            if right is not None:
+                s.labelled += correct.shape[1]  # type: ignore[union-attr]
+                s.correct += right[gi]
+            floor = floors[gi] if floors is not None else None
+            if floor is not None:
+                s.floor_n += floor.size
+                s.floor_sum.add(floor)
 
     def compute(self) -> dict[str, float | None]:
         low, high = wilson_interval(self.agree, self.n)
@@ -181,6 +226,25 @@ class LayerStats(_Mergeable):
         self.rel_max = max(self.rel_max, float(rel.max(initial=0.0)))
         self.cos_sum.add(cosine)
         self.hist = self.hist + _histogram(rel)
+
+    @staticmethod
+    def update_rows(stats: Sequence[LayerStats], relative: np.ndarray, cosine: np.ndarray) -> None:
+        """``stats[r].update(relative[r], cosine[r])`` for every row ``r`` of two ``(R, N)``
+        float64 arrays, vectorised: the same states, with one exact-sum pass, one histogram pass
+        and one maximum for all rows instead of a call per (layer, element)."""
+        count, width = relative.shape
+        rel_totals, cos_totals = exact_row_integers(relative), exact_row_integers(cosine)
+        maxima = relative.max(axis=1, initial=0.0)
+        bins = len(HIST_EDGES)
+        index = np.minimum(np.searchsorted(HIST_EDGES, relative, side="left"), bins - 1)
+        index += np.arange(count)[:, None] * bins
+        hists = np.bincount(index.reshape(-1), minlength=count * bins).reshape(count, bins)
+        for row, state in enumerate(stats):
+            state.n += width
+            state.rel_sum.total += rel_totals[row]
+            state.rel_max = max(state.rel_max, float(maxima[row]))
+            state.cos_sum.total += cos_totals[row]
+            state.hist = state.hist + hists[row]
 
     def quantile(self, q: float) -> float:
         if self.n == 0:
