@@ -16,7 +16,9 @@ beyond the forward's own tensors); an ONNX session hands out every requested out
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import itertools
 import math
 import os
 import platform
@@ -38,7 +40,8 @@ import torch
 
 from eqaudit.config import AuditConfig, parse_shard, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
-from eqaudit.device import free_memory, place
+from eqaudit.data.prefetch import default_load_workers, usable_cpus
+from eqaudit.device import free_memory, ieee_float32, place
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
 from eqaudit.lie import GENERATORS as LIE_GENERATORS
@@ -56,6 +59,7 @@ from eqaudit.metrics import (
     robustness_score,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
+from eqaudit.models.base import check_scores
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
 from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
@@ -283,6 +287,59 @@ def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[st
     return wanted
 
 
+def _record_tensors(records: list[tuple]) -> list[torch.Tensor]:
+    """The tensors of :meth:`Engine._record` records, in order: norms, then any floor."""
+    return [t for _, *norms, floor in records for t in (*norms, floor) if t is not None]
+
+
+def _to_host(
+    scores: torch.Tensor, parts: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """Start bringing a batch's scores and its per-image layer norms (concatenated, float64) to
+    the host: from a GPU into pinned memory without waiting, with the CUDA event that marks their
+    arrival (None when nothing was on a GPU)."""
+    norms = None
+    if parts:
+        device = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
+        norms = torch.cat([t.reshape(-1).to(device, torch.float64) for t in parts])
+    on_gpu = [t for t in (scores, norms) if t is not None and t.device.type == "cuda"]
+    if not on_gpu:
+        return scores, norms, None
+
+    def start(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    scores, norms = start(scores), start(norms)
+    arrived = torch.cuda.Event()  # recorded after the copies: it completes when they have
+    arrived.record(torch.cuda.current_stream(on_gpu[0].device))
+    return scores, norms, arrived
+
+
+@dataclass
+class _Launched:
+    """A batch whose forward and layer reductions are queued (:meth:`Engine.launch`) and whose
+    host bookkeeping is still to do (:meth:`Engine.finish`)."""
+
+    labels: torch.Tensor | None
+    ids: list[str]
+    positions: list[int]
+    transformed: list[torch.Tensor]  # the images under each element, where the model runs
+    pixels: torch.Tensor  # the source images on the host (Lie derivatives)
+    first: bool
+    few: torch.Tensor | None  # the first batch's first model inputs (determinism check)
+    scores: torch.Tensor
+    records: list[tuple]
+    norms: torch.Tensor | None
+    arrived: Any = None  # a CUDA event: the copies to the host are complete
+
+    def wait(self) -> None:
+        if self.arrived is not None:
+            self.arrived.synchronize()
+
+
 class Engine:
     """One audit of one model; see the module docstring."""
 
@@ -325,8 +382,12 @@ class Engine:
         self.lie: LieAccumulator | None = LieAccumulator() if config.lie else None
         self.lie_steps: dict[str, float] = {}
         self._input_buffer: torch.Tensor | None = None
+        # Where the images are transformed and normalised: beside the model. On a GPU only the
+        # batch's source images cross the bus, not its G transformed copies.
+        self.device = torch.device(getattr(adapter, "device", "cpu"))
         self._difference_buffers: dict[int, np.ndarray] = {}  # by thread, see _own_grid_d4_norms
-        self._records: list[tuple] = []  # this batch's per-image layer errors, see _record
+        self._records: list[tuple] = []  # this batch's per-image layer norms, see _record
+        self._launched = 0  # batches launched so far (the first one sets up the outputs)
         self._pool: ThreadPoolExecutor | None = None  # layer comparisons, see _update_layers
         self._pool_workers = 0
 
@@ -478,8 +539,9 @@ class Engine:
         return int(min(wanted, fits))
 
     def _track_spread(self, reference: torch.Tensor) -> None:
-        """Keep the range of the identity scores, to tell a model that ignores its input."""
-        low, high = reference.double().min(dim=0).values, reference.double().max(dim=0).values
+        """Keep the range of the identity scores, to tell a model that ignores its input
+        (on the scores' device: nothing reaches the host per batch)."""
+        low, high = torch.aminmax(reference.double(), dim=0)
         if self._score_low is None:
             self._score_low, self._score_high = low, high
         else:
@@ -513,20 +575,33 @@ class Engine:
 
     # -- one batch ---------------------------------------------------------------------------
     def run_batch(self, pixels: torch.Tensor, labels: torch.Tensor | None, ids: list[str]) -> None:
+        """Audit one batch: :meth:`launch` it, then :meth:`finish` it."""
+        self.finish(self.launch(pixels, labels, ids))
+
+    def launch(
+        self, pixels: torch.Tensor, labels: torch.Tensor | None, ids: list[str]
+    ) -> _Launched:
+        """Transform, run and reduce one batch's layers; the scores and per-image layer norms
+        are copied towards the host without waiting. On a GPU the device is still working when
+        this returns: the caller launches the next batch, then finishes this one, so the host's
+        bookkeeping (:meth:`finish`) overlaps the next forward instead of idling the device."""
         g, b = len(self.elements), pixels.shape[0]
         # Places in the whole audited set (a shard starts further on): they decide the gallery,
         # the channel-map split and the order of predictions.csv, never the batching.
         positions = list(range(self.images_seen, self.images_seen + b))
         self.images_seen += b
+        first = self._launched == 0
+        self._launched += 1
+        host_pixels, pixels = pixels, pixels.to(self.device)
         transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
         # The model input is assembled and normalised in one buffer reused across batches:
-        # fresh pages for every batch cost more than the copies.
+        # fresh pages for every batch cost more than the copies. (On a GPU the next batch's
+        # writes queue behind this batch's forward on the same stream.)
         shape = (g * b, *transformed[0].shape[1:])
         if self._input_buffer is None or tuple(self._input_buffer.shape) != shape:
-            self._input_buffer = torch.empty(shape, dtype=torch.float32)
+            self._input_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
         torch.cat([t.to(torch.float32) for t in transformed], out=self._input_buffer)
         model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
-        first = not self.predictions
         # Channel maps are fitted on the images of even position and evaluated on the others.
         fit = (torch.tensor(positions) % 2) == 0
         states = {s.info.name: s for s in self.layer_states}
@@ -543,15 +618,40 @@ class Engine:
             else:
                 handed_out.append((states[name], act))
 
-        out = self.adapter.run(model_in, list(states), sink=reduce if states else None)
+        out = self.adapter.run(
+            model_in, list(states), sink=reduce if states else None, host_scores=False
+        )
         self._update_layers(handed_out, fit)
-        self._flush_records()
-        scores = out.scores.reshape(g, b, -1)
+        records, self._records = self._records, []
+        # Two images are enough to see dropout or batch statistics left on (kept now: the
+        # input buffer holds the next batch by the time this one is finished).
+        few = model_in[: min(b, 2)].clone() if first else None
+        scores, norms, arrived = _to_host(out.scores, _record_tensors(records))
+        return _Launched(
+            labels,
+            ids,
+            positions,
+            transformed,
+            host_pixels,
+            first,
+            few,
+            scores,
+            records,
+            norms,
+            arrived,
+        )
+
+    def finish(self, batch: _Launched) -> None:
+        """The host's part of a launched batch: layer errors into their accumulators, then the
+        outputs (agreement, JS, predictions, gallery) and the Lie derivatives."""
+        batch.wait()
+        check_scores(batch.scores)
+        self._add_records(batch.records, batch.norms)
+        g, b = len(self.elements), len(batch.ids)
+        scores = batch.scores.reshape(g, b, -1)
         self.num_classes = scores.shape[-1]
-        if first:
-            # Two images are enough to see dropout or batch statistics left on.
-            few = min(b, 2)
-            self._check_determinism(model_in[:few], scores[0][:few])
+        if batch.first:
+            self._check_determinism(batch.few, scores[0][: batch.few.shape[0]])
             self._setup_label_action(self.num_classes)
             # Logits or probabilities: decided once, on the first batch's untransformed images.
             looks_like_probs = looks_like_probabilities(scores[0])
@@ -563,9 +663,9 @@ class Engine:
                     "(non-negative rows summing to 1): softmax will be applied on top of them"
                 )
         self._track_spread(scores[0])
-        self._update_outputs(scores, labels, ids, transformed, positions)
+        self._update_outputs(scores, batch.labels, batch.ids, batch.transformed, batch.positions)
         if self.lie is not None:
-            self._update_lie(center_crop(pixels, self.margin))
+            self._update_lie(center_crop(batch.pixels, self.margin))
 
     def _update_lie(self, pixels: torch.Tensor) -> None:
         """Lie derivatives of this batch's outputs (and, for PyTorch modules, each audited
@@ -610,12 +710,18 @@ class Engine:
         }
 
     def _setup_label_action(self, num_classes: int) -> None:
-        """Permutations P_g of the classes (identity everywhere unless declared)."""
+        """Permutations P_g of the classes (identity everywhere unless declared), as ``(G, K)``
+        tables, so that a batch is compared under every element at once: ``_perms[g, c] =
+        P_g(c)`` on the host (expected classes), ``_inverse[g] = P_g^-1`` on the scores'
+        device (moving the reference scores)."""
         self.label_action = build_label_action(
             self.config.label_action, num_classes, self.class_names, needed=self.elements
         )
-        self._perms = [torch.tensor(self.label_action.of(e)) for e in self.elements]
-        self._inverse = [torch.tensor(invert(self.label_action.of(e))) for e in self.elements]
+        perms = [tuple(self.label_action.of(e)) for e in self.elements]
+        self._perms = np.asarray(perms, dtype=np.int64).reshape(len(perms), num_classes)
+        self._inverse = torch.tensor([invert(p) for p in perms], dtype=torch.int64)
+        self._moves_labels = any(p != tuple(range(num_classes)) for p in perms)
+        self._element_names = np.asarray([e.name for e in self.elements], dtype=object)
         self._confusion = [Counter() for _ in self.elements]
 
     def _update_outputs(
@@ -627,67 +733,99 @@ class Engine:
         positions: list[int],
     ) -> None:
         """Compare every element with the identity under the declared label action:
-        ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance)."""
+        ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance).
+
+        All elements at once: probabilities, top-1, JS divergence and logit error are computed
+        on ``(G x B, K)`` rows on the scores' device (each row exactly as a per-element
+        comparison computes it), and only the ``(G, B)`` results reach the host, in one copy;
+        the bookkeeping that follows (accumulators, confusion counts, one predictions frame
+        per batch, the gallery) works on those small host arrays."""
         kind = self.output_kind or "logits"
-        probs = probabilities(scores.reshape(-1, scores.shape[-1]), kind).reshape(scores.shape)
-        top1 = probs.argmax(dim=-1)  # (G, B)
-        confidence = probs.max(dim=-1).values
-        labelled = labels is not None and bool((labels >= 0).any())
-        mask = labels >= 0 if labelled else None
-        agree_all, correct_all, js_all = [], [], []
+        g, b, k = scores.shape
+        rows = scores.reshape(g * b, k)
+        probs = probabilities(rows, kind)
+        inverse = self._inverse
+        if self._moves_labels and inverse.device != scores.device:
+            inverse = self._inverse = inverse.to(scores.device)
+
+        def reference(first: torch.Tensor) -> torch.Tensor:
+            """``(B, K)`` identity rows -> ``(G x B, K)``: row ``(g, b)`` is ``P_g`` applied to
+            row ``b``; ``(P_g p)[j] = p[P_g^-1(j)]`` moves the scores the way the labels
+            should move."""
+            if not self._moves_labels:
+                return first.expand(g, b, k).reshape(g * b, k)
+            return first[:, inverse].transpose(0, 1).reshape(g * b, k)
+
+        on_device = [
+            probs.argmax(dim=1).to(torch.float64),  # class indices, exact in float64
+            probs.amax(dim=1),
+            js_divergence(reference(probs[:b]), probs),
+        ]
+        if kind == "logits":
+            on_device.append(normalised_logit_error(reference(rows[:b]), rows))
+        host = torch.stack(on_device).reshape(len(on_device), g, b).cpu().numpy()
+        top1 = host[0].astype(np.int64)
+        confidence, js = host[1], host[2]
+        logit = host[3] if kind == "logits" else None
+        element_rows = np.arange(g)[:, None]
+        expected = self._perms[element_rows, top1[0]]  # (G, B): P_g of the reference's top-1
+        agree = top1 == expected
+        label = labels.cpu().numpy() if labels is not None else None
+        mask = label >= 0 if label is not None else None
+        labelled = mask is not None and bool(mask.any())
+        correct = top1 == self._perms[element_rows, np.maximum(label, 0)] if labelled else None
+        floors: list[np.ndarray | None] = []  # resampled elements only, to the host
         for gi, element in enumerate(self.elements):
-            perm, inverse = self._perms[gi], self._inverse[gi]
-            expected = perm[top1[0]]
-            agree = top1[gi] == expected
-            # (P_g p)[j] = p[P_g^-1(j)]: the reference moved the way the labels should move.
-            js = js_divergence(probs[0][:, inverse], probs[gi])
-            logit = (
-                normalised_logit_error(scores[0][:, inverse], scores[gi])
-                if kind == "logits"
-                else None
+            floor = None if element.exact else element.image_floor(transformed[0], transformed[gi])
+            floors.append(
+                None if floor is None else floor.detach().to("cpu", torch.float64).numpy()
             )
-            correct = top1[gi] == perm[labels.clamp_min(0)] if labelled else None
-            floor = (
-                element.image_floor(transformed[0], transformed[gi]) if not element.exact else None
+        OutputStats.update_rows(
+            self.output_stats,
+            agree,
+            js,
+            logit,
+            correct[:, mask] if correct is not None else None,
+            floors,
+        )
+        reference_top1 = top1[0].tolist()
+        for counts, top1_g in zip(self._confusion, top1.tolist(), strict=True):
+            counts.update(zip(reference_top1, top1_g, strict=True))
+        # One frame per batch, rows image-major (image, then element): the audited order.
+        self.predictions.append(
+            pd.DataFrame(
+                {
+                    "image": np.repeat(np.asarray(ids, dtype=object), g),
+                    "transform": np.tile(self._element_names, b),
+                    "top1": top1.T.ravel(),
+                    "expected": expected.T.ravel(),
+                    "confidence": confidence.T.ravel(),
+                    "label": np.repeat(label, g)
+                    if label is not None
+                    else np.full(g * b, -1, dtype=np.int64),
+                    "agrees": agree.T.ravel(),
+                    "js_divergence": js.T.ravel(),
+                    "_order": (
+                        np.asarray(positions, dtype=np.int64)[:, None] * g + np.arange(g)
+                    ).ravel(),
+                },
+                columns=[*PREDICTION_COLUMNS, "_order"],
             )
-            self.output_stats[gi].update(
-                agree, js, logit, correct[mask] if correct is not None else None, floor
-            )
-            self._confusion[gi].update(zip(top1[0].tolist(), top1[gi].tolist(), strict=True))
-            agree_all.append(agree)
-            js_all.append(js)
-            if correct is not None:
-                correct_all.append(correct)
-            self.predictions.append(
-                pd.DataFrame(
-                    {
-                        "image": ids,
-                        "transform": element.name,
-                        "top1": top1[gi].numpy(),
-                        "expected": expected.numpy(),
-                        "confidence": confidence[gi].numpy(),
-                        "label": labels.numpy() if labels is not None else -1,
-                        "agrees": agree.numpy(),
-                        "js_divergence": js.numpy(),
-                    },
-                    columns=PREDICTION_COLUMNS,
-                ).assign(_order=[p * len(self.elements) + gi for p in positions])
-            )
-        agree_matrix = torch.stack(agree_all)
+        )
         self.gallery.update(
             ids,
             [e.name for e in self.elements],
             transformed,
             top1,
             confidence,
-            torch.stack(js_all),
-            agree_matrix,
-            labels,
+            js,
+            agree,
+            label,
             positions,
         )
-        self.orbit.update(agree_matrix.all(dim=0))
+        self.orbit.update(torch.from_numpy(agree.all(axis=0)))
         if labelled:
-            self.orbit_correct.update(torch.stack(correct_all).all(dim=0)[mask])
+            self.orbit_correct.update(torch.from_numpy(correct.all(axis=0)[mask]))
 
     def predictions_frame(self) -> pd.DataFrame:
         """predictions.csv: one row per (image, element), images in audited order, elements in
@@ -787,30 +925,43 @@ class Engine:
     def _record(
         self,
         stats: LayerStats,
-        relative: torch.Tensor,
-        cosine: torch.Tensor,
+        na: torch.Tensor,
+        nb: torch.Tensor,
+        nd: torch.Tensor,
         floor: torch.Tensor | None = None,
     ) -> None:
-        """Per-image errors of one (layer, element), added to ``stats`` at the end of the batch
-        (:meth:`_flush_records`). Appending is safe from the comparison workers."""
-        self._records.append((stats, relative, cosine, floor))
+        """Per-image norms ``(||a||, ||b||, ||a - b||)`` of one (layer, element) and, for
+        resampled comparisons, the interpolation floor: turned into errors and added to ``stats``
+        when the batch is finished (:meth:`_add_records`). Appending is safe from the workers."""
+        self._records.append((stats, na, nb, nd, floor))
 
-    def _flush_records(self) -> None:
-        """Bring the batch's per-image errors to the host in one copy, then accumulate them.
+    @staticmethod
+    def _add_records(records: list[tuple], norms: torch.Tensor | None) -> None:
+        """Add a batch's per-image layer norms (:meth:`_record`, brought to the host in one copy
+        by :func:`_to_host`) to their accumulators.
 
-        On a GPU a copy per (layer, element) would make the host wait for the device at every
-        layer of the forward (a streamed forward stalls at each hook); one copy per batch lets
-        the device run ahead. The values are unchanged: concatenated, copied and split."""
-        records, self._records = self._records, []
+        One copy per batch, not per (layer, element): on a GPU a copy per pair would make the
+        host wait for the device at every layer of the forward. The errors are computed for every
+        pair at once (:func:`errors_from_norms` is elementwise: the same values as one call per
+        pair) and added with one vectorised update (:meth:`LayerStats.update_rows`)."""
         if not records:
             return
-        parts = [t for _, rel, cos, floor in records for t in (rel, cos, floor) if t is not None]
-        device = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
-        host = torch.cat([t.reshape(-1).to(device, torch.float64) for t in parts]).cpu()
-        values = iter(torch.split(host, [t.numel() for t in parts]))
-        for stats, _, _, floor in records:
-            relative, cosine = next(values), next(values)
-            stats.update(relative, cosine, next(values) if floor is not None else None)
+        sizes = [t.numel() for t in _record_tensors(records)]
+        values = iter(torch.split(norms.to(torch.float64), sizes))  # type: ignore[union-attr]
+        columns: list[list[torch.Tensor]] = [[], [], []]
+        by_width: dict[int, list[int]] = {}
+        for row, (stats, *_, floor) in enumerate(records):
+            for column in columns:
+                column.append(next(values))
+            by_width.setdefault(columns[0][-1].numel(), []).append(row)
+            if floor is not None:
+                floor_values = next(values)
+                stats.floor_n += int(floor_values.numel())
+                stats.floor_sum.add(floor_values)
+        for rows in by_width.values():  # one width per batch, unless a layer sees another
+            na, nb, nd = (torch.stack([column[r] for r in rows]) for column in columns)
+            relative, cosine = errors_from_norms(na, nb, nd)
+            LayerStats.update_rows([records[r][0] for r in rows], relative.numpy(), cosine.numpy())
 
     def close(self) -> None:
         """Stop the comparison workers and drop the difference buffers."""
@@ -833,8 +984,9 @@ class Engine:
                 if reference_norm is None:
                     dims = tuple(range(1, reference.ndim))
                     reference_norm = torch.linalg.vector_norm(reference, dim=dims).to(torch.float64)
-                norms = self._own_grid_d4_norms(element, reference, a, reference_norm)
-                self._record(state.stats[gi], *errors_from_norms(*norms))
+                self._record(
+                    state.stats[gi], *self._own_grid_d4_norms(element, reference, a, reference_norm)
+                )
                 continue
             if state.reasons[gi] is not None:
                 continue
@@ -866,8 +1018,7 @@ class Engine:
                 if comparison == "resampled"
                 else None
             )
-            relative, cosine = errors_from_norms(*map_norms(a, b, mask))
-            self._record(state.stats[gi], relative, cosine, floor)
+            self._record(state.stats[gi], *map_norms(a, b, mask), floor)
             if state.channel_maps is not None and state.channel_maps[gi] is not None:
                 state.channel_maps[gi].update(a, b, fit.to(a.device), mask)
 
@@ -1075,6 +1226,16 @@ class Engine:
         }
 
 
+def _load_workers(engine: Engine) -> int:
+    """Image loader threads: the default beside a GPU (the host is idle while the device runs
+    the model); on the CPU only the cores torch leaves free, so that loading does not slow the
+    model down (1: load each batch when it is needed, no threads)."""
+    workers = default_load_workers()
+    if engine.device.type == "cuda":
+        return workers
+    return max(1, min(workers, usable_cpus() - torch.get_num_threads()))
+
+
 def _images_per_step(
     engine: Engine, adapter: ModelAdapter, config: AuditConfig, preprocessing: Preprocessing
 ) -> int:
@@ -1227,14 +1388,25 @@ def audit(
     # no_grad, not inference_mode: inference tensors have no version counter, which the torch
     # adapter reads to know which captured activations a forward overwrites in place.
     try:
-        with torch.no_grad():
-            for batch in source.iter_batches(images_per_step, positions.start, positions.stop):
-                engine.run_batch(batch.pixels, batch.labels, batch.ids)
-                if engine.layer_states:  # only activations are large enough to fragment the heap
-                    release_freed_memory()
-                done += len(batch.ids)
-                if progress is not None:
-                    progress(done, total)
+        with torch.no_grad(), ieee_float32(config.device), contextlib.ExitStack() as stack:
+            # Batch k + 1 is launched before batch k is finished: on a GPU the host's
+            # bookkeeping of k overlaps the device's forward of k + 1 (on the CPU the order
+            # changes nothing). Images load ahead on threads (eqaudit.data.prefetch).
+            pending: _Launched | None = None
+            batches = source.iter_batches(
+                images_per_step, positions.start, positions.stop, workers=_load_workers(engine)
+            )
+            stack.callback(batches.close)  # stops the loader threads, also on an error
+            for batch in itertools.chain(batches, [None]):  # None: finish the last one
+                launched = engine.launch(batch.pixels, batch.labels, batch.ids) if batch else None
+                if pending is not None:
+                    engine.finish(pending)
+                    if engine.layer_states:  # only activations are large enough to fragment
+                        release_freed_memory()
+                    done += len(pending.ids)
+                    if progress is not None:
+                        progress(done, total)
+                pending = launched
     finally:
         engine.close()
 

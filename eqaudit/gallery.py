@@ -13,6 +13,10 @@ orbits are the images at positions ``0 .. orbit_images - 1``. So the galleries o
 
 Thumbnails are the pixel-space images (after resizing, before normalisation) as small PNG data
 URIs, so a report can be rendered later from ``gallery.json`` without re-running the model.
+Only the images a selection keeps at the end of a batch are copied to the host, as uint8
+``round(255 x)`` at their own size (less memory than one batch of model inputs); they are
+scaled down and encoded once, when the gallery is written, so a flip that a worse one later
+replaces costs no Pillow work.
 """
 
 from __future__ import annotations
@@ -26,11 +30,16 @@ import torch
 from PIL import Image
 
 THUMB_SIZE = 96
+_SIDES = ("original", "transformed")  # the two pictures of a flip
 
 
-def thumbnail(image: torch.Tensor, size: int = THUMB_SIZE) -> Image.Image:
-    """``(C, H, W)`` in [0, 1] -> a Pillow image no larger than ``size`` pixels a side."""
-    array = (image.detach().clamp(0, 1).mul(255).round().to(torch.uint8)).cpu().numpy()
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``(..., C, H, W)`` in [0, 1] -> uint8 ``round(255 x)``, on the images' own device."""
+    return images.detach().clamp(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def thumbnail_of_array(array: np.ndarray, size: int = THUMB_SIZE) -> Image.Image:
+    """uint8 ``(C, H, W)`` -> a Pillow image no larger than ``size`` pixels a side."""
     pil = (
         Image.fromarray(array[0], "L")
         if array.shape[0] == 1
@@ -40,6 +49,11 @@ def thumbnail(image: torch.Tensor, size: int = THUMB_SIZE) -> Image.Image:
         pil.thumbnail((size, size), Image.Resampling.LANCZOS)
     # Small images stay at their size: the report scales them up with pixelated rendering.
     return pil
+
+
+def thumbnail(image: torch.Tensor, size: int = THUMB_SIZE) -> Image.Image:
+    """``(C, H, W)`` in [0, 1] -> a Pillow image no larger than ``size`` pixels a side."""
+    return thumbnail_of_array(to_uint8(image).cpu().numpy(), size)
 
 
 def png_uri(pil: Image.Image) -> str:
@@ -53,6 +67,29 @@ def thumbnail_uri(image: torch.Tensor, size: int = THUMB_SIZE) -> str:
     return png_uri(thumbnail(image, size))
 
 
+class _Picture:
+    """One kept image: element ``g``'s image ``b`` of the batch that offered it; its uint8
+    pixels arrive at the end of that batch, its data URI when the gallery is first written.
+    An original shared by several flips (and its orbit) is one picture, encoded once."""
+
+    __slots__ = ("b", "g", "pixels", "uri")
+
+    def __init__(self, g: int, b: int) -> None:
+        self.g, self.b = g, b
+        self.pixels: np.ndarray | None = None
+        self.uri: str | None = None
+
+    def data_uri(self) -> str:
+        if self.uri is None:
+            self.uri = png_uri(thumbnail_of_array(self.pixels))  # type: ignore[arg-type]
+            self.pixels = None
+        return self.uri
+
+
+def _uri(thumb: _Picture | str) -> str:
+    return thumb if isinstance(thumb, str) else thumb.data_uri()  # str: merged from a state
+
+
 class Gallery:
     """Bounded collection of thumbnails (see the module docstring)."""
 
@@ -63,80 +100,113 @@ class Gallery:
         # JS; among equal JS the latest), so ties keep the earliest flips, whatever the batching.
         self._heap: list[tuple[float, int, dict]] = []
         self.orbits: list[dict] = []
-        self._encoded: list[dict] | None = None  # flips merged from states: already encoded
 
     def update(
         self,
         ids: list[str],
         names: list[str],
         images: list[torch.Tensor],
-        top1: torch.Tensor,
-        confidence: torch.Tensor,
-        js: torch.Tensor,
-        agree: torch.Tensor,
-        labels: torch.Tensor | None,
-        positions: list[int] | None = None,
+        top1: np.ndarray | torch.Tensor,
+        confidence: np.ndarray | torch.Tensor,
+        js: np.ndarray | torch.Tensor,
+        agree: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | None,
+        positions: list[int] | np.ndarray | None = None,
     ) -> None:
-        """``images[g]`` is ``(B, C, H, W)`` for element ``g`` (0 = identity); ``top1``,
-        ``confidence``, ``js`` and ``agree`` (top-1 as the declared label action expects) are
-        ``(G, B)``; ``positions`` are the images' places in the audited set (default: in order
-        from 0). Thumbnails are kept as small images and encoded once, in :meth:`to_dict`."""
-        if positions is None:
-            positions = list(range(len(ids)))
-        originals: dict[int, Image.Image] = {}
+        """``images[g]`` is ``(B, C, H, W)`` for element ``g`` (0 = identity), on any device;
+        ``top1``, ``confidence``, ``js`` and ``agree`` (top-1 as the declared label action
+        expects) are ``(G, B)`` host arrays (or CPU tensors); ``positions`` are the images'
+        places in the audited set (default: in order from 0).
 
-        def original(b: int) -> Image.Image:
-            if b not in originals:
-                originals[b] = thumbnail(images[0][b])
-            return originals[b]
+        The flips kept after a batch are the ``max_flips`` best ranks among those kept before
+        and this batch's, whatever order they are offered in: the batch's candidates are
+        screened against the heap's root at once, and only the best few are pushed."""
+        top1, confidence, js, agree = (np.asarray(a) for a in (top1, confidence, js, agree))
+        g = len(names)
+        where = np.arange(len(ids)) if positions is None else np.asarray(positions)
+        label = np.asarray(labels).tolist() if labels is not None else [-1] * len(ids)
+        pictures: dict[tuple[int, int], _Picture] = {}
 
-        for b, image_id in enumerate(ids):
-            label = int(labels[b]) if labels is not None else -1
-            if positions[b] < self.orbit_images:
-                self.orbits.append(
-                    {
-                        "position": positions[b],
-                        "image": image_id,
-                        "label": label,
-                        "elements": [
-                            {
-                                "transform": name,
-                                "top1": int(top1[g, b]),
-                                "confidence": float(confidence[g, b]),
-                                "thumbnail": original(b) if g == 0 else thumbnail(images[g][b]),
-                            }
-                            for g, name in enumerate(names)
-                        ],
-                    }
-                )
-            for g in range(1, len(names)):
-                if agree[g, b]:
-                    continue
-                key = float(js[g, b])
-                rank = (key, -(positions[b] * len(names) + g))
-                if len(self._heap) >= self.max_flips and rank <= self._heap[0][:2]:
-                    continue
-                entry = {
-                    "image": image_id,
-                    "transform": names[g],
-                    "label": label,
-                    "js_divergence": key,
-                    "original": {
-                        "top1": int(top1[0, b]),
-                        "confidence": float(confidence[0, b]),
-                        "thumbnail": original(b),
-                    },
-                    "transformed": {
-                        "top1": int(top1[g, b]),
-                        "confidence": float(confidence[g, b]),
-                        "thumbnail": thumbnail(images[g][b]),
-                    },
+        def picture(gi: int, b: int) -> _Picture:
+            if (gi, b) not in pictures:
+                pictures[gi, b] = _Picture(gi, b)
+            return pictures[gi, b]
+
+        new_orbits = []
+        for b in np.flatnonzero(where < self.orbit_images).tolist():
+            new_orbits.append(
+                {
+                    "position": int(where[b]),
+                    "image": ids[b],
+                    "label": int(label[b]),
+                    "elements": [
+                        {
+                            "transform": name,
+                            "top1": int(top1[gi, b]),
+                            "confidence": float(confidence[gi, b]),
+                            "thumbnail": picture(gi, b),
+                        }
+                        for gi, name in enumerate(names)
+                    ],
                 }
-                item = (*rank, entry)
-                if len(self._heap) < self.max_flips:
-                    heapq.heappush(self._heap, item)
-                else:
-                    heapq.heapreplace(self._heap, item)
+            )
+        self.orbits.extend(new_orbits)
+
+        flip_g, flip_b = np.nonzero(~agree[1:g].astype(bool))
+        flip_g = flip_g + 1
+        key = js[flip_g, flip_b].astype(np.float64)
+        sequence = where[flip_b].astype(np.int64) * g + flip_g
+        if len(self._heap) >= self.max_flips and key.size:
+            # rank = (JS, -sequence) must beat the root's to enter a full heap
+            root_key, root_negative = self._heap[0][:2]
+            beats = (key > root_key) | ((key == root_key) & (-sequence > root_negative))
+            flip_g, flip_b, key, sequence = (a[beats] for a in (flip_g, flip_b, key, sequence))
+        best = np.lexsort((sequence, -key))[: self.max_flips]  # best rank first
+        for i in best.tolist():
+            gi, b = int(flip_g[i]), int(flip_b[i])
+            rank = (float(key[i]), -int(sequence[i]))
+            if len(self._heap) >= self.max_flips and rank <= self._heap[0][:2]:
+                break  # the rest rank lower still
+            entry = {
+                "image": ids[b],
+                "transform": names[gi],
+                "label": int(label[b]),
+                "js_divergence": rank[0],
+                "original": {
+                    "top1": int(top1[0, b]),
+                    "confidence": float(confidence[0, b]),
+                    "thumbnail": picture(0, b),
+                },
+                "transformed": {
+                    "top1": int(top1[gi, b]),
+                    "confidence": float(confidence[gi, b]),
+                    "thumbnail": picture(gi, b),
+                },
+            }
+            if len(self._heap) < self.max_flips:
+                heapq.heappush(self._heap, (*rank, entry))
+            else:
+                heapq.heapreplace(self._heap, (*rank, entry))
+        self._fetch(images, pictures, new_orbits)
+
+    def _fetch(
+        self, images: list[torch.Tensor], pictures: dict[tuple[int, int], _Picture], orbits: list
+    ) -> None:
+        """Copy to the host the pixels of this batch's ``pictures`` that are still kept (by a
+        flip in the heap or a new orbit): one uint8 conversion per element on the images'
+        device, one transfer."""
+        kept = {id(e["thumbnail"]) for orbit in orbits for e in orbit["elements"]}
+        kept.update(id(e[side]["thumbnail"]) for *_, e in self._heap for side in _SIDES)
+        chosen = sorted((p for p in pictures.values() if id(p) in kept), key=lambda p: (p.g, p.b))
+        if not chosen:
+            return
+        parts = []
+        for gi in sorted({p.g for p in chosen}):
+            source = images[gi]
+            index = torch.tensor([p.b for p in chosen if p.g == gi], device=source.device)
+            parts.append(to_uint8(source[index]))
+        for p, array in zip(chosen, torch.cat(parts).cpu().numpy(), strict=True):
+            p.pixels = array
 
     def to_dict(self) -> dict:
         """The kept thumbnails as PNG data URIs (see the module docstring)."""
@@ -145,23 +215,17 @@ class Gallery:
     def state(self, with_rank: bool = True) -> dict:
         """JSON-able: flips worst first (with their rank keys when ``with_rank``), orbits in
         order; thumbnails as PNG data URIs."""
-        encoded: dict[int, str] = {}
-
-        def uri(pil: Image.Image | str) -> str:
-            if isinstance(pil, str):  # merged from a state: already a data URI
-                return pil
-            if id(pil) not in encoded:  # an original shared by several flips: encode it once
-                encoded[id(pil)] = png_uri(pil)
-            return encoded[id(pil)]
-
         flips = []
         for js, negative_sequence, entry in sorted(self._heap, key=lambda t: (-t[0], -t[1])):
             flip = {
                 **entry,
-                "original": {**entry["original"], "thumbnail": uri(entry["original"]["thumbnail"])},
+                "original": {
+                    **entry["original"],
+                    "thumbnail": _uri(entry["original"]["thumbnail"]),
+                },
                 "transformed": {
                     **entry["transformed"],
-                    "thumbnail": uri(entry["transformed"]["thumbnail"]),
+                    "thumbnail": _uri(entry["transformed"]["thumbnail"]),
                 },
             }
             if with_rank:
@@ -170,7 +234,7 @@ class Gallery:
         orbits = []
         for orbit in sorted(self.orbits, key=lambda o: o["position"]):
             kept = {k: v for k, v in orbit.items() if with_rank or k != "position"}
-            kept["elements"] = [{**e, "thumbnail": uri(e["thumbnail"])} for e in orbit["elements"]]
+            kept["elements"] = [{**e, "thumbnail": _uri(e["thumbnail"])} for e in orbit["elements"]]
             orbits.append(kept)
         return {"flips": flips, "orbits": orbits}
 

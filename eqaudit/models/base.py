@@ -159,6 +159,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_scores(scores: torch.Tensor) -> None:
+    """Refuse (ModelRunError) scores with NaN or Inf in any row."""
+    bad = ~torch.isfinite(scores).all(dim=1)
+    if bad.any():
+        raise ModelRunError(
+            f"the model produced NaN or Inf scores for {int(bad.sum())} of {len(bad)} inputs: "
+            "check the preprocessing (--scale, --mean, --std) or the model itself"
+        )
+
+
 class ModelAdapter(ABC):
     """One loaded model. Subclasses implement the ``_impl`` methods only."""
 
@@ -274,13 +284,21 @@ class ModelAdapter(ABC):
         return probed
 
     def run(
-        self, batch: torch.Tensor, layers: Sequence[str] = (), sink: Sink | None = None
+        self,
+        batch: torch.Tensor,
+        layers: Sequence[str] = (),
+        sink: Sink | None = None,
+        *,
+        host_scores: bool = True,
     ) -> RunOutput:
         """Run a canonical ``(B, C, H, W)`` float32 batch; see the module docstring.
 
         Activations may share memory with the backend's next run of the same layers and batch
         size: use them before running again. With ``sink`` they are handed to it (streamed when
-        the backend can) and not returned. Scores are always the caller's own."""
+        the backend can) and not returned. Scores are always the caller's own: on the CPU and
+        checked finite, or with ``host_scores=False`` left where the model wrote them (a GPU
+        keeps running; the caller copies them when it needs them and calls
+        :func:`check_scores`)."""
         spec = self.input_spec
         if batch.ndim != 4 or batch.shape[1] != spec.channels:
             raise UsageError(
@@ -316,7 +334,8 @@ class ModelAdapter(ABC):
                     "(check --input-size, --layout and --channels against what the model expects)"
                 ) from exc
             # Scores are small: the engine reads them on the CPU (activations stay on the device).
-            scores_parts.append(self._canonical_scores(raw_scores)[:keep].cpu())
+            scores = self._canonical_scores(raw_scores)[:keep]
+            scores_parts.append(scores.cpu() if host_scores else scores)
             for name, value in raw_acts.items():
                 canonical = self._auditable(name, value, chunk.shape[0])
                 if canonical is not None:
@@ -327,12 +346,8 @@ class ModelAdapter(ABC):
                         part.clone() if len(chunks) > 1 else part
                     )
         scores = scores_parts[0] if len(scores_parts) == 1 else torch.cat(scores_parts)
-        bad = ~torch.isfinite(scores).all(dim=1)
-        if bad.any():
-            raise ModelRunError(
-                f"the model produced NaN or Inf scores for {int(bad.sum())} of {len(bad)} inputs: "
-                "check the preprocessing (--scale, --mean, --std) or the model itself"
-            )
+        if host_scores:
+            check_scores(scores)
         activations = {
             name: parts[0] if len(parts) == 1 else torch.cat(parts)
             for name, parts in acts_parts.items()
