@@ -457,7 +457,8 @@ class Rotation(Transform):
     def image_floor(self, identity: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor | None:
         height, width = identity.shape[-2:]
         back = rotate(transformed, -self.degrees)
-        return relative_error(back, identity, _disk_mask(height, width, DISK_FRACTION))
+        mask = _disk_mask(height, width, DISK_FRACTION, identity.device)
+        return relative_error(back, identity, mask)
 
     def feature_floor(self, fmap: torch.Tensor) -> torch.Tensor | None:
         height, width = fmap.shape[-2:]
