@@ -41,7 +41,7 @@ import torch
 from eqaudit.config import AuditConfig, parse_shard, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
 from eqaudit.data.prefetch import default_load_workers, usable_cpus
-from eqaudit.device import free_memory, ieee_float32, place
+from eqaudit.device import free_memory, host_threads, ieee_float32, place
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
 from eqaudit.lie import GENERATORS as LIE_GENERATORS
@@ -301,7 +301,9 @@ def _to_host(
     norms = None
     if parts:
         device = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
-        norms = torch.cat([t.reshape(-1).to(device, torch.float64) for t in parts])
+        # One concatenation (float32 norms promote exactly), then one conversion: not a
+        # conversion kernel per (layer, element).
+        norms = torch.cat([t.reshape(-1).to(device) for t in parts]).to(torch.float64)
     on_gpu = [t for t in (scores, norms) if t is not None and t.device.type == "cuda"]
     if not on_gpu:
         return scores, norms, None
@@ -864,14 +866,15 @@ class Engine:
     def _own_grid_d4_norms(
         self, element: D4Element, reference: torch.Tensor, a: torch.Tensor, nb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(||a||, ||T'b||, ||a - T'b||)`` for a D4 element acting on the map's own grid
+        """``(||a||, ||T'b||, ||a - T'b||)`` (in the maps' dtype; the host takes them to float64
+        once per batch) for a D4 element acting on the map's own grid
         without a mask; ``||T'b|| = ||b||`` (a permutation of cells) is computed once per layer.
 
         On the CPU the difference is one pass into a reused buffer: numpy views rotate and flip
         without copying (negative strides), which torch tensors cannot; elsewhere ``T'b`` is
         one copy that ``a`` is subtracted from in place."""
         dims = tuple(range(1, a.ndim))
-        na = torch.linalg.vector_norm(a, dim=dims).to(torch.float64)
+        na = torch.linalg.vector_norm(a, dim=dims)
         if reference.device.type == "cpu" and reference.dtype == torch.float32:
             # One flat buffer per thread (layers may be compared on several), as large as the
             # largest map so far and viewed in each map's shape: new pages per layer (page
@@ -889,7 +892,7 @@ class Engine:
             difference = torch.from_numpy(buffer)
         else:
             difference = d4_apply(reference, element.k, element.flip).sub_(a)
-        nd = torch.linalg.vector_norm(difference, dim=dims).to(torch.float64)
+        nd = torch.linalg.vector_norm(difference, dim=dims)
         return na, nb, nd
 
     def _update_layers(
@@ -983,7 +986,7 @@ class Engine:
                 a = act[gi]
                 if reference_norm is None:
                     dims = tuple(range(1, reference.ndim))
-                    reference_norm = torch.linalg.vector_norm(reference, dim=dims).to(torch.float64)
+                    reference_norm = torch.linalg.vector_norm(reference, dim=dims)
                 self._record(
                     state.stats[gi], *self._own_grid_d4_norms(element, reference, a, reference_norm)
                 )
@@ -1388,7 +1391,12 @@ def audit(
     # no_grad, not inference_mode: inference tensors have no version counter, which the torch
     # adapter reads to know which captured activations a forward overwrites in place.
     try:
-        with torch.no_grad(), ieee_float32(config.device), contextlib.ExitStack() as stack:
+        with (
+            torch.no_grad(),
+            ieee_float32(config.device),
+            host_threads(config.device),
+            contextlib.ExitStack() as stack,
+        ):
             # Batch k + 1 is launched before batch k is finished: on a GPU the host's
             # bookkeeping of k overlaps the device's forward of k + 1 (on the CPU the order
             # changes nothing). Images load ahead on threads (eqaudit.data.prefetch).

@@ -9,6 +9,12 @@ Precision: on a GPU the audit runs in IEEE float32, as on the CPU. PyTorch lets 
 convolutions in TF32 by default (10-bit mantissa, ~1e-3 relative error per product sum), which
 would show an exactly equivariant network as ~1e-3 from equivariant on a GPU and not on a CPU;
 :func:`ieee_float32` turns TF32 off for the audit and restores the caller's settings after.
+
+Host threads: beside a GPU the CPU's torch work is the per-batch bookkeeping on small tensors
+(scores, per-image norms), while loader threads draw and decode the next images. A team of one
+torch thread per core would then wait at every parallel region for threads the loaders have
+descheduled (seen on a 16-core H200 host: 35 ms for an isfinite over 512 x 1000 scores);
+:func:`host_threads` runs that bookkeeping on one torch thread and restores the count after.
 """
 
 from __future__ import annotations
@@ -99,3 +105,18 @@ def ieee_float32(device: str) -> Iterator[None]:
     finally:
         for flag, value in zip(flags, saved, strict=True):
             flag.allow_tf32 = value
+
+
+@contextmanager
+def host_threads(device: str) -> Iterator[None]:
+    """Within the block, torch's CPU work runs on one thread when the model runs on a GPU (see
+    the module docstring); the caller's thread count comes back afterwards."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
