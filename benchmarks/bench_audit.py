@@ -62,6 +62,7 @@ from torch import nn
 import eqaudit
 from eqaudit.config import AuditConfig
 from eqaudit.data import make_preprocessing, synthetic_images
+from eqaudit.device import ieee_float32
 from eqaudit.transforms import parse_transforms
 
 SEED = 0
@@ -231,6 +232,17 @@ def plain_batches(images: int, size: int, batch_size: int) -> list[torch.Tensor]
     return batches
 
 
+@functools.cache
+def memory_images(images: int, size: int) -> np.ndarray:
+    """``--data memory``: the benchmark's synthetic images as one ``(N, 3, S, S)`` array, drawn
+    once (the images ``plain_batches`` and eqaudit's own synthetic source produce)."""
+    return synthetic_images(images, (size, size), 3, seed=SEED).numpy()
+
+
+def audit_data(args: argparse.Namespace) -> np.ndarray | None:
+    return memory_images(args.images, args.size) if args.data == "memory" else None
+
+
 def audited_layer_names(result: eqaudit.AuditResult) -> list[str]:
     """The layers an audit compared, in its order (ONNX tensor names / module paths)."""
     return list(dict.fromkeys(row["layer"] for row in result.summary["layers"]))
@@ -327,7 +339,8 @@ def make_plain(
         capture_hooks(module, layers)
 
     def run_torch() -> None:
-        with torch.inference_mode():
+        # IEEE float32 as the audit runs (on a GPU cuDNN would otherwise take TF32 convolutions).
+        with torch.inference_mode(), ieee_float32(target):
             for batch in batches:
                 # The host-to-device copy is part of the work: the audit has to make it too.
                 module(batch.to(target))
@@ -346,14 +359,17 @@ def run_audit(
     layers: bool,
     batch_size: int,
     device: str | None = None,
+    data: np.ndarray | None = None,
 ) -> eqaudit.AuditResult:
+    """One audit; ``data=None``: eqaudit draws its synthetic images itself, else the audit reads
+    the first ``images`` of ``data`` (the same images, handed over in memory)."""
     target = str(onnx_path) if backend == "onnx" else model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = eqaudit.audit(
             target,
             transforms=TRANSFORMS,
-            data=None,
+            data=None if data is None else data[:images],
             num_images=images,
             seed=SEED,
             input_size=size,
@@ -582,26 +598,30 @@ def memory_cap_case(
 def profile_audit(
     backend: str, model: nn.Module, onnx_path: Path, args: argparse.Namespace
 ) -> None:
-    """cProfile of one audit with all layers: the functions where its time goes."""
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run_audit(
-        backend,
-        model,
-        onnx_path,
-        images=args.images,
-        size=args.size,
-        layers=True,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
-    profiler.disable()
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream)
-    stats.sort_stats("cumulative").print_stats(r"eqaudit|onnxruntime|torch/nn/modules/module", 30)
-    stats.sort_stats("tottime").print_stats(25)
-    print(f"\n== profile: {backend} audit, all layers ==")
-    print(stream.getvalue())
+    """cProfile of one audit without layers and one with all layers: where their time goes."""
+    for layers in (False, True):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run_audit(
+            backend,
+            model,
+            onnx_path,
+            images=args.images,
+            size=args.size,
+            layers=layers,
+            batch_size=args.batch_size,
+            device=args.device,
+            data=audit_data(args),
+        )
+        profiler.disable()
+        stream = io.StringIO()
+        stats = pstats.Stats(profiler, stream=stream)
+        stats.sort_stats("cumulative").print_stats(
+            r"eqaudit|onnxruntime|torch/nn/modules/module", 30
+        )
+        stats.sort_stats("tottime").print_stats(25)
+        print(f"\n== profile: {backend} audit, {'all layers' if layers else 'no layers'} ==")
+        print(stream.getvalue())
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -638,6 +658,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "device= to eqaudit.audit; default: CPU, without passing device=",
     )
     parser.add_argument(
+        "--data",
+        choices=("synthetic", "memory"),
+        default="synthetic",
+        help="synthetic: eqaudit draws its synthetic images (their drawing is timed); memory: "
+        "the same images handed over as an in-memory array, as the plain cases get them",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         help="N,8N,SIZE for the memory check (default 16,128,112); 'off' to skip",
@@ -654,7 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="smoke run: 8 images at 64 px, 1 repeat, small memory checks",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="also cProfile one all-layers audit per backend"
+        "--profile",
+        action="store_true",
+        help="also cProfile one no-layers and one all-layers audit per backend",
     )
     parser.add_argument(
         "--fresh",
@@ -700,6 +729,7 @@ def time_cases(
                 layers=layers,
                 batch_size=args.batch_size,
                 device=args.device,
+                data=audit_data(args),
             )
         layer_names[backend] = audited_layer_names(result)
 
@@ -719,6 +749,7 @@ def time_cases(
                 layers=la,
                 batch_size=args.batch_size,
                 device=args.device,
+                data=audit_data(args),
             )
         cases[backend, "plain"]()
         cases[backend, "exposed"]()
@@ -887,6 +918,11 @@ def main(argv: list[str] | None = None) -> None:
         f"model: ResNet-18 (random weights, seed {SEED}); {args.images} synthetic images at "
         f"{args.size}x{args.size}, transforms {TRANSFORMS} -> {8 * args.images} forward images, "
         f"batch size {args.batch_size} ({max(1, args.batch_size // 8)} images x 8 elements per call)"
+        + (
+            "; the audits read the images from an in-memory array (--data memory)"
+            if args.data == "memory"
+            else "; the audits draw the images themselves (--data synthetic)"
+        )
     )
     with tempfile.TemporaryDirectory(prefix="eqaudit-bench-") as tmp:
         model = build_model()

@@ -16,7 +16,9 @@ audit it is timed against, and the script prints how far apart they are.
   ``eqaudit.audit(...)`` with all layers. Needs ``pip install polygraphy`` (benchmark environment
   only: ``pip install -r benchmarks/requirements.txt``); the row is skipped without it.
 
-Both sides are timed end to end: model loading, image preparation, inference and metrics.
+Both sides are timed end to end: model loading, image preparation (transforms, normalisation),
+inference and metrics. The synthetic images themselves are drawn once before timing and handed
+to both sides (the audit reads them as an in-memory array).
 Run ``python benchmarks/bench_baselines.py --help`` for options; see benchmarks/README.md.
 """
 
@@ -109,10 +111,14 @@ def summarise(top1: dict[str, list[bool]], js: dict[str, list[float]]) -> Metric
 
 
 # -- (a) the per-image, per-element loops -----------------------------------------------------------
-def naive_torch(model: nn.Module, pixels: torch.Tensor, names: list[str]) -> Metrics:
-    """For each image, for each element: transform, normalise, ``model(x[None])``, softmax."""
+def naive_torch(
+    model: nn.Module, pixels: torch.Tensor, names: list[str], device: str = "cpu"
+) -> Metrics:
+    """For each image, for each element: transform, normalise, ``model(x[None])``, softmax
+    (on ``device``: the image is moved there, the probabilities come back)."""
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
+    model = model.to(device)
     top1: dict[str, list[bool]] = defaultdict(list)
     js: dict[str, list[float]] = defaultdict(list)
     with torch.no_grad():
@@ -120,8 +126,8 @@ def naive_torch(model: nn.Module, pixels: torch.Tensor, names: list[str]) -> Met
             probs = {}
             for name in names:
                 x = (TORCH_D4[name](image) - mean) / std
-                logits = model(x[None])
-                probs[name] = torch.softmax(logits.double(), dim=1)[0].numpy()
+                logits = model(x[None].to(device))
+                probs[name] = torch.softmax(logits.double(), dim=1)[0].cpu().numpy()
             reference = probs["id"]
             for name in names:
                 top1[name].append(bool(probs[name].argmax() == reference.argmax()))
@@ -263,11 +269,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip", default="", help="comma-separated cases to leave out: torch,onnx,polygraphy"
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the PyTorch loop and audit run (cuda: leave out onnx and polygraphy)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 images at 64 px")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.size = 4, 64
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.device == "cuda" and not {"onnx", "polygraphy"} <= skip:
+        raise SystemExit("--device cuda times the PyTorch cases only: add --skip onnx,polygraphy")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
     torch.set_num_threads(args.threads)
 
     import onnxruntime
@@ -282,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"model: ResNet-18 (random weights, seed {SEED}); {args.images} synthetic images at "
-        f"{args.size}x{args.size}, transforms {TRANSFORMS}; audit batch size {args.batch_size}"
+        f"{args.size}x{args.size}, transforms {TRANSFORMS}; audit batch size {args.batch_size}, "
+        f"device {args.device}"
     )
     names = [e.name for e in parse_transforms(TRANSFORMS, "crop")]
     per_call = max(1, args.batch_size // len(names))
@@ -303,11 +320,13 @@ def main(argv: list[str] | None = None) -> None:
                 size=args.size,
                 layers=layers,
                 batch_size=args.batch_size,
+                device=None if args.device == "cpu" else args.device,
+                data=pixels_np,  # the images the loops get, drawn before timing as theirs are
             )
 
         cases: dict[str, Callable[[], object]] = {}
         if "torch" not in skip:
-            cases["torch loop"] = lambda: naive_torch(model, pixels, names)
+            cases["torch loop"] = lambda: naive_torch(model, pixels, names, args.device)
             cases["torch audit"] = lambda: audit("torch", False)
         if "onnx" not in skip:
             cases["onnx loop"] = lambda: naive_onnxruntime(onnx_path, pixels_np, names)
@@ -317,8 +336,9 @@ def main(argv: list[str] | None = None) -> None:
             cases["onnx layers audit"] = lambda: audit("onnx", True)
 
         # Warm-up on one image / one batch (thread pools, kernel choice, lazy imports).
-        naive_torch(model, pixels[:1], names)
-        naive_onnxruntime(onnx_path, pixels_np[:1], names)
+        naive_torch(model, pixels[:1], names, args.device)
+        if "onnx" not in skip:
+            naive_onnxruntime(onnx_path, pixels_np[:1], names)
         for key in [k for k in cases if "audit" in k]:
             audit(key.split()[0], "layers" in key, images=min(args.images, per_call))
 

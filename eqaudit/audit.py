@@ -288,8 +288,15 @@ def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[st
 
 
 def _record_tensors(records: list[tuple]) -> list[torch.Tensor]:
-    """The tensors of :meth:`Engine._record` records, in order: norms, then any floor."""
-    return [t for _, *norms, floor in records for t in (*norms, floor) if t is not None]
+    """The tensors of :meth:`Engine._record` records, in order: norms, then any floor (an
+    identity's record holds its image count instead: its errors are zeros, nothing to copy)."""
+    return [
+        t
+        for _, *norms, floor in records
+        if norms[0] is not None
+        for t in (*norms, floor)
+        if t is not None
+    ]
 
 
 def _to_host(
@@ -935,7 +942,8 @@ class Engine:
     ) -> None:
         """Per-image norms ``(||a||, ||b||, ||a - b||)`` of one (layer, element) and, for
         resampled comparisons, the interpolation floor: turned into errors and added to ``stats``
-        when the batch is finished (:meth:`_add_records`). Appending is safe from the workers."""
+        when the batch is finished (:meth:`_add_records`). Appending is safe from the workers.
+        (The identity's record is ``(stats, None, None, None, images)``: its errors are zero.)"""
         self._records.append((stats, na, nb, nd, floor))
 
     @staticmethod
@@ -950,10 +958,16 @@ class Engine:
         if not records:
             return
         sizes = [t.numel() for t in _record_tensors(records)]
-        values = iter(torch.split(norms.to(torch.float64), sizes))  # type: ignore[union-attr]
+        values = iter(torch.split(norms, sizes) if norms is not None else ())
         columns: list[list[torch.Tensor]] = [[], [], []]
         by_width: dict[int, list[int]] = {}
-        for row, (stats, *_, floor) in enumerate(records):
+        for row, (stats, na, *_, floor) in enumerate(records):
+            if na is None:  # the identity: ||a - a|| = 0, both errors exactly zero
+                zeros = torch.zeros(floor, dtype=torch.float64)
+                for column in columns:
+                    column.append(zeros)
+                by_width.setdefault(floor, []).append(row)
+                continue
             for column in columns:
                 column.append(next(values))
             by_width.setdefault(columns[0][-1].numel(), []).append(row)
@@ -994,8 +1008,7 @@ class Engine:
             if state.reasons[gi] is not None:
                 continue
             if gi == 0:  # the identity is the reference itself: exactly zero, no work
-                zeros = torch.zeros(reference.shape[0], dtype=torch.float64)
-                state.stats[0].update(zeros, zeros)
+                self._records.append((state.stats[0], None, None, None, reference.shape[0]))
                 state.comparison[0] = "exact" if state.info.spatial else "invariance"
                 continue
             if not state.info.spatial:
