@@ -55,10 +55,12 @@ def default_load_workers() -> int:
     return max(1, min(usable_cpus(), MAX_DEFAULT_WORKERS))
 
 
-def chunks(positions: range, workers: int) -> list[range]:
-    """``positions`` cut into consecutive runs: about ``4 x workers`` of them, each of 1 to
-    :data:`MAX_CHUNK` positions."""
-    size = min(MAX_CHUNK, max(1, math.ceil(len(positions) / (workers * _CHUNKS_PER_WORKER))))
+def chunks(positions: range, workers: int, least: int = 1) -> list[range]:
+    """``positions`` cut into consecutive runs: about ``4 x workers`` of them, each of ``least``
+    (a source that draws runs of images together asks for longer ones) to :data:`MAX_CHUNK`
+    positions."""
+    per_task = math.ceil(len(positions) / (workers * _CHUNKS_PER_WORKER))
+    size = min(MAX_CHUNK, max(1, least, per_task))
     return [
         range(start, min(positions.stop, start + size))
         for start in range(positions.start, positions.stop, size)
@@ -71,6 +73,7 @@ def load_ahead(
     image_shape: tuple[int, ...],
     workers: int,
     ahead: int = PREFETCH_BATCHES,
+    least: int = 1,
 ) -> Iterator[np.ndarray]:
     """Yield, for each range of positions in ``batches``, a float32 array
     ``(len(positions), *image_shape)`` filled by ``load_into(chunk, out)`` calls on ``workers``
@@ -82,6 +85,8 @@ def load_ahead(
     (``warnings.catch_warnings`` is not thread-safe: the owner sets filters around the whole
     iteration instead). It should avoid torch kernels: every thread that enters torch's OpenMP
     parallel regions gets its own team of threads.
+
+    ``least``: the shortest run worth one task (see :func:`chunks`).
 
     Nothing starts until the first batch is asked for. Use it under ``contextlib.closing`` (or
     close it) when the caller needs the threads stopped at a given point.
@@ -100,7 +105,7 @@ def load_ahead(
         offset = positions.start
         futures = [
             executor.submit(load_into, chunk, out[chunk.start - offset : chunk.stop - offset])
-            for chunk in chunks(positions, workers)
+            for chunk in chunks(positions, workers, least)
         ]
         pending.append((out, futures))
 

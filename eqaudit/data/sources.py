@@ -45,7 +45,8 @@ from eqaudit.data.preprocess import (
     resize_array,
     to_channels,
 )
-from eqaudit.data.synthetic import synthetic_image
+from eqaudit.data.synthetic import CHUNK as SYNTHETIC_CHUNK
+from eqaudit.data.synthetic import synthetic_images_into
 from eqaudit.errors import DataError, UsageError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
@@ -120,6 +121,9 @@ class ImageSource(ABC):
     positions), so it must be thread-safe; process-wide settings it needs (warning filters) go
     in :meth:`_loading`, which the iterating thread enters.
     """
+
+    #: the shortest run of positions worth one loader task
+    run_length = 1
 
     def __init__(
         self,
@@ -203,7 +207,9 @@ class ImageSource(ABC):
 
     def _prefetched_batches(self, plans: list[range], workers: int) -> Iterator[ImageBatch]:
         image_shape = (self.channels, *self.source_size)
-        loaded = load_ahead(plans, self._load_into, image_shape, workers, PREFETCH_BATCHES)
+        loaded = load_ahead(
+            plans, self._load_into, image_shape, workers, PREFETCH_BATCHES, self.run_length
+        )
         # closing() joins the threads before _loading() restores what the workers relied on.
         with self._loading(), closing(loaded):
             for positions, pixels in zip(plans, loaded, strict=True):
@@ -795,14 +801,22 @@ def _npz_labels(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray | Non
 class SyntheticSource(ImageSource):
     """Deterministic structured synthetic images (see :mod:`eqaudit.data.synthetic`)."""
 
+    #: runs of this many images are drawn together (few, large numpy calls): a loader task
+    #: gets at least that many
+    run_length = SYNTHETIC_CHUNK
+
     def __init__(self, *, seed: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self._seed = seed
 
     def _load_into(self, positions: range, out: np.ndarray) -> None:
-        # Image i depends on (seed, i) only, whichever thread and batch draws it.
+        # Image i depends on (seed, i) only, whichever thread and batch draws it; a run of
+        # consecutive positions is drawn together (few, large numpy calls that release the GIL).
+        if positions.step == 1:
+            synthetic_images_into(out, positions.start, self._seed)
+            return
         for i, position in enumerate(positions):
-            out[i] = synthetic_image(position, self.source_size, self.channels, self._seed)
+            synthetic_images_into(out[i : i + 1], position, self._seed)
 
 
 def _open_synthetic(

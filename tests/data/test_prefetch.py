@@ -99,6 +99,10 @@ def test_chunks_cover_the_batch_in_order() -> None:
         assert all(1 <= len(run) <= MAX_CHUNK for run in runs)
     assert [len(run) for run in chunks(range(32), 2)] == [4] * 8  # 4 runs per worker
     assert [len(run) for run in chunks(range(3), 8)] == [1, 1, 1]
+    # A source that draws runs together (synthetic: 8) gets runs of that length, the last shorter.
+    assert [len(run) for run in chunks(range(32), 8, least=8)] == [8] * 4
+    assert [len(run) for run in chunks(range(3, 23), 8, least=8)] == [8, 8, 4]
+    assert open_images(None, size=(4, 4), num_images=2).run_length == 8
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
