@@ -1260,6 +1260,8 @@ def _images_per_step(
     one probe's peak memory per forward image)."""
     if not (config.device.startswith("cuda") and adapter.backend == "torch"):
         return engine.images_per_step(config.batch_size, available_memory())
+    if config.batch_size is not None:  # sized by the user: only the guard, no probe forward
+        return engine.images_per_step(config.batch_size, free_memory(config.device))
     g = len(engine.elements)
     height, width = adapter.input_spec.size
     probe = preprocessing.normalise(torch.zeros(g, preprocessing.pixel_channels, height, width))

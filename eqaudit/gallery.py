@@ -24,10 +24,13 @@ from __future__ import annotations
 import base64
 import heapq
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
+
+from eqaudit.data.prefetch import default_load_workers
 
 THUMB_SIZE = 96
 _SIDES = ("original", "transformed")  # the two pictures of a flip
@@ -212,9 +215,25 @@ class Gallery:
         """The kept thumbnails as PNG data URIs (see the module docstring)."""
         return self.state(with_rank=False)
 
+    def _encode_pending(self) -> None:
+        """Encode every kept picture not encoded yet, on threads: Pillow's resampling and PNG
+        encoder release the GIL, and each picture is its own (the same bytes as one by one)."""
+        thumbs = [e[side]["thumbnail"] for _, _, e in self._heap for side in _SIDES]
+        thumbs += [e["thumbnail"] for orbit in self.orbits for e in orbit["elements"]]
+        pending = list(
+            {id(t): t for t in thumbs if isinstance(t, _Picture) and t.uri is None}.values()
+        )
+        workers = min(len(pending), default_load_workers())
+        if workers < 2:
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="eqaudit-png") as pool:
+            for _ in pool.map(_Picture.data_uri, pending):
+                pass
+
     def state(self, with_rank: bool = True) -> dict:
         """JSON-able: flips worst first (with their rank keys when ``with_rank``), orbits in
         order; thumbnails as PNG data URIs."""
+        self._encode_pending()
         flips = []
         for js, negative_sequence, entry in sorted(self._heap, key=lambda t: (-t[0], -t[1])):
             flip = {
