@@ -12,6 +12,15 @@ Accumulators take per-image values and the activations are dropped before the ne
 memory does not grow with the number of images. A layer is compared as soon as the adapter hands
 it over: a PyTorch forward hands each module output over while it runs (nothing is cloned or kept
 beyond the forward's own tensors); an ONNX session hands out every requested output at its end.
+
+Each batch goes through two steps. :meth:`Engine.launch` transforms and normalises the images
+beside the model (on a GPU, only the source images cross the bus), runs the forward, reduces the
+layers to per-image norms, and starts copying the scores and norms to the host.
+:meth:`Engine.finish` does the host's bookkeeping: errors from norms, exact sums, output metrics,
+predictions, gallery, Lie derivatives. The loop launches batch ``k + 1`` before it finishes batch
+``k``, so on a GPU the bookkeeping overlaps the next forward. Meanwhile loader threads draw or
+decode the images after it (:mod:`eqaudit.data.prefetch`). Every result is independent of this
+order and of the batching: sums are exact, and predictions are ordered by position.
 """
 
 from __future__ import annotations
