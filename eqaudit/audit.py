@@ -1418,7 +1418,7 @@ def audit(
         with (
             torch.no_grad(),
             ieee_float32(config.device),
-            host_threads(config.device),
+            host_threads(str(engine.device)),  # only where the activations live on a GPU
             contextlib.ExitStack() as stack,
         ):
             # Batch k + 1 is launched before batch k is finished: on a GPU the host's

@@ -109,8 +109,10 @@ def ieee_float32(device: str) -> Iterator[None]:
 
 @contextmanager
 def host_threads(device: str) -> Iterator[None]:
-    """Within the block, torch's CPU work runs on one thread when the model runs on a GPU (see
-    the module docstring); the caller's thread count comes back afterwards."""
+    """Within the block, torch's CPU work runs on one thread when ``device`` (where the
+    activations are reduced) is a GPU (see the module docstring); the caller's thread count
+    comes back afterwards. An ONNX model on onnxruntime's CUDA provider hands its layers to the
+    host, where they are compared on threads: the engine passes ``cpu`` for it."""
     if not device.startswith("cuda"):
         yield
         return
