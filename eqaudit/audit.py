@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -296,14 +296,25 @@ def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[st
     return wanted
 
 
-def _record_tensors(records: list[tuple]) -> list[torch.Tensor]:
-    """The tensors of :meth:`Engine._record` records, in order: norms, then any floor (an
-    identity's record holds its image count instead: its errors are zeros, nothing to copy)."""
+class _Record(NamedTuple):
+    """One (layer, element)'s per-image numbers of a batch, added to ``stats`` when the batch is
+    finished: the norms ``(||a||, ||b||, ||a - b||)`` and, for resampled comparisons, the
+    interpolation floor; the identity has no norms, only its image count (its errors are
+    exactly zero, nothing to copy)."""
+
+    stats: LayerStats
+    norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    floor: torch.Tensor | None = None
+    images: int = 0
+
+
+def _record_tensors(records: list[_Record]) -> list[torch.Tensor]:
+    """The tensors of a batch's records, in order: each one's norms, then its floor if any."""
     return [
         t
-        for _, *norms, floor in records
-        if norms[0] is not None
-        for t in (*norms, floor)
+        for record in records
+        if record.norms is not None
+        for t in (*record.norms, record.floor)
         if t is not None
     ]
 
@@ -346,10 +357,9 @@ class _Launched:
     positions: list[int]
     transformed: list[torch.Tensor]  # the images under each element, where the model runs
     pixels: torch.Tensor  # the source images on the host (Lie derivatives)
-    first: bool
-    few: torch.Tensor | None  # the first batch's first model inputs (determinism check)
+    few: torch.Tensor | None  # the first batch's first model inputs (None: a later batch)
     scores: torch.Tensor
-    records: list[tuple]
+    records: list[_Record]
     norms: torch.Tensor | None
     arrived: Any = None  # a CUDA event: the copies to the host are complete
 
@@ -404,7 +414,8 @@ class Engine:
         # batch's source images cross the bus, not its G transformed copies.
         self.device = torch.device(getattr(adapter, "device", "cpu"))
         self._difference_buffers: dict[int, np.ndarray] = {}  # by thread, see _own_grid_d4_norms
-        self._records: list[tuple] = []  # this batch's per-image layer norms, see _record
+        # This batch's per-image layer norms; the comparison workers append too (atomic).
+        self._records: list[_Record] = []
         self._launched = 0  # batches launched so far (the first one sets up the outputs)
         self._pool: ThreadPoolExecutor | None = None  # layer comparisons, see _update_layers
         self._pool_workers = 0
@@ -592,10 +603,6 @@ class Engine:
             )
 
     # -- one batch ---------------------------------------------------------------------------
-    def run_batch(self, pixels: torch.Tensor, labels: torch.Tensor | None, ids: list[str]) -> None:
-        """Audit one batch: :meth:`launch` it, then :meth:`finish` it."""
-        self.finish(self.launch(pixels, labels, ids))
-
     def launch(
         self, pixels: torch.Tensor, labels: torch.Tensor | None, ids: list[str]
     ) -> _Launched:
@@ -651,7 +658,6 @@ class Engine:
             positions,
             transformed,
             host_pixels,
-            first,
             few,
             scores,
             records,
@@ -668,7 +674,7 @@ class Engine:
         g, b = len(self.elements), len(batch.ids)
         scores = batch.scores.reshape(g, b, -1)
         self.num_classes = scores.shape[-1]
-        if batch.first:
+        if batch.few is not None:  # the first batch
             self._check_determinism(batch.few, scores[0][: batch.few.shape[0]])
             self._setup_label_action(self.num_classes)
             # Logits or probabilities: decided once, on the first batch's untransformed images.
@@ -941,24 +947,10 @@ class Engine:
         for _ in self._pool.map(work, layers):  # re-raises a worker's error here
             pass
 
-    def _record(
-        self,
-        stats: LayerStats,
-        na: torch.Tensor,
-        nb: torch.Tensor,
-        nd: torch.Tensor,
-        floor: torch.Tensor | None = None,
-    ) -> None:
-        """Per-image norms ``(||a||, ||b||, ||a - b||)`` of one (layer, element) and, for
-        resampled comparisons, the interpolation floor: turned into errors and added to ``stats``
-        when the batch is finished (:meth:`_add_records`). Appending is safe from the workers.
-        (The identity's record is ``(stats, None, None, None, images)``: its errors are zero.)"""
-        self._records.append((stats, na, nb, nd, floor))
-
     @staticmethod
-    def _add_records(records: list[tuple], norms: torch.Tensor | None) -> None:
-        """Add a batch's per-image layer norms (:meth:`_record`, brought to the host in one copy
-        by :func:`_to_host`) to their accumulators.
+    def _add_records(records: list[_Record], norms: torch.Tensor | None) -> None:
+        """Add a batch's records (:class:`_Record`; their tensors brought to the host in one
+        copy by :func:`_to_host`) to their accumulators.
 
         One copy per batch, not per (layer, element): on a GPU a copy per pair would make the
         host wait for the device at every layer of the forward. The errors are computed for every
@@ -970,24 +962,25 @@ class Engine:
         values = iter(torch.split(norms, sizes) if norms is not None else ())
         columns: list[list[torch.Tensor]] = [[], [], []]
         by_width: dict[int, list[int]] = {}
-        for row, (stats, na, *_, floor) in enumerate(records):
-            if na is None:  # the identity: ||a - a|| = 0, both errors exactly zero
-                zeros = torch.zeros(floor, dtype=torch.float64)
+        for row, record in enumerate(records):
+            if record.norms is None:  # the identity: ||a - a|| = 0, both errors exactly zero
+                zeros = torch.zeros(record.images, dtype=torch.float64)
                 for column in columns:
                     column.append(zeros)
-                by_width.setdefault(floor, []).append(row)
+                by_width.setdefault(record.images, []).append(row)
                 continue
             for column in columns:
                 column.append(next(values))
             by_width.setdefault(columns[0][-1].numel(), []).append(row)
-            if floor is not None:
+            if record.floor is not None:
                 floor_values = next(values)
-                stats.floor_n += int(floor_values.numel())
-                stats.floor_sum.add(floor_values)
+                record.stats.floor_n += int(floor_values.numel())
+                record.stats.floor_sum.add(floor_values)
         for rows in by_width.values():  # one width per batch, unless a layer sees another
             na, nb, nd = (torch.stack([column[r] for r in rows]) for column in columns)
             relative, cosine = errors_from_norms(na, nb, nd)
-            LayerStats.update_rows([records[r][0] for r in rows], relative.numpy(), cosine.numpy())
+            stats = [records[r].stats for r in rows]
+            LayerStats.update_rows(stats, relative.numpy(), cosine.numpy())
 
     def close(self) -> None:
         """Stop the comparison workers and drop the difference buffers."""
@@ -1010,14 +1003,13 @@ class Engine:
                 if reference_norm is None:
                     dims = tuple(range(1, reference.ndim))
                     reference_norm = torch.linalg.vector_norm(reference, dim=dims)
-                self._record(
-                    state.stats[gi], *self._own_grid_d4_norms(element, reference, a, reference_norm)
-                )
+                norms = self._own_grid_d4_norms(element, reference, a, reference_norm)
+                self._records.append(_Record(state.stats[gi], norms))
                 continue
             if state.reasons[gi] is not None:
                 continue
             if gi == 0:  # the identity is the reference itself: exactly zero, no work
-                self._records.append((state.stats[0], None, None, None, reference.shape[0]))
+                self._records.append(_Record(state.stats[0], None, images=reference.shape[0]))
                 state.comparison[0] = "exact" if state.info.spatial else "invariance"
                 continue
             if not state.info.spatial:
@@ -1043,7 +1035,7 @@ class Engine:
                 if comparison == "resampled"
                 else None
             )
-            self._record(state.stats[gi], *map_norms(a, b, mask), floor)
+            self._records.append(_Record(state.stats[gi], map_norms(a, b, mask), floor))
             if state.channel_maps is not None and state.channel_maps[gi] is not None:
                 state.channel_maps[gi].update(a, b, fit.to(a.device), mask)
 
