@@ -382,6 +382,29 @@ def run_audit(
     return result
 
 
+def audit_as_asked(
+    args: argparse.Namespace,
+    backend: str,
+    model: nn.Module,
+    onnx_path: Path,
+    layers: bool,
+    images: int | None = None,
+) -> eqaudit.AuditResult:
+    """:func:`run_audit` with the command line's size, batch size, device and data
+    (``images``: default ``--images``)."""
+    return run_audit(
+        backend,
+        model,
+        onnx_path,
+        images=args.images if images is None else images,
+        size=args.size,
+        layers=layers,
+        batch_size=args.batch_size,
+        device=args.device,
+        data=audit_data(args),
+    )
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -602,17 +625,7 @@ def profile_audit(
     for layers in (False, True):
         profiler = cProfile.Profile()
         profiler.enable()
-        run_audit(
-            backend,
-            model,
-            onnx_path,
-            images=args.images,
-            size=args.size,
-            layers=layers,
-            batch_size=args.batch_size,
-            device=args.device,
-            data=audit_data(args),
-        )
+        audit_as_asked(args, backend, model, onnx_path, layers)
         profiler.disable()
         stream = io.StringIO()
         stats = pstats.Stats(profiler, stream=stream)
@@ -720,17 +733,8 @@ def time_cases(
     layer_names: dict[str, list[str]] = {}
     for backend in backends:
         for layers in (False, True):
-            result = run_audit(
-                backend,
-                model,
-                onnx_path,
-                images=min(args.images, max(1, args.batch_size // 8)),
-                size=args.size,
-                layers=layers,
-                batch_size=args.batch_size,
-                device=args.device,
-                data=audit_data(args),
-            )
+            warm_up = min(args.images, max(1, args.batch_size // 8))
+            result = audit_as_asked(args, backend, model, onnx_path, layers, warm_up)
         layer_names[backend] = audited_layer_names(result)
 
     cases: dict[tuple[str, str], Callable[[], object]] = {}
@@ -740,16 +744,8 @@ def time_cases(
             backend, model, onnx_path, batches, args.device, layer_names[backend]
         )
         for mode, layers in (("no_layers", False), ("all_layers", True)):
-            cases[backend, mode] = lambda b=backend, la=layers: run_audit(
-                b,
-                model,
-                onnx_path,
-                images=args.images,
-                size=args.size,
-                layers=la,
-                batch_size=args.batch_size,
-                device=args.device,
-                data=audit_data(args),
+            cases[backend, mode] = lambda b=backend, la=layers: audit_as_asked(
+                args, b, model, onnx_path, la
             )
         cases[backend, "plain"]()
         cases[backend, "exposed"]()
