@@ -360,8 +360,16 @@ class _Launched:
     few: torch.Tensor | None  # the first batch's first model inputs (None: a later batch)
     scores: torch.Tensor
     records: list[_Record]
-    norms: torch.Tensor | None
+    norms: torch.Tensor | None  # the records' tensors, then the floors, float64, flat
+    floor_sizes: list[int | None]  # per element: its image floors' count (None: exact)
     arrived: Any = None  # a CUDA event: the copies to the host are complete
+
+    def floors(self) -> list[np.ndarray | None]:
+        """Per element, the interpolation floor per image (None for exact elements), from
+        the end of ``norms``."""
+        sizes = [n for n in self.floor_sizes if n is not None]
+        values = iter(torch.split(self.norms[-sum(sizes) :], sizes) if sizes else ())
+        return [None if n is None else next(values).numpy() for n in self.floor_sizes]
 
     def wait(self) -> None:
         if self.arrived is not None:
@@ -617,7 +625,8 @@ class Engine:
         self.images_seen += b
         first = self._launched == 0
         self._launched += 1
-        host_pixels, pixels = pixels, pixels.to(self.device)
+        # From pinned memory (the loader's, beside a GPU) the copy waits for nothing queued.
+        host_pixels, pixels = pixels, pixels.to(self.device, non_blocking=True)
         transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
         # The model input is assembled and normalised in one buffer reused across batches:
         # fresh pages for every batch cost more than the copies. (On a GPU the next batch's
@@ -626,6 +635,12 @@ class Engine:
         if self._input_buffer is None or tuple(self._input_buffer.shape) != shape:
             self._input_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
         torch.cat([t.to(torch.float32) for t in transformed], out=self._input_buffer)
+        # Interpolation floors of the resampled elements (None for exact ones), queued now so
+        # that they reach the host with the scores, in the same copy.
+        floors = [
+            e.image_floor(transformed[0], t)
+            for e, t in zip(self.elements, transformed, strict=True)
+        ]
         model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
         # Channel maps are fitted on the images of even position and evaluated on the others.
         fit = (torch.tensor(positions) % 2) == 0
@@ -651,7 +666,9 @@ class Engine:
         # Two images are enough to see dropout or batch statistics left on (kept now: the
         # input buffer holds the next batch by the time this one is finished).
         few = model_in[: min(b, 2)].clone() if first else None
-        scores, norms, arrived = _to_host(out.scores, _record_tensors(records))
+        floors = [None if f is None else f.detach() for f in floors]
+        parts = _record_tensors(records) + [f for f in floors if f is not None]
+        scores, norms, arrived = _to_host(out.scores, parts)
         return _Launched(
             labels,
             ids,
@@ -662,6 +679,7 @@ class Engine:
             scores,
             records,
             norms,
+            [None if f is None else f.numel() for f in floors],
             arrived,
         )
 
@@ -687,7 +705,9 @@ class Engine:
                     "(non-negative rows summing to 1): softmax will be applied on top of them"
                 )
         self._track_spread(scores[0])
-        self._update_outputs(scores, batch.labels, batch.ids, batch.transformed, batch.positions)
+        self._update_outputs(
+            scores, batch.labels, batch.ids, batch.transformed, batch.positions, batch.floors()
+        )
         if self.lie is not None:
             self._update_lie(center_crop(batch.pixels, self.margin))
 
@@ -755,6 +775,7 @@ class Engine:
         ids: list[str],
         transformed: list[torch.Tensor],
         positions: list[int],
+        floors: list[np.ndarray | None],
     ) -> None:
         """Compare every element with the identity under the declared label action:
         ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance).
@@ -798,12 +819,6 @@ class Engine:
         mask = label >= 0 if label is not None else None
         labelled = mask is not None and bool(mask.any())
         correct = top1 == self._perms[element_rows, np.maximum(label, 0)] if labelled else None
-        floors: list[np.ndarray | None] = []  # resampled elements only, to the host
-        for gi, element in enumerate(self.elements):
-            floor = None if element.exact else element.image_floor(transformed[0], transformed[gi])
-            floors.append(
-                None if floor is None else floor.detach().to("cpu", torch.float64).numpy()
-            )
         OutputStats.update_rows(
             self.output_stats,
             agree,
@@ -959,7 +974,8 @@ class Engine:
         if not records:
             return
         sizes = [t.numel() for t in _record_tensors(records)]
-        values = iter(torch.split(norms, sizes) if norms is not None else ())
+        # The records' values come first; the image floors that may follow are not theirs.
+        values = iter(torch.split(norms[: sum(sizes)], sizes) if norms is not None else ())
         columns: list[list[torch.Tensor]] = [[], [], []]
         by_width: dict[int, list[int]] = {}
         for row, record in enumerate(records):
@@ -1418,7 +1434,11 @@ def audit(
             # changes nothing). Images load ahead on threads (eqaudit.data.prefetch).
             pending: _Launched | None = None
             batches = source.iter_batches(
-                images_per_step, positions.start, positions.stop, workers=_load_workers(engine)
+                images_per_step,
+                positions.start,
+                positions.stop,
+                workers=_load_workers(engine),
+                pin=engine.device.type == "cuda",
             )
             stack.callback(batches.close)  # stops the loader threads, also on an error
             for batch in itertools.chain(batches, [None]):  # None: finish the last one

@@ -70,22 +70,41 @@ def thumbnail_uri(image: torch.Tensor, size: int = THUMB_SIZE) -> str:
     return png_uri(thumbnail(image, size))
 
 
+class _Arrival:
+    """The uint8 pixels of one batch's kept pictures, rows in order, on the host or on their way
+    there: a copy from a GPU into pinned memory with the CUDA event that marks its end (None
+    when the pixels are already on the host)."""
+
+    __slots__ = ("event", "rows")
+
+    def __init__(self, rows: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        self.rows, self.event = rows, event
+
+    def row(self, i: int) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.rows[i].numpy()
+
+
 class _Picture:
     """One kept image: element ``g``'s image ``b`` of the batch that offered it; its uint8
-    pixels arrive at the end of that batch, its data URI when the gallery is first written.
-    An original shared by several flips (and its orbit) is one picture, encoded once."""
+    pixels (row ``row`` of an :class:`_Arrival`) are copied at the end of that batch without
+    waiting for the device, its data URI made when the gallery is first written. An original
+    shared by several flips (and its orbit) is one picture, encoded once."""
 
-    __slots__ = ("b", "g", "pixels", "uri")
+    __slots__ = ("arrival", "b", "g", "row", "uri")
 
     def __init__(self, g: int, b: int) -> None:
         self.g, self.b = g, b
-        self.pixels: np.ndarray | None = None
+        self.arrival: _Arrival | None = None
+        self.row = 0
         self.uri: str | None = None
 
     def data_uri(self) -> str:
         if self.uri is None:
-            self.uri = png_uri(thumbnail_of_array(self.pixels))  # type: ignore[arg-type]
-            self.pixels = None
+            pixels = self.arrival.row(self.row)  # type: ignore[union-attr]
+            self.uri = png_uri(thumbnail_of_array(pixels))
+            self.arrival = None
         return self.uri
 
 
@@ -196,20 +215,26 @@ class Gallery:
         self, images: list[torch.Tensor], pictures: dict[tuple[int, int], _Picture], orbits: list
     ) -> None:
         """Copy to the host the pixels of this batch's ``pictures`` that are still kept (by a
-        flip in the heap or a new orbit): one uint8 conversion per element on the images'
-        device, one transfer."""
+        flip in the heap or a new orbit): gathered and converted to uint8 on the images' device
+        in one kernel each, then one transfer, which on a GPU does not wait for the work queued
+        before it (the next batch's forward): the pictures read it when they are encoded."""
         kept = {id(e["thumbnail"]) for orbit in orbits for e in orbit["elements"]}
         kept.update(id(e[side]["thumbnail"]) for *_, e in self._heap for side in _SIDES)
         chosen = sorted((p for p in pictures.values() if id(p) in kept), key=lambda p: (p.g, p.b))
         if not chosen:
             return
-        parts = []
-        for gi in sorted({p.g for p in chosen}):
-            source = images[gi]
-            index = torch.tensor([p.b for p in chosen if p.g == gi], device=source.device)
-            parts.append(to_uint8(source[index]))
-        for p, array in zip(chosen, torch.cat(parts).cpu().numpy(), strict=True):
-            p.pixels = array
+        # Views stacked, not an index tensor: a tensor made from a list on a GPU is a copy that
+        # waits for the device.
+        rows = to_uint8(torch.stack([images[p.g][p.b] for p in chosen]))
+        event = None
+        if rows.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            rows = host.copy_(rows, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        arrival = _Arrival(rows.cpu(), event)
+        for i, p in enumerate(chosen):
+            p.arrival, p.row = arrival, i
 
     def to_dict(self) -> dict:
         """The kept thumbnails as PNG data URIs (see the module docstring)."""

@@ -27,6 +27,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,7 @@ MAX_CHUNK = 8  # images per task at most: bounds the wait when the consumer stop
 _CHUNKS_PER_WORKER = 4  # tasks per thread and batch, so that uneven images balance out
 
 LoadInto = Callable[[range, np.ndarray], None]
+Allocate = Callable[[tuple[int, ...]], Any]  # shape -> a float32 buffer that np.asarray views
 
 
 def usable_cpus() -> int:
@@ -74,10 +76,15 @@ def load_ahead(
     workers: int,
     ahead: int = PREFETCH_BATCHES,
     least: int = 1,
-) -> Iterator[np.ndarray]:
+    allocate: Allocate | None = None,
+) -> Iterator[Any]:
     """Yield, for each range of positions in ``batches``, a float32 array
     ``(len(positions), *image_shape)`` filled by ``load_into(chunk, out)`` calls on ``workers``
     threads; see the module docstring for order, memory, error and shutdown guarantees.
+
+    ``allocate(shape)`` makes each batch's buffer (default ``np.empty`` float32): what it
+    returns is what is yielded, and ``np.asarray`` of it must be a writable float32 view of its
+    memory (a CPU tensor in page-locked memory, for a GPU to copy from without waiting).
 
     ``load_into(chunk, out)`` writes the images at the positions ``chunk`` into ``out`` (shape
     ``(len(chunk), *image_shape)``). It runs on several threads at once, for disjoint chunks, so
@@ -94,17 +101,18 @@ def load_ahead(
     if workers < 1 or ahead < 0:
         raise ValueError(f"need workers >= 1 and ahead >= 0, got {workers} and {ahead}")
     upcoming = iter(batches)
-    pending: deque[tuple[np.ndarray, list[Future[None]]]] = deque()
+    pending: deque[tuple[Any, list[Future[None]]]] = deque()
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eqaudit-load")
 
     def submit_next() -> None:
         positions = next(upcoming, None)
         if positions is None:
             return
-        out = np.empty((len(positions), *image_shape), dtype=np.float32)
-        offset = positions.start
+        shape = (len(positions), *image_shape)
+        out = allocate(shape) if allocate else np.empty(shape, dtype=np.float32)
+        view, offset = np.asarray(out), positions.start
         futures = [
-            executor.submit(load_into, chunk, out[chunk.start - offset : chunk.stop - offset])
+            executor.submit(load_into, chunk, view[chunk.start - offset : chunk.stop - offset])
             for chunk in chunks(positions, workers, least)
         ]
         pending.append((out, futures))

@@ -17,6 +17,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -114,8 +115,7 @@ class Preprocessing:
         x = pixels.to(torch.float32)
         if self.channels == "bgr":
             x = x.flip(1)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        mean, std = (_channel_constant(v, x.device) for v in (self.mean, self.std))
         if inplace and x.data_ptr() == pixels.data_ptr():
             return x.mul_(self.scale).sub_(mean).div_(std)
         return (x * self.scale - mean) / std
@@ -129,6 +129,13 @@ class Preprocessing:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a ``(1, C, 1, 1)`` float32 tensor on ``device``, made once: a small tensor
+    built from a list on a GPU is a copy that waits for all the work queued on the device."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 def make_preprocessing(

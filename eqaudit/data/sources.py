@@ -113,6 +113,16 @@ class _Geometry:
         return (self.size[0] + 2 * self.margin, self.size[1] + 2 * self.margin)
 
 
+def _unpinned(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def _pinned(shape: tuple[int, ...]) -> torch.Tensor:
+    # torch's caching host allocator: a freed block is reused only once the copies that read
+    # it (recorded on their stream) are done, so a batch may be freed while its copy runs.
+    return torch.empty(shape, dtype=torch.float32, pin_memory=True)
+
+
 class ImageSource(ABC):
     """A fixed, ordered set of images delivered in pixel space, one batch at a time.
 
@@ -168,6 +178,7 @@ class ImageSource(ABC):
         stop: int | None = None,
         *,
         workers: int | None = None,
+        pin: bool = False,
     ) -> Iterator[ImageBatch]:
         """Yield the images at positions ``start .. stop - 1`` (default: all) in order,
         ``batch_size`` at a time (the last batch may be smaller).
@@ -182,6 +193,9 @@ class ImageSource(ABC):
         k + 2`` (:data:`~eqaudit.data.prefetch.PREFETCH_BATCHES`) may be loading or loaded: two
         batches of pixels more than loading on demand.
 
+        ``pin``: load into page-locked (pinned) host memory, which a GPU copies from without
+        waiting for the work queued before the copy (needs CUDA).
+
         An error while loading batch ``k`` is raised when batch ``k`` is asked for. Stopping
         early (leaving the ``for`` loop, by ``break`` or an exception, or ``.close()``) stops the
         threads before it returns: chunks not started are dropped, running ones finish.
@@ -195,36 +209,45 @@ class ImageSource(ABC):
         stop = len(self) if stop is None else min(stop, len(self))
         size = int(batch_size)
         plans = [range(first, min(stop, first + size)) for first in range(start, stop, size)]
+        allocate = _pinned if pin else _unpinned
         if workers == 1:
-            return self._batches(plans)
-        return self._prefetched_batches(plans, int(workers))
+            return self._batches(plans, allocate)
+        return self._prefetched_batches(plans, int(workers), allocate)
 
-    def _batches(self, plans: list[range]) -> Iterator[ImageBatch]:
+    def _batches(
+        self, plans: list[range], allocate: Callable[[tuple[int, ...]], torch.Tensor]
+    ) -> Iterator[ImageBatch]:
         for positions in plans:
+            pixels = allocate((len(positions), self.channels, *self.source_size))
             with self._loading():
-                pixels = self._load(positions)
+                self._load_into(positions, pixels.numpy())
             yield self._batch(positions, pixels)
 
-    def _prefetched_batches(self, plans: list[range], workers: int) -> Iterator[ImageBatch]:
+    def _prefetched_batches(
+        self,
+        plans: list[range],
+        workers: int,
+        allocate: Callable[[tuple[int, ...]], torch.Tensor],
+    ) -> Iterator[ImageBatch]:
         image_shape = (self.channels, *self.source_size)
         loaded = load_ahead(
-            plans, self._load_into, image_shape, workers, PREFETCH_BATCHES, self.run_length
+            plans,
+            self._load_into,
+            image_shape,
+            workers,
+            PREFETCH_BATCHES,
+            self.run_length,
+            allocate,
         )
         # closing() joins the threads before _loading() restores what the workers relied on.
         with self._loading(), closing(loaded):
             for positions, pixels in zip(plans, loaded, strict=True):
-                yield self._batch(positions, torch.from_numpy(pixels))
+                yield self._batch(positions, pixels)
 
     def _batch(self, positions: range, pixels: torch.Tensor) -> ImageBatch:
         at = slice(positions.start, positions.stop)
         labels = None if self.labels is None else self.labels[at].clone()
         return ImageBatch(pixels, labels, self.ids[at])
-
-    def _load(self, positions: range) -> torch.Tensor:
-        """Pixels ``(len(positions), C, H+2m, W+2m)`` of the images at these positions."""
-        out = np.empty((len(positions), self.channels, *self.source_size), dtype=np.float32)
-        self._load_into(positions, out)
-        return torch.from_numpy(out)
 
     @abstractmethod
     def _load_into(self, positions: range, out: np.ndarray) -> None:
