@@ -237,10 +237,11 @@ def fourier_shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
     # real part of its factor keeps the output real, and is exact for integer shifts.
     py = torch.exp(-2j * math.pi * fy * dy)
     px = torch.exp(-2j * math.pi * fx * dx)
+    # (Tensors, not .item(): on a GPU a read back to the host would wait for the device.)
     if height % 2 == 0:
-        py[height // 2] = py[height // 2].real.item()
+        py[height // 2] = py[height // 2].real.clone()
     if width % 2 == 0:
-        px[-1] = px[-1].real.item()
+        px[-1] = px[-1].real.clone()
     phase = py[:, None] * px[None, :]
     spectrum = torch.fft.rfft2(x.to(torch.float64))
     return torch.fft.irfft2(spectrum * phase, s=(height, width)).to(x.dtype)
