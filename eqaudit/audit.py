@@ -308,15 +308,24 @@ class _Record(NamedTuple):
     images: int = 0
 
 
-def _record_tensors(records: list[_Record]) -> list[torch.Tensor]:
+class _Block(NamedTuple):
+    """The non-identity elements of one layer compared at once
+    (:meth:`Engine._own_grid_d4_layer`): their accumulators in element order, and their norms
+    ``(||a||, ||b||, ||a - b||)`` as one ``(3, E, B)`` tensor."""
+
+    stats: list[LayerStats]
+    norms: torch.Tensor
+
+
+def _record_tensors(records: list[_Record | _Block]) -> list[torch.Tensor]:
     """The tensors of a batch's records, in order: each one's norms, then its floor if any."""
-    return [
-        t
-        for record in records
-        if record.norms is not None
-        for t in (*record.norms, record.floor)
-        if t is not None
-    ]
+    tensors: list[torch.Tensor] = []
+    for record in records:
+        if isinstance(record, _Block):
+            tensors.append(record.norms)
+        elif record.norms is not None:
+            tensors.extend(t for t in (*record.norms, record.floor) if t is not None)
+    return tensors
 
 
 def _to_host(
@@ -359,7 +368,7 @@ class _Launched:
     pixels: torch.Tensor  # the source images on the host (Lie derivatives)
     few: torch.Tensor | None  # the first batch's first model inputs (None: a later batch)
     scores: torch.Tensor
-    records: list[_Record]
+    records: list[_Record | _Block]
     norms: torch.Tensor | None  # the records' tensors, then the floors, float64, flat
     floor_sizes: list[int | None]  # per element: its image floors' count (None: exact)
     arrived: Any = None  # a CUDA event: the copies to the host are complete
@@ -422,8 +431,9 @@ class Engine:
         # batch's source images cross the bus, not its G transformed copies.
         self.device = torch.device(getattr(adapter, "device", "cpu"))
         self._difference_buffers: dict[int, np.ndarray] = {}  # by thread, see _own_grid_d4_norms
+        self._d4_indices: dict[tuple[int, int, str], torch.Tensor] = {}  # see _d4_index
         # This batch's per-image layer norms; the comparison workers append too (atomic).
-        self._records: list[_Record] = []
+        self._records: list[_Record | _Block] = []
         self._launched = 0  # batches launched so far (the first one sets up the outputs)
         self._pool: ThreadPoolExecutor | None = None  # layer comparisons, see _update_layers
         self._pool_workers = 0
@@ -534,7 +544,8 @@ class Engine:
         the engine and compared in float64 one layer at a time: three copies of them all.
         Streamed (PyTorch hooks): one layer at a time, the forward's own tensor plus the
         comparison's work (a transformed reference, the difference, a mask, float64 moments for
-        channel maps): four copies of the largest layer."""
+        channel maps; on a GPU every element's moved reference at once, about one copy): four
+        copies of the largest layer."""
         if streams:
             return 4 * max(self._layer_bytes(), default=0)
         return 3 * self.activation_bytes_per_image()
@@ -932,6 +943,55 @@ class Engine:
         nd = torch.linalg.vector_norm(difference, dim=dims)
         return na, nb, nd
 
+    @staticmethod
+    def _whole_layers(act: torch.Tensor) -> bool:
+        """Compare a layer's D4 elements all at once (:meth:`_own_grid_d4_layer`)? Off the CPU:
+        there a layer costs a few kernels instead of a few per element. On the CPU the
+        per-element path's numpy views (no copy of the moved reference) are faster."""
+        return act.device.type != "cpu" or act.dtype != torch.float32
+
+    @staticmethod
+    def _all_own_grid(state: LayerState) -> bool:
+        """Is every element but the identity a D4 action on the layer's own grid, with nothing
+        that needs it alone (no reason to skip it, no channel map)?"""
+        return (
+            len(state.own_grid) > 1
+            and all(state.own_grid[1:])
+            and all(reason is None for reason in state.reasons)
+            and state.channel_maps is None
+        )
+
+    def _own_grid_d4_layer(self, state: LayerState, act: torch.Tensor) -> None:
+        """:meth:`_own_grid_d4_norms` for every non-identity element of a layer at once, for a
+        GPU: one gather moves the reference ``b`` under all of them (it reads the cells that
+        :func:`d4_apply` would: the same values), then one subtraction and two norms. So the
+        kernels per layer do not grow with the number of elements, nor the records to copy.
+        It needs one temporary as large as the layer's activations for the batch."""
+        g, b = act.shape[0], act.shape[1]
+        height, width = act.shape[-2:]
+        flat = act.flatten(-2)  # (G, B, C, H W)
+        index = self._d4_index(height, width, act.device)
+        moved = flat[0].index_select(-1, index).unflatten(-1, (g - 1, height * width))
+        difference = moved.movedim(-2, 0).sub_(flat[1:])  # T'b - a, as the single path
+        na = torch.linalg.vector_norm(flat, dim=(2, 3))
+        nd = torch.linalg.vector_norm(difference, dim=(2, 3))
+        norms = torch.stack([na[1:], na[0].expand(g - 1, b), nd])
+        state.comparison[0] = "exact"
+        self._records.append(_Record(state.stats[0], None, images=b))
+        self._records.append(_Block(state.stats[1:], norms))
+
+    def _d4_index(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """For a flattened ``height x width`` map: the cells each non-identity element reads,
+        concatenated in element order (``d4_apply`` of the cell numbers), made on ``device``."""
+        key = (height, width, str(device))
+        index = self._d4_indices.get(key)
+        if index is None:
+            cells = torch.arange(height * width, device=device).view(1, 1, height, width)
+            elements: list[D4Element] = self.elements[1:]  # type: ignore[assignment]
+            index = torch.cat([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
+            self._d4_indices[key] = index
+        return index
+
     def _update_layers(
         self, layers: list[tuple[LayerState, torch.Tensor]], fit: torch.Tensor
     ) -> None:
@@ -963,9 +1023,9 @@ class Engine:
             pass
 
     @staticmethod
-    def _add_records(records: list[_Record], norms: torch.Tensor | None) -> None:
-        """Add a batch's records (:class:`_Record`; their tensors brought to the host in one
-        copy by :func:`_to_host`) to their accumulators.
+    def _add_records(records: list[_Record | _Block], norms: torch.Tensor | None) -> None:
+        """Add a batch's records (:class:`_Record`, :class:`_Block`; their tensors brought to
+        the host in one copy by :func:`_to_host`) to their accumulators.
 
         One copy per batch, not per (layer, element): on a GPU a copy per pair would make the
         host wait for the device at every layer of the forward. The errors are computed for every
@@ -976,26 +1036,32 @@ class Engine:
         sizes = [t.numel() for t in _record_tensors(records)]
         # The records' values come first; the image floors that may follow are not theirs.
         values = iter(torch.split(norms[: sum(sizes)], sizes) if norms is not None else ())
-        columns: list[list[torch.Tensor]] = [[], [], []]
-        by_width: dict[int, list[int]] = {}
-        for row, record in enumerate(records):
+        # One row per (layer, element): its accumulator and its three norms per image.
+        rows: list[tuple[LayerStats, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for record in records:
+            if isinstance(record, _Block):
+                block = next(values).view(record.norms.shape)
+                rows.extend(
+                    (stats, block[0, e], block[1, e], block[2, e])
+                    for e, stats in enumerate(record.stats)
+                )
+                continue
             if record.norms is None:  # the identity: ||a - a|| = 0, both errors exactly zero
                 zeros = torch.zeros(record.images, dtype=torch.float64)
-                for column in columns:
-                    column.append(zeros)
-                by_width.setdefault(record.images, []).append(row)
+                rows.append((record.stats, zeros, zeros, zeros))
                 continue
-            for column in columns:
-                column.append(next(values))
-            by_width.setdefault(columns[0][-1].numel(), []).append(row)
+            rows.append((record.stats, next(values), next(values), next(values)))
             if record.floor is not None:
                 floor_values = next(values)
                 record.stats.floor_n += int(floor_values.numel())
                 record.stats.floor_sum.add(floor_values)
-        for rows in by_width.values():  # one width per batch, unless a layer sees another
-            na, nb, nd = (torch.stack([column[r] for r in rows]) for column in columns)
+        by_width: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_width.setdefault(row[1].numel(), []).append(i)
+        for group in by_width.values():  # one width per batch, unless a layer sees another
+            na, nb, nd = (torch.stack([rows[i][c] for i in group]) for c in (1, 2, 3))
             relative, cosine = errors_from_norms(na, nb, nd)
-            stats = [records[r].stats for r in rows]
+            stats = [rows[i][0] for i in group]
             LayerStats.update_rows(stats, relative.numpy(), cosine.numpy())
 
     def close(self) -> None:
@@ -1006,6 +1072,9 @@ class Engine:
         self._difference_buffers.clear()
 
     def _update_layer(self, state: LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
+        if self._whole_layers(act) and self._all_own_grid(state):
+            self._own_grid_d4_layer(state, act)
+            return
         reference = act[0]
         reference_norm: torch.Tensor | None = None  # ||b||, shared by the exact D4 elements
         for gi, element in enumerate(self.elements):

@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from models_zoo import SmallCNN, calibrate_, export_onnx
+from models_zoo import SmallCNN, calibrate_, export_onnx, symmetric_cnn
 
 import eqaudit
 from eqaudit.errors import UsageError
@@ -101,6 +101,75 @@ def test_cuda_audit_matches_the_cpu_audit(model) -> None:
         assert (a["relative_error"] is None) == (b["relative_error"] is None)
         if a["relative_error"] is not None:
             assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-3, abs=1e-6)
+
+
+def whole_layer_rows(model, monkeypatch, whole: bool, **options) -> tuple[list[dict], set[str]]:
+    """The layer rows of a D4 audit with every layer's elements compared at once (the GPU's
+    path, :meth:`Engine._own_grid_d4_layer`) or one by one (the CPU's), and the layers that
+    took the first path."""
+    taken: set[str] = set()
+    original = engine_module.Engine._own_grid_d4_layer
+
+    def spy(engine, state, act) -> None:
+        taken.add(state.info.name)
+        original(engine, state, act)
+
+    monkeypatch.setattr(engine_module.Engine, "_whole_layers", staticmethod(lambda act: whole))
+    monkeypatch.setattr(engine_module.Engine, "_own_grid_d4_layer", spy)
+    return eqaudit.audit(model, "d4", **options).layers, taken
+
+
+@pytest.mark.parametrize("size", [17, 16])  # grids centred (exact comparisons) or not (naive)
+def test_comparing_a_layers_elements_at_once_gives_the_one_by_one_numbers(
+    model, monkeypatch, size
+) -> None:
+    options = dict(input_size=size, num_images=5, seed=2, batch_size=24)
+    together, taken = whole_layer_rows(model, monkeypatch, True, **options)
+    apart, none = whole_layer_rows(model, monkeypatch, False, **options)
+    assert {"conv1", "relu1", "conv2", "conv3"} <= taken and not none
+    for a, b in zip(apart, together, strict=True):
+        assert (a["layer"], a["transform"], a["comparison"]) == (
+            b["layer"],
+            b["transform"],
+            b["comparison"],
+        )
+        for key in (
+            "relative_error",
+            "relative_error_p95",
+            "relative_error_max",
+            "cosine_distance",
+        ):
+            if a[key] is None or a["transform"] == "id":
+                assert b[key] == a[key], (a["layer"], a["transform"], key)
+            else:  # float32 norms, summed in another order
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["layer"], key)
+
+
+def test_comparing_a_layers_elements_at_once_sees_an_equivariant_net_as_one(monkeypatch) -> None:
+    # A D4-symmetrised CNN at an aligned (odd) size: every exact comparison is float32 rounding
+    # (DESIGN.md 2 and 6: ~1e-7), through the identity's exact zero included.
+    rows, taken = whole_layer_rows(
+        symmetric_cnn(size=33), monkeypatch, True, input_size=33, num_images=3, seed=0
+    )
+    exact = [r for r in rows if r["comparison"] == "exact" and r["layer"] in taken]
+    assert {r["layer"] for r in exact} == taken and len(exact) == 8 * len(taken)
+    assert all(r["relative_error"] == 0.0 for r in exact if r["transform"] == "id")
+    assert max(r["relative_error_max"] for r in exact) < 1e-6
+
+
+@needs_gpu
+def test_cuda_layers_compared_at_once_match_the_cpu(model) -> None:
+    options = dict(input_size=17, num_images=6, seed=3)
+    cpu = eqaudit.audit(model, "d4", **options)
+    gpu = eqaudit.audit(model, "d4", device="cuda", **options)
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert (a["layer"], a["transform"], a["comparison"]) == (
+            b["layer"],
+            b["transform"],
+            b["comparison"],
+        )
+        if a["relative_error"] is not None:
+            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-4, abs=1e-7)
 
 
 @needs_gpu
