@@ -1,37 +1,41 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 8 in one go, for a lent GPU machine whose python3 already holds a CUDA
-# build of torch and eqaudit's dependencies (nothing is installed): the timing benchmark on cuda
-# (images in memory and drawn by eqaudit, two batch sizes, profiles), the per-image-loop
-# baseline, the GPU tests, and a CLI audit on cuda and on the CPU with their numbers compared.
-# About 3 minutes on an H200. Usage: OUT=folder bash benchmarks/gpu_check.sh [IMAGES]; logs go
-# to $OUT (default ./gpu-check).
+# build of torch and eqaudit's dependencies (nothing is installed): the calls that make the host
+# wait for the GPU (find_syncs.py), the timing benchmark on cuda (a short audit with a profile,
+# a long one with images in memory and drawn by eqaudit), the per-image-loop baseline, the GPU
+# tests, and a CLI audit on cuda and on the CPU with their numbers compared.
+# About 4 minutes on an H200. Usage: OUT=folder bash benchmarks/gpu_check.sh [IMAGES [LONG]]
+# (default 256 and 2048); logs go to $OUT (default ./gpu-check).
 set -u
 images=${1:-256}
+long=${2:-2048}
 out=${OUT:-gpu-check}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 py=python3
-step() { echo; echo "=== $1"; }
+step() { echo; echo "=== $1 ($(date +%T))"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv
 nproc
 $py -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"
 
-bench() {  # bench_audit on cuda: DATA BATCH [extra options]
-    step "bench_audit torch on cuda, $images images, --data $1, batch $2"
-    timeout 150 $py benchmarks/bench_audit.py --backend torch --device cuda --images "$images" \
-        --data "$1" --batch-size "$2" --repeats 3 --memory off --cap off "${@:3}" 2>&1 \
-        | tee "$out/bench_$1_$2.log" | grep -A4 "median of\|fastest of\|repeat [0-9]"
+step "calls that wait for the GPU"
+timeout 120 $py benchmarks/find_syncs.py --images 64 --batch-size 256 2>&1 | tee "$out/syncs.log"
+
+bench() {  # bench_audit on cuda: IMAGES DATA BATCH REPEATS [extra options]
+    step "bench_audit torch on cuda, $1 images, --data $2, batch $3"
+    timeout 200 $py benchmarks/bench_audit.py --backend torch --device cuda --images "$1" \
+        --data "$2" --batch-size "$3" --repeats "$4" --fresh 0 --memory off --cap off "${@:5}" \
+        2>&1 | tee "$out/bench_$1_$2_$3.log" | grep -A4 "median of\|fastest of\|repeat [0-9]"
 }
-bench memory 256 --profile
-bench synthetic 256
+bench "$images" memory 256 3 --profile
+bench "$long" memory 512 2
+bench "$long" synthetic 512 1
 
 step "bench_baselines torch on cuda"
-timeout 100 $py benchmarks/bench_baselines.py --device cuda --skip onnx,polygraphy \
-    --images 128 2>&1 | tee "$out/bench_baselines.log" | tail -12
-
-bench memory 64
+timeout 120 $py benchmarks/bench_baselines.py --device cuda --skip onnx,polygraphy \
+    --images 512 --batch-size 512 2>&1 | tee "$out/bench_baselines.log" | tail -8
 
 step "GPU tests"
 timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$out/tests.log" | tail -15
