@@ -15,8 +15,11 @@ beyond the forward's own tensors); an ONNX session hands out every requested out
 
 Each batch goes through two steps. :meth:`Engine.launch` transforms and normalises the images
 beside the model (on a GPU, only the source images cross the bus), runs the forward, reduces the
-layers to per-image norms, and starts copying the scores and norms to the host.
-:meth:`Engine.finish` does the host's bookkeeping: errors from norms, exact sums, output metrics,
+layers to per-image norms and the scores to per-image output comparisons (top-1, confidence, JS,
+logit error, all on the scores' device), and starts copying those small arrays to the host
+without waiting (pinned memory and a CUDA event). Only the first batch makes the host wait for
+the device inside ``launch``: it decides logits or probabilities and checks determinism.
+:meth:`Engine.finish` does the host's bookkeeping: errors from norms, exact sums, accumulators,
 predictions, gallery, Lie derivatives. The loop launches batch ``k + 1`` before it finishes batch
 ``k``, so on a GPU the bookkeeping overlaps the next forward. Meanwhile loader threads draw or
 decode the images after it (:mod:`eqaudit.data.prefetch`). Every result is independent of this
@@ -68,7 +71,7 @@ from eqaudit.metrics import (
     robustness_score,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
-from eqaudit.models.base import check_scores
+from eqaudit.models.base import check_scores, nonfinite_scores
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
 from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
@@ -366,8 +369,7 @@ class _Launched:
     positions: list[int]
     transformed: list[torch.Tensor]  # the images under each element, where the model runs
     pixels: torch.Tensor  # the source images on the host (Lie derivatives)
-    few: torch.Tensor | None  # the first batch's first model inputs (None: a later batch)
-    scores: torch.Tensor
+    outputs: torch.Tensor  # (rows, G, B) float64: Engine._output_rows, then finite scores (1/0)
     records: list[_Record | _Block]
     norms: torch.Tensor | None  # the records' tensors, then the floors, float64, flat
     floor_sizes: list[int | None]  # per element: its image floors' count (None: exact)
@@ -674,50 +676,62 @@ class Engine:
         )
         self._update_layers(handed_out, fit)
         records, self._records = self._records, []
-        # Two images are enough to see dropout or batch statistics left on (kept now: the
-        # input buffer holds the next batch by the time this one is finished).
-        few = model_in[: min(b, 2)].clone() if first else None
+        scores = out.scores.reshape(g, b, -1)
+        if first:
+            self._first_batch(scores, model_in[: min(b, 2)])
+        self._track_spread(scores[0])
         floors = [None if f is None else f.detach() for f in floors]
         parts = _record_tensors(records) + [f for f in floors if f is not None]
-        scores, norms, arrived = _to_host(out.scores, parts)
+        outputs, norms, arrived = _to_host(self._output_rows(scores), parts)
         return _Launched(
             labels,
             ids,
             positions,
             transformed,
             host_pixels,
-            few,
-            scores,
+            outputs,
             records,
             norms,
             [None if f is None else f.numel() for f in floors],
             arrived,
         )
 
+    def _first_batch(self, scores: torch.Tensor, few: torch.Tensor) -> None:
+        """What the first batch decides before any output is compared (the host waits for the
+        device here, once): finite scores, determinism (``few`` model inputs run again: two
+        images are enough to see dropout or batch statistics left on), the classes'
+        permutations, and whether the model gives logits or probabilities (from the
+        untransformed images)."""
+        host = scores.cpu()
+        check_scores(host.flatten(0, 1))
+        self.num_classes = host.shape[-1]
+        self._check_determinism(few, host[0][: few.shape[0]])
+        self._setup_label_action(self.num_classes)
+        looks_like_probs = looks_like_probabilities(host[0])
+        if self.output_kind is None:
+            self.output_kind = "probs" if looks_like_probs else "logits"
+        elif self.output_kind == "logits" and looks_like_probs:
+            self.warnings.append(
+                "--outputs logits was given but the outputs look like probabilities "
+                "(non-negative rows summing to 1): softmax will be applied on top of them"
+            )
+
     def finish(self, batch: _Launched) -> None:
         """The host's part of a launched batch: layer errors into their accumulators, then the
         outputs (agreement, JS, predictions, gallery) and the Lie derivatives."""
         batch.wait()
-        check_scores(batch.scores)
+        outputs = batch.outputs.numpy()
+        finite = outputs[-1] == 1.0
+        if not finite.all():
+            raise nonfinite_scores(int((~finite).sum()), finite.size)
         self._add_records(batch.records, batch.norms)
-        g, b = len(self.elements), len(batch.ids)
-        scores = batch.scores.reshape(g, b, -1)
-        self.num_classes = scores.shape[-1]
-        if batch.few is not None:  # the first batch
-            self._check_determinism(batch.few, scores[0][: batch.few.shape[0]])
-            self._setup_label_action(self.num_classes)
-            # Logits or probabilities: decided once, on the first batch's untransformed images.
-            looks_like_probs = looks_like_probabilities(scores[0])
-            if self.output_kind is None:
-                self.output_kind = "probs" if looks_like_probs else "logits"
-            elif self.output_kind == "logits" and looks_like_probs:
-                self.warnings.append(
-                    "--outputs logits was given but the outputs look like probabilities "
-                    "(non-negative rows summing to 1): softmax will be applied on top of them"
-                )
-        self._track_spread(scores[0])
         self._update_outputs(
-            scores, batch.labels, batch.ids, batch.transformed, batch.positions, batch.floors()
+            outputs[:-1],
+            batch.labels,
+            batch.ids,
+            batch.transformed,
+            batch.positions,
+            batch.floors(),
         )
         if self.lie is not None:
             self._update_lie(center_crop(batch.pixels, self.margin))
@@ -779,23 +793,16 @@ class Engine:
         self._element_names = np.asarray([e.name for e in self.elements], dtype=object)
         self._confusion = [Counter() for _ in self.elements]
 
-    def _update_outputs(
-        self,
-        scores: torch.Tensor,
-        labels: torch.Tensor | None,
-        ids: list[str],
-        transformed: list[torch.Tensor],
-        positions: list[int],
-        floors: list[np.ndarray | None],
-    ) -> None:
+    def _output_rows(self, scores: torch.Tensor) -> torch.Tensor:
         """Compare every element with the identity under the declared label action:
-        ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance).
+        ``f(g x)`` against ``P_g f(x)`` (``P_g`` = identity for invariance), on the scores'
+        device, for ``(G, B, K)`` scores.
 
         All elements at once: probabilities, top-1, JS divergence and logit error are computed
-        on ``(G x B, K)`` rows on the scores' device (each row exactly as a per-element
-        comparison computes it), and only the ``(G, B)`` results reach the host, in one copy;
-        the bookkeeping that follows (accumulators, confusion counts, one predictions frame
-        per batch, the gallery) works on those small host arrays."""
+        on ``(G x B, K)`` rows (each row exactly as a per-element comparison computes it).
+        Returns them as ``(rows, G, B)`` float64 (top-1, confidence, JS, then the logit error
+        for logits), and last whether each image's scores were all finite (1 or 0): only these
+        reach the host, in the batch's one copy (:meth:`_update_outputs` does the rest)."""
         kind = self.output_kind or "logits"
         g, b, k = scores.shape
         rows = scores.reshape(g * b, k)
@@ -819,7 +826,23 @@ class Engine:
         ]
         if kind == "logits":
             on_device.append(normalised_logit_error(reference(rows[:b]), rows))
-        host = torch.stack(on_device).reshape(len(on_device), g, b).cpu().numpy()
+        on_device.append(torch.isfinite(rows).all(dim=1).to(torch.float64))
+        return torch.stack(on_device).reshape(len(on_device), g, b)
+
+    def _update_outputs(
+        self,
+        host: np.ndarray,
+        labels: torch.Tensor | None,
+        ids: list[str],
+        transformed: list[torch.Tensor],
+        positions: list[int],
+        floors: list[np.ndarray | None],
+    ) -> None:
+        """The bookkeeping of a batch's compared outputs (:meth:`_output_rows`, on the host
+        without the finite row): accumulators, confusion counts, one predictions frame per
+        batch, the gallery."""
+        kind = self.output_kind or "logits"
+        g, b = host.shape[1:]
         top1 = host[0].astype(np.int64)
         confidence, js = host[1], host[2]
         logit = host[3] if kind == "logits" else None

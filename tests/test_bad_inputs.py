@@ -622,3 +622,31 @@ def test_out_not_writable(files: Files, tmp_path: Path) -> None:
         assert not out.exists()
     finally:
         parent.chmod(0o700)
+
+
+class NaNForBrightImages(NaNScores):
+    """NaN scores for images brighter than any synthetic one: only where a bright image is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean(dim=(1, 2, 3)) > 0.9  # the model sees raw [0, 1] pixels here
+        return torch.where(bright[:, None], float("nan"), self.inner(x))
+
+
+def test_nan_scores_in_a_later_batch_are_refused_with_their_count() -> None:
+    # Batches of 2 images x 8 elements; the bright image is the third, so the first batch is
+    # clean and the error comes from the second: its 8 transformed copies, of 16 inputs.
+    import eqaudit
+    from eqaudit.errors import ModelRunError
+
+    images = np.random.default_rng(0).uniform(0.1, 0.6, size=(4, SIZE, SIZE, 3))
+    images[2] = 1.0
+    with pytest.raises(ModelRunError, match=r"NaN or Inf scores for 8 of 16 inputs"):
+        eqaudit.audit(
+            NaNForBrightImages().eval(),
+            "d4",
+            data=images.astype(np.float32),
+            input_size=SIZE,
+            batch_size=16,
+            preset="unit",
+            layers=False,
+        )

@@ -163,10 +163,15 @@ def check_scores(scores: torch.Tensor) -> None:
     """Refuse (ModelRunError) scores with NaN or Inf in any row."""
     bad = ~torch.isfinite(scores).all(dim=1)
     if bad.any():
-        raise ModelRunError(
-            f"the model produced NaN or Inf scores for {int(bad.sum())} of {len(bad)} inputs: "
-            "check the preprocessing (--scale, --mean, --std) or the model itself"
-        )
+        raise nonfinite_scores(int(bad.sum()), len(bad))
+
+
+def nonfinite_scores(bad: int, rows: int) -> ModelRunError:
+    """The error for ``bad`` of ``rows`` score rows holding NaN or Inf."""
+    return ModelRunError(
+        f"the model produced NaN or Inf scores for {bad} of {rows} inputs: "
+        "check the preprocessing (--scale, --mean, --std) or the model itself"
+    )
 
 
 class ModelAdapter(ABC):
