@@ -20,12 +20,14 @@ sorted order, so a seed always picks the same images.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ _DATA_HINT = "--data needs a folder of .png/.jpg/... files or a .npy/.npz array"
 _ARRAY_SHAPES = "(N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1, 3, 4"
 _EXIF_ORIENTATION = 0x0112
 _VALUE_TOLERANCE = 0.01  # float arrays may stray this far outside [0, 1] before we refuse them
+_RANGE_CHUNK = 64  # images per task of the value-range scan
 
 
 @dataclass(frozen=True)
@@ -728,13 +731,25 @@ def _array_divisor(array: np.ndarray, indices: np.ndarray, where: str, notes: li
 
 
 def _value_range(array: np.ndarray, indices: np.ndarray, where: str) -> tuple[float, float]:
-    """Min and max over the used images, read in chunks (the array may be memory-mapped)."""
-    low, high = np.inf, -np.inf
-    for start in range(0, len(indices), 256):
-        chunk = np.asarray(array[indices[start : start + 256]])
-        if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
-            raise DataError(f"array in {where} contains NaN or infinite values: remove them")
-        low, high = min(low, chunk.min().item()), max(high, chunk.max().item())
+    """Min and max over the used images, read in chunks (the array may be memory-mapped) on the
+    loader threads (numpy's reductions release the GIL): a fixed cost that grows with the
+    images, paid before the first batch. A NaN or an infinity shows in the min or the max."""
+
+    def extremes(start: int) -> tuple[float, float]:
+        chunk = np.asarray(array[indices[start : start + _RANGE_CHUNK]])
+        with np.errstate(invalid="ignore"):
+            return chunk.min().item(), chunk.max().item()
+
+    starts = range(0, len(indices), _RANGE_CHUNK)
+    workers = min(len(starts), default_load_workers())
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="eqaudit-range") as pool:
+            found = list(pool.map(extremes, starts))
+    else:
+        found = [extremes(start) for start in starts]
+    low, high = min(f[0] for f in found), max(f[1] for f in found)
+    if any(not math.isfinite(v) for f in found for v in f):
+        raise DataError(f"array in {where} contains NaN or infinite values: remove them")
     return low, high
 
 

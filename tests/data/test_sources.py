@@ -460,6 +460,25 @@ def test_bad_arrays_are_data_errors(tmp_path: Path, values: np.ndarray, message:
         open_images(tmp_path / "bad.npy", size=(2, 2))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_pixel_in_a_later_chunk_of_the_range_scan_is_found(bad: float) -> None:
+    # 150 images: the scan reads them in chunks of 64 (on threads); the bad pixel is in the third.
+    values = np.full((150, 3, 3), 0.5, np.float32)
+    values[140, 2, 1] = bad
+    with pytest.raises(DataError, match="contains NaN or infinite values"):
+        open_images(values, size=(3, 3), channels=1)
+
+
+def test_the_range_scan_sees_the_extremes_of_every_chunk() -> None:
+    # One value above 1.5 in the last chunk decides 0-255 for the whole array.
+    values = np.full((150, 2, 2), 0.25, np.float32)
+    values[149, 1, 1] = 200.0
+    source = open_images(values, size=(2, 2), channels=1)
+    assert "float array values reach 200: read as 0-255 and divided by 255" in (
+        source.description.notes
+    )
+
+
 def test_not_a_numpy_file_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "fake.npy").write_text("hello")
     (tmp_path / "fake.npz").write_text("hello")
