@@ -591,8 +591,21 @@ class ArraySource(ImageSource):
         indices = self._layout.indices[positions.start : positions.stop]
         # Per image arithmetic only: a chunk of a batch gives the pixels the whole batch would.
         batch = self._layout.to_float_nhwc(np.asarray(self._array[indices]))
+        geometry = self._geometry
+        plan = plan_resize(batch.shape[1:3], geometry.source_size, geometry.resize)
+        if batch.shape[-1] == geometry.channels and not plan.resamples:
+            # Every image is cropped or padded alike: copies of the whole chunk at once, the
+            # pixels _fit gives one image at a time (and no Python per image beside the GPU).
+            (th, tw), (oy, ox), (rh, rw) = plan.target, plan.offset, plan.resized
+            nchw = batch.transpose(0, 3, 1, 2)
+            if geometry.resize == "letterbox":
+                out[...] = 0.0
+                out[:, :, oy : oy + rh, ox : ox + rw] = nchw
+            else:
+                out[...] = nchw[:, :, oy : oy + th, ox : ox + tw]
+            return
         for i, image in enumerate(batch):
-            out[i] = _fit(image, self._geometry)
+            out[i] = _fit(image, geometry)
 
 
 @dataclass(frozen=True)
