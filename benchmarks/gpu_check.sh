@@ -30,7 +30,7 @@ bench() {  # bench_audit on cuda: IMAGES DATA BATCH REPEATS [extra options]
         2>&1 | tee "$out/bench_$1_$2_$3.log" | grep -A4 "median of\|fastest of\|repeat [0-9]"
 }
 bench "$images" memory 256 3 --profile
-bench "$long" memory 512 2
+bench "$long" memory 512 2 --profile
 bench "$long" synthetic 512 1
 
 step "bench_baselines torch on cuda"
