@@ -1059,32 +1059,38 @@ class Engine:
         sizes = [t.numel() for t in _record_tensors(records)]
         # The records' values come first; the image floors that may follow are not theirs.
         values = iter(torch.split(norms[: sum(sizes)], sizes) if norms is not None else ())
-        # One row per (layer, element): its accumulator and its three norms per image.
-        rows: list[tuple[LayerStats, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Per image count (one, unless a layer sees another batch): the accumulators of the
+        # rows, and their norms as (3, rows, images) blocks; single pairs are stacked together
+        # at the end (a row's place does not matter: each row updates its own accumulator).
+        groups: dict[int, tuple[list[LayerStats], list[torch.Tensor]]] = {}
+        singles: dict[int, tuple[list[LayerStats], list[torch.Tensor]]] = {}
         for record in records:
             if isinstance(record, _Block):
                 block = next(values).view(record.norms.shape)
-                rows.extend(
-                    (stats, block[0, e], block[1, e], block[2, e])
-                    for e, stats in enumerate(record.stats)
-                )
+                stats, blocks = groups.setdefault(block.shape[-1], ([], []))
+                stats.extend(record.stats)
+                blocks.append(block)
                 continue
-            if record.norms is None:  # the identity: ||a - a|| = 0, both errors exactly zero
+            if record.norms is None:  # the identity: ||a - a|| = 0, both errors exactly 0
                 zeros = torch.zeros(record.images, dtype=torch.float64)
-                rows.append((record.stats, zeros, zeros, zeros))
-                continue
-            rows.append((record.stats, next(values), next(values), next(values)))
-            if record.floor is not None:
-                floor_values = next(values)
-                record.stats.floor_n += int(floor_values.numel())
-                record.stats.floor_sum.add(floor_values)
-        by_width: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_width.setdefault(row[1].numel(), []).append(i)
-        for group in by_width.values():  # one width per batch, unless a layer sees another
-            na, nb, nd = (torch.stack([rows[i][c] for i in group]) for c in (1, 2, 3))
+                norms3 = [zeros, zeros, zeros]
+            else:
+                norms3 = [next(values), next(values), next(values)]
+                if record.floor is not None:
+                    floor_values = next(values)
+                    record.stats.floor_n += int(floor_values.numel())
+                    record.stats.floor_sum.add(floor_values)
+            stats, columns = singles.setdefault(norms3[0].numel(), ([], []))
+            stats.append(record.stats)
+            columns.extend(norms3)
+        for width, (stats, columns) in singles.items():
+            rows = torch.stack(columns).view(-1, 3, width).transpose(0, 1)  # (3, rows, images)
+            group_stats, blocks = groups.setdefault(width, ([], []))
+            group_stats.extend(stats)
+            blocks.append(rows)
+        for stats, blocks in groups.values():
+            na, nb, nd = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
             relative, cosine = errors_from_norms(na, nb, nd)
-            stats = [rows[i][0] for i in group]
             LayerStats.update_rows(stats, relative.numpy(), cosine.numpy())
 
     def close(self) -> None:
