@@ -359,6 +359,25 @@ def _to_host(
     return scores, norms, arrived
 
 
+class _D4Images:
+    """A D4 element's images of a CPU batch, not made: :meth:`view` is a numpy view of the
+    batch's float32 pixels; ``[b]`` makes image ``b`` as ``element.apply_image`` does (the
+    same pixels: D4 only moves them)."""
+
+    def __init__(self, element: D4Element, pixels: torch.Tensor, margin: int) -> None:
+        self.element, self.pixels, self.margin = element, pixels, margin
+        self.shape = center_crop(pixels, margin).shape  # square when k is odd (checked before)
+
+    def view(self) -> np.ndarray:
+        values = center_crop(self.pixels, self.margin).numpy()
+        if self.element.flip:
+            values = values[..., ::-1]
+        return np.rot90(values, self.element.k, axes=(-2, -1))
+
+    def __getitem__(self, b: int) -> torch.Tensor:
+        return self.element.apply_image(self.pixels[b : b + 1], self.margin)[0]
+
+
 @dataclass
 class _Launched:
     """A batch whose forward and layer reductions are queued (:meth:`Engine.launch`) and whose
@@ -367,7 +386,7 @@ class _Launched:
     labels: torch.Tensor | None
     ids: list[str]
     positions: list[int]
-    transformed: list[torch.Tensor]  # the images under each element, where the model runs
+    transformed: list[torch.Tensor | _D4Images]  # the images under each element
     pixels: torch.Tensor  # the source images on the host (Lie derivatives)
     outputs: torch.Tensor  # (rows, G, B) float64: Engine._output_rows, then finite scores (1/0)
     records: list[_Record | _Block]
@@ -640,18 +659,12 @@ class Engine:
         self._launched += 1
         # From pinned memory (the loader's, beside a GPU) the copy waits for nothing queued.
         host_pixels, pixels = pixels, pixels.to(self.device, non_blocking=True)
-        transformed = [e.apply_image(pixels, self.margin) for e in self.elements]
-        # The model input is assembled and normalised in one buffer reused across batches:
-        # fresh pages for every batch cost more than the copies. (On a GPU the next batch's
-        # writes queue behind this batch's forward on the same stream.)
-        shape = (g * b, *transformed[0].shape[1:])
-        if self._input_buffer is None or tuple(self._input_buffer.shape) != shape:
-            self._input_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
-        torch.cat([t.to(torch.float32) for t in transformed], out=self._input_buffer)
+        transformed = self._assemble(pixels)
         # Interpolation floors of the resampled elements (None for exact ones), queued now so
         # that they reach the host with the scores, in the same copy.
+        identity = self.elements[0].apply_image(pixels, self.margin)
         floors = [
-            e.image_floor(transformed[0], t)
+            None if isinstance(t, _D4Images) else e.image_floor(identity, t)
             for e, t in zip(self.elements, transformed, strict=True)
         ]
         model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
@@ -695,6 +708,35 @@ class Engine:
             [None if f is None else f.numel() for f in floors],
             arrived,
         )
+
+    def _assemble(self, pixels: torch.Tensor) -> list[torch.Tensor | _D4Images]:
+        """Write the batch under every element, in element order, into the model-input buffer
+        (pixel space, float32; reused across batches: fresh pages for every batch cost more
+        than the copies; on a GPU the next batch's writes queue behind this batch's forward).
+        Returns each element's images, for the floors and the gallery.
+
+        On the CPU a D4 element is a numpy view of the pixels (negative strides rotate and flip
+        without a copy), copied once, into the buffer; its images are made again only for the
+        few the gallery keeps (:class:`_D4Images`). Elsewhere each element's images are made
+        and copied in."""
+        b = pixels.shape[0]
+        views = pixels.device.type == "cpu" and pixels.dtype == torch.float32
+        images: list[torch.Tensor | _D4Images] = [
+            _D4Images(e, pixels, self.margin)
+            if views and isinstance(e, D4Element)
+            else e.apply_image(pixels, self.margin)
+            for e in self.elements
+        ]
+        shape = (len(images) * b, *images[0].shape[1:])
+        if self._input_buffer is None or tuple(self._input_buffer.shape) != shape:
+            self._input_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+        for gi, element_images in enumerate(images):
+            out = self._input_buffer[gi * b : (gi + 1) * b]
+            if isinstance(element_images, _D4Images):
+                np.copyto(out.numpy(), element_images.view())
+            else:
+                out.copy_(element_images)  # (cast to float32)
+        return images
 
     def _first_batch(self, scores: torch.Tensor, few: torch.Tensor) -> None:
         """What the first batch decides before any output is compared (the host waits for the
@@ -834,7 +876,7 @@ class Engine:
         host: np.ndarray,
         labels: torch.Tensor | None,
         ids: list[str],
-        transformed: list[torch.Tensor],
+        transformed: list[torch.Tensor | _D4Images],
         positions: list[int],
         floors: list[np.ndarray | None],
     ) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import base64
 import heapq
 import io
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -108,6 +110,12 @@ class _Picture:
         return self.uri
 
 
+class Images(Protocol):
+    """One element's images of a batch: ``[b]`` is image ``b``, ``(C, H, W)``."""
+
+    def __getitem__(self, b: int) -> torch.Tensor: ...
+
+
 def _uri(thumb: _Picture | str) -> str:
     return thumb if isinstance(thumb, str) else thumb.data_uri()  # str: merged from a state
 
@@ -127,7 +135,7 @@ class Gallery:
         self,
         ids: list[str],
         names: list[str],
-        images: list[torch.Tensor],
+        images: Sequence[Images],
         top1: np.ndarray | torch.Tensor,
         confidence: np.ndarray | torch.Tensor,
         js: np.ndarray | torch.Tensor,
@@ -135,7 +143,8 @@ class Gallery:
         labels: np.ndarray | torch.Tensor | None,
         positions: list[int] | np.ndarray | None = None,
     ) -> None:
-        """``images[g]`` is ``(B, C, H, W)`` for element ``g`` (0 = identity), on any device;
+        """``images[g][b]`` is image ``b`` under element ``g`` (0 = identity), ``(C, H, W)`` on
+        any device (``images[g]`` a ``(B, C, H, W)`` tensor, or anything indexed alike);
         ``top1``, ``confidence``, ``js`` and ``agree`` (top-1 as the declared label action
         expects) are ``(G, B)`` host arrays (or CPU tensors); ``positions`` are the images'
         places in the audited set (default: in order from 0).
@@ -212,7 +221,7 @@ class Gallery:
         self._fetch(images, pictures, new_orbits)
 
     def _fetch(
-        self, images: list[torch.Tensor], pictures: dict[tuple[int, int], _Picture], orbits: list
+        self, images: Sequence[Images], pictures: dict[tuple[int, int], _Picture], orbits: list
     ) -> None:
         """Copy to the host the pixels of this batch's ``pictures`` that are still kept (by a
         flip in the heap or a new orbit): gathered and converted to uint8 on the images' device
@@ -228,10 +237,11 @@ class Gallery:
         rows = to_uint8(torch.stack([images[p.g][p.b] for p in chosen]))
         event = None
         if rows.device.type == "cuda":
+            stream = torch.cuda.current_stream(rows.device)  # where the copy runs, on any GPU
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             rows = host.copy_(rows, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(stream)
         arrival = _Arrival(rows.cpu(), event)
         for i, p in enumerate(chosen):
             p.arrival, p.row = arrival, i

@@ -235,3 +235,29 @@ def test_a_runtime_out_of_memory_error_says_out_of_memory(tmp_path) -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("error: out of memory while auditing")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_input_is_every_element_applied_to_the_batch(model, monkeypatch) -> None:
+    # On the CPU the D4 elements are copied into the input buffer from numpy views and made
+    # again only for the gallery (_D4Images): both must be apply_image's pixels, bit for bit,
+    # beside resampled elements (rotation, sub-pixel shift) and with a margin for them.
+    seen = []
+    original = engine_module.Engine._assemble
+
+    def spy(engine, pixels):
+        images = original(engine, pixels)
+        seen.append((engine, pixels.clone(), engine._input_buffer.clone(), images))
+        return images
+
+    monkeypatch.setattr(engine_module.Engine, "_assemble", spy)
+    eqaudit.audit(model, "d4,rot:20,shift:0.5,shift:2", input_size=17, num_images=5, batch_size=48)
+    assert sum(pixels.shape[0] for _, pixels, _, _ in seen) == 5 and len(seen) > 1
+    for engine, pixels, buffer, images in seen:
+        expected = [e.apply_image(pixels, engine.margin) for e in engine.elements]
+        assert engine.margin > 0 and len(expected) == len(engine.elements) > 8
+        assert torch.equal(buffer, torch.cat(expected))
+        lazy = [i for i, got in enumerate(images) if isinstance(got, engine_module._D4Images)]
+        assert lazy == list(range(8))  # the D4 elements, and only them
+        for got, want in zip(images, expected, strict=True):
+            for b in range(pixels.shape[0]):
+                assert torch.equal(got[b], want[b])

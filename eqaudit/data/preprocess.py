@@ -116,9 +116,10 @@ class Preprocessing:
         if self.channels == "bgr":
             x = x.flip(1)
         mean, std = (_channel_constant(v, x.device) for v in (self.mean, self.std))
+        # x * 1.0 is x, bit for bit: the pass is skipped for the presets that do not scale.
         if inplace and x.data_ptr() == pixels.data_ptr():
-            return x.mul_(self.scale).sub_(mean).div_(std)
-        return (x * self.scale - mean) / std
+            return (x.mul_(self.scale) if self.scale != 1.0 else x).sub_(mean).div_(std)
+        return ((x * self.scale if self.scale != 1.0 else x) - mean) / std
 
     def to_dict(self) -> dict:
         return {
