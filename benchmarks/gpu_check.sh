@@ -38,7 +38,7 @@ timeout 120 $py benchmarks/bench_baselines.py --device cuda --skip onnx,polygrap
     --images 512 --batch-size 512 2>&1 | tee "$out/bench_baselines.log" | tail -8
 
 step "GPU tests"
-timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$out/tests.log" | tail -15
+timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py tests/data/test_prefetch.py 2>&1 | tee "$out/tests.log" | tail -15
 
 step "CLI audit on cuda and on the CPU (reports)"
 for device in cuda cpu; do

@@ -311,3 +311,28 @@ def test_load_ahead_alone_yields_filled_arrays_in_order() -> None:
     assert np.array_equal(np.concatenate(arrays)[:, 1], np.arange(20, dtype=np.float32))
     with pytest.raises(ValueError, match="workers >= 1"):
         next(load_ahead(batches, load_into, (2,), workers=0))
+
+
+def test_load_ahead_fills_and_yields_the_buffers_allocate_makes() -> None:
+    def load_into(positions: range, out: np.ndarray) -> None:
+        out[:] = np.asarray(positions, dtype=np.float32)[:, None]
+
+    made: list[torch.Tensor] = []
+
+    def allocate(shape: tuple[int, ...]) -> torch.Tensor:
+        made.append(torch.full(shape, -1.0))
+        return made[-1]
+
+    batches = [range(0, 5), range(5, 7), range(7, 20)]
+    got = list(load_ahead(batches, load_into, (2,), workers=3, ahead=1, allocate=allocate))
+    assert [g is m for g, m in zip(got, made, strict=True)] == [True] * 3  # the same objects
+    assert torch.equal(torch.cat(got)[:, 1], torch.arange(20, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("workers", [1, 3])
+def test_pinned_batches_are_pinned_and_the_same(workers: int) -> None:
+    source = open_images(None, size=(12, 10), margin=2, num_images=13, seed=4)
+    pinned = take(source.iter_batches(4, workers=workers, pin=True))
+    assert all(b.pixels.is_pinned() for b in pinned)
+    assert_same_batches(pinned, take(source.iter_batches(4, workers=1)))
