@@ -1485,6 +1485,10 @@ def audit(
     ``(N, H, W, C)``/``(N, C, H, W)``, or None for synthetic images. ``options`` are the fields of
     :class:`~eqaudit.config.AuditConfig` (``input_size=224``, ``preset="imagenet"``, ...).
     ``progress(done, total)`` is called after each batch.
+
+    An ``nn.Module`` is audited in place: it is put in eval mode and moved to ``device``. One
+    whose weights are not all float32 is audited as a float32 copy, so its own weights are not
+    rounded.
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -34,6 +34,7 @@ TorchScript gives none.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -172,7 +173,10 @@ class TorchAdapter(ModelAdapter):
         path: Path | None = None,
         fmt: str = "module",
     ) -> TorchAdapter:
-        """Wrap an in-memory module (set to eval mode, float32, CPU)."""
+        """Wrap an in-memory module (set to eval mode, float32, CPU). A caller's module whose
+        weights are not all float32 is converted as a copy: its own weights are not rounded."""
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in _tensors(module)):
+            module = copy.deepcopy(module)
         return cls(
             Path(path) if path is not None else Path("<module>"),
             input_spec,
@@ -494,6 +498,11 @@ def _input_name(module: nn.Module) -> str:
 
 def _prepare(module: nn.Module) -> nn.Module:
     return module.float().cpu().eval()
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
 
 
 @contextmanager

@@ -742,3 +742,24 @@ def test_a_fixed_batch_model_hands_the_whole_batch_to_the_sink_after_the_run(tmp
     for name in names:
         assert seen[name].shape[0] == 5
         torch.testing.assert_close(seen[name], whole[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_callers_module_that_is_not_float32_is_audited_as_a_copy(dtype) -> None:
+    # Converting it in place would round a float64 model's weights for good.
+    import eqaudit
+
+    model = TinyNet().eval().to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = eqaudit.audit(model, "flips", input_size=SIZE, num_images=2)
+    assert result.outputs[0]["n"] == 2
+    after = model.state_dict()
+    assert all(after[k].dtype == dtype and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_float32_module_is_audited_in_place_as_documented() -> None:
+    import eqaudit
+
+    model = TinyNet().train()
+    eqaudit.audit(model, "flips", input_size=SIZE, num_images=2)
+    assert not model.training  # eval mode, on the caller's own module
