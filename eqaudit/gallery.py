@@ -14,9 +14,10 @@ orbits are the images at positions ``0 .. orbit_images - 1``. So the galleries o
 Thumbnails are the pixel-space images (after resizing, before normalisation) as small PNG data
 URIs, so a report can be rendered later from ``gallery.json`` without re-running the model.
 Only the images a selection keeps at the end of a batch are copied to the host, as uint8
-``round(255 x)`` at their own size (less memory than one batch of model inputs); they are
-scaled down and encoded once, when the gallery is written, so a flip that a worse one later
-replaces costs no Pillow work.
+``round(255 x)`` at their own size (less memory than one batch of model inputs), in one transfer
+per batch; from the next batch on each kept image holds its own array, so memory is bounded by
+the pictures kept. They are scaled down and encoded once, when the gallery is written, so a flip
+that a worse one later replaces costs no Pillow work.
 """
 
 from __future__ import annotations
@@ -91,22 +92,30 @@ class _Arrival:
 class _Picture:
     """One kept image: element ``g``'s image ``b`` of the batch that offered it; its uint8
     pixels (row ``row`` of an :class:`_Arrival`) are copied at the end of that batch without
-    waiting for the device, its data URI made when the gallery is first written. An original
-    shared by several flips (and its orbit) is one picture, encoded once."""
+    waiting for the device, then (:meth:`settle`) into an array of its own, its data URI made
+    when the gallery is first written. An original shared by several flips (and its orbit) is
+    one picture, encoded once."""
 
-    __slots__ = ("arrival", "b", "g", "row", "uri")
+    __slots__ = ("arrival", "b", "g", "pixels", "row", "uri")
 
     def __init__(self, g: int, b: int) -> None:
         self.g, self.b = g, b
         self.arrival: _Arrival | None = None
         self.row = 0
+        self.pixels: np.ndarray | None = None
         self.uri: str | None = None
+
+    def settle(self) -> None:
+        """Own its pixels, so that the batch's other rows can be freed."""
+        if self.arrival is not None:
+            self.pixels = self.arrival.row(self.row).copy()
+            self.arrival = None
 
     def data_uri(self) -> str:
         if self.uri is None:
-            pixels = self.arrival.row(self.row)  # type: ignore[union-attr]
-            self.uri = png_uri(thumbnail_of_array(pixels))
-            self.arrival = None
+            self.settle()
+            self.uri = png_uri(thumbnail_of_array(self.pixels))  # type: ignore[arg-type]
+            self.pixels = None
         return self.uri
 
 
@@ -130,6 +139,7 @@ class Gallery:
         # JS; among equal JS the latest), so ties keep the earliest flips, whatever the batching.
         self._heap: list[tuple[float, int, dict]] = []
         self.orbits: list[dict] = []
+        self._arrived: list[_Picture] = []  # the last batch's pictures, still sharing its rows
 
     def update(
         self,
@@ -227,6 +237,12 @@ class Gallery:
         flip in the heap or a new orbit): gathered and converted to uint8 on the images' device
         in one kernel each, then one transfer, which on a GPU does not wait for the work queued
         before it (the next batch's forward): the pictures read it when they are encoded."""
+        # The previous batch's pictures take their own copies (its transfer was queued a batch
+        # ago: it is done), so that a batch's rows do not stay in memory for the one picture
+        # that outlives the others.
+        for picture in self._arrived:
+            picture.settle()
+        self._arrived = []
         kept = {id(e["thumbnail"]) for orbit in orbits for e in orbit["elements"]}
         kept.update(id(e[side]["thumbnail"]) for *_, e in self._heap for side in _SIDES)
         chosen = sorted((p for p in pictures.values() if id(p) in kept), key=lambda p: (p.g, p.b))
@@ -245,6 +261,7 @@ class Gallery:
         arrival = _Arrival(rows.cpu(), event)
         for i, p in enumerate(chosen):
             p.arrival, p.row = arrival, i
+        self._arrived = chosen
 
     def to_dict(self) -> dict:
         """The kept thumbnails as PNG data URIs (see the module docstring)."""

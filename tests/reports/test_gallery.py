@@ -104,3 +104,23 @@ def test_only_the_kept_images_reach_the_host(monkeypatch: pytest.MonkeyPatch) ->
     # Batch 1 keeps 2 flips of image 0 (its original and 2 transformed) and orbits 0 and 1
     # (G images each, sharing image 0's pictures); later batches rank lower: nothing copied.
     assert sum(converted) == 2 * G
+
+
+def test_kept_pictures_stop_sharing_their_batchs_copy_after_it() -> None:
+    # One transfer per batch; from the next batch on each kept picture owns its pixels, so one
+    # surviving picture does not keep its whole batch's rows in memory.
+    s = _stream(3)
+    s["agree"][1, N - 1], s["js"][1, N - 1] = False, 1.0  # the last batch keeps a flip
+    gallery = _fed(s, batch=2)
+    thumbs = [
+        e[side]["thumbnail"] for *_, e in gallery._heap for side in ("original", "transformed")
+    ]
+    thumbs += [e["thumbnail"] for orbit in gallery.orbits for e in orbit["elements"]]
+    pictures = {id(p): p for p in thumbs}.values()
+    last = {id(p) for p in gallery._arrived}
+    assert last and len(pictures) > len(last)
+    for p in pictures:
+        if id(p) in last:
+            assert p.arrival is gallery._arrived[0].arrival and p.pixels is None
+        else:
+            assert p.arrival is None and p.pixels.base is None and p.pixels.shape == (3, 5, 5)
