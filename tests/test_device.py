@@ -172,6 +172,34 @@ def test_cuda_layers_compared_at_once_match_the_cpu(model) -> None:
             assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-4, abs=1e-7)
 
 
+def _onnxruntime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(
+    not (CUDA and _onnxruntime_has_cuda()),
+    reason="needs a GPU and onnxruntime-gpu (onnxruntime's CUDAExecutionProvider)",
+)
+def test_onnx_on_cuda_matches_the_cpu(model, tmp_path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    options = dict(num_images=6, seed=4, lie=False)
+    cpu = eqaudit.audit(path, "d4,rot:20", **options)
+    gpu = eqaudit.audit(path, "d4,rot:20", device="cuda", **options)
+    for a, b in zip(cpu.outputs, gpu.outputs, strict=True):
+        assert a["agreement"] == b["agreement"]
+        assert b["js_divergence"] == pytest.approx(a["js_divergence"], rel=1e-3, abs=1e-7)
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert (a["layer"], a["transform"], a["comparison"]) == (
+            b["layer"],
+            b["transform"],
+            b["comparison"],
+        )
+        if a["relative_error"] is not None:
+            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-3, abs=1e-6)
+
+
 @needs_gpu
 def test_cuda_batch_is_sized_from_free_memory(model) -> None:
     result = eqaudit.audit(model, "d4", input_size=17, num_images=4, device="cuda")
