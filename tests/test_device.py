@@ -85,22 +85,32 @@ def test_a_tight_container_shrinks_the_batch_instead_of_dying(model, monkeypatch
     assert result.outputs[1]["n"] == 3
 
 
+ROW = ("layer", "transform", "comparison")
+
+
+def assert_same_audit(cpu, gpu, rel: float, abs_: float, keys: tuple[str, ...] = ROW) -> None:
+    """A device's audit gives the CPU audit's numbers: the same agreements, JS divergences to
+    float rounding, the same layer rows (``keys`` equal) with relative errors within
+    ``rel``/``abs_`` (float32 sums taken in another order)."""
+    for a, b in zip(cpu.outputs, gpu.outputs, strict=True):
+        assert a["agreement"] == b["agreement"]
+        assert b["js_divergence"] == pytest.approx(a["js_divergence"], rel=1e-3, abs=1e-7)
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert {k: b[k] for k in keys} == {k: a[k] for k in keys}, (a["layer"], a["transform"])
+        assert (a["relative_error"] is None) == (b["relative_error"] is None)
+        if a["relative_error"] is not None:
+            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=rel, abs=abs_)
+
+
 @needs_gpu
 def test_cuda_audit_matches_the_cpu_audit(model) -> None:
     options = dict(input_size=17, num_images=6, seed=1, channel_map=True, lie=True)
     cpu = eqaudit.audit(model, "d4,rot:20,shift:0.5", **options)
     gpu = eqaudit.audit(model, "d4,rot:20,shift:0.5", device="cuda", **options)
-    for a, b in zip(cpu.outputs, gpu.outputs, strict=True):
-        assert a["agreement"] == b["agreement"]
-        assert b["js_divergence"] == pytest.approx(a["js_divergence"], rel=1e-3, abs=1e-7)
-    for a, b in zip(cpu.layers, gpu.layers, strict=True):
-        # The grids are read from the same graph: a failed export on the device would leave them
-        # guessed, and the resampled comparisons would move.
-        grid = ("stride_source", "stride_h", "stride_w", "offset_h", "offset_w", "comparison")
-        assert {k: b[k] for k in grid} == {k: a[k] for k in grid}, (a["layer"], a["transform"])
-        assert (a["relative_error"] is None) == (b["relative_error"] is None)
-        if a["relative_error"] is not None:
-            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-3, abs=1e-6)
+    # The grids are read from the same graph: a failed export on the device would leave them
+    # guessed, and the resampled comparisons would move.
+    grid = ("stride_source", "stride_h", "stride_w", "offset_h", "offset_w")
+    assert_same_audit(cpu, gpu, 1e-3, 1e-6, ROW + grid)
 
 
 def whole_layer_rows(model, monkeypatch, whole: bool, **options) -> tuple[list[dict], set[str]]:
@@ -162,14 +172,7 @@ def test_cuda_layers_compared_at_once_match_the_cpu(model) -> None:
     options = dict(input_size=17, num_images=6, seed=3)
     cpu = eqaudit.audit(model, "d4", **options)
     gpu = eqaudit.audit(model, "d4", device="cuda", **options)
-    for a, b in zip(cpu.layers, gpu.layers, strict=True):
-        assert (a["layer"], a["transform"], a["comparison"]) == (
-            b["layer"],
-            b["transform"],
-            b["comparison"],
-        )
-        if a["relative_error"] is not None:
-            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-4, abs=1e-7)
+    assert_same_audit(cpu, gpu, 1e-4, 1e-7)
 
 
 def _onnxruntime_has_cuda() -> bool:
@@ -187,17 +190,7 @@ def test_onnx_on_cuda_matches_the_cpu(model, tmp_path) -> None:
     options = dict(num_images=6, seed=4, lie=False)
     cpu = eqaudit.audit(path, "d4,rot:20", **options)
     gpu = eqaudit.audit(path, "d4,rot:20", device="cuda", **options)
-    for a, b in zip(cpu.outputs, gpu.outputs, strict=True):
-        assert a["agreement"] == b["agreement"]
-        assert b["js_divergence"] == pytest.approx(a["js_divergence"], rel=1e-3, abs=1e-7)
-    for a, b in zip(cpu.layers, gpu.layers, strict=True):
-        assert (a["layer"], a["transform"], a["comparison"]) == (
-            b["layer"],
-            b["transform"],
-            b["comparison"],
-        )
-        if a["relative_error"] is not None:
-            assert b["relative_error"] == pytest.approx(a["relative_error"], rel=1e-3, abs=1e-6)
+    assert_same_audit(cpu, gpu, 1e-3, 1e-6)
 
 
 @needs_gpu
