@@ -315,15 +315,17 @@ def plan_resize(source_hw: tuple[int, int], target_hw: tuple[int, int], policy: 
 
 
 def resize_array(values: np.ndarray, size_hw: tuple[int, int], policy: str = "crop") -> np.ndarray:
-    """``(H, W, C)`` float32 in [0, 1] -> ``(*size_hw, C)`` by a resize policy, clamped."""
-    plan = plan_resize(values.shape[:2], size_hw, policy)
+    """``(..., H, W, C)`` float32 in [0, 1] -> ``(..., *size_hw, C)`` by a resize policy,
+    clamped. Images that only need cropping or padding may come several at once (leading
+    axes); a resampled one comes alone, ``(H, W, C)``."""
+    plan = plan_resize(values.shape[-3:-1], size_hw, policy)
     resized = _resample(values, plan.resized) if plan.resamples else values
     (th, tw), (oy, ox), (rh, rw) = plan.target, plan.offset, plan.resized
     if policy == "letterbox":
-        out = np.zeros((th, tw, values.shape[-1]), dtype=np.float32)
-        out[oy : oy + rh, ox : ox + rw] = resized
+        out = np.zeros((*values.shape[:-3], th, tw, values.shape[-1]), dtype=np.float32)
+        out[..., oy : oy + rh, ox : ox + rw, :] = resized
         return out
-    return np.ascontiguousarray(resized[oy : oy + th, ox : ox + tw], dtype=np.float32)
+    return np.ascontiguousarray(resized[..., oy : oy + th, ox : ox + tw, :], dtype=np.float32)
 
 
 def resize_to(

@@ -594,15 +594,11 @@ class ArraySource(ImageSource):
         geometry = self._geometry
         plan = plan_resize(batch.shape[1:3], geometry.source_size, geometry.resize)
         if batch.shape[-1] == geometry.channels and not plan.resamples:
-            # Every image is cropped or padded alike: copies of the whole chunk at once, the
-            # pixels _fit gives one image at a time (and no Python per image beside the GPU).
-            (th, tw), (oy, ox), (rh, rw) = plan.target, plan.offset, plan.resized
-            nchw = batch.transpose(0, 3, 1, 2)
-            if geometry.resize == "letterbox":
-                out[...] = 0.0
-                out[:, :, oy : oy + rh, ox : ox + rw] = nchw
-            else:
-                out[...] = nchw[:, :, oy : oy + th, ox : ox + tw]
+            # Every image is cropped or padded alike: the whole chunk at once, the pixels _fit
+            # gives one image at a time (and no Python per image beside the GPU).
+            out[...] = resize_array(batch, geometry.source_size, geometry.resize).transpose(
+                0, 3, 1, 2
+            )
             return
         for i, image in enumerate(batch):
             out[i] = _fit(image, geometry)

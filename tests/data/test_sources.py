@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from eqaudit.data import DataDescription, ImageSource, open_images
+from eqaudit.data.preprocess import resize_to
 from eqaudit.errors import DataError, UsageError
 
 
@@ -581,3 +582,19 @@ def test_description_to_dict() -> None:
 def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         open_images(None, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["crop", "letterbox", "stretch"])
+@pytest.mark.parametrize(
+    ("shape", "size"), [((9, 9), (9, 9)), ((12, 7), (7, 7)), ((5, 11), (9, 9))]
+)
+def test_array_images_are_fitted_as_one_image_is(policy: str, shape: tuple, size: tuple) -> None:
+    # A chunk that is only cropped or padded is fitted at once; it must give the pixels each
+    # image gets alone (resize_to), as must the images that are resampled one by one.
+    values = np.random.default_rng(1).random((5, *shape, 3)).astype(np.float32)
+    source = open_images(values, size=size, resize=policy)
+    got = torch.cat([b.pixels for b in source.iter_batches(3, workers=1)])
+    expected = torch.stack(
+        [resize_to(torch.from_numpy(v).permute(2, 0, 1), size, policy) for v in values]
+    )
+    assert torch.equal(got, expected)
