@@ -243,8 +243,7 @@ class Gallery:
         for picture in self._arrived:
             picture.settle()
         self._arrived = []
-        kept = {id(e["thumbnail"]) for orbit in orbits for e in orbit["elements"]}
-        kept.update(id(e[side]["thumbnail"]) for *_, e in self._heap for side in _SIDES)
+        kept = {id(t) for t in self._thumbnails(orbits)}
         chosen = sorted((p for p in pictures.values() if id(p) in kept), key=lambda p: (p.g, p.b))
         if not chosen:
             return
@@ -267,13 +266,21 @@ class Gallery:
         """The kept thumbnails as PNG data URIs (see the module docstring)."""
         return self.state(with_rank=False)
 
+    def _thumbnails(self, orbits: list[dict]) -> list[_Picture | str]:
+        """The thumbnails of the flips in the heap and of ``orbits`` (a picture shared by
+        several places comes once per place)."""
+        thumbs = [e[side]["thumbnail"] for *_, e in self._heap for side in _SIDES]
+        return thumbs + [e["thumbnail"] for orbit in orbits for e in orbit["elements"]]
+
     def _encode_pending(self) -> None:
         """Encode every kept picture not encoded yet, on threads: Pillow's resampling and PNG
         encoder release the GIL, and each picture is its own (the same bytes as one by one)."""
-        thumbs = [e[side]["thumbnail"] for _, _, e in self._heap for side in _SIDES]
-        thumbs += [e["thumbnail"] for orbit in self.orbits for e in orbit["elements"]]
         pending = list(
-            {id(t): t for t in thumbs if isinstance(t, _Picture) and t.uri is None}.values()
+            {
+                id(t): t
+                for t in self._thumbnails(self.orbits)
+                if isinstance(t, _Picture) and t.uri is None
+            }.values()
         )
         workers = min(len(pending), default_load_workers())
         if workers < 2:
