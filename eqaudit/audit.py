@@ -332,20 +332,21 @@ def _record_tensors(records: list[_Record | _Block]) -> list[torch.Tensor]:
 
 
 def _to_host(
-    scores: torch.Tensor, parts: list[torch.Tensor]
+    outputs: torch.Tensor, parts: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-    """Start bringing a batch's scores and its per-image layer norms (concatenated, float64) to
-    the host: from a GPU into pinned memory without waiting, with the CUDA event that marks their
-    arrival (None when nothing was on a GPU)."""
+    """Start bringing a batch's compared outputs (:meth:`Engine._output_rows`) and its
+    per-image layer norms and floors (concatenated, float64) to the host: from a GPU into pinned
+    memory without waiting, with the CUDA event that marks their arrival (None when nothing was
+    on a GPU)."""
     norms = None
     if parts:
         device = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
         # One concatenation (float32 norms promote exactly), then one conversion: not a
         # conversion kernel per (layer, element).
         norms = torch.cat([t.reshape(-1).to(device) for t in parts]).to(torch.float64)
-    on_gpu = [t for t in (scores, norms) if t is not None and t.device.type == "cuda"]
+    on_gpu = [t for t in (outputs, norms) if t is not None and t.device.type == "cuda"]
     if not on_gpu:
-        return scores, norms, None
+        return outputs, norms, None
 
     def start(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or t.device.type != "cuda":
@@ -353,10 +354,10 @@ def _to_host(
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return host.copy_(t, non_blocking=True)
 
-    scores, norms = start(scores), start(norms)
+    outputs, norms = start(outputs), start(norms)
     arrived = torch.cuda.Event()  # recorded after the copies: it completes when they have
     arrived.record(torch.cuda.current_stream(on_gpu[0].device))
-    return scores, norms, arrived
+    return outputs, norms, arrived
 
 
 class _D4Images:
@@ -661,15 +662,17 @@ class Engine:
         host_pixels, pixels = pixels, pixels.to(self.device, non_blocking=True)
         transformed = self._assemble(pixels)
         # Interpolation floors of the resampled elements (None for exact ones), queued now so
-        # that they reach the host with the scores, in the same copy.
+        # that they reach the host with the outputs, in the same copy.
         identity = self.elements[0].apply_image(pixels, self.margin)
         floors = [
             None if isinstance(t, _D4Images) else e.image_floor(identity, t)
             for e, t in zip(self.elements, transformed, strict=True)
         ]
+        floors = [None if f is None else f.detach() for f in floors]
         model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
-        # Channel maps are fitted on the images of even position and evaluated on the others.
-        fit = (torch.tensor(positions) % 2) == 0
+        # Channel maps are fitted on the images of even position and evaluated on the others
+        # (made where the activations are: not copied there for every layer and element).
+        fit = torch.arange(positions[0], positions[0] + b, device=self.device) % 2 == 0
         states = {s.info.name: s for s in self.layer_states}
         handed_out: list[tuple[LayerState, torch.Tensor]] = []
         streams = self.adapter.streams(g * b)
@@ -693,7 +696,6 @@ class Engine:
         if first:
             self._first_batch(scores, model_in[: min(b, 2)])
         self._track_spread(scores[0])
-        floors = [None if f is None else f.detach() for f in floors]
         parts = _record_tensors(records) + [f for f in floors if f is not None]
         outputs, norms, arrived = _to_host(self._output_rows(scores), parts)
         return _Launched(
