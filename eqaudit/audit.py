@@ -1062,14 +1062,16 @@ class Engine:
     def _update_layers(
         self, layers: list[tuple[LayerState, torch.Tensor]], fit: torch.Tensor
     ) -> None:
-        """Compare layers handed out together, on as many threads as torch may use.
+        """Compare layers handed out together, on as many threads as the runtime runs the model
+        on (:meth:`~eqaudit.models.base.ModelAdapter.host_threads`: onnxruntime's own, not
+        torch's, for an ONNX model).
 
-        The comparisons are memory-bound numpy and torch passes that release the GIL, and the
-        runtime is idle meanwhile: layers go to ``torch.get_num_threads()`` workers, each on one
-        thread (no nested intra-op teams), largest first. A layer's state is touched by one worker
+        The comparisons are numpy and torch passes that release the GIL, and the runtime is
+        idle meanwhile: layers go to that many workers, each on one thread (no nested intra-op
+        teams), largest first. A layer's state is touched by one worker
         only and every sum is exact (:mod:`eqaudit.metrics.exact`), so the numbers do not depend
         on the schedule."""
-        workers = min(torch.get_num_threads(), len(layers))
+        workers = min(self.adapter.host_threads(), len(layers))
         on_cpu = all(act.device.type == "cpu" for _, act in layers)
         if workers < 2 or not on_cpu:
             for state, act in layers:
@@ -1403,12 +1405,12 @@ class Engine:
 
 def _load_workers(engine: Engine) -> int:
     """Image loader threads: the default beside a GPU (the host is idle while the device runs
-    the model); on the CPU only the cores torch leaves free, so that loading does not slow the
-    model down (1: load each batch when it is needed, no threads)."""
+    the model); on the CPU only the cores the model's runtime leaves free, so that loading does
+    not slow the model down (1: load each batch when it is needed, no threads)."""
     workers = default_load_workers()
     if engine.device.type == "cuda":
         return workers
-    return max(1, min(workers, usable_cpus() - torch.get_num_threads()))
+    return max(1, min(workers, usable_cpus() - engine.adapter.host_threads()))
 
 
 def _images_per_step(

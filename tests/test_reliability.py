@@ -183,9 +183,12 @@ def test_streamed_layers_give_the_numbers_of_returned_ones(monkeypatch):
     assert bn2[0]["relative_error"] > 0.1  # a random residual block is far from equivariant
 
 
-def test_layers_handed_out_together_are_compared_on_torch_threads(monkeypatch, tmp_path):
+def test_layers_handed_out_together_are_compared_on_the_runtimes_threads(monkeypatch, tmp_path):
+    # onnxruntime runs an ONNX model on its own threads, one per physical core, whatever torch's
+    # setting: the layers it hands out are compared on as many threads (it is idle meanwhile).
     model = str(export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33))
     kwargs = {"input_size": 33, "num_images": 5, "batch_size": 24, "transforms": "d4,rot:30"}
+    onnx_module = importlib.import_module("eqaudit.models.onnx_adapter")
     threads: set[str] = set()
     update = engine_module.Engine._update_layer
 
@@ -196,11 +199,13 @@ def test_layers_handed_out_together_are_compared_on_torch_threads(monkeypatch, t
     monkeypatch.setattr(engine_module.Engine, "_update_layer", spy)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(onnx_module, "physical_cpus", lambda: 1)
         one = eqaudit.audit(model, **kwargs)
         assert threads == {"MainThread"}
         threads.clear()
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)
+        monkeypatch.setattr(onnx_module, "physical_cpus", lambda: 2)
         two = eqaudit.audit(model, **kwargs)
     finally:
         torch.set_num_threads(before)
@@ -209,6 +214,21 @@ def test_layers_handed_out_together_are_compared_on_torch_threads(monkeypatch, t
     # The schedule does not change a number: exact, resampled and flat rows alike.
     assert one.layers == two.layers
     assert {row["comparison"] for row in one.layers} >= {"exact", "resampled", "invariance"}
+
+
+def test_runtime_threads_are_torchs_for_torch_and_onnxruntimes_for_onnx(tmp_path) -> None:
+    from eqaudit.data.prefetch import physical_cpus
+    from eqaudit.models import load_model
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        onnx = load_model(export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33))
+        assert onnx.host_threads() == physical_cpus()
+        torch.set_num_threads(2)
+        assert load_model(symmetric_cnn()).host_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 SLOW_FACTORY = """

@@ -27,6 +27,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ PREFETCH_BATCHES = 2  # batches loaded ahead of the one the consumer holds
 MAX_DEFAULT_WORKERS = 8
 MAX_CHUNK = 8  # images per task at most: bounds the wait when the consumer stops early
 _CHUNKS_PER_WORKER = 4  # tasks per thread and batch, so that uneven images balance out
+SYSFS_CPUS = Path("/sys/devices/system/cpu")  # Linux: each CPU's topology
 
 LoadInto = Callable[[range, np.ndarray], None]
 Allocate = Callable[[tuple[int, ...]], Any]  # shape -> a float32 buffer that np.asarray views
@@ -46,6 +48,24 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def physical_cpus() -> int:
+    """The physical cores among :func:`usable_cpus` (hyperthread siblings count once), which is
+    how many threads onnxruntime and PyTorch run a model on by default; the usable CPUs where
+    the topology is not readable."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        return usable_cpus()
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = SYSFS_CPUS / f"cpu{cpu}" / "topology" / "thread_siblings_list"
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            return usable_cpus()
+    return max(1, len(cores))
 
 
 def default_load_workers() -> int:

@@ -388,6 +388,12 @@ class ModelAdapter(ABC):
 
         return emit
 
+    def host_threads(self) -> int:
+        """How many CPU threads the runtime runs a forward pass on: PyTorch's intra-op threads
+        (``torch.get_num_threads()``). The engine compares handed-out layers on as many threads
+        (the runtime is idle meanwhile) and loads images only on the cores left over."""
+        return torch.get_num_threads()
+
     def streams(self, rows: int | None) -> bool:
         """Does :meth:`run` stream the activations of a batch of ``rows`` images (None: of any
         size) to its sink? Only a backend that can, and only for a batch that

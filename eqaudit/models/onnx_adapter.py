@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
+from eqaudit.data.prefetch import physical_cpus
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, onnx_grid_graph
 from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter, looks_out_of_memory
@@ -243,6 +244,11 @@ class OnnxAdapter(ModelAdapter):
                     f"onnxruntime provider '{p}' is not available here: use one of {', '.join(available)}"
                 )
         return chosen
+
+    def host_threads(self) -> int:
+        """onnxruntime's intra-op threads, whatever torch's setting: eqaudit leaves them at
+        onnxruntime's default, one per physical core (:func:`~eqaudit.data.prefetch.physical_cpus`)."""
+        return physical_cpus()
 
     # -- graph walk --------------------------------------------------------------------------
     def _inferred_model(self) -> onnx.ModelProto:

@@ -21,6 +21,7 @@ from eqaudit.data import (
     ImageSource,
     default_load_workers,
     open_images,
+    prefetch,
     synthetic_images,
 )
 from eqaudit.data.prefetch import MAX_CHUNK, chunks, load_ahead
@@ -90,6 +91,22 @@ def test_default_workers_is_usable_cpus_capped_at_8(monkeypatch: pytest.MonkeyPa
     for cpus, expected in [(1, 1), (2, 2), (5, 5), (8, 8), (64, 8)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
         assert default_load_workers() == expected
+
+
+def test_physical_cpus_count_hyperthread_siblings_once(monkeypatch, tmp_path) -> None:
+    # Four usable CPUs, two cores of two hyperthreads each, as Linux describes them.
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3"]):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(siblings + "\n")
+    monkeypatch.setattr(prefetch, "SYSFS_CPUS", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    assert prefetch.physical_cpus() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 2}, raising=False)  # one core
+    assert prefetch.physical_cpus() == 1
+    # A CPU whose topology cannot be read: every usable CPU counts.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3, 4}, raising=False)
+    assert prefetch.physical_cpus() == 5
 
 
 def test_chunks_cover_the_batch_in_order() -> None:
