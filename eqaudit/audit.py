@@ -53,7 +53,7 @@ import torch
 from eqaudit.config import AuditConfig, parse_shard, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
 from eqaudit.data.prefetch import default_load_workers, usable_cpus
-from eqaudit.device import free_memory, host_threads, ieee_float32, place
+from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
 from eqaudit.lie import GENERATORS as LIE_GENERATORS
@@ -1516,6 +1516,19 @@ def audit(
             data=None if data is None or isinstance(data, np.ndarray) else str(data),
             **options,
         )
+    with torch_threads(config.threads):
+        return _audit(model, config, data, progress, started, started_at)
+
+
+def _audit(
+    model: str | Path | Any,
+    config: AuditConfig,
+    data: str | Path | np.ndarray | None,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+    started_at: str,
+) -> AuditResult:
+    """:func:`audit` once its options are an :class:`~eqaudit.config.AuditConfig`."""
     elements = parse_transforms(config.transforms, config.shift_mode)
     preprocessing = make_preprocessing(
         preset=config.preset,
@@ -1533,6 +1546,7 @@ def audit(
         output_name=config.output_name,
         layout=config.layout,
         providers=config.providers,
+        threads=config.threads,
         # --input-size aligned:N starts a search at N; the size is fixed once it is chosen.
         input_size=None if config.align_input else config.input_size,
     )
@@ -1636,6 +1650,8 @@ def audit(
             "started_at": started_at,
             "host": platform.node(),
             "images_per_step": images_per_step,
+            # the model's runtime's threads (torch's or onnxruntime's); the comparisons' too
+            "cpu_threads": adapter.host_threads(),
             "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
         },
     }
@@ -1700,6 +1716,7 @@ def build_result(engine: Engine, context: dict, duration: float) -> AuditResult:
             "duration_s": round(duration, 3),
             "host": context["run"]["host"],
             "images_per_step": context["run"]["images_per_step"],
+            "cpu_threads": context["run"].get("cpu_threads"),
             "notes": notes,
             "argv": context["run"]["argv"],
         },

@@ -242,6 +242,16 @@ def check(
             rich_help_panel="Scale-out",
         ),
     ] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads for the model and the comparisons (PyTorch's and onnxruntime's; "
+            "default: PyTorch's setting and one per physical core). Set it where the process "
+            "gets a share of a machine (a container's CPU limit, a CI runner): the numbers do "
+            "not depend on it.",
+            rich_help_panel="Scale-out",
+        ),
+    ] = None,
     misaligned: Annotated[
         str,
         typer.Option(
@@ -704,6 +714,10 @@ NoLayersOpt = Annotated[
 BatchSizeOpt = Annotated[
     int | None, typer.Option(help="Images per forward call.", rich_help_panel=_AUDIT)
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(help="CPU threads for the models and the comparisons.", rich_help_panel=_AUDIT),
+]
 LabelActionOpt = Annotated[
     list[str] | None,
     typer.Option("--label-action", help="ELEMENT=ACTION, as in check.", rich_help_panel=_AUDIT),
@@ -759,6 +773,7 @@ def compare(
     layers: LayersOpt = None,
     no_layers: NoLayersOpt = False,
     batch_size: BatchSizeOpt = None,
+    threads: ThreadsOpt = None,
     label_action: LabelActionOpt = None,
     factory: FactoryOpt = None,
     trust_pickle: TrustPickleOpt = False,

@@ -131,6 +131,10 @@ class AuditConfig:
     batch_size: int | None = None
     #: where the model runs: cpu, cuda, cuda:N (eqaudit.device)
     device: str = "cpu"
+    #: CPU threads for the model and the comparisons: torch's intra-op threads during the
+    #: audit and onnxruntime's; None: torch's setting as it is, onnxruntime's default (one per
+    #: physical core). The numbers do not depend on it (summary.run.cpu_threads records it).
+    threads: int | None = None
     #: how (layer, element) pairs whose grid is not mapped onto itself are compared
     misaligned: str = "flag"
     #: Lie derivatives of the outputs (and per-layer attribution for PyTorch models)
@@ -150,6 +154,10 @@ class AuditConfig:
             )
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise UsageError(f"--threads must be a whole number of at least 1, not {self.threads}")
         if self.num_images is not None and self.num_images < 1:
             raise UsageError(f"--num-images must be at least 1, not {self.num_images}")
         if not self.layers and self.layer_patterns:
@@ -168,7 +176,11 @@ class AuditConfig:
             raise UsageError("--channel-map needs per-layer results: drop --no-layers")
 
     def to_dict(self) -> dict:
+        """The options as the summary records them. ``threads`` is left to the run block (how
+        the audit ran, not what it measured): shards run on different machines merge, and a
+        baseline made on another machine compares."""
         d = asdict(self)
+        del d["threads"]
         d["providers"] = list(self.providers)
         d["layer_patterns"] = list(self.layer_patterns)
         d["label_action"] = {name: action for name, action in self.label_action}
@@ -263,6 +275,7 @@ OPTIONS: dict[str, _Option] = {
     "no_layers": _Option("bool", False),
     "batch_size": _Option("int"),
     "device": _Option("str", "cpu"),
+    "threads": _Option("int"),
     "label_action": _Option("strs", (), separator=";"),
     "factory": _Option("factory"),
     "input_name": _Option("str"),
@@ -667,6 +680,7 @@ def resolve_config(
         layer_patterns=tuple(v["layers"]),
         batch_size=v["batch_size"],
         device=v["device"],
+        threads=v["threads"],
         misaligned=v["misaligned"],
         lie=bool(v["lie"]),
         channel_map=bool(v["channel_map"]),

@@ -108,6 +108,21 @@ def ieee_float32(device: str) -> Iterator[None]:
 
 
 @contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Within the block, torch runs on ``count`` intra-op threads (``--threads``); the caller's
+    setting comes back afterwards. None: torch's setting as it is."""
+    if count is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextmanager
 def host_threads(device: str) -> Iterator[None]:
     """Within the block, torch's CPU work runs on one thread when ``device`` (where the
     activations are reduced) is a GPU (see the module docstring); the caller's thread count

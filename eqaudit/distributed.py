@@ -25,13 +25,10 @@ from eqaudit.errors import UsageError
 from eqaudit.results import AuditResult
 
 
-def _audit_shard(model: str, config: AuditConfig, threads: int) -> tuple[dict, dict]:
+def _audit_shard(model: str, config: AuditConfig) -> tuple[dict, dict]:
     """One Ray task: audit one shard, return its mergeable state (runs on a worker)."""
-    import torch
-
     from eqaudit.audit import audit
 
-    torch.set_num_threads(max(1, threads))
     result = audit(model, config=config)
     assert result.shard_state is not None
     return result.shard_state
@@ -84,14 +81,16 @@ def audit_on_ray(
         if on_gpu and gpus == 0:
             raise UsageError("--ray --device cuda: the Ray cluster has no GPU resources")
         count = shards or (gpus if on_gpu else cpus)
-        threads = 1 if on_gpu else max(1, cpus // count)
-        task = ray.remote(num_cpus=1 if on_gpu else threads, num_gpus=1 if on_gpu else 0)(
-            _audit_shard
-        )
+        # The CPUs a task asks Ray for are the threads its runtime runs on (torch's and
+        # onnxruntime's: left alone, onnxruntime would take every core of the node in each task).
+        threads = config.threads or (1 if on_gpu else max(1, cpus // count))
+        task = ray.remote(num_cpus=threads, num_gpus=1 if on_gpu else 0)(_audit_shard)
         # Each task sees its own GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES).
         device = "cuda" if on_gpu else config.device
         pending = [
-            task.remote(str(model), replace(config, shard=(i, count), device=device), threads)
+            task.remote(
+                str(model), replace(config, shard=(i, count), device=device, threads=threads)
+            )
             for i in range(1, count + 1)
         ]
         states = []

@@ -219,3 +219,25 @@ def test_gated_run_follows_file_environment_and_command_line(tmp_path, monkeypat
     assert from_cli.exit_code == EXIT_GATE_FAILED, from_cli.output
     summary = (tmp_path / "out" / "summary.json").read_text()
     assert '"spec": "c4"' in summary
+
+
+def test_threads_come_from_every_source_and_stay_out_of_the_recorded_options(tmp_path) -> None:
+    write(tmp_path / "eqaudit.toml", "threads = 3\n")
+    assert resolve_config({}, environ={}, cwd=tmp_path).audit.threads == 3
+    by_env = resolve_config({}, environ={"EQAUDIT_THREADS": "2"}, cwd=tmp_path)
+    assert (by_env.audit.threads, by_env.sources["threads"]) == (2, "environment")
+    assert resolve_config({"threads": 1}, environ={}, cwd=tmp_path).audit.threads == 1
+    # How the audit ran, not what it measured: shards and baselines from other machines agree.
+    assert "threads" not in AuditConfig(threads=4).to_dict()
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(UsageError, match="--threads must be a whole number of at least 1"):
+            AuditConfig(threads=bad)
+
+
+def test_cli_refuses_zero_threads_before_writing_anything(tmp_path) -> None:
+    model = export_onnx(symmetric_cnn(), tmp_path / "m.onnx", 33)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["check", str(model), "--threads", "0", "-o", str(out)])
+    assert result.exit_code == EXIT_USAGE
+    assert "--threads must be a whole number of at least 1, not 0" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -8,6 +8,7 @@ from models_zoo import SmallCNN, calibrate_, export_onnx
 
 import eqaudit
 from eqaudit.config import AuditConfig
+from eqaudit.data.prefetch import usable_cpus
 from eqaudit.errors import UsageError
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'eqaudit[ray]')")
@@ -31,6 +32,10 @@ def test_ray_shards_merge_into_the_single_run(onnx_model) -> None:
     }
     assert merged.predictions.equals(single.predictions)
     assert merged.gallery == single.gallery
+    # Each task asked Ray for its share of the CPUs and onnxruntime ran on as many threads, not
+    # one per core of the node (4 tasks on this machine's CPUs: one each).
+    share = max(1, usable_cpus() // 4)
+    assert merged.summary["run"]["cpu_threads"] == share
 
 
 def test_more_shards_than_images_still_merge(onnx_model) -> None:

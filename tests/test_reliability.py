@@ -216,6 +216,33 @@ def test_layers_handed_out_together_are_compared_on_the_runtimes_threads(monkeyp
     assert {row["comparison"] for row in one.layers} >= {"exact", "resampled", "invariance"}
 
 
+def test_threads_option_sets_both_runtimes_for_the_audit_only(tmp_path) -> None:
+    path = export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33)
+    from eqaudit.models import load_model
+
+    onnx = load_model(path, threads=1)
+    assert onnx._session(()).get_session_options().intra_op_num_threads == 1
+    assert onnx.host_threads() == 1
+
+    model, seen = symmetric_cnn(), []
+    model.conv1.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    kwargs = {"input_size": 33, "num_images": 4, "seed": 1}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        one = eqaudit.audit(model, threads=1, **kwargs)
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # the caller's setting is back
+        seen.clear()
+        two = eqaudit.audit(model, **kwargs)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+    assert (one.summary["run"]["cpu_threads"], two.summary["run"]["cpu_threads"]) == (1, 2)
+    assert one.layers == two.layers and one.outputs == two.outputs
+    ran_onnx = eqaudit.audit(str(path), threads=1, **kwargs)
+    assert ran_onnx.summary["run"]["cpu_threads"] == 1
+
+
 def test_runtime_threads_are_torchs_for_torch_and_onnxruntimes_for_onnx(tmp_path) -> None:
     from eqaudit.data.prefetch import physical_cpus
     from eqaudit.models import load_model

@@ -29,8 +29,12 @@ def load_model(
     providers: Sequence[str] | None = None,
     input_size: tuple[int, int] | None = None,
     channels: int | None = None,
+    threads: int | None = None,
 ) -> ModelAdapter:
-    """Load a model file (or wrap an in-memory model) behind the adapter interface."""
+    """Load a model file (or wrap an in-memory model) behind the adapter interface.
+
+    ``threads``: onnxruntime's intra-op threads for an ONNX model (None: its default, one per
+    physical core); a PyTorch model runs on torch's own setting (``torch.set_num_threads``)."""
     import onnx
     import torch
 
@@ -62,6 +66,7 @@ def load_model(
             output_name=output_name,
             layout=layout,
             providers=providers,
+            threads=threads,
         )
     if isinstance(model, ModelAdapter):
         return model
@@ -83,7 +88,12 @@ def load_model(
         from eqaudit.models.onnx_adapter import load_onnx
 
         return load_onnx(
-            path, input_name=input_name, output_name=output_name, layout=layout, providers=providers
+            path,
+            input_name=input_name,
+            output_name=output_name,
+            layout=layout,
+            providers=providers,
+            threads=threads,
         )
     if path.suffix.lower() in TORCH_SUFFIXES:
         if input_name or output_name:

@@ -127,8 +127,11 @@ class OnnxAdapter(ModelAdapter):
         output_name: str | None = None,
         layout: str | None = None,
         providers: Sequence[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model = model
+        #: onnxruntime's intra-op threads (None: its default, one per physical core)
+        self.threads = threads
         graph = model.graph
         initializers = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]
@@ -246,9 +249,9 @@ class OnnxAdapter(ModelAdapter):
         return chosen
 
     def host_threads(self) -> int:
-        """onnxruntime's intra-op threads, whatever torch's setting: eqaudit leaves them at
+        """onnxruntime's intra-op threads, whatever torch's setting: ``threads`` (--threads), else
         onnxruntime's default, one per physical core (:func:`~eqaudit.data.prefetch.physical_cpus`)."""
-        return physical_cpus()
+        return self.threads or physical_cpus()
 
     # -- graph walk --------------------------------------------------------------------------
     def _inferred_model(self) -> onnx.ModelProto:
@@ -346,6 +349,8 @@ class OnnxAdapter(ModelAdapter):
         # Fatal only: onnxruntime logs straight to the process's stderr, which would add lines
         # beside eqaudit's one error line; its errors reach us as exceptions anyway.
         options.log_severity_level = 4
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
         if layers:
             # onnxruntime's memory pattern, planned after a first run, allocates a second block
             # as large as every exposed output (1.4 GB for ResNet-18 at 224 x 64): fresh pages
@@ -507,6 +512,7 @@ def load_onnx(
     output_name: str | None = None,
     layout: str | None = None,
     providers: Sequence[str] | None = None,
+    threads: int | None = None,
 ) -> OnnxAdapter:
     """Load and validate an ONNX classifier (see :class:`OnnxAdapter`)."""
     try:
@@ -539,4 +545,5 @@ def load_onnx(
         output_name=output_name,
         layout=layout,
         providers=providers,
+        threads=threads,
     )
