@@ -52,7 +52,7 @@ import torch
 
 from eqaudit.config import AuditConfig, parse_shard, split_input_size
 from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
-from eqaudit.data.prefetch import default_load_workers, usable_cpus
+from eqaudit.data.prefetch import cpu_limit, default_load_workers, usable_cpus
 from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
 from eqaudit.errors import UsageError
 from eqaudit.gallery import Gallery
@@ -1516,7 +1516,12 @@ def audit(
             data=None if data is None or isinstance(data, np.ndarray) else str(data),
             **options,
         )
-    with torch_threads(config.threads):
+    threads, limit = config.threads, cpu_limit()
+    if threads is None and limit is not None and torch.get_num_threads() > limit:
+        # A container's CPU limit: torch's default, a thread per core of the machine, would be
+        # throttled (onnxruntime's adapter keeps to the limit the same way).
+        threads = limit
+    with torch_threads(threads):
         return _audit(model, config, data, progress, started, started_at)
 
 

@@ -246,9 +246,8 @@ def check(
         int | None,
         typer.Option(
             help="CPU threads for the model and the comparisons (PyTorch's and onnxruntime's; "
-            "default: PyTorch's setting and one per physical core). Set it where the process "
-            "gets a share of a machine (a container's CPU limit, a CI runner): the numbers do "
-            "not depend on it.",
+            "default: PyTorch's setting and one per physical core, within a container's CPU "
+            "limit). The numbers do not depend on it.",
             rich_help_panel="Scale-out",
         ),
     ] = None,

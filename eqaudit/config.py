@@ -133,7 +133,8 @@ class AuditConfig:
     device: str = "cpu"
     #: CPU threads for the model and the comparisons: torch's intra-op threads during the
     #: audit and onnxruntime's; None: torch's setting as it is, onnxruntime's default (one per
-    #: physical core). The numbers do not depend on it (summary.run.cpu_threads records it).
+    #: physical core), both kept within a container's CPU limit. The numbers do not depend on
+    #: it (summary.run.cpu_threads records it).
     threads: int | None = None
     #: how (layer, element) pairs whose grid is not mapped onto itself are compared
     misaligned: str = "flag"

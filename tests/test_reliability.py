@@ -216,9 +216,12 @@ def test_layers_handed_out_together_are_compared_on_the_runtimes_threads(monkeyp
     assert {row["comparison"] for row in one.layers} >= {"exact", "resampled", "invariance"}
 
 
-def test_threads_option_sets_both_runtimes_for_the_audit_only(tmp_path) -> None:
-    path = export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33)
+def test_threads_option_sets_both_runtimes_for_the_audit_only(monkeypatch, tmp_path) -> None:
+    from eqaudit.data import prefetch
     from eqaudit.models import load_model
+
+    monkeypatch.setattr(prefetch, "CGROUP_ROOT", tmp_path / "no-cgroup")  # not a container's
+    path = export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33)
 
     onnx = load_model(path, threads=1)
     assert onnx._session(()).get_session_options().intra_op_num_threads == 1
@@ -241,6 +244,31 @@ def test_threads_option_sets_both_runtimes_for_the_audit_only(tmp_path) -> None:
     assert one.layers == two.layers and one.outputs == two.outputs
     ran_onnx = eqaudit.audit(str(path), threads=1, **kwargs)
     assert ran_onnx.summary["run"]["cpu_threads"] == 1
+
+
+def test_a_containers_cpu_limit_keeps_both_runtimes_within_it(monkeypatch, tmp_path) -> None:
+    from eqaudit.data import prefetch
+    from eqaudit.models import load_model
+
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "cpu.max").write_text("100000 100000\n")  # one CPU's worth of time
+    monkeypatch.setattr(prefetch, "CGROUP_ROOT", cgroup)
+    path = export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33)
+    onnx = load_model(path)
+    assert onnx._session(()).get_session_options().intra_op_num_threads == 1
+    assert load_model(path, threads=2).host_threads() == 2  # --threads is obeyed as given
+
+    model, seen = symmetric_cnn(), []
+    model.conv1.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = eqaudit.audit(model, input_size=33, num_images=2)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert result.summary["run"]["cpu_threads"] == 1
 
 
 def test_runtime_threads_are_torchs_for_torch_and_onnxruntimes_for_onnx(tmp_path) -> None:

@@ -37,23 +37,58 @@ MAX_DEFAULT_WORKERS = 8
 MAX_CHUNK = 8  # images per task at most: bounds the wait when the consumer stops early
 _CHUNKS_PER_WORKER = 4  # tasks per thread and batch, so that uneven images balance out
 SYSFS_CPUS = Path("/sys/devices/system/cpu")  # Linux: each CPU's topology
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # Linux: this process's cgroup (a container's own)
 
 LoadInto = Callable[[range, np.ndarray], None]
 Allocate = Callable[[tuple[int, ...]], Any]  # shape -> a float32 buffer that np.asarray views
 
 
+def cpu_limit() -> int | None:
+    """The CPU time this process's cgroup may use, in CPUs rounded up: a container's CPU limit
+    (``docker run --cpus``, Kubernetes ``limits.cpu``; cgroup v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``). None without a limit.
+
+    A limit is not a CPU set: the process still sees every core of the machine, and runtimes
+    that start a thread per core are throttled to a crawl. :func:`usable_cpus` and
+    :func:`physical_cpus` count it."""
+    candidates = [
+        ("cpu.max", None),
+        ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"),
+        ("cpu,cpuacct/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_period_us"),
+    ]
+    for quota_file, period_file in candidates:
+        try:
+            fields = (CGROUP_ROOT / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((CGROUP_ROOT / period_file).read_text().strip())
+            quota, period = fields[0], int(fields[1])
+            if quota in ("max", "-1") or period <= 0:
+                return None
+            return max(1, math.ceil(int(quota) / period))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def _capped(count: int) -> int:
+    limit = cpu_limit()
+    return max(1, min(count, limit) if limit is not None else count)
+
+
 def usable_cpus() -> int:
-    """The CPUs this process may run on (``taskset`` and container CPU sets count)."""
+    """The CPUs this process may run on (``taskset`` and container CPU sets count), no more
+    than its CPU limit (:func:`cpu_limit`)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return _capped(cpus)
 
 
 def physical_cpus() -> int:
-    """The physical cores among :func:`usable_cpus` (hyperthread siblings count once), which is
-    how many threads onnxruntime and PyTorch run a model on by default; the usable CPUs where
-    the topology is not readable."""
+    """The physical cores among the CPUs this process may run on (hyperthread siblings count
+    once), which is how many threads onnxruntime and PyTorch run a model on by default, no more
+    than its CPU limit (:func:`cpu_limit`); the usable CPUs where the topology is not readable."""
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:  # not on Linux
@@ -65,7 +100,7 @@ def physical_cpus() -> int:
             cores.add(siblings.read_text().strip())
         except OSError:
             return usable_cpus()
-    return max(1, len(cores))
+    return _capped(len(cores))
 
 
 def default_load_workers() -> int:

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
-from eqaudit.data.prefetch import physical_cpus
+from eqaudit.data.prefetch import cpu_limit, physical_cpus
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, onnx_grid_graph
 from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter, looks_out_of_memory
@@ -130,8 +130,9 @@ class OnnxAdapter(ModelAdapter):
         threads: int | None = None,
     ) -> None:
         self.model = model
-        #: onnxruntime's intra-op threads (None: its default, one per physical core)
-        self.threads = threads
+        #: onnxruntime's intra-op threads (None: its default, one per physical core). Under a
+        #: CPU limit, the physical cores within it: onnxruntime's default counts the machine's.
+        self.threads = threads or (physical_cpus() if cpu_limit() is not None else None)
         graph = model.graph
         initializers = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]

@@ -87,6 +87,12 @@ class RecordingSource(ImageSource):
 
 
 # -- the plan -------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def no_cpu_limit(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    """The CPU counts below are this module's, not a container's that runs the tests."""
+    monkeypatch.setattr(prefetch, "CGROUP_ROOT", tmp_path_factory.mktemp("no-cgroup"))
+
+
 def test_default_workers_is_usable_cpus_capped_at_8(monkeypatch: pytest.MonkeyPatch) -> None:
     for cpus, expected in [(1, 1), (2, 2), (5, 5), (8, 8), (64, 8)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
@@ -107,6 +113,35 @@ def test_physical_cpus_count_hyperthread_siblings_once(monkeypatch, tmp_path) ->
     # A CPU whose topology cannot be read: every usable CPU counts.
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3, 4}, raising=False)
     assert prefetch.physical_cpus() == 5
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, docker --cpus 1.5: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),  # not in a cgroup that says anything
+    ],
+)
+def test_cpu_limit_is_read_from_the_cgroup(monkeypatch, tmp_path, files, limit) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(prefetch, "CGROUP_ROOT", tmp_path)
+    assert prefetch.cpu_limit() == limit
+
+
+def test_a_cpu_limit_caps_every_cpu_count(monkeypatch, tmp_path) -> None:
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # 2 CPUs of a 64-core machine
+    monkeypatch.setattr(prefetch, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(64)), raising=False)
+    assert prefetch.usable_cpus() == 2
+    assert prefetch.physical_cpus() == 2
+    assert default_load_workers() == 2
 
 
 def test_chunks_cover_the_batch_in_order() -> None:
