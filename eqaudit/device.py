@@ -68,10 +68,9 @@ def place(adapter: ModelAdapter, device: str) -> None:
                 f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
             )
         index = device.split(":")[1] if ":" in device else "0"
-        adapter.providers = [  # type: ignore[attr-defined]
-            ("CUDAExecutionProvider", {"device_id": index}),
-            "CPUExecutionProvider",
-        ]
+        adapter.use_providers(  # type: ignore[attr-defined]
+            [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        )
         return
     check_device(device)
     adapter.to_device(device)  # type: ignore[attr-defined]

@@ -40,6 +40,41 @@ def test_cuda_without_a_gpu_says_what_is_missing(model, tmp_path) -> None:
         eqaudit.audit(path, "flips", num_images=2, device="cuda")
 
 
+def test_onnx_on_cuda_runs_every_session_on_the_cuda_provider(model, tmp_path, monkeypatch) -> None:
+    # onnxruntime-gpu stood in for: the provider is "available", and the sessions asked for it
+    # are made on the CPU. The plain session made when the model loaded (on the CPU provider)
+    # must not be the one that runs the audit.
+    import onnxruntime
+
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    real = onnxruntime.InferenceSession
+    asked: dict[int, list] = {}  # id of each session made -> the providers it was asked for
+    ran: list[list] = []  # the providers asked for by each session that ran a batch
+
+    def session(source, sess_options=None, providers=None):
+        made = real(source, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        asked[id(made)] = providers
+        return made
+
+    def run(self, *args, **kwargs):
+        ran.append(asked[id(self)])
+        return real_run(self, *args, **kwargs)
+
+    real_run = real.run
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(real, "run", run)
+    result = eqaudit.audit(path, "flips", num_images=3, device="cuda:1", lie=False)
+    on_cuda = [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    assert ["CPUExecutionProvider"] in asked.values()  # at load, before --device is applied
+    assert ran and all(providers == on_cuda for providers in ran)
+    assert result.summary["model"]["providers"] == [
+        ["CUDAExecutionProvider", {"device_id": "1"}],
+        "CPUExecutionProvider",
+    ]
+
+
 def test_cuda_audits_run_in_ieee_float32_and_restore_the_callers_settings() -> None:
     from eqaudit.device import ieee_float32
 

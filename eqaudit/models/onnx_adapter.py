@@ -238,6 +238,17 @@ class OnnxAdapter(ModelAdapter):
             )
         return outputs[0].name
 
+    def use_providers(self, providers: Sequence[Any]) -> None:
+        """Run on ``providers`` from now on (``--device cuda``: onnxruntime's CUDA provider).
+        The sessions made for the previous ones are dropped, with the arrays and shapes kept
+        per session, and the plain session is made again: a graph the new provider cannot run
+        fails here, at load."""
+        self.providers = list(providers)
+        self._sessions.clear()
+        self._reuse.clear()
+        self._per_image.clear()
+        self._session(())
+
     @staticmethod
     def _providers(providers: Sequence[str] | None) -> list[str]:
         available = ort.get_available_providers()
