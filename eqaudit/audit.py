@@ -1408,7 +1408,7 @@ def _load_workers(engine: Engine) -> int:
     the model); on the CPU only the cores the model's runtime leaves free, so that loading does
     not slow the model down (1: load each batch when it is needed, no threads)."""
     workers = default_load_workers()
-    if engine.device.type == "cuda":
+    if engine.config.device.startswith("cuda"):  # (an ONNX model's activations come to the host)
         return workers
     return max(1, min(workers, usable_cpus() - engine.adapter.host_threads()))
 

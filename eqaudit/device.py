@@ -68,9 +68,10 @@ def place(adapter: ModelAdapter, device: str) -> None:
                 f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
             )
         index = device.split(":")[1] if ":" in device else "0"
-        adapter.use_providers(  # type: ignore[attr-defined]
-            [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        )
+        # onnxruntime's CUDA provider rounds convolutions and matrix products to TF32 unless
+        # told not to (see ieee_float32 for why the audit needs IEEE float32).
+        cuda = ("CUDAExecutionProvider", {"device_id": index, "use_tf32": "0"})
+        adapter.use_providers([cuda, "CPUExecutionProvider"])  # type: ignore[attr-defined]
         return
     check_device(device)
     adapter.to_device(device)  # type: ignore[attr-defined]

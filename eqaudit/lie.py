@@ -233,7 +233,7 @@ def input_tangent(preprocessing: Preprocessing, tangent: torch.Tensor) -> torch.
     v = tangent.to(torch.float32)
     if preprocessing.channels == "bgr":
         v = v.flip(1)
-    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=v.device).view(1, -1, 1, 1)
     return v * preprocessing.scale / std
 
 

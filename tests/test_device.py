@@ -40,39 +40,76 @@ def test_cuda_without_a_gpu_says_what_is_missing(model, tmp_path) -> None:
         eqaudit.audit(path, "flips", num_images=2, device="cuda")
 
 
-def test_onnx_on_cuda_runs_every_session_on_the_cuda_provider(model, tmp_path, monkeypatch) -> None:
-    # onnxruntime-gpu stood in for: the provider is "available", and the sessions asked for it
-    # are made on the CPU. The plain session made when the model loaded (on the CPU provider)
-    # must not be the one that runs the audit.
+def fake_cuda_onnxruntime(monkeypatch, starts: bool) -> tuple[dict[int, list], list[list]]:
+    """onnxruntime-gpu stood in for: CUDA is among the available providers, and a session asked
+    for it is made on the CPU, reporting CUDA among its providers when the provider ``starts``
+    (as onnxruntime does when it falls back for a missing CUDA library: it does not). Returns
+    the providers each session was asked for (by id) and those of each session that ran."""
     import onnxruntime
 
-    path = export_onnx(model, tmp_path / "m.onnx", 17)
-    real = onnxruntime.InferenceSession
-    asked: dict[int, list] = {}  # id of each session made -> the providers it was asked for
-    ran: list[list] = []  # the providers asked for by each session that ran a batch
+    real, real_run = onnxruntime.InferenceSession, onnxruntime.InferenceSession.run
+    asked: dict[int, list] = {}
+    ran: list[list] = []
 
     def session(source, sess_options=None, providers=None):
         made = real(source, sess_options=sess_options, providers=["CPUExecutionProvider"])
         asked[id(made)] = providers
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+        if starts and "CUDAExecutionProvider" in names:
+            made.get_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return made
 
     def run(self, *args, **kwargs):
         ran.append(asked[id(self)])
         return real_run(self, *args, **kwargs)
 
-    real_run = real.run
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)
     monkeypatch.setattr(real, "run", run)
+    return asked, ran
+
+
+def test_onnx_on_cuda_runs_every_session_on_the_cuda_provider(model, tmp_path, monkeypatch) -> None:
+    # The plain session made when the model loaded (on the CPU provider) must not be the one
+    # that runs the audit; and onnxruntime's CUDA provider must not round to TF32.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    asked, ran = fake_cuda_onnxruntime(monkeypatch, starts=True)
     result = eqaudit.audit(path, "flips", num_images=3, device="cuda:1", lie=False)
-    on_cuda = [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"})
     assert ["CPUExecutionProvider"] in asked.values()  # at load, before --device is applied
-    assert ran and all(providers == on_cuda for providers in ran)
-    assert result.summary["model"]["providers"] == [
-        ["CUDAExecutionProvider", {"device_id": "1"}],
-        "CPUExecutionProvider",
-    ]
+    assert ran and all(providers == [cuda, "CPUExecutionProvider"] for providers in ran)
+    assert result.summary["model"]["providers"] == [list(cuda), "CPUExecutionProvider"]
+
+
+def test_onnx_on_cuda_refuses_to_fall_back_to_the_cpu(model, tmp_path, monkeypatch) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    fake_cuda_onnxruntime(monkeypatch, starts=False)
+    with pytest.raises(UsageError, match=r"could not start its CUDA provider .* use --device cpu"):
+        eqaudit.audit(path, "flips", num_images=3, device="cuda", lie=False)
+
+
+def test_onnx_on_cuda_loads_images_on_threads(model, tmp_path, monkeypatch) -> None:
+    # The model runs on the GPU while the host loads the next images, though the activations
+    # of an ONNX model come to the host (its engine's device is the CPU).
+    from eqaudit.data import default_load_workers
+
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    fake_cuda_onnxruntime(monkeypatch, starts=True)
+    chosen, original = [], engine_module._load_workers
+    monkeypatch.setattr(
+        engine_module, "_load_workers", lambda engine: chosen.append(original(engine)) or chosen[-1]
+    )
+    eqaudit.audit(path, "flips", num_images=3, device="cuda", lie=False)
+    assert chosen == [default_load_workers()]
+
+
+def test_lie_input_tangent_stays_on_the_pixels_device() -> None:
+    from eqaudit.data import make_preprocessing
+    from eqaudit.lie import input_tangent
+
+    tangent = torch.ones(2, 3, 4, 4, device="meta")  # stands in for a GPU: any other device
+    assert input_tangent(make_preprocessing(preset="imagenet"), tangent).device.type == "meta"
 
 
 def test_cuda_audits_run_in_ieee_float32_and_restore_the_callers_settings() -> None:

@@ -238,6 +238,10 @@ class OnnxAdapter(ModelAdapter):
             )
         return outputs[0].name
 
+    def _wants_cuda(self) -> bool:
+        names = (p[0] if isinstance(p, tuple) else p for p in self.providers)
+        return "CUDAExecutionProvider" in names
+
     def use_providers(self, providers: Sequence[Any]) -> None:
         """Run on ``providers`` from now on (``--device cuda``: onnxruntime's CUDA provider).
         The sessions made for the previous ones are dropped, with the arrays and shapes kept
@@ -379,10 +383,27 @@ class OnnxAdapter(ModelAdapter):
             first = _ort_message(exc)
             if looks_out_of_memory(str(exc)):
                 raise MemoryError(first) from exc
+            if self._wants_cuda():
+                raise UsageError(
+                    f"onnxruntime cannot start '{self.path.name}' on its CUDA provider: "
+                    f"{first[:300]} (check the GPU index of --device cuda:N and the CUDA and cuDNN "
+                    "libraries onnxruntime-gpu needs, or use --device cpu)"
+                ) from exc
             raise ModelLoadError(
                 f"onnxruntime cannot load '{self.path.name}': {first[:300]} "
                 "(an unsupported or custom operator? re-export the model with standard ONNX ops)"
             ) from exc
+        if self._wants_cuda():
+            # onnxruntime falls back to the CPU, with a log line at most, when its CUDA provider
+            # cannot start (a missing CUDA or cuDNN library): the audit would run on the CPU
+            # under a CUDA label. After the session is made, a failing run raises instead.
+            if "CUDAExecutionProvider" not in session.get_providers():
+                raise UsageError(
+                    "onnxruntime could not start its CUDA provider (a CUDA or cuDNN library "
+                    "that onnxruntime-gpu needs is missing, or there is no such GPU) and would "
+                    "run on the CPU: fix the GPU set-up, or use --device cpu"
+                )
+            session.disable_fallback()
         # Keep one layer session at a time: each holds its own copy of the weights.
         for key in [k for k in self._sessions if k]:
             del self._sessions[key]
