@@ -162,7 +162,8 @@ class TorchAdapter(ModelAdapter):
         self._factory = factory
         self._input_dtype = input_dtype
         self._layers_note = layers_note or _HOOKS_NOTE
-        self._candidates = self._hookable_modules(op_names or {}) if hookable else {}
+        self._op_names, self._hookable = dict(op_names or {}), hookable
+        self._candidates = self._hookable_modules(self._op_names) if hookable else {}
 
     @classmethod
     def from_module(
@@ -307,8 +308,25 @@ class TorchAdapter(ModelAdapter):
     # -- running ---------------------------------------------------------------------------------
     def to_device(self, device: str) -> None:
         """Run the module on ``device`` (``cpu``, ``cuda``, ``cuda:N``); activations stay there
-        (the engine reduces them in place), scores come back to the CPU."""
-        self.module = self.module.to(device)
+        (the engine reduces them in place), scores come back to the CPU.
+
+        A torch.export program is moved as a program, then unflattened again: ``Module.to``
+        would leave its lifted tensor constants (plain attributes, not buffers) and the devices
+        written into its factory ops (``arange``, ``zeros``, ...) on the CPU."""
+        try:
+            from torch.export.passes import move_to_device_pass as move
+        except ImportError:  # an older torch: Module.to, as for any module
+            move = None
+        if self._program is None or move is None or device == self.device:
+            self.module = self.module.to(device)
+        else:
+            self.grid_graph()  # read from the program as loaded, before it moves
+            program = move(self._program, device)
+            with _quiet_torch_warnings():
+                module = torch.export.unflatten(program) if self._hookable else program.module()
+            self.module, self._program = module.eval(), program
+            self._candidates = self._hookable_modules(self._op_names) if self._hookable else {}
+            self._overwritten = None  # learnt again, on the new module
         self.device = device
 
     def _forward(self, batch: torch.Tensor) -> Any:

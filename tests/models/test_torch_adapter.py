@@ -763,3 +763,32 @@ def test_a_float32_module_is_audited_in_place_as_documented() -> None:
     model = TinyNet().train()
     eqaudit.audit(model, "flips", input_size=SIZE, num_images=2)
     assert not model.training  # eval mode, on the caller's own module
+
+
+class WithConstants(nn.Module):
+    """A tensor made in forward (a lifted constant once exported, not a buffer) and a factory op
+    whose device the export writes into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+        y = y + torch.arange(y.shape[-1], dtype=y.dtype)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_an_exported_program_moves_to_another_device_whole(tmp_path):
+    # "meta" stands in for a GPU: Module.to would leave the lifted constant and the arange's
+    # device on the CPU, and the forward would fail with a device mismatch.
+    adapter = load_torch(export(tmp_path, WithConstants().eval(), images(1)))
+    cpu_layers = [name for name, _ in adapter._layers_impl()]
+    adapter.to_device("meta")
+    out = adapter._forward(torch.zeros(1, 3, 8, 8))
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 5)
+    tensors = [t for m in adapter.module.modules() for t in vars(m).values()]
+    tensors += list(adapter.module.parameters()) + list(adapter.module.buffers())
+    assert all(t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor))
+    assert sorted(adapter._candidates) == sorted(cpu_layers)  # hooks go on the moved module
