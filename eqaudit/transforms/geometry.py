@@ -134,24 +134,41 @@ def aligned(element: Transform, grid: GridLike, input_size: tuple[int, int]) -> 
     return cm.is_bijection if isinstance(element, D4Element) else cm.on_cells
 
 
+#: Index, position and mask tensors of the cell maps, per device, made once: the same for every
+#: batch, and on a GPU each copy from host memory would make the host wait for the device.
+#: Read-only (never written in place); cleared when it grows past _PLANS_MAX entries.
+_DEVICE_PLANS: dict[tuple, tuple] = {}
+_PLANS_MAX = 4096
+
+
+def _device_plan(kind: str, cm: CellMap, extra: tuple, device: torch.device, make) -> tuple:
+    """``make()`` (host arrays -> tensors on ``device``) for this cell map, cached by value."""
+    key = (kind, cm.M.tobytes(), cm.b.tobytes(), cm.shape, extra, str(device))
+    plan = _DEVICE_PLANS.get(key)
+    if plan is None:
+        if len(_DEVICE_PLANS) >= _PLANS_MAX:
+            _DEVICE_PLANS.clear()
+        plan = _DEVICE_PLANS[key] = make()
+    return plan
+
+
 def _gather(fmap: torch.Tensor, cm: CellMap) -> FeatureAction:
     """Exact action: move every cell to its destination; cells with no source are masked."""
-    sy, sx = cm.sources()
-    iy, ix = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
     n_h, n_w = fmap.shape[-2:]
-    valid = (iy >= 0) & (iy < n_h) & (ix >= 0) & (ix < n_w)
-    flat = torch.from_numpy(np.where(valid, iy * n_w + ix, 0).reshape(-1)).to(fmap.device)
+
+    def make() -> tuple[torch.Tensor, torch.Tensor | None]:
+        sy, sx = cm.sources()
+        iy, ix = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
+        valid = (iy >= 0) & (iy < n_h) & (ix >= 0) & (ix < n_w)
+        flat = torch.from_numpy(np.where(valid, iy * n_w + ix, 0).reshape(-1)).to(fmap.device)
+        mask = None if valid.all() else torch.from_numpy(valid)[None, None].to(fmap.device)
+        return flat, mask
+
+    flat, mask = _device_plan("gather", cm, (n_h, n_w), fmap.device, make)
     moved = fmap.flatten(-2)[..., flat].reshape(fmap.shape)
-    mask = torch.from_numpy(valid)[None, None].to(fmap.device)
-    if valid.all():
+    if mask is None:
         return FeatureAction(moved)
     return FeatureAction(moved * mask.to(fmap.dtype), mask)
-
-
-def _sample(fmap: torch.Tensor, sy: np.ndarray, sx: np.ndarray) -> torch.Tensor:
-    """Cubic samples (the interpolant of :func:`rotate`) of ``(B, C, n_h, n_w)`` at fractional
-    cell positions, zero outside."""
-    return cubic_sample(fmap, torch.from_numpy(sy), torch.from_numpy(sx))
 
 
 def _resampled(
@@ -160,17 +177,28 @@ def _resampled(
     """Approximate action by resampling; compared where the bicubic stencil stays inside the map
     (and, for rotations, inside a disk about the true centre)."""
     n_h, n_w = fmap.shape[-2:]
-    sy, sx = cm.sources()
-    inside = (sy >= 1 - _TOL) & (sy <= n_h - 2 + _TOL) & (sx >= 1 - _TOL) & (sx <= n_w - 2 + _TOL)
-    if centre is not None:
-        cy, cx = centre
-        radius = DISK_FRACTION * min(cy, n_h - 1 - cy, cx, n_w - 1 - cx)
-        ii, jj = np.meshgrid(np.arange(n_h), np.arange(n_w), indexing="ij")
-        inside &= (ii - cy) ** 2 + (jj - cx) ** 2 <= radius**2
-    if not inside.any():
-        raise NotMeasurable(f"feature map {n_h}x{n_w} leaves no cell to compare after resampling")
-    mask = torch.from_numpy(inside)[None, None].to(fmap.device)
-    return FeatureAction(_sample(fmap, sy, sx) * mask.to(fmap.dtype), mask)
+
+    def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sy, sx = cm.sources()
+        inside = (
+            (sy >= 1 - _TOL) & (sy <= n_h - 2 + _TOL) & (sx >= 1 - _TOL) & (sx <= n_w - 2 + _TOL)
+        )
+        if centre is not None:
+            cy, cx = centre
+            radius = DISK_FRACTION * min(cy, n_h - 1 - cy, cx, n_w - 1 - cx)
+            ii, jj = np.meshgrid(np.arange(n_h), np.arange(n_w), indexing="ij")
+            inside &= (ii - cy) ** 2 + (jj - cx) ** 2 <= radius**2
+        if not inside.any():  # (not cached: the engine records the reason and asks no more)
+            raise NotMeasurable(
+                f"feature map {n_h}x{n_w} leaves no cell to compare after resampling"
+            )
+        device = fmap.device
+        mask = torch.from_numpy(inside)[None, None].to(device)
+        return torch.from_numpy(sy).to(device), torch.from_numpy(sx).to(device), mask
+
+    sy, sx, mask = _device_plan("resample", cm, (n_h, n_w, centre), fmap.device, make)
+    # Cubic samples (the interpolant of rotate), zero outside.
+    return FeatureAction(cubic_sample(fmap, sy, sx) * mask.to(fmap.dtype), mask)
 
 
 @dataclass(frozen=True)
@@ -245,11 +273,11 @@ def _fractional_shift(element: Shift, fmap: torch.Tensor, grid: GridLike) -> Fea
     # Cells within reach of the wrapped-around border are not defined by the shift itself.
     n_h, n_w = fmap.shape[-2:]
     reach_y, reach_x = int(np.ceil(abs(cy))) + 1, int(np.ceil(abs(cx))) + 1
-    mask = torch.zeros(1, 1, n_h, n_w, dtype=torch.bool, device=fmap.device)
-    if n_h > 2 * reach_y and n_w > 2 * reach_x:
-        mask[..., reach_y : n_h - reach_y, reach_x : n_w - reach_x] = True
-    if not mask.any():
+    # Decided on the host: mask.any() would make it wait for the device.
+    if not (n_h > 2 * reach_y and n_w > 2 * reach_x):
         raise NotMeasurable(f"feature map {n_h}x{n_w} is too small for a shift of that size")
+    mask = torch.zeros(1, 1, n_h, n_w, dtype=torch.bool, device=fmap.device)
+    mask[..., reach_y : n_h - reach_y, reach_x : n_w - reach_x] = True
     return FeatureAction(shifted * mask.to(fmap.dtype), mask)
 
 

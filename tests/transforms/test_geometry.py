@@ -264,3 +264,27 @@ def test_a_grid_off_centre_by_whole_cells_is_compared_exactly_on_the_overlap() -
     for j in range(2, 8):
         assert torch.equal(found.action.transformed[..., j], fmap[..., 9 - j])
     assert aligned(D4Element.named("flip_h"), grid, (10, 10)) is False
+
+
+def test_cell_map_tensors_are_made_once_per_device_and_read_again() -> None:
+    # Every batch compares the same (element, grid) pairs: their index, position and mask
+    # tensors are made once (on a GPU each copy from the host would wait for the device), and
+    # the comparison is the same as the first time.
+    from eqaudit.transforms import geometry
+
+    geometry._DEVICE_PLANS.clear()
+    off_centre = Grid(Axis(8, 1.0, 0.0), Axis(8, 1.0, 0.0))  # gathered, with a mask
+    rotation = parse_transforms("rot:30")[1]  # resampled, inside a disk ([0]: the identity)
+    centred = Grid(Axis(9, 1.0, 0.0), Axis(9, 1.0, 0.0))
+    draw = torch.Generator().manual_seed(0)
+    pairs = [
+        (D4Element.named("flip_h"), torch.randn(2, 3, 8, 8, generator=draw), off_centre, (10, 10)),
+        (rotation, torch.randn(2, 3, 9, 9, generator=draw), centred, (9, 9)),
+    ]
+    first = [compare_on_grid(e, f, g, size, (1.0, 1.0)).action for e, f, g, size in pairs]
+    plans = dict(geometry._DEVICE_PLANS)
+    assert len(plans) == 2 and first[0].mask is not None and first[1].mask is not None
+    again = [compare_on_grid(e, f, g, size, (1.0, 1.0)).action for e, f, g, size in pairs]
+    assert plans == geometry._DEVICE_PLANS  # the same tensors, nothing made again
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.transformed, b.transformed) and a.mask is b.mask
