@@ -81,8 +81,12 @@ def free_memory(device: str) -> int | None:
     """Free bytes on a CUDA device (None for the CPU)."""
     if not device.startswith("cuda"):
         return None
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
-    return int(free)
+    where = torch.device(device)
+    free, _total = torch.cuda.mem_get_info(where)
+    # Blocks that torch's caching allocator holds and no tensor uses (the probe forward's, say)
+    # are the driver's "used" but this process's to reuse.
+    cached = torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
+    return int(free + max(cached, 0))
 
 
 @contextmanager

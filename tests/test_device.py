@@ -40,27 +40,29 @@ def test_cuda_without_a_gpu_says_what_is_missing(model, tmp_path) -> None:
         eqaudit.audit(path, "flips", num_images=2, device="cuda")
 
 
-def fake_cuda_onnxruntime(monkeypatch, starts: bool) -> tuple[dict[int, list], list[list]]:
+def fake_cuda_onnxruntime(monkeypatch, starts: bool) -> tuple[list[list], list[list]]:
     """onnxruntime-gpu stood in for: CUDA is among the available providers, and a session asked
     for it is made on the CPU, reporting CUDA among its providers when the provider ``starts``
     (as onnxruntime does when it falls back for a missing CUDA library: it does not). Returns
-    the providers each session was asked for (by id) and those of each session that ran."""
+    the providers each session was asked for, in order, and those of each session that ran."""
     import onnxruntime
 
     real, real_run = onnxruntime.InferenceSession, onnxruntime.InferenceSession.run
-    asked: dict[int, list] = {}
+    asked: list[list] = []
+    live: dict[int, list] = {}  # a live session's id -> its providers (ids are reused)
     ran: list[list] = []
 
     def session(source, sess_options=None, providers=None):
         made = real(source, sess_options=sess_options, providers=["CPUExecutionProvider"])
-        asked[id(made)] = providers
+        asked.append(providers)
+        live[id(made)] = providers
         names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
         if starts and "CUDAExecutionProvider" in names:
             made.get_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return made
 
     def run(self, *args, **kwargs):
-        ran.append(asked[id(self)])
+        ran.append(live[id(self)])
         return real_run(self, *args, **kwargs)
 
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -77,7 +79,7 @@ def test_onnx_on_cuda_runs_every_session_on_the_cuda_provider(model, tmp_path, m
     asked, ran = fake_cuda_onnxruntime(monkeypatch, starts=True)
     result = eqaudit.audit(path, "flips", num_images=3, device="cuda:1", lie=False)
     cuda = ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"})
-    assert ["CPUExecutionProvider"] in asked.values()  # at load, before --device is applied
+    assert asked[0] == ["CPUExecutionProvider"]  # at load, before --device is applied
     assert ran and all(providers == [cuda, "CPUExecutionProvider"] for providers in ran)
     assert result.summary["model"]["providers"] == [list(cuda), "CPUExecutionProvider"]
 
@@ -354,3 +356,13 @@ def test_the_model_input_is_every_element_applied_to_the_batch(model, monkeypatc
         for got, want in zip(images, expected, strict=True):
             for b in range(pixels.shape[0]):
                 assert torch.equal(got[b], want[b])
+
+
+def test_free_gpu_memory_counts_the_blocks_torch_holds_unused(monkeypatch) -> None:
+    from eqaudit.device import free_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
+    assert free_memory("cuda:0") == 7 * 2**30  # 3 free for the driver + 4 cached, unused
+    assert free_memory("cpu") is None
