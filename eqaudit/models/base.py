@@ -38,6 +38,7 @@ the sink after the run, once per layer, with the whole batch.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -141,6 +142,12 @@ _OUT_OF_MEMORY = (
     "out of memory",
     "Failed to allocate memory",
     "not enough memory",
+)
+
+
+#: torch's words for tensors of one op on different devices (a model only partly moved).
+_DEVICE_MISMATCH = re.compile(
+    r"same device|is not on the expected device|Expected all tensors to be on the same"
 )
 
 
@@ -334,6 +341,12 @@ class ModelAdapter(ABC):
                 if looks_out_of_memory(str(exc)):
                     # Not the model's fault: the CLI reports it as out of memory (exit 3).
                     raise MemoryError(first) from exc
+                if _DEVICE_MISMATCH.search(str(exc)):
+                    raise ModelRunError(
+                        f"the model failed on its device: {first[:300]} (it keeps tensors that "
+                        "moving it does not move, as a TorchScript trace that wrote its devices "
+                        "into the graph: save it with torch.export (.pt2), or use --device cpu)"
+                    ) from exc
                 raise ModelRunError(
                     f"the model failed at run time: {first[:300]} "
                     "(check --input-size, --layout and --channels against what the model expects)"

@@ -792,3 +792,14 @@ def test_an_exported_program_moves_to_another_device_whole(tmp_path):
     tensors += list(adapter.module.parameters()) + list(adapter.module.buffers())
     assert all(t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor))
     assert sorted(adapter._candidates) == sorted(cpu_layers)  # hooks go on the moved module
+
+
+def test_a_model_left_partly_on_the_cpu_says_so():
+    # Tensors made in forward stay on the CPU whatever the module is moved to ("meta" stands in
+    # for a GPU): the one-line error says what happened and what to do.
+    from eqaudit.models import load_model
+
+    adapter = load_model(WithConstants().eval(), input_size=(SIZE, SIZE))
+    adapter.to_device("meta")
+    with pytest.raises(ModelRunError, match=r"failed on its device: .* or use --device cpu\)"):
+        adapter.run(torch.zeros(1, 3, SIZE, SIZE))
