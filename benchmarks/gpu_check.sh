@@ -21,7 +21,7 @@ nproc
 $py -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"
 
 step "calls that wait for the GPU"
-timeout 120 $py benchmarks/find_syncs.py --images 64 --batch-size 256 2>&1 | tee "$out/syncs.log"
+timeout 240 $py benchmarks/find_syncs.py --images 64 --batch-size 256 2>&1 | tee "$out/syncs.log"
 
 bench() {  # bench_audit on cuda: IMAGES DATA BATCH REPEATS [extra options]
     step "bench_audit torch on cuda, $1 images, --data $2, batch $3"
