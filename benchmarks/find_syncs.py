@@ -40,8 +40,8 @@ CASES = {
     "all layers, d4": {"transforms": "d4"},
     "output only, d4 + rot:20 + shift:0.5": {"transforms": "d4,rot:20,shift:0.5", "layers": False},
     # Layers compared by gathering, resampling or a Fourier shift (cell-map tensors cached per
-    # device since 69ad37e), and the channel maps (their moments still come to the host per
-    # layer and element: expected to show).
+    # device since 69ad37e), and the channel maps (moments summed on the device, read back at
+    # the end): neither should show a line per batch.
     "all layers, d4 + rot:20 + shift:0.5": {"transforms": "d4,rot:20,shift:0.5"},
     "all layers, d4, --channel-map": {"transforms": "d4", "channel_map": True},
 }

@@ -671,8 +671,8 @@ class Engine:
         floors = [None if f is None else f.detach() for f in floors]
         model_in = self.preprocessing.normalise(self._input_buffer, inplace=True)
         # Channel maps are fitted on the images of even position and evaluated on the others
-        # (made where the activations are: not copied there for every layer and element).
-        fit = torch.arange(positions[0], positions[0] + b, device=self.device) % 2 == 0
+        # (a host mask: the halves are picked as strided views, nothing goes to the device).
+        fit = torch.arange(positions[0], positions[0] + b) % 2 == 0
         states = {s.info.name: s for s in self.layer_states}
         handed_out: list[tuple[LayerState, torch.Tensor]] = []
         streams = self.adapter.streams(g * b)
@@ -1197,7 +1197,7 @@ class Engine:
             )
             self._records.append(_Record(state.stats[gi], map_norms(a, b, mask), floor))
             if state.channel_maps is not None and state.channel_maps[gi] is not None:
-                state.channel_maps[gi].update(a, b, fit.to(a.device), mask)
+                state.channel_maps[gi].update(a, b, fit, mask)
 
     def _channel_maps(self, info: LayerInfo) -> list[Any] | None:
         """One channel-map accumulator per element, or None (with a note) for a layer too wide

@@ -79,6 +79,7 @@ def engine_state(engine: Engine) -> tuple[dict, dict[str, np.ndarray]]:
                 if stats is None or stats.channels is None:
                     channel.append(None)
                     continue
+                stats.settle()  # (sums made on a GPU come to the host)
                 halves = {}
                 for half in ("fit", "eval"):
                     moments = getattr(stats, half)

@@ -61,7 +61,7 @@ with a stated reason, unless the user raises the limit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,15 @@ DEFAULT_MAX_CHANNELS = 512
 EPS = 1e-12
 #: Rows per float64 chunk in :func:`second_moments` (bounds the temporary float64 copies).
 _CHUNK_ELEMENTS = 1 << 22
+
+
+#: Devices whose samples are summed where they are, read back once at the end (a test adds
+#: "cpu" to run that path here).
+DEVICE_SUMS = {"cuda"}
+
+
+def on_device(x: torch.Tensor) -> bool:
+    return x.device.type in DEVICE_SUMS
 
 
 def channel_samples(
@@ -95,19 +104,21 @@ def channel_samples(
     b_cells = b.reshape(batch, channels, -1).transpose(1, 2)
     if mask is not None:
         keep = torch.broadcast_to(mask.to(torch.bool), (1, 1, *spatial)).reshape(-1)
+        if on_device(a):
+            # Selecting the kept cells would make the host wait for the device (their count
+            # sizes the result): they are zeroed instead, which adds nothing to the moments.
+            # ChannelMoments counts them from the mask.
+            keep = keep[None, :, None]
+            return torch.where(keep, a_cells, 0), torch.where(keep, b_cells, 0)
         a_cells, b_cells = a_cells[:, keep], b_cells[:, keep]
     return a_cells, b_cells
 
 
-def second_moments(
+def second_moments_on_device(
     a_rows: torch.Tensor, b_rows: torch.Tensor
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """``(tr S_aa, S_ab, S_bb)`` in float64 for samples ``(N, C)``: ``S_ab = sum_i a_i b_i^T``.
-
-    Rows are promoted to float64 in chunks: products of float32 values are exact in float64,
-    so only the sums round (a float32 Gram matrix would put a ~1e-4 floor under the fitted
-    error, the square root of float32's 1e-7). CUDA tensors are reduced on their device.
-    """
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`second_moments` as float64 tensors on the rows' device (CUDA) or the CPU, not
+    read back: on a GPU, reading them would make the host wait for the device."""
     channels = a_rows.shape[-1]
     device = a_rows.device if a_rows.device.type == "cuda" else torch.device("cpu")
     trace_aa = torch.zeros((), dtype=torch.float64, device=device)
@@ -120,6 +131,19 @@ def second_moments(
         trace_aa += (ac * ac).sum()
         s_ab += ac.T @ bc
         s_bb += bc.T @ bc
+    return trace_aa, s_ab, s_bb
+
+
+def second_moments(
+    a_rows: torch.Tensor, b_rows: torch.Tensor
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(tr S_aa, S_ab, S_bb)`` in float64 for samples ``(N, C)``: ``S_ab = sum_i a_i b_i^T``.
+
+    Rows are promoted to float64 in chunks: products of float32 values are exact in float64,
+    so only the sums round (a float32 Gram matrix would put a ~1e-4 floor under the fitted
+    error, the square root of float32's 1e-7). CUDA tensors are reduced on their device.
+    """
+    trace_aa, s_ab, s_bb = second_moments_on_device(a_rows, b_rows)
     return float(trace_aa), s_ab.cpu().numpy(), s_bb.cpu().numpy()
 
 
@@ -181,34 +205,85 @@ def permutation_summary(w: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _rows(chosen: torch.Tensor) -> slice | torch.Tensor | None:
+    """The rows where the CPU bool ``chosen`` is True, as a slice when they are evenly spaced
+    (the engine's halves alternate: a view, nothing copied to a device), else as indices; None
+    when there are none."""
+    where = torch.nonzero(chosen).flatten()
+    if where.numel() == 0:
+        return None
+    first = int(where[0])
+    if where.numel() == 1:
+        return slice(first, first + 1)
+    step = int(where[1] - where[0])
+    if bool((where.diff() == step).all()):
+        return slice(first, int(where[-1]) + 1, step)
+    return where
+
+
 @dataclass
 class ChannelMoments:
-    """Second moments of one half (FIT or EVAL): ``tr S_aa``, ``S_ab``, ``S_bb`` and counts."""
+    """Second moments of one half (FIT or EVAL): ``tr S_aa``, ``S_ab``, ``S_bb`` and counts.
+
+    Samples on a GPU are summed there (``pending``: ``tr S_aa``, ``S_ab``, ``S_bb`` and the
+    cell count as device tensors) and brought to the host by :meth:`settle`, once, at the end:
+    reading them back per batch would make the host wait for the device at every layer. The
+    sums are the same float64 additions in the same order as on the host."""
 
     images: int
     cells: int
     trace_aa: float
     s_ab: np.ndarray
     s_bb: np.ndarray
+    pending: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, channels: int) -> ChannelMoments:
         shape = (channels, channels)
         return cls(0, 0, 0.0, np.zeros(shape), np.zeros(shape))
 
-    def add(self, a_cells: torch.Tensor, b_cells: torch.Tensor) -> None:
-        """Add per-image samples ``(B, N, C)``."""
+    def add(
+        self, a_cells: torch.Tensor, b_cells: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> None:
+        """Add per-image samples ``(B, N, C)``; ``kept``: how many of the ``N`` cells count (a
+        device tensor, for cells zeroed by :func:`channel_samples` on a GPU), else all."""
         channels = self.s_ab.shape[0]
-        self.images += int(a_cells.shape[0])
-        self.cells += int(a_cells.shape[0] * a_cells.shape[1])
-        trace_aa, s_ab, s_bb = second_moments(
-            a_cells.reshape(-1, channels), b_cells.reshape(-1, channels)
-        )
-        self.trace_aa += trace_aa
-        self.s_ab = self.s_ab + s_ab
-        self.s_bb = self.s_bb + s_bb
+        images, cells = int(a_cells.shape[0]), int(a_cells.shape[0] * a_cells.shape[1])
+        self.images += images
+        rows = (a_cells.reshape(-1, channels), b_cells.reshape(-1, channels))
+        if not on_device(a_cells):
+            self.cells += cells
+            trace_aa, s_ab, s_bb = second_moments(*rows)
+            self.trace_aa += trace_aa
+            self.s_ab = self.s_ab + s_ab
+            self.s_bb = self.s_bb + s_bb
+            return
+        sums = list(second_moments_on_device(*rows))
+        if kept is None:
+            self.cells += cells
+            sums.append(torch.zeros((), dtype=torch.int64, device=a_cells.device))
+        else:
+            sums.append(kept.to(torch.int64) * images)
+        if self.pending is None:
+            self.pending = sums
+        else:
+            for total, value in zip(self.pending, sums, strict=True):
+                total += value
+
+    def settle(self) -> None:
+        """Bring the sums made on a GPU to the host (the host waits for the device here)."""
+        if self.pending is None:
+            return
+        trace_aa, s_ab, s_bb, cells = self.pending
+        self.pending = None
+        self.trace_aa += float(trace_aa)
+        self.s_ab = self.s_ab + s_ab.cpu().numpy()
+        self.s_bb = self.s_bb + s_bb.cpu().numpy()
+        self.cells += int(cells)
 
     def merge(self, other: ChannelMoments) -> ChannelMoments:
+        self.settle()
+        other.settle()
         return ChannelMoments(
             self.images + other.images,
             self.cells + other.cells,
@@ -252,6 +327,12 @@ class ChannelMapStats:
         held = self.eval if self.eval is not None else ChannelMoments.zeros(channels)
         return fit, held
 
+    def settle(self) -> None:
+        """Bring sums made on a GPU to the host (:meth:`ChannelMoments.settle`): call it before
+        reading ``fit`` or ``eval`` directly; the methods here do."""
+        for half in self._halves():
+            half.settle()
+
     def update(
         self,
         a: torch.Tensor,
@@ -268,14 +349,18 @@ class ChannelMapStats:
             self.__post_init__()
         if channels != self.channels:
             raise ValueError(f"expected {self.channels} channels, got shape {tuple(a.shape)}")
-        fit = fit.to(device=a.device, dtype=torch.bool).reshape(-1)
+        # The halves are picked on the host (a mask on a GPU is read back once, here): a bool
+        # index on the device would wait for it to count the rows.
+        fit = fit.detach().to(device="cpu", dtype=torch.bool).reshape(-1)
         if fit.numel() != a.shape[0]:
             raise ValueError(f"fit mask has {fit.numel()} entries for a batch of {a.shape[0]}")
-        fit_half, eval_half = self._halves()
-        if fit.any():
-            fit_half.add(a_cells[fit], b_cells[fit])
-        if not fit.all():
-            eval_half.add(a_cells[~fit], b_cells[~fit])
+        kept = None
+        if mask is not None and on_device(a):  # cells zeroed, not dropped
+            kept = torch.broadcast_to(mask.to(torch.bool), (1, 1, *a.shape[2:])).sum()
+        for half, rows in zip(self._halves(), (fit, ~fit), strict=True):
+            picked = _rows(rows)
+            if picked is not None:
+                half.add(a_cells[picked], b_cells[picked], kept)
 
     def merge(self, other: ChannelMapStats) -> ChannelMapStats:
         """Exact merge (sums of moments and counts) into a new object; an empty side (no

@@ -277,3 +277,58 @@ def test_c4_net_group_pooling_and_output_are_invariant(net_and_images):
         assert (a - b).abs().max().item() < 1e-6  # identity on channels after group pooling
         assert (net(_rot(x)) - net(x)).abs().max().item() < 1e-5
     assert fitted_channel_error(a, b, _parity(16))["naive_error"] < 1e-6
+
+
+def test_sums_kept_on_the_device_give_the_host_numbers(monkeypatch):
+    # On a GPU the moments are summed on the device and read back once (settle), and masked
+    # cells are zeroed instead of dropped. The CPU stands in for the GPU here: the same batches
+    # through both paths give the same state.
+    from eqaudit.metrics import channel_map as module
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(5, 4, 6, 6, generator=gen), torch.randn(5, 4, 6, 6, generator=gen))
+        for _ in range(3)
+    ]
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 1:5, 2:6] = True  # 16 of 36 cells
+    fits = [
+        torch.tensor([True, False, True, False, True]),
+        torch.tensor([False, True] * 2 + [False]),
+    ]
+
+    def run(device_sums: bool) -> ChannelMapStats:
+        monkeypatch.setattr(module, "DEVICE_SUMS", {"cuda", "cpu"} if device_sums else {"cuda"})
+        stats = ChannelMapStats(4)
+        for i, (a, b) in enumerate(batches):
+            stats.update(a, b, fits[i % 2], mask if i else None)
+        assert (stats.fit.pending is not None) == device_sums
+        stats.settle()
+        assert stats.fit.pending is None and stats.eval.pending is None
+        return stats
+
+    host, device = run(False), run(True)
+    for ours, theirs in ((device.fit, host.fit), (device.eval, host.eval)):
+        assert (ours.images, ours.cells) == (theirs.images, theirs.cells)
+        assert ours.trace_aa == pytest.approx(theirs.trace_aa, rel=1e-12)
+        np.testing.assert_allclose(ours.s_ab, theirs.s_ab, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ours.s_bb, theirs.s_bb, rtol=1e-12, atol=1e-12)
+    ours, theirs = device.compute(), host.compute()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if isinstance(value, float):
+            assert ours[key] == pytest.approx(value, rel=1e-9), key
+        else:
+            assert ours[key] == value, key
+    # Counts: 3 batches; fit rows 3, 2, 3 images; cells 36 unmasked, 16 under the mask.
+    assert (host.fit.images, host.fit.cells) == (8, 3 * 36 + 2 * 16 + 3 * 16)
+
+
+def test_halves_are_picked_as_views_when_evenly_spaced():
+    from eqaudit.metrics.channel_map import _rows
+
+    assert _rows(torch.tensor([True, False, True, False, True])) == slice(0, 5, 2)
+    assert _rows(torch.tensor([False, True, False, True, False])) == slice(1, 4, 2)
+    assert _rows(torch.tensor([False, False, True])) == slice(2, 3)
+    assert _rows(torch.tensor([False, False])) is None
+    assert torch.equal(_rows(torch.tensor([True, True, False, True])), torch.tensor([0, 1, 3]))
