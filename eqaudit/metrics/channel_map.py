@@ -321,17 +321,23 @@ class ChannelMapStats:
         """State size for a layer of ``channels`` channels: four C x C float64 matrices."""
         return 4 * channels * channels * 8
 
-    def _halves(self) -> tuple[ChannelMoments, ChannelMoments]:
+    def _unsettled_halves(self) -> tuple[ChannelMoments, ChannelMoments]:
         channels = self.channels or 0
         fit = self.fit if self.fit is not None else ChannelMoments.zeros(channels)
         held = self.eval if self.eval is not None else ChannelMoments.zeros(channels)
         return fit, held
 
+    def _halves(self) -> tuple[ChannelMoments, ChannelMoments]:
+        """Both halves, with any sums made on a GPU brought to the host first."""
+        halves = self._unsettled_halves()
+        for half in halves:
+            half.settle()
+        return halves
+
     def settle(self) -> None:
         """Bring sums made on a GPU to the host (:meth:`ChannelMoments.settle`): call it before
         reading ``fit`` or ``eval`` directly; the methods here do."""
-        for half in self._halves():
-            half.settle()
+        self._halves()
 
     def update(
         self,
@@ -357,7 +363,7 @@ class ChannelMapStats:
         kept = None
         if mask is not None and on_device(a):  # cells zeroed, not dropped
             kept = torch.broadcast_to(mask.to(torch.bool), (1, 1, *a.shape[2:])).sum()
-        for half, rows in zip(self._halves(), (fit, ~fit), strict=True):
+        for half, rows in zip(self._unsettled_halves(), (fit, ~fit), strict=True):
             picked = _rows(rows)
             if picked is not None:
                 half.add(a_cells[picked], b_cells[picked], kept)
