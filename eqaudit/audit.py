@@ -82,6 +82,7 @@ from eqaudit.transforms.geometry import (
     choose_aligned_size,
     compare_on_grid,
     comparison_plan,
+    drop_device_plans,
     misaligned_reason,
     resampled_floor,
 )
@@ -1140,11 +1141,13 @@ class Engine:
             LayerStats.update_rows(stats, relative.numpy(), cosine.numpy())
 
     def close(self) -> None:
-        """Stop the comparison workers and drop the difference buffers."""
+        """Stop the comparison workers and drop the difference buffers and the cell-map
+        tensors made on the device (GPU memory the next audit would count as used)."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
         self._difference_buffers.clear()
+        drop_device_plans()
 
     def _update_layer(self, state: LayerState, act: torch.Tensor, fit: torch.Tensor) -> None:
         if self._whole_layers(act) and self._all_own_grid(state):
@@ -1599,6 +1602,7 @@ def _audit(
             # Batch k + 1 is launched before batch k is finished: on a GPU the host's
             # bookkeeping of k overlaps the device's forward of k + 1 (on the CPU the order
             # changes nothing). Images load ahead on threads (eqaudit.data.prefetch).
+            cpu_threads = adapter.host_threads()  # as they run (1 beside a GPU: host_threads)
             pending: _Launched | None = None
             batches = source.iter_batches(
                 images_per_step,
@@ -1656,7 +1660,7 @@ def _audit(
             "host": platform.node(),
             "images_per_step": images_per_step,
             # the model's runtime's threads (torch's or onnxruntime's); the comparisons' too
-            "cpu_threads": adapter.host_threads(),
+            "cpu_threads": cpu_threads,
             "argv": sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "eqaudit" else None,
         },
     }

@@ -113,13 +113,12 @@ def ieee_float32(device: str) -> Iterator[None]:
 
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
-    """Within the block, torch runs on ``count`` intra-op threads (``--threads``); the caller's
-    setting comes back afterwards. None: torch's setting as it is."""
-    if count is None:
-        yield
-        return
+    """Within the block, torch runs on ``count`` intra-op threads (``--threads``; None: torch's
+    setting as it is). The caller's setting comes back afterwards in every case: the engine's
+    comparison threads set theirs to 1, which also becomes the default of threads made later."""
     saved = torch.get_num_threads()
-    torch.set_num_threads(count)
+    if count is not None:
+        torch.set_num_threads(count)
     try:
         yield
     finally:

@@ -271,6 +271,27 @@ def test_a_containers_cpu_limit_keeps_both_runtimes_within_it(monkeypatch, tmp_p
     assert result.summary["run"]["cpu_threads"] == 1
 
 
+def test_an_audit_leaves_torchs_threads_as_it_found_them(monkeypatch, tmp_path) -> None:
+    # The comparison threads set theirs to 1, which also becomes the default of any thread made
+    # later: the audit puts the caller's setting back, also without --threads.
+    from eqaudit.transforms import geometry
+
+    model = str(export_onnx(symmetric_cnn(), tmp_path / "sym.onnx", 33))
+    onnx_module = importlib.import_module("eqaudit.models.onnx_adapter")
+    monkeypatch.setattr(onnx_module, "physical_cpus", lambda: 2)  # a pool of 2 comparers
+    before, seen = torch.get_num_threads(), []
+    try:
+        torch.set_num_threads(2)
+        eqaudit.audit(model, "d4,rot:30", input_size=33, num_images=3)
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert torch.get_num_threads() == 2 and seen == [2]
+    finally:
+        torch.set_num_threads(before)
+    assert not geometry._DEVICE_PLANS  # the cell-map tensors go with the audit
+
+
 def test_runtime_threads_are_torchs_for_torch_and_onnxruntimes_for_onnx(tmp_path) -> None:
     from eqaudit.data.prefetch import physical_cpus
     from eqaudit.models import load_model

@@ -141,6 +141,11 @@ _DEVICE_PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 4096
 
 
+def drop_device_plans() -> None:
+    """Forget the cached cell-map tensors (at the end of an audit: they hold device memory)."""
+    _DEVICE_PLANS.clear()
+
+
 def _device_plan(kind: str, cm: CellMap, extra: tuple, device: torch.device, make) -> tuple:
     """``make()`` (host arrays -> tensors on ``device``) for this cell map, cached by value."""
     key = (kind, cm.M.tobytes(), cm.b.tobytes(), cm.shape, extra, str(device))
