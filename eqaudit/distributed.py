@@ -84,10 +84,19 @@ def audit_on_ray(
         # The CPUs a task asks Ray for are the threads its runtime runs on (torch's and
         # onnxruntime's: left alone, onnxruntime would take every core of the node in each task).
         threads = config.threads or (1 if on_gpu else max(1, cpus // count))
-        if threads > cpus:  # Ray would wait for such a task for ever
+        # A task runs on one node: Ray would wait for ever for one that no node can hold.
+        largest = max(
+            (
+                int(node["Resources"].get("CPU", 0))
+                for node in ray.nodes()
+                if node.get("Alive") and (not on_gpu or node["Resources"].get("GPU", 0))
+            ),
+            default=cpus,
+        )
+        if threads > largest:
             raise UsageError(
-                f"--threads {threads} asks more CPUs per task than the Ray cluster has ({cpus}): "
-                f"use --threads {cpus} or fewer"
+                f"--threads {threads} asks more CPUs per task than a Ray node has ({largest}): "
+                f"use --threads {largest} or fewer"
             )
         task = ray.remote(num_cpus=threads, num_gpus=1 if on_gpu else 0)(_audit_shard)
         # Each task sees its own GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES).

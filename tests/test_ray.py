@@ -53,5 +53,5 @@ def test_ray_refuses_what_it_cannot_do(onnx_model) -> None:
         audit_on_ray(onnx_model, AuditConfig(shard=(1, 2)))
     with pytest.raises(UsageError, match="pass its path"):
         audit_on_ray(torch.nn.Linear(2, 2), AuditConfig())  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match=r"--threads 4096 asks more CPUs per task than the Ray"):
+    with pytest.raises(UsageError, match=r"--threads 4096 asks more CPUs per task than a Ray node"):
         audit_on_ray(onnx_model, AuditConfig(threads=4096, num_images=2))

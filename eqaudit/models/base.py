@@ -342,10 +342,12 @@ class ModelAdapter(ABC):
                     # Not the model's fault: the CLI reports it as out of memory (exit 3).
                     raise MemoryError(first) from exc
                 if _DEVICE_MISMATCH.search(str(exc)):
+                    off_cpu = getattr(self, "device", "cpu") != "cpu"
                     raise ModelRunError(
-                        f"the model failed on its device: {first[:300]} (it keeps tensors that "
-                        "moving it does not move, as a TorchScript trace that wrote its devices "
-                        "into the graph: save it with torch.export (.pt2), or use --device cpu)"
+                        f"the model failed on its device: {first[:300]} (it keeps tensors on "
+                        "a device other than its input's, as a TorchScript trace with its devices "
+                        "written into the graph does: save it with torch.export (.pt2)"
+                        + (", or use --device cpu)" if off_cpu else ")")
                     ) from exc
                 raise ModelRunError(
                     f"the model failed at run time: {first[:300]} "

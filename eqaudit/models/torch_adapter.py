@@ -321,12 +321,17 @@ class TorchAdapter(ModelAdapter):
             self.module = self.module.to(device)
         else:
             self.grid_graph()  # read from the program as loaded, before it moves
-            program = move(self._program, device)
-            with _quiet_torch_warnings():
-                module = torch.export.unflatten(program) if self._hookable else program.module()
-            self.module, self._program = module.eval(), program
-            self._candidates = self._hookable_modules(self._op_names) if self._hookable else {}
-            self._overwritten = None  # learnt again, on the new module
+            try:
+                program = move(self._program, device)
+                with _quiet_torch_warnings():
+                    hookable = self._hookable
+                    module = torch.export.unflatten(program) if hookable else program.module()
+            except Exception:  # a program the pass cannot take: move the module as it is
+                self.module = self.module.to(device)
+            else:
+                self.module, self._program = module.eval(), program
+                self._candidates = self._hookable_modules(self._op_names) if hookable else {}
+                self._overwritten = None  # learnt again, on the new module
         self.device = device
 
     def _forward(self, batch: torch.Tensor) -> Any:

@@ -803,3 +803,15 @@ def test_a_model_left_partly_on_the_cpu_says_so():
     adapter.to_device("meta")
     with pytest.raises(ModelRunError, match=r"failed on its device: .* or use --device cpu\)"):
         adapter.run(torch.zeros(1, 3, SIZE, SIZE))
+
+
+def test_a_program_the_move_pass_refuses_moves_as_a_module(tmp_path, monkeypatch):
+    import torch.export.passes
+
+    def refuse(program, device):
+        raise RuntimeError("not this program")
+
+    monkeypatch.setattr(torch.export.passes, "move_to_device_pass", refuse)
+    adapter = load_torch(export(tmp_path, tiny(), images(1)))
+    adapter.to_device("meta")
+    assert {p.device.type for p in adapter.module.parameters()} == {"meta"}
