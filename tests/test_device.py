@@ -12,7 +12,7 @@ import torch
 from models_zoo import SmallCNN, calibrate_, export_onnx, symmetric_cnn
 
 import eqaudit
-from eqaudit.errors import UsageError
+from eqaudit.errors import ModelLoadError, UsageError
 
 engine_module = importlib.import_module("eqaudit.audit")  # the module, not the function
 
@@ -40,7 +40,9 @@ def test_cuda_without_a_gpu_says_what_is_missing(model, tmp_path) -> None:
         eqaudit.audit(path, "flips", num_images=2, device="cuda")
 
 
-def fake_cuda_onnxruntime(monkeypatch, starts: bool) -> tuple[list[list], list[list]]:
+def fake_cuda_onnxruntime(
+    monkeypatch, starts: bool, fails_with: str | None = None
+) -> tuple[list[list], list[list]]:
     """onnxruntime-gpu stood in for: CUDA is among the available providers, and a session asked
     for it is made on the CPU, reporting CUDA among its providers when the provider ``starts``
     (as onnxruntime does when it falls back for a missing CUDA library: it does not). Returns
@@ -53,10 +55,12 @@ def fake_cuda_onnxruntime(monkeypatch, starts: bool) -> tuple[list[list], list[l
     ran: list[list] = []
 
     def session(source, sess_options=None, providers=None):
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+        if fails_with is not None and "CUDAExecutionProvider" in names:
+            raise RuntimeError(fails_with)
         made = real(source, sess_options=sess_options, providers=["CPUExecutionProvider"])
         asked.append(providers)
         live[id(made)] = providers
-        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
         if starts and "CUDAExecutionProvider" in names:
             made.get_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return made
@@ -88,6 +92,22 @@ def test_onnx_on_cuda_refuses_to_fall_back_to_the_cpu(model, tmp_path, monkeypat
     path = export_onnx(model, tmp_path / "m.onnx", 17)
     fake_cuda_onnxruntime(monkeypatch, starts=False)
     with pytest.raises(UsageError, match=r"could not start its CUDA provider .* use --device cpu"):
+        eqaudit.audit(path, "flips", num_images=3, device="cuda", lie=False)
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "says"),
+    [
+        ("CUDA failure 100: no CUDA-capable device is detected", UsageError, "CUDA provider"),
+        ("Load model failed: Could not find an implementation for Foo", ModelLoadError, "operator"),
+    ],
+)
+def test_onnx_on_cuda_says_which_failed_the_provider_or_the_graph(
+    model, tmp_path, monkeypatch, message, error, says
+) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    fake_cuda_onnxruntime(monkeypatch, starts=True, fails_with=message)
+    with pytest.raises(error, match=says):
         eqaudit.audit(path, "flips", num_images=3, device="cuda", lie=False)
 
 

@@ -115,6 +115,10 @@ def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
             )
 
 
+#: What onnxruntime says when its CUDA provider, not the graph, is what failed.
+_CUDA_WORDS = re.compile(r"cuda|cudnn|cublas|cufft|curand|gpu|provider|device", re.IGNORECASE)
+
+
 class OnnxAdapter(ModelAdapter):
     backend = "onnx"
 
@@ -386,7 +390,7 @@ class OnnxAdapter(ModelAdapter):
             first = _ort_message(exc)
             if looks_out_of_memory(str(exc)):
                 raise MemoryError(first) from exc
-            if self._wants_cuda():
+            if self._wants_cuda() and _CUDA_WORDS.search(first):
                 raise UsageError(
                     f"onnxruntime cannot start '{self.path.name}' on its CUDA provider: "
                     f"{first[:300]} (check the GPU index of --device cuda:N and the CUDA and cuDNN "
