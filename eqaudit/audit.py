@@ -1421,9 +1421,16 @@ def _images_per_step(
 ) -> int:
     """The memory guard, on the memory where the activations live: the host's, or the GPU's
     free memory for a PyTorch model on CUDA (then, without --batch-size, the batch is sized from
-    one probe's peak memory per forward image)."""
+    one probe's peak memory per forward image); for an ONNX model on CUDA, the less of both."""
     if not (config.device.startswith("cuda") and adapter.backend == "torch"):
-        return engine.images_per_step(config.batch_size, available_memory())
+        available = available_memory()
+        if config.device.startswith("cuda") and torch.cuda.is_available():
+            # onnxruntime's CUDA provider holds the layers it hands out on the GPU too, until
+            # the end of the run (free memory read through torch, when torch sees the GPU).
+            gpu = free_memory(config.device)
+            if gpu is not None:
+                available = gpu if available is None else min(available, gpu)
+        return engine.images_per_step(config.batch_size, available)
     if config.batch_size is not None:  # sized by the user: only the guard, no probe forward
         return engine.images_per_step(config.batch_size, free_memory(config.device))
     g = len(engine.elements)

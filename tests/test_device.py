@@ -386,3 +386,29 @@ def test_free_gpu_memory_counts_the_blocks_torch_holds_unused(monkeypatch) -> No
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
     assert free_memory("cuda:0") == 7 * 2**30  # 3 free for the driver + 4 cached, unused
     assert free_memory("cpu") is None
+
+
+def test_onnx_on_cuda_keeps_its_batch_within_the_gpus_free_memory(
+    model, tmp_path, monkeypatch
+) -> None:
+    # The layers onnxruntime hands out sit on the GPU until the end of the run: a GPU with less
+    # room than the host shrinks the batch.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    fake_cuda_onnxruntime(monkeypatch, starts=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 40 * 2**30)
+    held, measure = [], engine_module.Engine.held_bytes_per_image
+
+    def spy(engine, streams):
+        held.append(measure(engine, streams) * len(engine.elements))
+        return held[-1] // len(engine.elements)
+
+    monkeypatch.setattr(engine_module.Engine, "held_bytes_per_image", spy)
+    roomy = eqaudit.audit(path, "flips", num_images=4, device="cuda", lie=False)
+    per_image = held[-1]  # bytes one image holds under the 3 elements
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 4 * per_image + 1)
+    tight = eqaudit.audit(path, "flips", num_images=4, device="cuda", lie=False)
+    assert roomy.summary["run"]["images_per_step"] == 64 // 3  # the default: 64 forward images
+    assert tight.summary["run"]["images_per_step"] == 2  # half the GPU's free memory: 2 images
+    assert any("batch shrunk" in note for note in tight.summary["run"]["notes"])
