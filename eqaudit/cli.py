@@ -245,9 +245,10 @@ def check(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads for the model and the comparisons (PyTorch's and onnxruntime's; "
-            "default: PyTorch's setting and one per physical core, within a container's CPU "
-            "limit). The numbers do not depend on it.",
+            help="CPU threads for the model and the comparisons (default: PyTorch's own setting "
+            "for PyTorch models, one per physical core for ONNX models, both kept within a "
+            "container's CPU limit; a PyTorch model on a GPU uses one). The numbers do not "
+            "depend on it.",
             rich_help_panel="Scale-out",
         ),
     ] = None,
@@ -293,7 +294,7 @@ def check(
         bool,
         typer.Option(
             "--ray",
-            help="Run the audit as shards on a Ray cluster (pip install 'eqaudit[ray]') and "
+            help="Run the audit as shards on a Ray cluster (pip install 'eqaudit\\[ray]') and "
             "merge them: the same result as a single run.",
             rich_help_panel="Scale-out",
         ),

@@ -186,3 +186,14 @@ def test_installed_script_as_subprocess(tmp_path: Path) -> None:
     )
     assert module.returncode == 0, module.stderr
     assert "d4" in module.stdout
+
+
+def test_messages_with_brackets_print_as_written(capsys) -> None:
+    # Names and advice carry brackets: rich must not read them as markup and drop them.
+    from eqaudit.reports import console
+
+    console.error("pip install 'eqaudit[ray]': agreement[rot90] failed")
+    console.warn("layer [bold]x[/] of blocks[0]")
+    err = capsys.readouterr().err
+    assert "pip install 'eqaudit[ray]': agreement[rot90] failed" in err
+    assert "layer [bold]x[/] of blocks[0]" in err

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,12 +31,14 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+# Messages carry names and paths ("pip install 'eqaudit[ray]'", "agreement[rot90]"): escaped,
+# or rich would read their brackets as markup and drop them.
 def error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
+    stderr.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 @contextmanager
@@ -67,13 +70,13 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         warn(message)
     model, data = s["model"], s["data"]
     stdout.print(
-        f"[bold]{model['name']}[/] ({model['backend']}, input {model['input']['height']}x"
+        f"[bold]{escape(model['name'])}[/] ({model['backend']}, input {model['input']['height']}x"
         f"{model['input']['width']} {model['input']['layout']}, {model['output_kind']}) on "
         f"{data['count']} {'synthetic' if data['synthetic'] else data['source']} images, "
         f"transforms {s['transforms']['spec']}"
     )
     for note in [*data.get("notes", []), *s["preprocessing"].get("notes", [])]:
-        stdout.print(f"[dim]note: {note}[/]")
+        stdout.print(f"[dim]note: {escape(note)}[/]")
     skipped = data.get("skipped") or []
     if skipped:
         shown = "; ".join(skipped[:3]) + (
@@ -180,7 +183,9 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
 
 def print_inspection(info: dict) -> None:
     spec = info["input"]
-    stdout.print(f"[bold]{info['model']}[/] ({info['backend']}, sha256 {info['sha256'][:12]}…)")
+    stdout.print(
+        f"[bold]{escape(info['model'])}[/] ({info['backend']}, sha256 {info['sha256'][:12]}…)"
+    )
     size = f"{spec['height'] or '?'}x{spec['width'] or '?'}"
     batch = spec["batch"] if spec["batch"] is not None else "dynamic"
     stdout.print(
