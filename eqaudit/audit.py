@@ -1576,6 +1576,12 @@ def _audit(
     if channels != preprocessing.channels and channels is not None:
         preprocessing = replace(preprocessing, channels=channels)
     engine = Engine(adapter, elements, preprocessing, config)
+    if config.threads is not None and config.threads > usable_cpus():
+        engine.warnings.append(
+            f"--threads {config.threads} is more than the {usable_cpus()} CPUs this process may "
+            "use: the runtimes' threads will take turns and the audit will be slow; use "
+            f"--threads {usable_cpus()} or fewer"
+        )
     size = adapter.input_spec.size
     source_data = data if data is not None else config.data
     source: ImageSource = open_images(

@@ -271,6 +271,21 @@ def test_a_containers_cpu_limit_keeps_both_runtimes_within_it(monkeypatch, tmp_p
     assert result.summary["run"]["cpu_threads"] == 1
 
 
+def test_more_threads_than_cpus_are_run_but_warned_about(monkeypatch) -> None:
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        result = eqaudit.audit(symmetric_cnn(), input_size=33, num_images=2, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert result.summary["run"]["cpu_threads"] == 2
+    assert any(
+        w.startswith("--threads 2 is more than the 1 CPUs this process may use")
+        and w.endswith("use --threads 1 or fewer")
+        for w in result.warnings
+    )
+
+
 def test_an_audit_leaves_torchs_threads_as_it_found_them(monkeypatch, tmp_path) -> None:
     # The comparison threads set theirs to 1, which also becomes the default of any thread made
     # later: the audit puts the caller's setting back, also without --threads.
