@@ -6,6 +6,7 @@ their code; anything else is a bug and exits 4 with a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -148,6 +149,77 @@ def _model_options(**kw: Any) -> dict[str, Any]:
         "input_size": size,
         **({"align_input": True} if aligned else {}),
     }
+
+
+# Gate options, shared by check and merge (merge judges the merged audit).
+FailUnderOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Fail (exit 1) when the robustness score (0-100) is below SCORE.",
+        metavar="SCORE",
+        rich_help_panel="Gate",
+    ),
+]
+MinAgreementOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Minimum top-1 agreement: a value for every element, or ELEMENT=VALUE "
+        "(globs allowed, e.g. 'rot*=0.9'); repeatable, the most specific pattern wins.",
+        metavar="[ELEMENT=]VALUE",
+        rich_help_panel="Gate",
+    ),
+]
+MaxJsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Maximum mean JS divergence, as --min-agreement: VALUE or ELEMENT=VALUE.",
+        metavar="[ELEMENT=]VALUE",
+        rich_help_panel="Gate",
+    ),
+]
+MaxLayerErrorOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Maximum mean relative error of the layers matching a glob, under every "
+        "element, e.g. 'layer3.*=0.05'; repeatable.",
+        metavar="GLOB=VALUE",
+        rich_help_panel="Gate",
+    ),
+]
+ConfidenceOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Gate agreement on the lower bound of its Wilson interval at this level "
+        "(e.g. 0.95) instead of the point estimate.",
+        rich_help_panel="Gate",
+    ),
+]
+SaveBaselineOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Write this run's numbers and fingerprint to FILE (JSON) for later --baseline.",
+        metavar="FILE",
+        rich_help_panel="Gate",
+    ),
+]
+BaselineOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Compare with a baseline written by --save-baseline; refused (exit 2) when "
+        "made with other transforms, preprocessing or images.",
+        metavar="FILE",
+        rich_help_panel="Gate",
+    ),
+]
+MaxRegressionOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="With --baseline: how much worse agreement, JS divergence and orbit consistency "
+        "may get (0-1 scale; the score may drop 100 X points). Default 0.",
+        metavar="X",
+        rich_help_panel="Gate",
+    ),
+]
 
 
 @app.command()
@@ -342,74 +414,14 @@ def check(
     layout: LayoutOpt = None,
     input_size: InputSizeOpt = None,
     providers: ProvidersOpt = None,
-    fail_under: Annotated[
-        float | None,
-        typer.Option(
-            help="Fail (exit 1) when the robustness score (0-100) is below SCORE.",
-            metavar="SCORE",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    min_agreement: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Minimum top-1 agreement: a value for every element, or ELEMENT=VALUE "
-            "(globs allowed, e.g. 'rot*=0.9'); repeatable, the most specific pattern wins.",
-            metavar="[ELEMENT=]VALUE",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    max_js: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Maximum mean JS divergence, as --min-agreement: VALUE or ELEMENT=VALUE.",
-            metavar="[ELEMENT=]VALUE",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    max_layer_error: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Maximum mean relative error of the layers matching a glob, under every "
-            "element, e.g. 'layer3.*=0.05'; repeatable.",
-            metavar="GLOB=VALUE",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    confidence: Annotated[
-        float | None,
-        typer.Option(
-            help="Gate agreement on the lower bound of its Wilson interval at this level "
-            "(e.g. 0.95) instead of the point estimate.",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    save_baseline: Annotated[
-        Path | None,
-        typer.Option(
-            help="Write this run's numbers and fingerprint to FILE (JSON) for later --baseline.",
-            metavar="FILE",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    baseline: Annotated[
-        Path | None,
-        typer.Option(
-            help="Compare with a baseline written by --save-baseline; refused (exit 2) when "
-            "made with other transforms, preprocessing or images.",
-            metavar="FILE",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
-    max_regression: Annotated[
-        float | None,
-        typer.Option(
-            help="With --baseline: how much worse agreement, JS divergence and orbit consistency "
-            "may get (0-1 scale; the score may drop 100 X points). Default 0.",
-            metavar="X",
-            rich_help_panel="Gate",
-        ),
-    ] = None,
+    fail_under: FailUnderOpt = None,
+    min_agreement: MinAgreementOpt = None,
+    max_js: MaxJsOpt = None,
+    max_layer_error: MaxLayerErrorOpt = None,
+    confidence: ConfidenceOpt = None,
+    save_baseline: SaveBaselineOpt = None,
+    baseline: BaselineOpt = None,
+    max_regression: MaxRegressionOpt = None,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -449,12 +461,23 @@ def check(
     out_dir = Path(resolved.out) if resolved.out else Path("reports") / model.stem
     if (shards is not None or ray_address is not None) and not ray:
         raise UsageError("--shards and --ray-address go with --ray: add --ray")
+    gate = resolved.gate
+    if resolved.audit.shard is not None:
+        from eqaudit.config import GateConfig
+
+        typed = {f.name for f in dataclasses.fields(GateConfig)} & set(_given(ctx))
+        if typed:
+            raise UsageError(
+                "gate options judge the whole audit: pass them to eqaudit merge, not to a "
+                f"--shard run ({', '.join(sorted('--' + n.replace('_', '-') for n in typed))})"
+            )
+        gate = GateConfig()  # the config file's and environment's gates apply at the merge
     _run_check(
         model,
         resolved.audit,
         out_dir,
         suggest_label_action,
-        gate=resolved.gate,
+        gate=gate,
         started=started,
         ray={"shards": shards, "address": ray_address} if ray else None,
     )
@@ -633,34 +656,48 @@ def merge(
         Path,
         typer.Option("--out", "-o", help="Output folder for the merged report."),
     ] = Path("reports/merged"),
-    fail_under: Annotated[
-        float | None,
-        typer.Option(
-            help="Fail (exit 1) when the merged robustness score is below SCORE.",
-            metavar="SCORE",
-        ),
-    ] = None,
+    fail_under: FailUnderOpt = None,
+    min_agreement: MinAgreementOpt = None,
+    max_js: MaxJsOpt = None,
+    max_layer_error: MaxLayerErrorOpt = None,
+    confidence: ConfidenceOpt = None,
+    save_baseline: SaveBaselineOpt = None,
+    baseline: BaselineOpt = None,
+    max_regression: MaxRegressionOpt = None,
     config_file: Annotated[
         Path | None,
         typer.Option("--config", help="Config file whose gate thresholds apply.", metavar="FILE"),
     ] = None,
 ) -> None:
     """Merge the states of N shards into the report a single run would give (summary, CSVs,
-    report.html), then apply the gate."""
-    from eqaudit.config import resolve_config
-    from eqaudit.gate import evaluate_gate
+    report.html), then apply the gate: the gate options of check, from the command line, the
+    environment or the config file."""
+    from eqaudit.config import GateConfig, resolve_config
+    from eqaudit.gate import evaluate_gate, load_baseline
+    from eqaudit.gate import save_baseline as write_baseline
     from eqaudit.reports import check_out_dir, console, write_report
     from eqaudit.reports.markdown import render_audit
     from eqaudit.shard import merge_shards
 
     started = time.perf_counter()
-    given = {k: v for k, v in _given(ctx).items() if k == "fail_under"}
+    gate_options = {f.name for f in dataclasses.fields(GateConfig)}
+    given = {k: v for k, v in _given(ctx).items() if k in gate_options}
     resolved = resolve_config(given, config_file=config_file)
+    gate = resolved.gate
+    target = out.resolve()
+    if any(Path(folder).resolve() == target for folder in shards):
+        raise UsageError(
+            f"-o {out} is one of the shard folders: merging there would replace its state; "
+            "write the merged report to a folder of its own"
+        )
     check_out_dir(out)
+    found = load_baseline(gate.baseline) if gate.baseline else None
     result = merge_shards(shards)
-    verdict = evaluate_gate(result, resolved.gate, None)
+    verdict = evaluate_gate(result, gate, found)
     result = verdict.attach(result)
     write_report(result, out)
+    if gate.save_baseline:
+        write_baseline(result, gate.save_baseline)
     console.print_summary(result, out_dir=str(out))
     _finish(
         verdict.lines(),

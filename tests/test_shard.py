@@ -189,3 +189,67 @@ def test_cli_shards_then_merge_with_a_gate(model, tmp_path) -> None:
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["data"]["count"] == 6
     bad = runner.invoke(app, ["check", *common, "--shard", "3/2"])
     assert bad.exit_code == 2 and "I must be between 1 and N" in bad.output
+
+
+def test_merge_applies_every_gate_of_check(model, tmp_path, monkeypatch) -> None:
+    # A shard run ignores the gates of the config file and the environment (they judge the
+    # whole audit); merge applies them, the baseline included, as check would on a single run.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    runner = CliRunner()
+    common = [str(path), "-t", "flips", "-n", "6"]
+    monkeypatch.chdir(tmp_path)
+    single = runner.invoke(app, ["check", *common, "-o", "one", "--save-baseline", "base.json"])
+    assert single.exit_code == 0, single.output
+    five = [str(path), "-t", "flips", "-n", "5", "-o", "five", "--save-baseline", "five.json"]
+    assert runner.invoke(app, ["check", *five]).exit_code == 0  # other images: not comparable
+    (tmp_path / "eqaudit.toml").write_text('baseline = "base.json"\nfail-under = 0\n')
+    for i in (1, 2):
+        shard = runner.invoke(app, ["check", *common, "--shard", f"{i}/2", "-o", f"s{i}"])
+        assert shard.exit_code == 0, shard.output  # the file's gates wait for the merge
+    passed = runner.invoke(app, ["merge", "s1", "s2", "-o", "merged"])
+    assert passed.exit_code == 0, passed.output
+    assert 'name="regression.score"' in (tmp_path / "merged" / "junit.xml").read_text()
+    # A threshold on the command line, and a baseline from another set of images, fail it.
+    strict = runner.invoke(app, ["merge", "s1", "s2", "-o", "strict", "--min-agreement", "1"])
+    assert strict.exit_code == 1 and "agreement[" in strict.output, strict.output
+    refused = runner.invoke(app, ["merge", "s1", "s2", "-o", "x", "--baseline", "five.json"])
+    assert refused.exit_code == 2 and "not comparable" in refused.output, refused.output
+
+
+def test_merge_refuses_to_write_into_a_shard_folder(model, tmp_path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    runner = CliRunner()
+    for i in (1, 2):
+        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2"]
+        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"s{i}")]).exit_code == 0
+    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
+    result = runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "s1")])
+    assert result.exit_code == 2 and "is one of the shard folders" in result.output
+    assert runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "m")]).exit_code == 0
+
+
+def test_damaged_shard_states_are_one_line_data_errors(model, tmp_path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    runner = CliRunner()
+    for i in (1, 2):
+        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2"]
+        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"s{i}")]).exit_code == 0
+    npz, state = tmp_path / "s2" / "shard-state.npz", tmp_path / "s2" / "shard-state.json"
+    kept_npz, kept_state = npz.read_bytes(), state.read_text()
+    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
+    for damage in ("truncated npz", "json list", "json without its engine"):
+        npz.write_bytes(kept_npz)
+        state.write_text(kept_state)
+        if damage == "truncated npz":
+            npz.write_bytes(kept_npz[: len(kept_npz) // 2])
+        elif damage == "json list":
+            state.write_text("[1, 2]\n")
+        else:
+            payload = json.loads(kept_state)
+            del payload["engine"]
+            state.write_text(json.dumps(payload))
+        result = runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "m")])
+        assert result.exit_code == 2, (damage, result.output)
+        assert "re-run th" in result.output and "Traceback" not in result.output, damage
+    missing = runner.invoke(app, ["merge", shards[0], "nowhere", "-o", str(tmp_path / "m")])
+    assert missing.exit_code == 2 and "'nowhere' holds no shard-state.json" in missing.output
