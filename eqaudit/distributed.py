@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from eqaudit.config import AuditConfig
-from eqaudit.errors import UsageError
+from eqaudit.errors import EqauditError, UsageError
 from eqaudit.results import AuditResult
 
 
@@ -111,7 +111,13 @@ def audit_on_ray(
         remaining = list(pending)
         while remaining:
             done, remaining = ray.wait(remaining, num_returns=1)
-            states.append(ray.get(done[0]))
+            try:
+                states.append(ray.get(done[0]))
+            except ray.exceptions.RayTaskError as exc:  # a task's own error, as one line
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, (EqauditError, MemoryError)):
+                    raise cause from None
+                raise
             if progress is not None:
                 progress(len(states), count)
     finally:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
+import zlib
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,22 +223,24 @@ def write_state(folder: Path, state: tuple[dict, dict[str, np.ndarray]]) -> list
 
 
 # -- merging ---------------------------------------------------------------------------------------
-def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    path = folder / STATE_JSON if folder.is_dir() else folder
+def _load(given: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    path = given / STATE_JSON if given.is_dir() else given
     folder = path.parent
     if not path.is_file():
         raise UsageError(
-            f"'{folder}' holds no {STATE_JSON}: pass the folders written by "
+            f"'{given}' holds no {STATE_JSON}: pass the folders written by "
             "eqaudit check --shard I/N"
         )
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
         with np.load(folder / STATE_NPZ, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(
             f"cannot read the shard state in '{folder}' ({exc}): re-run that shard"
         ) from None
+    if not isinstance(payload, dict):
+        raise DataError(f"'{path}' is not an eqaudit shard state: re-run that shard")
     if payload.get("format") != FORMAT or payload.get("version") != VERSION:
         raise DataError(
             f"'{path}' is not an eqaudit shard state of version {VERSION}: re-run that shard "
@@ -254,7 +258,14 @@ def merge_shards(folders: list[Path]) -> AuditResult:
     """The result a single run would give, from the states of all N shards of one audit."""
     if not folders:
         raise UsageError("eqaudit merge needs the shard folders: eqaudit merge DIR1 DIR2 ...")
-    return merge_states([_load(Path(f)) for f in folders])
+    loaded = [_load(Path(f)) for f in folders]
+    try:
+        return merge_states(loaded)
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:  # (format checked above)
+        raise DataError(
+            f"a shard state is incomplete or damaged ({type(exc).__name__}: {exc}): re-run "
+            "the shards"
+        ) from None
 
 
 def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResult:

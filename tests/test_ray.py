@@ -55,3 +55,15 @@ def test_ray_refuses_what_it_cannot_do(onnx_model) -> None:
         audit_on_ray(torch.nn.Linear(2, 2), AuditConfig())  # type: ignore[arg-type]
     with pytest.raises(UsageError, match=r"--threads 4096 asks more CPUs per task than a Ray node"):
         audit_on_ray(onnx_model, AuditConfig(threads=4096, num_images=2))
+
+
+def test_a_task_that_fails_says_why_in_one_line(tmp_path) -> None:
+    from eqaudit.distributed import audit_on_ray
+    from eqaudit.errors import ModelLoadError
+
+    broken = tmp_path / "bad.onnx"
+    broken.write_bytes(b"not an onnx model")
+    with pytest.raises(ModelLoadError, match=r"cannot read .*bad\.onnx") as raised:
+        audit_on_ray(broken, AuditConfig(num_images=2), shards=2)
+    # The task's own error, not Ray's wrapper whose text carries the remote traceback.
+    assert type(raised.value) is ModelLoadError and "\n" not in str(raised.value)
