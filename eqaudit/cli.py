@@ -526,10 +526,23 @@ def _run_check(
             result = audit_on_ray(model, config, progress=progress, **ray)
     shard = result.summary.get("shard")
     if shard is not None and not shard["images"]:
-        raise UsageError(
-            f"shard {shard['index']}/{shard['total']} has no images: the audit has fewer images "
-            "than shards; use fewer shards"
+        # More shards than images (a fixed Slurm array on a small set): nothing to report, but
+        # the state, which merges as zero, so that eqaudit merge gets all N folders.
+        from eqaudit.reports import KNOWN_FILES, write_folder
+        from eqaudit.shard import write_state
+
+        write_folder(out, lambda staging: write_state(staging, result.shard_state), KNOWN_FILES)
+        index, total = shard["index"], shard["total"]
+        console.warn(
+            f"shard {index}/{total} has no images (the audit has fewer images than shards): "
+            "only its state is written, which adds nothing to the merge"
         )
+        console.stdout.print(
+            f"Shard {index}/{total} state written to {out}: when all {total} shards are done, "
+            "run eqaudit merge on their folders",
+            markup=False,
+        )
+        return
     verdict = evaluate_gate(result, gate, baseline)
     result = verdict.attach(result)
     write_report(result, out)

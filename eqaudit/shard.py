@@ -343,6 +343,12 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
     elements = parse_transforms(config.transforms, config.shift_mode)
     engine = Engine(_Offline(), elements, preprocessing, config)  # type: ignore[arg-type]
     first = with_images[0]["engine"]
+    kinds = sorted({str(p["engine"]["output_kind"]) for p in with_images})
+    if len(kinds) > 1:  # decided per shard from its first batch (--outputs auto)
+        raise UsageError(
+            f"the shards took the model's outputs for different things ({' and '.join(kinds)}), "
+            "so their numbers do not add up: re-run them with --outputs logits or --outputs probs"
+        )
     engine.output_kind = first["output_kind"]
     engine.output_kind_source = first["output_kind_source"]
     engine.num_classes = first["num_classes"]

@@ -253,3 +253,44 @@ def test_damaged_shard_states_are_one_line_data_errors(model, tmp_path) -> None:
         assert "re-run th" in result.output and "Traceback" not in result.output, damage
     missing = runner.invoke(app, ["merge", shards[0], "nowhere", "-o", str(tmp_path / "m")])
     assert missing.exit_code == 2 and "'nowhere' holds no shard-state.json" in missing.output
+
+
+def test_more_shards_than_images_still_merge_from_folders(model, tmp_path) -> None:
+    # A fixed Slurm array of 4 on 3 images: the empty shard writes its state, exit 0, and the
+    # merge of all 4 folders is the single run.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    runner = CliRunner()
+    common = [str(path), "-t", "flips", "-n", "3"]
+    empty = []
+    for i in range(1, 5):
+        out = tmp_path / f"s{i}"
+        shard = runner.invoke(app, ["check", *common, "--shard", f"{i}/4", "-o", str(out)])
+        assert shard.exit_code == 0, shard.output
+        if f"shard {i}/4 has no images" in shard.output:
+            empty.append(sorted(p.name for p in out.iterdir()))
+    assert empty == [["shard-state.json", "shard-state.npz"]]  # one shard, its state alone
+    folders = [str(tmp_path / f"s{i}") for i in range(1, 5)]
+    merged = runner.invoke(app, ["merge", *folders, "-o", str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output
+    single = runner.invoke(app, ["check", *common, "-o", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    a = json.loads((tmp_path / "m" / "summary.json").read_text())
+    b = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert {k: v for k, v in a.items() if k != "run"} == {k: v for k, v in b.items() if k != "run"}
+
+
+def test_shards_that_read_the_outputs_differently_are_not_merged(model, tmp_path) -> None:
+    # --outputs auto decides logits or probabilities from each shard's first batch: two shards
+    # that decided differently would mix two definitions of the JS divergence.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    runner = CliRunner()
+    for i in (1, 2):
+        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2"]
+        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"s{i}")]).exit_code == 0
+    state = tmp_path / "s2" / "shard-state.json"
+    payload = json.loads(state.read_text())
+    payload["engine"]["output_kind"] = "probs"  # as if its first batch had looked like them
+    state.write_text(json.dumps(payload))
+    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
+    result = runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "re-run them with --outputs logits" in result.output
