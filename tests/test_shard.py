@@ -216,27 +216,29 @@ def test_merge_applies_every_gate_of_check(model, tmp_path, monkeypatch) -> None
     assert refused.exit_code == 2 and "not comparable" in refused.output, refused.output
 
 
-def test_merge_refuses_to_write_into_a_shard_folder(model, tmp_path) -> None:
+def two_cli_shards(model, tmp_path: Path) -> list[str]:
+    """``eqaudit check --shard 1/2`` and ``2/2`` of the model (as ONNX, 4 images, flips) into
+    ``tmp_path/s1`` and ``s2``; their folders."""
     path = export_onnx(model, tmp_path / "m.onnx", 17)
-    runner = CliRunner()
-    for i in (1, 2):
-        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2"]
-        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"s{i}")]).exit_code == 0
-    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
+    folders = [str(tmp_path / f"s{i}") for i in (1, 2)]
+    for i, folder in enumerate(folders, 1):
+        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2", "-o", folder]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return folders
+
+
+def test_merge_refuses_to_write_into_a_shard_folder(model, tmp_path) -> None:
+    runner, shards = CliRunner(), two_cli_shards(model, tmp_path)
     result = runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "s1")])
     assert result.exit_code == 2 and "is one of the shard folders" in result.output
     assert runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "m")]).exit_code == 0
 
 
 def test_damaged_shard_states_are_one_line_data_errors(model, tmp_path) -> None:
-    path = export_onnx(model, tmp_path / "m.onnx", 17)
-    runner = CliRunner()
-    for i in (1, 2):
-        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2"]
-        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"s{i}")]).exit_code == 0
+    runner, shards = CliRunner(), two_cli_shards(model, tmp_path)
     npz, state = tmp_path / "s2" / "shard-state.npz", tmp_path / "s2" / "shard-state.json"
     kept_npz, kept_state = npz.read_bytes(), state.read_text()
-    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
     for damage in ("truncated npz", "json list", "json without its engine"):
         npz.write_bytes(kept_npz)
         state.write_text(kept_state)
@@ -282,15 +284,10 @@ def test_more_shards_than_images_still_merge_from_folders(model, tmp_path) -> No
 def test_shards_that_read_the_outputs_differently_are_not_merged(model, tmp_path) -> None:
     # --outputs auto decides logits or probabilities from each shard's first batch: two shards
     # that decided differently would mix two definitions of the JS divergence.
-    path = export_onnx(model, tmp_path / "m.onnx", 17)
-    runner = CliRunner()
-    for i in (1, 2):
-        args = ["check", str(path), "-t", "flips", "-n", "4", "--shard", f"{i}/2"]
-        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"s{i}")]).exit_code == 0
+    runner, shards = CliRunner(), two_cli_shards(model, tmp_path)
     state = tmp_path / "s2" / "shard-state.json"
     payload = json.loads(state.read_text())
     payload["engine"]["output_kind"] = "probs"  # as if its first batch had looked like them
     state.write_text(json.dumps(payload))
-    shards = [str(tmp_path / "s1"), str(tmp_path / "s2")]
     result = runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "m")])
     assert result.exit_code == 2 and "re-run them with --outputs logits" in result.output
