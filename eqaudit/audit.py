@@ -1681,19 +1681,23 @@ def _audit(
 
     if config.shard is not None and not len(positions):  # more shards than images
         return empty_shard_result(engine, context, config.shard, positions)
-    result = build_result(engine, context, time.perf_counter() - started)
+    result = build_result(engine, context, time.perf_counter() - started, len(positions))
     if config.shard is None:
         return result
     return shard_result(result, engine, context, config.shard, positions)
 
 
-def build_result(engine: Engine, context: dict, duration: float) -> AuditResult:
+def build_result(
+    engine: Engine, context: dict, duration: float, audited: int | None = None
+) -> AuditResult:
     """The AuditResult of an engine's accumulated state and the run's context (everything in
     the summary that does not come from the images): a single run and merged shards both end
-    here, which is what makes a merge equal to a single run."""
+    here, which is what makes a merge equal to a single run. ``audited``: the images this
+    engine saw, when fewer than the data's (a shard)."""
     data = context["data"]
     warnings = list(engine.warnings)
-    constant = engine.constant_output_warning(int(data["count"]))
+    seen = int(data["count"]) if audited is None else audited
+    constant = engine.constant_output_warning(seen)
     if constant:
         warnings.append(constant)
     if data.get("synthetic"):

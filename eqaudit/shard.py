@@ -250,7 +250,8 @@ def _load(given: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _fingerprint(context: dict) -> dict:
-    """What must agree between shards of one audit (the context, minus the run and versions)."""
+    """What must agree between shards of one audit: the context minus the run block (the
+    versions of eqaudit and its libraries included)."""
     return {k: v for k, v in context.items() if k not in ("run",)}
 
 

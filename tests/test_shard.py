@@ -291,3 +291,10 @@ def test_shards_that_read_the_outputs_differently_are_not_merged(model, tmp_path
     state.write_text(json.dumps(payload))
     result = runner.invoke(app, ["merge", *shards, "-o", str(tmp_path / "m")])
     assert result.exit_code == 2 and "re-run them with --outputs logits" in result.output
+
+
+def test_a_one_image_shard_does_not_call_its_scores_constant(model) -> None:
+    # The constant-output check counts the images the shard saw, not the whole data's.
+    result = eqaudit.audit(model, "flips", input_size=17, num_images=5, shard=(5, 5))
+    assert result.summary["shard"]["images"] == 1
+    assert not any("constant across" in w for w in result.warnings)
