@@ -110,6 +110,10 @@ def estimate_stride(size: int, cells: int) -> float | None:
     return float(powers[0] if powers else fits[0])
 
 
+#: How the first batch's determinism warning begins (a merge keeps the first shard's only).
+NOT_DETERMINISTIC = "the model is not deterministic"
+
+
 @dataclass
 class LayerState:
     """One audited layer's accumulators and geometry, per transform element (the engine's
@@ -639,7 +643,7 @@ class Engine:
         scale = max(scores.double().abs().max().item(), 1e-12)
         if spread > 1e-5 * scale:
             self.warnings.append(
-                f"the model is not deterministic: two runs of the same images differ by {spread:.3g} "
+                f"{NOT_DETERMINISTIC}: two runs of the same images differ by {spread:.3g} "
                 "(dropout or batch-norm left in training mode?); the identity is no longer an exact "
                 "reference"
             )

@@ -301,7 +301,7 @@ def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResul
 
 def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) -> AuditResult:
     started = time.perf_counter()
-    from eqaudit.audit import Engine, build_result
+    from eqaudit.audit import NOT_DETERMINISTIC, Engine, build_result
     from eqaudit.config import AuditConfig
     from eqaudit.data import make_preprocessing
     from eqaudit.gallery import Gallery
@@ -384,8 +384,14 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
         ("run_notes", engine.run_notes),
         ("geometry_notes", engine.geometry_notes),
     ):
-        for s in shards:
-            target.extend(w for w in s[key] if w not in target)
+        for n, s in enumerate(shards):
+            # Each shard checks determinism on its own first batch; a single run, on the first
+            # shard's first images: its warning alone is kept, as the single run's.
+            if key == "warnings" and n:
+                fresh = [w for w in s[key] if not w.startswith(NOT_DETERMINISTIC)]
+            else:
+                fresh = s[key]
+            target.extend(w for w in fresh if w not in target)
     engine.images_seen = sum(p["shard"]["images"] for p in payloads)
     _merge_layers(engine, shards, arrays)
     if first["lie"] is not None:

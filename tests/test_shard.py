@@ -298,3 +298,30 @@ def test_a_one_image_shard_does_not_call_its_scores_constant(model) -> None:
     result = eqaudit.audit(model, "flips", input_size=17, num_images=5, shard=(5, 5))
     assert result.summary["shard"]["images"] == 1
     assert not any("constant across" in w for w in result.warnings)
+
+
+def test_a_merge_keeps_one_determinism_warning_as_a_single_run(tmp_path) -> None:
+    # Each shard checks determinism on its own first batch and words its spread; the merged
+    # warnings keep the first shard's only, as a single run has one.
+    from torch import nn
+
+    from eqaudit.audit import NOT_DETERMINISTIC
+    from eqaudit.shard import merge_states
+
+    class Noisy(nn.Module):  # randomness that eval() does not switch off, through a ReLU
+        def __init__(self) -> None:
+            super().__init__()
+            conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.body = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(324, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x + 0.5 * torch.randn_like(x))
+
+    torch.manual_seed(0)
+    noisy = Noisy()
+    options = dict(input_size=9, num_images=6, layers=False)
+    parts = [eqaudit.audit(noisy, "flips", shard=(i, 3), **options) for i in (1, 2, 3)]
+    said = [[w for w in p.warnings if w.startswith(NOT_DETERMINISTIC)] for p in parts]
+    assert all(len(s) == 1 for s in said) and len({s[0] for s in said}) == 3
+    merged = merge_states([p.shard_state for p in reversed(parts)])
+    assert [w for w in merged.warnings if w.startswith(NOT_DETERMINISTIC)] == said[0]
