@@ -75,7 +75,7 @@ from eqaudit.models.base import check_scores, nonfinite_scores
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
 from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
-from eqaudit.transforms.elements import center_crop, d4_apply
+from eqaudit.transforms.elements import center_crop, d4_apply, d4_view
 from eqaudit.transforms.geometry import (
     SizeChoice,
     aligned,
@@ -376,9 +376,7 @@ class _D4Images:
 
     def view(self) -> np.ndarray:
         values = center_crop(self.pixels, self.margin).numpy()
-        if self.element.flip:
-            values = values[..., ::-1]
-        return np.rot90(values, self.element.k, axes=(-2, -1))
+        return d4_view(values, self.element.k, self.element.flip)
 
     def __getitem__(self, b: int) -> torch.Tensor:
         return self.element.apply_image(self.pixels[b : b + 1], self.margin)[0]
@@ -1004,10 +1002,7 @@ class Engine:
             if flat is None or flat.size < size:
                 flat = self._difference_buffers[thread] = np.empty(size, dtype=np.float32)
             buffer = flat[:size].reshape(reference.shape)
-            view = reference.numpy()
-            if element.flip:
-                view = view[..., ::-1]
-            view = np.rot90(view, element.k, axes=(-2, -1))
+            view = d4_view(reference.numpy(), element.k, element.flip)
             np.subtract(view, a.numpy(), out=buffer)
             difference = torch.from_numpy(buffer)
         else:

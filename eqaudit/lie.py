@@ -87,7 +87,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from eqaudit.data.preprocess import Preprocessing
+from eqaudit.data.preprocess import Preprocessing, channel_constant
 from eqaudit.metrics.accumulators import _Mergeable
 from eqaudit.metrics.exact import ExactSum, exact_mean
 from eqaudit.metrics.functional import EPS
@@ -233,8 +233,7 @@ def input_tangent(preprocessing: Preprocessing, tangent: torch.Tensor) -> torch.
     v = tangent.to(torch.float32)
     if preprocessing.channels == "bgr":
         v = v.flip(1)
-    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=v.device).view(1, -1, 1, 1)
-    return v * preprocessing.scale / std
+    return v * preprocessing.scale / channel_constant(preprocessing.std, v.device)
 
 
 def default_steps(input_size: tuple[int, int]) -> dict[str, float]:

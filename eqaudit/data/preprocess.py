@@ -115,7 +115,7 @@ class Preprocessing:
         x = pixels.to(torch.float32)
         if self.channels == "bgr":
             x = x.flip(1)
-        mean, std = (_channel_constant(v, x.device) for v in (self.mean, self.std))
+        mean, std = (channel_constant(v, x.device) for v in (self.mean, self.std))
         # x * 1.0 is x, bit for bit: the pass is skipped for the presets that do not scale.
         if inplace and x.data_ptr() == pixels.data_ptr():
             return (x.mul_(self.scale) if self.scale != 1.0 else x).sub_(mean).div_(std)
@@ -133,7 +133,7 @@ class Preprocessing:
 
 
 @functools.lru_cache(maxsize=16)
-def _channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """``values`` as a ``(1, C, 1, 1)`` float32 tensor on ``device``, made once: a small tensor
     built from a list on a GPU is a copy that waits for all the work queued on the device."""
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)

@@ -148,6 +148,14 @@ def d4_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
+def d4_view(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """:func:`d4_apply` on a numpy array, as a view: negative strides rotate and flip without
+    copying (torch tensors cannot)."""
+    if flip:
+        x = x[..., ::-1]
+    return np.rot90(x, k, axes=(-2, -1))
+
+
 class D4Element(Transform):
     """An element of the dihedral group of the square."""
 
