@@ -6,7 +6,6 @@ their code; anything else is a bug and exits 4 with a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import signal
@@ -463,9 +462,9 @@ def check(
         raise UsageError("--shards and --ray-address go with --ray: add --ray")
     gate = resolved.gate
     if resolved.audit.shard is not None:
-        from eqaudit.config import GateConfig
+        from eqaudit.config import GATE_OPTIONS, GateConfig
 
-        typed = {f.name for f in dataclasses.fields(GateConfig)} & set(_given(ctx))
+        typed = GATE_OPTIONS & set(_given(ctx))
         if typed:
             raise UsageError(
                 "gate options judge the whole audit: pass them to eqaudit merge, not to a "
@@ -505,8 +504,8 @@ def _run_check(
 ) -> None:
     from eqaudit.audit import audit
     from eqaudit.config import GateConfig
-    from eqaudit.gate import evaluate_gate, load_baseline, save_baseline
-    from eqaudit.reports import check_out_dir, console, write_report
+    from eqaudit.gate import load_baseline
+    from eqaudit.reports import check_out_dir, console
     from eqaudit.reports.markdown import render_audit
 
     started = time.perf_counter() if started is None else started
@@ -532,39 +531,52 @@ def _run_check(
         from eqaudit.shard import write_state
 
         write_folder(out, lambda staging: write_state(staging, result.shard_state), KNOWN_FILES)
-        index, total = shard["index"], shard["total"]
         console.warn(
-            f"shard {index}/{total} has no images (the audit has fewer images than shards): "
-            "only its state is written, which adds nothing to the merge"
+            f"shard {shard['index']}/{shard['total']} has no images (the audit has fewer images "
+            "than shards): only its state is written, which adds nothing to the merge"
         )
-        console.stdout.print(
-            f"Shard {index}/{total} state written to {out}: when all {total} shards are done, "
-            "run eqaudit merge on their folders",
-            markup=False,
-        )
+        _say_shard_written(config.shard, out)
         return
-    verdict = evaluate_gate(result, gate, baseline)
-    result = verdict.attach(result)
-    write_report(result, out)
-    if gate.save_baseline:
-        save_baseline(result, gate.save_baseline)
+    result, verdict, lines = _judge_and_write(result, gate, baseline, out)
     console.print_summary(result, out_dir=str(out))
     if suggest:
         console.print_label_suggestions(result)
     if config.shard is not None:
-        index, total = config.shard
-        console.stdout.print(
-            f"Shard {index}/{total} state written to {out}: when all {total} shards are done, "
-            f"run eqaudit merge on their folders",
-            markup=False,
-            soft_wrap=True,
-        )
+        _say_shard_written(config.shard, out)
     _finish(
-        verdict.lines()
-        + ([f"Baseline written to {gate.save_baseline}"] if gate.save_baseline else []),
+        lines,
         render_audit(result.summary),
         verdict.verdict(result.score, time.perf_counter() - started),
         verdict.passed,
+    )
+
+
+def _judge_and_write(result: Any, gate: Any, baseline: dict | None, out: Path) -> tuple:
+    """Apply the gate to ``result``, write its report (the verdict included) into ``out``, then
+    the baseline asked for (--save-baseline): ``check`` and ``merge`` alike. Returns the judged
+    result, the verdict and the gate's lines to print."""
+    from eqaudit.gate import evaluate_gate, save_baseline
+    from eqaudit.reports import write_report
+
+    verdict = evaluate_gate(result, gate, baseline)
+    result = verdict.attach(result)
+    write_report(result, out)
+    lines = verdict.lines()
+    if gate.save_baseline:
+        save_baseline(result, gate.save_baseline)
+        lines.append(f"Baseline written to {gate.save_baseline}")
+    return result, verdict, lines
+
+
+def _say_shard_written(shard: tuple[int, int], out: Path) -> None:
+    from eqaudit.reports import console
+
+    index, total = shard
+    console.stdout.print(
+        f"Shard {index}/{total} state written to {out}: when all {total} shards are done, "
+        "run eqaudit merge on their folders",
+        markup=False,
+        soft_wrap=True,
     )
 
 
@@ -685,16 +697,14 @@ def merge(
     """Merge the states of N shards into the report a single run would give (summary, CSVs,
     report.html), then apply the gate: the gate options of check, from the command line, the
     environment or the config file."""
-    from eqaudit.config import GateConfig, resolve_config
-    from eqaudit.gate import evaluate_gate, load_baseline
-    from eqaudit.gate import save_baseline as write_baseline
-    from eqaudit.reports import check_out_dir, console, write_report
+    from eqaudit.config import GATE_OPTIONS, resolve_config
+    from eqaudit.gate import load_baseline
+    from eqaudit.reports import check_out_dir, console
     from eqaudit.reports.markdown import render_audit
     from eqaudit.shard import merge_shards
 
     started = time.perf_counter()
-    gate_options = {f.name for f in dataclasses.fields(GateConfig)}
-    given = {k: v for k, v in _given(ctx).items() if k in gate_options}
+    given = {k: v for k, v in _given(ctx).items() if k in GATE_OPTIONS}
     resolved = resolve_config(given, config_file=config_file)
     gate = resolved.gate
     target = out.resolve()
@@ -704,16 +714,11 @@ def merge(
             "write the merged report to a folder of its own"
         )
     check_out_dir(out)
-    found = load_baseline(gate.baseline) if gate.baseline else None
-    result = merge_shards(shards)
-    verdict = evaluate_gate(result, gate, found)
-    result = verdict.attach(result)
-    write_report(result, out)
-    if gate.save_baseline:
-        write_baseline(result, gate.save_baseline)
+    baseline = load_baseline(gate.baseline) if gate.baseline else None
+    result, verdict, lines = _judge_and_write(merge_shards(shards), gate, baseline, out)
     console.print_summary(result, out_dir=str(out))
     _finish(
-        verdict.lines(),
+        lines,
         render_audit(result.summary),
         verdict.verdict(result.score, time.perf_counter() - started),
         verdict.passed,

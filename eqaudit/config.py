@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +239,10 @@ class GateConfig:
         for key in ("min_agreement", "max_js", "max_layer_error"):
             d[key] = dict(getattr(self, key))
         return d
+
+
+#: The gate's option names (``check`` and ``merge`` take them all; a shard run none).
+GATE_OPTIONS = frozenset(f.name for f in fields(GateConfig))
 
 
 # -- configuration files and environment -----------------------------------------------------------
