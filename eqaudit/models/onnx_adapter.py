@@ -137,7 +137,8 @@ class OnnxAdapter(ModelAdapter):
         #: onnxruntime's intra-op threads (None: its default, one per physical core). Under a
         #: CPU limit, the physical cores within it: onnxruntime's default counts the machine's.
         self.threads = threads or (physical_cpus() if cpu_limit() is not None else None)
-        self._host_threads: int | None = None
+        # What onnxruntime runs on either way (read once: sysfs and the cgroup, not per batch).
+        self._host_threads = self.threads or physical_cpus()
         graph = model.graph
         initializers = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]
@@ -272,8 +273,6 @@ class OnnxAdapter(ModelAdapter):
     def host_threads(self) -> int:
         """onnxruntime's intra-op threads, whatever torch's setting: ``threads`` (--threads), else
         onnxruntime's default, one per physical core (:func:`~eqaudit.data.prefetch.physical_cpus`)."""
-        if self._host_threads is None:  # (read once: sysfs and the cgroup, not per batch)
-            self._host_threads = self.threads or physical_cpus()
         return self._host_threads
 
     # -- graph walk --------------------------------------------------------------------------
