@@ -255,6 +255,33 @@ def _fingerprint(context: dict) -> dict:
     return {k: v for k, v in context.items() if k not in ("run",)}
 
 
+def _differences(first: Any, other: Any, shown: int = 3) -> str:
+    """Where two contexts differ, as ``key.sub: value vs value`` for the first few keys (nested
+    dictionaries are followed, long values cut; a value recorded twice, like the seed, once)."""
+
+    def walk(a: Any, b: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any, Any]]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = []
+            for key in sorted(a.keys() | b.keys(), key=str):
+                if a.get(key) != b.get(key):
+                    found += walk(a.get(key), b.get(key), (*path, str(key)))
+            return found
+        return [(path, a, b)]
+
+    lines, seen = [], set()
+    for path, a, b in sorted(walk(first, other, ()), key=lambda item: len(item[0])):
+        if path[-1:] not in seen:
+            seen.add(path[-1:])
+            lines.append(f"{'.'.join(path)}: {_short(a)} vs {_short(b)}")
+    more = f", and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "; ".join(lines[:shown]) + more
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def merge_shards(folders: list[Path]) -> AuditResult:
     """The result a single run would give, from the states of all N shards of one audit."""
     if not folders:
@@ -289,12 +316,18 @@ def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResul
     for payload, _ in loaded[1:]:
         other = _fingerprint(payload["context"])
         if other != reference:
-            differ = sorted(
-                k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k)
-            )
+            index = payload["shard"]["index"]
+            if other.get("eqaudit") != reference.get("eqaudit"):
+                raise UsageError(
+                    f"shard {index} ran on other software than shard 1 "
+                    f"({_differences(reference['eqaudit'], other['eqaudit'])}): the last digits "
+                    "of the numbers depend on these versions; re-run the shards in one "
+                    "environment (the same eqaudit, torch, onnxruntime, numpy and Python)"
+                )
             raise UsageError(
-                f"shard {payload['shard']['index']} was run with a different {', '.join(differ)} "
-                "than shard 1: every shard must use the same model, data and options"
+                f"shard {index} was run differently from shard 1 "
+                f"({_differences(reference, other)}): every shard must use the same model, "
+                "data and options"
             )
     return _merged_result([p for p, _ in loaded], [a for _, a in loaded])
 

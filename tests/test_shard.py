@@ -143,8 +143,15 @@ def test_merge_refuses_incomplete_repeated_or_mismatched_shards(model, tmp_path)
         merge_shards([tmp_path / "s1"])
     with pytest.raises(UsageError, match=r"repeated: \[1\]"):
         merge_shards([tmp_path / "s1", tmp_path / "s1", tmp_path / "s2"])
-    with pytest.raises(UsageError, match=r"different .*data"):
+    with pytest.raises(UsageError, match=r"run differently from shard 1 \(seed: 0 vs 9\)"):
         merge_shards([tmp_path / "s1", tmp_path / "other"])
+    state = tmp_path / "s2" / "shard-state.json"
+    payload = json.loads(state.read_text())
+    numpy_version = payload["context"]["eqaudit"]["numpy"]
+    payload["context"]["eqaudit"]["numpy"] = "1.26.4"  # as if shard 2 ran on another machine
+    state.write_text(json.dumps(payload))
+    with pytest.raises(UsageError, match=rf"other software .*numpy: {numpy_version} vs 1\.26\.4\)"):
+        merge_shards([tmp_path / "s1", tmp_path / "s2"])
     with pytest.raises(UsageError, match=r"holds no shard-state\.json"):
         merge_shards([tmp_path])
     (tmp_path / "s2" / "shard-state.json").write_text("{not json", encoding="utf-8")
