@@ -516,7 +516,7 @@ def _run_check(
         )
     check_out_dir(out)  # a bad --out fails before the audit, not after it
     baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
-    with console.progress_bar("auditing" if ray is None else "shards on Ray") as progress:
+    with console.progress_bar("auditing" if ray is None else "auditing on Ray") as progress:
         if ray is None:
             result = audit(model, config=config, progress=progress)
         else:

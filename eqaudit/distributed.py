@@ -16,6 +16,7 @@ each writing its folder; ``eqaudit merge`` then combines them. See docs/scale-ou
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,41 @@ from eqaudit.errors import EqauditError, UsageError
 from eqaudit.results import AuditResult
 
 
-def _audit_shard(model: str, config: AuditConfig) -> tuple[dict, dict]:
-    """One Ray task: audit one shard, return its mergeable state (runs on a worker)."""
+def _audit_shard(model: str, config: AuditConfig, tally: Any = None) -> tuple[dict, dict]:
+    """One Ray task: audit one shard, return its mergeable state (runs on a worker). With a
+    ``tally`` (a :class:`_Tally` actor), report the shard's images done after each batch."""
     from eqaudit.audit import audit
 
-    result = audit(model, config=config)
+    def progress(done: int, total: int) -> None:
+        tally.update.remote(config.shard[0], done, total)  # fire and forget: ordered per caller
+
+    result = audit(model, config=config, progress=progress if tally is not None else None)
     assert result.shard_state is not None
     return result.shard_state
+
+
+class _Tally:
+    """Images done per shard, as the shards report them (a Ray actor on no CPU): progress by
+    batch, not by whole shards, which on N equal workers all finish together at the end."""
+
+    def __init__(self) -> None:
+        self.shards: dict[int, tuple[int, int]] = {}
+
+    def update(self, shard: int, done: int, total: int) -> None:
+        self.shards[shard] = (done, total)
+
+    def read(self) -> dict[int, tuple[int, int]]:
+        return self.shards
+
+
+def _images_done(
+    count: int, reported: dict[int, tuple[int, int]], finished: dict[int, int]
+) -> tuple[int, int | None]:
+    """Images audited so far and in all (None until every shard has said how many it has);
+    a finished shard counts from its state, not from a report that may not have arrived."""
+    shards = {**reported, **{i: (n, n) for i, n in finished.items()}}
+    done = sum(d for d, _ in shards.values())
+    return done, sum(t for _, t in shards.values()) if len(shards) == count else None
 
 
 def audit_on_ray(
@@ -40,9 +69,11 @@ def audit_on_ray(
     *,
     shards: int | None = None,
     address: str | None = None,
-    progress: Any = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> AuditResult:
-    """Run the audit of ``model`` with ``config`` as N Ray tasks and merge (module docstring)."""
+    """Run the audit of ``model`` with ``config`` as N Ray tasks and merge (module docstring).
+    ``progress(done, total)`` gets the images audited over all shards, about twice a second;
+    ``total`` is None until every shard has started."""
     try:
         import ray
     except ImportError:
@@ -99,27 +130,34 @@ def audit_on_ray(
                 f"use --threads {largest} or fewer"
             )
         task = ray.remote(num_cpus=threads, num_gpus=1 if on_gpu else 0)(_audit_shard)
+        tally = ray.remote(num_cpus=0)(_Tally).remote() if progress is not None else None
         # Each task sees its own GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES).
         device = "cuda" if on_gpu else config.device
-        pending = [
+        remaining = [
             task.remote(
-                str(model), replace(config, shard=(i, count), device=device, threads=threads)
+                str(model),
+                replace(config, shard=(i, count), device=device, threads=threads),
+                tally,
             )
             for i in range(1, count + 1)
         ]
-        states = []
-        remaining = list(pending)
+        states: list[tuple[dict, dict]] = []
+        finished: dict[int, int] = {}
         while remaining:
-            done, remaining = ray.wait(remaining, num_returns=1)
-            try:
-                states.append(ray.get(done[0]))
-            except ray.exceptions.RayTaskError as exc:  # a task's own error, as one line
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, (EqauditError, MemoryError)):
-                    raise cause from None
-                raise
-            if progress is not None:
-                progress(len(states), count)
+            done, remaining = ray.wait(remaining, num_returns=1, timeout=0.5)
+            for ref in done:
+                try:
+                    states.append(ray.get(ref))
+                except ray.exceptions.RayTaskError as exc:  # a task's own error, as one line
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, (EqauditError, MemoryError)):
+                        raise cause from None
+                    raise
+                info = states[-1][0]["shard"]
+                finished[info["index"]] = info["images"]
+            if tally is not None:
+                reported = ray.get(tally.read.remote()) if remaining else {}
+                progress(*_images_done(count, reported, finished))
     finally:
         if started_here:
             ray.shutdown()

@@ -26,7 +26,12 @@ def test_ray_shards_merge_into_the_single_run(onnx_model) -> None:
 
     config = AuditConfig(transforms="d4,shift:1", num_images=9, seed=2, batch_size=16)
     single = eqaudit.audit(onnx_model, config=config)
-    merged = audit_on_ray(onnx_model, config, shards=4)
+    calls: list[tuple[int, int | None]] = []
+    merged = audit_on_ray(onnx_model, config, shards=4, progress=lambda *c: calls.append(c))
+    # Progress counts images over all shards (not finished shards: 4/4), never going back.
+    assert calls[-1] == (9, 9)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert {t for _, t in calls} <= {None, 9}
     assert {k: v for k, v in merged.summary.items() if k != "run"} == {
         k: v for k, v in single.summary.items() if k != "run"
     }
@@ -36,6 +41,16 @@ def test_ray_shards_merge_into_the_single_run(onnx_model) -> None:
     # one per core of the node (4 tasks on this machine's CPUs: one each).
     share = max(1, usable_cpus() // 4)
     assert merged.summary["run"]["cpu_threads"] == share
+
+
+def test_progress_counts_finished_shards_from_their_states() -> None:
+    from eqaudit.distributed import _images_done
+
+    # Shard 2 has not reported yet: the total is unknown. Shard 1's last report (2 of 3) may
+    # arrive after its state: the state counts.
+    assert _images_done(3, {1: (2, 3), 3: (1, 4)}, {1: 3}) == (4, None)
+    assert _images_done(3, {1: (2, 3), 2: (0, 3), 3: (1, 4)}, {1: 3}) == (4, 10)
+    assert _images_done(2, {}, {1: 3, 2: 0}) == (3, 3)  # a shard with no image
 
 
 def test_more_shards_than_images_still_merge(onnx_model) -> None:

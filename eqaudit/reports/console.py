@@ -42,8 +42,9 @@ def warn(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress callback ``(done, total)``; a rich bar on stderr only when it is a terminal."""
+def progress_bar(description: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A progress callback ``(done, total)``; a rich bar on stderr only when it is a terminal.
+    A None total leaves the total as it was (unknown at first)."""
     if not sys.stderr.isatty():
         yield lambda done, total: None
         return
@@ -57,7 +58,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     ) as bar:
         task = bar.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
+        def update(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
 
         yield update
