@@ -5,7 +5,10 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``schema_version``   "MAJOR.MINOR"
 ``eqaudit``          {"version", "torch", "onnxruntime", "onnx", "numpy", "python"}
 ``model``            {"path", "name", "sha256", "backend", "format", "input": InputSpec,
-                      "output_kind", "output_kind_source", "num_classes", "class_names", ...}
+                      "output_kind", "output_kind_source", "num_classes", "class_names",
+                      ONNX: "opset", "producer", "output", "providers", and for a graph fixed
+                      at batch 1 "fixed_batch": {"size", "run": "batched" | "one image at a
+                      time", "why"}}
 ``preprocessing``    Preprocessing.to_dict()
 ``transforms``       {"spec", "shift_mode", "margin", "elements": [{"name", "family", "exact",
                       "skipped": reason | null, ...}]}
@@ -122,6 +125,15 @@ def is_flagged(row: dict) -> bool:
     """A layer row compared although its grid is not mapped onto itself by the element (naive
     or resampled): shown apart, kept out of layer scores."""
     return row.get("aligned") is False and row.get("measurable", True) and not is_scored(row)
+
+
+def batch_text(batch: int | None, fixed: dict | None) -> str:
+    """How the model takes its batch, in words: ``input.batch`` and ``model.fixed_batch``."""
+    if fixed and fixed.get("run") == "batched":
+        return f"batch fixed at {fixed['size']} in the graph, run batched"
+    if fixed and fixed.get("why"):
+        return f"batch fixed at {fixed['size']}, run one image at a time ({fixed['why']})"
+    return f"batch fixed at {batch}" if batch else "any batch"
 
 
 def clean_number(value: Any) -> Any:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from eqaudit.data.prefetch import cpu_limit, physical_cpus
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
@@ -164,7 +165,12 @@ class OnnxAdapter(ModelAdapter):
                     self.class_names = [str(n) for n in names]
             except json.JSONDecodeError:
                 pass
+        #: Is ``self.model`` the file's graph (its plain session loads from the file)?
+        self._from_file = True
         self._session(())  # fail early (unsupported op, custom domain) at load time
+        #: For a graph fixed at batch 1: how it is run (``describe()["fixed_batch"]``).
+        self.fixed_batch: dict[str, Any] | None = None
+        self._batch_dynamically()
 
     # -- spec --------------------------------------------------------------------------------
     @staticmethod
@@ -275,6 +281,57 @@ class OnnxAdapter(ModelAdapter):
         onnxruntime's default, one per physical core (:func:`~eqaudit.data.prefetch.physical_cpus`)."""
         return self._host_threads
 
+    # -- a graph fixed at batch 1 -------------------------------------------------------------
+    def with_input_size(self, height: int, width: int) -> None:
+        super().with_input_size(height, width)
+        self._batch_dynamically()  # a graph with a dynamic image size: checked once it is known
+
+    def _batch_dynamically(self) -> None:
+        """Run a graph fixed at batch 1 (what ``torch.onnx.export`` writes without
+        ``dynamic_axes``) on whole batches when a copy with a dynamic batch
+        (:func:`_dynamic_batch`) gives, for two probe images run together, the outputs the
+        graph gives for each alone. One image per run costs 1.5-1.8x on a 2-core CPU for a
+        ResNet-18, and far more on a GPU. A graph that fails the check (a batch of 1 written
+        into an ``Expand``, a ``Squeeze`` of the batch axis) keeps running one image at a time,
+        and ``fixed_batch`` says why."""
+        spec = self.input_spec
+        if spec.batch != 1 or self.fixed_batch is not None or None in (spec.height, spec.width):
+            return
+        record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
+        self.fixed_batch = record
+        size = (spec.height, spec.width)
+        per_image = (spec.channels, *size) if spec.layout == "NCHW" else (*size, spec.channels)
+        probe = np.random.default_rng(0).standard_normal((2, *per_image)).astype(spec.dtype)
+        plain = self._session(())
+        try:
+            alone = np.concatenate(
+                [plain.run([self.output_name], {spec.name: image[None]})[0] for image in probe]
+            )
+        except Exception:  # the graph does not run on noise at all: the audit will say why
+            return
+        try:
+            model = _dynamic_batch(self.model, spec.name)
+            session = self._new_session(model.SerializeToString(), exposed=False)
+            together = session.run([self.output_name], {spec.name: probe})[0]
+        except Exception as exc:
+            record["why"] = f"a copy with a dynamic batch does not run: {_ort_message(exc)[:200]}"
+            return
+        tolerance = 1e-2 if spec.dtype == "float16" else 1e-4
+        scale = float(np.nanmax(np.abs(alone), initial=0.0)) or 1.0
+        if together.shape != alone.shape or not np.allclose(
+            together, alone, rtol=tolerance, atol=tolerance * scale, equal_nan=True
+        ):
+            record["why"] = (
+                "a copy with a dynamic batch gives other outputs for images run together "
+                f"(shape {list(together.shape)} for {list(alone.shape)})"
+            )
+            return
+        self.model, self._from_file = model, False
+        self._sessions, self._reuse, self._per_image = {(): session}, {}, {}
+        self._inferred, self._candidates = None, None
+        self.input_spec = replace(spec, batch=None)
+        record["run"] = "batched"
+
     # -- graph walk --------------------------------------------------------------------------
     def _inferred_model(self) -> onnx.ModelProto:
         """The graph after shape inference (the model itself when inference fails). Inferred on
@@ -367,24 +424,34 @@ class OnnxAdapter(ModelAdapter):
             for name in layers:
                 if name not in known:
                     model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        # The plain model loads from its (already validated) file: no serialised copy.
+        from_file = not layers and self._from_file and self.path.is_file()
+        session = self._new_session(
+            str(self.path) if from_file else model.SerializeToString(), exposed=bool(layers)
+        )
+        # Keep one layer session at a time: each holds its own copy of the weights.
+        for key in [k for k in self._sessions if k]:
+            del self._sessions[key]
+        self._sessions[layers] = session
+        return session
+
+    def _new_session(self, source: str | bytes, *, exposed: bool) -> ort.InferenceSession:
+        """An onnxruntime session of ``source`` (a path or a serialised model) on this adapter's
+        providers and threads; ``exposed``: it hands out layers."""
         options = ort.SessionOptions()
         # Fatal only: onnxruntime logs straight to the process's stderr, which would add lines
         # beside eqaudit's one error line; its errors reach us as exceptions anyway.
         options.log_severity_level = 4
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
-        if layers:
+        if exposed:
             # onnxruntime's memory pattern, planned after a first run, allocates a second block
             # as large as every exposed output (1.4 GB for ResNet-18 at 224 x 64): fresh pages
             # on the second batch that cost more than the planning saves (the outputs are bound
             # to the adapter's own arrays, and a plain session keeps the pattern).
             options.enable_mem_pattern = False
         try:
-            # The plain model loads from its (already validated) file: no serialised copy.
-            source = str(self.path) if not layers and self.path.is_file() else None
-            session = ort.InferenceSession(
-                source or model.SerializeToString(), sess_options=options, providers=self.providers
-            )
+            session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
         except Exception as exc:
             first = _ort_message(exc)
             if looks_out_of_memory(str(exc)):
@@ -410,10 +477,6 @@ class OnnxAdapter(ModelAdapter):
                     "run on the CPU: fix the GPU set-up, or use --device cpu"
                 )
             session.disable_fallback()
-        # Keep one layer session at a time: each holds its own copy of the weights.
-        for key in [k for k in self._sessions if k]:
-            del self._sessions[key]
-        self._sessions[layers] = session
         return session
 
     def _run_impl(
@@ -510,7 +573,49 @@ class OnnxAdapter(ModelAdapter):
             "producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
             "output": self.output_name,
             "providers": self.providers,
+            **({"fixed_batch": self.fixed_batch} if self.fixed_batch else {}),
         }
+
+
+def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """A copy of a graph fixed at batch 1 whose batch is dynamic: the image input's first axis
+    and every graph output's that is 1 become ``batch``, the recorded intermediate shapes
+    (``value_info``) are dropped, and each ``Reshape`` of an image-dependent tensor to a constant
+    shape that starts with 1 gets a copy of that shape starting with 0 (keep the input's first
+    axis: the batch). Whether the copy computes the same is for the caller to check."""
+    batched = onnx.ModelProto()
+    batched.CopyFrom(model)
+    graph = batched.graph
+    for value in [*(i for i in graph.input if i.name == input_name), *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value == 1:
+            dims[0].dim_param = "batch"  # (a oneof: clears dim_value)
+    del graph.value_info[:]
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    dependent = {input_name}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    for node in graph.node:
+        if not any(i in dependent for i in node.input if i):
+            continue
+        dependent.update(o for o in node.output if o)
+        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if node.op_type != "Reshape" or allow_zero or node.input[1] not in constants:
+            continue
+        shape = numpy_helper.to_array(constants[node.input[1]])
+        if shape.ndim != 1 or not shape.size or shape[0] != 1:
+            continue
+        name = f"{node.input[1]}_batch"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        graph.initializer.append(
+            numpy_helper.from_array(np.concatenate([[0], shape[1:]]).astype(shape.dtype), name)
+        )
+        node.input[1] = name
+    return batched
 
 
 def _without_large_weights(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:

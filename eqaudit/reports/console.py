@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eqaudit.results import AuditResult, is_flagged, is_scored
+from eqaudit.results import AuditResult, batch_text, is_flagged, is_scored
 
 # Piped output (CI logs, files) is not cut at rich's default 80 columns; a terminal keeps its own
 # width, and COLUMNS still wins when set.
@@ -188,10 +188,11 @@ def print_inspection(info: dict) -> None:
         f"[bold]{escape(info['model'])}[/] ({info['backend']}, sha256 {info['sha256'][:12]}…)"
     )
     size = f"{spec['height'] or '?'}x{spec['width'] or '?'}"
-    batch = spec["batch"] if spec["batch"] is not None else "dynamic"
+    batch = batch_text(spec["batch"], info.get("fixed_batch"))
     stdout.print(
         f"input '{spec['name']}': {spec['layout']} ({spec['layout_source']}), {spec['channels']} "
-        f"channels, size {size}, batch {batch}, {spec['dtype']}"
+        f"channels, size {size}, {batch}, {spec['dtype']}",
+        markup=False,
     )
     if info.get("output"):
         stdout.print(

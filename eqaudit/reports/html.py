@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from eqaudit.errors import DataError, UsageError
-from eqaudit.results import AuditResult, is_scored
+from eqaudit.results import AuditResult, batch_text, is_scored
 
 if TYPE_CHECKING:
     from eqaudit.reports.charts import LayerGrid
@@ -197,7 +197,7 @@ def _header(summary: dict) -> list[dict]:
         text += f" {spec.get('dtype', '')}".rstrip()
         if spec.get("layout_source"):
             text += f" (layout {spec['layout_source']})"
-        text += f", batch {spec['batch']}" if spec.get("batch") else ", any batch"
+        text += ", " + batch_text(spec.get("batch"), model.get("fixed_batch"))
         facts.append(_fact("Input", text))
     outputs = str(model.get("output_kind", "—"))
     if model.get("output_kind_source"):

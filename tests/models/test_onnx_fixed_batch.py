@@ -1,0 +1,105 @@
+"""A graph fixed at batch 1 (a plain ``torch.onnx.export``) runs batched when a dynamic-batch
+copy gives the same outputs, and one image at a time when it does not."""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from models_zoo import SmallCNN, calibrate_, export_onnx
+from torch import nn
+
+import eqaudit
+from eqaudit.models import load_model
+
+
+class ViewHead(nn.Module):
+    """SmallCNN with the head of many real models: ``x.view(x.size(0), -1)``, which a static
+    export writes as a Reshape to the constant shape ``[1, -1]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = calibrate_(SmallCNN(), 17)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.body
+        x = b.relu3(b.conv3(b.relu2(b.conv2(b.relu1(b.conv1(x))))))
+        x = b.pool(x).view(x.size(0), -1)
+        return b.fc(b.norm(x))
+
+
+class ExtraClass(nn.Module):
+    """Appends a constant class: a static export writes the batch of 1 into that constant's
+    shape, so the graph cannot run two images together."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.inner(x)
+        return torch.cat([scores, torch.zeros(x.shape[0], 1)], dim=1)
+
+
+def summary_without_run(result) -> dict:
+    summary = {k: v for k, v in result.summary.items() if k not in ("run", "model")}
+    return summary
+
+
+def test_a_batch_1_graph_runs_batched_and_audits_as_the_dynamic_export(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ViewHead().eval()
+    fixed_path = export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False)
+    reshapes = [n for n in onnx.load(str(fixed_path)).graph.node if n.op_type == "Reshape"]
+    assert reshapes, "the static export writes the head as a Reshape (the case this covers)"
+    fixed = load_model(fixed_path)
+    assert fixed.describe()["fixed_batch"] == {"size": 1, "run": "batched"}
+    assert fixed.input_spec.batch is None
+    x = torch.randn(5, 3, 17, 17)
+    assert len(fixed._chunks(x)) == 1  # one run for the whole batch, not five
+    dynamic = load_model(export_onnx(model, tmp_path / "dynamic.onnx", 17))
+    names = [layer.name for layer in fixed.probe_layers(torch.zeros(1, 3, 17, 17))]
+    assert names == [layer.name for layer in dynamic.probe_layers(torch.zeros(1, 3, 17, 17))]
+    got, want = fixed.run(x, names), dynamic.run(x, names)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+    for name in names:
+        torch.testing.assert_close(got.activations[name], want.activations[name])
+    # The audits agree: the same numbers, whichever export the user has.
+    a = eqaudit.audit(fixed_path, "d4", num_images=6, batch_size=16)
+    b = eqaudit.audit(tmp_path / "dynamic.onnx", "d4", num_images=6, batch_size=16)
+    assert a.summary["model"]["fixed_batch"] == {"size": 1, "run": "batched"}
+    assert a.summary["model"]["sha256"] != b.summary["model"]["sha256"]
+    assert summary_without_run(a)["scores"] == summary_without_run(b)["scores"]
+    assert a.to_frame("layers").equals(b.to_frame("layers"))
+
+
+def test_a_graph_that_cannot_run_batched_runs_one_image_at_a_time(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ExtraClass(calibrate_(SmallCNN(), 17)).eval()
+    fixed = load_model(export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False))
+    record = fixed.describe()["fixed_batch"]
+    assert record["run"] == "one image at a time"
+    assert record["why"].startswith("a copy with a dynamic batch does not run: ")
+    assert fixed.input_spec.batch == 1
+    dynamic = load_model(export_onnx(model, tmp_path / "dynamic.onnx", 17))
+    x = torch.randn(3, 3, 17, 17)
+    assert len(fixed._chunks(x)) == 3
+    torch.testing.assert_close(fixed.run(x).scores, dynamic.run(x).scores)
+
+
+def test_a_graph_with_a_dynamic_size_is_checked_once_the_size_is_known(tmp_path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(
+        ViewHead().eval(),
+        (torch.zeros(1, 3, 17, 17),),
+        str(path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["scores"],
+        dynamic_axes={"image": {2: "height", 3: "width"}},
+    )
+    adapter = load_model(path)
+    assert adapter.input_spec.batch == 1 and "fixed_batch" not in adapter.describe()
+    adapter.with_input_size(17, 17)
+    assert adapter.describe()["fixed_batch"]["run"] == "batched"
+    assert adapter.input_spec.batch is None
