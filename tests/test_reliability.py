@@ -430,3 +430,60 @@ def test_a_model_with_noise_in_its_forward_is_reported_as_non_deterministic() ->
     assert any("not deterministic" in w for w in result.warnings)
     clean = eqaudit.audit(Noisy(0.0), "flips", input_size=9, num_images=4, layers=False)
     assert not any("not deterministic" in w for w in clean.warnings)
+
+
+def test_an_onnx_graph_handing_out_its_layers_is_not_called_non_deterministic(tmp_path) -> None:
+    # onnxruntime fuses Conv + Add (a residual) only when the sum is not handed out, and the
+    # fused kernel rounds differently: the plain and the layer-exposing graph give different
+    # logits (here ~3e-4 of their scale, a ResNet's size). The check must re-run the images the
+    # way the batch ran, with the layers handed out, or it calls rounding randomness.
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+            self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(x + self.conv2(self.relu(self.conv1(x))))
+
+    class Residual(nn.Module):  # features far from zero, standardised: rounding shows
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.body = nn.Sequential(nn.ReLU(), Block(16), Block(16), nn.AdaptiveAvgPool2d(1))
+            self.register_buffer("mean", torch.zeros(16))
+            self.register_buffer("std", torch.ones(16))
+            self.fc = nn.Linear(16, 5)
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(self.stem(x)).flatten(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc((self.features(x) - self.mean) / self.std)
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = np.random.default_rng(0).random((8, 3, 17, 17), dtype=np.float32)  # pixels in 0-1
+    with torch.no_grad():
+        model.stem.bias.add_(100.0)
+        features = model.features(torch.from_numpy(x))
+        model.mean.copy_(features.mean(0))
+        model.std.copy_(features.std(0) + 1e-6)
+    path = export_onnx(model, tmp_path / "residual.onnx", 17)
+    graph = onnx.load(str(path))
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for node in graph.graph.node:
+        if node.op_type in ("Conv", "Relu", "Add"):
+            graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
+    exposed = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = plain.run(["scores"], {"image": x})[0], exposed.run(["scores"], {"image": x})[0]
+    assert np.abs(a - b).max() > 1e-5 * np.abs(a).max(), "the two graphs round alike here"
+    result = eqaudit.audit(path, "flips", data=x.transpose(0, 2, 3, 1), preset="unit")
+    assert result.layers, "the layers were audited"
+    assert not any("not deterministic" in w for w in result.warnings), result.warnings
