@@ -635,20 +635,29 @@ class Engine:
             "check the preprocessing (--scale, --mean, --std) and the model"
         )
 
-    def _check_determinism(self, images: torch.Tensor, scores: torch.Tensor) -> None:
-        # Run as the batch ran, with its layers handed out (to a sink that drops them): an
-        # onnxruntime graph that hands out its layers loses fusions and rounds differently
-        # from the plain graph (2e-4 of the logits for a ResNet), which is not randomness.
-        layers = [state.info.name for state in self.layer_states]
-        drop = (lambda name, act: None) if layers else None
-        again = self.adapter.run(images, layers, sink=drop).scores
-        spread = (again.double() - scores.double()).abs().max().item()
-        scale = max(scores.double().abs().max().item(), 1e-12)
+    def _check_determinism(self, images: torch.Tensor, in_batch: torch.Tensor) -> None:
+        """Warn when the scores of ``images`` are random (two runs of them alike in every way
+        differ by more than 1e-5 of their scale: dropout) or depend on the rest of the batch
+        (``in_batch``, their scores inside the first batch, differ from theirs alone by more than
+        1e-2: batch-norm in training mode). Rounding alone moves scores by less than 1e-2 but
+        can exceed 1e-5 between unlike runs: onnxruntime rounds a graph that hands out its
+        layers differently (lost Conv + Add fusions: 2e-4 of a ResNet's logits), and oneDNN a
+        batch of 64 differently from one of 2."""
+        alone = self.adapter.run(images).scores.double()
+        again = self.adapter.run(images).scores.double()
+        scale = max(alone.abs().max().item(), 1e-12)
+        spread = (again - alone).abs().max().item()
+        mixed = (in_batch.double() - alone).abs().max().item()
         if spread > 1e-5 * scale:
             self.warnings.append(
                 f"{NOT_DETERMINISTIC}: two runs of the same images differ by {spread:.3g} "
-                "(dropout or batch-norm left in training mode?); the identity is no longer an exact "
-                "reference"
+                "(dropout left on?); the identity is no longer an exact reference"
+            )
+        elif mixed > 1e-2 * scale:
+            self.warnings.append(
+                f"{NOT_DETERMINISTIC}: an image's scores depend on the other images of its batch "
+                f"(by {mixed:.3g}: batch-norm left in training mode?); the identity is no longer "
+                "an exact reference"
             )
 
     # -- one batch ---------------------------------------------------------------------------
@@ -750,7 +759,7 @@ class Engine:
 
     def _first_batch(self, scores: torch.Tensor, few: torch.Tensor) -> None:
         """What the first batch decides before any output is compared (the host waits for the
-        device here, once): finite scores, determinism (``few`` model inputs run again: two
+        device here, once): finite scores, determinism (``few`` model inputs run twice more: two
         images are enough to see dropout or batch statistics left on), the classes'
         permutations, and whether the model gives logits or probabilities (from the
         untransformed images)."""

@@ -432,6 +432,33 @@ def test_a_model_with_noise_in_its_forward_is_reported_as_non_deterministic() ->
     assert not any("not deterministic" in w for w in clean.warnings)
 
 
+def test_batch_norm_in_training_mode_is_reported_as_depending_on_the_batch() -> None:
+    # Each run of the same two images agrees with the other; the scores of those images
+    # inside the first batch (12 images: 4 under 3 elements) do not.
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import eqaudit
+
+    class BatchStatistics(nn.Module):  # batch statistics that eval() does not switch off
+        def __init__(self, on: bool) -> None:
+            super().__init__()
+            self.on = on
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(324, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x)
+            return self.head(F.batch_norm(x, None, None, training=True) if self.on else x)
+
+    torch.manual_seed(0)
+    result = eqaudit.audit(BatchStatistics(True), "flips", input_size=9, num_images=4)
+    assert any("depend on the other images of its batch" in w for w in result.warnings)
+    clean = eqaudit.audit(BatchStatistics(False), "flips", input_size=9, num_images=4)
+    assert not any("not deterministic" in w for w in clean.warnings)
+
+
 def test_an_onnx_graph_handing_out_its_layers_is_not_called_non_deterministic(tmp_path) -> None:
     # onnxruntime fuses Conv + Add (a residual) only when the sum is not handed out, and the
     # fused kernel rounds differently: the plain and the layer-exposing graph give different
