@@ -113,7 +113,11 @@ InputNameOpt = Annotated[
     str | None, typer.Option(help="ONNX: the image input, when the graph has several.")
 ]
 OutputNameOpt = Annotated[
-    str | None, typer.Option(help="ONNX: the class-score output, when the graph has several.")
+    str | None,
+    typer.Option(
+        help="The class-score output, when the model has several: ONNX, an output name; "
+        "PyTorch, an index of the returned tuple or a key of the returned dict."
+    ),
 ]
 LayoutOpt = Annotated[
     str | None, typer.Option(help="Input layout NCHW or NHWC (default: detected from the graph).")

@@ -54,7 +54,9 @@ def load_model(
             batch=None,
             layout_source="default",
         )
-        return TorchAdapter.from_module(model, input_spec=spec)
+        adapter = TorchAdapter.from_module(model, input_spec=spec)
+        adapter.output_name = output_name
+        return adapter
     if isinstance(model, onnx.ModelProto):
         from eqaudit.models.onnx_adapter import OnnxAdapter
 
@@ -96,19 +98,21 @@ def load_model(
             threads=threads,
         )
     if path.suffix.lower() in TORCH_SUFFIXES:
-        if input_name or output_name:
-            raise UsageError("--input-name and --output-name apply to ONNX graphs only")
+        if input_name:
+            raise UsageError("--input-name applies to ONNX graphs only: drop it")
         if layout and layout.upper() != "NCHW":
             raise UsageError("PyTorch models take NCHW inputs: drop --layout")
         from eqaudit.models.torch_adapter import load_torch
 
-        return load_torch(
+        adapter = load_torch(
             path,
             factory=factory,
             trust_pickle=trust_pickle,
             input_size=input_size,
             channels=channels,
         )
+        adapter.output_name = output_name
+        return adapter
     raise ModelLoadError(
         f"cannot tell the format of '{path.name}' from its suffix: use .onnx for ONNX, "
         ".pt2 for torch.export, .pt/.pth for TorchScript, state dicts or pickles"

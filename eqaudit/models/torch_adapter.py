@@ -93,29 +93,67 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _scores_of(output: Any) -> torch.Tensor:
-    """Class scores from a model output: a tensor, a tuple/list (first item), or a dict with a
-    single tensor or a ``logits`` entry."""
+def _scores_of(output: Any, pick: str | None = None) -> torch.Tensor:
+    """Class scores from a model output: a tensor; the one tensor of a tuple or list, or its
+    ``logits`` field (a named tuple); a dict's ``logits`` entry or its one tensor. ``pick``
+    (``--output-name``) chooses among several: a tuple's index, a dict key or a field name.
+    Several tensors and no pick are refused: taking the first would audit an auxiliary head
+    without a word."""
     value = output
-    if isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    if isinstance(value, Mapping):
-        tensors = {key: item for key, item in value.items() if isinstance(item, torch.Tensor)}
+    if pick is not None:
+        value = _picked(output, pick)
+    elif isinstance(value, Mapping) or hasattr(value, "_fields"):
+        items = value if isinstance(value, Mapping) else value._asdict()
+        tensors = {key: item for key, item in items.items() if isinstance(item, torch.Tensor)}
         if "logits" in tensors:
             value = tensors["logits"]
         elif len(tensors) == 1:
             value = next(iter(tensors.values()))
         else:
             raise UnsupportedModelError(
-                f"the model returns a dict with keys {sorted(map(str, value))[:6]}: eqaudit needs "
-                "class scores, a single tensor or a 'logits' entry"
+                f"the model returns {len(tensors)} tensors under the keys "
+                f"{', '.join(map(str, tensors))[:120]}: pick the class scores with "
+                "--output-name KEY"
             )
+    elif isinstance(value, (tuple, list)):
+        tensors = [i for i, item in enumerate(value) if isinstance(item, torch.Tensor)]
+        if len(tensors) > 1:
+            shapes = ", ".join(f"{i}: {tuple(value[i].shape)}" for i in tensors[:6])
+            raise UnsupportedModelError(
+                f"the model returns a {type(value).__name__} of {len(tensors)} tensors ({shapes}): "
+                "pick the class scores with --output-name INDEX"
+            )
+        value = value[tensors[0]] if tensors else value
     if not isinstance(value, torch.Tensor):
         raise UnsupportedModelError(
             f"the model returns {type(output).__name__}, not a tensor of class scores: "
             "wrap it so that forward returns the (batch, classes) scores"
         )
     return value.detach()
+
+
+def _picked(output: Any, pick: str) -> Any:
+    """The item ``pick`` of a model output (see :func:`_scores_of`)."""
+    if isinstance(output, Mapping):
+        if pick in output:
+            return output[pick]
+        keys = ", ".join(map(str, output))[:120]
+        raise UsageError(
+            f"--output-name '{pick}' is not a key of the model's output: use one of {keys}"
+        )
+    if hasattr(output, "_fields") and pick in output._fields:
+        return getattr(output, pick)
+    if isinstance(output, (tuple, list)):
+        if pick.isdigit() and int(pick) < len(output):
+            return output[int(pick)]
+        raise UsageError(
+            f"--output-name '{pick}' is not an index of the model's {len(output)} outputs: "
+            f"use 0 to {len(output) - 1}"
+        )
+    raise UsageError(
+        f"--output-name '{pick}': the model returns one {type(output).__name__}, nothing to pick "
+        "from: drop --output-name"
+    )
 
 
 def _split_call_name(name: str, bases: Mapping[str, Any]) -> tuple[str, int]:
@@ -151,6 +189,8 @@ class TorchAdapter(ModelAdapter):
         super().__init__(path, input_spec)
         self.module = module
         self.device = "cpu"
+        #: which of several outputs holds the class scores (``--output-name``: an index, a key)
+        self.output_name: str | None = None
         #: captured outputs that the forward later modifies in place (learnt on the first run
         #: with layers, see _run_impl); None until then: every capture is cloned
         self._overwritten: set[str] | None = None
@@ -187,7 +227,10 @@ class TorchAdapter(ModelAdapter):
         )
 
     def describe(self) -> dict:
-        return {"format": self._format, "factory": self._factory, "layers_note": self._layers_note}
+        described = {"format": self._format, "factory": self._factory}
+        if self.output_name is not None:
+            described["output"] = self.output_name
+        return {**described, "layers_note": self._layers_note}
 
     def _grid_graph_impl(self) -> tuple[GridGraph | None, str | None]:
         graph, note = self._build_grid_graph()
@@ -349,7 +392,7 @@ class TorchAdapter(ModelAdapter):
         paths = {_split_call_name(name, self._candidates)[0] for name in wanted}
         modules = {path: entry for path, entry in self._candidates.items() if path in paths}
         if not modules:
-            return _scores_of(self._forward(batch)), captured
+            return _scores_of(self._forward(batch), self.output_name), captured
         if emit is not None:
             return self._stream(batch, wanted, modules, emit), captured
 
@@ -389,7 +432,7 @@ class TorchAdapter(ModelAdapter):
             # the uncloned captures are stale; learn and run this batch again.
             self._overwritten |= overwritten  # type: ignore[operator]
             return self._run_impl(batch, layers)
-        return _scores_of(output), captured
+        return _scores_of(output, self.output_name), captured
 
     def _stream(
         self,
@@ -409,7 +452,7 @@ class TorchAdapter(ModelAdapter):
 
         with self._hooks(modules, hand_over):
             output = self._forward(batch)
-        return _scores_of(output)
+        return _scores_of(output, self.output_name)
 
 
 def _version(tensor: torch.Tensor) -> int | None:

@@ -815,3 +815,77 @@ def test_a_program_the_move_pass_refuses_moves_as_a_module(tmp_path, monkeypatch
     adapter = load_torch(export(tmp_path, tiny(), images(1)))
     adapter.to_device("meta")
     assert {p.device.type for p in adapter.module.parameters()} == {"meta"}
+
+
+class TwoHeads(nn.Module):
+    """Returns an auxiliary head first and the class scores second, as a tuple, a named tuple or
+    a dict (``kind``)."""
+
+    Outputs = __import__("collections").namedtuple("Outputs", ["aux", "logits"])
+
+    def __init__(self, kind: str = "tuple") -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.aux, self.logits = nn.Linear(4, 3), nn.Linear(4, 7)
+
+    def forward(self, x: torch.Tensor):
+        f = self.pool(self.conv(x))
+        aux, logits = self.aux(f), self.logits(f)
+        if self.kind == "named":
+            return self.Outputs(aux, logits)
+        if self.kind == "dict":
+            return {"aux": aux, "scores": logits}
+        return aux, logits
+
+
+def test_a_model_with_several_outputs_needs_the_scores_picked(tmp_path) -> None:
+    import eqaudit
+
+    torch.manual_seed(0)
+    # Taking the first tensor would audit the 3-class auxiliary head without a word.
+    with pytest.raises(UnsupportedModelError, match=r"a tuple of 2 tensors \(0: \(.*, 3\), 1: "):
+        eqaudit.audit(TwoHeads(), "flips", input_size=9, num_images=2)
+    with pytest.raises(UnsupportedModelError, match=r"keys aux, scores: .*--output-name KEY"):
+        eqaudit.audit(TwoHeads("dict"), "flips", input_size=9, num_images=2)
+    model = TwoHeads()
+    picked = eqaudit.audit(model, "flips", input_size=9, num_images=2, output_name="1")
+    assert picked.summary["model"]["num_classes"] == 7
+    assert picked.summary["model"]["output"] == "1"
+    # A named tuple's logits field and a dict's key.
+    named = eqaudit.audit(TwoHeads("named"), "flips", input_size=9, num_images=2)
+    assert named.summary["model"]["num_classes"] == 7
+    as_dict = TwoHeads("dict")
+    as_dict.load_state_dict(model.state_dict())
+    keyed = eqaudit.audit(as_dict, "flips", input_size=9, num_images=2, output_name="scores")
+    assert keyed.outputs[1] == picked.outputs[1]  # the same head, the same numbers
+    with pytest.raises(UsageError, match=r"'2' is not an index of the model's 2 outputs"):
+        eqaudit.audit(TwoHeads(), "flips", input_size=9, num_images=2, output_name="2")
+    with pytest.raises(UsageError, match=r"returns one Tensor, nothing to pick from"):
+        single = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        eqaudit.audit(single, "flips", input_size=9, num_images=2, output_name="0")
+
+
+def test_output_name_picks_the_scores_of_a_torch_export_on_the_command_line(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from eqaudit.cli import app
+
+    torch.manual_seed(0)
+    program = torch.export.export(TwoHeads().eval(), (torch.zeros(2, 3, 9, 9),))
+    torch.export.save(program, tmp_path / "two.pt2")
+    runner = CliRunner()
+    refused = runner.invoke(
+        app, ["check", str(tmp_path / "two.pt2"), "-n", "2", "-o", str(tmp_path / "a")]
+    )
+    assert refused.exit_code != 0 and "--output-name INDEX" in refused.output
+    assert "Traceback" not in refused.output
+    out = tmp_path / "b"
+    done = runner.invoke(
+        app, ["check", str(tmp_path / "two.pt2"), "-n", "2", "--output-name", "1", "-o", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "summary.json").read_text())["model"]["num_classes"] == 7
