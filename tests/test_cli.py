@@ -197,3 +197,20 @@ def test_messages_with_brackets_print_as_written(capsys) -> None:
     err = capsys.readouterr().err
     assert "pip install 'eqaudit[ray]': agreement[rot90] failed" in err
     assert "layer [bold]x[/] of blocks[0]" in err
+
+
+def test_the_misaligned_note_suggests_resampling_only_when_it_is_not_on(tmp_path: Path) -> None:
+    # At an even size the strided grids are not centred: their rows are flagged.
+    path = export_onnx(symmetric_cnn(size=32), tmp_path / "even.onnx", 32)
+    plain = runner.invoke(app, ["check", str(path), "-n", "2", "-o", str(tmp_path / "a")])
+    assert plain.exit_code == 0, plain.output
+    text = " ".join(clean(plain.output).split())
+    assert "flagged and kept out of the layer scores (try --input-size aligned, or" in text
+    resampled = runner.invoke(
+        app,
+        ["check", str(path), "-n", "2", "--misaligned", "resample", "-o", str(tmp_path / "b")],
+    )
+    assert resampled.exit_code == 0, resampled.output
+    text = " ".join(clean(resampled.output).split())
+    assert "compared by resampling (approximate)" in text
+    assert "--misaligned resample)" not in text

@@ -149,11 +149,18 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
     misaligned = [r for r in s["layers"] if is_flagged(r)]
     if misaligned:
         names = sorted({r["layer"] for r in misaligned})
+        resampled = (s.get("options") or {}).get("misaligned") == "resample"
+        what = (
+            "compared by resampling (approximate), flagged and kept out of the layer scores "
+            "(try --input-size aligned for exact comparisons)"
+            if resampled
+            else "flagged and kept out of the layer scores (try --input-size aligned, or "
+            "--misaligned resample)"
+        )
         stdout.print(
             f"[yellow]{len(misaligned)} (layer, transform) pairs on {len(names)} layers are "
             "misaligned: the sampling grid is not symmetric about the image centre, so no exact "
-            "comparison exists; flagged and kept out of the layer scores (try --input-size "
-            "aligned, or --misaligned resample)[/]"
+            f"comparison exists; {what}[/]"
         )
     unknown = sum(
         1
