@@ -1710,9 +1710,11 @@ def build_result(
     data = context["data"]
     warnings = list(engine.warnings)
     seen = int(data["count"]) if audited is None else audited
+    predictions = engine.predictions_frame()
     constant = engine.constant_output_warning(seen)
-    if constant:
-        warnings.append(constant)
+    one_class = one_class_warning(predictions, engine.elements[0].name, engine.class_names)
+    if constant or one_class:
+        warnings.append(constant or one_class)
     if data.get("synthetic"):
         warnings.insert(
             0,
@@ -1760,5 +1762,36 @@ def build_result(
             "argv": context["run"]["argv"],
         },
     )
-    predictions = engine.predictions_frame()
     return AuditResult(summary=summary, predictions=predictions, gallery=engine.gallery.to_dict())
+
+
+#: Fewer images than this may well share one class: no warning.
+ONE_CLASS_MIN_IMAGES = 8
+
+
+def one_class_warning(
+    predictions: pd.DataFrame, identity: str, class_names: list[str] | None
+) -> str | None:
+    """A warning when every image's top-1 class is the same, unless the labels say that the
+    images are all of that one class: agreement is then near certain whatever the model does
+    to the images, the usual sign of wrong preprocessing or a broken model (the scores vary,
+    so the constant-output warning does not fire)."""
+    rows = predictions[predictions["transform"] == identity]
+    classes = rows["top1"].unique()
+    if len(rows) < ONE_CLASS_MIN_IMAGES or len(classes) != 1:
+        return None
+    labels = rows.loc[rows["label"] >= 0, "label"].unique()
+    if len(labels) == 1:
+        return None  # (one class audited on purpose)
+    k = int(classes[0])
+    name = f"{k} '{class_names[k]}'" if class_names and k < len(class_names) else str(k)
+    why = (
+        f"though the labels span {len(labels)} classes"
+        if len(labels) > 1
+        else "if the images span several classes, this is wrong"
+    )
+    return (
+        f"all {len(rows)} images get the same top-1 class ({name}; {why}): agreement is near "
+        "certain whatever the transforms do, so the scores say little; check the "
+        "preprocessing (--preset, --scale, --mean, --std) and the model"
+    )

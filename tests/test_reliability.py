@@ -514,3 +514,37 @@ def test_an_onnx_graph_handing_out_its_layers_is_not_called_non_deterministic(tm
     result = eqaudit.audit(path, "flips", data=x.transpose(0, 2, 3, 1), preset="unit")
     assert result.layers, "the layers were audited"
     assert not any("not deterministic" in w for w in result.warnings), result.warnings
+
+
+def test_a_model_that_gives_every_image_one_class_is_warned_about() -> None:
+    # Scores that vary but always rank class 2 first (an untrained net, a wrong --scale):
+    # agreement is then certain, whatever the transforms do.
+    import pandas as pd
+    from torch import nn
+
+    import eqaudit
+    from eqaudit.audit import one_class_warning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    with torch.no_grad():
+        model[3].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    result = eqaudit.audit(model, "flips", input_size=9, num_images=8, layers=False)
+    assert any(
+        w.startswith("all 8 images get the same top-1 class (2; if") for w in result.warnings
+    )
+    assert result.score == 100.0
+    fewer = eqaudit.audit(model, "flips", input_size=9, num_images=7, layers=False)
+    assert not any("same top-1 class" in w for w in fewer.warnings)
+
+    def frame(top1: list[int], labels: list[int]) -> pd.DataFrame:
+        return pd.DataFrame({"transform": "id", "top1": top1, "label": labels})
+
+    names = ["cat", "dog", "fox"]
+    assert "1 'dog'; though the labels span 2 classes" in one_class_warning(
+        frame([1] * 8, [0, 1] * 4), "id", names
+    )
+    assert one_class_warning(frame([1] * 8, [1] * 8), "id", names) is None  # one class audited
+    assert one_class_warning(frame([1] * 7 + [0], [-1] * 8), "id", names) is None
