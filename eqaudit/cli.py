@@ -120,7 +120,11 @@ OutputNameOpt = Annotated[
     ),
 ]
 LayoutOpt = Annotated[
-    str | None, typer.Option(help="Input layout NCHW or NHWC (default: detected from the graph).")
+    str | None,
+    typer.Option(
+        help="Input layout NCHW or NHWC (default: detected from an ONNX graph or a .pt2's input "
+        "shape; NCHW for other PyTorch files)."
+    ),
 ]
 InputSizeOpt = Annotated[
     str | None,

@@ -1787,8 +1787,9 @@ def _torch_label(node: torch.fx.Node) -> str:
     return f"{op} (node '{node.name}'{where})"
 
 
-def torch_grid_graph(program: torch.export.ExportedProgram) -> GridGraph:
-    """The :class:`GridGraph` of a ``torch.export`` program with one (NCHW) image input.
+def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW") -> GridGraph:
+    """The :class:`GridGraph` of a ``torch.export`` program with one image input in ``layout``
+    (NHWC: a model that permutes channels-last images inside its forward).
 
     Names are module paths, as :class:`~eqaudit.models.torch_adapter.TorchAdapter` names layers:
     a module's output is the node inside its ``nn_module_stack`` call whose users are outside it;
@@ -1807,7 +1808,7 @@ def torch_grid_graph(program: torch.export.ExportedProgram) -> GridGraph:
         meta = not _carries_tensor(node)
         steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta))
     public, missing = _module_outputs(graph)
-    return GridGraph(str(user_inputs[0]), "NCHW", steps, public, missing)
+    return GridGraph(str(user_inputs[0]), layout, steps, public, missing)
 
 
 def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, str]]:
@@ -2210,7 +2211,7 @@ _EXPORT_LOGGERS = (
 
 
 def export_grid_graph(
-    module: torch.nn.Module, example: torch.Tensor
+    module: torch.nn.Module, example: torch.Tensor, layout: str = "NCHW"
 ) -> tuple[GridGraph | None, str | None]:
     """``torch.export.export(module, (example,), strict=False)``, then :func:`torch_grid_graph`;
     ``(None, reason)`` when the export (or the walk) fails.
@@ -2227,6 +2228,6 @@ def export_grid_graph(
         first = text.splitlines()[0][:200] if text else type(exc).__name__
         return None, f"torch.export failed ({type(exc).__name__}: {first})"
     try:
-        return torch_grid_graph(program), None
+        return torch_grid_graph(program, layout), None
     except Exception as exc:
         return None, f"the exported graph could not be walked ({type(exc).__name__}: {exc})"

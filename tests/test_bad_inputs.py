@@ -404,10 +404,7 @@ CASES = [
         ("--input-name", "ONNX"),
     ),
     Case(
-        "layout-nhwc-with-pytorch",
-        args("state_dict", "--layout", "NHWC"),
-        EXIT_USAGE,
-        ("--layout",),
+        "layout-unknown-with-pytorch", args("state_dict", "--layout", "CHW"), EXIT_USAGE, ("CHW",)
     ),
 ]
 

@@ -216,3 +216,35 @@ def test_probability_outputs_are_detected_and_a_contradicting_option_is_flagged(
     forced = eqaudit.audit(model, "flips", input_size=33, num_images=4, outputs="logits")
     assert forced.summary["model"]["output_kind"] == "logits"
     assert any("look like probabilities" in w for w in forced.warnings)
+
+
+class NHWCSymmetric(nn.Module):
+    """The D4-symmetric CNN behind a permute: a PyTorch model that takes channels-last images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = symmetric_cnn(size=33)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.permute(0, 3, 1, 2))
+
+
+def test_a_pytorch_model_taking_nhwc_images_is_audited_as_its_nchw_body(tmp_path):
+    model = NHWCSymmetric().eval()
+    reference = eqaudit.audit(model.body, "d4", input_size=33, num_images=6, seed=2)
+    program = torch.export.export(model, (torch.zeros(2, 33, 33, 3),))
+    torch.export.save(program, tmp_path / "nhwc.pt2")
+    exported = eqaudit.audit(tmp_path / "nhwc.pt2", "d4", num_images=6, seed=2)
+    spec = exported.summary["model"]["input"]
+    assert (spec["layout"], spec["layout_source"], spec["channels"]) == ("NHWC", "detected", 3)
+    in_memory = eqaudit.audit(model, "d4", input_size=33, num_images=6, seed=2, layout="NHWC")
+    for result in (exported, in_memory):
+        # The same model on the same images; a permuted input is only rounded differently.
+        for got, want in zip(result.outputs, reference.outputs, strict=True):
+            assert got["transform"] == want["transform"] and got["agreement"] == want["agreement"]
+            assert got["logit_error"] == pytest.approx(want["logit_error"], abs=1e-5)
+        # Grids are read through the permute: the exact layers are scored, at ~0.
+        assert result.summary["scores"]["layer_relative_error"] < 1e-5
+        assert len(result.layers) == len(reference.layers)
+    with pytest.raises(eqaudit.errors.ModelRunError, match="--layout"):
+        eqaudit.audit(model, "d4", input_size=33, num_images=2)  # fed NCHW: the permute breaks

@@ -45,14 +45,16 @@ def load_model(
             (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3
         )
         h, w = input_size if input_size else (None, None)
+        if layout is not None and layout.upper() not in ("NCHW", "NHWC"):
+            raise UsageError(f"unknown --layout '{layout}': use NCHW or NHWC")
         spec = InputSpec(
             name="input",
-            layout="NCHW",
+            layout=layout.upper() if layout else "NCHW",
             channels=c,
             height=h,
             width=w,
             batch=None,
-            layout_source="default",
+            layout_source="option" if layout else "default",
         )
         adapter = TorchAdapter.from_module(model, input_spec=spec)
         adapter.output_name = output_name
@@ -100,8 +102,6 @@ def load_model(
     if path.suffix.lower() in TORCH_SUFFIXES:
         if input_name:
             raise UsageError("--input-name applies to ONNX graphs only: drop it")
-        if layout and layout.upper() != "NCHW":
-            raise UsageError("PyTorch models take NCHW inputs: drop --layout")
         from eqaudit.models.torch_adapter import load_torch
 
         adapter = load_torch(
@@ -110,6 +110,7 @@ def load_model(
             trust_pickle=trust_pickle,
             input_size=input_size,
             channels=channels,
+            layout=layout,
         )
         adapter.output_name = output_name
         return adapter

@@ -43,7 +43,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +53,28 @@ if TYPE_CHECKING:
     from eqaudit.grids import GridGraph
 
 LAYOUTS = ("NCHW", "NHWC")
+
+
+def detect_layout(dims: Sequence[Any]) -> tuple[str, int]:
+    """(layout, channels) of a rank-4 image input from its dims (ints where known): the
+    channel axis is the one of size 1, 3 or 4 (gray, RGB, RGBA); NCHW when undecidable."""
+    second, last = dims[1], dims[3]
+    small = (1, 3, 4)
+    if (
+        isinstance(second, int)
+        and second in small
+        and not (isinstance(last, int) and last in small)
+    ):
+        return "NCHW", second
+    if (
+        isinstance(last, int)
+        and last in small
+        and not (isinstance(second, int) and second in small)
+    ):
+        return "NHWC", last
+    if isinstance(second, int) and second in small:
+        return "NCHW", second
+    return "NCHW", 3
 
 
 @dataclass(frozen=True)

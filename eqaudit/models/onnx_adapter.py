@@ -29,7 +29,13 @@ from onnx import TensorProto, numpy_helper
 from eqaudit.data.prefetch import cpu_limit, physical_cpus
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, onnx_grid_graph
-from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter, looks_out_of_memory
+from eqaudit.models.base import (
+    LAYOUTS,
+    InputSpec,
+    ModelAdapter,
+    detect_layout,
+    looks_out_of_memory,
+)
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 # Ops never worth auditing as a layer (shape arithmetic, constants).
@@ -69,27 +75,6 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
         else:
             dims.append(None)
     return dims
-
-
-def _detect_layout(dims: list) -> tuple[str, int]:
-    """(layout, channels) of a rank-4 input from its dims; NCHW when undecidable."""
-    second, last = dims[1], dims[3]
-    small = (1, 3, 4)
-    if (
-        isinstance(second, int)
-        and second in small
-        and not (isinstance(last, int) and last in small)
-    ):
-        return "NCHW", second
-    if (
-        isinstance(last, int)
-        and last in small
-        and not (isinstance(second, int) and second in small)
-    ):
-        return "NHWC", last
-    if isinstance(second, int) and second in small:
-        return "NCHW", second
-    return "NCHW", 3
 
 
 def _ort_message(exc: Exception) -> str:
@@ -217,7 +202,7 @@ class OnnxAdapter(ModelAdapter):
             channels = dims[c_axis] if isinstance(dims[c_axis], int) else 3
             source = "option"
         else:
-            layout, channels = _detect_layout(dims)
+            layout, channels = detect_layout(dims)
             source = "detected"
         h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
         height = dims[h_axis] if isinstance(dims[h_axis], int) else None

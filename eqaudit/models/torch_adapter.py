@@ -48,6 +48,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from torch import nn
 
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, export_grid_graph, torch_grid_graph
-from eqaudit.models.base import InputSpec, ModelAdapter
+from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter, detect_layout
 
 __all__ = ["TorchAdapter", "load_torch"]
 
@@ -250,7 +251,7 @@ class TorchAdapter(ModelAdapter):
         batch at the model's input size); TorchScript has no graph to read."""
         if self._program is not None:
             try:
-                return torch_grid_graph(self._program), None
+                return torch_grid_graph(self._program, self.input_spec.layout), None
             except Exception as exc:
                 return None, f"the program's graph could not be walked ({_first_line(exc)})"
         if isinstance(self.module, torch.jit.ScriptModule):
@@ -260,12 +261,11 @@ class TorchAdapter(ModelAdapter):
             return None, "the input size is unknown: sampling grids need an export at that size"
         # On the module's device: an export that mixes a CPU example with CUDA weights fails,
         # and the grids would then be guessed instead of read.
-        example = torch.zeros(
-            (spec.batch or 1, spec.channels, spec.height, spec.width),
-            dtype=self._input_dtype,
-            device=self.device,
-        )
-        return export_grid_graph(self.module, example)
+        shape = (spec.batch or 1, spec.channels, spec.height, spec.width)
+        if spec.layout == "NHWC":
+            shape = (shape[0], shape[2], shape[3], shape[1])
+        example = torch.zeros(shape, dtype=self._input_dtype, device=self.device)
+        return export_grid_graph(self.module, example, spec.layout)
 
     # -- layers ----------------------------------------------------------------------------------
     def _hookable_modules(
@@ -471,8 +471,15 @@ def load_torch(
     trust_pickle: bool = False,
     input_size: tuple[int, int] | None = None,
     channels: int | None = None,
+    layout: str | None = None,
 ) -> TorchAdapter:
-    """Load a PyTorch model file into a :class:`TorchAdapter` (see the module docstring)."""
+    """Load a PyTorch model file into a :class:`TorchAdapter` (see the module docstring).
+    ``layout`` (``--layout``): NHWC for a model that permutes channels-last images inside its
+    forward (a torch.export archive's is read from its input shape)."""
+    if layout is not None:
+        layout = layout.upper()
+        if layout not in LAYOUTS:
+            raise UsageError(f"unknown --layout '{layout}': use NCHW or NHWC")
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file '{path}' does not exist: check the path")
@@ -487,11 +494,14 @@ def load_torch(
             "holds its own module: drop --factory (it is for state dicts)"
         )
     if kind == "export":
-        adapter = _load_export(path, channels, trust_pickle)
-    elif kind == "torchscript":
-        adapter = _load_torchscript(path, channels)
+        adapter = _load_export(path, channels, trust_pickle, layout)
     else:
-        adapter = _load_checkpoint(path, factory, trust_pickle, channels)
+        if kind == "torchscript":
+            adapter = _load_torchscript(path, channels)
+        else:
+            adapter = _load_checkpoint(path, factory, trust_pickle, channels)
+        if layout is not None:
+            adapter.input_spec = replace(adapter.input_spec, layout=layout, layout_source="option")
     if input_size is not None:
         adapter.with_input_size(*input_size)
     return adapter
@@ -654,7 +664,9 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
-def _load_export(path: Path, channels: int | None, trust_pickle: bool = False) -> TorchAdapter:
+def _load_export(
+    path: Path, channels: int | None, trust_pickle: bool = False, layout: str | None = None
+) -> TorchAdapter:
     try:
         with _quiet_torch_warnings(), _refuse_pickled_code(trust_pickle):
             program = torch.export.load(path)
@@ -674,7 +686,7 @@ def _load_export(path: Path, channels: int | None, trust_pickle: bool = False) -
             f"cannot read '{path}' as a torch.export archive ({reason}): "
             f"save it with torch.export.save under torch {torch.__version__.split('+')[0]}"
         ) from exc
-    spec, dtype = _export_spec(path, program, channels)
+    spec, dtype = _export_spec(path, program, channels, layout)
     try:
         with _quiet_torch_warnings():
             module: nn.Module = torch.export.unflatten(program)
@@ -714,7 +726,10 @@ def _load_export(path: Path, channels: int | None, trust_pickle: bool = False) -
 
 
 def _export_spec(
-    path: Path, program: torch.export.ExportedProgram, channels: int | None
+    path: Path,
+    program: torch.export.ExportedProgram,
+    channels: int | None,
+    layout: str | None = None,
 ) -> tuple[InputSpec, torch.dtype]:
     user_inputs = list(program.graph_signature.user_inputs)
     if len(user_inputs) != 1:
@@ -733,10 +748,18 @@ def _export_spec(
             "eqaudit audits image classifiers"
         )
     dims = [dim if isinstance(dim, int) else None for dim in shape]  # SymInt: dynamic
-    if channels is not None and dims[1] is not None and channels != dims[1]:
+    if layout is not None:
+        source = "option"
+    else:
+        # The channel axis from the shape, as for ONNX: a model that permutes NHWC images
+        # inside forward was exported with (1, H, W, 3).
+        layout, _ = detect_layout(dims)
+        source = "detected" if layout == "NHWC" else "default"
+    c_axis, h_axis, w_axis = (1, 2, 3) if layout == "NCHW" else (3, 1, 2)
+    if channels is not None and dims[c_axis] is not None and channels != dims[c_axis]:
         raise UsageError(
-            f"the model's input '{node.name}' has {dims[1]} channels; --channels {channels} does "
-            "not match it: drop --channels"
+            f"the model's input '{node.name}' has {dims[c_axis]} channels; --channels {channels} "
+            "does not match it: drop --channels"
         )
     dtype = getattr(value, "dtype", torch.float32)
     if not dtype.is_floating_point:
@@ -746,13 +769,13 @@ def _export_spec(
         )
     spec = InputSpec(
         name=node.name,
-        layout="NCHW",
-        channels=dims[1] if dims[1] is not None else (channels or 3),
-        height=dims[2],
-        width=dims[3],
+        layout=layout,
+        channels=dims[c_axis] if dims[c_axis] is not None else (channels or 3),
+        height=dims[h_axis],
+        width=dims[w_axis],
         batch=dims[0],
         dtype=str(dtype).removeprefix("torch."),
-        layout_source="default",
+        layout_source=source,
     )
     return spec, dtype
 
