@@ -492,6 +492,15 @@ class Engine:
         # The grids first: the graph also tells which captured maps are channels-last.
         graph, grids = self._layer_grids()
         probed = self.adapter.probe_layers(first)
+        skipped = self.adapter.unauditable
+        if skipped:
+            shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            count = f"{len(skipped)} layers are" if len(skipped) > 1 else "1 layer is"
+            self.geometry_notes.append(
+                f"{count} not audited: outputs that are neither image maps (batch, C, H, W) nor "
+                f"flat features (batch, D), such as the token sequences of a transformer's "
+                f"blocks ({shown})"
+            )
         height, width = self.input_size
         g = len(self.elements)
         for info in _select_layers(probed, self.config.layer_patterns):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from models_group import c4_net
 from models_zoo import symmetric_cnn
+from torch import nn
 
 import eqaudit
 
@@ -357,3 +358,22 @@ def test_inspect_shows_grids_and_chooses_an_aligned_size() -> None:
     assert "2x2 @ 0,0 (17x17)" in result.output  # the first stride-2 convolution's grid
     misaligned = runner.invoke(app, [*args, "--input-size", "32"])
     assert misaligned.exit_code == 0 and "2x2 @ 0,0 (16x16)" in misaligned.output
+
+
+def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
+    class Tokens(nn.Module):  # a patch embedding, a layer on tokens, a head: a tiny ViT
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 3, stride=3)
+            self.mix = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, 9 tokens, 8)
+            return self.head(self.mix(tokens).mean(1))
+
+    torch.manual_seed(0)
+    result = eqaudit.audit(Tokens(), "flips", input_size=9, num_images=2)
+    assert {row["layer"] for row in result.layers} == {"embed"}
+    notes = result.summary["geometry"]["notes"]
+    assert any(n.startswith("1 layer is not audited: ") and n.endswith("(mix)") for n in notes)

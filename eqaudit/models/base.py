@@ -216,6 +216,8 @@ class ModelAdapter(ABC):
         self.path = Path(path)
         self.input_spec = input_spec
         self._layers: list[LayerInfo] | None = None
+        #: candidate layers the probe found neither maps nor flat features (a ViT's tokens)
+        self.unauditable: list[str] = []
         self.output_name: str = "output"
         self._grid_graph: tuple[GridGraph | None, str | None] | None = None
 
@@ -313,6 +315,7 @@ class ModelAdapter(ABC):
         out = self.run(example[:1], names)
         scores = out.scores
         probed = []
+        self.unauditable = [name for name in names if name not in out.activations]
         for layer in self.layers():
             value = out.activations.get(layer.name)
             if value is None:

@@ -172,6 +172,8 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
             f"[dim]{unknown} (layer, transform) pairs have unknown sampling grids: compared on "
             "the map's own grid and kept out of the layer scores[/]"
         )
+    for note in (s.get("geometry") or {}).get("notes") or []:  # (layer coverage, grids)
+        stdout.print(f"[dim]note: {escape(note)}[/]")
     unmeasurable = sum(1 for r in s["layers"] if not r["measurable"])
     if unmeasurable:
         stdout.print(
