@@ -275,10 +275,12 @@ class OnnxAdapter(ModelAdapter):
         """Run a graph fixed at batch 1 (what ``torch.onnx.export`` writes without
         ``dynamic_axes``) on whole batches when a copy with a dynamic batch
         (:func:`_dynamic_batch`) gives, for two probe images run together, the outputs the
-        graph gives for each alone. One image per run costs 1.5-1.8x on a 2-core CPU for a
-        ResNet-18, and far more on a GPU. A graph that fails the check (a batch of 1 written
-        into an ``Expand``, a ``Squeeze`` of the batch axis) keeps running one image at a time,
-        and ``fixed_batch`` says why."""
+        graph gives for each alone. One image per run costs a ResNet-18's all-layers audit 1.5x
+        on 2 CPU cores (47 outputs bound per run; its output-only audit about the same time),
+        and far more on a GPU, where one image cannot fill the device. The check costs one
+        more session, two single-image runs and one of both (0.15-0.2 s for that ResNet). A
+        graph that fails it (a batch of 1 written into an ``Expand``, a ``Squeeze`` of the
+        batch axis) keeps running one image at a time, and ``fixed_batch`` says why."""
         spec = self.input_spec
         if spec.batch != 1 or self.fixed_batch is not None or None in (spec.height, spec.width):
             return
