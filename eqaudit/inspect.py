@@ -71,6 +71,7 @@ def inspect_model(model: Path | str, align_input: bool = False, **options: Any) 
             for la in layers
         ]
         info["size_note"] = size_note
+        info["unauditable"] = list(adapter.unauditable)
     else:
         info["layers"] = [
             {"name": la.name, "op": la.op, "shape": None, "kind": "?"} for la in adapter.layers()

@@ -377,3 +377,7 @@ def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
     assert {row["layer"] for row in result.layers} == {"embed"}
     notes = result.summary["geometry"]["notes"]
     assert any(n.startswith("1 layer is not audited: ") and n.endswith("(mix)") for n in notes)
+    from eqaudit.inspect import inspect_model
+
+    torch.manual_seed(0)
+    assert inspect_model(Tokens(), input_size=(9, 9))["unauditable"] == ["mix"]

@@ -223,6 +223,13 @@ def print_inspection(info: dict) -> None:
         stdout.print(info["size_note"], markup=False, highlight=False)
     if info.get("grid_note"):
         warn(info["grid_note"])
+    skipped = info.get("unauditable") or []
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        stdout.print(
+            f"[dim]not auditable ({len(skipped)}): outputs neither image maps nor flat "
+            f"features, such as a transformer's token sequences: {escape(shown)}[/]"
+        )
     table = Table(title=f"Auditable layers ({len(info['layers'])})", title_justify="left")
     with_grids = any("grid" in layer for layer in info["layers"])
     columns = ("#", "layer", "op", "kind", "shape") + (
