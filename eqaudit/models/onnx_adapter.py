@@ -291,11 +291,17 @@ class OnnxAdapter(ModelAdapter):
         probe = np.random.default_rng(0).standard_normal((2, *per_image)).astype(spec.dtype)
         plain = self._session(())
         try:
-            alone = np.concatenate(
-                [plain.run([self.output_name], {spec.name: image[None]})[0] for image in probe]
-            )
+            singles = [
+                plain.run([self.output_name], {spec.name: image[None]})[0] for image in probe
+            ]
         except Exception:  # the graph does not run on noise at all: the audit will say why
             return
+        if any(single.ndim < 2 or single.shape[0] != 1 for single in singles):
+            # (K,) scores: a copy would give (2K,) for two images, which no check can tell
+            # from two rows of K.
+            record["why"] = f"its output of shape {list(singles[0].shape)} has no batch axis"
+            return
+        alone = np.concatenate(singles)
         try:
             model = _dynamic_batch(self.model, spec.name)
             session = self._new_session(model.SerializeToString(), exposed=False)
@@ -580,8 +586,12 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     del graph.value_info[:]
     constants = {t.name: t for t in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = node.attribute[0].t
+        if node.op_type == "Constant" and node.attribute:
+            value = node.attribute[0]
+            if value.name == "value":
+                constants[node.output[0]] = value.t
+            elif value.name == "value_ints":
+                constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
     dependent = {input_name}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     for node in graph.node:
@@ -589,7 +599,9 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
             continue
         dependent.update(o for o in node.output if o)
         allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
-        if node.op_type != "Reshape" or allow_zero or node.input[1] not in constants:
+        if node.op_type != "Reshape" or allow_zero or len(node.input) < 2:
+            continue  # (before opset 5 the shape is an attribute: left as it is)
+        if node.input[1] not in constants:
             continue
         shape = numpy_helper.to_array(constants[node.input[1]])
         if shape.ndim != 1 or not shape.size or shape[0] != 1:

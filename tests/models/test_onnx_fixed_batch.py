@@ -103,3 +103,26 @@ def test_a_graph_with_a_dynamic_size_is_checked_once_the_size_is_known(tmp_path)
     adapter.with_input_size(17, 17)
     assert adapter.describe()["fixed_batch"]["run"] == "batched"
     assert adapter.input_spec.batch is None
+
+
+def test_a_batch_1_graph_whose_output_has_no_batch_axis_runs_one_image_at_a_time(tmp_path):
+    # Scores of shape (K,) (an x.view(-1) head): a dynamic copy gives (2K,) for two images,
+    # the same shape as the two (K,) outputs joined, so no output check could tell them apart.
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = calibrate_(SmallCNN(), 17)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).view(-1)
+
+    torch.manual_seed(0)
+    model = Flat().eval()
+    adapter = load_model(export_onnx(model, tmp_path / "flat.onnx", 17, dynamic_batch=False))
+    assert adapter.describe()["fixed_batch"] == {
+        "size": 1,
+        "run": "one image at a time",
+        "why": "its output of shape [5] has no batch axis",
+    }
+    x = torch.randn(3, 3, 17, 17)
+    torch.testing.assert_close(adapter.run(x).scores, model.body(x), rtol=1e-5, atol=1e-5)
