@@ -100,21 +100,30 @@ def load_saved(source: str | Path) -> AuditResult:
     return result
 
 
-def _resets(model: Any, layout: str | None) -> dict[str, Any]:
-    """Options the model's backend would refuse, reset: ``--factory``/``--trust-pickle`` for an
-    ONNX model, ``--input-name``/``--output-name`` (and an NCHW ``--layout``) for PyTorch."""
+def _is_onnx(model: Any) -> bool:
     suffix = Path(model).suffix.lower() if isinstance(model, (str, Path)) else ""
-    if suffix == ".onnx" or type(model).__name__ == "ModelProto":
+    return suffix == ".onnx" or type(model).__name__ == "ModelProto"
+
+
+def _resets(model: Any, layout: str | None, other: Any = None) -> dict[str, Any]:
+    """Options the model's backend would refuse, reset: ``--factory``/``--trust-pickle`` for an
+    ONNX model, ``--input-name`` (and an NCHW ``--layout``, the default) for PyTorch, and
+    ``--output-name`` for a PyTorch model compared with an ONNX one (it names a graph output
+    then, not a tuple index or dict key)."""
+    if _is_onnx(model):
         return {"factory": None, "trust_pickle": False}
-    resets: dict[str, Any] = {"input_name": None, "output_name": None}
+    resets: dict[str, Any] = {"input_name": None}
+    if other is not None and _is_onnx(other):
+        resets["output_name"] = None
     if layout is not None and layout.upper() == "NCHW":
         resets["layout"] = None
     return resets
 
 
-def config_for(model: Any, config: AuditConfig) -> AuditConfig:
-    """The shared configuration, minus what this model's backend would refuse."""
-    return replace(config, **_resets(model, config.layout))
+def config_for(model: Any, config: AuditConfig, other: Any = None) -> AuditConfig:
+    """The shared configuration, minus what this model's backend would refuse (``other``: the
+    model it is compared with)."""
+    return replace(config, **_resets(model, config.layout, other))
 
 
 def run_both(
@@ -129,12 +138,13 @@ def run_both(
     from eqaudit.audit import audit
 
     results = []
-    for label, model in (("A", a), ("B", b)):
+    for label, model, other in (("A", a, b), ("B", b, a)):
         callback = progress(label) if progress else None
         if config is not None:
-            results.append(audit(model, config=config_for(model, config), progress=callback))
+            config_here = config_for(model, config, other)
+            results.append(audit(model, config=config_here, progress=callback))
             continue
-        resets = _resets(model, options.get("layout"))
+        resets = _resets(model, options.get("layout"), other)
         mine = {**options, **{k: v for k, v in resets.items() if k in options}}
         results.append(audit(model, progress=callback, **mine))
     return results[0], results[1]

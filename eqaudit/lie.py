@@ -422,16 +422,13 @@ def _torch_module(adapter: ModelAdapter) -> nn.Module | None:
     return module
 
 
-def _score_tensor(output: Any) -> torch.Tensor:
-    """Class scores ``(B, K)`` from a module output, keeping forward-mode tangents (the adapter's
-    own extraction detaches): a tensor, a tuple/list's first item, a dict's ``logits`` or single
-    tensor."""
-    value = output
-    if isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    if isinstance(value, Mapping):
-        tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}
-        value = tensors["logits"] if "logits" in tensors else next(iter(tensors.values()))
+def _score_tensor(output: Any, pick: str | None = None) -> torch.Tensor:
+    """Class scores ``(B, K)`` from a module output, picked as the adapter picks them
+    (``--output-name``), keeping forward-mode tangents (the adapter's own extraction
+    detaches)."""
+    from eqaudit.models.torch_adapter import pick_scores
+
+    value = pick_scores(output, pick)
     if value.ndim == 4 and value.shape[2:] == (1, 1):
         value = value.flatten(1)
     if value.ndim == 1:
@@ -685,7 +682,9 @@ def _plan_one(
 
 
 def _forward(adapter: ModelAdapter, model_input: torch.Tensor) -> torch.Tensor:
-    return _score_tensor(adapter.module(model_input))  # type: ignore[attr-defined]
+    return _score_tensor(  # type: ignore[attr-defined]
+        adapter.module(model_input), getattr(adapter, "output_name", None)
+    )
 
 
 # -- forward-mode AD and central differences ------------------------------------------------------

@@ -307,22 +307,15 @@ class ModelAdapter(ABC):
 
     def probe_layers(self, example: torch.Tensor) -> list[LayerInfo]:
         """Run one image to learn each layer's canonical shape; drop layers that are not
-        auditable (neither spatial maps nor flat features) and those that are the model's
-        output itself (a PyTorch model's last Linear: its hook sees the scores, which the output
-        metrics audit; an ONNX graph's outputs are never layers, and both loaders of one model
-        must give the same layer rows)."""
+        auditable (neither spatial maps nor flat features), and keep their names in
+        :attr:`unauditable`."""
         names = [layer.name for layer in self.layers()]
         out = self.run(example[:1], names)
-        scores = out.scores
         probed = []
         self.unauditable = [name for name in names if name not in out.activations]
         for layer in self.layers():
             value = out.activations.get(layer.name)
             if value is None:
-                continue
-            if value.numel() == scores.numel() and torch.equal(
-                value.detach().reshape(scores.shape).to(scores), scores
-            ):
                 continue
             probed.append(replace(layer, index=len(probed), shape=tuple(value.shape[1:])))
         self._layers = probed

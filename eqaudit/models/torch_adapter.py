@@ -95,11 +95,16 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def _scores_of(output: Any, pick: str | None = None) -> torch.Tensor:
-    """Class scores from a model output: a tensor; the one tensor of a tuple or list, or its
-    ``logits`` field (a named tuple); a dict's ``logits`` entry or its one tensor. ``pick``
-    (``--output-name``) chooses among several: a tuple's index, a dict key or a field name.
-    Several tensors and no pick are refused: taking the first would audit an auxiliary head
-    without a word."""
+    """Class scores from a model output (:func:`pick_scores`), detached."""
+    return pick_scores(output, pick).detach()
+
+
+def pick_scores(output: Any, pick: str | None = None) -> torch.Tensor:
+    """The class-score tensor of a model output: a tensor; the one tensor of a tuple or list,
+    or its ``logits`` field (a named tuple); a dict's ``logits`` entry or its one tensor.
+    ``pick`` (``--output-name``) chooses among several: a tuple's index, a dict key or a field
+    name. Several tensors and no pick are refused: taking the first would audit an auxiliary
+    head without a word."""
     value = output
     if pick is not None:
         value = _picked(output, pick)
@@ -130,7 +135,7 @@ def _scores_of(output: Any, pick: str | None = None) -> torch.Tensor:
             f"the model returns {type(output).__name__}, not a tensor of class scores: "
             "wrap it so that forward returns the (batch, classes) scores"
         )
-    return value.detach()
+    return value
 
 
 def _picked(output: Any, pick: str) -> Any:
@@ -308,18 +313,29 @@ class TorchAdapter(ModelAdapter):
         if spec.layout == "NHWC":
             shape = (shape[0], shape[2], shape[3], shape[1])
         order: list[str] = []
+        seen: dict[str, torch.Tensor] = {}
 
         def record(name: str, index: int, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is not None and tensor.is_floating_point():
-                order.append(name if index == 0 else f"{name}:{index}")
+                key = name if index == 0 else f"{name}:{index}"
+                order.append(key)
+                seen[key] = tensor
 
         try:
             with self._hooks(self._candidates, record):
-                self._forward(torch.zeros(shape))
+                scores = _scores_of(self._forward(torch.zeros(shape)), self.output_name)
         except Exception:  # the real run reports the model's failure properly
             return None
-        return order
+        # A module whose output is the scores tensor itself (the last Linear) is the model's
+        # output, which the output metrics audit: not a layer, as an ONNX graph's outputs are
+        # not (both loaders of one model give the same layer rows).
+        output = {
+            key
+            for key, tensor in seen.items()
+            if tensor.data_ptr() == scores.data_ptr() and tensor.shape == scores.shape
+        }
+        return [key for key in order if key not in output]
 
     @contextmanager
     def _hooks(

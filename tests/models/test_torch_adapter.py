@@ -245,10 +245,8 @@ def test_data_parallel_prefix_is_stripped(tmp_path):
 def test_layers_in_execution_order_with_names_ops_and_shapes(state_dict_file, tmp_path):
     _, path = state_dict_file
     adapter = load_torch(path, factory=f"{write_factory(tmp_path)}:build", input_size=(SIZE, SIZE))
-    # Candidates before the probe: the output's module too, dropped once the probe sees it.
     assert [(layer.name, layer.op) for layer in adapter.layers()] == [
-        *((name, op) for name, op, _ in TINY_LAYERS),
-        ("fc", "Linear"),
+        (name, op) for name, op, _ in TINY_LAYERS
     ]
     probed = adapter.probe_layers(images(1))
     assert [(layer.name, layer.op, layer.shape) for layer in probed] == TINY_LAYERS
@@ -264,7 +262,7 @@ def test_execution_order_differs_from_registration_order():
             self.body = nn.Conv2d(3, 4, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.body(x).mean((2, 3)))
+            return 2 * self.head(self.body(x).mean((2, 3)))  # (head: a layer, not the output)
 
     adapter = TorchAdapter.from_module(Reversed(), input_spec=spec())
     assert [layer.name for layer in adapter.layers()] == ["body", "head"]
@@ -788,14 +786,14 @@ def test_an_exported_program_moves_to_another_device_whole(tmp_path):
     # "meta" stands in for a GPU: Module.to would leave the lifted constant and the arange's
     # device on the CPU, and the forward would fail with a device mismatch.
     adapter = load_torch(export(tmp_path, WithConstants().eval(), images(1)))
-    cpu_layers = [name for name, _ in adapter._layers_impl()]
+    cpu_layers = sorted(adapter._candidates)
     adapter.to_device("meta")
     out = adapter._forward(torch.zeros(1, 3, 8, 8))
     assert out.device.type == "meta" and tuple(out.shape) == (1, 5)
     tensors = [t for m in adapter.module.modules() for t in vars(m).values()]
     tensors += list(adapter.module.parameters()) + list(adapter.module.buffers())
     assert all(t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor))
-    assert sorted(adapter._candidates) == sorted(cpu_layers)  # hooks go on the moved module
+    assert sorted(adapter._candidates) == cpu_layers  # hooks go on the moved module
 
 
 def test_a_model_left_partly_on_the_cpu_says_so():
@@ -864,6 +862,20 @@ def test_a_model_with_several_outputs_needs_the_scores_picked(tmp_path) -> None:
     as_dict.load_state_dict(model.state_dict())
     keyed = eqaudit.audit(as_dict, "flips", input_size=9, num_images=2, output_name="scores")
     assert keyed.outputs[1] == picked.outputs[1]  # the same head, the same numbers
+
+    # --lie differentiates the picked scores, as a model returning only them.
+    class LogitsOnly(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)[1]
+
+    lie = {"transforms": "rot:10", "input_size": 9, "num_images": 2, "layers": False, "lie": True}
+    picked_lie = eqaudit.audit(model, output_name="1", **lie).summary["lie"]["outputs"]
+    only_lie = eqaudit.audit(LogitsOnly(model), **lie).summary["lie"]["outputs"]
+    assert [r["mean"] for r in picked_lie] == [r["mean"] for r in only_lie]
     with pytest.raises(UsageError, match=r"'2' is not an index of the model's 2 outputs"):
         eqaudit.audit(TwoHeads(), "flips", input_size=9, num_images=2, output_name="2")
     with pytest.raises(UsageError, match=r"returns one Tensor, nothing to pick from"):
@@ -893,3 +905,34 @@ def test_output_name_picks_the_scores_of_a_torch_export_on_the_command_line(tmp_
     )
     assert done.exit_code == 0, done.output
     assert json.loads((out / "summary.json").read_text())["model"]["num_classes"] == 7
+
+
+def test_compare_passes_output_name_to_two_pytorch_models() -> None:
+    from eqaudit.compare import run_both
+
+    torch.manual_seed(0)
+    a, b = TwoHeads(), TwoHeads()
+    result_a, result_b = run_both(
+        a, b, None, transforms="flips", input_size=9, num_images=2, output_name="1"
+    )
+    assert result_a.summary["model"]["num_classes"] == result_b.summary["model"]["num_classes"] == 7
+
+
+def test_a_blank_probe_does_not_drop_layers_that_happen_to_equal_the_scores() -> None:
+    # The probe image is blank: a bias-free net gives zero activations and zero scores there,
+    # so a 10-feature layer "equals" 10 zero scores. Only the module whose output is the scores
+    # tensor itself (the last Linear) is the output.
+    import eqaudit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 10, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(10, 10, bias=False),
+    )
+    result = eqaudit.audit(model, "flips", input_size=16, num_images=2)
+    assert sorted({row["layer"] for row in result.layers}) == ["0", "1", "2", "3", "4", "5"]
