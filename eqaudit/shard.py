@@ -270,8 +270,9 @@ def _differences(first: Any, other: Any, shown: int = 3) -> str:
 
     lines, seen = [], set()
     for path, a, b in sorted(walk(first, other, ()), key=lambda item: len(item[0])):
-        if path[-1:] not in seen:
-            seen.add(path[-1:])
+        said = (path[-1:], _short(a), _short(b))  # the same key and values: said once
+        if said not in seen:
+            seen.add(said)
             lines.append(f"{'.'.join(path)}: {_short(a)} vs {_short(b)}")
     more = f", and {len(lines) - shown} more" if len(lines) > shown else ""
     return "; ".join(lines[:shown]) + more
