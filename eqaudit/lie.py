@@ -682,9 +682,7 @@ def _plan_one(
 
 
 def _forward(adapter: ModelAdapter, model_input: torch.Tensor) -> torch.Tensor:
-    return _score_tensor(  # type: ignore[attr-defined]
-        adapter.module(model_input), getattr(adapter, "output_name", None)
-    )
+    return _score_tensor(adapter.module(model_input), adapter.output_name)  # type: ignore[attr-defined]
 
 
 # -- forward-mode AD and central differences ------------------------------------------------------

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from eqaudit.errors import ModelLoadError, UsageError
-from eqaudit.models.base import InputSpec, LayerInfo, ModelAdapter, RunOutput, sha256_file
+from eqaudit.models.base import (
+    InputSpec,
+    LayerInfo,
+    ModelAdapter,
+    RunOutput,
+    layout_option,
+    sha256_file,
+)
 
 __all__ = ["InputSpec", "LayerInfo", "ModelAdapter", "RunOutput", "load_model", "sha256_file"]
 
@@ -45,11 +52,10 @@ def load_model(
             (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3
         )
         h, w = input_size if input_size else (None, None)
-        if layout is not None and layout.upper() not in ("NCHW", "NHWC"):
-            raise UsageError(f"unknown --layout '{layout}': use NCHW or NHWC")
+        layout = layout_option(layout)
         spec = InputSpec(
             name="input",
-            layout=layout.upper() if layout else "NCHW",
+            layout=layout or "NCHW",
             channels=c,
             height=h,
             width=w,

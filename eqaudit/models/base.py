@@ -55,6 +55,15 @@ if TYPE_CHECKING:
 LAYOUTS = ("NCHW", "NHWC")
 
 
+def layout_option(layout: str | None) -> str | None:
+    """``--layout`` upper-cased, refused unless it is NCHW or NHWC (None: not given)."""
+    if layout is None:
+        return None
+    if layout.upper() not in LAYOUTS:
+        raise UsageError(f"unknown --layout '{layout.upper()}': use NCHW or NHWC")
+    return layout.upper()
+
+
 def detect_layout(dims: Sequence[Any]) -> tuple[str, int]:
     """(layout, channels) of a rank-4 image input from its dims (ints where known): the
     channel axis is the one of size 1, 3 or 4 (gray, RGB, RGBA); NCHW when undecidable."""
@@ -102,6 +111,13 @@ class InputSpec:
                 "pass --input-size N or --input-size HxW"
             )
         return (self.height, self.width)
+
+    def model_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The shape of ``batch`` images in the model's own layout (the size must be known)."""
+        h, w = self.size
+        if self.layout == "NHWC":
+            return (batch, h, w, self.channels)
+        return (batch, self.channels, h, w)
 
     def to_dict(self) -> dict:
         return {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,10 @@ from eqaudit.data.prefetch import cpu_limit, physical_cpus
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, onnx_grid_graph
 from eqaudit.models.base import (
-    LAYOUTS,
     InputSpec,
     ModelAdapter,
     detect_layout,
+    layout_option,
     looks_out_of_memory,
 )
 
@@ -194,10 +194,8 @@ class OnnxAdapter(ModelAdapter):
                 f"input '{value.name}' has rank {len(dims)} ({dims}); an image classifier takes "
                 "a rank-4 batch (N, C, H, W) or (N, H, W, C)"
             )
+        layout = layout_option(layout)
         if layout is not None:
-            layout = layout.upper()
-            if layout not in LAYOUTS:
-                raise UsageError(f"unknown --layout '{layout}': use NCHW or NHWC")
             c_axis = 1 if layout == "NCHW" else 3
             channels = dims[c_axis] if isinstance(dims[c_axis], int) else 3
             source = "option"
@@ -286,9 +284,7 @@ class OnnxAdapter(ModelAdapter):
             return
         record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
         self.fixed_batch = record
-        size = (spec.height, spec.width)
-        per_image = (spec.channels, *size) if spec.layout == "NCHW" else (*size, spec.channels)
-        probe = np.random.default_rng(0).standard_normal((2, *per_image)).astype(spec.dtype)
+        probe = np.random.default_rng(0).standard_normal(spec.model_shape(2)).astype(spec.dtype)
         plain = self._session(())
         try:
             singles = [
@@ -347,15 +343,11 @@ class OnnxAdapter(ModelAdapter):
             v.name: v.type.tensor_type.elem_type for v in self._inferred_model().graph.value_info
         }
         outputs = {o.name for o in graph.output}
-        dependent = {self.input_spec.name}
         candidates: list[tuple[str, str]] = []
-        for node in graph.node:
-            if not any(i in dependent for i in node.input if i):
-                continue  # constant subgraph: does not depend on the image
+        for node in _image_nodes(graph, self.input_spec.name):
             for out in node.output:
                 if not out:
                     continue
-                dependent.add(out)
                 if out in outputs or node.op_type in _SKIP_OPS:
                     continue
                 if out in types and types[out] not in _FLOAT_TYPES:
@@ -570,6 +562,16 @@ class OnnxAdapter(ModelAdapter):
         }
 
 
+def _image_nodes(graph: onnx.GraphProto, input_name: str) -> Iterator[onnx.NodeProto]:
+    """The nodes that depend on the image input, in graph order (not the constant subgraphs
+    that shape arithmetic and weights form)."""
+    dependent = {input_name}
+    for node in graph.node:
+        if any(i in dependent for i in node.input if i):
+            dependent.update(o for o in node.output if o)
+            yield node
+
+
 def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     """A copy of a graph fixed at batch 1 whose batch is dynamic: the image input's first axis
     and every graph output's that is 1 become ``batch``, the recorded intermediate shapes
@@ -592,12 +594,8 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
                 constants[node.output[0]] = value.t
             elif value.name == "value_ints":
                 constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
-    dependent = {input_name}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    for node in graph.node:
-        if not any(i in dependent for i in node.input if i):
-            continue
-        dependent.update(o for o in node.output if o)
+    for node in _image_nodes(graph, input_name):
         allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
         if node.op_type != "Reshape" or allow_zero or len(node.input) < 2:
             continue  # (before opset 5 the shape is an attribute: left as it is)

@@ -57,7 +57,7 @@ from torch import nn
 
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, export_grid_graph, torch_grid_graph
-from eqaudit.models.base import LAYOUTS, InputSpec, ModelAdapter, detect_layout
+from eqaudit.models.base import InputSpec, ModelAdapter, detect_layout, layout_option
 
 __all__ = ["TorchAdapter", "load_torch"]
 
@@ -266,10 +266,9 @@ class TorchAdapter(ModelAdapter):
             return None, "the input size is unknown: sampling grids need an export at that size"
         # On the module's device: an export that mixes a CPU example with CUDA weights fails,
         # and the grids would then be guessed instead of read.
-        shape = (spec.batch or 1, spec.channels, spec.height, spec.width)
-        if spec.layout == "NHWC":
-            shape = (shape[0], shape[2], shape[3], shape[1])
-        example = torch.zeros(shape, dtype=self._input_dtype, device=self.device)
+        example = torch.zeros(
+            spec.model_shape(spec.batch or 1), dtype=self._input_dtype, device=self.device
+        )
         return export_grid_graph(self.module, example, spec.layout)
 
     # -- layers ----------------------------------------------------------------------------------
@@ -309,9 +308,7 @@ class TorchAdapter(ModelAdapter):
         spec = self.input_spec
         if spec.height is None or spec.width is None:
             return None
-        shape = (spec.batch or 1, spec.channels, spec.height, spec.width)
-        if spec.layout == "NHWC":
-            shape = (shape[0], shape[2], shape[3], shape[1])
+        shape = spec.model_shape(spec.batch or 1)
         order: list[str] = []
         seen: dict[str, torch.Tensor] = {}
 
@@ -492,10 +489,7 @@ def load_torch(
     """Load a PyTorch model file into a :class:`TorchAdapter` (see the module docstring).
     ``layout`` (``--layout``): NHWC for a model that permutes channels-last images inside its
     forward (a torch.export archive's is read from its input shape)."""
-    if layout is not None:
-        layout = layout.upper()
-        if layout not in LAYOUTS:
-            raise UsageError(f"unknown --layout '{layout}': use NCHW or NHWC")
+    layout = layout_option(layout)
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file '{path}' does not exist: check the path")
