@@ -71,7 +71,7 @@ from eqaudit.metrics import (
     robustness_score,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
-from eqaudit.models.base import check_scores, nonfinite_scores
+from eqaudit.models.base import check_scores, kept_as_given, nonfinite_scores
 from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
 from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
@@ -1522,7 +1522,8 @@ def audit(
     :class:`~eqaudit.config.AuditConfig` (``input_size=224``, ``preset="imagenet"``, ...).
     ``progress(done, total)`` is called after each batch.
 
-    An ``nn.Module`` is audited in place: it is put in eval mode and moved to ``device``. One
+    An ``nn.Module`` is audited in eval mode on ``device`` and handed back as it came: each
+    submodule's train/eval mode and each tensor's device are restored, also after an error. One
     whose weights are not all float32 is audited as a float32 copy, so its own weights are not
     rounded.
     """
@@ -1553,7 +1554,7 @@ def audit(
         # A container's CPU limit: torch's default, a thread per core of the machine, would be
         # throttled (onnxruntime's adapter keeps to the limit the same way).
         threads = limit
-    with torch_threads(threads):
+    with torch_threads(threads), kept_as_given(model):
         return _audit(model, config, data, progress, started, started_at)
 
 

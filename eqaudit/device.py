@@ -43,13 +43,19 @@ def check_device(device: str) -> str:
             f"--device {device}: no CUDA device is visible to torch {torch.__version__} "
             f"({build}): run on a machine with a GPU and a CUDA build of torch, or use --device cpu"
         )
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise UsageError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
-        )
+    _check_index(device)
     return device
+
+
+def _check_index(device: str) -> None:
+    """Refuse ``cuda:N`` beyond the devices torch sees (torch's own error is a CUDA error)."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(
+            f"--device {device}: this machine has {count} CUDA device(s) "
+            f"(cuda:0 .. cuda:{count - 1}): use one of those"
+        )
 
 
 def place(adapter: ModelAdapter, device: str) -> None:
@@ -67,6 +73,8 @@ def place(adapter: ModelAdapter, device: str) -> None:
                 f"--device {device}: onnxruntime has no CUDAExecutionProvider here (available: "
                 f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
             )
+        if torch.cuda.is_available():  # else onnxruntime-gpu beside a CPU build of torch
+            _check_index(device)
         index = device.split(":")[1] if ":" in device else "0"
         # onnxruntime's CUDA provider rounds convolutions and matrix products to TF32 unless
         # told not to (see ieee_float32 for why the audit needs IEEE float32).
@@ -78,8 +86,9 @@ def place(adapter: ModelAdapter, device: str) -> None:
 
 
 def free_memory(device: str) -> int | None:
-    """Free bytes on a CUDA device (None for the CPU)."""
-    if not device.startswith("cuda"):
+    """Free bytes on a CUDA device (None for the CPU, and where torch sees no CUDA device:
+    onnxruntime-gpu beside a CPU build of torch)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     where = torch.device(device)
     free, _total = torch.cuda.mem_get_info(where)

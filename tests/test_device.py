@@ -81,11 +81,24 @@ def test_onnx_on_cuda_runs_every_session_on_the_cuda_provider(model, tmp_path, m
     # that runs the audit; and onnxruntime's CUDA provider must not round to TF32.
     path = export_onnx(model, tmp_path / "m.onnx", 17)
     asked, ran = fake_cuda_onnxruntime(monkeypatch, starts=True)
-    result = eqaudit.audit(path, "flips", num_images=3, device="cuda:1", lie=False)
-    cuda = ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"})
+    index = torch.cuda.device_count() - 1 if CUDA else 1  # on a GPU machine, one that exists
+    result = eqaudit.audit(path, "flips", num_images=3, device=f"cuda:{index}", lie=False)
+    cuda = ("CUDAExecutionProvider", {"device_id": str(index), "use_tf32": "0"})
     assert asked[0] == ["CPUExecutionProvider"]  # at load, before --device is applied
     assert ran and all(providers == [cuda, "CPUExecutionProvider"] for providers in ran)
     assert result.summary["model"]["providers"] == [list(cuda), "CPUExecutionProvider"]
+
+
+def test_onnx_on_a_cuda_device_torch_does_not_see_is_refused(model, tmp_path, monkeypatch) -> None:
+    # Where torch sees the GPUs, a device index past them is a usage error before onnxruntime
+    # or the memory query meets it (seen on a one-GPU H100: "CUDA error: invalid device
+    # ordinal" from torch.cuda.mem_get_info, with a traceback).
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    fake_cuda_onnxruntime(monkeypatch, starts=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match=r"--device cuda:3: this machine has 1 CUDA device\(s\)"):
+        eqaudit.audit(path, "flips", num_images=3, device="cuda:3", lie=False)
 
 
 def test_onnx_on_cuda_refuses_to_fall_back_to_the_cpu(model, tmp_path, monkeypatch) -> None:
@@ -287,6 +300,84 @@ def test_onnx_on_cuda_matches_the_cpu(model, tmp_path) -> None:
     assert_same_audit(cpu, gpu, 1e-3, 1e-6)
 
 
+@pytest.mark.skipif(
+    not CUDA or _onnxruntime_has_cuda(),
+    reason="needs a GPU beside a CPU-only onnxruntime (the refusal cannot be observed otherwise)",
+)
+def test_onnx_on_cuda_with_a_cpu_only_onnxruntime_says_what_to_install(model, tmp_path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    with pytest.raises(UsageError, match="pip install onnxruntime-gpu, or use --device cpu"):
+        eqaudit.audit(path, "flips", num_images=2, device="cuda", lie=False)
+
+
+class NHWCSymmetric(torch.nn.Module):
+    """A D4-symmetric CNN behind a permute: it takes channels-last images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = symmetric_cnn(size=33)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.permute(0, 3, 1, 2))
+
+
+class TwoHeads(torch.nn.Module):
+    """An auxiliary head first, the class scores second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = symmetric_cnn(size=33)
+        self.aux = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.body(x)
+        return self.aux(scores), scores
+
+
+@needs_gpu
+def test_cuda_symmetric_nets_are_exact_through_a_permute_an_export_and_a_picked_output(
+    tmp_path,
+) -> None:
+    # DESIGN.md 6: a D4-symmetrised CNN at an aligned size is equivariant to float32 rounding
+    # at every layer. On the GPU too, whether it takes NHWC images (grids read through the
+    # permute, in memory and as a .pt2) or returns its scores second in a tuple.
+    nhwc = NHWCSymmetric().eval()
+    program = torch.export.export(nhwc, (torch.zeros(2, 33, 33, 3),))
+    torch.export.save(program, tmp_path / "nhwc.pt2")
+    options = dict(num_images=6, seed=2, device="cuda")
+    reference = eqaudit.audit(nhwc.body, "d4", input_size=33, **options)
+    results = [
+        reference,
+        eqaudit.audit(nhwc, "d4", input_size=33, layout="NHWC", **options),
+        eqaudit.audit(tmp_path / "nhwc.pt2", "d4", **options),
+        eqaudit.audit(TwoHeads().eval(), "d4", input_size=33, output_name="1", **options),
+    ]
+    for result in results:
+        assert result.summary["scores"]["robustness_score"] == pytest.approx(100.0, abs=1e-3)
+        assert all(row["agreement"] == 1.0 for row in result.outputs)
+        exact = [r for r in result.layers if r["comparison"] == "exact"]
+        assert len(exact) == 8 * 6  # conv and relu 1-3, under each element
+        assert max(r["relative_error_max"] for r in result.layers) < 1e-5  # pooled too
+    assert results[3].summary["model"]["num_classes"] == 5
+
+
+@needs_gpu
+def test_a_callers_module_comes_back_on_its_own_device() -> None:
+    # Audited on the GPU, a CPU model stays on the CPU (until this was fixed the module-scoped
+    # fixture went on to the next test on cuda:0); a CUDA model audited on the CPU stays on CUDA.
+    torch.manual_seed(0)
+    model = SmallCNN()
+
+    def devices() -> set[str]:
+        return {t.device.type for t in [*model.parameters(), *model.buffers()]}
+
+    eqaudit.audit(model, "flips", input_size=17, num_images=2, device="cuda", lie=False)
+    assert devices() == {"cpu"}
+    model.cuda()
+    eqaudit.audit(model, "flips", input_size=17, num_images=2, device="cpu", lie=False)
+    assert devices() == {"cuda"}
+
+
 @needs_gpu
 def test_cuda_batch_is_sized_from_free_memory(model) -> None:
     result = eqaudit.audit(model, "d4", input_size=17, num_images=4, device="cuda")
@@ -381,11 +472,14 @@ def test_the_model_input_is_every_element_applied_to_the_batch(model, monkeypatc
 def test_free_gpu_memory_counts_the_blocks_torch_holds_unused(monkeypatch) -> None:
     from eqaudit.device import free_memory
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
     assert free_memory("cuda:0") == 7 * 2**30  # 3 free for the driver + 4 cached, unused
     assert free_memory("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # onnxruntime-gpu, CPU torch
+    assert free_memory("cuda:0") is None
 
 
 def test_onnx_on_cuda_keeps_its_batch_within_the_gpus_free_memory(
@@ -396,6 +490,7 @@ def test_onnx_on_cuda_keeps_its_batch_within_the_gpus_free_memory(
     path = export_onnx(model, tmp_path / "m.onnx", 17)
     fake_cuda_onnxruntime(monkeypatch, starts=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(engine_module, "available_memory", lambda: 64 * 2**30)
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 40 * 2**30)
     held, measure = [], engine_module.Engine.held_bytes_per_image

@@ -40,12 +40,14 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from eqaudit.errors import ModelRunError, UnsupportedModelError, UsageError
 
@@ -490,3 +492,37 @@ class ModelAdapter(ABC):
                 "pick the float score output with --output-name"
             )
         return scores.float()
+
+
+@contextmanager
+def kept_as_given(model: Any) -> Iterator[None]:
+    """A caller's ``nn.Module`` comes back from the block as it went in: each module's train or
+    eval mode, and each parameter's and buffer's device. The audit puts it in eval mode on the
+    CPU, then on ``--device``; a model audited between training steps must not resume training
+    with dropout and batch statistics off, or on another device. Anything else passes through.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    places = [
+        (m, kind, name, t.device)
+        for m in model.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, t in getattr(m, kind).items()
+        if t is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, kind, name, device in places:
+                t = getattr(m, kind)[name]
+                if t is None or t.device == device:
+                    continue
+                if kind == "_parameters":  # in place, as Module.to does: the object is kept
+                    t.data = t.data.to(device)
+                else:
+                    m._buffers[name] = t.to(device)
+        for m, training in modes:
+            m.training = training

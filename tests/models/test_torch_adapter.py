@@ -759,14 +759,6 @@ def test_a_callers_module_that_is_not_float32_is_audited_as_a_copy(dtype) -> Non
     assert all(after[k].dtype == dtype and torch.equal(after[k], before[k]) for k in before)
 
 
-def test_a_float32_module_is_audited_in_place_as_documented() -> None:
-    import eqaudit
-
-    model = TinyNet().train()
-    eqaudit.audit(model, "flips", input_size=SIZE, num_images=2)
-    assert not model.training  # eval mode, on the caller's own module
-
-
 class WithConstants(nn.Module):
     """A tensor made in forward (a lifted constant once exported, not a buffer) and a factory op
     whose device the export writes into the graph."""
@@ -936,3 +928,38 @@ def test_a_blank_probe_does_not_drop_layers_that_happen_to_equal_the_scores() ->
     )
     result = eqaudit.audit(model, "flips", input_size=16, num_images=2)
     assert sorted({row["layer"] for row in result.layers}) == ["0", "1", "2", "3", "4", "5"]
+
+
+class Noisy(nn.Module):
+    """Dropout and batch statistics: what a model mid-training relies on; ``fail`` makes the
+    forward raise once the audit has started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail and x.shape[0] > 1:
+            return x.new_full((x.shape[0], 3), float("nan"))
+        return self.head(self.drop(self.bn(self.conv(x))))
+
+
+def test_a_callers_module_comes_back_in_the_modes_it_was_given() -> None:
+    # Audited between training steps, a model must resume training with dropout and batch
+    # statistics on, whether the audit succeeds or fails; one part kept in eval stays so.
+    import eqaudit
+    from eqaudit.errors import ModelRunError
+
+    model = Noisy().train()
+    model.bn.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    eqaudit.audit(model, "flips", input_size=9, num_images=2, lie=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    model.fail = True
+    with pytest.raises(ModelRunError):
+        eqaudit.audit(model, "flips", input_size=9, num_images=2, lie=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
