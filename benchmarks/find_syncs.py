@@ -10,8 +10,10 @@ and prints, per audit, each distinct synchronising call site in eqaudit with how
 fired, so that a regression shows up as a new line.
 
 Expected: the waits the pipeline is built on (the CUDA event of a finished batch's scores,
-once per batch, does not show: events are not reported) and the one-off setup ones (model load,
-grid discovery, the first batch's determinism check). Anything per batch beyond those is a bubble.
+once per batch, does not show: events are not reported) and the one-off ones: model load, grid
+discovery, the first batch's determinism check, one copy of the channel maps' sums at the end
+(``settle_all``), and the caller's module moved back to its own device (``kept_as_given``, one
+copy per tensor). Anything per batch beyond those is a bubble.
 
 Usage (needs a CUDA build of torch and a GPU)::
 

@@ -1316,7 +1316,21 @@ class Engine:
             rows.append(row)
         return rows
 
+    def settle_channel_maps(self) -> None:
+        """Bring every channel map's sums made on a GPU to the host, in one copy."""
+        from eqaudit.metrics.channel_map import settle_all
+
+        settle_all(
+            half
+            for state in self.layer_states
+            for stats in state.channel_maps or ()
+            if stats is not None
+            for half in (stats.fit, stats.eval)
+            if half is not None
+        )
+
     def layer_rows(self) -> list[dict]:
+        self.settle_channel_maps()
         rows = []
         for state in self.layer_states:
             info = state.info

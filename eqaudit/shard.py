@@ -72,6 +72,7 @@ def engine_state(engine: Engine) -> tuple[dict, dict[str, np.ndarray]]:
             arrays[f"predictions/{column}"] = (
                 values.astype(str) if values.dtype == object else values
             )
+    engine.settle_channel_maps()
     layers = []
     for li, state in enumerate(engine.layer_states):
         channel = None

@@ -61,6 +61,7 @@ with a stated reason, unless the user raises the limit.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,14 +275,16 @@ class ChannelMoments:
 
     def settle(self) -> None:
         """Bring the sums made on a GPU to the host (the host waits for the device here)."""
-        if self.pending is None:
-            return
-        trace_aa, s_ab, s_bb, cells = self.pending
+        settle_all([self])
+
+    def _add_settled(self, values: np.ndarray) -> None:
+        """Add the pending sums, read back as one float64 vector: trace, S_ab, S_bb, cells."""
+        c = self.s_ab.shape[0]
         self.pending = None
-        self.trace_aa += float(trace_aa)
-        self.s_ab = self.s_ab + s_ab.cpu().numpy()
-        self.s_bb = self.s_bb + s_bb.cpu().numpy()
-        self.cells += int(cells)
+        self.trace_aa += float(values[0])
+        self.s_ab = self.s_ab + values[1 : 1 + c * c].reshape(c, c)
+        self.s_bb = self.s_bb + values[1 + c * c : 1 + 2 * c * c].reshape(c, c)
+        self.cells += int(values[-1])
 
     def merge(self, other: ChannelMoments) -> ChannelMoments:
         self.settle()
@@ -293,6 +296,26 @@ class ChannelMoments:
             self.s_ab + other.s_ab,
             self.s_bb + other.s_bb,
         )
+
+
+def settle_all(moments: Iterable[ChannelMoments]) -> None:
+    """:meth:`ChannelMoments.settle` for many at once: the pending sums of each device go to
+    the host in one copy. Four reads per (layer, element) made the host wait about 3,700 times
+    at the end of a ResNet-18 ``--channel-map`` audit on an H100 (``find_syncs.py``). The cell
+    counts travel as float64, exact below 2**53."""
+    waiting: dict[torch.device, list[ChannelMoments]] = {}
+    for m in moments:
+        if m.pending is not None:
+            waiting.setdefault(m.pending[0].device, []).append(m)
+    for group in waiting.values():
+        flat = torch.cat(
+            [t.reshape(-1).to(torch.float64) for m in group for t in m.pending]  # type: ignore[union-attr]
+        )
+        values, start = flat.cpu().numpy(), 0
+        for m in group:
+            size = 2 + 2 * m.s_ab.size
+            m._add_settled(values[start : start + size])
+            start += size
 
 
 @dataclass

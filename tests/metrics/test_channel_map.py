@@ -325,6 +325,42 @@ def test_sums_kept_on_the_device_give_the_host_numbers(monkeypatch):
     assert (host.fit.images, host.fit.cells) == (8, 3 * 36 + 2 * 16 + 3 * 16)
 
 
+def test_an_audit_with_sums_kept_on_the_device_gives_the_host_rows(monkeypatch):
+    # The engine brings every layer's pending sums over in one copy (settle_all) before it
+    # writes rows or a shard state; layers of 8 and 16 channels share the vector.
+    from models_zoo import SmallCNN, calibrate_
+
+    import eqaudit
+    from eqaudit.metrics import channel_map as module
+
+    torch.manual_seed(0)
+    model = calibrate_(SmallCNN(), 17).eval()
+    options = dict(input_size=17, num_images=6, seed=1, channel_map=True, lie=False)
+    host = eqaudit.audit(model, "d4", **options).layers
+    copies = []  # the moments each call found waiting
+    monkeypatch.setattr(module, "DEVICE_SUMS", {"cuda", "cpu"})
+    real = module.settle_all
+
+    def spy(moments):
+        moments = list(moments)
+        if any(m.pending is not None for m in moments):
+            copies.append([m for m in moments if m.pending is not None])
+        real(moments)
+
+    monkeypatch.setattr(module, "settle_all", spy)
+    device = eqaudit.audit(model, "d4", **options).layers
+    assert len(copies) == 1 and len({m.s_ab.shape for m in copies[0]}) == 2
+    columns = ("fitted_relative_error", "pooled_relative_error", "channel_map_permutation")
+    fitted = [r for r in host if r["fitted_relative_error"] is not None]
+    assert len(fitted) >= 8 * 6  # conv and relu 1-3 under every element
+    for a, b in zip(host, device, strict=True):
+        for key in columns:
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-9), (a["layer"], key)
+            else:
+                assert b[key] == a[key], (a["layer"], key)
+
+
 def test_halves_are_picked_as_views_when_evenly_spaced():
     from eqaudit.metrics.channel_map import _rows
 
