@@ -99,7 +99,11 @@ class TokenMap(nn.Module):
 def _save_graph(path: Path, nodes, inputs, outputs, initializers=(), domains=()) -> Path:
     graph = helper.make_graph(nodes, path.stem, inputs, outputs, list(initializers))
     opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
-    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    model = helper.make_model(graph, opset_imports=opsets)
+    # Opset 17's own IR version, not the onnx package's newest (IR 14 with onnx 1.23, which
+    # onnxruntime 1.30 refuses): the case must fail for its own reason on any onnxruntime.
+    model.ir_version = 8
+    onnx.save(model, str(path))
     return path
 
 
@@ -584,6 +588,37 @@ def test_custom_op_fails_at_load(files: Files) -> None:
     result = runner.invoke(app, ["inspect", str(files["custom_op"])])
     assert result.exit_code == EXIT_MODEL
     assert "MadeUpOp" in error_line(result)
+
+
+# onnxruntime 1.30's words for a model stamped with a newer ONNX IR than it reads (seen with onnx
+# 1.23's default, IR 14), C++ signature and all.
+NEWER_IR = (
+    "[ONNXRuntimeError] : 1 : FAIL : Load model from /home/me/m.onnx failed:/onnxruntime_src/"
+    "onnxruntime/core/graph/model.cc:202 onnxruntime::Model::Model(onnx::ModelProto&&, const "
+    "onnxruntime::PathString&, const onnxruntime::IOnnxRuntimeOpSchemaRegistryList*, const "
+    "onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) Unsupported model IR "
+    "version: 14, max supported IR version: 13\n"
+)
+
+
+def test_a_model_newer_than_onnxruntime_says_to_upgrade_it(files: Files, monkeypatch) -> None:
+    import onnxruntime
+
+    from eqaudit.models.onnx_adapter import _ort_message
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError(NEWER_IR)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    result = runner.invoke(app, ["check", str(files["good"]), "--transforms", "flips"])
+    assert result.exit_code == EXIT_MODEL
+    line = error_line(result)
+    assert "'good.onnx' is ONNX IR version 14, newer than onnxruntime" in line
+    assert "reads (up to 13): pip install -U onnxruntime" in line
+    # Any other load failure keeps onnxruntime's cause, which comes after its C++ noise.
+    assert _ort_message(RuntimeError(NEWER_IR.replace("Unsupported model IR", "Bad IR"))) == (
+        "Bad IR version: 14, max supported IR version: 13"
+    )
 
 
 def test_bad_input_leaves_an_existing_report_alone(files: Files, tmp_path: Path) -> None:

@@ -220,6 +220,7 @@ def _external_data_model(folder: Path, location: str) -> Path:
         [weight],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # opset 17's, which every supported onnxruntime reads
     path = folder / "model.onnx"
     # Written by hand: onnx.save would itself write the external data to the location.
     path.write_bytes(model.SerializeToString())

@@ -84,7 +84,16 @@ def _ort_message(exc: Exception) -> str:
     # "[ONNXRuntimeError] : 1 : FAIL : Fatal error: " says nothing to a user.
     first = re.sub(r"^\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
     # ".../reshape_helper.h:84 onnxruntime::ReshapeHelper::...(...) size != 0 was false. Why"
-    return re.sub(r"\S*onnxruntime_src\S*:\d+ .*? was false\. ", "", first)
+    first = re.sub(r"\S*onnxruntime_src\S*:\d+ .*? was false\. ", "", first)
+    # "Load model from /a/m.onnx failed:/onnxruntime_src/.../model.cc:202 onnxruntime::Model::
+    # Model(onnx::ModelProto&&, ...) Unsupported model IR version: 14, ..." (onnxruntime 1.30):
+    # the path is the user's own, the C++ location and signature nobody's; the cause is last.
+    first = re.sub(r"^Load model from .*? failed:\s*", "", first)
+    return re.sub(r"\S*onnxruntime_src\S*:\d+ \S+?\([^)]*\)\s*", "", first)
+
+
+#: onnxruntime's words for a model newer than it reads (core/graph/model.cc, stable since 1.x).
+_NEWER_IR = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 
 
 def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
@@ -447,9 +456,17 @@ class OnnxAdapter(ModelAdapter):
                     f"{first[:300]} (check the GPU index of --device cuda:N and the CUDA and cuDNN "
                     "libraries onnxruntime-gpu needs, or use --device cpu)"
                 ) from exc
+            newer = _NEWER_IR.search(first)
+            if newer:
+                raise ModelLoadError(
+                    f"'{self.path.name}' is ONNX IR version {newer[1]}, newer than onnxruntime "
+                    f"{ort.__version__} reads (up to {newer[2]}): pip install -U onnxruntime, or "
+                    "re-export the model with an older onnx package"
+                ) from exc
             raise ModelLoadError(
-                f"onnxruntime cannot load '{self.path.name}': {first[:300]} "
-                "(an unsupported or custom operator? re-export the model with standard ONNX ops)"
+                f"onnxruntime cannot load '{self.path.name}': {first[:300]} (an operator this "
+                f"onnxruntime {ort.__version__} lacks, or a custom one? pip install -U "
+                "onnxruntime, or re-export the model with standard ONNX ops)"
             ) from exc
         if self._wants_cuda():
             # onnxruntime falls back to the CPU, with a log line at most, when its CUDA provider
