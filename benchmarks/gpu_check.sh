@@ -4,23 +4,26 @@
 # wait for the GPU (find_syncs.py), the timing benchmark on cuda (a short audit with a profile,
 # a long one with images in memory and drawn by eqaudit), the per-image-loop baseline, the GPU
 # tests, and a CLI audit on cuda and on the CPU with their numbers compared.
-# About 4 minutes on an H200. Usage: OUT=folder bash benchmarks/gpu_check.sh [IMAGES [LONG]]
-# (default 256 and 2048); logs go to $OUT (default ./gpu-check).
+# About 5 minutes on an H100. Usage: OUT=folder bash benchmarks/gpu_check.sh [IMAGES [LONG]]
+# (default 256 and 2048); logs go to $OUT (default ./gpu-check). STEPS picks steps (default all:
+# "syncs bench baselines tests time cli"), for a lease with little time left.
 set -u
 images=${1:-256}
 long=${2:-2048}
 out=${OUT:-gpu-check}
+steps=" ${STEPS:-syncs bench baselines tests time cli} "
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 py=python3
 step() { echo; echo "=== $1 ($(date +%T))"; }
+want() { [[ $steps == *" $1 "* ]]; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv
 nproc
 $py -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"
 
-step "calls that wait for the GPU"
+want syncs && step "calls that wait for the GPU" &&
 timeout 240 $py benchmarks/find_syncs.py --images 64 --batch-size 256 2>&1 | tee "$out/syncs.log"
 
 bench() {  # bench_audit on cuda: IMAGES DATA BATCH REPEATS [extra options]
@@ -29,17 +32,24 @@ bench() {  # bench_audit on cuda: IMAGES DATA BATCH REPEATS [extra options]
         --data "$2" --batch-size "$3" --repeats "$4" --fresh 0 --memory off --cap off "${@:5}" \
         2>&1 | tee "$out/bench_$1_$2_$3.log" | grep -A4 "median of\|fastest of\|repeat [0-9]"
 }
-bench "$images" memory 256 3 --profile
-bench "$long" memory 512 2 --profile
-bench "$long" synthetic 512 1
+if want bench; then
+    bench "$images" memory 256 3 --profile
+    bench "$long" memory 512 2 --profile
+    bench "$long" synthetic 512 1
+fi
 
-step "bench_baselines torch on cuda"
+want baselines && step "bench_baselines torch on cuda" &&
 timeout 120 $py benchmarks/bench_baselines.py --device cuda --skip onnx,polygraphy \
     --images 512 --batch-size 512 2>&1 | tee "$out/bench_baselines.log" | tail -8
 
-step "GPU tests"
-timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py tests/data/test_prefetch.py 2>&1 | tee "$out/tests.log" | tail -15
+want tests && step "GPU tests" &&
+timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py tests/data/test_prefetch.py \
+    tests/metrics/test_channel_map.py 2>&1 | tee "$out/tests.log" | tail -15
 
+want time && step "kernel time on the device vs wall-clock time" &&
+timeout 150 $py benchmarks/gpu_time.py --images "$long" 2>&1 | tee "$out/gpu_time.log"
+
+want cli || exit 0
 step "CLI audit on cuda and on the CPU (reports)"
 for device in cuda cpu; do
     timeout 120 $py -m eqaudit check eqaudit/demo/assets/demo_cnn.pt \
