@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from eqaudit.models import load_model
+from eqaudit.models.base import kept_as_given
 
 
 def _grid_text(grid: Any) -> str:
@@ -21,9 +22,15 @@ def _grid_text(grid: Any) -> str:
     )
 
 
-def inspect_model(model: Path | str, align_input: bool = False, **options: Any) -> dict:
+def inspect_model(model: Path | str | Any, align_input: bool = False, **options: Any) -> dict:
     """Input spec, outputs and auditable layers (with shapes and sampling grids when the input
-    size is known). ``align_input``: choose the nearest aligned size first (as ``check``)."""
+    size is known). ``align_input``: choose the nearest aligned size first (as ``check``). An
+    ``nn.Module`` comes back in the modes and on the devices it was given (as from ``audit``)."""
+    with kept_as_given(model):
+        return _inspect_model(model, align_input, **options)
+
+
+def _inspect_model(model: Path | str | Any, align_input: bool, **options: Any) -> dict:
     input_size = options.get("input_size")
     # aligned:N starts a search at N: the model must not be fixed at N before it runs.
     adapter = load_model(model, **{**options, "input_size": None} if align_input else options)

@@ -963,3 +963,8 @@ def test_a_callers_module_comes_back_in_the_modes_it_was_given() -> None:
     with pytest.raises(ModelRunError):
         eqaudit.audit(model, "flips", input_size=9, num_images=2, lie=False)
     assert {name: m.training for name, m in model.named_modules()} == modes
+    from eqaudit.inspect import inspect_model
+
+    model.fail = False
+    assert inspect_model(model, input_size=(9, 9))["num_classes"] == 3
+    assert {name: m.training for name, m in model.named_modules()} == modes
