@@ -461,7 +461,11 @@ def check(
     for message in resolved.warnings:
         console.warn(message)
     if print_config:
-        console.stdout.print(resolved.to_toml(), markup=False, highlight=False, end="")
+        # TOML to paste or redirect: never wrapped at the terminal's width (COLUMNS=80 broke
+        # its long comment lines into invalid TOML).
+        console.stdout.print(
+            resolved.to_toml(), markup=False, highlight=False, end="", soft_wrap=True
+        )
         return
     if model is None:
         raise UsageError("missing MODEL: give the model file to audit, e.g. eqaudit check m.onnx")
@@ -674,7 +678,7 @@ def report(
     from eqaudit.reports.html import rerender
 
     path = rerender(source, out)
-    console.stdout.print(f"Report written to {path}", markup=False)
+    console.stdout.print(f"Report written to {path}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -119,15 +119,26 @@ def test_check_without_data_warns_loudly(model: Path, tmp_path: Path) -> None:
     assert any("SYNTHETIC INPUTS" in w for w in summary["warnings"])
 
 
-def test_inspect(model: Path) -> None:
+@pytest.mark.parametrize("width", [80, 120])  # a standard terminal (and pytest-xdist's COLUMNS)
+def test_inspect(model: Path, width: int, monkeypatch) -> None:
+    from eqaudit.reports import console
+
+    monkeypatch.setattr(console.stdout, "width", width)
     result = runner.invoke(app, ["inspect", str(model)])
     assert result.exit_code == 0, result.output
     text = clean(result.stdout)
     assert "input 'image': NCHW" in text
     assert "3 channels, size 33x33" in text
     assert "5 classes" in text
-    for layer in ("/conv1/Conv_output_0", "/relu2/Relu_output_0", "/conv3/Conv_output_0"):
-        assert layer in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    # Each row whole: the name --layers takes, its shape and its sampling grid.
+    for name, op, shape, grid in [
+        ("/conv1/Conv_output_0", "Conv", "8x33x33", "1x1 @ 0,0 (33x33)"),
+        ("/relu2/Relu_output_0", "Relu", "16x17x17", "2x2 @ 0,0 (17x17)"),
+        ("/conv3/Conv_output_0", "Conv", "16x9x9", "4x4 @ 0,0 (9x9)"),
+    ]:
+        row = rf"{re.escape(name)} +{op} +spatial +{shape} +{re.escape(grid)}"
+        assert re.search(row, text), (row, text)
 
 
 def test_transforms_lists_every_family() -> None:

@@ -168,7 +168,11 @@ def test_environment_errors_and_warnings(tmp_path) -> None:
         resolve_config({"no_layers": True, "max_layer_error": ["*=0.1"]}, environ={}, cwd=tmp_path)
 
 
-def test_print_config_shows_the_resolved_values_as_toml(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("width", [40, 120])  # TOML to redirect: never wrapped, however narrow
+def test_print_config_shows_the_resolved_values_as_toml(tmp_path, monkeypatch, width) -> None:
+    from eqaudit.reports import console
+
+    monkeypatch.setattr(console.stdout, "width", width)
     write(tmp_path / "pyproject.toml", PYPROJECT)
     monkeypatch.setenv("EQAUDIT_MAX_JS", "rot*=0.2")
     result = runner.invoke(app, ["check", "--print-config", "--seed", "5"])

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -188,7 +189,7 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         f"worst: {scores['worst_transform']})"
     )
     if out_dir:
-        stdout.print(f"Report written to {out_dir}")
+        stdout.print(f"Report written to {out_dir}", soft_wrap=True)  # a path to copy, whole
 
 
 def print_inspection(info: dict) -> None:
@@ -230,21 +231,42 @@ def print_inspection(info: dict) -> None:
             f"[dim]not auditable ({len(skipped)}): outputs neither image maps nor flat "
             f"features, such as a transformer's token sequences: {escape(shown)}[/]"
         )
-    table = Table(title=f"Auditable layers ({len(info['layers'])})", title_justify="left")
     with_grids = any("grid" in layer for layer in info["layers"])
-    columns = ("#", "layer", "op", "kind", "shape") + (
-        ("grid: stride @ offset (cells)", "centred") if with_grids else ()
+    table = Table(
+        title=f"Auditable layers ({len(info['layers'])})",
+        title_justify="left",
+        caption=(
+            "grid: stride @ offset in input pixels (cells); 'off-centre': the grid is not "
+            "symmetric about the image centre, so rotations and flips compare resampled cells"
+        )
+        if with_grids
+        else None,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,  # no vertical rules: 80 columns hold a name, its op and its grid
+        pad_edge=False,
     )
-    for column in columns:
-        # Layer names are what --layers takes: wrap them, never cut them with an ellipsis.
-        table.add_column(column, overflow="fold" if column == "layer" else "ellipsis")
+    rows = []
     for i, layer in enumerate(info["layers"]):
         shape = "x".join(str(d) for d in layer["shape"]) if layer["shape"] else "?"
-        cells = [str(i), layer["name"], layer["op"], layer["kind"], shape]
+        row = [str(i), layer["name"], layer["op"], layer["kind"], shape]
         if with_grids:
-            centred = layer.get("centred")
-            mark = "" if centred is None else ("yes" if centred else "[yellow]no[/]")
-            cells += [layer.get("grid", ""), mark]
+            off = " off-centre" if layer.get("centred") is False else ""
+            row.append(layer.get("grid", "") + off)
+        rows.append(row)
+    columns = ("#", "layer", "op", "kind", "shape") + (("grid",) if with_grids else ())
+    for c, column in enumerate(columns):
+        widest = max([len(column)] + [len(row[c]) for row in rows])
+        if column == "layer":
+            # What --layers takes: whole where the width allows, else folded, never cut.
+            table.add_column(column, overflow="fold", min_width=min(widest, 18))
+        elif column == "op":  # gives way first: the layer's name usually says it again
+            table.add_column(column, overflow="ellipsis", max_width=10)
+        else:  # short, and only whole they mean anything
+            table.add_column(column, no_wrap=True, min_width=widest)
+    for row in rows:
+        cells = [escape(cell) for cell in row]
+        if with_grids and cells[-1].endswith(" off-centre"):
+            cells[-1] = cells[-1].removesuffix(" off-centre") + " [yellow]off-centre[/]"
         table.add_row(*cells)
     stdout.print(table)
 
