@@ -167,6 +167,24 @@ def test_demo(backend: str, tmp_path: Path) -> None:
     assert len(pd.read_csv(out / "layers.csv")) > 0
 
 
+def test_demo_summary_reads_whole_in_an_80_column_terminal(tmp_path: Path, monkeypatch) -> None:
+    from eqaudit.reports import console
+
+    monkeypatch.setattr(console.stdout, "width", 80)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    text = clean(result.stdout)
+    wide = [line for line in text.splitlines() if len(line) > 80]
+    assert len(wide) == 1 and wide[0].startswith("Report written to")  # a path, never folded
+    # Every output row whole, its confidence interval included; the resampling note below.
+    for transform in ("antitranspose", "rot30", "shift_y-2"):
+        row = rf"^ ?{transform} +\d+\.\d% +\d+\.\d%–\d+\.\d% +[\d.e-]+ +[\d.e-]+ +\d+\.\d% *$"
+        assert re.search(row, text, re.MULTILINE), (transform, text)
+    assert re.search(r"^note: rot30 resampled: interpolation floor 0\.0\d+$", text, re.MULTILINE)
+    # Layer rows keep their numbers whole; a long name folds onto the next line.
+    assert re.search(r"Relu +rot180 +0\.\d+ +0\.\d+ +0\.\d+ *$", text, re.MULTILINE), text
+
+
 def _script() -> list[str]:
     script = shutil.which("eqaudit")
     if script is None:  # not on PATH (a venv that is not activated): its own bin folder

@@ -24,6 +24,19 @@ stdout = Console(
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 
+def _table(title: str, caption: str | None = None) -> Table:
+    """A table for a terminal as narrow as 80 columns: no vertical rules or edge padding; the
+    caller keeps short columns whole (``no_wrap``) and lets names fold."""
+    return Table(
+        title=title,
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+
+
 def _num(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
@@ -91,46 +104,45 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         title = f"Output equivariance against the declared label action ({declared})"
     else:
         title = "Output invariance"
-    table = Table(title=title, title_justify="left")
-    for column in ("transform", "agreement", "95% CI", "JS div", "logit err", "accuracy", "note"):
-        table.add_column(column, justify="left" if column in ("transform", "note") else "right")
+    table = _table(title)
+    labelled = any(row.get("accuracy") is not None for row in s["outputs"])
+    columns = ("transform", "agreement", "95% CI", "JS div", "logit err")
+    for column in (*columns, "accuracy") if labelled else columns:
+        table.add_column(column, justify="left" if column == "transform" else "right", no_wrap=True)
+    notes = []  # below the table, whole at any width
     for row in s["outputs"]:
         if row["skipped"]:
-            table.add_row(
-                row["transform"], "", "", "", "", "", f"skipped: {row['skipped']}", style="dim"
-            )
+            table.add_row(row["transform"], "skipped", style="dim")
+            notes.append(f"{row['transform']} skipped: {row['skipped']}")
             continue
-        note = ""
         if row["interpolation_floor"] is not None:
-            note = f"resampled; floor {_num(row['interpolation_floor'], 3)}"
-        table.add_row(
+            floor = _num(row["interpolation_floor"], 3)
+            notes.append(f"{row['transform']} resampled: interpolation floor {floor}")
+        cells = [
             row["transform"],
             _pct(row["agreement"]),
             f"{_pct(row['agreement_low'])}–{_pct(row['agreement_high'])}",
             _num(row["js_divergence"], 3),
             _num(row["logit_error"], 3),
-            _pct(row["accuracy"]),
-            note,
-        )
+        ]
+        table.add_row(*cells, *([_pct(row["accuracy"])] if labelled else []))
     stdout.print(table)
+    for note in notes:
+        stdout.print(f"[dim]note: {escape(note)}[/]")
     measurable = [r for r in s["layers"] if is_scored(r) and r["transform"] != "id"]
     if measurable:
         worst = sorted(measurable, key=lambda r: -r["relative_error"])[:max_layers]
-        layers = Table(
-            title="Least equivariant layers (relative error, mean over images)",
-            title_justify="left",
-        )
-        for column in ("layer", "op", "kind", "transform", "rel. error", "p95", "cos dist"):
-            layers.add_column(
-                column,
-                justify="right" if column in ("rel. error", "p95", "cos dist") else "left",
-                overflow="fold" if column == "layer" else "ellipsis",
-            )
+        layers = _table("Least equivariant layers (relative error, mean over images)")
+        widest = max(len(r["layer"]) for r in worst)
+        layers.add_column("layer", overflow="fold", min_width=min(widest, 18))
+        layers.add_column("op", overflow="ellipsis", max_width=10)
+        layers.add_column("transform", no_wrap=True)  # (kind: in layers.csv and the report)
+        for column in ("rel err", "p95", "cos dist"):
+            layers.add_column(column, justify="right", no_wrap=True)
         for r in worst:
             layers.add_row(
                 r["layer"],
                 r["op"],
-                r["kind"],
                 r["transform"],
                 _num(r["relative_error"], 3),
                 _num(r["relative_error_p95"], 3),
@@ -232,18 +244,14 @@ def print_inspection(info: dict) -> None:
             f"features, such as a transformer's token sequences: {escape(shown)}[/]"
         )
     with_grids = any("grid" in layer for layer in info["layers"])
-    table = Table(
-        title=f"Auditable layers ({len(info['layers'])})",
-        title_justify="left",
+    table = _table(
+        f"Auditable layers ({len(info['layers'])})",
         caption=(
             "grid: stride @ offset in input pixels (cells); 'off-centre': the grid is not "
             "symmetric about the image centre, so rotations and flips compare resampled cells"
         )
         if with_grids
         else None,
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,  # no vertical rules: 80 columns hold a name, its op and its grid
-        pad_edge=False,
     )
     rows = []
     for i, layer in enumerate(info["layers"]):
