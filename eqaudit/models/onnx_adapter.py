@@ -352,12 +352,22 @@ class OnnxAdapter(ModelAdapter):
             v.name: v.type.tensor_type.elem_type for v in self._inferred_model().graph.value_info
         }
         outputs = {o.name for o in graph.output}
+        consumers: dict[str, set[str]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
         candidates: list[tuple[str, str]] = []
         for node in _image_nodes(graph, self.input_spec.name):
             for out in node.output:
                 if not out:
                     continue
                 if out in outputs or node.op_type in _SKIP_OPS:
+                    continue
+                if node.op_type in ("Add", "Sum") and consumers.get(out, set()) <= {"Add", "Sum"}:
+                    # A partial sum, read only by further additions: the dynamo exporter writes
+                    # an adaptive pooling that does not divide its input as ~100 chained Adds of
+                    # gathered cells (seen with AdaptiveAvgPool2d(7) on a 66-cell map). The sum
+                    # is compared once it is whole, where something other than an Add reads it.
                     continue
                 if out in types and types[out] not in _FLOAT_TYPES:
                     continue

@@ -1,0 +1,44 @@
+"""Which tensors of an ONNX graph are audited as layers."""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from models_zoo import export_onnx
+from torch import nn
+
+from eqaudit.models import load_model
+
+
+class Sums(nn.Module):
+    """A residual sum read by a ReLU, and a three-part sum of slices (a pooling written out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x) + x.mean(1, keepdim=True))
+        pooled = y[..., :3, :] + y[..., 3:6, :] + y[..., 6:9, :]
+        return self.fc((pooled / 3).mean((2, 3)))
+
+
+def test_a_partial_sum_read_only_by_further_additions_is_not_a_layer(tmp_path) -> None:
+    # The dynamo exporter writes AdaptiveAvgPool2d(7) over a 66-cell map as ~100 chained Adds of
+    # gathered cells: each partial sum showed as a layer with an unknown grid. Only sums read by
+    # something other than an addition are layers: here the residual (read by the ReLU) and
+    # the whole three-part sum (read by the division), not the first two parts' sum.
+    torch.manual_seed(0)
+    path = export_onnx(Sums().eval(), tmp_path / "sums.onnx", 9)
+    graph = onnx.load(path).graph
+    adds = [node for node in graph.node if node.op_type == "Add"]
+    read_by = {
+        node.output[0]: {n.op_type for n in graph.node if node.output[0] in n.input}
+        for node in adds
+    }
+    assert sorted(map(sorted, read_by.values())) == [["Add"], ["Div"], ["Relu"]]
+    layers = {layer.name: layer.op for layer in load_model(path).layers()}
+    kept = {name for name, op in layers.items() if op == "Add"}
+    assert kept == {name for name, ops in read_by.items() if ops != {"Add"}}
+    assert {"Conv", "Relu", "Div"} <= set(layers.values())
