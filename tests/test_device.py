@@ -369,13 +369,20 @@ def test_a_callers_module_comes_back_on_its_own_device() -> None:
     model = SmallCNN()
 
     def devices() -> set[str]:
-        return {t.device.type for t in [*model.parameters(), *model.buffers()]}
+        grads = [p.grad for p in model.parameters()]
+        return {t.device.type for t in [*model.parameters(), *model.buffers(), *grads]}
 
+    def train_step() -> None:  # gradients accumulate: they must sit with their parameters
+        model(torch.rand(2, 3, 17, 17, device=next(model.parameters()).device)).sum().backward()
+
+    train_step()
     eqaudit.audit(model, "flips", input_size=17, num_images=2, device="cuda", lie=False)
     assert devices() == {"cpu"}
+    train_step()
     model.cuda()
     eqaudit.audit(model, "flips", input_size=17, num_images=2, device="cpu", lie=False)
     assert devices() == {"cuda"}
+    train_step()
 
 
 @needs_gpu

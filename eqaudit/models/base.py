@@ -497,32 +497,37 @@ class ModelAdapter(ABC):
 @contextmanager
 def kept_as_given(model: Any) -> Iterator[None]:
     """A caller's ``nn.Module`` comes back from the block as it went in: each module's train or
-    eval mode, and each parameter's and buffer's device. The audit puts it in eval mode on the
-    CPU, then on ``--device``; a model audited between training steps must not resume training
-    with dropout and batch statistics off, or on another device. Anything else passes through.
-    """
+    eval mode, each parameter's (and its gradient's) device, and each buffer, the object and its
+    values. The audit puts the model in eval mode on the CPU, then on ``--device``; a model
+    audited between training steps must not resume training with dropout and batch statistics
+    off, on another device, or with gradients elsewhere than their parameters (the next
+    optimiser step fails). Buffers are restored by value too: a forward may update some even in
+    eval mode (the range observers of quantisation-aware training would be recalibrated on the
+    audit's transformed images). Anything that is not a module passes through."""
     if not isinstance(model, nn.Module):
         yield
         return
     modes = [(m, m.training) for m in model.modules()]
-    places = [
-        (m, kind, name, t.device)
+    parameters = [(p, p.device) for p in model.parameters()]
+    buffers = [
+        (m, name, b, b.detach().clone())
         for m in model.modules()
-        for kind in ("_parameters", "_buffers")
-        for name, t in getattr(m, kind).items()
-        if t is not None
+        for name, b in m._buffers.items()
+        if b is not None
     ]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, kind, name, device in places:
-                t = getattr(m, kind)[name]
-                if t is None or t.device == device:
-                    continue
-                if kind == "_parameters":  # in place, as Module.to does: the object is kept
-                    t.data = t.data.to(device)
-                else:
-                    m._buffers[name] = t.to(device)
+            for p, device in parameters:
+                if p.device != device:  # in place, as Module.to does: the object is kept
+                    p.data = p.data.to(device)
+                if p.grad is not None and p.grad.device != device:
+                    p.grad = p.grad.to(device)
+            for m, name, original, values in buffers:
+                m._buffers[name] = original  # not the copy a move to the device made
+                same = original.shape == values.shape and torch.equal(original, values)
+                if not same:
+                    original.data = values
         for m, training in modes:
             m.training = training

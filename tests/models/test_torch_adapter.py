@@ -941,8 +941,11 @@ class Noisy(nn.Module):
         self.drop = nn.Dropout(0.5)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
         self.fail = False
+        # Updated by every forward, in eval mode too (as a fake-quant observer's range is).
+        self.register_buffer("seen", torch.zeros(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += torch.stack([x.new_tensor(1.0), x.abs().max()])
         if self.fail and x.shape[0] > 1:
             return x.new_full((x.shape[0], 3), float("nan"))
         return self.head(self.drop(self.bn(self.conv(x))))
@@ -956,9 +959,15 @@ def test_a_callers_module_comes_back_in_the_modes_it_was_given() -> None:
 
     model = Noisy().train()
     model.bn.eval()
+    model(torch.rand(2, 3, 9, 9))  # a training step's worth of state
     modes = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = model.seen
     eqaudit.audit(model, "flips", input_size=9, num_images=2, lie=False)
     assert {name: m.training for name, m in model.named_modules()} == modes
+    # Every buffer as it was, the object and its values (bit for bit).
+    assert model.seen is seen
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     model.fail = True
     with pytest.raises(ModelRunError):
         eqaudit.audit(model, "flips", input_size=9, num_images=2, lie=False)
