@@ -591,7 +591,8 @@ def test_custom_op_fails_at_load(files: Files) -> None:
 
 
 # onnxruntime 1.30's words for a model stamped with a newer ONNX IR than it reads (seen with onnx
-# 1.23's default, IR 14), C++ signature and all.
+# 1.23's default, IR 14), C++ signature and all; and for an opset newer than it supports (1.30
+# and 1.32 alike), whose signature has a return type and nested parentheses.
 NEWER_IR = (
     "[ONNXRuntimeError] : 1 : FAIL : Load model from /home/me/m.onnx failed:/onnxruntime_src/"
     "onnxruntime/core/graph/model.cc:202 onnxruntime::Model::Model(onnx::ModelProto&&, const "
@@ -599,26 +600,62 @@ NEWER_IR = (
     "onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) Unsupported model IR "
     "version: 14, max supported IR version: 13\n"
 )
+NEWER_OPSET = (
+    "[ONNXRuntimeError] : 1 : FAIL : Load model from /m.onnx failed:/onnxruntime_src/onnxruntime/"
+    "core/graph/model_load_utils.h:46 void onnxruntime::model_load_utils::ValidateOpsetForDomain("
+    "const std::unordered_map<std::__cxx11::basic_string<char>, int>&, const onnxruntime::"
+    "logging::Logger&, bool, const std::string&, int) ONNX Runtime only *guarantees* support for "
+    "models stamped with official released onnx opset versions. Opset 27 is under development "
+    "and support for this is limited. The operator schemas and or other functionality may change "
+    "before next ONNX release and in this case ONNX Runtime will not guarantee backward "
+    "compatibility. Current official support for domain ai.onnx is till opset 26."
+)
 
 
-def test_a_model_newer_than_onnxruntime_says_to_upgrade_it(files: Files, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (NEWER_IR, "'good.onnx' is ONNX IR version 14, newer than onnxruntime"),
+        (NEWER_OPSET, "'good.onnx' uses opset 27 of ai.onnx, newer than onnxruntime"),
+    ],
+)
+def test_a_model_newer_than_onnxruntime_says_to_upgrade_it(
+    files: Files, monkeypatch, message: str, says: str
+) -> None:
     import onnxruntime
 
-    from eqaudit.models.onnx_adapter import _ort_message
-
     def refuse(*_args, **_kwargs):
-        raise RuntimeError(NEWER_IR)
+        raise RuntimeError(message)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
     result = runner.invoke(app, ["check", str(files["good"]), "--transforms", "flips"])
     assert result.exit_code == EXIT_MODEL
     line = error_line(result)
-    assert "'good.onnx' is ONNX IR version 14, newer than onnxruntime" in line
-    assert "reads (up to 13): pip install -U onnxruntime" in line
-    # Any other load failure keeps onnxruntime's cause, which comes after its C++ noise.
+    assert says in line and "pip install -U onnxruntime" in line
+    assert re.search(r"\(up to (13|26)\)", line)
+
+
+def test_onnxruntime_messages_keep_their_cause_without_the_cpp_noise() -> None:
+    from eqaudit.models.onnx_adapter import _ort_message, _shortened
+
     assert _ort_message(RuntimeError(NEWER_IR.replace("Unsupported model IR", "Bad IR"))) == (
         "Bad IR version: 14, max supported IR version: 13"
     )
+    opset = _ort_message(RuntimeError(NEWER_OPSET))
+    assert opset.startswith("ONNX Runtime only *guarantees*") and "onnxruntime_src" not in opset
+    # A provider's error quoted inside another, after a signature with a reference return type.
+    quoted = _ort_message(
+        RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/session/"
+            "provider_bridge_ort.cc:1193 onnxruntime::Provider& onnxruntime::ProviderLibrary::"
+            "Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library libonnxruntime_"
+            "providers_cuda.so with error: libcublasLt.so.12: cannot open shared object file"
+        )
+    )
+    assert quoted.startswith("Failed to load library libonnxruntime_providers_cuda.so")
+    # Shortened in the middle: the cause, stated last, survives.
+    short = _shortened(opset, 120)
+    assert len(short) <= 123 and short.endswith("is till opset 26.")
 
 
 def test_bad_input_leaves_an_existing_report_alone(files: Files, tmp_path: Path) -> None:

@@ -82,18 +82,35 @@ def _ort_message(exc: Exception) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     # "[ONNXRuntimeError] : 1 : FAIL : Fatal error: " says nothing to a user.
-    first = re.sub(r"^\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
+    # (Also where a provider's error is quoted inside another.)
+    first = re.sub(r"\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
     # ".../reshape_helper.h:84 onnxruntime::ReshapeHelper::...(...) size != 0 was false. Why"
     first = re.sub(r"\S*onnxruntime_src\S*:\d+ .*? was false\. ", "", first)
     # "Load model from /a/m.onnx failed:/onnxruntime_src/.../model.cc:202 onnxruntime::Model::
     # Model(onnx::ModelProto&&, ...) Unsupported model IR version: 14, ..." (onnxruntime 1.30):
     # the path is the user's own, the C++ location and signature nobody's; the cause is last.
     first = re.sub(r"^Load model from .*? failed:\s*", "", first)
-    return re.sub(r"\S*onnxruntime_src\S*:\d+ \S+?\([^)]*\)\s*", "", first)
+    # The signature may have a return type ("void onnxruntime::...Validate(...)", "onnxruntime::
+    # Provider& ...Get()") and parentheses one deep inside its arguments.
+    return re.sub(r"\S*onnxruntime_src\S*:\d+ [^(]*\((?:[^()]|\([^()]*\))*\)\s*", "", first)
+
+
+def _shortened(text: str, limit: int = 300) -> str:
+    """``text`` cut to about ``limit`` characters in the middle: onnxruntime states the cause
+    last, its context first."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half].rstrip()} … {text[-half:].lstrip()}"
 
 
 #: onnxruntime's words for a model newer than it reads (core/graph/model.cc, stable since 1.x).
 _NEWER_IR = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+#: ... and for an opset newer than it supports (core/graph/model_load_utils.h).
+_NEWER_OPSET = re.compile(
+    r"Opset (\d+) is under development.*Current official support for domain (\S+) is till "
+    r"opset (\d+)"
+)
 
 
 def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
@@ -463,7 +480,7 @@ class OnnxAdapter(ModelAdapter):
             if self._wants_cuda() and _CUDA_WORDS.search(first):
                 raise UsageError(
                     f"onnxruntime cannot start '{self.path.name}' on its CUDA provider: "
-                    f"{first[:300]} (check the GPU index of --device cuda:N and the CUDA and cuDNN "
+                    f"{_shortened(first)} (check the GPU index of --device cuda:N and the CUDA and cuDNN "
                     "libraries onnxruntime-gpu needs, or use --device cpu)"
                 ) from exc
             newer = _NEWER_IR.search(first)
@@ -473,8 +490,15 @@ class OnnxAdapter(ModelAdapter):
                     f"{ort.__version__} reads (up to {newer[2]}): pip install -U onnxruntime, or "
                     "re-export the model with an older onnx package"
                 ) from exc
+            opset = _NEWER_OPSET.search(first)
+            if opset:
+                raise ModelLoadError(
+                    f"'{self.path.name}' uses opset {opset[1]} of {opset[2]}, newer than "
+                    f"onnxruntime {ort.__version__} supports (up to {opset[3]}): pip install -U "
+                    f"onnxruntime, or re-export the model at opset {opset[3]} or lower"
+                ) from exc
             raise ModelLoadError(
-                f"onnxruntime cannot load '{self.path.name}': {first[:300]} (an operator this "
+                f"onnxruntime cannot load '{self.path.name}': {_shortened(first)} (an operator this "
                 f"onnxruntime {ort.__version__} lacks, or a custom one? pip install -U "
                 "onnxruntime, or re-export the model with standard ONNX ops)"
             ) from exc
