@@ -48,7 +48,7 @@ def _inspect_model(model: Path | str | Any, align_input: bool, **options: Any) -
         adapter.with_input_size(*input_size)
     spec = adapter.input_spec
     info: dict[str, Any] = {
-        "model": str(model),
+        "model": str(model) if isinstance(model, (str, Path)) else adapter.path.name,
         "backend": adapter.backend,
         "sha256": adapter.sha256,
         "input": spec.to_dict(),

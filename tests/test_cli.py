@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from models_zoo import export_onnx, symmetric_cnn
 from PIL import Image
 from typer.testing import CliRunner
@@ -226,6 +227,57 @@ def test_messages_with_brackets_print_as_written(capsys) -> None:
     err = capsys.readouterr().err
     assert "pip install 'eqaudit[ray]': agreement[rot90] failed" in err
     assert "layer [bold]x[/] of blocks[0]" in err
+
+
+class Bracketed(torch.nn.Module):
+    """Module names with brackets (legal ModuleDict keys), which ONNX names keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stages = torch.nn.ModuleDict(
+            {"stage[/]1": torch.nn.Conv2d(3, 4, 3, padding=1), "x[bold]2": torch.nn.ReLU()}
+        )
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stages["x[bold]2"](self.stages["stage[/]1"](x))
+        return self.fc(y[..., 1:, :].mean((2, 3)))  # not invariant: the layers are listed
+
+
+def test_layer_names_with_brackets_print_as_written(tmp_path: Path) -> None:
+    # '[/]' in a layer name crashed the summary (rich markup) after the report was written.
+    path = export_onnx(Bracketed().eval(), tmp_path / "bracketed.onnx", 9)
+    result = runner.invoke(app, ["check", str(path), "-n", "4", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = clean(result.stdout)
+    assert "/stage[/]1/Conv_output_0" in text
+    assert "/x[bold]2/Relu_output_0" in text
+    inspected = runner.invoke(app, ["inspect", str(path)])
+    assert inspected.exit_code == 0, inspected.output
+    assert "/stage[/]1/Conv_output_0" in clean(inspected.stdout)
+
+
+def test_inspect_marks_off_centre_grids_where_80_columns_cannot_cut_the_mark(
+    monkeypatch, capsys
+) -> None:
+    from eqaudit.inspect import inspect_model
+    from eqaudit.reports import console
+
+    monkeypatch.setattr(console.stdout, "width", 80)
+    info = inspect_model(symmetric_cnn(size=32), input_size=(32, 32))  # even: strided off-centre
+    console.print_inspection(info)
+    text = clean(capsys.readouterr().out)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    marks = {
+        "conv2": "2x2 @ 0,0 (16x16)*",
+        "conv3": "4x4 @ 0,0 (8x8)*",
+        "conv1": "1x1 @ 0,0 (32x32) ",
+    }
+    for layer, grid in marks.items():
+        assert re.search(rf"^ ?\d+ +{layer} .*{re.escape(grid)}", text + " ", re.MULTILINE), text
+    assert "*: off-centre" in text
+    assert text.startswith("<module> (torch)\n")  # not the module's repr, nor an empty digest
 
 
 def test_the_misaligned_note_suggests_resampling_only_when_it_is_not_on(tmp_path: Path) -> None:

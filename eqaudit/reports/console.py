@@ -88,7 +88,7 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         f"[bold]{escape(model['name'])}[/] ({model['backend']}, input {model['input']['height']}x"
         f"{model['input']['width']} {model['input']['layout']}, {model['output_kind']}) on "
         f"{data['count']} {'synthetic' if data['synthetic'] else data['source']} images, "
-        f"transforms {s['transforms']['spec']}"
+        f"transforms {escape(s['transforms']['spec'])}"
     )
     for note in [*data.get("notes", []), *s["preprocessing"].get("notes", [])]:
         stdout.print(f"[dim]note: {escape(note)}[/]")
@@ -101,7 +101,7 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
     action = s.get("label_action") or {}
     if action.get("mode") == "equivariance":
         declared = "; ".join(f"{k}={v}" for k, v in action.get("declared", {}).items())
-        title = f"Output equivariance against the declared label action ({declared})"
+        title = f"Output equivariance against the declared label action ({escape(declared)})"
     else:
         title = "Output invariance"
     table = _table(title)
@@ -141,8 +141,8 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
             layers.add_column(column, justify="right", no_wrap=True)
         for r in worst:
             layers.add_row(
-                r["layer"],
-                r["op"],
+                escape(r["layer"]),  # a name may hold brackets ("stage[/]1"): not markup
+                escape(r["op"]),
                 r["transform"],
                 _num(r["relative_error"], 3),
                 _num(r["relative_error_p95"], 3),
@@ -201,14 +201,15 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         f"worst: {scores['worst_transform']})"
     )
     if out_dir:
-        stdout.print(f"Report written to {out_dir}", soft_wrap=True)  # a path to copy, whole
+        stdout.print(
+            f"Report written to {out_dir}", soft_wrap=True, markup=False
+        )  # a path to copy, whole
 
 
 def print_inspection(info: dict) -> None:
     spec = info["input"]
-    stdout.print(
-        f"[bold]{escape(info['model'])}[/] ({info['backend']}, sha256 {info['sha256'][:12]}…)"
-    )
+    digest = f", sha256 {info['sha256'][:12]}…" if info.get("sha256") else ""  # (a file's)
+    stdout.print(f"[bold]{escape(info['model'])}[/] ({info['backend']}{digest})")
     size = f"{spec['height'] or '?'}x{spec['width'] or '?'}"
     batch = batch_text(spec["batch"], info.get("fixed_batch"))
     stdout.print(
@@ -218,14 +219,14 @@ def print_inspection(info: dict) -> None:
     )
     if info.get("output"):
         stdout.print(
-            f"output '{info['output']}'"
+            f"output '{escape(info['output'])}'"
             + (f": {info['num_classes']} classes" if info.get("num_classes") else "")
         )
     elif info.get("num_classes"):
         stdout.print(f"output: {info['num_classes']} classes")
     if info.get("class_names"):
         stdout.print(
-            f"class names: {', '.join(info['class_names'][:20])}"
+            f"class names: {escape(', '.join(info['class_names'][:20]))}"
             + (" …" if len(info["class_names"]) > 20 else "")
         )
     if info.get("layers_note"):
@@ -244,22 +245,20 @@ def print_inspection(info: dict) -> None:
             f"features, such as a transformer's token sequences: {escape(shown)}[/]"
         )
     with_grids = any("grid" in layer for layer in info["layers"])
-    table = _table(
-        f"Auditable layers ({len(info['layers'])})",
-        caption=(
-            "grid: stride @ offset in input pixels (cells); 'off-centre': the grid is not "
-            "symmetric about the image centre, so rotations and flips compare resampled cells"
+    off_centre = any(layer.get("centred") is False for layer in info["layers"])
+    caption = "grid: stride @ offset in input pixels (cells)"
+    if off_centre:
+        caption += (
+            "; *: off-centre, the grid is not symmetric about the image centre, so rotations "
+            "and flips compare resampled cells (try --input-size aligned)"
         )
-        if with_grids
-        else None,
-    )
+    table = _table(f"Auditable layers ({len(info['layers'])})", caption if with_grids else None)
     rows = []
     for i, layer in enumerate(info["layers"]):
         shape = "x".join(str(d) for d in layer["shape"]) if layer["shape"] else "?"
         row = [str(i), layer["name"], layer["op"], layer["kind"], shape]
         if with_grids:
-            off = " off-centre" if layer.get("centred") is False else ""
-            row.append(layer.get("grid", "") + off)
+            row.append(layer.get("grid", "") + ("*" if layer.get("centred") is False else ""))
         rows.append(row)
     columns = ("#", "layer", "op", "kind", "shape") + (("grid",) if with_grids else ())
     for c, column in enumerate(columns):
@@ -269,12 +268,14 @@ def print_inspection(info: dict) -> None:
             table.add_column(column, overflow="fold", min_width=min(widest, 18))
         elif column == "op":  # gives way first: the layer's name usually says it again
             table.add_column(column, overflow="ellipsis", max_width=10)
-        else:  # short, and only whole they mean anything
+        elif column == "grid":  # whole where the width allows; folded, never cut
+            table.add_column(column, overflow="fold", min_width=min(widest, 12))
+        else:  # short
             table.add_column(column, no_wrap=True, min_width=widest)
     for row in rows:
         cells = [escape(cell) for cell in row]
-        if with_grids and cells[-1].endswith(" off-centre"):
-            cells[-1] = cells[-1].removesuffix(" off-centre") + " [yellow]off-centre[/]"
+        if with_grids and cells[-1].endswith("*"):  # the mark, where it cannot be cut off
+            cells[-1] = cells[-1][:-1] + "[bold yellow]*[/]"
         table.add_row(*cells)
     stdout.print(table)
 
