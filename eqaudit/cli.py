@@ -539,10 +539,9 @@ def _run_check(
     if shard is not None and not shard["images"]:
         # More shards than images (a fixed Slurm array on a small set): nothing to report, but
         # the state, which merges as zero, so that eqaudit merge gets all N folders.
-        from eqaudit.reports import KNOWN_FILES, write_folder
-        from eqaudit.shard import write_state
+        from eqaudit.reports import write_report
 
-        write_folder(out, lambda staging: write_state(staging, result.shard_state), KNOWN_FILES)
+        write_report(result, out)
         console.warn(
             f"shard {shard['index']}/{shard['total']} has no images (the audit has fewer images "
             "than shards): only its state is written, which adds nothing to the merge"

@@ -288,6 +288,23 @@ def test_more_shards_than_images_still_merge_from_folders(model, tmp_path) -> No
     assert {k: v for k, v in a.items() if k != "run"} == {k: v for k, v in b.items() if k != "run"}
 
 
+def test_an_empty_shard_writes_its_state_through_the_python_api(model, tmp_path) -> None:
+    # write_report on a shard with no images raised KeyError 'outputs'; the CLI had its own path.
+    from eqaudit.reports import write_report
+    from eqaudit.shard import merge_shards
+
+    folders = []
+    for i in range(1, 4):
+        part = eqaudit.audit(model, "flips", input_size=17, num_images=2, shard=(i, 3), lie=False)
+        write_report(part, tmp_path / str(i))
+        folders.append(tmp_path / str(i))
+    listed = [sorted(p.name for p in folder.iterdir()) for folder in folders]
+    assert listed.count(["shard-state.json", "shard-state.npz"]) == 1  # the empty one
+    merged = merge_shards(folders).summary
+    single = eqaudit.audit(model, "flips", input_size=17, num_images=2, lie=False).summary
+    assert merged["scores"] == single["scores"] and merged["outputs"] == single["outputs"]
+
+
 def test_shards_that_read_the_outputs_differently_are_not_merged(model, tmp_path) -> None:
     # --outputs auto decides logits or probabilities from each shard's first batch: two shards
     # that decided differently would mix two definitions of the JS divergence.

@@ -90,8 +90,17 @@ def _signals_held() -> Iterator[None]:
 def write_report(
     result: AuditResult, out_dir: Path, formats: list[str] | None = None
 ) -> list[Path]:
-    """Write the report files into ``out_dir``; return their final paths."""
+    """Write the report files into ``out_dir``; return their final paths. A shard with no
+    images (more shards than images) has nothing to report: only its state is written, which
+    merges as zero."""
     out_dir = Path(out_dir)
+    shard = result.summary.get("shard")
+    if shard is not None and not shard["images"]:
+        from eqaudit.shard import write_state
+
+        return write_folder(
+            out_dir, lambda staging: write_state(staging, result.shard_state), KNOWN_FILES
+        )
     formats = formats or list(WRITERS)
     for name in formats:
         if name not in WRITERS:
