@@ -186,6 +186,21 @@ def test_demo_summary_reads_whole_in_an_80_column_terminal(tmp_path: Path, monke
     assert re.search(r"Relu +rot180 +0\.\d+ +0\.\d+ +0\.\d+ *$", text, re.MULTILINE), text
 
 
+def test_demo_summary_folds_rather_than_cuts_in_a_60_column_terminal(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from eqaudit.reports import console
+
+    monkeypatch.setattr(console.stdout, "width", 60)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    text = clean(result.stdout)
+    wide = [line for line in text.splitlines() if len(line) > 60]
+    assert all(line.startswith("Report written to") for line in wide), wide
+    assert "…" not in text  # nothing cut with an ellipsis, numbers least of all
+    assert re.search(r"rel err +p95 +cos dist *$", text, re.MULTILINE), text  # no column lost
+
+
 def _script() -> list[str]:
     script = shutil.which("eqaudit")
     if script is None:  # not on PATH (a venv that is not activated): its own bin folder

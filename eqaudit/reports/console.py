@@ -37,6 +37,12 @@ def _table(title: str, caption: str | None = None) -> Table:
     )
 
 
+def _floor(widest: int, floor: int) -> int | None:
+    """A column's minimum width: its content up to ``floor`` on a terminal of 80 columns or
+    more; none below, where a minimum the row cannot hold would make rich crop the row's end."""
+    return min(widest, floor) if stdout.width >= 80 else None
+
+
 def _num(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
@@ -108,7 +114,9 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
     labelled = any(row.get("accuracy") is not None for row in s["outputs"])
     columns = ("transform", "agreement", "95% CI", "JS div", "logit err")
     for column in (*columns, "accuracy") if labelled else columns:
-        table.add_column(column, justify="left" if column == "transform" else "right", no_wrap=True)
+        table.add_column(
+            column, justify="left" if column == "transform" else "right", overflow="fold"
+        )
     notes = []  # below the table, whole at any width
     for row in s["outputs"]:
         if row["skipped"]:
@@ -134,11 +142,11 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
         worst = sorted(measurable, key=lambda r: -r["relative_error"])[:max_layers]
         layers = _table("Least equivariant layers (relative error, mean over images)")
         widest = max(len(r["layer"]) for r in worst)
-        layers.add_column("layer", overflow="fold", min_width=min(widest, 18))
+        layers.add_column("layer", overflow="fold", min_width=_floor(widest, 18))
         layers.add_column("op", overflow="ellipsis", max_width=10)
-        layers.add_column("transform", no_wrap=True)  # (kind: in layers.csv and the report)
+        layers.add_column("transform", overflow="fold")  # (kind: in layers.csv and the report)
         for column in ("rel err", "p95", "cos dist"):
-            layers.add_column(column, justify="right", no_wrap=True)
+            layers.add_column(column, justify="right", overflow="fold")
         for r in worst:
             layers.add_row(
                 escape(r["layer"]),  # a name may hold brackets ("stage[/]1"): not markup
@@ -265,13 +273,13 @@ def print_inspection(info: dict) -> None:
         widest = max([len(column)] + [len(row[c]) for row in rows])
         if column == "layer":
             # What --layers takes: whole where the width allows, else folded, never cut.
-            table.add_column(column, overflow="fold", min_width=min(widest, 18))
+            table.add_column(column, overflow="fold", min_width=_floor(widest, 18))
         elif column == "op":  # gives way first: the layer's name usually says it again
             table.add_column(column, overflow="ellipsis", max_width=10)
         elif column == "grid":  # whole where the width allows; folded, never cut
-            table.add_column(column, overflow="fold", min_width=min(widest, 12))
+            table.add_column(column, overflow="fold", min_width=_floor(widest, 12))
         else:  # short
-            table.add_column(column, no_wrap=True, min_width=widest)
+            table.add_column(column, overflow="fold")
     for row in rows:
         cells = [escape(cell) for cell in row]
         if with_grids and cells[-1].endswith("*"):  # the mark, where it cannot be cut off
