@@ -386,6 +386,19 @@ def test_a_callers_module_comes_back_on_its_own_device() -> None:
 
 
 @needs_gpu
+def test_cuda_runs_a_batch_1_export_in_batches(model, tmp_path) -> None:
+    # The program moves to the device and is unflattened again there: its input checks come
+    # back with the new module and must be turned off again.
+    program = torch.export.export(model, (torch.zeros(1, 3, 17, 17),))
+    torch.export.save(program, tmp_path / "b1.pt2")
+    options = dict(num_images=6, seed=5, lie=False, batch_size=24)
+    cpu = eqaudit.audit(tmp_path / "b1.pt2", "d4", **options)
+    gpu = eqaudit.audit(tmp_path / "b1.pt2", "d4", device="cuda", **options)
+    assert gpu.summary["model"]["fixed_batch"] == {"size": 1, "run": "batched"}
+    assert_same_audit(cpu, gpu, 1e-4, 1e-7)
+
+
+@needs_gpu
 def test_cuda_batch_is_sized_from_free_memory(model) -> None:
     result = eqaudit.audit(model, "d4", input_size=17, num_images=4, device="cuda")
     assert result.summary["run"]["images_per_step"] >= 1

@@ -119,6 +119,7 @@ def load_model(
             layout=layout,
         )
         adapter.output_name = output_name
+        adapter.batch_dynamically()  # a torch.export program fixed at batch 1, once checked
         return adapter
     raise ModelLoadError(
         f"cannot tell the format of '{path.name}' from its suffix: use .onnx for ONNX, "

@@ -210,6 +210,8 @@ class TorchAdapter(ModelAdapter):
         self._layers_note = layers_note or _HOOKS_NOTE
         self._op_names, self._hookable = dict(op_names or {}), hookable
         self._candidates = self._hookable_modules(self._op_names) if hookable else {}
+        #: For a torch.export program fixed at batch 1: how it is run (``describe()``).
+        self.fixed_batch: dict[str, Any] | None = None
 
     @classmethod
     def from_module(
@@ -236,7 +238,59 @@ class TorchAdapter(ModelAdapter):
         described = {"format": self._format, "factory": self._factory}
         if self.output_name is not None:
             described["output"] = self.output_name
+        if self.fixed_batch is not None:
+            described["fixed_batch"] = self.fixed_batch
         return {**described, "layers_note": self._layers_note}
+
+    def batch_dynamically(self) -> None:
+        """Run a torch.export program fixed at batch 1 (what ``torch.export.export`` writes
+        without ``dynamic_shapes``, its default) on whole batches, when the module without
+        torch.export's input checks (:func:`_unguarded`) gives, for two probe images run
+        together, the scores it gives for each alone. The ONNX adapter does the same for graphs
+        fixed at batch 1 (``OnnxAdapter._batch_dynamically``): one image per forward leaves a
+        GPU nearly idle. A program whose graph holds the batch of 1 (``x.view(1, -1)``, an
+        ``expand`` to it) fails the check and keeps running one image at a time;
+        ``fixed_batch`` says why. Called once the scores' output is known (``--output-name``)."""
+        spec = self.input_spec
+        if (
+            self._program is None
+            or spec.batch != 1
+            or self.fixed_batch is not None
+            or None in (spec.height, spec.width)
+        ):
+            return
+        record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
+        self.fixed_batch = record
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(spec.model_shape(2), generator=generator)
+        try:
+            alone = torch.cat(
+                [_scores_of(self._forward(image[None]), self.output_name) for image in probe]
+            )
+        except Exception:  # the model does not run on noise at all: the audit will say why
+            return
+        if not _unguarded(self.module):
+            record["why"] = "torch.export's input checks could not be turned off on this module"
+            return
+        try:
+            together = _scores_of(self._forward(probe), self.output_name)
+        except Exception as exc:
+            _unguarded(self.module, restore=True)
+            record["why"] = f"the program does not run on 2 images: {_first_line(exc, 160)}"
+            return
+        tolerance = 1e-2 if self._input_dtype in (torch.float16, torch.bfloat16) else 1e-4
+        scale = float(alone.abs().max()) or 1.0
+        if together.shape != alone.shape or not torch.allclose(
+            together, alone, rtol=tolerance, atol=tolerance * scale, equal_nan=True
+        ):
+            _unguarded(self.module, restore=True)
+            record["why"] = (
+                "the program gives other scores for images run together "
+                f"(shape {list(together.shape)} for {list(alone.shape)})"
+            )
+            return
+        self.input_spec = replace(spec, batch=None)
+        record["run"] = "batched"
 
     def _grid_graph_impl(self) -> tuple[GridGraph | None, str | None]:
         graph, note = self._build_grid_graph()
@@ -388,6 +442,8 @@ class TorchAdapter(ModelAdapter):
                 self.module, self._program = module.eval(), program
                 self._candidates = self._hookable_modules(self._op_names) if hookable else {}
                 self._overwritten = None  # learnt again, on the new module
+                if self.fixed_batch is not None and self.fixed_batch["run"] == "batched":
+                    _unguarded(self.module)  # the rebuilt module checks the batch of 1 again
         self.device = device
 
     def _forward(self, batch: torch.Tensor) -> Any:
@@ -584,6 +640,46 @@ def _input_name(module: nn.Module) -> str:
 
 def _prepare(module: nn.Module) -> nn.Module:
     return module.float().cpu().eval()
+
+
+class _NoGuards(nn.Module):
+    """Stands in for the ``_guards_fn`` submodule of ``ExportedProgram.module()``."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _unguarded(module: nn.Module, restore: bool = False) -> bool:
+    """Turn off (``restore``: on again) the checks with which a torch.export module refuses
+    inputs of another shape than exported: ``check_input_constraints`` of an unflattened
+    module; the input-constraint pre-hook and the ``_guards_fn`` call of
+    ``ExportedProgram.module()``. Whether the module had checks this knows how to turn off."""
+    if hasattr(module, "check_input_constraints"):  # torch.export.unflatten
+        module.check_input_constraints = restore
+        return True
+    if restore:
+        saved = module.__dict__.pop("_eqaudit_guards", None)
+        if saved is None:
+            return False
+        hooks, guards = saved
+        module._forward_pre_hooks.update(hooks)
+        if guards is not None:
+            module._guards_fn = guards
+        return True
+    hooks = {
+        key: hook
+        for key, hook in module._forward_pre_hooks.items()
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook"
+    }
+    guards = getattr(module, "_guards_fn", None)
+    if not hooks and guards is None:
+        return False
+    for key in hooks:
+        del module._forward_pre_hooks[key]
+    if guards is not None:
+        module._guards_fn = _NoGuards()
+    module.__dict__["_eqaudit_guards"] = (hooks, guards)
+    return True
 
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
