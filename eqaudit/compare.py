@@ -423,6 +423,16 @@ def compare_results(
     identity = paired[paired["transform"] == IDENTITY]
     same = int((identity["top1_a"] == identity["top1_b"]).sum())
     layer_rows, matching = _compare_layers(a, b, elements)
+    formats = [r.summary["model"].get("format") or r.summary["model"]["backend"] for r in (a, b)]
+    if matching["matched_by_order"] and formats[0] != formats[1]:
+        # (seen: a ResNet's .pt2 against its ONNX export, whose Conv outputs are conv+bn)
+        kinds = [_FORMATS.get(f, f"a {f} model") for f in formats]
+        notes.append(
+            f"A is {kinds[0]} and B {kinds[1]}: {matching['matched_by_order']} layer pairs are "
+            "matched by order and shape, not by name, and an exporter that folds a BatchNorm "
+            "into its Conv or splits an op shifts them; per-layer differences across formats "
+            "are not like for like (compare.csv lists each pair)"
+        )
     orbit = _orbit(paired, elements)
     data = {
         "schema_version": SCHEMA_VERSION,
@@ -552,6 +562,17 @@ def _compare_layers(a: AuditResult, b: AuditResult, elements: list[str]) -> tupl
         "unmatched_b": unmatched_b,
     }
     return table, matching
+
+
+#: How a model's format reads in a note (``summary.model.format``).
+_FORMATS = {
+    "onnx": "an ONNX graph",
+    "export": "a torch.export archive",
+    "state_dict": "a PyTorch state dict",
+    "torchscript": "a TorchScript archive",
+    "module": "an in-memory module",
+    "pickle": "a pickled module",
+}
 
 
 def _notes(a: AuditResult, b: AuditResult) -> list[str]:
