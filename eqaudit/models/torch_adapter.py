@@ -57,7 +57,13 @@ from torch import nn
 
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
 from eqaudit.grids import GridGraph, export_grid_graph, torch_grid_graph
-from eqaudit.models.base import InputSpec, ModelAdapter, detect_layout, layout_option
+from eqaudit.models.base import (
+    InputSpec,
+    ModelAdapter,
+    detect_layout,
+    kept_as_given,
+    layout_option,
+)
 
 __all__ = ["TorchAdapter", "load_torch"]
 
@@ -209,9 +215,18 @@ class TorchAdapter(ModelAdapter):
         self._input_dtype = input_dtype
         self._layers_note = layers_note or _HOOKS_NOTE
         self._op_names, self._hookable = dict(op_names or {}), hookable
+        #: the subgraph modules of torch.cond / while_loop / map: not layers, since they run
+        #: for some images and not others
+        self._branches = _branch_modules(program) if program is not None else set()
+        if self._branches:
+            self._layers_note += (
+                f"; the branches of data-dependent control flow ({', '.join(sorted(self._branches))}) "
+                "are not audited: they run for some images only"
+            )
         self._candidates = self._hookable_modules(self._op_names) if hookable else {}
         #: For a torch.export program fixed at batch 1: how it is run (``describe()``).
         self.fixed_batch: dict[str, Any] | None = None
+        self._batching_ready = False  # batch_dynamically has been called (the loader's last step)
 
     @classmethod
     def from_module(
@@ -244,13 +259,21 @@ class TorchAdapter(ModelAdapter):
 
     def batch_dynamically(self) -> None:
         """Run a torch.export program fixed at batch 1 (what ``torch.export.export`` writes
-        without ``dynamic_shapes``, its default) on whole batches, when the module without
+        without ``dynamic_shapes``, its default) on whole batches, once the module without
         torch.export's input checks (:func:`_unguarded`) gives, for two probe images run
-        together, the scores it gives for each alone. The ONNX adapter does the same for graphs
-        fixed at batch 1 (``OnnxAdapter._batch_dynamically``): one image per forward leaves a
-        GPU nearly idle. A program whose graph holds the batch of 1 (``x.view(1, -1)``, an
-        ``expand`` to it) fails the check and keeps running one image at a time;
-        ``fixed_batch`` says why. Called once the scores' output is known (``--output-name``)."""
+        together, what it gives for each alone: every output tensor and every layer the audit
+        can hook, to 1e-4 of their scale. The ONNX adapter does the same for graphs fixed at
+        batch 1 (``OnnxAdapter._batch_dynamically``): one image per forward leaves a GPU nearly
+        idle and costs an all-layers audit 3x on 2 CPU cores (benchmarks/RESULTS.md).
+
+        It stays one image at a time, and ``fixed_batch`` says why, for a program that:
+        branches on the data (``torch.cond``, loops: noise would take one branch for all), holds
+        its batch of 1 (``x.view(1, -1)``; an output or a layer without a batch axis), updates
+        its buffers as it runs (an observer: batching would change what each image sees), or
+        gives on noise what cannot be compared (NaN). The probes' effect on the module (its
+        buffers) is undone. Called once the scores' output is known (``--output-name``), and
+        again when the input size is set later (``--input-size aligned:N``)."""
+        self._batching_ready = True
         spec = self.input_spec
         if (
             self._program is None
@@ -261,36 +284,59 @@ class TorchAdapter(ModelAdapter):
             return
         record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
         self.fixed_batch = record
+        flow = _control_flow(self._program)
+        if flow is not None:
+            record["why"] = f"the program branches on the data ({flow})"
+            return
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(spec.model_shape(2), generator=generator)
-        try:
-            alone = torch.cat(
-                [_scores_of(self._forward(image[None]), self.output_name) for image in probe]
-            )
-        except Exception:  # the model does not run on noise at all: the audit will say why
-            return
-        if not _unguarded(self.module):
-            record["why"] = "torch.export's input checks could not be turned off on this module"
-            return
-        try:
-            together = _scores_of(self._forward(probe), self.output_name)
-        except Exception as exc:
+        with kept_as_given(self.module):  # the probes' writes to buffers are undone
+            buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+            try:
+                alone = [self._probe(image[None]) for image in probe]
+            except Exception:  # the model does not run on noise at all: the audit will say why
+                return
+            changed = [
+                name
+                for name, b in self.module.named_buffers()
+                if name in buffers and not torch.equal(b, buffers[name])
+            ]
+            if changed:
+                record["why"] = f"the program updates its buffers as it runs ({changed[0]})"
+                return
+            if not _unguarded(self.module):
+                record["why"] = "torch.export's input checks could not be turned off"
+                return
+            try:
+                why = _batch_differs(alone, self._probe(probe), self._input_dtype)
+            except Exception as exc:
+                why = f"the program does not run on 2 images: {_first_line(exc, 160)}"
+        if why is not None:
             _unguarded(self.module, restore=True)
-            record["why"] = f"the program does not run on 2 images: {_first_line(exc, 160)}"
-            return
-        tolerance = 1e-2 if self._input_dtype in (torch.float16, torch.bfloat16) else 1e-4
-        scale = float(alone.abs().max()) or 1.0
-        if together.shape != alone.shape or not torch.allclose(
-            together, alone, rtol=tolerance, atol=tolerance * scale, equal_nan=True
-        ):
-            _unguarded(self.module, restore=True)
-            record["why"] = (
-                "the program gives other scores for images run together "
-                f"(shape {list(together.shape)} for {list(alone.shape)})"
-            )
+            record["why"] = why
             return
         self.input_spec = replace(spec, batch=None)
         record["run"] = "batched"
+
+    def _probe(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """A forward's float output tensors (in order) and every hookable layer's output."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(path: str, index: int, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and tensor.is_floating_point():
+                captured[path if index == 0 else f"{path}:{index}"] = tensor.detach().clone()
+
+        with torch.no_grad(), self._hooks(self._candidates, keep):
+            output = self._forward(batch)
+        leaves = torch.utils._pytree.tree_leaves(output)
+        outputs = [t.detach() for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
+        return outputs, captured
+
+    def with_input_size(self, height: int, width: int) -> None:
+        super().with_input_size(height, width)
+        if self._batching_ready:  # (before that, --output-name is not known yet)
+            self.batch_dynamically()
 
     def _grid_graph_impl(self) -> tuple[GridGraph | None, str | None]:
         graph, note = self._build_grid_graph()
@@ -337,8 +383,11 @@ class TorchAdapter(ModelAdapter):
         if isinstance(self.module, torch.jit.ScriptModule):
             return {}  # torch refuses Python hooks on ScriptModules
         found: dict[str, tuple[list[nn.Module], str]] = {}
+        branches = getattr(self, "_branches", set())
         for name, sub in self.module.named_modules():
             if not name or isinstance(sub, _CONTAINERS):
+                continue
+            if branches & set(name.split(".")):
                 continue
             path = re.sub(r"@\d+$", "", name)
             op = op_names.get(path) or getattr(sub, "original_name", None) or type(sub).__name__
@@ -439,7 +488,9 @@ class TorchAdapter(ModelAdapter):
             except Exception:  # a program the pass cannot take: move the module as it is
                 self.module = self.module.to(device)
             else:
-                self.module, self._program = module.eval(), program
+                # ExportedProgram.module() is in eval mode already and refuses .eval()
+                # ("Calling eval() is not supported yet", torch 2.13).
+                self.module, self._program = module.eval() if hookable else module, program
                 self._candidates = self._hookable_modules(self._op_names) if hookable else {}
                 self._overwritten = None  # learnt again, on the new module
                 if self.fixed_batch is not None and self.fixed_batch["run"] == "batched":
@@ -640,6 +691,75 @@ def _input_name(module: nn.Module) -> str:
 
 def _prepare(module: nn.Module) -> nn.Module:
     return module.float().cpu().eval()
+
+
+def _control_flow(program: torch.export.ExportedProgram) -> str | None:
+    """The first data-dependent control-flow operator (``cond``, ``while_loop``, ``map``,
+    ``scan``) in the program's graphs, or None."""
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            name = getattr(node.target, "__name__", "")
+            if node.op == "call_function" and name in _CONTROL_FLOW:
+                return f"torch.{name}" if name == "cond" else name
+    return None
+
+
+_CONTROL_FLOW = {"cond", "while_loop", "map", "map_impl", "scan", "associative_scan"}
+
+
+def _branch_modules(program: torch.export.ExportedProgram) -> set[str]:
+    """The attribute names of the subgraphs that control-flow operators run (``true_graph_0``,
+    ``body_graph_0``, ...), wherever they sit in the program."""
+    found: set[str] = set()
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function" or getattr(node.target, "__name__", "") not in (
+                _CONTROL_FLOW
+            ):
+                continue
+            for arg in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    found.add(str(arg.target).rsplit(".", 1)[-1])
+    return found
+
+
+def _batch_differs(
+    alone: list[tuple[list[torch.Tensor], dict[str, torch.Tensor]]],
+    together: tuple[list[torch.Tensor], dict[str, torch.Tensor]],
+    dtype: torch.dtype,
+) -> str | None:
+    """Why two probe images run together (``together``) do not give what each gives alone
+    (``alone``: outputs and layers per image), or None when they do."""
+    tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    pairs = [(f"output {i}", [a[0][i] for a in alone], t) for i, t in enumerate(together[0])]
+    if any(len(a[0]) != len(together[0]) for a in alone):
+        return "the program gives other outputs for images run together"
+    for name, tensor in together[1].items():
+        if any(name not in a[1] for a in alone):
+            return f"layer {name} runs only for images run together"
+        pairs.append((f"layer {name}", [a[1][name] for a in alone], tensor))
+    if any(set(a[1]) - set(together[1]) for a in alone):
+        return "a layer runs only for an image alone"
+    for name, singles, both in pairs:
+        if any(s.ndim == 0 or s.shape[0] != 1 for s in singles):
+            shape = list(singles[0].shape)
+            return f"its {name} of shape {shape} for one image has no batch axis"
+        expected = torch.cat(singles).float()
+        if not bool(torch.isfinite(expected).all()):
+            return f"its {name} is not finite on noise images, so the check cannot tell"
+        scale = float(expected.abs().max()) or 1.0
+        if both.shape != expected.shape or not torch.allclose(
+            both.float(), expected, rtol=tolerance, atol=tolerance * scale
+        ):
+            return (
+                f"its {name} differs for images run together "
+                f"(shape {list(both.shape)} for {list(expected.shape)})"
+            )
+    return None
 
 
 class _NoGuards(nn.Module):

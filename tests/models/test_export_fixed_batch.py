@@ -137,3 +137,144 @@ def test_the_input_checks_go_off_and_come_back_on_either_kind_of_module(model, b
     assert _unguarded(module, restore=True)
     with pytest.raises(Exception, match="1"):
         module(two)
+
+
+class Sqrt(nn.Module):
+    """Takes [0, 1] pixels: the noise probes give NaN scores, real images do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x.sqrt()).mean((2, 3)))
+
+
+class FlatScores(nn.Module):
+    """Returns (K,) scores: two images give (2K,), the shape of two rows of K joined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean((2, 3)).flatten()
+
+
+class AuxBatchStats(nn.Module):
+    """Scores second; the auxiliary head normalises with the batch's own statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux_bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return self.aux_bn(y).mean((2, 3)), self.fc(y.mean((2, 3)))
+
+
+class PositionMap(nn.Module):
+    """A learned map of batch 1 added to the features: a layer with no batch axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = nn.Conv2d(1, 4, 1)
+        self.fc = nn.Linear(4, 5)
+        self.register_buffer("grid", torch.rand(1, 1, SIZE, SIZE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.conv(x) + self.pos(self.grid)).mean((2, 3)))
+
+
+class Observer(nn.Module):
+    """Updates a buffer every forward (as a quantisation observer does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.register_buffer("seen", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.copy_(torch.maximum(self.seen, x.abs().max()))
+        return self.fc(self.conv(x / self.seen).mean((2, 3)))
+
+
+class Gated(nn.Module):
+    """Branches on the image's brightness: noise probes all take one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cond(
+            x.mean() < 0.3, lambda t: (t * 3.0).clamp(max=1.0), lambda t: t.clone(), (x,)
+        )
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("build", "why"),
+    [
+        (Sqrt, "its output 0 is not finite on noise images, so the check cannot tell"),
+        (FlatScores, "its output 0 of shape [5] for one image has no batch axis"),
+        (AuxBatchStats, "its output 0 differs for images run together"),
+        (PositionMap, "its layer pos differs for images run together"),
+        (Observer, "the program updates its buffers as it runs (seen)"),
+        (Gated, "the program branches on the data (torch.cond)"),
+    ],
+)
+def test_programs_that_batching_would_change_run_one_image_at_a_time(tmp_path, build, why) -> None:
+    # Each audited fine one image at a time and, batched, either crashed (NaN probes, (K,)
+    # scores) or changed its numbers without a word (batch statistics in a head the scores do
+    # not use, a layer of batch 1, a buffer the probes moved, a branch taken for the batch).
+    torch.manual_seed(0)
+    module = build().eval()
+    path = export(module, tmp_path / "m.pt2")
+    adapter = load_model(path, output_name="1" if build is AuxBatchStats else None)
+    assert adapter.fixed_batch["run"] == "one image at a time"
+    assert adapter.fixed_batch["why"].startswith(why), adapter.fixed_batch
+    assert adapter.input_spec.batch == 1
+    if build is Observer:  # the probes' update is undone: the buffer is the exported one
+        assert float(dict(adapter.module.named_buffers())["seen"]) == 1.0
+    pixels = torch.rand(4, SIZE, SIZE, 3).mul(255).to(torch.uint8).numpy()
+    options = dict(lie=False, output_name="1" if build is AuxBatchStats else None)
+    result = eqaudit.audit(path, "flips", pixels, **options)  # layers on: no crash
+    assert result.outputs[1]["n"] == 4
+    if build is Gated:  # the branches' subgraphs run for some images only: not layers
+        assert {row["layer"] for row in result.layers} == {"conv"}
+        assert "branches of data-dependent control flow" in result.summary["model"]["layers_note"]
+
+
+def test_a_program_with_a_dynamic_image_size_is_checked_once_the_size_is_chosen(
+    model, tmp_path
+) -> None:
+    # Batch fixed at 1, height and width dynamic: --input-size aligned:N sets the size after
+    # loading, and the batch is checked then.
+    dims = {2: torch.export.Dim("h", min=8, max=64), 3: torch.export.Dim("w", min=8, max=64)}
+    program = torch.export.export(model, (torch.zeros(1, 3, SIZE, SIZE),), dynamic_shapes=(dims,))
+    torch.export.save(program, tmp_path / "hw.pt2")
+    result = eqaudit.audit(tmp_path / "hw.pt2", "flips", num_images=2, input_size="aligned:17")
+    assert result.summary["model"]["fixed_batch"] == {"size": 1, "run": "batched"}
+
+
+def test_a_program_whose_unflatten_fails_moves_to_another_device(model, tmp_path, monkeypatch):
+    # ExportedProgram.module() refuses .eval() (torch 2.13): moving it crashed --device cuda.
+    # "elsewhere" makes to_device take the move path on a CPU-only machine.
+    path = export(model, tmp_path / "fixed.pt2")
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("no unflatten")
+
+    monkeypatch.setattr(torch.export, "unflatten", refuse)
+    adapter = load_model(path)
+    assert adapter.fixed_batch == {"size": 1, "run": "batched"}
+    adapter.device = "elsewhere"
+    adapter.to_device("cpu")
+    assert adapter.run(torch.rand(3, 3, SIZE, SIZE)).scores.shape == (3, 5)
