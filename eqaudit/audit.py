@@ -51,7 +51,13 @@ import pandas as pd
 import torch
 
 from eqaudit.config import AuditConfig, parse_shard, split_input_size
-from eqaudit.data import ImageSource, Preprocessing, make_preprocessing, open_images
+from eqaudit.data import (
+    ImageSource,
+    Preprocessing,
+    make_preprocessing,
+    open_images,
+    probe_image,
+)
 from eqaudit.data.prefetch import cpu_limit, default_load_workers, usable_cpus
 from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
 from eqaudit.errors import UsageError
@@ -558,10 +564,11 @@ class Engine:
             self.layer_states.append(state)
 
     def setup(self) -> None:
-        """Learn the layers' shapes from one (blank) image before the first batch."""
+        """Learn the layers' shapes from one image (:func:`~eqaudit.data.probe_image`) before
+        the first batch."""
         height, width = self.adapter.input_spec.size
-        blank = torch.zeros(1, self.preprocessing.pixel_channels, height, width)
-        self._setup_layers(self.preprocessing.normalise(blank))
+        image = probe_image(self.preprocessing.pixel_channels, height, width)
+        self._setup_layers(self.preprocessing.normalise(image))
 
     def _layer_bytes(self) -> list[int]:
         """Bytes of each selected layer's activation for one image under one element."""
@@ -1471,7 +1478,8 @@ def _images_per_step(
         return engine.images_per_step(config.batch_size, free_memory(config.device))
     g = len(engine.elements)
     height, width = adapter.input_spec.size
-    probe = preprocessing.normalise(torch.zeros(g, preprocessing.pixel_channels, height, width))
+    image = probe_image(preprocessing.pixel_channels, height, width)
+    probe = preprocessing.normalise(image.expand(g, -1, -1, -1).contiguous())
     torch.cuda.synchronize(config.device)
     torch.cuda.reset_peak_memory_stats(config.device)
     before = torch.cuda.memory_allocated(config.device)

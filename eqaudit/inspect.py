@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from eqaudit.data import probe_image
 from eqaudit.models import load_model
 from eqaudit.models.base import kept_as_given
 
@@ -56,7 +57,7 @@ def _inspect_model(model: Path | str | Any, align_input: bool, **options: Any) -
         "class_names": getattr(adapter, "class_names", None),
     }
     if spec.height is not None and spec.width is not None:
-        example = torch.zeros(1, spec.channels, spec.height, spec.width)
+        example = probe_image(spec.channels, spec.height, spec.width)
         with torch.inference_mode():
             layers = adapter.probe_layers(example)
             info["num_classes"] = int(adapter.run(example).scores.shape[1])

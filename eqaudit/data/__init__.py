@@ -30,7 +30,7 @@ from eqaudit.data.sources import (
     load_class_names,
     open_images,
 )
-from eqaudit.data.synthetic import synthetic_images
+from eqaudit.data.synthetic import probe_image, synthetic_images
 
 __all__ = [
     "ARRAY_SUFFIXES",
@@ -54,6 +54,7 @@ __all__ = [
     "open_images",
     "parse_floats",
     "plan_resize",
+    "probe_image",
     "resize_to",
     "synthetic_images",
 ]

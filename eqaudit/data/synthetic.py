@@ -77,6 +77,18 @@ def synthetic_images(
     return torch.from_numpy(out)
 
 
+def probe_image(channels: int, height: int, width: int) -> torch.Tensor:
+    """One image ``(1, channels, H, W)`` in [0, 1] to learn a model's layers from: the first
+    synthetic image, its channels repeated or cut to ``channels``. Not a blank one: a model
+    that standardises each image by its own spread (``(x - x.mean()) / x.std()``, as ported
+    TensorFlow and medical models do) gives NaN scores on a constant image, and the audit of
+    real images failed on that probe."""
+    base = synthetic_images(1, (height, width), 1 if channels == 1 else 3)
+    if base.shape[1] != channels:
+        base = base.repeat(1, -(-channels // base.shape[1]), 1, 1)[:, :channels]
+    return base.contiguous()
+
+
 def synthetic_image(
     index: int, size_hw: tuple[int, int], channels: int = 3, seed: int = 0
 ) -> np.ndarray:

@@ -42,3 +42,32 @@ def test_a_partial_sum_read_only_by_further_additions_is_not_a_layer(tmp_path) -
     kept = {name for name, op in layers.items() if op == "Add"}
     assert kept == {name for name, ops in read_by.items() if ops != {"Add"}}
     assert {"Conv", "Relu", "Div"} <= set(layers.values())
+
+
+class PerImageStandardised(nn.Module):
+    """Standardises its input by its own spread (TensorFlow ports, medical imaging): a
+    constant image gives NaN scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - x.mean()) / x.std()
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_layers_are_learnt_from_an_image_a_standardising_model_can_take(tmp_path) -> None:
+    # The engine and inspect learnt the layers from a blank image: NaN scores, and the audit
+    # of real images failed with "the model produced NaN or Inf scores".
+    import eqaudit
+    from eqaudit.inspect import inspect_model
+
+    torch.manual_seed(0)
+    module = PerImageStandardised().eval()
+    path = export_onnx(module, tmp_path / "std.onnx", 9)
+    for model in (module, path):
+        result = eqaudit.audit(model, "flips", input_size=9, num_images=3, lie=False)
+        assert any("conv" in row["layer"] for row in result.layers)  # "conv", "/conv/Conv_..."
+        assert inspect_model(model, input_size=(9, 9))["num_classes"] == 5
