@@ -6,12 +6,13 @@
 # tests, and a CLI audit on cuda and on the CPU with their numbers compared.
 # About 5 minutes on an H100. Usage: OUT=folder bash benchmarks/gpu_check.sh [IMAGES [LONG]]
 # (default 256 and 2048); logs go to $OUT (default ./gpu-check). STEPS picks steps (default all:
-# "syncs bench baselines tests time cli"), for a lease with little time left.
+# "syncs bench baselines tests time cli suite"), for a lease with little time left. "suite" runs
+# the whole test suite there (torch and onnxruntime as the image has them), with pytest-xdist.
 set -u
 images=${1:-256}
 long=${2:-2048}
 out=${OUT:-gpu-check}
-steps=" ${STEPS:-syncs bench baselines tests time cli} "
+steps=" ${STEPS:-syncs bench baselines tests time cli suite} "
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 py=python3
@@ -49,7 +50,7 @@ timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py tests/data
 want time && step "kernel time on the device vs wall-clock time" &&
 timeout 150 $py benchmarks/gpu_time.py --images "$long" 2>&1 | tee "$out/gpu_time.log"
 
-want cli || exit 0
+if want cli; then
 step "CLI audit on cuda and on the CPU (reports)"
 for device in cuda cpu; do
     timeout 120 $py -m eqaudit check eqaudit/demo/assets/demo_cnn.pt \
@@ -69,3 +70,10 @@ worst = max(
 )
 print("largest |cpu - gpu| layer relative error:", worst)
 PY
+fi
+
+if want suite; then  # last: the longest step, and the one a short lease can lose
+    step "the whole suite on this machine"
+    COLUMNS=120 timeout 240 $py -m pytest -q -p no:cacheprovider -n 14 -rf >"$out/suite.log" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/suite.log" | tail -15
+fi
