@@ -316,7 +316,8 @@ class OnnxAdapter(ModelAdapter):
             singles = [
                 plain.run([self.output_name], {spec.name: image[None]})[0] for image in probe
             ]
-        except Exception:  # the graph does not run on noise at all: the audit will say why
+        except Exception as exc:  # not even on noise: the audit's own run will say why it fails
+            record["why"] = f"the graph does not run on noise images: {_ort_message(exc)[:160]}"
             return
         if any(single.ndim < 2 or single.shape[0] != 1 for single in singles):
             # (K,) scores: a copy would give (2K,) for two images, which no check can tell

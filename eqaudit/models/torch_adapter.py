@@ -294,7 +294,8 @@ class TorchAdapter(ModelAdapter):
             buffers = {name: b.clone() for name, b in self.module.named_buffers()}
             try:
                 alone = [self._probe(image[None]) for image in probe]
-            except Exception:  # the model does not run on noise at all: the audit will say why
+            except Exception as exc:  # not even on noise: the audit's own run will say why
+                record["why"] = f"the program does not run on noise images: {_first_line(exc, 160)}"
                 return
             changed = [
                 name

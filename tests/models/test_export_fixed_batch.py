@@ -278,3 +278,18 @@ def test_a_program_whose_unflatten_fails_moves_to_another_device(model, tmp_path
     adapter.device = "elsewhere"
     adapter.to_device("cpu")
     assert adapter.run(torch.rand(3, 3, SIZE, SIZE)).scores.shape == (3, 5)
+
+
+def test_a_program_that_fails_on_the_noise_probes_says_so(model, tmp_path, monkeypatch) -> None:
+    path = export(model, tmp_path / "fixed.pt2")
+
+    def refuse(_adapter, _batch):
+        raise RuntimeError("values must be in [0, 1]")
+
+    monkeypatch.setattr(TorchAdapter, "_probe", refuse)
+    record = load_model(path).fixed_batch
+    assert record == {
+        "size": 1,
+        "run": "one image at a time",
+        "why": "the program does not run on noise images: values must be in [0, 1]",
+    }

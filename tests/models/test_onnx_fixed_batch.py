@@ -126,3 +126,18 @@ def test_a_batch_1_graph_whose_output_has_no_batch_axis_runs_one_image_at_a_time
     }
     x = torch.randn(3, 3, 17, 17)
     torch.testing.assert_close(adapter.run(x).scores, model.body(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_that_fails_on_the_noise_probes_says_so(tmp_path, monkeypatch) -> None:
+    import onnxruntime
+
+    torch.manual_seed(0)
+    path = export_onnx(SmallCNN().eval(), tmp_path / "fixed.onnx", 17, dynamic_batch=False)
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("values must be in [0, 1]")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", refuse)
+    record = load_model(path).describe()["fixed_batch"]
+    assert record["run"] == "one image at a time"
+    assert record["why"] == "the graph does not run on noise images: values must be in [0, 1]"
