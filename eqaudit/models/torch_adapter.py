@@ -168,6 +168,12 @@ def _picked(output: Any, pick: str) -> Any:
     )
 
 
+def _call_name(path: str, index: int) -> str:
+    """A module's ``index``-th call in one forward, as a layer name: ``path``, ``path:1``, ...
+    (:func:`_split_call_name` reads it back)."""
+    return path if index == 0 else f"{path}:{index}"
+
+
 def _split_call_name(name: str, bases: Mapping[str, Any]) -> tuple[str, int]:
     """``layer1.relu:2`` -> (``layer1.relu``, 2); a plain module path -> (path, 0)."""
     if name in bases:
@@ -215,9 +221,11 @@ class TorchAdapter(ModelAdapter):
         self._input_dtype = input_dtype
         self._layers_note = layers_note or _HOOKS_NOTE
         self._op_names, self._hookable = dict(op_names or {}), hookable
-        #: the subgraph modules of torch.cond / while_loop / map: not layers, since they run
-        #: for some images and not others
-        self._branches = _branch_modules(program) if program is not None else set()
+        #: the program's data-dependent control flow (its first operator, or None) and the
+        #: subgraph modules it runs: not layers, since they run for some images and not others
+        self._flow, self._branches = (
+            _control_flow(program) if program is not None else (None, set())
+        )
         if self._branches:
             self._layers_note += (
                 f"; the branches of data-dependent control flow ({', '.join(sorted(self._branches))}) "
@@ -284,9 +292,8 @@ class TorchAdapter(ModelAdapter):
             return
         record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
         self.fixed_batch = record
-        flow = _control_flow(self._program)
-        if flow is not None:
-            record["why"] = f"the program branches on the data ({flow})"
+        if self._flow is not None:
+            record["why"] = f"the program branches on the data ({self._flow})"
             return
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(spec.model_shape(2), generator=generator)
@@ -326,7 +333,7 @@ class TorchAdapter(ModelAdapter):
         def keep(path: str, index: int, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is not None and tensor.is_floating_point():
-                captured[path if index == 0 else f"{path}:{index}"] = tensor.detach().clone()
+                captured[_call_name(path, index)] = tensor.detach().clone()
 
         with torch.no_grad(), self._hooks(self._candidates, keep):
             output = self._forward(batch)
@@ -384,11 +391,10 @@ class TorchAdapter(ModelAdapter):
         if isinstance(self.module, torch.jit.ScriptModule):
             return {}  # torch refuses Python hooks on ScriptModules
         found: dict[str, tuple[list[nn.Module], str]] = {}
-        branches = getattr(self, "_branches", set())
         for name, sub in self.module.named_modules():
             if not name or isinstance(sub, _CONTAINERS):
                 continue
-            if branches & set(name.split(".")):
+            if self._branches & set(name.split(".")):
                 continue
             path = re.sub(r"@\d+$", "", name)
             op = op_names.get(path) or getattr(sub, "original_name", None) or type(sub).__name__
@@ -419,7 +425,7 @@ class TorchAdapter(ModelAdapter):
         def record(name: str, index: int, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is not None and tensor.is_floating_point():
-                key = name if index == 0 else f"{name}:{index}"
+                key = _call_name(name, index)
                 order.append(key)
                 seen[key] = tensor
 
@@ -521,7 +527,7 @@ class TorchAdapter(ModelAdapter):
         learning = self._overwritten is None
 
         def keep(path: str, index: int, output: Any) -> None:
-            name = path if index == 0 else f"{path}:{index}"
+            name = _call_name(path, index)
             if name not in wanted:
                 return
             tensor = _first_tensor(output)
@@ -566,7 +572,7 @@ class TorchAdapter(ModelAdapter):
         engine reduces it before any later op can overwrite it in place, so nothing is cloned."""
 
         def hand_over(path: str, index: int, output: Any) -> None:
-            name = path if index == 0 else f"{path}:{index}"
+            name = _call_name(path, index)
             tensor = _first_tensor(output) if name in wanted else None
             if tensor is not None and tensor.is_floating_point():
                 emit(name, tensor.detach())
@@ -694,38 +700,27 @@ def _prepare(module: nn.Module) -> nn.Module:
     return module.float().cpu().eval()
 
 
-def _control_flow(program: torch.export.ExportedProgram) -> str | None:
-    """The first data-dependent control-flow operator (``cond``, ``while_loop``, ``map``,
-    ``scan``) in the program's graphs, or None."""
+def _control_flow(program: torch.export.ExportedProgram) -> tuple[str | None, set[str]]:
+    """The program's data-dependent control flow: the first such operator (``torch.cond``,
+    ``while_loop``, ``map``, ``scan``), or None, and the attribute names of the subgraphs these
+    operators run (``true_graph_0``, ``body_graph_0``, ...), wherever they sit."""
+    first: str | None = None
+    branches: set[str] = set()
     for module in program.graph_module.modules():
         if not isinstance(module, torch.fx.GraphModule):
             continue
         for node in module.graph.nodes:
             name = getattr(node.target, "__name__", "")
-            if node.op == "call_function" and name in _CONTROL_FLOW:
-                return f"torch.{name}" if name == "cond" else name
-    return None
+            if node.op != "call_function" or name not in _CONTROL_FLOW:
+                continue
+            first = first or (f"torch.{name}" if name == "cond" else name)
+            for arg in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    branches.add(str(arg.target).rsplit(".", 1)[-1])
+    return first, branches
 
 
 _CONTROL_FLOW = {"cond", "while_loop", "map", "map_impl", "scan", "associative_scan"}
-
-
-def _branch_modules(program: torch.export.ExportedProgram) -> set[str]:
-    """The attribute names of the subgraphs that control-flow operators run (``true_graph_0``,
-    ``body_graph_0``, ...), wherever they sit in the program."""
-    found: set[str] = set()
-    for module in program.graph_module.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if node.op != "call_function" or getattr(node.target, "__name__", "") not in (
-                _CONTROL_FLOW
-            ):
-                continue
-            for arg in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
-                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                    found.add(str(arg.target).rsplit(".", 1)[-1])
-    return found
 
 
 def _batch_differs(
@@ -736,9 +731,9 @@ def _batch_differs(
     """Why two probe images run together (``together``) do not give what each gives alone
     (``alone``: outputs and layers per image), or None when they do."""
     tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-    pairs = [(f"output {i}", [a[0][i] for a in alone], t) for i, t in enumerate(together[0])]
     if any(len(a[0]) != len(together[0]) for a in alone):
         return "the program gives other outputs for images run together"
+    pairs = [(f"output {i}", [a[0][i] for a in alone], t) for i, t in enumerate(together[0])]
     for name, tensor in together[1].items():
         if any(name not in a[1] for a in alone):
             return f"layer {name} runs only for images run together"
