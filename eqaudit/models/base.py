@@ -495,7 +495,7 @@ class ModelAdapter(ABC):
 
 
 @contextmanager
-def kept_as_given(model: Any) -> Iterator[None]:
+def kept_as_given(model: Any) -> Iterator[Callable[[], list[str]]]:
     """A caller's ``nn.Module`` comes back from the block as it went in: each module's train or
     eval mode, each parameter's (and its gradient's) device, and each buffer, the object and its
     values. The audit puts the model in eval mode on the CPU, then on ``--device``; a model
@@ -503,20 +503,36 @@ def kept_as_given(model: Any) -> Iterator[None]:
     off, on another device, or with gradients elsewhere than their parameters (the next
     optimiser step fails). Buffers are restored by value too: a forward may update some even in
     eval mode (the range observers of quantisation-aware training would be recalibrated on the
-    audit's transformed images). Anything that is not a module passes through."""
+    audit's transformed images). Anything that is not a module passes through.
+
+    The block gets a function that names the buffers whose values differ from the entry's, so
+    far (a program that updates its buffers as it runs is not batched)."""
     if not isinstance(model, nn.Module):
-        yield
+        yield list
         return
     modes = [(m, m.training) for m in model.modules()]
     parameters = [(p, p.device) for p in model.parameters()]
     buffers = [
-        (m, name, b, b.detach().clone())
-        for m in model.modules()
+        (f"{prefix}.{name}" if prefix else name, m, name, b, b.detach().clone())
+        for prefix, m in model.named_modules()
         for name, b in m._buffers.items()
         if b is not None
     ]
+
+    def unchanged(now: torch.Tensor | None, values: torch.Tensor) -> bool:
+        return (
+            now is not None
+            and now.shape == values.shape
+            and torch.equal(now.to(values.device), values)
+        )
+
+    def changed() -> list[str]:
+        return [
+            path for path, m, name, _, values in buffers if not unchanged(m._buffers[name], values)
+        ]
+
     try:
-        yield
+        yield changed
     finally:
         with torch.no_grad():
             for p, device in parameters:
@@ -524,10 +540,9 @@ def kept_as_given(model: Any) -> Iterator[None]:
                     p.data = p.data.to(device)
                 if p.grad is not None and p.grad.device != device:
                     p.grad = p.grad.to(device)
-            for m, name, original, values in buffers:
+            for _, m, name, original, values in buffers:
                 m._buffers[name] = original  # not the copy a move to the device made
-                same = original.shape == values.shape and torch.equal(original, values)
-                if not same:
+                if not unchanged(original, values):
                     original.data = values
         for m, training in modes:
             m.training = training

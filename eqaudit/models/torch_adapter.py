@@ -297,18 +297,13 @@ class TorchAdapter(ModelAdapter):
             return
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(spec.model_shape(2), generator=generator)
-        with kept_as_given(self.module):  # the probes' writes to buffers are undone
-            buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        with kept_as_given(self.module) as changed_buffers:  # the probes' writes are undone
             try:
                 alone = [self._probe(image[None]) for image in probe]
             except Exception as exc:  # not even on noise: the audit's own run will say why
                 record["why"] = f"the program does not run on noise images: {_first_line(exc, 160)}"
                 return
-            changed = [
-                name
-                for name, b in self.module.named_buffers()
-                if name in buffers and not torch.equal(b, buffers[name])
-            ]
+            changed = changed_buffers()
             if changed:
                 record["why"] = f"the program updates its buffers as it runs ({changed[0]})"
                 return
