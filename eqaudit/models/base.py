@@ -88,6 +88,21 @@ def detect_layout(dims: Sequence[Any]) -> tuple[str, int]:
     return "NCHW", 3
 
 
+def batch_agrees(alone: torch.Tensor, together: torch.Tensor, half: bool) -> bool | None:
+    """Whether ``together`` (probe images run as one batch) is ``alone`` (the same images run
+    one at a time, joined): the same shape and values within 1e-4 of their scale (1e-2 for a
+    half-precision model). None when ``alone`` is not finite, where no tolerance can tell. The
+    check of both adapters before they run a model fixed at batch 1 on whole batches."""
+    expected = alone.float()
+    if not bool(torch.isfinite(expected).all()):
+        return None
+    tolerance = 1e-2 if half else 1e-4
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return together.shape == expected.shape and torch.allclose(
+        together.float(), expected, rtol=tolerance, atol=tolerance * (scale or 1.0)
+    )
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What the model's image input looks like.

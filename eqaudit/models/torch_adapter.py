@@ -60,6 +60,7 @@ from eqaudit.grids import GridGraph, export_grid_graph, torch_grid_graph
 from eqaudit.models.base import (
     InputSpec,
     ModelAdapter,
+    batch_agrees,
     detect_layout,
     kept_as_given,
     layout_option,
@@ -725,7 +726,7 @@ def _batch_differs(
 ) -> str | None:
     """Why two probe images run together (``together``) do not give what each gives alone
     (``alone``: outputs and layers per image), or None when they do."""
-    tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    half = dtype in (torch.float16, torch.bfloat16)
     if any(len(a[0]) != len(together[0]) for a in alone):
         return "the program gives other outputs for images run together"
     pairs = [(f"output {i}", [a[0][i] for a in alone], t) for i, t in enumerate(together[0])]
@@ -739,13 +740,11 @@ def _batch_differs(
         if any(s.ndim == 0 or s.shape[0] != 1 for s in singles):
             shape = list(singles[0].shape)
             return f"its {name} of shape {shape} for one image has no batch axis"
-        expected = torch.cat(singles).float()
-        if not bool(torch.isfinite(expected).all()):
+        expected = torch.cat(singles)
+        agrees = batch_agrees(expected, both, half)
+        if agrees is None:
             return f"its {name} is not finite on noise images, so the check cannot tell"
-        scale = float(expected.abs().max()) or 1.0
-        if both.shape != expected.shape or not torch.allclose(
-            both.float(), expected, rtol=tolerance, atol=tolerance * scale
-        ):
+        if not agrees:
             return (
                 f"its {name} differs for images run together "
                 f"(shape {list(both.shape)} for {list(expected.shape)})"
