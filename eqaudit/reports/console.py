@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from rich import box
@@ -25,8 +25,8 @@ stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty()
 
 
 def _table(title: str, caption: str | None = None) -> Table:
-    """A table for a terminal as narrow as 80 columns: no vertical rules or edge padding; the
-    caller keeps short columns whole (``no_wrap``) and lets names fold."""
+    """A table for a terminal as narrow as 80 columns: no vertical rules or edge padding; its
+    cells fold rather than being cut (:func:`_name_columns` for layer names)."""
     return Table(
         title=title,
         title_justify="left",
@@ -35,6 +35,15 @@ def _table(title: str, caption: str | None = None) -> Table:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
+
+
+def _name_columns(table: Table, names: Iterable[str]) -> None:
+    """A table of layers' ``layer`` and ``op`` columns: the name, what --layers takes, whole
+    where the width allows, else folded, never cut; the op gives way first (with an ellipsis:
+    the name usually says it again)."""
+    widest = max([len("layer"), *map(len, names)])
+    table.add_column("layer", overflow="fold", min_width=_floor(widest, 18))
+    table.add_column("op", overflow="ellipsis", max_width=10)
 
 
 def _floor(widest: int, floor: int) -> int | None:
@@ -141,9 +150,7 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
     if measurable:
         worst = sorted(measurable, key=lambda r: -r["relative_error"])[:max_layers]
         layers = _table("Least equivariant layers (relative error, mean over images)")
-        widest = max(len(r["layer"]) for r in worst)
-        layers.add_column("layer", overflow="fold", min_width=_floor(widest, 18))
-        layers.add_column("op", overflow="ellipsis", max_width=10)
+        _name_columns(layers, (r["layer"] for r in worst))
         layers.add_column("transform", overflow="fold")  # (kind: in layers.csv and the report)
         for column in ("rel err", "p95", "cos dist"):
             layers.add_column(column, justify="right", overflow="fold")
@@ -268,18 +275,13 @@ def print_inspection(info: dict) -> None:
         if with_grids:
             row.append(layer.get("grid", "") + ("*" if layer.get("centred") is False else ""))
         rows.append(row)
-    columns = ("#", "layer", "op", "kind", "shape") + (("grid",) if with_grids else ())
-    for c, column in enumerate(columns):
-        widest = max([len(column)] + [len(row[c]) for row in rows])
-        if column == "layer":
-            # What --layers takes: whole where the width allows, else folded, never cut.
-            table.add_column(column, overflow="fold", min_width=_floor(widest, 18))
-        elif column == "op":  # gives way first: the layer's name usually says it again
-            table.add_column(column, overflow="ellipsis", max_width=10)
-        elif column == "grid":  # whole where the width allows; folded, never cut
-            table.add_column(column, overflow="fold", min_width=_floor(widest, 12))
-        else:  # short
-            table.add_column(column, overflow="fold")
+    table.add_column("#", overflow="fold")
+    _name_columns(table, (row[1] for row in rows))
+    table.add_column("kind", overflow="fold")
+    table.add_column("shape", overflow="fold")
+    if with_grids:  # whole where the width allows; folded, never cut
+        widest = max([len("grid"), *(len(row[5]) for row in rows)])
+        table.add_column("grid", overflow="fold", min_width=_floor(widest, 12))
     for row in rows:
         cells = [escape(cell) for cell in row]
         if with_grids and cells[-1].endswith("*"):  # the mark, where it cannot be cut off
