@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_zoo import SmallCNN, calibrate_
+from models_zoo import ConvHead, SmallCNN, Sqrt, calibrate_
 from torch import nn
 
 import eqaudit
@@ -139,18 +139,6 @@ def test_the_input_checks_go_off_and_come_back_on_either_kind_of_module(model, b
         module(two)
 
 
-class Sqrt(nn.Module):
-    """Takes [0, 1] pixels: the noise probes give NaN scores, real images do not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x.sqrt()).mean((2, 3)))
-
-
 class FlatScores(nn.Module):
     """Returns (K,) scores: two images give (2K,), the shape of two rows of K joined."""
 
@@ -176,47 +164,38 @@ class AuxBatchStats(nn.Module):
         return self.aux_bn(y).mean((2, 3)), self.fc(y.mean((2, 3)))
 
 
-class PositionMap(nn.Module):
+class PositionMap(ConvHead):
     """A learned map of batch 1 added to the features: a layer with no batch axis."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.pos = nn.Conv2d(1, 4, 1)
-        self.fc = nn.Linear(4, 5)
         self.register_buffer("grid", torch.rand(1, 1, SIZE, SIZE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc((self.conv(x) + self.pos(self.grid)).mean((2, 3)))
+        return self.head(self.conv(x) + self.pos(self.grid))
 
 
-class Observer(nn.Module):
+class Observer(ConvHead):
     """Updates a buffer every forward (as a quantisation observer does)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
         self.register_buffer("seen", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.copy_(torch.maximum(self.seen, x.abs().max()))
-        return self.fc(self.conv(x / self.seen).mean((2, 3)))
+        return self.head(self.conv(x / self.seen))
 
 
-class Gated(nn.Module):
+class Gated(ConvHead):
     """Branches on the image's brightness: noise probes all take one branch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cond(
             x.mean() < 0.3, lambda t: (t * 3.0).clamp(max=1.0), lambda t: t.clone(), (x,)
         )
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return self.head(torch.relu(self.conv(x)))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 import torch
-from models_zoo import SmallCNN, calibrate_, export_onnx
+from models_zoo import SmallCNN, Sqrt, calibrate_, export_onnx
 from torch import nn
 
 import eqaudit
@@ -141,18 +141,6 @@ def test_a_graph_that_fails_on_the_noise_probes_says_so(tmp_path, monkeypatch) -
     record = load_model(path).describe()["fixed_batch"]
     assert record["run"] == "one image at a time"
     assert record["why"] == "the graph does not run on noise images: values must be in [0, 1]"
-
-
-class Sqrt(nn.Module):
-    """Takes [0, 1] pixels: the noise probes give NaN scores, real images do not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x.sqrt()).mean((2, 3)))
 
 
 def test_a_graph_with_nan_on_the_noise_probes_runs_one_image_at_a_time(tmp_path) -> None:

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import onnx
 import torch
-from models_zoo import export_onnx
-from torch import nn
+from models_zoo import ConvHead, export_onnx
 
 from eqaudit.models import load_model
 
 
-class Sums(nn.Module):
+class Sums(ConvHead):
     """A residual sum read by a ReLU, and a three-part sum of slices (a pooling written out)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.conv(x) + x.mean(1, keepdim=True))
         pooled = y[..., :3, :] + y[..., 3:6, :] + y[..., 6:9, :]
-        return self.fc((pooled / 3).mean((2, 3)))
+        return self.head(pooled / 3)
 
 
 def test_a_partial_sum_read_only_by_further_additions_is_not_a_layer(tmp_path) -> None:
@@ -44,18 +38,13 @@ def test_a_partial_sum_read_only_by_further_additions_is_not_a_layer(tmp_path) -
     assert {"Conv", "Relu", "Div"} <= set(layers.values())
 
 
-class PerImageStandardised(nn.Module):
+class PerImageStandardised(ConvHead):
     """Standardises its input by its own spread (TensorFlow ports, medical imaging): a
     constant image gives NaN scores."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - x.mean()) / x.std()
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return self.head(torch.relu(self.conv(x)))
 
 
 def test_layers_are_learnt_from_an_image_a_standardising_model_can_take(tmp_path) -> None:
