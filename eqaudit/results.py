@@ -6,9 +6,9 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``eqaudit``          {"version", "torch", "onnxruntime", "onnx", "numpy", "python"}
 ``model``            {"path", "name", "sha256", "backend", "format", "input": InputSpec,
                       "output_kind", "output_kind_source", "num_classes", "class_names",
-                      ONNX: "opset", "producer", "output", "providers", and for a graph fixed
-                      at batch 1 "fixed_batch": {"size", "run": "batched" | "one image at a
-                      time", "why"}}
+                      ONNX: "opset", "producer", "output", "providers"; PyTorch: "factory",
+                      "output" (--output-name); for an ONNX graph or a .pt2 fixed at batch 1
+                      "fixed_batch": {"size", "run": "batched" | "one image at a time", "why"}}
 ``preprocessing``    Preprocessing.to_dict()
 ``transforms``       {"spec", "shift_mode", "margin", "elements": [{"name", "family", "exact",
                       "skipped": reason | null, ...}]}
