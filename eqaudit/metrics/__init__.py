@@ -4,6 +4,7 @@ from eqaudit.metrics.accumulators import HIST_EDGES, LayerStats, OrbitStats, Out
 from eqaudit.metrics.functional import (
     cosine_distance,
     errors_from_norms,
+    image_norms,
     js_divergence,
     looks_like_probabilities,
     map_norms,
@@ -21,6 +22,7 @@ __all__ = [
     "OutputStats",
     "cosine_distance",
     "errors_from_norms",
+    "image_norms",
     "js_divergence",
     "looks_like_probabilities",
     "map_norms",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import pickle
@@ -9,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -757,6 +759,30 @@ def test_a_callers_module_that_is_not_float32_is_audited_as_a_copy(dtype) -> Non
     assert result.outputs[0]["n"] == 2
     after = model.state_dict()
     assert all(after[k].dtype == dtype and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_float16_program_with_large_activations_is_audited_as_its_float32_twin(tmp_path):
+    # Its conv maps reach ~3e3 over 4 x 32 x 32 cells: norms past float16's 65 504. Summed in
+    # float16 they were inf, and the audit died in its float64 accumulators ("ExactSum takes
+    # finite values only"). The numbers match the float32 program's to float16's precision.
+    import eqaudit
+
+    model = tiny()
+    with torch.no_grad():
+        model.features[0].weight.mul_(5000.0)
+        model.features[0].bias.mul_(5000.0)
+    x = images(1, size=32)
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        folder = tmp_path / str(dtype).removeprefix("torch.")
+        folder.mkdir()
+        path = export(folder, copy.deepcopy(model).to(dtype), x.to(dtype))
+        results[dtype] = eqaudit.audit(str(path), "d4", input_size=32, num_images=2, seed=0)
+    wide, half = (results[d].to_frame("layers") for d in (torch.float32, torch.float16))
+    conv = half[half["layer"] == "features.0"]
+    assert len(conv) == 8 and conv["relative_error"].notna().all()
+    assert (conv["relative_error"].iloc[1:] > 0.1).all()  # random weights: far from equivariant
+    np.testing.assert_allclose(half["relative_error"], wide["relative_error"], rtol=2e-3)
 
 
 class WithConstants(nn.Module):
