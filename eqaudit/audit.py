@@ -1171,6 +1171,7 @@ class Engine:
                 norms3 = [next(values), next(values), next(values)]
                 if record.floor is not None:
                     floor_values = next(values)
+                    floor_values = floor_values[floor_values.isfinite()]  # (NaN maps: none)
                     record.stats.floor_n += int(floor_values.numel())
                     record.stats.floor_sum.add(floor_values)
             stats, columns = singles.setdefault(norms3[0].numel(), ([], []))
@@ -1352,6 +1353,26 @@ class Engine:
             if half is not None
         )
 
+    def nonfinite_warning(self) -> str | None:
+        """One line for the layers whose maps held NaN or Inf for some images (left out of
+        their numbers, :class:`LayerStats`), or None."""
+        hit = [
+            (state.info.name, element.name, stats)
+            for state in self.layer_states
+            for element, stats in zip(self.elements, state.stats, strict=True)
+            if stats.nonfinite
+        ]
+        if not hit:
+            return None
+        layers = list(dict.fromkeys(name for name, _, _ in hit))
+        name, element, stats = hit[0]
+        return (
+            f"{len(layers)} layer(s) gave NaN or Inf activations, or norms past float range, for "
+            f"some images (first: {name} under {element}, {stats.nonfinite} of "
+            f"{stats.n + stats.nonfinite} images); those comparisons are left out of the "
+            "layers' numbers (see the reason column): check the model's numerics there"
+        )
+
     def layer_rows(self) -> list[dict]:
         self.settle_channel_maps()
         rows = []
@@ -1374,7 +1395,8 @@ class Engine:
                 }
                 reason = state.reasons[gi]
                 if reason is None:
-                    base.update(state.stats[gi].compute(), measurable=True, reason=None)
+                    stats = state.stats[gi]
+                    base.update(stats.compute(), measurable=stats.n > 0, reason=None)
                     del base["n"]
                     if state.aligned[gi] is False and state.comparison[gi] == "naive":
                         base["reason"] = (
@@ -1386,6 +1408,9 @@ class Engine:
                         base["reason"] = "sampling grid unknown" + (
                             f" ({state.grid_note})" if state.grid_note else ""
                         )
+                    if stats.nonfinite:
+                        reasons = (base["reason"], _nonfinite_reason(stats))
+                        base["reason"] = "; ".join(r for r in reasons if r)
                 else:
                     base.update(
                         relative_error=None,
@@ -1748,6 +1773,14 @@ def _audit(
     return shard_result(result, engine, context, config.shard, positions)
 
 
+def _nonfinite_reason(stats: LayerStats) -> str:
+    total = stats.n + stats.nonfinite
+    return (
+        f"{stats.nonfinite} of {total} images gave NaN or Inf activations (or norms past "
+        "float range) and are left out"
+    )
+
+
 def build_result(
     engine: Engine, context: dict, duration: float, audited: int | None = None
 ) -> AuditResult:
@@ -1763,6 +1796,9 @@ def build_result(
     one_class = one_class_warning(predictions, engine.elements[0].name, engine.class_names)
     if constant or one_class:
         warnings.append(constant or one_class)
+    nonfinite = engine.nonfinite_warning()
+    if nonfinite:
+        warnings.append(nonfinite)
     if data.get("synthetic"):
         warnings.insert(
             0,

@@ -270,18 +270,25 @@ class LieStats(_Mergeable):
     """Mergeable summary of per-image Lie derivatives: count, exact sum and sum of squares,
     maximum and a log-spaced histogram (50 bins per decade, 1e-12 to 1e6) for the 95th
     percentile, read as its bin's upper edge (at most 4.7% above the order statistic, never
-    above the maximum). Sums are exact, so ``merge(a, b).compute() == whole.compute()``."""
+    above the maximum). Sums are exact, so ``merge(a, b).compute() == whole.compute()``.
+    ``nonfinite`` counts the NaN or Inf values left out (a layer whose maps are not finite)."""
 
     _max_fields = ("maximum",)
+    _added_fields = ("nonfinite",)
 
     n: int = 0
     total: ExactSum = field(default_factory=ExactSum)
     total_sq: ExactSum = field(default_factory=ExactSum)
     maximum: float = 0.0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(LIE_HIST_EDGES), dtype=np.int64))
+    nonfinite: int = 0
 
     def update(self, values: torch.Tensor) -> None:
         v = values.detach().to(torch.float64).cpu().numpy().reshape(-1)
+        finite = np.isfinite(v)
+        if not finite.all():
+            self.nonfinite += int((~finite).sum())
+            v = v[finite]
         if v.size == 0:
             return
         self.n += int(v.size)

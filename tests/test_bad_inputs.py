@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from models_zoo import SmallCNN, export_onnx, symmetric_cnn
+from models_zoo import ConvHead, SmallCNN, export_onnx, symmetric_cnn
 from onnx import TensorProto, helper
 from PIL import Image
 from torch import nn
@@ -719,3 +719,76 @@ def test_nan_scores_in_a_later_batch_are_refused_with_their_count() -> None:
             preset="unit",
             layers=False,
         )
+
+
+class InfWhereBright(nn.Module):
+    """Its input, or Inf for the images brighter than 0.5 (mean pixel): a layer of its own."""
+
+    def forward(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean(dim=(1, 2, 3), keepdim=True) > 0.5  # raw [0, 1] pixels here
+        return features * torch.where(bright, float("inf"), 1.0)
+
+
+class InfLayerForBrightImages(ConvHead):
+    """Layers ``conv``, ``blow`` (``conv``, or Inf for bright images) and ``fc``; its scores
+    stay finite (the Infs are zeroed before the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blow = InfWhereBright()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nan_to_num(self.blow(self.conv(x), x), posinf=0.0, neginf=0.0))
+
+
+def test_a_layer_with_inf_activations_for_some_images_leaves_them_out_and_says_so(tmp_path):
+    # Used to die in the float64 accumulators ("ExactSum takes finite values only"), exit 4.
+    import eqaudit
+
+    torch.manual_seed(0)
+    model = InfLayerForBrightImages().eval()
+    dark = np.random.default_rng(0).uniform(0.0, 0.4, size=(4, SIZE, SIZE, 3))
+    images = dark.copy()
+    images[[1, 2]] += 0.5  # bright: Inf at ``blow``
+    options = dict(input_size=SIZE, batch_size=16, preset="unit", seed=0)
+    result = eqaudit.audit(model, "d4", data=images.astype(np.float32), **options)
+    rows = result.to_frame("layers").set_index(["layer", "transform"])
+    blow = rows.loc["blow"].iloc[1:]  # the identity is exact whatever the maps
+    assert (
+        blow["reason"]
+        .eq(
+            "2 of 4 images gave NaN or Inf activations (or norms past float range) and are left out"
+        )
+        .all()
+    )
+    assert blow["measurable"].all()
+    # The images left are the dark ones, whose ``blow`` maps are their ``conv`` maps: the same
+    # numbers as ``conv`` in an audit of the dark images alone.
+    alone = eqaudit.audit(model, "d4", data=images[[0, 3]].astype(np.float32), **options)
+    conv = alone.to_frame("layers").set_index(["layer", "transform"]).loc["conv"].iloc[1:]
+    columns = ["relative_error", "relative_error_p95", "relative_error_max", "cosine_distance"]
+    assert blow[columns].equals(conv[columns])
+    assert rows.loc["conv", "reason"].isna().all()  # the other layers see every image
+    assert any(w.startswith("1 layer(s) gave NaN or Inf activations") for w in result.warnings)
+
+
+def test_lie_derivatives_and_channel_maps_leave_out_a_layers_nonfinite_images():
+    # Both died: the Lie sums in ExactSum, the channel map in numpy's eigvalsh on NaN moments.
+    import eqaudit
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).uniform(0.0, 0.4, size=(4, SIZE, SIZE, 3))
+    images[[1, 2]] += 0.5  # bright: Inf at ``blow``
+    result = eqaudit.audit(
+        InfLayerForBrightImages().eval(),
+        "d4",
+        data=images.astype(np.float32),
+        input_size=SIZE,
+        preset="unit",
+        lie=True,
+        channel_map=True,
+    )
+    rows = result.to_frame("layers").set_index(["layer", "transform"])
+    fitted = rows.loc["blow", "fitted_relative_error"].iloc[1:]
+    assert fitted.notna().all() and (fitted > 0).all()  # fitted on the two dark images
+    assert rows.loc["conv", [c for c in rows.columns if c.startswith("lie_")]].notna().all().all()

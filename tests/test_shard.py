@@ -77,6 +77,23 @@ def test_accumulator_states_round_trip_through_json() -> None:
     assert OutputStats.from_state(json.loads(json.dumps(out.to_state()))).compute() == out.compute()
 
 
+def test_layer_stats_leave_out_and_count_nonfinite_images() -> None:
+    relative = np.array([[0.1, np.nan, 0.3], [0.2, 0.4, 0.6]])
+    cosine = np.array([[0.01, 0.02, np.inf], [0.1, 0.2, 0.3]])
+    rows = [LayerStats(), LayerStats()]
+    LayerStats.update_rows(rows, relative, cosine)
+    assert rows[0].n == 1 and rows[0].nonfinite == 2  # only the first image is finite in both
+    assert rows[0].compute()["relative_error"] == 0.1
+    assert rows[1].n == 3 and rows[1].nonfinite == 0
+    assert rows[1].compute()["relative_error"] == pytest.approx(0.4, rel=1e-15)
+    merged = rows[0].merge(rows[1])
+    assert (merged.n, merged.nonfinite) == (4, 2)
+    # A state written before ``nonfinite`` existed loads with none.
+    old = {k: v for k, v in rows[1].to_state().items() if k != "nonfinite"}
+    assert LayerStats.from_state(old).compute() == rows[1].compute()
+    assert LayerStats.from_state(old).nonfinite == 0
+
+
 def test_shard_ranges_cover_the_images_once() -> None:
     for count in (0, 1, 7, 13, 100):
         for total in (1, 2, 3, 8):

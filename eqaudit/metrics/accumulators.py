@@ -45,6 +45,8 @@ class _Mergeable:
     round-trips through JSON-able dicts (exact sums as hex integers, histograms sparse)."""
 
     _max_fields: tuple[str, ...] = ()
+    #: Fields added after states were first written (shards of an older eqaudit lack them).
+    _added_fields: tuple[str, ...] = ()
 
     def merge(self, other):  # type: ignore[no-untyped-def]
         merged = {}
@@ -74,6 +76,8 @@ class _Mergeable:
     def from_state(cls, state: dict):  # type: ignore[no-untyped-def]
         values: dict = {}
         for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in state and f.name in cls._added_fields:
+                continue  # a state written before the field existed: its default
             value = state[f.name]
             if isinstance(value, dict) and "exact" in value:
                 value = ExactSum.from_json(value["exact"])
@@ -200,9 +204,12 @@ class OrbitStats(_Mergeable):
 @dataclass
 class LayerStats(_Mergeable):
     """Per (layer, element): mean, 95th percentile and maximum of the relative error, mean cosine
-    distance."""
+    distance. ``nonfinite`` counts the images left out because a map held NaN or Inf (or its
+    norms overflowed): their errors are undefined, and :meth:`update_rows` keeps them out of
+    every other field."""
 
     _max_fields = ("rel_max",)
+    _added_fields = ("nonfinite",)
 
     n: int = 0
     rel_sum: ExactSum = field(default_factory=ExactSum)
@@ -211,6 +218,7 @@ class LayerStats(_Mergeable):
     floor_n: int = 0
     floor_sum: ExactSum = field(default_factory=ExactSum)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES), dtype=np.int64))
+    nonfinite: int = 0
 
     def update(
         self, relative: torch.Tensor, cosine: torch.Tensor, floor: torch.Tensor | None = None
@@ -231,7 +239,27 @@ class LayerStats(_Mergeable):
     def update_rows(stats: Sequence[LayerStats], relative: np.ndarray, cosine: np.ndarray) -> None:
         """``stats[r].update(relative[r], cosine[r])`` for every row ``r`` of two ``(R, N)``
         float64 arrays, vectorised: the same states, with one exact-sum pass, one histogram pass
-        and one maximum for all rows instead of a call per (layer, element)."""
+        and one maximum for all rows instead of a call per (layer, element).
+
+        An image whose relative error or cosine distance is not finite (NaN or Inf in a map) is
+        counted in its row's ``nonfinite`` and left out of the rest."""
+        finite = np.isfinite(relative) & np.isfinite(cosine)
+        if not finite.all():
+            rows = finite.all(axis=1)
+            if rows.any():
+                LayerStats.update_rows(
+                    [s for s, ok in zip(stats, rows, strict=True) if ok],
+                    relative[rows],
+                    cosine[rows],
+                )
+            for row in np.flatnonzero(~rows):
+                keep = finite[row]
+                stats[row].nonfinite += int((~keep).sum())
+                if keep.any():
+                    LayerStats.update_rows(
+                        [stats[row]], relative[row, keep][None], cosine[row, keep][None]
+                    )
+            return
         count, width = relative.shape
         rel_totals, cos_totals = exact_row_integers(relative), exact_row_integers(cosine)
         maxima = relative.max(axis=1, initial=0.0)

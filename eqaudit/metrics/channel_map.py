@@ -227,8 +227,8 @@ def _rows(chosen: torch.Tensor) -> slice | torch.Tensor | None:
 class ChannelMoments:
     """Second moments of one half (FIT or EVAL): ``tr S_aa``, ``S_ab``, ``S_bb`` and counts.
 
-    Samples on a GPU are summed there (``pending``: ``tr S_aa``, ``S_ab``, ``S_bb`` and the
-    cell count as device tensors) and brought to the host by :meth:`settle`, once, at the end:
+    Samples on a GPU are summed there (``pending``: ``tr S_aa``, ``S_ab``, ``S_bb``, the
+    cell and image counts as device tensors) and brought to the host by :meth:`settle`, once, at the end:
     reading them back per batch would make the host wait for the device at every layer. Without
     a mask the sums are the same float64 additions in the same order as on the host; with one,
     the zeroed cells change the chunks (differences of ~1e-13, relative)."""
@@ -246,15 +246,21 @@ class ChannelMoments:
         return cls(0, 0, 0.0, np.zeros(shape), np.zeros(shape))
 
     def add(
-        self, a_cells: torch.Tensor, b_cells: torch.Tensor, kept: torch.Tensor | None = None
+        self,
+        a_cells: torch.Tensor,
+        b_cells: torch.Tensor,
+        kept: torch.Tensor | None = None,
+        counted: torch.Tensor | None = None,
     ) -> None:
         """Add per-image samples ``(B, N, C)``; ``kept``: how many of the ``N`` cells count (a
-        device tensor, for cells zeroed by :func:`channel_samples` on a GPU), else all."""
+        device tensor, for cells zeroed by :func:`channel_samples` on a GPU), else all;
+        ``counted``: which images count (a device bool ``(B,)``, for the images zeroed on a GPU
+        because their maps are not finite), else all."""
         channels = self.s_ab.shape[0]
         images, cells = int(a_cells.shape[0]), int(a_cells.shape[0] * a_cells.shape[1])
-        self.images += images
         rows = (a_cells.reshape(-1, channels), b_cells.reshape(-1, channels))
         if not on_device(a_cells):
+            self.images += images
             self.cells += cells
             trace_aa, s_ab, s_bb = second_moments(*rows)
             self.trace_aa += trace_aa
@@ -262,11 +268,11 @@ class ChannelMoments:
             self.s_bb = self.s_bb + s_bb
             return
         sums = list(second_moments_on_device(*rows))
-        if kept is None:
-            self.cells += cells
-            sums.append(torch.zeros((), dtype=torch.int64, device=a_cells.device))
-        else:
-            sums.append(kept.to(torch.int64) * images)
+        device = a_cells.device
+        seen = torch.tensor(images, device=device) if counted is None else counted.sum()
+        per_image = torch.tensor(a_cells.shape[1], device=device) if kept is None else kept
+        sums.append(seen.to(torch.int64) * per_image.to(torch.int64))
+        sums.append(seen.to(torch.int64))
         if self.pending is None:
             self.pending = sums
         else:
@@ -278,13 +284,15 @@ class ChannelMoments:
         settle_all([self])
 
     def _add_settled(self, values: np.ndarray) -> None:
-        """Add the pending sums, read back as one float64 vector: trace, S_ab, S_bb, cells."""
+        """Add the pending sums, read back as one float64 vector: trace, S_ab, S_bb, cells,
+        images."""
         c = self.s_ab.shape[0]
         self.pending = None
         self.trace_aa += float(values[0])
         self.s_ab = self.s_ab + values[1 : 1 + c * c].reshape(c, c)
         self.s_bb = self.s_bb + values[1 + c * c : 1 + 2 * c * c].reshape(c, c)
-        self.cells += int(values[-1])
+        self.cells += int(values[-2])
+        self.images += int(values[-1])
 
     def merge(self, other: ChannelMoments) -> ChannelMoments:
         self.settle()
@@ -313,7 +321,7 @@ def settle_all(moments: Iterable[ChannelMoments]) -> None:
         )
         values, start = flat.cpu().numpy(), 0
         for m in group:
-            size = 2 + 2 * m.s_ab.size
+            size = 3 + 2 * m.s_ab.size
             m._add_settled(values[start : start + size])
             start += size
 
@@ -385,13 +393,28 @@ class ChannelMapStats:
         fit = fit.detach().to(device="cpu", dtype=torch.bool).reshape(-1)
         if fit.numel() != a.shape[0]:
             raise ValueError(f"fit mask has {fit.numel()} entries for a batch of {a.shape[0]}")
-        kept = None
-        if mask is not None and on_device(a):  # cells zeroed, not dropped
-            kept = torch.broadcast_to(mask.to(torch.bool), (1, 1, *a.shape[2:])).sum()
+        # Images whose maps hold NaN or Inf are left out (the engine counts them in the
+        # layer's ``nonfinite``): dropped on the host, zeroed on a device (a bool index there
+        # would make the host wait), which adds nothing to the moments.
+        finite = a_cells.isfinite().all(dim=(1, 2)) & b_cells.isfinite().all(dim=(1, 2))
+        kept = counted = None
+        if on_device(a):
+            if mask is not None:  # cells zeroed, not dropped
+                kept = torch.broadcast_to(mask.to(torch.bool), (1, 1, *a.shape[2:])).sum()
+            counted = finite
+            a_cells = torch.where(finite[:, None, None], a_cells, 0)
+            b_cells = torch.where(finite[:, None, None], b_cells, 0)
         for half, rows in zip(self._unsettled_halves(), (fit, ~fit), strict=True):
+            if counted is None:
+                rows = rows & finite
             picked = _rows(rows)
             if picked is not None:
-                half.add(a_cells[picked], b_cells[picked], kept)
+                half.add(
+                    a_cells[picked],
+                    b_cells[picked],
+                    kept,
+                    None if counted is None else counted[picked],
+                )
 
     def merge(self, other: ChannelMapStats) -> ChannelMapStats:
         """Exact merge (sums of moments and counts) into a new object; an empty side (no
