@@ -60,7 +60,7 @@ from eqaudit.data import (
 )
 from eqaudit.data.prefetch import cpu_limit, default_load_workers, usable_cpus
 from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
-from eqaudit.errors import UsageError
+from eqaudit.errors import UsageError, cause_line
 from eqaudit.gallery import Gallery
 from eqaudit.lie import GENERATORS as LIE_GENERATORS
 from eqaudit.lie import LieAccumulator, lie_batch
@@ -290,19 +290,32 @@ def _select_layers(layers: list[LayerInfo], patterns: tuple[str, ...]) -> list[L
     return chosen
 
 
+#: Channels of the images each ``--channels`` feeds.
+CHANNEL_COUNTS = {"rgb": 3, "bgr": 3, "gray": 1}
+
+
 def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[str]) -> str | None:
     model_channels = adapter.input_spec.channels
     if model_channels not in (1, 3):
+        guess = adapter.channels_guess() if config.channels is None else None
+        if guess is not None:
+            raise UsageError(
+                f"eqaudit guessed {model_channels}-channel inputs from {guess} (the first "
+                "defined, which need not be the first called): if the model takes images, "
+                "say how many channels with --channels rgb, bgr or gray"
+            )
         raise UsageError(
             f"the model takes {model_channels}-channel inputs; eqaudit feeds RGB, BGR or gray "
             "images (1 or 3 channels)"
         )
     wanted = config.channels
     if wanted is None and model_channels == 1:
-        notes.append("the model takes 1 channel: images are fed as grayscale")
+        guess = adapter.channels_guess()
+        source = f" (guessed from {guess}; --channels overrides it)" if guess else ""
+        notes.append(f"the model takes 1 channel{source}: images are fed as grayscale")
         return "gray"
     if wanted is not None:
-        pixel = 1 if wanted == "gray" else 3
+        pixel = CHANNEL_COUNTS[wanted]
         if pixel != model_channels:
             raise UsageError(
                 f"--channels {wanted} gives {pixel}-channel images but the model takes "
@@ -500,7 +513,7 @@ class Engine:
         try:
             graph = self.adapter.grid_graph()
         except Exception as exc:  # geometry is a help; the audit goes on without it
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            first = cause_line(exc, 200)
             self.geometry_notes.append(
                 f"sampling grids unavailable ({type(exc).__name__}: {first}); per-layer "
                 "alignment is unknown"
@@ -1648,6 +1661,7 @@ def _audit(
         layout=config.layout,
         providers=config.providers,
         threads=config.threads,
+        channels=CHANNEL_COUNTS.get(config.channels or ""),  # for a model that does not say
         # --input-size aligned:N starts a search at N; the size is fixed once it is chosen.
         input_size=None if config.align_input else config.input_size,
     )

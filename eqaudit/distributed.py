@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from eqaudit.config import AuditConfig
-from eqaudit.errors import EqauditError, UsageError
+from eqaudit.errors import EqauditError, UsageError, cause_line
 from eqaudit.results import AuditResult
 
 
@@ -98,7 +98,7 @@ def audit_on_ray(
                 configure_logging=False,
             )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            first = cause_line(exc, 200)
             raise UsageError(
                 f"cannot connect to the Ray cluster{f' at {address}' if address else ''} "
                 f"({type(exc).__name__}: {first}): start it with 'ray start --head' or fix "

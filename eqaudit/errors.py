@@ -74,3 +74,21 @@ class GateFailed(EqauditError):
     """A release gate failed (used by the gate; never raised for user mistakes)."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+#: How a TorchScript interpreter error starts; the cause is on its last line, after a traceback.
+_TORCHSCRIPT_FAILED = "The following operation failed in the TorchScript interpreter"
+
+
+def cause_line(exc: BaseException, limit: int | None = None) -> str:
+    """The line of a third-party exception's message that says what went wrong, for a one-line
+    error: its first line, or for a TorchScript interpreter error (a heading, then a TorchScript
+    traceback) its last, e.g. ``RuntimeError: AssertionError: batch must be 1``. The exception's
+    type name when it has no message; cut to ``limit`` characters (``...`` marks the cut)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith(_TORCHSCRIPT_FAILED) else lines[0]
+    if limit is not None and len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line

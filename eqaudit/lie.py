@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eqaudit.data.preprocess import Preprocessing, channel_constant
+from eqaudit.errors import cause_line
 from eqaudit.metrics.accumulators import _Mergeable
 from eqaudit.metrics.exact import ExactSum, exact_mean
 from eqaudit.metrics.functional import EPS
@@ -879,8 +880,7 @@ def lie_batch(
         except Exception as exc:  # an op without a forward-mode formula, typically
             if requested == "ad":
                 raise
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            why = f" (forward-mode AD failed: {first or type(exc).__name__})"
+            why = f" (forward-mode AD failed: {cause_line(exc, 200)})"
             tangents = {}
     if not tangents:
         tangents = {g: _fd_total(adapter, pixels, preprocessing, g, steps[g]) for g in generators}

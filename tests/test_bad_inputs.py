@@ -792,3 +792,39 @@ def test_lie_derivatives_and_channel_maps_leave_out_a_layers_nonfinite_images():
     fitted = rows.loc["blow", "fitted_relative_error"].iloc[1:]
     assert fitted.notna().all() and (fitted > 0).all()  # fitted on the two dark images
     assert rows.loc["conv", [c for c in rows.columns if c.startswith("lie_")]].notna().all().all()
+
+
+class HeadFirst(nn.Module):
+    """Defines its 16 -> 5 head before its 3 -> 16 stem: the first Conv2d defined is not the
+    first called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(16, 5, 1)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("fmt", ["module", "torchscript"])
+def test_a_wrong_channel_guess_says_where_it_came_from_and_channels_overrides_it(tmp_path, fmt):
+    import eqaudit
+    from eqaudit.errors import UsageError
+
+    torch.manual_seed(0)
+    model: nn.Module = HeadFirst().eval()
+    if fmt == "torchscript":
+        path = tmp_path / "m.pt"
+        torch.jit.save(torch.jit.script(HeadFirst().eval()), path)
+        model = path  # type: ignore[assignment]
+    options = dict(input_size=SIZE, num_images=2, layers=False)
+    with pytest.raises(
+        UsageError,
+        match=r"guessed 16-channel inputs from its first Conv2d, "
+        r"'head' .* --channels rgb, bgr or gray$",
+    ):
+        eqaudit.audit(model, "flips", **options)
+    result = eqaudit.audit(model, "flips", channels="rgb", **options)
+    assert result.summary["preprocessing"]["channels"] == "rgb"
+    assert [row["n"] for row in result.outputs] == [2, 2, 2]

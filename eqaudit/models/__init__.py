@@ -46,11 +46,9 @@ def load_model(
     import torch
 
     if isinstance(model, torch.nn.Module):
-        from eqaudit.models.torch_adapter import TorchAdapter
+        from eqaudit.models.torch_adapter import TorchAdapter, guess_channels
 
-        c = channels or next(
-            (m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3
-        )
+        c = channels or guess_channels(model)[0]
         h, w = input_size if input_size else (None, None)
         layout = layout_option(layout)
         spec = InputSpec(
@@ -64,6 +62,7 @@ def load_model(
         )
         adapter = TorchAdapter.from_module(model, input_spec=spec)
         adapter.output_name = output_name
+        adapter.batch_dynamically()  # a TorchScript module traced at a fixed batch, once checked
         return adapter
     if isinstance(model, onnx.ModelProto):
         from eqaudit.models.onnx_adapter import OnnxAdapter

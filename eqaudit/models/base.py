@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from eqaudit.errors import ModelRunError, UnsupportedModelError, UsageError
+from eqaudit.errors import ModelRunError, UnsupportedModelError, UsageError, cause_line
 
 if TYPE_CHECKING:
     from eqaudit.grids import GridGraph
@@ -294,6 +294,11 @@ class ModelAdapter(ABC):
         """Backend-specific facts for summary.json and ``eqaudit inspect``."""
         return {}
 
+    def channels_guess(self) -> str | None:
+        """Where ``input_spec.channels`` was guessed from, when the model file does not declare
+        it (a PyTorch module: its first ``Conv2d``), else None."""
+        return None
+
     # -- shared behaviour ------------------------------------------------------------------------
     @property
     def sha256(self) -> str:
@@ -396,7 +401,7 @@ class ModelAdapter(ABC):
             except (UsageError, ModelRunError, UnsupportedModelError):
                 raise
             except Exception as exc:  # the model's own failure, not ours
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = cause_line(exc)
                 if looks_out_of_memory(str(exc)):
                     # Not the model's fault: the CLI reports it as out of memory (exit 3).
                     raise MemoryError(first) from exc

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
+from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError, cause_line
 from eqaudit.grids import GridGraph, export_grid_graph, torch_grid_graph
 from eqaudit.models.base import (
     InputSpec,
@@ -85,9 +85,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0].strip() if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return cause_line(exc, limit)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -236,6 +234,7 @@ class TorchAdapter(ModelAdapter):
         #: For a torch.export program fixed at batch 1: how it is run (``describe()``).
         self.fixed_batch: dict[str, Any] | None = None
         self._batching_ready = False  # batch_dynamically has been called (the loader's last step)
+        self._script_checked = False  # a TorchScript module's batch checked (_check_script_batch)
 
     @classmethod
     def from_module(
@@ -266,6 +265,12 @@ class TorchAdapter(ModelAdapter):
             described["fixed_batch"] = self.fixed_batch
         return {**described, "layers_note": self._layers_note}
 
+    def channels_guess(self) -> str | None:
+        if self._program is not None:  # a .pt2 program declares its input
+            return None
+        _, name = guess_channels(self.module)
+        return f"its first Conv2d, '{name}'" if name is not None else "a default (no Conv2d)"
+
     def batch_dynamically(self) -> None:
         """Run a torch.export program fixed at batch 1 (what ``torch.export.export`` writes
         without ``dynamic_shapes``, its default) on whole batches, once the module without
@@ -284,6 +289,9 @@ class TorchAdapter(ModelAdapter):
         again when the input size is set later (``--input-size aligned:N``)."""
         self._batching_ready = True
         spec = self.input_spec
+        if isinstance(self.module, torch.jit.ScriptModule):
+            self._check_script_batch()
+            return
         if (
             self._program is None
             or spec.batch != 1
@@ -321,6 +329,36 @@ class TorchAdapter(ModelAdapter):
             return
         self.input_spec = replace(spec, batch=None)
         record["run"] = "batched"
+
+    def _check_script_batch(self) -> None:
+        """A TorchScript archive declares no batch size, but a traced one may have recorded the
+        batch it was traced with (``torch.jit.trace`` turns ``x.shape[0]`` into a constant: a
+        Swin's window partition traced at batch 1 then mixes the images of a batch, with no
+        error). Once the input size is known, two noise probes run together must give what
+        each gives alone (:func:`_batch_differs`), else the archive is run one image at a time
+        and ``fixed_batch`` says why."""
+        spec = self.input_spec
+        if self._script_checked or spec.batch is not None or None in (spec.height, spec.width):
+            return
+        self._script_checked = True
+        probe = torch.randn(spec.model_shape(2), generator=torch.Generator().manual_seed(0))
+        probe = probe.to(self.device)
+        with kept_as_given(self.module):
+            try:
+                alone = [self._probe(image[None]) for image in probe]
+            except Exception:  # not even one noise image: the audit's own run will say why
+                return
+            try:
+                why = _batch_differs(alone, self._probe(probe), self._input_dtype)
+            except Exception as exc:
+                why = f"the program does not run on 2 images: {_first_line(exc, 160)}"
+        if why is None:
+            return
+        why = why.replace("the program", "the module", 1)
+        if "differs" in why:
+            why += " (a trace keeps the batch size it was traced at)"
+        self.fixed_batch = {"size": 1, "run": "one image at a time", "why": why}
+        self.input_spec = replace(spec, batch=1)
 
     def _probe(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """A forward's float output tensors (in order) and every hookable layer's output."""
@@ -654,9 +692,10 @@ def _sniff_zip(path: Path) -> str:
 
 
 def _module_spec(module: nn.Module, channels: int | None) -> InputSpec:
-    """NCHW, channels from the option or the first Conv2d, size unknown, dynamic batch."""
+    """NCHW, channels from the option or the first Conv2d (:func:`guess_channels`), size
+    unknown, dynamic batch."""
     if channels is None:
-        channels = _first_conv_channels(module) or 3
+        channels, _ = guess_channels(module)
     return InputSpec(
         name=_input_name(module),
         layout="NCHW",
@@ -668,18 +707,23 @@ def _module_spec(module: nn.Module, channels: int | None) -> InputSpec:
     )
 
 
-def _first_conv_channels(module: nn.Module) -> int | None:
-    for sub in module.modules():
+def guess_channels(module: nn.Module) -> tuple[int, str | None]:
+    """The input channels of a module that does not declare them (an ``nn.Module``, a
+    TorchScript archive): those of its first ``Conv2d`` in registration order, with that
+    module's path; 3 and None when it has none. Registration order is not call order: a model
+    that defines its head before its stem, or lifts images with a layer of its own, misleads
+    it, and ``--channels`` overrides it (:func:`channels_guess_note` says so)."""
+    for name, sub in module.named_modules():
         if isinstance(sub, nn.Conv2d):
-            return int(sub.in_channels)
+            return int(sub.in_channels), name
         if getattr(sub, "original_name", None) == "Conv2d":  # a TorchScript Conv2d
             in_channels = getattr(sub, "in_channels", None)
             if isinstance(in_channels, int):
-                return in_channels
+                return in_channels, name
             weight = getattr(sub, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.ndim == 4:
-                return int(weight.shape[1]) * int(getattr(sub, "groups", 1))
-    return None
+                return int(weight.shape[1]) * int(getattr(sub, "groups", 1)), name
+    return 3, None
 
 
 def _input_name(module: nn.Module) -> str:
@@ -974,8 +1018,8 @@ def _export_spec(
     c_axis, h_axis, w_axis = (1, 2, 3) if layout == "NCHW" else (3, 1, 2)
     if channels is not None and dims[c_axis] is not None and channels != dims[c_axis]:
         raise UsageError(
-            f"the model's input '{node.name}' has {dims[c_axis]} channels; --channels {channels} "
-            "does not match it: drop --channels"
+            f"the model's input '{node.name}' has {dims[c_axis]} channels and --channels gives "
+            f"{channels}-channel images: drop --channels (the program declares its input)"
         )
     dtype = getattr(value, "dtype", torch.float32)
     if not dtype.is_floating_point:

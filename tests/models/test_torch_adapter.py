@@ -785,6 +785,69 @@ def test_a_float16_program_with_large_activations_is_audited_as_its_float32_twin
     np.testing.assert_allclose(half["relative_error"], wide["relative_error"], rtol=2e-3)
 
 
+class PerImageScale(nn.Module):
+    """Divides each image's conv maps by their norm, with the batch read from the shape: a
+    constant once traced (``torch.jit.trace`` records the batch it saw, as a Swin's window
+    reverse does), so a trace at batch 1 divides a whole batch by one joint norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b = int(y.shape[0])
+        y = y / y.reshape(b, -1).norm(dim=1).view(b, 1, 1, 1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_torchscript_trace_that_kept_its_batch_runs_one_image_at_a_time(tmp_path):
+    # It ran batched with no error and gave other numbers than the module it was traced from.
+    import warnings
+
+    import eqaudit
+
+    torch.manual_seed(0)
+    model = PerImageScale().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warning about int(y.shape[0])
+        torch.jit.save(torch.jit.trace(model, images(1)), tmp_path / "traced.pt")
+    options = dict(input_size=SIZE, num_images=4, seed=0, layers=False)
+    traced = eqaudit.audit(str(tmp_path / "traced.pt"), "d4", **options)
+    fixed = traced.summary["model"]["fixed_batch"]
+    assert fixed["run"] == "one image at a time"
+    assert fixed["why"].startswith("its output 0 differs for images run together")
+    eager = eqaudit.audit(model, "d4", **options)
+    for got, want in zip(traced.outputs, eager.outputs, strict=True):
+        assert got["logit_error"] == pytest.approx(want["logit_error"], rel=1e-5, abs=1e-9)
+    # A trace of a batch-agnostic module is left batched, with nothing to say.
+    torch.jit.save(torch.jit.trace(tiny(), images(1)), tmp_path / "plain.pt")
+    plain = eqaudit.audit(str(tmp_path / "plain.pt"), "d4", **options)
+    assert "fixed_batch" not in plain.summary["model"]
+
+
+class WidthSeven(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-1] == 7, "width must be 7"
+        return self.conv(x).mean((2, 3))
+
+
+def test_a_torchscript_failure_is_reported_by_its_cause_not_its_heading(tmp_path):
+    # TorchScript's message starts "The following operation failed in the TorchScript
+    # interpreter." and ends with the cause, after a TorchScript traceback.
+    import eqaudit
+    from eqaudit.errors import ModelRunError
+
+    torch.jit.save(torch.jit.script(WidthSeven().eval()), tmp_path / "m.pt")
+    with pytest.raises(ModelRunError, match=r"AssertionError: width must be 7"):
+        eqaudit.audit(str(tmp_path / "m.pt"), "flips", input_size=SIZE, num_images=2)
+
+
 class WithConstants(nn.Module):
     """A tensor made in forward (a lifted constant once exported, not a buffer) and a factory op
     whose device the export writes into the graph."""
