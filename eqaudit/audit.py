@@ -324,6 +324,39 @@ def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[st
     return wanted
 
 
+def _integer_pixels(
+    adapter: ModelAdapter, config: AuditConfig, preprocessing: Preprocessing, notes: list[str]
+) -> Preprocessing:
+    """A model that takes uint8 pixels normalises them itself: it is fed 0-255 values (scale
+    255, no mean or std), rounded after each transform. Options that would normalise them
+    anyway, or that need float inputs (``--lie``: its derivatives are finite differences of a
+    fraction of a pixel, which rounding erases), are refused."""
+    if adapter.input_spec.dtype != "uint8":
+        return preprocessing
+    given = [
+        option
+        for option, value in (
+            ("--preset", config.preset),
+            ("--mean", config.mean),
+            ("--std", config.std),
+            ("--scale", None if config.scale in (None, 255) else config.scale),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(
+            f"the model takes uint8 pixels (0-255) and normalises them itself: drop "
+            f"{' and '.join(given)}"
+        )
+    if config.lie:
+        raise UsageError(
+            "--lie needs a float input: the model takes uint8 pixels, and rounding them erases "
+            "the sub-pixel differences its derivatives are made of; drop --lie"
+        )
+    notes.append("the model takes uint8 pixels: images are fed as 0-255, rounded after each transform")
+    return replace(preprocessing, scale=255.0, mean=(0.0,), std=(1.0,))
+
+
 class _Record(NamedTuple):
     """One (layer, element)'s per-image numbers of a batch, added to ``stats`` when the batch is
     finished: the norms ``(||a||, ||b||, ||a - b||)`` and, for resampled comparisons, the
@@ -1675,6 +1708,7 @@ def _audit(
     channels = _resolve_channels(adapter, config, notes)
     if channels != preprocessing.channels and channels is not None:
         preprocessing = replace(preprocessing, channels=channels)
+    preprocessing = _integer_pixels(adapter, config, preprocessing, notes)
     engine = Engine(adapter, elements, preprocessing, config)
     if config.threads is not None and config.threads > usable_cpus():
         engine.warnings.append(

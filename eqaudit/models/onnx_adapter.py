@@ -62,7 +62,18 @@ _NP_TYPES = {
     TensorProto.FLOAT: np.float32,
     TensorProto.FLOAT16: np.float16,
     TensorProto.DOUBLE: np.float64,
+    # 0-255 pixels, as TF and TFLite conversions take them: fed rounded (see _feed)
+    TensorProto.UINT8: np.uint8,
 }
+
+
+def _feed(batch: torch.Tensor, dtype: str) -> np.ndarray:
+    """A canonical batch as the graph's input dtype: uint8 pixels are the batch rounded to the
+    nearest integer and clipped to 0-255 (after the transforms, which interpolate in float)."""
+    array = batch.numpy()
+    if dtype == "uint8":
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return array.astype(dtype, copy=False)
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -212,8 +223,9 @@ class OnnxAdapter(ModelAdapter):
         if elem not in _NP_TYPES:
             dtype = TensorProto.DataType.Name(elem).lower()
             raise UnsupportedModelError(
-                f"input '{value.name}' is {dtype}, not float, so this is not an image classifier: "
-                "eqaudit audits models whose input is a float image batch (N, C, H, W) or (N, H, W, C)"
+                f"input '{value.name}' is {dtype}: eqaudit feeds image batches (N, C, H, W) or "
+                "(N, H, W, C) as float32, float16, float64 or uint8 pixels; export the model "
+                "with one of those inputs"
             )
         dims = _dims(value)
         if len(dims) != 4:
@@ -311,7 +323,11 @@ class OnnxAdapter(ModelAdapter):
             return
         record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
         self.fixed_batch = record
-        probe = np.random.default_rng(0).standard_normal(spec.model_shape(2)).astype(spec.dtype)
+        rng = np.random.default_rng(0)
+        if spec.dtype == "uint8":
+            probe = rng.integers(0, 256, spec.model_shape(2)).astype(np.uint8)
+        else:
+            probe = rng.standard_normal(spec.model_shape(2)).astype(spec.dtype)
         plain = self._session(())
         try:
             singles = [
@@ -529,7 +545,7 @@ class OnnxAdapter(ModelAdapter):
         # (streams_activations is False, so emit is never given).
         names = tuple(layers)
         session = self._session(names)
-        feed = batch.numpy().astype(self.input_spec.dtype, copy=False)
+        feed = _feed(batch, self.input_spec.dtype)
         outputs = [self.output_name, *names]
         key = (id(session), names, feed.shape)
         reused = self._reuse.get(key) if names else None

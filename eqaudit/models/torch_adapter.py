@@ -306,6 +306,8 @@ class TorchAdapter(ModelAdapter):
             return
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(spec.model_shape(2), generator=generator)
+        if self._input_dtype == torch.uint8:
+            probe = probe.mul(64).add(128)  # pixels of 0-255
         with kept_as_given(self.module) as changed_buffers:  # the probes' writes are undone
             try:
                 alone = [self._probe(image[None]) for image in probe]
@@ -539,8 +541,11 @@ class TorchAdapter(ModelAdapter):
         self.device = device
 
     def _forward(self, batch: torch.Tensor) -> Any:
+        batch = batch.to(self.device)
+        if self._input_dtype == torch.uint8:  # 0-255 pixels: rounded after the transforms
+            batch = batch.round().clamp_(0, 255)
         with torch.no_grad():
-            return self.module(batch.to(device=self.device, dtype=self._input_dtype))
+            return self.module(batch.to(self._input_dtype))
 
     def _run_impl(
         self,
@@ -1022,10 +1027,10 @@ def _export_spec(
             f"{channels}-channel images: drop --channels (the program declares its input)"
         )
     dtype = getattr(value, "dtype", torch.float32)
-    if not dtype.is_floating_point:
+    if not dtype.is_floating_point and dtype != torch.uint8:
         raise UnsupportedModelError(
-            f"the program's input '{node.name}' is {dtype}, not a float image tensor: "
-            "export the model with a float32 image input"
+            f"the program's input '{node.name}' is {dtype}: eqaudit feeds image batches as "
+            "float or uint8 pixels; export the model with one of those inputs"
         )
     spec = InputSpec(
         name=node.name,
