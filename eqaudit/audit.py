@@ -353,7 +353,9 @@ def _integer_pixels(
             "--lie needs a float input: the model takes uint8 pixels, and rounding them erases "
             "the sub-pixel differences its derivatives are made of; drop --lie"
         )
-    notes.append("the model takes uint8 pixels: images are fed as 0-255, rounded after each transform")
+    notes.append(
+        "the model takes uint8 pixels: images are fed as 0-255, rounded after each transform"
+    )
     return replace(preprocessing, scale=255.0, mean=(0.0,), std=(1.0,))
 
 

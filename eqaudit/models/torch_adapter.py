@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -105,16 +106,17 @@ def _scores_of(output: Any, pick: str | None = None) -> torch.Tensor:
 
 
 def pick_scores(output: Any, pick: str | None = None) -> torch.Tensor:
-    """The class-score tensor of a model output: a tensor; the one tensor of a tuple or list,
-    or its ``logits`` field (a named tuple); a dict's ``logits`` entry or its one tensor.
-    ``pick`` (``--output-name``) chooses among several: a tuple's index, a dict key or a field
-    name. Several tensors and no pick are refused: taking the first would audit an auxiliary
-    head without a word."""
+    """The class-score tensor of a model output: a tensor; the one tensor of a tuple or list;
+    the ``logits`` entry, or the one tensor, of a dict, named tuple or dataclass (``transformers``'
+    ``ModelOutput`` is a dict); an object's ``logits`` attribute. ``pick`` (``--output-name``)
+    chooses among several: a tuple's index, a key, a field or an attribute name. Several
+    tensors and no pick are refused: taking the first would audit an auxiliary head without a
+    word."""
     value = output
+    items = _named_items(value)
     if pick is not None:
         value = _picked(output, pick)
-    elif isinstance(value, Mapping) or hasattr(value, "_fields"):
-        items = value if isinstance(value, Mapping) else value._asdict()
+    elif items is not None:
         tensors = {key: item for key, item in items.items() if isinstance(item, torch.Tensor)}
         if "logits" in tensors:
             value = tensors["logits"]
@@ -135,25 +137,38 @@ def pick_scores(output: Any, pick: str | None = None) -> torch.Tensor:
                 "pick the class scores with --output-name INDEX"
             )
         value = value[tensors[0]] if tensors else value
+    elif isinstance(getattr(value, "logits", None), torch.Tensor):
+        value = value.logits
     if not isinstance(value, torch.Tensor):
         raise UnsupportedModelError(
-            f"the model returns {type(output).__name__}, not a tensor of class scores: "
-            "wrap it so that forward returns the (batch, classes) scores"
+            f"the model returns {type(output).__name__}, not a tensor of class scores: wrap it "
+            "so that forward returns the (batch, classes) scores, or name the attribute that "
+            "holds them with --output-name"
         )
     return value
 
 
+def _named_items(value: Any) -> dict[str, Any] | None:
+    """The named parts of a dict, named tuple or dataclass instance; None for anything else."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if hasattr(value, "_fields"):
+        return value._asdict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return None
+
+
 def _picked(output: Any, pick: str) -> Any:
-    """The item ``pick`` of a model output (see :func:`_scores_of`)."""
-    if isinstance(output, Mapping):
-        if pick in output:
-            return output[pick]
-        keys = ", ".join(map(str, output))[:120]
+    """The item ``pick`` of a model output (see :func:`pick_scores`)."""
+    items = _named_items(output)
+    if items is not None and pick in items:
+        return items[pick]
+    if items is not None and not isinstance(output, tuple):  # (a named tuple takes indices)
+        keys = ", ".join(map(str, items))[:120]
         raise UsageError(
             f"--output-name '{pick}' is not a key of the model's output: use one of {keys}"
         )
-    if hasattr(output, "_fields") and pick in output._fields:
-        return getattr(output, pick)
     if isinstance(output, (tuple, list)):
         if pick.isdigit() and int(pick) < len(output):
             return output[int(pick)]
@@ -161,6 +176,10 @@ def _picked(output: Any, pick: str) -> Any:
             f"--output-name '{pick}' is not an index of the model's {len(output)} outputs: "
             f"use 0 to {len(output) - 1}"
         )
+    if not isinstance(output, torch.Tensor) and isinstance(
+        getattr(output, pick, None), torch.Tensor
+    ):
+        return getattr(output, pick)
     raise UsageError(
         f"--output-name '{pick}': the model returns one {type(output).__name__}, nothing to pick "
         "from: drop --output-name"
@@ -847,22 +866,35 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def _quiet_torch_warnings() -> Iterator[None]:
+def _quiet_torch_warnings() -> Iterator[list[BaseException]]:
     """Silence torch's notes about its own internals while loading; they mean nothing to users
     (FutureWarnings from torch.export.load, torch.jit's deprecation, pickle protocol notes).
-    torch.export.load also *logs* a full traceback when a file does not deserialise; the
-    exception that follows says the same, and the user gets it as one error line."""
+
+    torch.export.load *logs* the error that made a file fail to deserialise, with its
+    traceback, and then raises a generic "check the warnings above". Those logged exceptions
+    are kept, not printed, in the list this yields: the cause for the one error line."""
     export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.CRITICAL + 1)
+    logged: list[BaseException] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                logged.append(record.exc_info[1])
+
+    # torch gives the logger a stderr handler of its own: it is set aside too.
+    saved = (export_log.handlers[:], export_log.propagate, export_log.level)
+    export_log.handlers = [Keep(logging.WARNING)]
+    export_log.propagate = False
+    export_log.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            yield
+            yield logged
     finally:
-        export_log.setLevel(level)
+        export_log.handlers, export_log.propagate = saved[0], saved[1]
+        export_log.setLevel(saved[2])
 
 
 # -- torch.export -------------------------------------------------------------------------------
@@ -929,24 +961,37 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+#: torch.export.load's cause for a program whose output type is a registered pytree node.
+_UNREGISTERED = re.compile(r"Deserializing (?P<type>\S+) in pytree is not registered")
+
+
 def _load_export(
     path: Path, channels: int | None, trust_pickle: bool = False, layout: str | None = None
 ) -> TorchAdapter:
+    logged: list[BaseException] = []
     try:
-        with _quiet_torch_warnings(), _refuse_pickled_code(trust_pickle):
+        with _quiet_torch_warnings() as logged, _refuse_pickled_code(trust_pickle):
             program = torch.export.load(path)
     except Exception as exc:
-        if _caused_by(exc, _PickleRefused):
+        if _caused_by(exc, _PickleRefused) or any(_caused_by(e, _PickleRefused) for e in logged):
             raise ModelLoadError(
                 f"'{path}' is a torch.export archive that holds pickled Python objects; loading "
                 "them runs arbitrary code from the file. Pass --trust-pickle only if you trust "
                 "its source, or save the model again with torch.export.save"
             ) from exc
-        reason = _first_line(exc)
+        reason = _first_line(logged[-1] if logged else exc)
         if not zipfile.is_zipfile(path):
             reason = "not a zip archive"
         elif _sniff_zip(path) != "export":
             reason = "a zip archive without 'archive_format': not written by torch.export.save"
+        unregistered = _UNREGISTERED.search(reason)
+        if unregistered:
+            raise ModelLoadError(
+                f"cannot read '{path}': its program returns an object of type "
+                f"{unregistered['type']}, registered with torch's pytree by code that is not "
+                "imported here; export a "
+                "wrapper whose forward returns the scores tensor (or a tuple or dict of tensors)"
+            ) from exc
         raise ModelLoadError(
             f"cannot read '{path}' as a torch.export archive ({reason}): "
             f"save it with torch.export.save under torch {torch.__version__.split('+')[0]}"

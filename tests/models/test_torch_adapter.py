@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 import pickle
@@ -848,6 +849,46 @@ def test_a_torchscript_failure_is_reported_by_its_cause_not_its_heading(tmp_path
         eqaudit.audit(str(tmp_path / "m.pt"), "flips", input_size=SIZE, num_images=2)
 
 
+class ClassifierOutput:
+    """A model output type of its own, as ``transformers``' ``ModelOutput``."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class ReturnsOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> ClassifierOutput:
+        return ClassifierOutput(self.conv(x).mean((2, 3)))
+
+
+def test_a_program_whose_output_type_is_not_registered_here_says_so(tmp_path):
+    # torch.export.load logs the cause and raises "check the warnings above": the error line
+    # said only that, and advised saving under this torch (it had been).
+    from torch.utils import _pytree
+
+    _pytree.register_pytree_node(
+        ClassifierOutput,
+        lambda out: ([out.logits], None),
+        lambda values, _: ClassifierOutput(values[0]),
+        serialized_type_name="elsewhere.ClassifierOutput",
+    )
+    try:
+        path = export(tmp_path, ReturnsOutput().eval(), images(1))
+    finally:
+        _pytree._deregister_pytree_node(ClassifierOutput)  # as in a process that never imports it
+    with pytest.raises(ModelLoadError) as error:
+        load_torch(path)
+    message = assert_one_line(error)
+    assert (
+        "returns an object of type elsewhere.ClassifierOutput, registered with torch's" in message
+    )
+    assert "export a wrapper whose forward returns the scores tensor" in message
+
+
 class WithConstants(nn.Module):
     """A tensor made in forward (a lifted constant once exported, not a buffer) and a factory op
     whose device the export writes into the graph."""
@@ -900,9 +941,22 @@ def test_a_program_the_move_pass_refuses_moves_as_a_module(tmp_path, monkeypatch
     assert {p.device.type for p in adapter.module.parameters()} == {"meta"}
 
 
+@dataclasses.dataclass
+class HeadsOutput:
+    aux: torch.Tensor
+    scores: torch.Tensor
+
+
+class LogitsAttribute:
+    """An output object with a ``logits`` attribute and nothing else to read it by."""
+
+    def __init__(self, aux: torch.Tensor, logits: torch.Tensor) -> None:
+        self.aux, self.logits = aux, logits
+
+
 class TwoHeads(nn.Module):
-    """Returns an auxiliary head first and the class scores second, as a tuple, a named tuple or
-    a dict (``kind``)."""
+    """Returns an auxiliary head first and the class scores second, as a tuple, a named tuple,
+    a dict, a dataclass or an object with a ``logits`` attribute (``kind``)."""
 
     Outputs = __import__("collections").namedtuple("Outputs", ["aux", "logits"])
 
@@ -920,6 +974,10 @@ class TwoHeads(nn.Module):
             return self.Outputs(aux, logits)
         if self.kind == "dict":
             return {"aux": aux, "scores": logits}
+        if self.kind == "dataclass":
+            return HeadsOutput(aux, logits)
+        if self.kind == "attribute":
+            return LogitsAttribute(aux, logits)
         return aux, logits
 
 
@@ -943,6 +1001,20 @@ def test_a_model_with_several_outputs_needs_the_scores_picked(tmp_path) -> None:
     as_dict.load_state_dict(model.state_dict())
     keyed = eqaudit.audit(as_dict, "flips", input_size=9, num_images=2, output_name="scores")
     assert keyed.outputs[1] == picked.outputs[1]  # the same head, the same numbers
+    # A dataclass's field (its two tensors need the pick) and an object's logits attribute:
+    # both were refused ("wrap it"), and --output-name then said "nothing to pick from".
+    as_dataclass = TwoHeads("dataclass")
+    as_dataclass.load_state_dict(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match=r"keys aux, scores: .*--output-name KEY"):
+        eqaudit.audit(as_dataclass, "flips", input_size=9, num_images=2)
+    fielded = eqaudit.audit(as_dataclass, "flips", input_size=9, num_images=2, output_name="scores")
+    assert fielded.outputs[1] == picked.outputs[1]
+    with_attribute = TwoHeads("attribute")
+    with_attribute.load_state_dict(model.state_dict())
+    by_attribute = eqaudit.audit(with_attribute, "flips", input_size=9, num_images=2)
+    assert by_attribute.outputs[1] == picked.outputs[1]
+    aux = eqaudit.audit(with_attribute, "flips", input_size=9, num_images=2, output_name="aux")
+    assert aux.summary["model"]["num_classes"] == 3
 
     # --lie differentiates the picked scores, as a model returning only them.
     class LogitsOnly(nn.Module):
