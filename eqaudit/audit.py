@@ -60,7 +60,7 @@ from eqaudit.data import (
 )
 from eqaudit.data.prefetch import cpu_limit, default_load_workers, usable_cpus
 from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
-from eqaudit.errors import UsageError, cause_line
+from eqaudit.errors import DataError, UsageError, cause_line
 from eqaudit.gallery import Gallery
 from eqaudit.lie import GENERATORS as LIE_GENERATORS
 from eqaudit.lie import LieAccumulator, lie_batch
@@ -855,6 +855,17 @@ class Engine:
         host = scores.cpu()
         check_scores(host.flatten(0, 1))
         self.num_classes = host.shape[-1]
+        names = len(self.class_names or ())
+        if names > self.num_classes:
+            raise DataError(
+                f"the labels name {names} classes but the model gives {self.num_classes} class "
+                "scores: give the labels file of this model (one name per class, in its order)"
+            )
+        if names and names < self.num_classes:
+            self.warnings.append(
+                f"the labels name {names} classes and the model gives {self.num_classes} class "
+                f"scores: classes {names} to {self.num_classes - 1} have no name"
+            )
         self._check_determinism(few, host[0][: few.shape[0]])
         self._setup_label_action(self.num_classes)
         looks_like_probs = looks_like_probabilities(host[0])
@@ -979,6 +990,18 @@ class Engine:
         on_device.append(torch.isfinite(rows).all(dim=1).to(torch.float64))
         return torch.stack(on_device).reshape(len(on_device), g, b)
 
+    def _label_out_of_range(self, index: int) -> DataError:
+        """The error for an image labelled with a class the model has no score for."""
+        k = self._perms.shape[1]
+        name = (
+            self.class_names[index] if self.class_names and index < len(self.class_names) else None
+        )
+        named = f" ('{name}')" if name else ""
+        return DataError(
+            f"an image is labelled class {index}{named} but the model gives {k} class scores "
+            f"(0 to {k - 1}): give the labels file of this model, in its class order"
+        )
+
     def _update_outputs(
         self,
         host: np.ndarray,
@@ -1000,6 +1023,8 @@ class Engine:
         expected = self._perms[element_rows, top1[0]]  # (G, B): P_g of the reference's top-1
         agree = top1 == expected
         label = labels.cpu().numpy() if labels is not None else None
+        if label is not None and label.size and int(label.max()) >= self._perms.shape[1]:
+            raise self._label_out_of_range(int(label.max()))
         mask = label >= 0 if label is not None else None
         labelled = mask is not None and bool(mask.any())
         correct = top1 == self._perms[element_rows, np.maximum(label, 0)] if labelled else None

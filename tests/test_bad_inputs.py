@@ -828,3 +828,45 @@ def test_a_wrong_channel_guess_says_where_it_came_from_and_channels_overrides_it
     result = eqaudit.audit(model, "flips", channels="rgb", **options)
     assert result.summary["preprocessing"]["channels"] == "rgb"
     assert [row["n"] for row in result.outputs] == [2, 2, 2]
+
+
+def _five_classes() -> nn.Module:
+    torch.manual_seed(0)
+
+    class Five(ConvHead):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x))
+
+    return Five().eval()
+
+
+def test_a_label_beyond_the_models_classes_is_a_data_error(tmp_path):
+    # It died in the label permutations with an IndexError (exit 4).
+    import eqaudit
+    from eqaudit.errors import DataError
+
+    images = np.random.default_rng(0).uniform(size=(3, SIZE, SIZE, 3)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", images=images, labels=np.array([0, 9, 1]))
+    with pytest.raises(DataError, match=r"labelled class 9 but the model gives 5 class scores"):
+        eqaudit.audit(_five_classes(), "flips", data=tmp_path / "data.npz", input_size=SIZE)
+
+
+def test_a_labels_file_naming_more_classes_than_the_model_is_refused_and_fewer_warned(tmp_path):
+    import eqaudit
+    from eqaudit.errors import DataError
+
+    folder = tmp_path / "images" / "owl"
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "0.png")
+    seven = tmp_path / "seven.txt"
+    seven.write_text("cat\ndog\nbird\nfish\nfrog\nowl\nbee\n")
+    options = dict(data=tmp_path / "images", input_size=SIZE, layers=False)
+    with pytest.raises(DataError, match=r"the labels name 7 classes but the model gives 5"):
+        eqaudit.audit(_five_classes(), "flips", labels=seven, **options)
+    two = tmp_path / "two.txt"
+    two.write_text("cat\nowl\n")
+    result = eqaudit.audit(_five_classes(), "flips", labels=two, **options)
+    assert "the labels name 2 classes and the model gives 5 class scores: classes 2 to 4 " in (
+        " ".join(result.warnings)
+    )
