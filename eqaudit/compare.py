@@ -186,6 +186,14 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
             f"A and B used different --shift-mode ({ta.get('shift_mode')} and "
             f"{tb.get('shift_mode')}): the same element names mean different transforms"
         )
+    pa_, pb_ = (_permutations(r) for r in (a, b))
+    moved = [g for g in _measured(a) if pa_.get(g) != pb_.get(g)]
+    if moved:
+        shown = ", ".join(moved[:3]) + (" ..." if len(moved) > 3 else "")
+        raise UsageError(
+            f"A and B were measured against different label actions (under {shown}): agreement means 'the same class' for one and 'the permuted class' for the "
+            "other; audit both with the same --label-action"
+        )
     keep = ["image", "transform", "top1", "agrees", "js_divergence"]
     merged = pa[keep].merge(
         pb[keep], on=["image", "transform"], suffixes=("_a", "_b"), validate="one_to_one"
@@ -193,6 +201,13 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
     for side in ("a", "b"):
         merged[f"agrees_{side}"] = merged[f"agrees_{side}"].astype(str).str.lower() == "true"
     return merged
+
+
+def _permutations(result: AuditResult) -> dict[str, list[int] | None]:
+    """Each element's class permutation (None: the identity, as with no label action)."""
+    action = result.summary.get("label_action") or {}
+    table = action.get("permutations") or {}
+    return {g: (p if p != sorted(p) else None) for g, p in table.items()}
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -578,11 +593,10 @@ _FORMATS = {
 def _notes(a: AuditResult, b: AuditResult) -> list[str]:
     notes = []
     sa, sb = a.summary, b.summary
-    for key, what in (("preprocessing", "preprocessing"), ("label_action", "label action")):
-        left = {k: v for k, v in (sa.get(key) or {}).items() if k not in ("notes", "suggested")}
-        right = {k: v for k, v in (sb.get(key) or {}).items() if k not in ("notes", "suggested")}
-        if left != right:
-            notes.append(f"A and B differ in {what}: check that this is intended")
+    # (A label action that differs is refused by pair_predictions: it changes what agreement is.)
+    left, right = ({k: v for k, v in s["preprocessing"].items() if k != "notes"} for s in (sa, sb))
+    if left != right:
+        notes.append("A and B differ in preprocessing: check that this is intended")
     ia, ib = sa["model"]["input"], sb["model"]["input"]
     if (ia["height"], ia["width"]) != (ib["height"], ib["width"]):
         notes.append(

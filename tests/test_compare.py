@@ -254,9 +254,18 @@ def test_unpaired_inputs_are_refused(files, tmp_path) -> None:
     full = check(tmp_path / "full")
     fewer = check(tmp_path / "fewer", "-n", "12")
     flips = check(tmp_path / "flips", "-t", "flips")
+    # The same model with and without a declared label action: it failed the gate (exit 1),
+    # "significantly less invariant", with the difference only in a note.
+    swapped = check(
+        tmp_path / "swapped", "--label-action", "flip_h=swap:0,1", "--label-action", "rot90=id"
+    )
     cases = [
         ([str(full), str(fewer)], "different images"),
         ([str(full), str(flips / "summary.json")], "different transform elements"),
+        (
+            [str(full), str(swapped), "--fail-on-regression"],
+            "different label actions (under flip_h, transpose, flip_v",
+        ),
         ([str(full), str(files["sym"])], "not one of each"),
         ([str(full), str(full), "-t", "c4"], "do not apply"),
     ]
