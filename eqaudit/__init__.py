@@ -7,11 +7,28 @@ Python API::
     result.score, result.to_frame("layers")
 """
 
+import os as _os
+import sys as _sys
 from importlib import metadata as _metadata
 
-from eqaudit.audit import audit
-from eqaudit.errors import EqauditError
-from eqaudit.results import AuditResult
+
+def _interrupted(kind, value, traceback) -> None:  # type: ignore[no-untyped-def]
+    """The ``eqaudit`` script's excepthook while it starts: Ctrl-C during the seconds that
+    importing torch takes gives the CLI's one line, not a traceback from inside torch (the
+    interpreter still ends by SIGINT: exit status 130 in a shell)."""
+    if issubclass(kind, KeyboardInterrupt):
+        _sys.stderr.write("error: interrupted: no report was written\n")
+        return
+    _sys.__excepthook__(kind, value, traceback)
+
+
+# Only the console script itself (its name), never a program that imports eqaudit.
+if _sys.argv and _os.path.basename(_sys.argv[0]) in ("eqaudit", "eqaudit.exe"):
+    _sys.excepthook = _interrupted
+
+from eqaudit.audit import audit  # noqa: E402
+from eqaudit.errors import EqauditError  # noqa: E402
+from eqaudit.results import AuditResult  # noqa: E402
 
 try:
     __version__ = _metadata.version("eqaudit")

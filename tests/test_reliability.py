@@ -347,6 +347,20 @@ def build():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize(("script", "traceback"), [("/bin/eqaudit", False), ("/bin/other", True)])
+def test_ctrl_c_while_the_script_imports_torch_is_one_line(script, traceback):
+    # Ctrl-C in the first seconds (importing torch) printed a traceback from inside torch.
+    # The hook is the eqaudit script's only: a program that imports eqaudit keeps Python's.
+    code = f"import sys; sys.argv = [{script!r}]; import eqaudit; raise KeyboardInterrupt"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == -signal.SIGINT  # ended by SIGINT, as Python does: 130 in a shell
+    if traceback:
+        assert "Traceback" in run.stderr
+    else:
+        assert run.stderr == "error: interrupted: no report was written\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_run_leaves_the_previous_report(tmp_path, sig, code):
     factory = tmp_path / "slow.py"
