@@ -876,6 +876,12 @@ class Engine:
                 "--outputs logits was given but the outputs look like probabilities "
                 "(non-negative rows summing to 1): softmax will be applied on top of them"
             )
+        elif self.output_kind == "probs" and not looks_like_probs:
+            self.warnings.append(
+                "--outputs probs was given but the outputs are not probabilities (negative "
+                "values, or rows not summing to 1): they are clipped at 0 and renormalised, "
+                "which makes the JS divergences meaningless for logits; check --outputs"
+            )
 
     def finish(self, batch: _Launched) -> None:
         """The host's part of a launched batch: layer errors into their accumulators, then the

@@ -216,6 +216,10 @@ def test_probability_outputs_are_detected_and_a_contradicting_option_is_flagged(
     forced = eqaudit.audit(model, "flips", input_size=33, num_images=4, outputs="logits")
     assert forced.summary["model"]["output_kind"] == "logits"
     assert any("look like probabilities" in w for w in forced.warnings)
+    # The other way round (it was silent): logits taken for probabilities.
+    logits = eqaudit.audit(model.body, "flips", input_size=33, num_images=4, outputs="probs")
+    assert logits.summary["model"]["output_kind"] == "probs"
+    assert any("--outputs probs was given but the outputs are not" in w for w in logits.warnings)
 
 
 class NHWCSymmetric(nn.Module):
