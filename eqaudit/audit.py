@@ -79,7 +79,13 @@ from eqaudit.metrics import (
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
 from eqaudit.models.base import check_scores, kept_as_given, nonfinite_scores
-from eqaudit.results import PREDICTION_COLUMNS, AuditResult, is_flagged, make_summary
+from eqaudit.results import (
+    PREDICTION_COLUMNS,
+    AuditResult,
+    is_flagged,
+    make_summary,
+    skipped_images_warning,
+)
 from eqaudit.shard import shard_range
 from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
 from eqaudit.transforms.elements import center_crop, d4_apply, d4_view
@@ -1880,6 +1886,9 @@ def build_result(
     nonfinite = engine.nonfinite_warning()
     if nonfinite:
         warnings.append(nonfinite)
+    skipped = skipped_images_warning(data)
+    if skipped:
+        warnings.append(skipped)
     if data.get("synthetic"):
         warnings.insert(
             0,

@@ -127,6 +127,27 @@ def is_flagged(row: dict) -> bool:
     return row.get("aligned") is False and row.get("measurable", True) and not is_scored(row)
 
 
+def output_title(summary: dict) -> str:
+    """The heading of the output table: invariance, or equivariance against a declared label
+    action (with the declaration)."""
+    action = summary.get("label_action") or {}
+    if action.get("mode") == "equivariance":
+        declared = "; ".join(f"{k}={v}" for k, v in action.get("declared", {}).items())
+        return f"Output equivariance against the declared label action ({declared})"
+    return "Output invariance"
+
+
+def skipped_images_warning(data: dict) -> str | None:
+    """The warning for the unreadable images a folder audit skipped (``data.skipped``)."""
+    skipped = data.get("skipped") or []
+    if not skipped:
+        return None
+    shown = "; ".join(skipped[:3]) + (
+        f"; ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    )
+    return f"{len(skipped)} unreadable image(s) skipped: {shown}"
+
+
 def batch_text(batch: int | None, fixed: dict | None) -> str:
     """How the model takes its batch, in words: ``input.batch`` and ``model.fixed_batch``."""
     if fixed and fixed.get("run") == "batched":

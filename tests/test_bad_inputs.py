@@ -519,6 +519,9 @@ def test_handled_input(
     for reason in case.skipped:
         assert reason in skipped
     assert len(data["skipped"]) == (1 if case.skipped else 0)
+    # Among the warnings too, so summary.md and a CI log show it (it was console-only).
+    skip_warnings = [w for w in summary["warnings"] if "unreadable image(s) skipped" in w]
+    assert len(skip_warnings) == (1 if case.skipped else 0)
     if case.count is not None:
         assert data["count"] == case.count
     # The report a person opens shows the notes too.

@@ -205,6 +205,8 @@ def test_cli_label_action_and_refusal(model, tmp_path):
     )
     assert ok.exit_code == 0, ok.output
     assert "Output equivariance" in ok.output and "rot90=1,2,3,0" in ok.output
+    markdown = (tmp_path / "a" / "summary.md").read_text()  # it said "Output invariance"
+    assert "### Output equivariance against the declared label action (rot90=" in markdown
     bad = runner.invoke(
         app,
         [

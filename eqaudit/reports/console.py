@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eqaudit.results import AuditResult, batch_text, is_flagged, is_scored
+from eqaudit.results import AuditResult, batch_text, is_flagged, is_scored, output_title
 
 # Piped output (CI logs, files) is not cut at rich's default 80 columns; a terminal keeps its own
 # width, and COLUMNS still wins when set.
@@ -107,19 +107,7 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
     )
     for note in [*data.get("notes", []), *s["preprocessing"].get("notes", [])]:
         stdout.print(f"[dim]note: {escape(note)}[/]")
-    skipped = data.get("skipped") or []
-    if skipped:
-        shown = "; ".join(skipped[:3]) + (
-            f"; … ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        )
-        warn(f"{len(skipped)} unreadable image(s) skipped: {shown}")
-    action = s.get("label_action") or {}
-    if action.get("mode") == "equivariance":
-        declared = "; ".join(f"{k}={v}" for k, v in action.get("declared", {}).items())
-        title = f"Output equivariance against the declared label action ({escape(declared)})"
-    else:
-        title = "Output invariance"
-    table = _table(title)
+    table = _table(escape(output_title(s)))
     labelled = any(row.get("accuracy") is not None for row in s["outputs"])
     columns = ("transform", "agreement", "95% CI", "JS div", "logit err")
     for column in (*columns, "accuracy") if labelled else columns:

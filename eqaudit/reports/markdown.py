@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eqaudit.gate import threshold_text
-from eqaudit.results import AuditResult, is_scored
+from eqaudit.results import AuditResult, is_scored, output_title
 
 FILE_NAME = "summary.md"
 #: Hard cap on the file (GitHub accepts up to 1 MiB per step summary).
@@ -141,7 +141,7 @@ def render_audit(summary: dict) -> str:
     rows, note = capped(rows, MAX_OUTPUT_ROWS, "elements in outputs.csv")
     parts += [
         "",
-        "### Output invariance",
+        f"### {output_title(summary)}",
         "",
         table(
             ["transform", "agreement", "95% interval", "JS divergence", "accuracy", "note"],
