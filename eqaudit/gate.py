@@ -487,6 +487,17 @@ def _differences(old: Any, new: Any, prefix: str) -> list[str]:
         return []
     if prefix.endswith("image_ids_sha256"):
         return [f"{prefix}: the audited images differ (other files, names or --num-images)"]
+    if isinstance(old, list) and isinstance(new, list):
+        # Long lists (transform elements) cut to 60 characters would print as equal: name
+        # what each side has that the other lacks.
+        only_old = [str(v) for v in old if v not in new]
+        only_new = [str(v) for v in new if v not in old]
+        if only_old or only_new:
+            return [
+                f"{prefix}: only the baseline has {_short(only_old) or 'nothing more'}; "
+                f"only this run has {_short(only_new) or 'nothing more'}"
+            ]
+        return [f"{prefix}: the same entries in another order"]
     return [f"{prefix}: baseline {_short(old)} vs this run {_short(new)}"]
 
 
