@@ -615,11 +615,14 @@ def resolve_config(
                 "command line (--trust-pickle)"
             )
         if name not in OPTIONS:
-            warnings.append(
-                f"environment variable {variable} is not an eqaudit option and is ignored "
-                "(see 'eqaudit check --print-config' for the option names)"
+            # An error, as in a config file: a misspelt EQAUDIT_FAIL_UNDER would turn a CI
+            # gate off with nothing but a warning in the log.
+            close = difflib.get_close_matches(name, list(OPTIONS), n=1)
+            hint = f": did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+            raise ConfigError(
+                f"environment variable {variable} is not an eqaudit option{hint} (unset it; "
+                "'eqaudit check --print-config' lists the options)"
             )
-            continue
         env_values[name] = _coerce(name, value, variable, None)
 
     cli_values = {
