@@ -444,3 +444,15 @@ def test_summary_markdown_stays_small() -> None:
     assert "m\\|&lt;b&gt;.onnx" in text  # table-safe, no raw HTML
     assert "4960 more elements" in text
     assert len(fit("x\n" * 10**6).encode()) <= MAX_BYTES
+
+
+def test_junit_without_gate_checks_holds_one_passing_case() -> None:
+    # With no test cases, Jenkins' junit step fails the build (unless allowEmptyResults).
+    from eqaudit.reports.junit import junit_xml
+
+    root = ET.fromstring(junit_xml("eqaudit check m.onnx", []).split("\n", 1)[1])
+    suite = root.find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("1", "0", "0")
+    (case,) = suite.findall("testcase")
+    assert case.get("name") == "no gate checks configured"
+    assert case.get("classname") == "eqaudit.gate.audit" and not list(case)

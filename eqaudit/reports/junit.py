@@ -36,7 +36,13 @@ def junit_xml(
     time_s: float | None = None,
     properties: dict[str, object] | None = None,
 ) -> str:
-    """The XML document for one suite of checks (dicts as written by ``Check.to_dict``)."""
+    """The XML document for one suite of checks (dicts as written by ``Check.to_dict``).
+
+    Without checks the suite holds one passing case, ``no gate checks configured``: a report
+    with no test cases fails Jenkins' ``junit`` step (unless ``allowEmptyResults``) and reads as
+    a broken run in other CI systems, where the audit did run."""
+    if not checks:
+        checks = [{"name": "no gate checks configured", "status": "passed", "kind": "audit"}]
     failures = sum(1 for c in checks if c["status"] == "failed")
     skipped = sum(1 for c in checks if c["status"] == "skipped")
     counts = {
@@ -57,7 +63,7 @@ def junit_xml(
         case = ET.SubElement(
             element,
             "testcase",
-            classname=f"{classname}.{_kind(check['name'])}",
+            classname=f"{classname}.{check.get('kind') or _kind(check['name'])}",
             name=_text(check["name"]),
             time="0",
         )
@@ -77,7 +83,7 @@ def junit_xml(
 
 
 def write_junit(result: AuditResult, folder: Path) -> list[str]:
-    """junit.xml of the gate block of the result's summary (no test cases without a gate)."""
+    """junit.xml of the gate block of the result's summary (see :func:`junit_xml`)."""
     summary = result.summary
     gate = summary.get("gate") or {}
     model = summary["model"]
