@@ -310,6 +310,12 @@ def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[st
                 "defined, which need not be the first called): if the model takes images, "
                 "say how many channels with --channels rgb, bgr or gray"
             )
+        spec = adapter.input_spec
+        if spec.layout_source == "option":  # --layout read another axis as the channels
+            raise UsageError(
+                f"--layout {spec.layout} reads the model's input as {model_channels}-channel "
+                "images: check --layout (eqaudit feeds 1 or 3 channels)"
+            )
         raise UsageError(
             f"the model takes {model_channels}-channel inputs; eqaudit feeds RGB, BGR or gray "
             "images (1 or 3 channels)"

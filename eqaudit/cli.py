@@ -894,6 +894,10 @@ def compare(
     )
 
 
+def _command_names() -> set[str]:
+    return {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+
+
 def main() -> None:
     """The console script: parse errors become one ``error:`` line too (exit 2)."""
     from eqaudit.reports import console
@@ -912,6 +916,9 @@ def main() -> None:
             console.stdout.print(ctx.get_help(), markup=False, highlight=False)
             sys.exit(0)
         command = ctx.command_path if ctx is not None else "eqaudit"
+        named = sys.argv[1] if len(sys.argv) > 1 else ""
+        if command == "eqaudit" and named in _command_names():
+            command = f"eqaudit {named}"  # (an option's missing value leaves no subcommand ctx)
         console.error(f"{exc.format_message()} (see '{command} --help')")
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -483,18 +483,19 @@ def _thresholds(value: Any, where: str, error: type[EqauditError]) -> dict[str, 
         for item in _as_list(value, ","):
             if isinstance(item, str) and "=" in item:
                 pattern, _, number = item.rpartition("=")
-                items.append((pattern.strip(), number.strip()))
+                items.append((pattern.strip(), number.strip(), item))
             else:
-                items.append(("*", item))
+                items.append(("*", item, item))
     out: dict[str, float] = {}
-    for pattern, number in items:
+    for pattern, number, *given in items:
         try:
             if isinstance(number, bool) or not pattern:
                 raise ValueError
             out[pattern] = float(number)
         except (TypeError, ValueError):
+            shown = given[0] if given else f"{pattern}={number}"  # as the user wrote it
             raise error(
-                f"{where}: '{pattern}={number}' is not PATTERN=VALUE or a number; write e.g. "
+                f"{where}: '{shown}' is not PATTERN=VALUE or a number; write e.g. "
                 "0.9 (every element) or rot90=0.9 or 'layer3.*=0.05'"
             ) from None
     return out

@@ -219,12 +219,13 @@ def assign(
 def _unmatched(
     thresholds: Iterable[tuple[str, float]], names: list[str], option: str, what: str
 ) -> None:
+    example = "'layer3.*'" if what == "layer" else "'rot*'"
     for pattern, value in thresholds:
         if pattern != "*" and not any(_specificity(pattern, n) is not None for n in names):
             sample = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
             raise UsageError(
                 f"{option} {pattern}={threshold_text(value)}: no {what} matches '{pattern}' "
-                f"(audited: {sample or 'none'}); check the name or use a glob such as 'rot*'"
+                f"(audited: {sample or 'none'}); check the name or use a glob such as {example}"
             )
 
 

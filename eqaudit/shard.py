@@ -227,6 +227,8 @@ def write_state(folder: Path, state: tuple[dict, dict[str, np.ndarray]]) -> list
 def _load(given: Path) -> tuple[dict, dict[str, np.ndarray]]:
     path = given / STATE_JSON if given.is_dir() else given
     folder = path.parent
+    if not given.exists():
+        raise UsageError(f"'{given}' does not exist: check the shard folders given to merge")
     if not path.is_file():
         raise UsageError(
             f"'{given}' holds no {STATE_JSON}: pass the folders written by "

@@ -373,6 +373,12 @@ CASES = [
     Case("resize-unknown", args("good", "--resize", "squash"), EXIT_USAGE, ("squash", "crop")),
     Case("channels-unknown", args("good", "--channels", "cmyk"), EXIT_USAGE, ("cmyk", "bgr")),
     Case("layout-unknown", args("good", "--layout", "NWHC"), EXIT_USAGE, ("NWHC", "NHWC")),
+    Case(  # it said that the model takes 33-channel inputs, not that --layout read it so
+        "layout-contradicts-the-shape",
+        args("good", "--layout", "NHWC"),
+        EXIT_USAGE,
+        ("--layout NHWC reads the model's input as 33-channel images: check --layout",),
+    ),
     Case("outputs-unknown", args("good", "--outputs", "scores"), EXIT_USAGE, ("scores", "probs")),
     Case("mean-not-numbers", args("good", "--mean", "0.5,a"), EXIT_USAGE, ("--mean",)),
     Case("mean-wrong-length", args("good", "--mean", "0.1,0.2"), EXIT_USAGE, ("2 values",)),
@@ -873,3 +879,15 @@ def test_a_labels_file_naming_more_classes_than_the_model_is_refused_and_fewer_w
     assert "the labels name 2 classes and the model gives 5 class scores: classes 2 to 4 " in (
         " ".join(result.warnings)
     )
+
+
+def test_an_option_without_its_value_points_to_its_commands_help(monkeypatch, capsys):
+    # It pointed to 'eqaudit --help', whose page does not list check's options.
+    from eqaudit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["eqaudit", "check", "model.onnx", "-t"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Option '-t' requires an argument" in err and "(see 'eqaudit check --help')" in err

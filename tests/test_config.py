@@ -143,6 +143,8 @@ def test_explicit_config_file_and_eqaudit_config_variable(tmp_path) -> None:
         ("num-images = 2.5\n", "whole number"),
         ("trust-pickle = true\n", "command line"),
         ("min-agreement = ['rot90=x']\n", "PATTERN=VALUE"),
+        # As written: it echoed '*=rot90:0.9', a rewrite the user never typed.
+        ("min-agreement = ['rot90:0.9']\n", "'rot90:0.9' is not PATTERN=VALUE"),
         ("input-size = 'huge'\n", "HxW"),
         ("transforms = [\n", "not valid TOML"),
         ("fail-under = 90\nfail_under = 80\n", "twice"),
