@@ -260,7 +260,11 @@ def test_fourier_shifts_compose_additively_on_odd_grids(
 
 # -- parse_transforms ------------------------------------------------------------------------------
 positive = st.floats(0.01, 64, allow_nan=False).map(lambda v: round(v, 3)).filter(lambda v: v > 0)
-angles = st.floats(-360, 360, allow_nan=False).map(lambda v: round(v, 3))
+angles = st.one_of(
+    st.floats(-360, 360, allow_nan=False).map(lambda v: round(v, 3)),
+    # Multiples of 90 degrees (D4 rotations) and angles that are one rotation (-30, 330, 690).
+    st.sampled_from([90.0, -90.0, 180.0, 270.0, 450.0, -30.0, 330.0, 690.0, 15.0, -345.0]),
+)
 
 
 @st.composite
@@ -291,14 +295,34 @@ def _write_spec(groups: list[tuple[str, list[float]]], draw) -> str:  # type: ig
 
 
 def _expected_names(groups: list[tuple[str, list[float]]], mode: str) -> list[str]:
-    names = ["id"]
+    names, turns = ["id"], set()
     for family, values in groups:
         for element in FAMILIES[family].build(values, mode):
-            if isinstance(element, Rotation) and element.degrees % 360 == 0:
-                continue  # the identity
-            if element.name not in names:
-                names.append(element.name)
+            name = element.name
+            if isinstance(element, Rotation):
+                turn = element.degrees % 360
+                if turn == 0:
+                    continue  # the identity
+                if turn % 90 == 0:
+                    name = f"rot{turn:g}"  # d4's exact element
+                elif turn in turns:
+                    continue  # the same rotation under another angle
+                else:
+                    turns.add(turn)
+            if name not in names:
+                names.append(name)
     return names
+
+
+def _kept_angles(groups: list[tuple[str, list[float]]]) -> set[float]:
+    """The rotation angles left as resampled rotations: not multiples of 90 degrees, the first
+    written of angles that are one rotation."""
+    kept: dict[float, float] = {}
+    for family, values in groups:
+        for v in values if family == "rot" else []:
+            if v % 90:
+                kept.setdefault(v % 360, v)
+    return set(kept.values())
 
 
 def _d4_names(groups: list[tuple[str, list[float]]]) -> set[str]:
@@ -314,7 +338,11 @@ def _spec_of(elements: list[Transform]) -> str:
     if {"transpose", "antitranspose"} & d4:
         tokens.append("d4")
     else:
-        tokens += ["c4"] if "rot90" in d4 else []
+        quarter_turns = [n for n in ("rot90", "rot180", "rot270") if n in d4]
+        if len(quarter_turns) == 3:
+            tokens.append("c4")
+        else:  # from rot:90 (180, 270) alone
+            tokens += [f"rot:{n.removeprefix('rot')}" for n in quarter_turns]
         tokens += ["flips"] if "flip_h" in d4 else []
     amounts: set[float] = set()
     for e in elements:  # in order: each shift amount gives four elements, written once
@@ -342,13 +370,11 @@ def test_parse_transforms_round_trips_valid_specs(
     assert names == expected
     assert elements[0].is_identity and len(set(names)) == len(names)
     assert all(e.mode == mode for e in elements if isinstance(e, Shift))
-    # Values survive exactly (repr round-trips floats); d4's exact rot90 (rot180, rot270)
-    # replaces rot:90 (180, 270), whatever the order.
-    d4 = _d4_names(groups)
+    # Values survive exactly (repr round-trips floats); rot:90 (-90, 180, 450 ...) is d4's exact
+    # rotation, and angles that are one rotation (-30, 330) run once, as written first.
+    d4 = _d4_names(groups) | {"rot90", "rot180", "rot270"}
     assert all(isinstance(e, D4Element) for e in elements if e.name in d4)
-    assert {e.degrees for e in elements if isinstance(e, Rotation)} == {
-        v for f, vs in groups if f == "rot" for v in vs if v % 360 and f"rot{v:g}" not in d4
-    }
+    assert {e.degrees for e in elements if isinstance(e, Rotation)} == _kept_angles(groups)
     # Written back and parsed again: the same elements (D4 elements may come in another order).
     again = [e.name for e in parse_transforms(_spec_of(elements), mode)]
     assert sorted(again) == sorted(names)

@@ -167,8 +167,16 @@ def parse_transforms(spec: str, shift_mode: str = "crop") -> list[Transform]:
         if name == "shift" and any(v <= 0 for v in values):
             raise TransformSpecError("shift amounts must be positive: e.g. --transforms shift:2,4")
         for element in family.build(values, shift_mode):
-            if isinstance(element, Rotation) and element.degrees % 360 == 0:
-                continue  # the identity, always run
+            if isinstance(element, Rotation):
+                turn = element.degrees % 360
+                if turn == 0:
+                    continue  # the identity, always run
+                if turn % 90 == 0:  # exact on the pixel grid: the D4 rotation, not a resampling
+                    element = D4Element(int(turn // 90), False)
+                elif any(
+                    isinstance(e, Rotation) and e.degrees % 360 == turn for e in elements
+                ):
+                    continue  # rot:-30 and rot:330 are one rotation: audited (and scored) once
             if element.name in seen:
                 # rot:90 and d4's rot90 share a name: the exact element wins, whatever the order.
                 at = next(i for i, e in enumerate(elements) if e.name == element.name)

@@ -146,10 +146,18 @@ def test_rotation_floor_is_small_for_smooth_images_and_zero_for_identity():
         ("shift:2", ["id", "shift_x+2", "shift_x-2", "shift_y+2", "shift_y-2"]),
         ("rot:45,shift:1", ["id", "rot45", "shift_x+1", "shift_x-1", "shift_y+1", "shift_y-1"]),
         (" D4 ", list(D4_NAMES.values())),
+        # One rotation written two ways runs (and counts in the score) once, as written first.
+        ("rot:-30,330,690", ["id", "rot-30"]),
+        ("rot:-90,450", ["id", "rot270", "rot90"]),
     ],
 )
 def test_parse_transforms(spec, names):
     assert [e.name for e in parse_transforms(spec)] == names
+
+
+def test_quarter_turns_in_the_rot_family_are_the_exact_d4_rotations():
+    # rot:90 was resampled with Catmull-Rom and compared in a disk, flagged misaligned.
+    assert all(isinstance(e, D4Element) for e in parse_transforms("rot:90,180,-90"))
 
 
 @pytest.mark.parametrize(
