@@ -310,3 +310,11 @@ def test_the_misaligned_note_suggests_resampling_only_when_it_is_not_on(tmp_path
     text = " ".join(clean(resampled.output).split())
     assert "compared by resampling (approximate)" in text
     assert "--misaligned resample)" not in text
+
+
+def test_version_prints_the_installed_version_and_exits() -> None:
+    import eqaudit
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"eqaudit {eqaudit.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", eqaudit.__version__)
