@@ -78,7 +78,7 @@ from eqaudit.metrics import (
     robustness_score,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
-from eqaudit.models.base import check_scores, kept_as_given, nonfinite_scores
+from eqaudit.models.base import kept_as_given, nonfinite_scores
 from eqaudit.results import (
     PREDICTION_COLUMNS,
     AuditResult,
@@ -865,7 +865,9 @@ class Engine:
         permutations, and whether the model gives logits or probabilities (from the
         untransformed images)."""
         host = scores.cpu()
-        check_scores(host.flatten(0, 1))
+        bad = ~torch.isfinite(host).all(dim=-1)  # (G, B)
+        if bad.any():
+            raise nonfinite_scores(int(bad.sum()), bad.numel(), self._under(bad.numpy()))
         self.num_classes = host.shape[-1]
         names = len(self.class_names or ())
         if names > self.num_classes:
@@ -895,14 +897,18 @@ class Engine:
                 "which makes the JS divergences meaningless for logits; check --outputs"
             )
 
+    def _under(self, bad: np.ndarray) -> list[str]:
+        """The elements (rows of a ``(G, B)`` mask) with a bad entry, for an error line."""
+        return [e.name for e, row in zip(self.elements, bad, strict=True) if row.any()]
+
     def finish(self, batch: _Launched) -> None:
         """The host's part of a launched batch: layer errors into their accumulators, then the
         outputs (agreement, JS, predictions, gallery) and the Lie derivatives."""
         batch.wait()
         outputs = batch.outputs.numpy()
-        finite = outputs[-1] == 1.0
+        finite = outputs[-1] == 1.0  # (G, B)
         if not finite.all():
-            raise nonfinite_scores(int((~finite).sum()), finite.size)
+            raise nonfinite_scores(int((~finite).sum()), finite.size, self._under(~finite))
         self._add_records(batch.records, batch.norms)
         self._update_outputs(
             outputs[:-1],

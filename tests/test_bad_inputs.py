@@ -718,7 +718,12 @@ def test_nan_scores_in_a_later_batch_are_refused_with_their_count() -> None:
 
     images = np.random.default_rng(0).uniform(0.1, 0.6, size=(4, SIZE, SIZE, 3))
     images[2] = 1.0
-    with pytest.raises(ModelRunError, match=r"NaN or Inf scores for 8 of 16 inputs"):
+    # Every element of the bright image: all eight are named (four, then "...").
+    with pytest.raises(
+        ModelRunError,
+        match=r"NaN or Inf scores for 8 of 16 inputs \(under id, rot90, rot180, "
+        r"rot270 \.\.\.\)",
+    ):
         eqaudit.audit(
             NaNForBrightImages().eval(),
             "d4",
@@ -891,3 +896,28 @@ def test_an_option_without_its_value_points_to_its_commands_help(monkeypatch, ca
     assert exit_.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "Option '-t' requires an argument" in err and "(see 'eqaudit check --help')" in err
+
+
+class NaNUnderRotation(NaNScores):
+    """NaN scores where a rotation's zero fill leaves black corners: only under rot30."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner = x[:, :, 0, 0].sum(dim=1) == 0  # black corner: the fill, raw [0, 1] pixels
+        return torch.where(corner[:, None], float("nan"), self.inner(x))
+
+
+def test_nan_scores_under_one_element_name_it() -> None:
+    # It said "NaN or Inf scores for 4 of 16 inputs", not under which transform.
+    import eqaudit
+    from eqaudit.errors import ModelRunError
+
+    images = np.random.default_rng(0).uniform(0.1, 0.6, size=(4, SIZE, SIZE, 3))
+    with pytest.raises(ModelRunError, match=r"for 4 of 16 inputs \(under rot30\): check"):
+        eqaudit.audit(
+            NaNUnderRotation().eval(),
+            "flips,rot:30",
+            data=images.astype(np.float32),
+            input_size=SIZE,
+            preset="unit",
+            layers=False,
+        )

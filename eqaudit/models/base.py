@@ -228,10 +228,14 @@ def check_scores(scores: torch.Tensor) -> None:
         raise nonfinite_scores(int(bad.sum()), len(bad))
 
 
-def nonfinite_scores(bad: int, rows: int) -> ModelRunError:
-    """The error for ``bad`` of ``rows`` score rows holding NaN or Inf."""
+def nonfinite_scores(bad: int, rows: int, under: list[str] | None = None) -> ModelRunError:
+    """The error for ``bad`` of ``rows`` score rows holding NaN or Inf; ``under``: the transform
+    elements whose inputs gave them, when known."""
+    where = ""
+    if under:
+        where = f" (under {', '.join(under[:4])}{' ...' if len(under) > 4 else ''})"
     return ModelRunError(
-        f"the model produced NaN or Inf scores for {bad} of {rows} inputs: "
+        f"the model produced NaN or Inf scores for {bad} of {rows} inputs{where}: "
         "check the preprocessing (--scale, --mean, --std) or the model itself"
     )
 

@@ -173,9 +173,7 @@ def parse_transforms(spec: str, shift_mode: str = "crop") -> list[Transform]:
                     continue  # the identity, always run
                 if turn % 90 == 0:  # exact on the pixel grid: the D4 rotation, not a resampling
                     element = D4Element(int(turn // 90), False)
-                elif any(
-                    isinstance(e, Rotation) and e.degrees % 360 == turn for e in elements
-                ):
+                elif any(isinstance(e, Rotation) and e.degrees % 360 == turn for e in elements):
                     continue  # rot:-30 and rot:330 are one rotation: audited (and scored) once
             if element.name in seen:
                 # rot:90 and d4's rot90 share a name: the exact element wins, whatever the order.
