@@ -283,12 +283,22 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _select_layers(layers: list[LayerInfo], patterns: tuple[str, ...]) -> list[LayerInfo]:
+def _select_layers(
+    layers: list[LayerInfo], patterns: tuple[str, ...], why_none: str | None = None
+) -> list[LayerInfo]:
+    """The layers ``--layers`` patterns pick; ``why_none``: why the model has no layers at all
+    (the adapter's ``layers_note``, e.g. TorchScript), for the error when it has none."""
     if not patterns:
         return layers
     chosen = [la for la in layers if any(fnmatch.fnmatchcase(la.name, p) for p in patterns)]
+    if not chosen and not layers:
+        raise UsageError(
+            f"--layers {','.join(patterns)}: this model has no layers to audit"
+            + (f" ({why_none})" if why_none else "")
+            + "; drop --layers (the outputs are audited)"
+        )
     if not chosen:
-        sample = ", ".join(la.name for la in layers[:5]) or "none"
+        sample = ", ".join(la.name for la in layers[:5])
         raise UsageError(
             f"--layers {','.join(patterns)} matches no layer (first layers: {sample}): "
             "run 'eqaudit inspect MODEL' to list them"
@@ -594,7 +604,8 @@ class Engine:
             )
         height, width = self.input_size
         g = len(self.elements)
-        for info in _select_layers(probed, self.config.layer_patterns):
+        why_none = self.adapter.describe().get("layers_note") if not probed else None
+        for info in _select_layers(probed, self.config.layer_patterns, why_none):
             grid, note = grids.get(info.name), None
             if isinstance(grid, str) or not info.spatial:
                 grid = None

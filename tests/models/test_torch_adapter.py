@@ -838,6 +838,16 @@ class WidthSeven(nn.Module):
         return self.conv(x).mean((2, 3))
 
 
+def test_layers_on_a_torchscript_archive_says_it_has_none(tmp_path):
+    # It said "matches no layer (first layers: none): run 'eqaudit inspect MODEL'".
+    import eqaudit
+    from eqaudit.errors import UsageError as Usage
+
+    torch.jit.save(torch.jit.script(tiny()), tmp_path / "m.pt")
+    with pytest.raises(Usage, match=r"has no layers to audit \(TorchScript archives expose no"):
+        eqaudit.audit(str(tmp_path / "m.pt"), "flips", input_size=SIZE, layer_patterns=["f*"])
+
+
 def test_a_torchscript_failure_is_reported_by_its_cause_not_its_heading(tmp_path):
     # TorchScript's message starts "The following operation failed in the TorchScript
     # interpreter." and ends with the cause, after a TorchScript traceback.
