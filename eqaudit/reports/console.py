@@ -232,8 +232,8 @@ def print_inspection(info: dict) -> None:
             f"class names: {escape(', '.join(info['class_names'][:20]))}"
             + (" …" if len(info["class_names"]) > 20 else "")
         )
-    if info.get("layers_note"):
-        warn(info["layers_note"])
+    if info.get("layers_note"):  # how layers are read: information, not a warning
+        stdout.print(f"[dim]layers: {escape(info['layers_note'])}[/]")
     if info.get("note"):
         warn(info["note"])
     if info.get("size_note"):
