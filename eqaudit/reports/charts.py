@@ -141,8 +141,13 @@ def short_label(name: str, limit: int = LABEL_CHARS) -> str:
     return name[:head] + "…" + name[-(limit - head - 1) :]
 
 
-def _colour(i: int) -> str:
-    palette = matplotlib.colormaps["tab10"].colors
+def _colour(i: int, count: int = 10) -> str:
+    """The ``i``-th of ``count`` series' colours: tab10, or for more than 10 series tab20 (then
+    tab20b), so that no two of up to 40 share one where line styles cannot tell them apart."""
+    if count <= 10:
+        palette = matplotlib.colormaps["tab10"].colors
+    else:
+        palette = matplotlib.colormaps["tab20"].colors + matplotlib.colormaps["tab20b"].colors
     return matplotlib.colors.to_hex(palette[i % len(palette)])
 
 
@@ -621,7 +626,7 @@ def compare_curve_svg(grid: PairGrid, label_a: str = "A", label_b: str = "B") ->
         dense = count > MAX_MARKED_LAYERS
         for ax, scale in ((linear, "linear"), (log, "log")):
             for e in range(len(grid.elements)):
-                colour = _colour(e)
+                colour = _colour(e, len(grid.elements))  # A solid, B dashed: colour alone
                 for values, dashed in ((grid.error_a[e], False), (grid.error_b[e], True)):
                     if scale == "log":
                         values = np.where(values <= floor, floor, values)
@@ -663,7 +668,9 @@ def compare_curve_svg(grid: PairGrid, label_a: str = "A", label_b: str = "B") ->
         log.set_xticklabels([short_label(grid.names_a[t]) for t in ticks], rotation=90)
         log.set_xlabel("matched layer, in A's execution order (A's layer name)")
         colours = [
-            Line2D([], [], color=_colour(e), lw=2.0, label=short_label(name, 24))
+            Line2D(
+                [], [], color=_colour(e, len(grid.elements)), lw=2.0, label=short_label(name, 24)
+            )
             for e, name in enumerate(grid.elements)
         ]
         linear.legend(

@@ -185,3 +185,18 @@ def test_curve_svg_orders_pairs_as_compare_json_and_is_deterministic(
     svg = compare_curve_svg(grid, "a", "b")
     assert svg == compare_curve_svg(grid, "a", "b")
     assert svg.startswith("<svg") and "<?xml" not in svg
+
+
+def test_curve_svg_gives_every_element_its_own_colour_past_ten() -> None:
+    # 12 elements in tab10: rot180 and shift_y-2 were one orange, and A is solid for both.
+    import re
+
+    from eqaudit.reports.charts import PairGrid
+
+    elements = [f"e{i}" for i in range(12)]
+    errors = np.linspace(0.01, 0.5, 12 * 3).reshape(12, 3)
+    grid = PairGrid(["l0", "l1", "l2"], ["l0", "l1", "l2"], elements, errors, errors * 2)
+    svg = compare_curve_svg(grid, "a", "b")
+    strokes = set(re.findall(r"stroke: ?(#[0-9a-f]{6})", svg))
+    legend = [c for c in strokes if c not in {"#344054", "#e4e7ec", "#000000", "#ffffff"}]
+    assert len(legend) >= 12
