@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from eqaudit.errors import DataError, UsageError
+from eqaudit.gate import shown
 from eqaudit.results import AuditResult, batch_text, is_scored
 
 if TYPE_CHECKING:
@@ -240,7 +241,9 @@ def _header(summary: dict) -> list[dict]:
         parts = [text, *(str(note) for note in data.get("notes") or [])]
         facts.append(_fact("Data", " · ".join(parts), wide=True))
     facts.append(_fact("Seed", summary.get("seed", "—")))
-    if model.get("layers_audited") is not None:
+    if (summary.get("options") or {}).get("layers") is False:
+        facts.append(_fact("Layers audited", "none (outputs only: --no-layers)"))
+    elif model.get("layers_audited") is not None:
         facts.append(_fact("Layers audited", model["layers_audited"]))
     if run:
         text = str(run.get("started_at", "—"))
@@ -315,7 +318,7 @@ def _scores(summary: dict) -> dict:
         if scores.get(key) is not None:
             items.append((label, pct(scores[key]), ""))
     return {
-        "value": "—" if score is None else f"{score:.1f}",
+        "value": "—" if score is None else shown(score),  # as the console and the gate
         "level": _level(score, GOOD_SCORE, FAIR_SCORE),
         "worst": worst or "—",
         "worst_agreement": pct(worst_agreement),

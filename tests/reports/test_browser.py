@@ -14,6 +14,7 @@ import pytest
 from markupsafe import escape
 from PIL import Image
 
+from eqaudit.gate import shown
 from eqaudit.reports import write_report
 from eqaudit.reports.html import FAIR_SCORE, GOOD_SCORE, render_html
 
@@ -89,7 +90,7 @@ def test_rendered_dom_shows_score_table_and_curve(dom: subprocess.CompletedProce
     html = dom.stdout
     result = demo_result()
     score = re.search(r'id="robustness-score">([0-9.]+)<', html)
-    assert score is not None and score.group(1) == f"{result.score:.1f}"
+    assert score is not None and score.group(1) == shown(result.score)  # as the console prints it
     table = html[html.index('id="outputs-table"') :]
     table = table[: table.index("</table>")]
     assert table.count("<tr") == 1 + len(result.outputs)  # header + one row per element

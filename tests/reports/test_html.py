@@ -12,6 +12,7 @@ from markupsafe import escape
 from typer.testing import CliRunner
 
 from eqaudit.cli import app
+from eqaudit.gate import shown
 from eqaudit.reports import WRITERS, write_report
 from eqaudit.reports.charts import (
     MAX_TICK_LABELS,
@@ -76,7 +77,7 @@ def with_layer_renamed(result: AuditResult, old: str, new: str) -> AuditResult:
 # -- what the page shows ---------------------------------------------------------------------------
 def test_demo_page_shows_score_table_curve_and_heatmap(demo: AuditResult, demo_page: str) -> None:
     score = re.search(r'id="robustness-score">([0-9.]+)<', demo_page)
-    assert score is not None and score.group(1) == f"{demo.score:.1f}"
+    assert score is not None and score.group(1) == shown(demo.score)  # as the console prints it
     table = section(demo_page, "outputs-table")
     for row in demo.outputs:
         assert re.search(rf'<td class="name">{re.escape(row["transform"])}(</td>| <span)', table)
@@ -324,3 +325,17 @@ def test_report_command_refuses_a_bad_summary(
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "report.html").exists()
+
+
+def test_an_outputs_only_page_of_an_invariant_model_says_so() -> None:
+    # It said "and each layer from equivariant", "Layers audited 0", and had no gallery word.
+    from models_zoo import symmetric_cnn
+
+    import eqaudit
+
+    result = eqaudit.audit(symmetric_cnn(), "c4", input_size=33, num_images=4, layers=False)
+    assert all(row["agreement"] == 1.0 for row in result.outputs)  # exactly invariant at 33
+    page = render_html(result)
+    assert "each layer from equivariant" not in page
+    assert "none (outputs only: --no-layers)" in section(page, "run")
+    assert "No top-1 class changed under any transform" in section(page, "gallery")
