@@ -298,16 +298,24 @@ def check(
     seed: Annotated[int, typer.Option(help="Seed for image sampling and synthetic images.")] = 0,
     preset: Annotated[
         str | None,
-        typer.Option(help="Preprocessing preset: imagenet, caffe, inception, unit, raw255."),
+        typer.Option(
+            help="Preprocessing preset: imagenet, caffe, inception, unit, raw255 (default: "
+            "unit, RGB pixels in 0-1 with no mean or std)."
+        ),
     ] = None,
     resize: Annotated[
         str | None,
         typer.Option(
-            help="Resize policy: crop (short side + centre crop), center (centre crop, no scaling), stretch, letterbox."
+            help="Resize policy: crop (short side + centre crop; the default), center (centre "
+            "crop, no scaling), stretch, letterbox."
         ),
     ] = None,
     channels: Annotated[
-        str | None, typer.Option(help="Channel order the model expects: rgb, bgr or gray.")
+        str | None,
+        typer.Option(
+            help="Channel order the model expects: rgb, bgr or gray (default: rgb, or gray for a "
+            "1-channel model)."
+        ),
     ] = None,
     scale: Annotated[
         float | None, typer.Option(help="Pixel scale: 1 for 0-1 inputs, 255 for 0-255 inputs.")
@@ -360,7 +368,7 @@ def check(
         typer.Option(
             help="Layers whose sampling grid an element does not map onto itself: flag (compare "
             "on the map's own grid, mark, keep out of layer scores), resample (approximate "
-            "comparison about the true grid centre), skip.",
+            "comparison about the true grid centre), skip (not measurable: no number).",
             rich_help_panel="Per-layer geometry",
         ),
     ] = "flag",
@@ -704,7 +712,10 @@ def report(
     console.stdout.print(f"Report written to {path}", markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(
+    short_help="Merge the states of N shards into the report a single run would give, then "
+    "apply the gate."
+)
 @_handle_errors
 def merge(
     ctx: typer.Context,
@@ -782,10 +793,15 @@ NumImagesOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed for image sampling.", rich_help_panel=_AUDIT)]
 PresetOpt = Annotated[
-    str | None, typer.Option(help="Preprocessing preset.", rich_help_panel=_AUDIT)
+    str | None,
+    typer.Option(help="Preprocessing preset (default: unit, 0-1 RGB).", rich_help_panel=_AUDIT),
 ]
-ResizeOpt = Annotated[str | None, typer.Option(help="Resize policy.", rich_help_panel=_AUDIT)]
-ChannelsOpt = Annotated[str | None, typer.Option(help="rgb, bgr or gray.", rich_help_panel=_AUDIT)]
+ResizeOpt = Annotated[
+    str | None, typer.Option(help="Resize policy (default: crop).", rich_help_panel=_AUDIT)
+]
+ChannelsOpt = Annotated[
+    str | None, typer.Option(help="rgb, bgr or gray (default: rgb).", rich_help_panel=_AUDIT)
+]
 ScaleOpt = Annotated[float | None, typer.Option(help="1 or 255.", rich_help_panel=_AUDIT)]
 MeanOpt = Annotated[
     str | None, typer.Option(help="Per-channel mean, comma-separated.", rich_help_panel=_AUDIT)
@@ -814,7 +830,10 @@ LabelActionOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    short_help="Compare two models (or saved reports) on the same images, with paired "
+    "statistics; gate on regressions."
+)
 @_handle_errors
 def compare(
     ctx: typer.Context,
