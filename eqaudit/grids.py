@@ -68,6 +68,7 @@ many candidate sizes cheaply.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import operator
@@ -748,9 +749,47 @@ def _concat_state(ins: Sequence[Any], axis: int, label: str, rank: int | None = 
         if found[0] == 0:
             return _Lost(f"{label} concatenates along the batch axis")
         return _combine(ins, label)
+    if found[0] in _spatial_axes(maps[0]) and len(maps) == len(states):
+        wrapped = _wrapped(maps, found[0])
+        if wrapped is not None:
+            return wrapped
     if found[0] not in _channel_axes(maps[0]):
         return _Lost(f"{label} concatenates along axis {found[0]}, not a channel axis")
     return _combine(ins, label)
+
+
+def _wrapped(pieces: Sequence[_Map], axis: int) -> _Map | None:
+    """Pieces of one map concatenated along a spatial axis in wrap-around order, as exporters
+    write circular padding (``[x[-p:], x, x[:p]]`` by ``Slice`` and ``Concat``): a map of the
+    same stride whose cells run on from the whole map's, as a padding would give (the padded
+    cells hold wrapped content instead of zeros, which does not move a grid). None when the
+    pieces are not such a run: different strides or other axes, or cells out of order modulo
+    the whole map's period."""
+    grids = [piece.grid for piece in pieces]
+    if any(g is None for g in grids) or len({(m.layout, m.rank) for m in pieces}) != 1:
+        return None
+    along = [g.h if axis == _spatial_axes(pieces[0])[0] else g.w for g in grids]  # type: ignore[union-attr]
+    across = [g.w if axis == _spatial_axes(pieces[0])[0] else g.h for g in grids]  # type: ignore[union-attr]
+    whole = max(range(len(along)), key=lambda i: along[i].n)
+    stride, period = along[whole].stride, along[whole].stride * along[whole].n
+    if len(set(across)) != 1 or any(a.stride != stride for a in along):
+        return None
+    low, high = along[whole].offset, along[whole].offset + stride * (along[whole].n - 1)
+    tolerance = 1e-9 * max(1.0, period)
+    if any(
+        a.offset < low - tolerance or a.offset + stride * (a.n - 1) > high + tolerance
+        for a in along
+    ):
+        return None  # pieces of more than one map (or a roll by half): not a padding of one
+    for before, after in itertools.pairwise(along):
+        step = (after.offset - (before.offset + stride * before.n)) % period
+        if min(step, period - step) > tolerance:
+            return None
+    cells = sum(a.n for a in along)
+    offset = along[whole].offset - stride * sum(a.n for a in along[:whole])
+    grid = AxisGrid(cells, stride, offset)
+    first_axis = axis == _spatial_axes(pieces[0])[0]
+    return replace(pieces[0], grid=Grid(grid, across[0]) if first_axis else Grid(across[0], grid))
 
 
 def _permute_state(state: Any, perm: Sequence[int], label: str) -> Any:

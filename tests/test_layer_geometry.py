@@ -197,6 +197,27 @@ def test_relu_aliasing_shows_above_the_floor_under_sub_pixel_shifts() -> None:
     assert relu["relative_error"] > 100 * relu["interpolation_floor"]
 
 
+def test_a_circular_cnn_exported_to_onnx_is_exactly_shift_equivariant_at_every_layer(
+    tmp_path,
+) -> None:
+    # DESIGN.md's oracle through ONNX: torch writes circular padding as Slice + Concat pieces,
+    # which the grid walker called "concatenates along axis 2": every layer unknown, naive,
+    # unscored, where the same model as .pt2 had every layer aligned and exact.
+    from models_zoo import SmallCNN, export_onnx
+
+    torch.manual_seed(2)
+    model = SmallCNN(padding_mode="circular", stride=1).eval()
+    path = export_onnx(model, tmp_path / "circular.onnx", 17)
+    result = eqaudit.audit(
+        str(path), "shift:1,2", shift_mode="circular", input_size=17, num_images=4
+    )
+    spatial = [r for r in result.summary["layers"] if r["kind"] == "spatial"]
+    assert len(spatial) >= 4
+    for row in spatial:
+        assert row["aligned"] is True and row["comparison"] == "exact" and row["scored"], row
+        assert row["relative_error"] < 1e-6, row
+
+
 class _TinyResNet(torch.nn.Module):
     """A ResNet-18-shaped stride stack (7x7/2 stem, 3x3/2 max pool, three stride-2 stages with
     1x1/2 shortcuts) with few channels: aligned at 225 = 7 * 32 + 1, misaligned at 224."""

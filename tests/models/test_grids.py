@@ -1048,3 +1048,41 @@ def test_shape_inference_without_the_large_weights_infers_the_same_types():
     assert len(types[0]) > 8 and types[0] == types[1]
     # The model itself is untouched.
     assert len(model.graph.initializer) == len(large) + len(light.graph.initializer)
+
+
+def _slice(name: str, source: str, start: int, end: int, axis: int) -> list[onnx.NodeProto]:
+    """An ONNX Slice of ``source`` along ``axis`` with constant starts and ends."""
+    values = {f"{name}_s": start, f"{name}_e": end, f"{name}_a": axis}
+    constants = [
+        helper.make_node(
+            "Constant", [], [key], value=numpy_helper.from_array(np.array([v], np.int64))
+        )
+        for key, v in values.items()
+    ]
+    return [*constants, helper.make_node("Slice", [source, *values], [name])]
+
+
+def test_wrap_around_concatenation_is_a_padding_and_a_roll_is_not() -> None:
+    # Circular padding as torch exports it: [x[..., -1:], x, x[..., :1]] along W, then H. A
+    # Concat along a spatial axis was "not a channel axis": every later grid was unknown.
+    nodes = [
+        *_slice("tail_w", "x", -1, 2**31 - 1, 3),
+        *_slice("head_w", "x", 0, 1, 3),
+        helper.make_node("Concat", ["tail_w", "x", "head_w"], ["pw"], axis=3),
+        *_slice("tail_h", "pw", -1, 2**31 - 1, 2),
+        *_slice("head_h", "pw", 0, 1, 2),
+        helper.make_node("Concat", ["tail_h", "pw", "head_h"], ["p"], axis=2),
+        helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[3, 3]),
+    ]
+    model = onnx_model(nodes, [("w", np.ones((1, 1, 3, 3), np.float32))])
+    graph = onnx_grid_graph(model, "x", "NCHW")
+    grids = graph.grids(9, 9)
+    assert grids["p"] == Grid(axis(11, 1, -1), axis(11, 1, -1))  # as a Pad of 1
+    assert grids["y"] == Grid(axis(9, 1, 0), axis(9, 1, 0))
+    # Halves swapped (a roll by half the width): not cells of one map in padding order.
+    roll = [
+        *_slice("left", "x", 0, 4, 3),
+        *_slice("right", "x", 4, 8, 3),
+        helper.make_node("Concat", ["right", "left"], ["y"], axis=3),
+    ]
+    assert onnx_grid_graph(onnx_model(roll), "x", "NCHW").grids(8, 8)["y"] is None
