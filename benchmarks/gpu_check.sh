@@ -6,13 +6,15 @@
 # tests, and a CLI audit on cuda and on the CPU with their numbers compared.
 # About 5 minutes on an H100. Usage: OUT=folder bash benchmarks/gpu_check.sh [IMAGES [LONG]]
 # (default 256 and 2048); logs go to $OUT (default ./gpu-check). STEPS picks steps (default all:
-# "syncs bench baselines tests time cli suite"), for a lease with little time left. "suite" runs
-# the whole test suite there (torch and onnxruntime as the image has them), with pytest-xdist.
+# "kernels syncs bench baselines tests time cli suite"), for a lease with little time left.
+# "kernels" times the per-layer D4 comparison's variants (bench_compare_kernels.py, ~1 min);
+# "suite" runs the whole test suite there (torch and onnxruntime as the image has them), with
+# pytest-xdist.
 set -u
 images=${1:-256}
 long=${2:-2048}
 out=${OUT:-gpu-check}
-steps=" ${STEPS:-syncs bench baselines tests time cli suite} "
+steps=" ${STEPS:-kernels syncs bench baselines tests time cli suite} "
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 py=python3
@@ -23,6 +25,10 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv
 nproc
 $py -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"
+
+want kernels && step "the per-layer D4 comparison, variants side by side" &&
+timeout 150 $py benchmarks/bench_compare_kernels.py --device cuda --images 64 2>&1 |
+    tee "$out/kernels.log" | tail -8
 
 want syncs && step "calls that wait for the GPU" &&
 timeout 240 $py benchmarks/find_syncs.py --images 64 --batch-size 256 2>&1 | tee "$out/syncs.log"
