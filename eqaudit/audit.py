@@ -87,7 +87,13 @@ from eqaudit.results import (
     skipped_images_warning,
 )
 from eqaudit.shard import shard_range
-from eqaudit.transforms import D4Element, NotMeasurable, Transform, parse_transforms
+from eqaudit.transforms import (
+    D4Element,
+    NotMeasurable,
+    Transform,
+    parse_transforms,
+    quarter_turns_exact,
+)
 from eqaudit.transforms.elements import center_crop, d4_apply, d4_view
 from eqaudit.transforms.geometry import (
     SizeChoice,
@@ -525,6 +531,7 @@ class Engine:
         self.config = config
         self.preprocessing = preprocessing
         height, width = adapter.input_spec.size
+        elements = quarter_turns_exact(elements, height, width)
         self.skipped = {e.name: e.skip_reason(height, width) for e in elements}
         self.all_elements = elements
         self.elements = [e for e in elements if self.skipped[e.name] is None]

@@ -252,3 +252,16 @@ def test_a_pytorch_model_taking_nhwc_images_is_audited_as_its_nchw_body(tmp_path
         assert len(result.layers) == len(reference.layers)
     with pytest.raises(eqaudit.errors.ModelRunError, match="--layout"):
         eqaudit.audit(model, "d4", input_size=33, num_images=2)  # fed NCHW: the permute breaks
+
+
+def test_a_quarter_turn_is_exact_on_a_square_input_and_resampled_on_another() -> None:
+    # rot:90 on a 16x24 model was refused ("defined only for square inputs") for a while.
+    square = eqaudit.audit(symmetric_cnn(), "rot:90", input_size=33, num_images=4, layers=False)
+    assert square.outputs[1]["transform"] == "rot90" and square.outputs[1]["exact"] is True
+    assert square.outputs[1]["logit_error"] < 1e-5  # D4-symmetric weights at an aligned size
+    wide = eqaudit.audit(
+        symmetric_cnn(), "rot:90,180", input_size=(16, 24), num_images=4, layers=False
+    )
+    exact = {row["transform"]: row["exact"] for row in wide.outputs}
+    assert exact == {"id": True, "rot90": False, "rot180": True}
+    assert wide.outputs[1]["skipped"] is None and wide.outputs[1]["agreement"] is not None

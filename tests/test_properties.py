@@ -294,34 +294,41 @@ def _write_spec(groups: list[tuple[str, list[float]]], draw) -> str:  # type: ig
     return ",".join(tokens)
 
 
+def _turn(degrees: float) -> float:
+    turn = round(degrees % 360, 9)
+    return 0.0 if turn == 360 else turn
+
+
 def _expected_names(groups: list[tuple[str, list[float]]], mode: str) -> list[str]:
     names, turns = ["id"], set()
     for family, values in groups:
         for element in FAMILIES[family].build(values, mode):
             name = element.name
             if isinstance(element, Rotation):
-                turn = element.degrees % 360
-                if turn == 0:
-                    continue  # the identity
-                if turn % 90 == 0:
-                    name = f"rot{turn:g}"  # d4's exact element
-                elif turn in turns:
-                    continue  # the same rotation under another angle
-                else:
-                    turns.add(turn)
+                turn = _turn(element.degrees)
+                if turn == 0 or turn in turns:
+                    continue  # the identity, or the same rotation under another angle
+                turns.add(turn)
+                name = f"rot{turn:g}" if turn % 90 == 0 else name  # rot:-90 is rot270
+            elif isinstance(element, D4Element) and not element.flip and element.k:
+                turns.add(90.0 * element.k)
             if name not in names:
                 names.append(name)
     return names
 
 
 def _kept_angles(groups: list[tuple[str, list[float]]]) -> set[float]:
-    """The rotation angles left as resampled rotations: not multiples of 90 degrees, the first
-    written of angles that are one rotation."""
+    """The angles parsed as rotations: the first written of angles that are one rotation, quarter
+    turns as 90, 180 or 270, none that a d4 or c4 family gives as its exact element."""
+    covered = {
+        90.0 * e.k for f, _ in groups if f in ("d4", "c4") for e in FAMILIES[f].build([], "")
+    }
     kept: dict[float, float] = {}
     for family, values in groups:
         for v in values if family == "rot" else []:
-            if v % 90:
-                kept.setdefault(v % 360, v)
+            turn = _turn(v)
+            if turn and turn not in covered:
+                kept.setdefault(turn, turn if turn % 90 == 0 else v)
     return set(kept.values())
 
 
@@ -370,9 +377,9 @@ def test_parse_transforms_round_trips_valid_specs(
     assert names == expected
     assert elements[0].is_identity and len(set(names)) == len(names)
     assert all(e.mode == mode for e in elements if isinstance(e, Shift))
-    # Values survive exactly (repr round-trips floats); rot:90 (-90, 180, 450 ...) is d4's exact
-    # rotation, and angles that are one rotation (-30, 330) run once, as written first.
-    d4 = _d4_names(groups) | {"rot90", "rot180", "rot270"}
+    # Values survive exactly (repr round-trips floats); d4's exact rot90 replaces rot:90
+    # (-90 is rot270), and angles that are one rotation (-30, 330) run once, as written first.
+    d4 = _d4_names(groups)
     assert all(isinstance(e, D4Element) for e in elements if e.name in d4)
     assert {e.degrees for e in elements if isinstance(e, Rotation)} == _kept_angles(groups)
     # Written back and parsed again: the same elements (D4 elements may come in another order).

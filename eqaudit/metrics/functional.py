@@ -70,6 +70,8 @@ def normalised_logit_error(reference: torch.Tensor, other: torch.Tensor) -> torc
 #: Elements summed in the maps' dtype before the partial sums are combined in float64
 #: (:func:`image_norms`): float32 sums this long are accurate to about 1e-7 relative.
 _CHUNK = 4096
+#: Dtypes whose own sums are accurate enough for a partial norm; others are summed in float32.
+_WIDE = (torch.float32, torch.float64)
 
 
 def image_norms(x: torch.Tensor, start: int = 1) -> torch.Tensor:
@@ -83,19 +85,23 @@ def image_norms(x: torch.Tensor, start: int = 1) -> torch.Tensor:
     in float32: their own range overflows on a large map, their precision is 3 digits), then the
     partial norms are combined in float64. Two equal maps still give exactly equal norms.
     """
-    wide = torch.promote_types(x.dtype, torch.float32)
+    wide = x.dtype if x.dtype in _WIDE else torch.float32
     if x.ndim - start >= 3:  # spatial planes: (..., C, H, W) -> (..., C) -> (...)
-        partial = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=wide).flatten(start)
+        partial = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=wide)
+        if x.ndim - start > 3:
+            partial = partial.flatten(start)
     else:
         flat = x.reshape(*x.shape[:start], -1)
         size = flat.shape[-1]
         whole = size - size % _CHUNK
-        parts = [torch.linalg.vector_norm(flat[..., whole:], dim=-1, dtype=wide).unsqueeze(-1)]
-        if whole:
-            runs = flat[..., :whole].unflatten(-1, (whole // _CHUNK, _CHUNK))
-            parts.append(torch.linalg.vector_norm(runs, dim=-1, dtype=wide))
-        partial = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    return torch.linalg.vector_norm(partial.to(torch.float64), dim=-1)
+        if not whole:  # one chunk or less
+            return torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float64)
+        runs = flat[..., :whole].unflatten(-1, (whole // _CHUNK, _CHUNK))
+        partial = torch.linalg.vector_norm(runs, dim=-1, dtype=wide)
+        if whole < size:
+            rest = torch.linalg.vector_norm(flat[..., whole:], dim=-1, dtype=wide)
+            partial = torch.cat([partial, rest.unsqueeze(-1)], dim=-1)
+    return torch.linalg.vector_norm(partial, dim=-1, dtype=torch.float64)
 
 
 def map_norms(

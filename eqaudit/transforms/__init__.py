@@ -129,6 +129,37 @@ def _number(text: str, family: str) -> float:
     return value
 
 
+def _turn(degrees: float) -> float:
+    """An angle as a turn in [0, 360), equal angles equal to 1e-9 degrees (rot:30.1 and
+    rot:-329.9 differ in the last bits of float arithmetic)."""
+    turn = round(degrees % 360, 9)
+    return 0.0 if turn == 360 else turn
+
+
+def _turn_of(element: Transform) -> float | None:
+    """The turn of a rotation: a Rotation's, or a D4 element's without a flip; else None."""
+    if isinstance(element, Rotation):
+        return _turn(element.degrees)
+    if isinstance(element, D4Element) and not element.flip and element.k:
+        return 90.0 * element.k
+    return None
+
+
+def quarter_turns_exact(elements: list[Transform], height: int, width: int) -> list[Transform]:
+    """``rot:90`` (180, 270) as the exact D4 rotation where it is defined: a quarter turn maps a
+    square pixel grid onto itself, so resampling it (bicubic, compared in a disk) would only add
+    interpolation error. On a non-square input rot90 and rot270 stay resampled rotations (the
+    D4 elements are not defined there); rot180 is exact on any grid."""
+    out: list[Transform] = []
+    for element in elements:
+        if isinstance(element, Rotation) and _turn(element.degrees) % 90 == 0:
+            k = int(_turn(element.degrees) // 90)
+            if height == width or k == 2:
+                element = D4Element(k, False)
+        out.append(element)
+    return out
+
+
 def parse_transforms(spec: str, shift_mode: str = "crop") -> list[Transform]:
     """Parse a ``--transforms`` spec into elements, identity first, duplicates removed."""
     if shift_mode not in SHIFT_MODES:
@@ -168,12 +199,12 @@ def parse_transforms(spec: str, shift_mode: str = "crop") -> list[Transform]:
             raise TransformSpecError("shift amounts must be positive: e.g. --transforms shift:2,4")
         for element in family.build(values, shift_mode):
             if isinstance(element, Rotation):
-                turn = element.degrees % 360
+                turn = _turn(element.degrees)
                 if turn == 0:
                     continue  # the identity, always run
-                if turn % 90 == 0:  # exact on the pixel grid: the D4 rotation, not a resampling
-                    element = D4Element(int(turn // 90), False)
-                elif any(isinstance(e, Rotation) and e.degrees % 360 == turn for e in elements):
+                if turn % 90 == 0:  # named as d4's rotation: rot:-90 is rot270
+                    element = Rotation(turn)
+                if any(_turn_of(e) == turn for e in elements):
                     continue  # rot:-30 and rot:330 are one rotation: audited (and scored) once
             if element.name in seen:
                 # rot:90 and d4's rot90 share a name: the exact element wins, whatever the order.

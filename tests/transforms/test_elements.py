@@ -155,9 +155,18 @@ def test_parse_transforms(spec, names):
     assert [e.name for e in parse_transforms(spec)] == names
 
 
-def test_quarter_turns_in_the_rot_family_are_the_exact_d4_rotations():
-    # rot:90 was resampled with Catmull-Rom and compared in a disk, flagged misaligned.
-    assert all(isinstance(e, D4Element) for e in parse_transforms("rot:90,180,-90"))
+def test_quarter_turns_in_the_rot_family_are_exact_where_d4_defines_them():
+    # rot:90 was resampled with Catmull-Rom and compared in a disk, flagged misaligned. The
+    # engine makes it the D4 element where that exists: rot180 anywhere, rot90 and rot270 on
+    # square inputs; on a non-square one they stay resampled rotations rather than be refused.
+    from eqaudit.transforms import quarter_turns_exact
+
+    parsed = parse_transforms("rot:90,180,-90")
+    assert [e.name for e in parsed] == ["id", "rot90", "rot180", "rot270"]
+    square = quarter_turns_exact(parsed, 32, 32)
+    assert all(isinstance(e, D4Element) for e in square)
+    wide = quarter_turns_exact(parsed, 16, 24)
+    assert [type(e).__name__ for e in wide] == ["D4Element", "Rotation", "D4Element", "Rotation"]
 
 
 @pytest.mark.parametrize(
