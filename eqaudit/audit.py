@@ -548,6 +548,8 @@ class Engine:
         self.warnings: list[str] = []
         self.predictions: list[pd.DataFrame] = []
         self.num_classes: int | None = None
+        #: where ``class_names`` came from: "labels" (--labels, the data) or "model" (metadata)
+        self.class_names_from = "labels"
         self.gallery = Gallery()
         self.class_names: list[str] | None = None
         self.label_action: LabelAction | None = None
@@ -888,6 +890,13 @@ class Engine:
             raise nonfinite_scores(int(bad.sum()), bad.numel(), self._under(bad.numpy()))
         self.num_classes = host.shape[-1]
         names = len(self.class_names or ())
+        if names > self.num_classes and self.class_names_from == "model":
+            # (TF's extra 'background' class): which name goes with which score is unknown.
+            self.warnings.append(
+                f"the model's metadata names {names} classes but it gives {self.num_classes} "
+                "class scores: its names are not used (pass --labels to name the classes)"
+            )
+            self.class_names, names = None, 0
         if names > self.num_classes:
             raise DataError(
                 f"the labels name {names} classes but the model gives {self.num_classes} class "
@@ -1798,6 +1807,7 @@ def _audit(
         labels=config.labels,
     )
     engine.class_names = source.class_names or getattr(adapter, "class_names", None)
+    engine.class_names_from = "labels" if source.class_names else "model"
     engine.setup()
     images_per_step = _images_per_step(engine, adapter, config, preprocessing)
     positions = range(len(source))

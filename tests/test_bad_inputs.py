@@ -921,3 +921,18 @@ def test_nan_scores_under_one_element_name_it() -> None:
             preset="unit",
             layers=False,
         )
+
+
+def test_class_names_in_the_models_metadata_that_do_not_fit_are_dropped_not_fatal(tmp_path):
+    # A model naming one class more than it scores (TF's 'background') was refused (exit 2),
+    # blaming a labels file nobody gave, by the check meant for --labels.
+    import eqaudit
+
+    path = export_onnx(_five_classes(), tmp_path / "m.onnx", SIZE)
+    model = onnx.load(str(path))
+    names = ["background", "a", "b", "c", "d", "e"]
+    onnx.helper.set_model_props(model, {"class_names": json.dumps(names)})
+    onnx.save(model, str(path))
+    result = eqaudit.audit(str(path), "flips", num_images=2, layers=False)
+    assert result.summary["model"]["class_names"] is None
+    assert any("the model's metadata names 6 classes but it gives 5" in w for w in result.warnings)
