@@ -763,14 +763,17 @@ def _wrapped(pieces: Sequence[_Map], axis: int) -> _Map | None:
     write circular padding (``[x[-p:], x, x[:p]]`` by ``Slice`` and ``Concat``): a map of the
     same stride whose cells run on from the whole map's, as a padding would give (the padded
     cells hold wrapped content instead of zeros, which does not move a grid). None when the
-    pieces are not such a run: different strides or other axes, or cells out of order modulo
-    the whole map's period."""
+    pieces are not such a run: different strides or other axes, no single longest piece (the
+    whole map), a piece outside it, or cells out of order modulo its period. A padding as wide
+    as the map itself is left unknown (its pieces tie with the map)."""
     grids = [piece.grid for piece in pieces]
     if any(g is None for g in grids) or len({(m.layout, m.rank) for m in pieces}) != 1:
         return None
     along = [g.h if axis == _spatial_axes(pieces[0])[0] else g.w for g in grids]  # type: ignore[union-attr]
     across = [g.w if axis == _spatial_axes(pieces[0])[0] else g.h for g in grids]  # type: ignore[union-attr]
     whole = max(range(len(along)), key=lambda i: along[i].n)
+    if sum(a.n == along[whole].n for a in along) > 1:
+        return None  # no one piece is the map the others wrap around ([x, f(x)], [x[:4], x[:4]])
     stride, period = along[whole].stride, along[whole].stride * along[whole].n
     if len(set(across)) != 1 or any(a.stride != stride for a in along):
         return None

@@ -1086,3 +1086,14 @@ def test_wrap_around_concatenation_is_a_padding_and_a_roll_is_not() -> None:
         helper.make_node("Concat", ["right", "left"], ["y"], axis=3),
     ]
     assert onnx_grid_graph(onnx_model(roll), "x", "NCHW").grids(8, 8)["y"] is None
+    # A piece twice, or a map beside a function of itself: no one piece is the map (review).
+    twice = [
+        *_slice("left", "x", 0, 4, 3),
+        helper.make_node("Concat", ["left", "left"], ["y"], axis=3),
+    ]
+    assert onnx_grid_graph(onnx_model(twice), "x", "NCHW").grids(8, 8)["y"] is None
+    beside = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Concat", ["x", "r"], ["y"], axis=3),
+    ]
+    assert onnx_grid_graph(onnx_model(beside), "x", "NCHW").grids(8, 8)["y"] is None
