@@ -1294,8 +1294,13 @@ class Engine:
             else:
                 norms3 = [next(values), next(values), next(values)]
                 if record.floor is not None:
+                    # Over the images the row counts: not those whose maps are not finite
+                    # (LayerStats.update_rows leaves them out of the errors), nor a NaN floor.
                     floor_values = next(values)
-                    floor_values = floor_values[floor_values.isfinite()]  # (NaN maps: none)
+                    kept = floor_values.isfinite()
+                    for norm in norms3:
+                        kept &= norm.isfinite()
+                    floor_values = floor_values[kept]
                     record.stats.floor_n += int(floor_values.numel())
                     record.stats.floor_sum.add(floor_values)
             stats, columns = singles.setdefault(norms3[0].numel(), ([], []))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 from models_zoo import ConvHead, SmallCNN, export_onnx, symmetric_cnn
@@ -936,3 +937,39 @@ def test_class_names_in_the_models_metadata_that_do_not_fit_are_dropped_not_fata
     result = eqaudit.audit(str(path), "flips", num_images=2, layers=False)
     assert result.summary["model"]["class_names"] is None
     assert any("the model's metadata names 6 classes but it gives 5" in w for w in result.warnings)
+
+
+class InfWhereDark(nn.Module):
+    """Its input, or Inf for images darker than 0.5 (mean pixel): a rotation's black corners
+    darken an image of mean 0.52-0.56 below that, so only the transformed maps are Inf."""
+
+    def forward(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dark = x.mean(dim=(1, 2, 3), keepdim=True) < 0.5
+        return features * torch.where(dark, float("inf"), 1.0)
+
+
+class InfUnderRotation(InfLayerForBrightImages):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blow = InfWhereDark()
+
+
+def test_the_interpolation_floor_leaves_out_the_images_the_row_leaves_out():
+    # The floor (from the reference map alone, finite here) was averaged over the 4 images
+    # whose errors the row had left out: a floor beside no error (found by review).
+    import eqaudit
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).uniform(0.52, 0.56, size=(4, SIZE, SIZE, 3))
+    result = eqaudit.audit(
+        InfUnderRotation().eval(),
+        "rot:30",
+        data=images.astype(np.float32),
+        input_size=SIZE,
+        preset="unit",
+    )
+    rows = result.to_frame("layers").set_index(["layer", "transform"])
+    blow, conv = rows.loc[("blow", "rot30")], rows.loc[("conv", "rot30")]
+    assert blow["reason"].startswith("4 of 4 images gave NaN or Inf activations")
+    assert pd.isna(blow["relative_error"]) and pd.isna(blow["interpolation_floor"])
+    assert conv["interpolation_floor"] > 0  # the layer before it keeps its floor
