@@ -80,13 +80,15 @@ def image_norms(x: torch.Tensor, start: int = 1) -> torch.Tensor:
     One pass over ``x`` with no float64 copy of it, and accurate to about 1e-7 relative whatever
     the map's size: a float32 ``vector_norm`` over a whole map adds each SIMD lane's squares in
     one running sum (about 1e-5 relative on the CPU for a 64 x 112 x 112 map). So the squares
-    are summed over short runs first: each spatial plane of a ``(..., C, H, W)`` map, or chunks
-    of :data:`_CHUNK` elements of a flat one, in float32 (float16 and bfloat16 maps are summed
+    are summed over short runs first: each spatial plane of a ``(..., C, H, W)`` map (up to 256
+    x 256; larger planes, a 2048 x 2048 one was off by 1e-4, and flat maps in chunks of
+    :data:`_CHUNK` elements), in float32 (float16 and bfloat16 maps are summed
     in float32: their own range overflows on a large map, their precision is 3 digits), then the
     partial norms are combined in float64. Two equal maps still give exactly equal norms.
     """
     wide = x.dtype if x.dtype in _WIDE else torch.float32
-    if x.ndim - start >= 3:  # spatial planes: (..., C, H, W) -> (..., C) -> (...)
+    if x.ndim - start >= 3 and x.shape[-1] * x.shape[-2] <= _CHUNK * 16:
+        # spatial planes: (..., C, H, W) -> (..., C) -> (...); larger planes go in chunks
         partial = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=wide)
         if x.ndim - start > 3:
             partial = partial.flatten(start)

@@ -30,7 +30,13 @@ def _exact_norms(x: torch.Tensor, start: int = 1) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("shape", "start"),
-    [((3, 64, 112, 112), 1), ((2, 3, 32, 48, 40), 2), ((3, 10_000), 1), ((3, 4095), 1)],
+    [
+        ((3, 64, 112, 112), 1),
+        ((2, 3, 32, 48, 40), 2),
+        ((3, 10_000), 1),
+        ((3, 4095), 1),
+        ((2, 1, 700, 700), 1),  # one plane of 490 000 cells: summed in chunks, not whole
+    ],
 )
 def test_image_norms_are_accurate_whatever_the_map_size(shape, start):
     # A float32 vector_norm over a whole 64 x 112 x 112 map is off by ~1e-5 relative on the
