@@ -268,11 +268,15 @@ class ChannelMoments:
             self.s_bb = self.s_bb + s_bb
             return
         sums = list(second_moments_on_device(*rows))
-        device = a_cells.device
-        seen = torch.tensor(images, device=device) if counted is None else counted.sum()
-        per_image = torch.tensor(a_cells.shape[1], device=device) if kept is None else kept
-        sums.append(seen.to(torch.int64) * per_image.to(torch.int64))
-        sums.append(seen.to(torch.int64))
+        # Counts made on the device: torch.tensor(n, device=...) copies from host memory and
+        # makes the host wait for the device's queue, at every layer, element and batch.
+        if counted is None:
+            seen = torch.full((), images, dtype=torch.int64, device=a_cells.device)
+        else:
+            seen = counted.sum(dtype=torch.int64)
+        per_image = a_cells.shape[1] if kept is None else kept.to(torch.int64)
+        sums.append(seen * per_image)
+        sums.append(seen)
         if self.pending is None:
             self.pending = sums
         else:
