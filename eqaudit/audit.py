@@ -160,8 +160,11 @@ class LayerState:
 
     def scored(self, gi: int, element: Transform) -> bool:
         """Does this (layer, element) row enter the layer scores? Measured, and exact, or a
-        resampled element compared about a known grid, or a flat layer (invariance)."""
+        resampled element compared about a known grid, or a flat layer (invariance). Not a
+        row left without images (every one's maps not finite), though it is measurable."""
         if self.reasons[gi] is not None or self.comparison[gi] is None:
+            return False
+        if self.stats[gi].n == 0 and self.stats[gi].nonfinite:
             return False
         comparison = self.comparison[gi]
         if comparison in ("exact", "invariance"):

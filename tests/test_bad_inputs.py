@@ -972,4 +972,5 @@ def test_the_interpolation_floor_leaves_out_the_images_the_row_leaves_out():
     blow, conv = rows.loc[("blow", "rot30")], rows.loc[("conv", "rot30")]
     assert blow["reason"].startswith("4 of 4 images gave NaN or Inf activations")
     assert pd.isna(blow["relative_error"]) and pd.isna(blow["interpolation_floor"])
+    assert not blow["scored"]  # no image left: out of the layer scores (it was scored)
     assert conv["interpolation_floor"] > 0  # the layer before it keeps its floor
