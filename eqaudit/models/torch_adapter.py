@@ -45,6 +45,7 @@ import pickle
 import pickletools
 import re
 import sys
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -865,6 +866,9 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.buffers()
 
 
+_EXPORT_LOG_LOCK = threading.RLock()
+
+
 @contextmanager
 def _quiet_torch_warnings() -> Iterator[list[BaseException]]:
     """Silence torch's notes about its own internals while loading; they mean nothing to users
@@ -881,7 +885,9 @@ def _quiet_torch_warnings() -> Iterator[list[BaseException]]:
             if record.exc_info and record.exc_info[1] is not None:
                 logged.append(record.exc_info[1])
 
-    # torch gives the logger a stderr handler of its own: it is set aside too.
+    # torch gives the logger a stderr handler of its own: it is set aside too. The logger is
+    # global: loads in other threads wait (a second swap would save the first's handlers).
+    _EXPORT_LOG_LOCK.acquire()
     saved = (export_log.handlers[:], export_log.propagate, export_log.level)
     export_log.handlers = [Keep(logging.WARNING)]
     export_log.propagate = False
@@ -895,6 +901,7 @@ def _quiet_torch_warnings() -> Iterator[list[BaseException]]:
     finally:
         export_log.handlers, export_log.propagate = saved[0], saved[1]
         export_log.setLevel(saved[2])
+        _EXPORT_LOG_LOCK.release()
 
 
 # -- torch.export -------------------------------------------------------------------------------
