@@ -161,6 +161,11 @@ class AuditConfig:
             raise UsageError(f"--threads must be a whole number of at least 1, not {self.threads}")
         if self.num_images is not None and self.num_images < 1:
             raise UsageError(f"--num-images must be at least 1, not {self.num_images}")
+        if not isinstance(self.layers, bool):  # (audit(layers=["conv*"]) meant the patterns)
+            raise UsageError(
+                f"layers= is True or False (all layers or none), not {self.layers!r}: pick "
+                "layers with layer_patterns=[...] (--layers on the command line)"
+            )
         if not self.layers and self.layer_patterns:
             raise UsageError("--layers and --no-layers contradict each other: keep one")
         if self.misaligned not in MISALIGNED_MODES:

@@ -250,3 +250,12 @@ def test_cli_refuses_zero_threads_before_writing_anything(tmp_path) -> None:
     assert result.exit_code == EXIT_USAGE
     assert "--threads must be a whole number of at least 1, not 0" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_layers_takes_a_bool_and_patterns_go_to_layer_patterns() -> None:
+    # audit(layers=["conv*"]) read as True: every layer, without a word.
+    from eqaudit.config import AuditConfig
+
+    with pytest.raises(UsageError, match=r"layers= is True or False .* layer_patterns="):
+        AuditConfig(layers=["conv*"])  # type: ignore[arg-type]
+    assert AuditConfig(layer_patterns=("conv*",)).layer_patterns == ("conv*",)
