@@ -160,8 +160,12 @@ class LayerState:
 
     def scored(self, gi: int, element: Transform) -> bool:
         """Does this (layer, element) row enter the layer scores? Measured, and exact, or a
-        resampled element compared about a known grid, or a flat layer (invariance). Not a
-        row left without images (every one's maps not finite), though it is measurable."""
+        resampled element (a rotation by another angle, a sub-pixel shift) compared about a
+        known grid, or a flat layer (invariance). Not a misaligned D4 or integer-shift pair
+        resampled under ``--misaligned resample``: half-cell resampling cannot undo what the
+        stride aliased, so on detailed images its error stays near the naive one (0.21 against
+        0.245 on noise, for a D4-symmetric stack), a property of the grid, not of the model.
+        Not a row left without images (every one's maps not finite), though it is measurable."""
         if self.reasons[gi] is not None or self.comparison[gi] is None:
             return False
         if self.stats[gi].n == 0 and self.stats[gi].nonfinite:
