@@ -207,6 +207,30 @@ def permutation_summary(w: np.ndarray) -> dict[str, Any]:
     }
 
 
+def matched_permutation(s_ab: np.ndarray, s_bb: np.ndarray) -> np.ndarray | None:
+    """The signed permutation matrix ``P`` that pairs each channel ``i`` of ``a`` with the
+    channel ``j`` of ``b`` best explaining it alone, ``argmax_j |S_ab[i, j]| / sqrt(S_bb[j, j])``
+    (Cauchy-Schwarz: ``||b_j||`` exactly when ``a_i = +-b_j``), when those ``j`` are all
+    different; else None.
+
+    The ridge fit cannot show a permutation when ``S_bb`` is singular (more channels than the
+    values they are made from, as a lifting convolution's copies of a 3x3 filter on one input
+    channel: rank 9 for 12 channels): among the maps that fit, it picks the one of least norm,
+    which spreads each row over collinear channels. ``P``'s own held-out error tells whether
+    channels permute (:meth:`ChannelMapStats.compute`, ``permutation_error``)."""
+    norms = np.sqrt(np.clip(np.diag(s_bb), 0.0, None))
+    if not (norms > 0).all():
+        return None
+    score = np.abs(s_ab) / norms[None, :]
+    pick = score.argmax(axis=1)
+    if len(set(pick.tolist())) != len(pick):
+        return None
+    p = np.zeros_like(s_ab)
+    rows = np.arange(len(pick))
+    p[rows, pick] = np.sign(s_ab[rows, pick])
+    return p
+
+
 def _rows(chosen: torch.Tensor) -> slice | torch.Tensor | None:
     """The rows where the CPU bool ``chosen`` is True, as a slice when they are evenly spaced
     (the engine's halves alternate: a view, nothing copied to a device), else as indices; None
@@ -452,7 +476,9 @@ class ChannelMapStats:
         ``fitted_error`` means overfitting); ``fit_rank`` (eigenvalues of the fit ``S_bb``
         above ``lam``: fewer than ``channels`` means dead or collinear reference channels, whose
         columns of ``W`` the ridge sets to ~0); ``row_peak_share_mean``, ``row_peak_share_min``,
-        ``is_permutation``, ``permutation`` (see :func:`permutation_summary`); ``reason``.
+        ``is_permutation``, ``permutation`` (see :func:`permutation_summary`);
+        ``permutation_error``: the held-out error of :func:`matched_permutation`'s ``P`` (None
+        when the channels pair up with no bijection); ``reason``.
 
         ``None`` values: every error when the eval half is empty; the fitted fields when the
         fit half is empty or its reference is identically zero (``tr S_bb = 0``); ``reason``
@@ -475,6 +501,7 @@ class ChannelMapStats:
             "row_peak_share_min": None,
             "is_permutation": None,
             "permutation": None,
+            "permutation_error": None,
             "reason": None,
         }
         if held.cells:
@@ -493,6 +520,11 @@ class ChannelMapStats:
         out.update(permutation_summary(w))
         if held.cells:
             out["fitted_error"] = pooled_error(held.trace_aa, held.s_ab, held.s_bb, w)
+            candidate = matched_permutation(fit.s_ab, fit.s_bb)
+            if candidate is not None:
+                out["permutation_error"] = pooled_error(
+                    held.trace_aa, held.s_ab, held.s_bb, candidate
+                )
         return out
 
 

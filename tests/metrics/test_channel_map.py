@@ -62,6 +62,29 @@ def test_channel_permutation_naive_large_fitted_zero_and_map_recovered():
     np.testing.assert_allclose(stats.channel_map(), expected, atol=1e-6)
 
 
+def test_a_permutation_of_rank_deficient_channels_is_found_by_its_own_error():
+    # 12 channels made from 9 values (rotated copies of 3x3 filters on one input channel, as a
+    # lifting convolution): S_bb has rank 9, the ridge's least-norm map spreads its rows over
+    # collinear channels (peak shares 0.6-0.75) and the permutation went unseen (review).
+    g = torch.Generator().manual_seed(4)
+    basis = torch.randn(10, 9, 7, 7, generator=g)
+    mix = torch.randn(12, 9, generator=g)
+    b = torch.einsum("ck,nkhw->nchw", mix, basis)  # 12 channels of rank 9
+    perm = torch.randperm(12, generator=g)
+    stats = ChannelMapStats()
+    stats.update(b[:, perm], b, _parity(10))
+    result = stats.compute()
+    assert result["fit_rank"] == 9 and result["fitted_error"] < 1e-6
+    assert result["permutation_error"] < 1e-6
+    # ... while a general invertible mix has a permutation error far above its fitted error.
+    mixed = torch.einsum("ij,njhw->nihw", torch.randn(12, 12, generator=g), b)
+    other = ChannelMapStats()
+    other.update(mixed, b, _parity(10))
+    found = other.compute()
+    assert found["fitted_error"] < 1e-5
+    assert found["permutation_error"] is None or found["permutation_error"] > 0.1
+
+
 def test_general_linear_map_on_flat_features():
     g = torch.Generator().manual_seed(3)
     b = torch.randn(400, 5, generator=g, dtype=torch.float64)
@@ -369,3 +392,21 @@ def test_halves_are_picked_as_views_when_evenly_spaced():
     assert _rows(torch.tensor([False, False, True])) == slice(2, 3)
     assert _rows(torch.tensor([False, False])) is None
     assert torch.equal(_rows(torch.tensor([True, True, False, True])), torch.tensor([0, 1, 3]))
+
+
+def test_an_audit_calls_a_rank_deficient_lifting_layer_a_permutation() -> None:
+    # One input channel, 3x3 filters: 9 values behind 4 x 3 = 12 channels of the lifting layer.
+    import eqaudit
+
+    result = eqaudit.audit(
+        c4_net(seed=0, in_channels=1, fields=3),
+        "c4",
+        synthetic_images(12, (15, 15), 1, seed=1),
+        input_size=15,
+        channel_map=True,
+        layer_patterns=("lift",),
+        channels="gray",  # (no nn.Conv2d to read the channels from)
+    )
+    row = result.layer("lift", "rot90")
+    assert row["fitted_relative_error"] < 1e-6 and row["pooled_relative_error"] > 0.1
+    assert row["channel_map_permutation"] is True
