@@ -652,7 +652,7 @@ def compare(
 def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
     """compare.json, compare.csv, summary.md, junit.xml and report.html, written atomically into
     ``out_dir``."""
-    from eqaudit.reports import write_folder
+    from eqaudit.reports import KNOWN_FILES, write_folder
     from eqaudit.reports.compare_html import write_compare_html
     from eqaudit.reports.junit import junit_xml
     from eqaudit.reports.markdown import render_compare
@@ -677,4 +677,4 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
         write_compare_html(data, staging)
         return list(FILES)
 
-    return write_folder(Path(out_dir), produce, set(FILES))
+    return write_folder(Path(out_dir), produce, set(FILES) | KNOWN_FILES)  # (a check's too)

@@ -275,3 +275,27 @@ def test_unpaired_inputs_are_refused(files, tmp_path) -> None:
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert words in clean(result.stderr), result.stderr
         assert not (out / "compare.json").exists()
+
+
+def test_a_check_and_a_compare_into_one_folder_leave_only_the_last_report(files, tmp_path) -> None:
+    # compare into a check folder kept the check's summary.json and CSVs beside its own
+    # report.html, and 'eqaudit report' then re-rendered the check report over it; a check
+    # into a compare folder kept compare.* and the a/, b/ audits (review).
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    check = ["check", str(files["sym"]), "--data", str(files["images"]), "--no-layers"]
+    assert runner.invoke(app, [*check, "-o", str(out)]).exit_code == 0
+    assert (out / "summary.json").is_file()
+    assert run_compare(files, "sym", "biased", out, "--no-layers").exit_code == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"compare.json", "compare.csv", "report.html", "summary.md", "junit.xml"} | {
+        "a",
+        "b",
+        "notes.txt",
+    }
+    (out / "a" / "mine.txt").write_text("a user's file")  # a folder with other files stays
+    assert runner.invoke(app, [*check, "-o", str(out)]).exit_code == 0
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"compare.json", "compare.csv", "b"}
+    assert {"summary.json", "report.html", "a", "notes.txt"} <= names

@@ -46,6 +46,12 @@ KNOWN_FILES = {
     "shard-state.json",
     "shard-state.npz",
 }
+#: The files only ``eqaudit compare`` writes (it also writes report.html, summary.md and
+#: junit.xml), and the folders it writes each model's audit into. A check report written into
+#: a compare folder removes them, and the other way round (:func:`write_folder`): a folder
+#: holding halves of two reports reads as one, and ``eqaudit report`` re-rendered the wrong one.
+COMPARE_FILES = frozenset({"compare.json", "compare.csv"})
+COMPARE_FOLDERS = ("a", "b")
 
 
 def list_writers() -> list[str]:
@@ -99,7 +105,10 @@ def write_report(
         from eqaudit.shard import write_state
 
         return write_folder(
-            out_dir, lambda staging: write_state(staging, result.shard_state), KNOWN_FILES
+            out_dir,
+            lambda staging: write_state(staging, result.shard_state),
+            KNOWN_FILES | COMPARE_FILES,
+            COMPARE_FOLDERS,
         )
     formats = formats or list(WRITERS)
     for name in formats:
@@ -114,14 +123,18 @@ def write_report(
             files += write_state(staging, result.shard_state)
         return files
 
-    return write_folder(out_dir, produce, KNOWN_FILES)
+    return write_folder(out_dir, produce, KNOWN_FILES | COMPARE_FILES, COMPARE_FOLDERS)
 
 
 def write_folder(
-    out_dir: Path, produce: Callable[[Path], list[str]], known: set[str] | frozenset[str]
+    out_dir: Path,
+    produce: Callable[[Path], list[str]],
+    known: set[str] | frozenset[str],
+    known_folders: tuple[str, ...] = (),
 ) -> list[Path]:
     """Let ``produce(staging)`` write files into a temporary folder and return their names,
-    then move them into ``out_dir``; files in ``known`` that this run did not write are removed."""
+    then move them into ``out_dir``; files in ``known`` that this run did not write are removed,
+    and folders in ``known_folders`` that hold report files only (a user's own files stay)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     created = not out_dir.exists()
@@ -142,6 +155,9 @@ def write_folder(
             # A file of an earlier run that this run does not write would describe another audit.
             for stale in set(known) - set(names):
                 (out_dir / stale).unlink(missing_ok=True)
+            for folder in (out_dir / name for name in known_folders if name not in names):
+                if folder.is_dir() and all(f.name in KNOWN_FILES for f in folder.iterdir()):
+                    shutil.rmtree(folder)
         return final
     except OSError as exc:
         if staging is not None:
