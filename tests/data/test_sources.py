@@ -317,6 +317,33 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert "1 image turned upright by their EXIF orientation" in source.description.notes
 
 
+def _smooth(height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    return (255 * np.stack([xx, yy, 0.5 + 0.4 * np.sin(6 * xx)], axis=-1)).astype(np.uint8)
+
+
+def test_large_jpegs_are_decoded_small_yet_give_the_same_pixels(tmp_path: Path) -> None:
+    # An 81-megapixel photo was decoded whole (2 GB, 2.65 s) twice: to validate it and to
+    # resize it to a few hundred pixels. JPEGs are now decoded at 1/2-1/8 in the DCT, at least
+    # twice the resized size; the EXIF-turned copy (stored on its side) gives the same image.
+    from eqaudit.data.sources import _decode_image
+
+    upright = _smooth(1200, 1600)
+    Image.fromarray(upright).save(tmp_path / "a_upright.jpg", quality=95)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))  # on its side
+    exif = stored.getexif()
+    exif[0x0112] = 6  # display = rotate 90 degrees clockwise: upright again
+    stored.save(tmp_path / "b_turned.jpg", quality=95, exif=exif)
+    values, info = _decode_image(tmp_path / "a_upright.jpg", draft=(100, 100))
+    assert info.size == (1200, 1600) and values.shape == (150, 200, 3)  # an eighth, full size
+    _, turned = _decode_image(tmp_path / "b_turned.jpg", draft=(100, 100))
+    assert turned.size == (1200, 1600) and turned.exif_rotated
+    pixels = all_pixels(open_images(tmp_path, size=(48, 64)))
+    expected = torch.from_numpy(upright[::25, ::25].astype(np.float32) / 255).permute(2, 0, 1)
+    for image in pixels:  # both, against the full-size image sampled on the same grid
+        assert float((image - expected).abs().mean()) < 0.02
+
+
 def test_decompression_bombs_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     save(tmp_path / "a_small.png", rgb(0, 20, 20))  # 400 pixels
