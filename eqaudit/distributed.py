@@ -16,6 +16,7 @@ each writing its folder; ``eqaudit merge`` then combines them. See docs/scale-ou
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +75,7 @@ def audit_on_ray(
     """Run the audit of ``model`` with ``config`` as N Ray tasks and merge (module docstring).
     ``progress(done, total)`` gets the images audited over all shards, about twice a second;
     ``total`` is None until every shard has started."""
+    started = time.perf_counter()
     try:
         import ray
     except ImportError:
@@ -163,4 +165,9 @@ def audit_on_ray(
             ray.shutdown()
     from eqaudit.shard import merge_states
 
-    return merge_states(states)
+    count = len(states)
+    return merge_states(
+        states,
+        note=f"merged from {count} shards run as Ray tasks (the run time is the whole run's)",
+        started=started,
+    )

@@ -300,8 +300,15 @@ def merge_shards(folders: list[Path]) -> AuditResult:
         ) from None
 
 
-def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResult:
-    """:func:`merge_shards` on states already in memory (from ``AuditResult.shard_state``)."""
+def merge_states(
+    loaded: list[tuple[dict, dict[str, np.ndarray]]],
+    note: str | None = None,
+    started: float | None = None,
+) -> AuditResult:
+    """:func:`merge_shards` on states already in memory (from ``AuditResult.shard_state``).
+    ``note``: the run note saying how the shards were made (default: by ``eqaudit merge`` of
+    their reports); ``started``: ``time.perf_counter()`` when the whole run began (``--ray``:
+    the run time is then the run's, not the merge's)."""
     loaded = list(loaded)
     loaded.sort(key=lambda item: item[0]["shard"]["index"])
     total = loaded[0][0]["shard"]["total"]
@@ -333,11 +340,16 @@ def merge_states(loaded: list[tuple[dict, dict[str, np.ndarray]]]) -> AuditResul
                 f"({_differences(reference, other)}): every shard must use the same model, "
                 "data and options"
             )
-    return _merged_result([p for p, _ in loaded], [a for _, a in loaded])
+    return _merged_result([p for p, _ in loaded], [a for _, a in loaded], note, started)
 
 
-def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) -> AuditResult:
-    started = time.perf_counter()
+def _merged_result(
+    payloads: list[dict],
+    arrays: list[dict[str, np.ndarray]],
+    note: str | None = None,
+    started: float | None = None,
+) -> AuditResult:
+    started = time.perf_counter() if started is None else started
     from eqaudit.audit import NOT_DETERMINISTIC, Engine, build_result
     from eqaudit.config import AuditConfig
     from eqaudit.data import make_preprocessing
@@ -452,8 +464,9 @@ def _merged_result(payloads: list[dict], arrays: list[dict[str, np.ndarray]]) ->
         if columns:
             engine.predictions.append(pd.DataFrame(columns))
     engine.run_notes.append(
-        f"merged from {len(payloads)} shards by eqaudit merge (each shard's own run time and "
-        "command are in its report)"
+        note
+        or f"merged from {len(payloads)} shards by eqaudit merge (each shard's own run time "
+        "and command are in its report)"
     )
     import sys
     from datetime import datetime, timezone

@@ -41,6 +41,10 @@ def test_ray_shards_merge_into_the_single_run(onnx_model) -> None:
     # one per core of the node (4 tasks on this machine's CPUs: one each).
     share = max(1, usable_cpus() // 4)
     assert merged.summary["run"]["cpu_threads"] == share
+    # The run block is the whole run's (it said "ran 0.0 s", the merge's alone), and the note
+    # says how the shards were made (it pointed to shard reports Ray never writes).
+    assert merged.summary["run"]["duration_s"] > single.summary["run"]["duration_s"] / 4
+    assert merged.summary["run"]["notes"][-1].startswith("merged from 4 shards run as Ray tasks")
 
 
 def test_progress_counts_finished_shards_from_their_states() -> None:
