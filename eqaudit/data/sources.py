@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
@@ -586,12 +587,16 @@ def _names_from_json(text: str, path: Path) -> list[str]:
 def _folder_labels(
     ids: list[str], name_to_index: dict[str, int], class_names: list[str]
 ) -> tuple[torch.Tensor, list[str]]:
-    """Label of each image = index of its first-level subfolder's name; -1 when not a class."""
+    """Label of each image = index of its first-level subfolder's name; -1 when not a class.
+    Names match in Unicode's composed form (NFC): macOS and zip files store 'café' decomposed
+    (NFD), which a labels file typed elsewhere does not."""
+    composed = {unicodedata.normalize("NFC", name): index for name, index in name_to_index.items()}
     labels = []
     unknown = []
     for image_id in ids:
         parts = image_id.split("/")
-        index = name_to_index.get(parts[0], -1) if len(parts) > 1 else -1
+        folder = unicodedata.normalize("NFC", parts[0])
+        index = composed.get(folder, -1) if len(parts) > 1 else -1
         labels.append(index)
         if index < 0:
             unknown.append(image_id)

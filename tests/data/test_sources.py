@@ -139,6 +139,21 @@ def test_labels_from_subfolders_with_txt(tmp_path: Path) -> None:
     )
 
 
+def test_class_folders_match_their_names_in_either_unicode_form(tmp_path: Path) -> None:
+    # macOS and zip files store 'café' decomposed (e + combining accent, NFD); a labels file
+    # typed elsewhere has it composed (NFC). The images got label -1, "outside the class
+    # subfolders", though they were plainly inside one (review).
+    import unicodedata
+
+    folder = tmp_path / "data" / unicodedata.normalize("NFD", "café")
+    folder.mkdir(parents=True)
+    save(folder / "x.png", rgb(0, 4, 4))
+    labels = tmp_path / "labels.txt"
+    labels.write_text(unicodedata.normalize("NFC", "tea\ncafé\n"), encoding="utf-8")
+    source = open_images(tmp_path / "data", size=(8, 8), labels=labels)
+    assert torch.cat([b.labels for b in source.iter_batches(2)]).tolist() == [1]
+
+
 @pytest.mark.parametrize(
     "content",
     [
