@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -260,7 +261,8 @@ def _header(summary: dict) -> list[dict]:
         facts.append(_fact("Versions", text, wide=True))
     if run.get("argv"):
         facts.append(
-            _fact("Command", "eqaudit " + " ".join(map(str, run["argv"])), mono=True, wide=True)
+            # Quoted as a shell reads it: a path with spaces, a glob, pasted back as it ran.
+            _fact("Command", shlex.join(["eqaudit", *map(str, run["argv"])]), mono=True, wide=True)
         )
     return facts
 

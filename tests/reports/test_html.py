@@ -339,3 +339,14 @@ def test_an_outputs_only_page_of_an_invariant_model_says_so() -> None:
     assert "each layer from equivariant" not in page
     assert "none (outputs only: --no-layers)" in section(page, "run")
     assert "No top-1 class changed under any transform" in section(page, "gallery")
+
+
+def test_the_command_is_shown_quoted_as_a_shell_reads_it() -> None:
+    # "-o out/dir with spaces/rep" and an unquoted glob could not be pasted back (review).
+    result = demo_result()
+    summary = copy.deepcopy(result.summary)
+    summary["run"]["argv"] = ["check", "m.onnx", "-o", "out/a b/rep", "--max-layer-error", "l*=0.1"]
+    page = render_html(AuditResult(summary=summary, predictions=result.predictions))
+    assert (
+        "eqaudit check m.onnx -o &#39;out/a b/rep&#39; --max-layer-error &#39;l*=0.1&#39;" in page
+    )
