@@ -622,6 +622,12 @@ def compare(
     """Compare A and B: two models (audited here with one configuration: ``config`` or the
     :func:`eqaudit.audit` keyword ``options``, e.g. ``transforms="d4"``), two saved audits (folders or summary.json
     files), or two :class:`AuditResult` objects. Returns the comparison and both results."""
+    for source in (a, b):
+        if isinstance(source, (str, Path)) and (Path(source) / "compare.json").is_file():
+            raise UsageError(
+                f"'{source}' holds a comparison (compare.json), not an audit: pass the folders "
+                "eqaudit check wrote (a comparison keeps its two audits in its a/ and b/)"
+            )
     saved = [isinstance(x, AuditResult) or is_saved_report(x) for x in (a, b)]
     if saved[0] != saved[1]:
         raise UsageError(

@@ -259,7 +259,11 @@ def test_unpaired_inputs_are_refused(files, tmp_path) -> None:
     swapped = check(
         tmp_path / "swapped", "--label-action", "flip_h=swap:0,1", "--label-action", "rot90=id"
     )
+    # A comparison's folder passed as an audit: it said "not one of each" of two folders.
+    compared = tmp_path / "compared"
+    assert runner.invoke(app, ["compare", str(full), str(full), "-o", str(compared)]).exit_code == 0
     cases = [
+        ([str(full), str(compared)], "holds a comparison (compare.json), not an audit"),
         ([str(full), str(fewer)], "different images"),
         ([str(full), str(flips / "summary.json")], "different transform elements"),
         (

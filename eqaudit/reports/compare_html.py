@@ -15,6 +15,7 @@ from typing import Any
 
 from markupsafe import Markup
 
+from eqaudit.gate import shown
 from eqaudit.reports.html import (
     FAIR_AGREEMENT,
     GOOD_AGREEMENT,
@@ -83,8 +84,8 @@ def _models(data: dict) -> list[dict]:
     a, b = data.get("a") or {}, data.get("b") or {}
     scores = data.get("scores") or {}
 
-    def score(value: Any) -> str:
-        return "—" if value is None else f"{float(value):.1f}"
+    def score(value: Any) -> str:  # as the console and the check report print it
+        return "—" if value is None else shown(float(value))
 
     rows = [
         ("Model", a.get("model", "—"), b.get("model", "—"), False),
@@ -201,8 +202,8 @@ def _verdict(data: dict) -> dict:
         metrics.append(
             (
                 "robustness score, A → B",
-                f"{a_score:.1f} → {b_score:.1f}",
-                "difference " + _signed(f"{b_score - a_score:.1f}"),
+                f"{shown(a_score)} → {shown(b_score)}",
+                "difference " + _signed(f"{b_score - a_score:.2f}"),
                 "none",
             )
         )
