@@ -623,9 +623,9 @@ def _say_shard_written(shard: tuple[int, int], out: Path) -> None:
     )
 
 
-def _finish(lines: list[str], markdown: str, last: str, passed: bool) -> None:
-    """Append the Markdown summary to $GITHUB_STEP_SUMMARY, print the gate lines and the
-    verdict as the last line, and exit 1 when the gate failed."""
+def _finish(lines: list[Any], markdown: str, last: str, passed: bool) -> None:
+    """Append the Markdown summary to $GITHUB_STEP_SUMMARY, print the gate lines (text, or a
+    rich table) and the verdict as the last line, and exit 1 when the gate failed."""
     from eqaudit.reports import console
     from eqaudit.reports.markdown import append_step_summary
 
@@ -633,7 +633,10 @@ def _finish(lines: list[str], markdown: str, last: str, passed: bool) -> None:
     if problem:
         console.warn(problem)
     for line in lines:
-        console.stdout.print(line, markup=False, highlight=False, soft_wrap=True)
+        if isinstance(line, str):
+            console.stdout.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            console.stdout.print(line)
     style = "bold green" if passed else "bold red"
     console.stdout.print(last, markup=False, highlight=False, soft_wrap=True, style=style)
     if not passed:

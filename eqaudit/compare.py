@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 
 from eqaudit.config import AuditConfig
 from eqaudit.errors import DataError, UsageError
@@ -324,48 +325,45 @@ class Comparison:
             return f"{found} (not gated: add --fail-on-regression) ({seconds:.1f} s)"
         return f"{'PASSED' if self.passed else 'FAILED'} {found} ({seconds:.1f} s)"
 
-    def lines(self) -> list[str]:
-        """A plain-text table for the console."""
+    def lines(self) -> list[Any]:
+        """What the console prints: lines, and the per-element table as a rich table that
+        folds its cells to the terminal (80 columns; it was 119 characters of plain text)."""
+        from eqaudit.reports.console import _table
+
         d = self.data
         a, b = d["a"], d["b"]
         top1 = d["top1_agreement"]
-        out = [
+        out: list[Any] = [
             f"A: {a['model']} ({a['backend']}), score {_num(a['robustness_score'])}   "
             f"B: {b['model']} ({b['backend']}), score {_num(b['robustness_score'])}   "
             f"on {d['data']['count']} images",
             f"top-1 agreement of A and B on untransformed images: {_num(top1['untransformed'])} "
             f"({top1['same']}/{top1['n']})",
         ]
-        headers = [
-            "transform",
-            "agr. A",
-            "agr. B",
-            "B - A",
-            "95% interval",
-            "McNemar p",
-            "Holm p",
-            "JS A",
-            "JS B",
-            "verdict",
-        ]
-        rows = [
-            [
-                r["transform"],
+        table = _table(
+            "Per transform: agreement of A and B, B - A with its 95% interval",
+            caption=f"n.s.: no significant difference at alpha {d['alpha']:g} (Holm-adjusted "
+            "McNemar p); JS divergences and per-layer errors are in compare.csv",
+        )
+        widest = max([len("transform"), *(len(r["transform"]) for r in d["outputs"])])
+        table.add_column("transform", overflow="fold", min_width=min(widest, 13))
+        for header in ("agr. A", "agr. B", "B - A"):
+            table.add_column(header, no_wrap=True)
+        table.add_column("95% interval", min_width=7)  # wraps after its comma when narrow
+        table.add_column("Holm p", no_wrap=True)
+        table.add_column("verdict", no_wrap=True, min_width=len("B better"))
+        short = {"no significant difference": "n.s."}
+        for r in d["outputs"]:
+            table.add_row(
+                escape(r["transform"]),
                 _num(r["agreement_a"]),
                 _num(r["agreement_b"]),
                 _num(r["agreement_difference"]),
-                f"[{_num(r['difference_low'])}, {_num(r['difference_high'])}]",
-                _num(r["mcnemar_p"]),
+                f"{_num(r['difference_low'])}, {_num(r['difference_high'])}",
                 _num(r["holm_p"]),
-                _num(r["js_divergence_a"]),
-                _num(r["js_divergence_b"]),
-                r["verdict"],
-            ]
-            for r in d["outputs"]
-        ]
-        widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-        for row in [headers, *rows]:
-            out.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+                short.get(r["verdict"], r["verdict"]),
+            )
+        out.append(table)
         lay = d["layer_matching"]
         out.append(
             f"layers: {lay['matched_by_name']} matched by name, {lay['matched_by_order']} by "

@@ -303,3 +303,15 @@ def test_a_check_and_a_compare_into_one_folder_leave_only_the_last_report(files,
     names = {p.name for p in out.iterdir()}
     assert not names & {"compare.json", "compare.csv", "b"}
     assert {"summary.json", "report.html", "a", "notes.txt"} <= names
+
+
+def test_the_console_table_fits_an_80_column_terminal(files, tmp_path, monkeypatch) -> None:
+    # It was 119 characters of plain text, wrapped by the terminal into unreadable rows.
+    from eqaudit.reports import console
+
+    monkeypatch.setattr(console.stdout, "width", 80)
+    result = run_compare(files, "sym", "biased", tmp_path / "out", "--no-layers")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in clean(result.stdout).splitlines() if "B worse" in line]
+    assert rows and all(len(line) <= 80 for line in rows)
+    assert len(rows) == 6 and all(line.rstrip().endswith("B worse") for line in rows)
