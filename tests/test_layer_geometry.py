@@ -404,41 +404,6 @@ def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
     assert inspect_model(Tokens(), input_size=(9, 9))["unauditable"] == ["mix"]
 
 
-class Attention(nn.Module):
-    """A patch embedding (4x4 patches of a 12x12 image: 9 tokens), two attention heads' scores
-    (batch, 2 heads, 9, 9) and per-head features (batch, 2, 9, 4), a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(3, 8, 4, stride=4)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, 9 tokens, 8)
-        heads = tokens.reshape(tokens.shape[0], 9, 2, 4).transpose(1, 2)  # (batch, 2, 9, 4)
-        scores = torch.softmax(heads @ heads.transpose(-1, -2), dim=-1)  # (batch, 2, 9, 9)
-        mixed = (scores @ heads).transpose(1, 2).reshape(tokens.shape)
-        return self.head(mixed.mean(1))
-
-
-def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_path) -> None:
-    # An ONNX graph hands out every tensor: a ViT's (batch, heads, tokens, tokens) scores were
-    # "spatial" layers of unknown grid, 144 of a small ViT's 146, compared as if they were
-    # images (rot90 of an attention matrix) and filling the report (review).
-    from models_zoo import export_onnx
-
-    from eqaudit.inspect import inspect_model
-
-    torch.manual_seed(0)
-    path = export_onnx(Attention().eval(), tmp_path / "vit.onnx", 12)
-    info = inspect_model(str(path))
-    spatial = [layer["name"] for layer in info["layers"] if layer["kind"] == "spatial"]
-    assert spatial == ["/embed/Conv_output_0"]
-    assert any("Softmax" in name for name in info["unauditable"])
-    result = eqaudit.audit(str(path), "flips", num_images=2)
-    assert {row["layer"] for row in result.layers if row["kind"] == "spatial"} == set(spatial)
-
-
 def test_the_layer_floor_of_a_map_that_cubics_reproduce_is_near_zero() -> None:
     # A linear ramp is reproduced exactly by the cubic interpolant, so its round trip loses
     # nothing but what the way back reads from the way out's few samples whose stencils left

@@ -355,48 +355,13 @@ class ModelAdapter(ABC):
         out = self.run(example[:1], names)
         probed = []
         self.unauditable = [name for name in names if name not in out.activations]
-        shapes = {name: tuple(value.shape[1:]) for name, value in out.activations.items()}
-        not_maps = self._token_maps(shapes, tuple(example.shape[-2:]))
-        self.unauditable += [name for name in names if name in not_maps]
         for layer in self.layers():
-            if layer.name not in shapes or layer.name in not_maps:
+            value = out.activations.get(layer.name)
+            if value is None:
                 continue
-            probed.append(replace(layer, index=len(probed), shape=shapes[layer.name]))
+            probed.append(replace(layer, index=len(probed), shape=tuple(value.shape[1:])))
         self._layers = probed
         return probed
-
-    def _token_maps(self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]) -> set[str]:
-        """Rank-4 tensors that are not image maps: an unknown grid (their axes came through a
-        reshape to tokens) and a height x width that no map of known grid has, as a ViT's
-        attention scores ``(B, heads, tokens, tokens)`` and per-head features ``(B, heads,
-        tokens, dim)``: their grid was lost to a reshape (image to tokens), and no map of known
-        grid, the input included, has their height x width. A Swin's windows reversed to ``(B,
-        H, W, C)`` keep the size of its patch grid, and a map whose grid was lost otherwise
-        (``torch.cond``, an op the walker does not know) keeps its own: both stay (compared on
-        their own grid, unscored). Nothing when the model has
-        no graph to read (TorchScript), or it cannot be walked."""
-        from eqaudit.grids import Grid
-
-        try:
-            graph = self.grid_graph()
-            grids = graph.grids(*size) if graph is not None else {}
-        except Exception:  # geometry is a help; never a reason to fail here
-            return set()
-        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
-
-        def via_tokens(name: str) -> bool:  # the grid was lost to a reshape (image -> tokens)
-            reason = (graph.unknown_reason(name, *size) or "").lower()  # type: ignore[union-attr]
-            return "reshape" in reason or "flatten" in reason
-
-        return {
-            name
-            for name, shape in shapes.items()
-            if len(shape) == 3
-            and name in grids
-            and grids[name] is None
-            and tuple(shape[1:]) not in known
-            and via_tokens(name)
-        }
 
     def run(
         self,
