@@ -319,6 +319,10 @@ def _select_layers(
     return chosen
 
 
+#: The largest held-out error at which a matched channel permutation counts as one
+#: (``channel_map_permutation``); float32 exact relations read ~1e-7.
+PERMUTATION_ERROR = 1e-3
+
 #: Channels of the images each ``--channels`` feeds.
 CHANNEL_COUNTS = {"rgb": 3, "bgr": 3, "gray": 1}
 
@@ -1578,12 +1582,21 @@ class Engine:
             }
         found = stats.compute()
         share = found.get("row_peak_share_min")
-        permutes = bool(found.get("is_permutation")) and share is not None and share >= 0.9
         fitted, matched = found.get("fitted_error"), found.get("permutation_error")
+        # A permutation that explains the map, not one read into noise: the fitted map's rows
+        # peak on distinct channels, and it fits (permutation_summary's docstring).
+        permutes = (
+            bool(found.get("is_permutation"))
+            and share is not None
+            and share >= 0.9
+            and fitted is not None
+            and fitted <= PERMUTATION_ERROR
+        )
         if not permutes and fitted is not None and matched is not None:
             # A singular fit spreads a permutation's rows over collinear channels: the channels
-            # permute when the matched permutation itself does as well as the fitted map.
-            permutes = matched <= max(2.0 * fitted, 1e-6)
+            # permute when the matched permutation itself does as well as the fitted map, and
+            # does well (unrelated noise: fitted 0.96, a chance pairing 0.70, 2x within).
+            permutes = matched <= max(2.0 * fitted, 1e-6) and matched <= PERMUTATION_ERROR
         return {
             "fitted_relative_error": found.get("fitted_error"),
             "pooled_relative_error": found.get("naive_error"),

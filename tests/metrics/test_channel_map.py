@@ -410,3 +410,23 @@ def test_an_audit_calls_a_rank_deficient_lifting_layer_a_permutation() -> None:
     row = result.layer("lift", "rot90")
     assert row["fitted_relative_error"] < 1e-6 and row["pooled_relative_error"] > 0.1
     assert row["channel_map_permutation"] is True
+
+
+def test_unrelated_channels_are_never_called_a_permutation() -> None:
+    # A chance one-to-one pairing of noise channels reads ~0.7, within twice a fitted error of
+    # ~0.96: without an absolute bound half of 20 seeds at C=2 were "permutations" (review).
+    from eqaudit.audit import Engine
+
+    class Row:  # the two fields Engine._channel_columns reads
+        def __init__(self, stats: ChannelMapStats) -> None:
+            self.channel_maps, self.reasons = [stats], [None]
+
+    for channels in (2, 4):
+        for seed in range(10):
+            g = torch.Generator().manual_seed(seed)
+            a = torch.randn(64, channels, 8, 8, generator=g, dtype=torch.float64)
+            b = torch.randn(64, channels, 8, 8, generator=g, dtype=torch.float64)
+            stats = ChannelMapStats()
+            stats.update(a, b, _parity(64))
+            columns = Engine._channel_columns(Row(stats), 0)  # type: ignore[arg-type]
+            assert columns["channel_map_permutation"] is False, (channels, seed)
