@@ -899,7 +899,7 @@ def compare(
     McNemar test and a bootstrap interval, JS divergence, per-layer errors, and how often A and
     B predict the same class. Writes compare.json, compare.csv, report.html, summary.md and junit.xml."""
     from eqaudit.compare import compare as compare_models
-    from eqaudit.compare import is_saved_report, write_comparison
+    from eqaudit.compare import is_saved_report, refuse_out_in_sources, write_comparison
     from eqaudit.config import resolve_config
     from eqaudit.reports import check_out_dir, console, write_report
     from eqaudit.reports.markdown import render_compare
@@ -907,6 +907,7 @@ def compare(
     started = time.perf_counter()
     out_dir = out or Path("reports") / f"{a.stem}-vs-{b.stem}"
     check_out_dir(out_dir)
+    refuse_out_in_sources(out_dir, (a, b))  # before any audit runs
     if is_saved_report(a) and is_saved_report(b):
         extra = sorted(set(_given(ctx)) - {"a", "b", "out", "alpha", "fail_on_regression"})
         if extra:
@@ -931,7 +932,7 @@ def compare(
         # Each audit is kept (summary.json + CSVs), so the pair can be compared again later.
         write_report(result_a, out_dir / "a", formats=["json", "csv"])
         write_report(result_b, out_dir / "b", formats=["json", "csv"])
-    write_comparison(comparison, out_dir)
+    write_comparison(comparison, out_dir, (a, b))
     _finish(
         [*comparison.lines(), f"Comparison written to {out_dir}"],
         render_compare(comparison.data),

@@ -653,9 +653,26 @@ def compare(
     return comparison, ra, rb
 
 
-def write_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
+def refuse_out_in_sources(out_dir: Path, sources: tuple[Any, Any]) -> None:
+    """Refuse an output folder that holds one of the saved audits being compared: the
+    comparison would replace it (review: ``compare new old -o new`` deleted audit A)."""
+    for source in sources:
+        if isinstance(source, (str, Path)) and is_saved_report(source):
+            folder = Path(source) if Path(source).is_dir() else Path(source).parent
+            if folder.resolve() == Path(out_dir).resolve():
+                raise UsageError(
+                    f"--out '{out_dir}' holds one of the audits being compared: writing the "
+                    "comparison there would replace it; choose another --out"
+                )
+
+
+def write_comparison(
+    comparison: Comparison, out_dir: Path, sources: tuple[Any, Any] = (None, None)
+) -> list[Path]:
     """compare.json, compare.csv, summary.md, junit.xml and report.html, written atomically into
-    ``out_dir``."""
+    ``out_dir``; a check report there is removed (one folder, one report), so ``out_dir`` must
+    not be one of the compared audits' folders (``sources``)."""
+    refuse_out_in_sources(out_dir, sources)
     from eqaudit.reports import KNOWN_FILES, write_folder
     from eqaudit.reports.compare_html import write_compare_html
     from eqaudit.reports.junit import junit_xml

@@ -315,3 +315,22 @@ def test_the_console_table_fits_an_80_column_terminal(files, tmp_path, monkeypat
     rows = [line for line in clean(result.stdout).splitlines() if "B worse" in line]
     assert rows and all(len(line) <= 80 for line in rows)
     assert len(rows) == 6 and all(line.rstrip().endswith("B worse") for line in rows)
+
+
+def test_report_cleanup_never_takes_a_users_audits(files, tmp_path) -> None:
+    # Review: 'merge out/a out/b -o out' deleted the two shard folders (a/, b/ of a folder that
+    # held no comparison), and 'compare new old -o new' deleted audit A.
+    check = ["check", str(files["sym"]), "--data", str(files["images"]), "--no-layers"]
+    out = tmp_path / "out"
+    for index, name in ((1, "a"), (2, "b")):
+        args = [*check, "--shard", f"{index}/2", "-o", str(out / name)]
+        assert runner.invoke(app, args).exit_code == 0
+    merged = runner.invoke(app, ["merge", str(out / "a"), str(out / "b"), "-o", str(out)])
+    assert merged.exit_code == 0, merged.output
+    assert (out / "a" / "shard-state.json").is_file() and (out / "b" / "shard-state.json").is_file()
+    other = tmp_path / "other"
+    assert runner.invoke(app, [*check, "-o", str(other)]).exit_code == 0
+    refused = runner.invoke(app, ["compare", str(out), str(other), "-o", str(out)])
+    assert refused.exit_code == EXIT_USAGE
+    assert "holds one of the audits being compared" in clean(refused.stderr)
+    assert (out / "summary.json").is_file()

@@ -153,10 +153,17 @@ def write_folder(
                 os.replace(staging / name, out_dir / name)
                 final.append(out_dir / name)
             # A file of an earlier run that this run does not write would describe another audit.
+            # A comparison's a/ and b/ are its audits: removed with it (report files only),
+            # never folders of a folder that held no comparison (a merge's shards, say).
+            was_comparison = (out_dir / "compare.json").is_file() and "compare.json" not in names
             for stale in set(known) - set(names):
                 (out_dir / stale).unlink(missing_ok=True)
             for folder in (out_dir / name for name in known_folders if name not in names):
-                if folder.is_dir() and all(f.name in KNOWN_FILES for f in folder.iterdir()):
+                if (
+                    was_comparison
+                    and folder.is_dir()
+                    and all(f.name in KNOWN_FILES for f in folder.iterdir())
+                ):
                     shutil.rmtree(folder)
         return final
     except OSError as exc:
