@@ -404,6 +404,70 @@ def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
     assert inspect_model(Tokens(), input_size=(9, 9))["unauditable"] == ["mix"]
 
 
+class Attention(nn.Module):
+    """A patch embedding (4x4 patches of a 12x12 image: 9 tokens), two attention heads' scores
+    (batch, 2 heads, 9, 9) and per-head features (batch, 2, 9, 4), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, 9 tokens, 8)
+        heads = tokens.reshape(tokens.shape[0], 9, 2, 4).transpose(1, 2)  # (batch, 2, 9, 4)
+        scores = torch.softmax(heads @ heads.transpose(-1, -2), dim=-1)  # (batch, 2, 9, 9)
+        mixed = (scores @ heads).transpose(1, 2).reshape(tokens.shape)
+        return self.head(mixed.mean(1))
+
+
+def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_path) -> None:
+    # An ONNX graph hands out every tensor: a ViT's (batch, heads, tokens, tokens) scores were
+    # "spatial" layers of unknown grid, 144 of a small ViT's 146, compared as if they were
+    # images (rot90 of an attention matrix) and filling the report (review).
+    from models_zoo import export_onnx
+
+    from eqaudit.inspect import inspect_model
+
+    torch.manual_seed(0)
+    path = export_onnx(Attention().eval(), tmp_path / "vit.onnx", 12)
+    info = inspect_model(str(path))
+    spatial = [layer["name"] for layer in info["layers"] if layer["kind"] == "spatial"]
+    assert spatial == ["/embed/Conv_output_0"]
+    assert any("Softmax" in name for name in info["unauditable"])
+    result = eqaudit.audit(str(path), "flips", num_images=2)
+    assert {row["layer"] for row in result.layers if row["kind"] == "spatial"} == set(spatial)
+
+
+class SpaceToDepth(nn.Module):
+    """A space-to-depth stem written with reshape and permute (rank 6 and back): its grid is
+    lost at the reshape, but its maps are image maps, never token sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(12, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        x = torch.relu(self.c1(x.reshape(b, c * 4, h // 2, w // 2)))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_maps_whose_grid_a_reshape_lost_stay_when_no_token_sequence_made_them(tmp_path) -> None:
+    # A first try at leaving out attention tensors dropped every layer of such a stem (review).
+    from models_zoo import export_onnx
+
+    from eqaudit.inspect import inspect_model
+
+    torch.manual_seed(0)
+    path = export_onnx(SpaceToDepth().eval(), tmp_path / "s2d.onnx", 16)
+    spatial = [layer["name"] for layer in inspect_model(str(path))["layers"]]
+    assert "/c1/Conv_output_0" in spatial and "/c2/Conv_output_0" in spatial
+
+
 def test_the_layer_floor_of_a_map_that_cubics_reproduce_is_near_zero() -> None:
     # A linear ramp is reproduced exactly by the cubic interpolant, so its round trip loses
     # nothing but what the way back reads from the way out's few samples whose stencils left

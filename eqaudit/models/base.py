@@ -355,13 +355,22 @@ class ModelAdapter(ABC):
         out = self.run(example[:1], names)
         probed = []
         self.unauditable = [name for name in names if name not in out.activations]
+        shapes = {name: tuple(value.shape[1:]) for name, value in out.activations.items()}
+        not_maps = self._not_image_maps(shapes, tuple(example.shape[-2:]))
+        self.unauditable += [name for name in names if name in not_maps]
         for layer in self.layers():
-            value = out.activations.get(layer.name)
-            if value is None:
+            if layer.name not in shapes or layer.name in not_maps:
                 continue
-            probed.append(replace(layer, index=len(probed), shape=tuple(value.shape[1:])))
+            probed.append(replace(layer, index=len(probed), shape=shapes[layer.name]))
         self._layers = probed
         return probed
+
+    def _not_image_maps(
+        self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
+    ) -> set[str]:
+        """Layers of map shape ``(C, H, W)`` that are not image maps (a transformer's attention
+        scores), left out of the audit: none unless the backend can tell (ONNX)."""
+        return set()
 
     def run(
         self,
