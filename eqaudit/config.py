@@ -482,7 +482,7 @@ def _relative_to(base: Path, value: str) -> str:
 def _thresholds(value: Any, where: str, error: type[EqauditError]) -> dict[str, float]:
     """``0.9`` | ``"0.9,rot90=0.8"`` | ``["rot*=0.9"]`` | ``{"*" = 0.9, rot90 = 0.8}`` -> map."""
     if isinstance(value, dict):
-        items = [(str(k), v) for k, v in value.items()]
+        items = [(str(k), v, f"{k}={v}") for k, v in value.items()]
     else:
         items = []
         for item in _as_list(value, ","):
@@ -492,15 +492,14 @@ def _thresholds(value: Any, where: str, error: type[EqauditError]) -> dict[str, 
             else:
                 items.append(("*", item, item))
     out: dict[str, float] = {}
-    for pattern, number, *given in items:
+    for pattern, number, given in items:  # given: the item as the user wrote it
         try:
             if isinstance(number, bool) or not pattern:
                 raise ValueError
             out[pattern] = float(number)
         except (TypeError, ValueError):
-            shown = given[0] if given else f"{pattern}={number}"  # as the user wrote it
             raise error(
-                f"{where}: '{shown}' is not PATTERN=VALUE or a number; write e.g. "
+                f"{where}: '{given}' is not PATTERN=VALUE or a number; write e.g. "
                 "0.9 (every element) or rot90=0.9 or 'layer3.*=0.05'"
             ) from None
     return out

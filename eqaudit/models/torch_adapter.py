@@ -324,10 +324,7 @@ class TorchAdapter(ModelAdapter):
         if self._flow is not None:
             record["why"] = f"the program branches on the data ({self._flow})"
             return
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(spec.model_shape(2), generator=generator)
-        if self._input_dtype == torch.uint8:
-            probe = probe.mul(64).add(128)  # pixels of 0-255
+        probe = self._noise_probes()
         with kept_as_given(self.module) as changed_buffers:  # the probes' writes are undone
             try:
                 alone = [self._probe(image[None]) for image in probe]
@@ -341,10 +338,7 @@ class TorchAdapter(ModelAdapter):
             if not _unguarded(self.module):
                 record["why"] = "torch.export's input checks could not be turned off"
                 return
-            try:
-                why = _batch_differs(alone, self._probe(probe), self._input_dtype)
-            except Exception as exc:
-                why = f"the program does not run on 2 images: {_first_line(exc, 160)}"
+            why = self._together_differs(alone, probe)
         if why is not None:
             _unguarded(self.module, restore=True)
             record["why"] = why
@@ -363,17 +357,13 @@ class TorchAdapter(ModelAdapter):
         if self._script_checked or spec.batch is not None or None in (spec.height, spec.width):
             return
         self._script_checked = True
-        probe = torch.randn(spec.model_shape(2), generator=torch.Generator().manual_seed(0))
-        probe = probe.to(self.device)
+        probe = self._noise_probes()
         with kept_as_given(self.module):
             try:
                 alone = [self._probe(image[None]) for image in probe]
             except Exception:  # not even one noise image: the audit's own run will say why
                 return
-            try:
-                why = _batch_differs(alone, self._probe(probe), self._input_dtype)
-            except Exception as exc:
-                why = f"the program does not run on 2 images: {_first_line(exc, 160)}"
+            why = self._together_differs(alone, probe)
         if why is None:
             return
         why = why.replace("the program", "the module", 1)
@@ -381,6 +371,24 @@ class TorchAdapter(ModelAdapter):
             why += " (a trace keeps the batch size it was traced at)"
         self.fixed_batch = {"size": 1, "run": "one image at a time", "why": why}
         self.input_spec = replace(spec, batch=1)
+
+    def _noise_probes(self) -> torch.Tensor:
+        """Two seeded noise images in the model's layout for the batch checks (0-255 pixels
+        for a uint8 input); :meth:`_forward` moves them to the device."""
+        probe = torch.randn(
+            self.input_spec.model_shape(2), generator=torch.Generator().manual_seed(0)
+        )
+        return probe.mul(64).add(128) if self._input_dtype == torch.uint8 else probe
+
+    def _together_differs(
+        self, alone: list[tuple[list[torch.Tensor], dict[str, torch.Tensor]]], probe: torch.Tensor
+    ) -> str | None:
+        """:func:`_batch_differs` of the probes run together against ``alone``, or why they do
+        not run together at all."""
+        try:
+            return _batch_differs(alone, self._probe(probe), self._input_dtype)
+        except Exception as exc:
+            return f"the program does not run on 2 images: {_first_line(exc, 160)}"
 
     def _probe(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """A forward's float output tensors (in order) and every hookable layer's output."""
@@ -737,7 +745,7 @@ def guess_channels(module: nn.Module) -> tuple[int, str | None]:
     TorchScript archive): those of its first ``Conv2d`` in registration order, with that
     module's path; 3 and None when it has none. Registration order is not call order: a model
     that defines its head before its stem, or lifts images with a layer of its own, misleads
-    it, and ``--channels`` overrides it (:func:`channels_guess_note` says so)."""
+    it, and ``--channels`` overrides it (:meth:`TorchAdapter.channels_guess` says so)."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Conv2d):
             return int(sub.in_channels), name
