@@ -81,6 +81,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from eqaudit.errors import cause_line
+
 if TYPE_CHECKING:
     import numpy as np
     import onnx
@@ -2266,9 +2268,7 @@ def export_grid_graph(
         with torch.no_grad(), _quiet_export_logs():
             program = torch.export.export(module, (example,), strict=False)
     except Exception as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0][:200] if text else type(exc).__name__
-        return None, f"torch.export failed ({type(exc).__name__}: {first})"
+        return None, f"torch.export failed ({type(exc).__name__}: {cause_line(exc, 200)})"
     try:
         return torch_grid_graph(program, layout), None
     except Exception as exc:

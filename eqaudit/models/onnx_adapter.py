@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from eqaudit.data.prefetch import cpu_limit, physical_cpus
-from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError
+from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError, cause_line
 from eqaudit.grids import GridGraph, onnx_grid_graph
 from eqaudit.models.base import (
     InputSpec,
@@ -91,8 +91,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
 
 def _ort_message(exc: Exception) -> str:
     """First line of an onnxruntime error, without its status prefix and C++ source location."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = cause_line(exc)
     # "[ONNXRuntimeError] : 1 : FAIL : Fatal error: " says nothing to a user.
     # (Also where a provider's error is quoted inside another.)
     first = re.sub(r"\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
@@ -791,8 +790,7 @@ def load_onnx(
         # (0.07 s for a 46 MB model), while the checker reads the file as fast.
         onnx.checker.check_model(str(path) if path.is_file() else model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"'{path}' is not a valid ONNX model: {first[:300]}") from exc
+        raise ModelLoadError(f"'{path}' is not a valid ONNX model: {cause_line(exc, 300)}") from exc
     return OnnxAdapter(
         model,
         path=path,
