@@ -756,17 +756,22 @@ class InfLayerForBrightImages(ConvHead):
         return self.head(torch.nan_to_num(self.blow(self.conv(x), x), posinf=0.0, neginf=0.0))
 
 
+def _two_bright_of_four() -> np.ndarray:
+    """Four [0, 1] images, the second and third bright (Inf at ``blow``), the others dark."""
+    images = np.random.default_rng(0).uniform(0.0, 0.4, size=(4, SIZE, SIZE, 3))
+    images[[1, 2]] += 0.5
+    return images.astype(np.float32)
+
+
 def test_a_layer_with_inf_activations_for_some_images_leaves_them_out_and_says_so(tmp_path):
     # Used to die in the float64 accumulators ("ExactSum takes finite values only"), exit 4.
     import eqaudit
 
     torch.manual_seed(0)
     model = InfLayerForBrightImages().eval()
-    dark = np.random.default_rng(0).uniform(0.0, 0.4, size=(4, SIZE, SIZE, 3))
-    images = dark.copy()
-    images[[1, 2]] += 0.5  # bright: Inf at ``blow``
+    images = _two_bright_of_four()
     options = dict(input_size=SIZE, batch_size=16, preset="unit", seed=0)
-    result = eqaudit.audit(model, "d4", data=images.astype(np.float32), **options)
+    result = eqaudit.audit(model, "d4", data=images, **options)
     rows = result.to_frame("layers").set_index(["layer", "transform"])
     blow = rows.loc["blow"].iloc[1:]  # the identity is exact whatever the maps
     assert (
@@ -779,7 +784,7 @@ def test_a_layer_with_inf_activations_for_some_images_leaves_them_out_and_says_s
     assert blow["measurable"].all()
     # The images left are the dark ones, whose ``blow`` maps are their ``conv`` maps: the same
     # numbers as ``conv`` in an audit of the dark images alone.
-    alone = eqaudit.audit(model, "d4", data=images[[0, 3]].astype(np.float32), **options)
+    alone = eqaudit.audit(model, "d4", data=images[[0, 3]], **options)
     conv = alone.to_frame("layers").set_index(["layer", "transform"]).loc["conv"].iloc[1:]
     columns = ["relative_error", "relative_error_p95", "relative_error_max", "cosine_distance"]
     assert blow[columns].equals(conv[columns])
@@ -792,12 +797,10 @@ def test_lie_derivatives_and_channel_maps_leave_out_a_layers_nonfinite_images():
     import eqaudit
 
     torch.manual_seed(0)
-    images = np.random.default_rng(0).uniform(0.0, 0.4, size=(4, SIZE, SIZE, 3))
-    images[[1, 2]] += 0.5  # bright: Inf at ``blow``
     result = eqaudit.audit(
         InfLayerForBrightImages().eval(),
         "d4",
-        data=images.astype(np.float32),
+        data=_two_bright_of_four(),
         input_size=SIZE,
         preset="unit",
         lie=True,
