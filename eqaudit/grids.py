@@ -211,28 +211,45 @@ class GridGraph:
         steps: Sequence[_Step],
         public: Mapping[str, str],
         missing: Mapping[str, str] | None = None,
+        ranks: Mapping[str, int] | None = None,
     ) -> None:
         self.input_name = input_name
         self.layout = layout
         self._steps = tuple(steps)
         self._public = dict(public)  # public name -> tensor (graph) name
         self._missing = dict(missing or {})  # public name -> why it has no tensor
+        self._ranks = dict(ranks or {})  # tensor name -> rank, where the graph records it
         self._cache: dict[tuple[int, int], _Replay] = {}
         self._last: tuple[int, int] | None = None
-        self._meta = self._shape_tensors()
+        self._content = self._content_tensors()
+        # Tensors computed from the image's shape only (Shape, then arithmetic on it).
+        self._meta = {out for step in self._steps for out in step.outputs} - self._content
 
-    def _shape_tensors(self) -> set[str]:
-        """Tensors computed from the image's shape only (Shape, then arithmetic on it)."""
+    def _content_tensors(self) -> set[str]:
+        """The input and the tensors computed from its content."""
         content = {self.input_name}
         for step in self._steps:
             if not step.meta and any(name in content for name in step.inputs):
                 content.update(step.outputs)
-        return {out for step in self._steps for out in step.outputs} - content
+        return content
 
     @property
     def names(self) -> list[str]:
         """Every tensor (or module call) name carrying image content, in graph order."""
         return [n for n, t in self._public.items() if t not in self._meta] + [*self._missing]
+
+    def token_descendants(self) -> set[str]:
+        """Names of the tensors computed from a token sequence: a rank-3 tensor of image content
+        (a ViT's ``(batch, tokens, dim)``), and everything computed from one (attention scores
+        ``(batch, heads, tokens, tokens)``). Needs the ranks the graph recorded; without them,
+        none."""
+        tokens: set[str] = set()
+        for step in self._steps:
+            if step.meta or not any(name in self._content for name in step.inputs):
+                continue
+            inherited = any(name in tokens for name in step.inputs)
+            tokens.update(o for o in step.outputs if inherited or self._ranks.get(o) == 3)
+        return {name for name, tensor in self._public.items() if tensor in tokens}
 
     def grids(self, height: int, width: int) -> dict[str, Grid | str | None]:
         """Tensor/layer name -> :class:`Grid` for spatial tensors, ``"flat"`` for tensors without
@@ -1317,7 +1334,12 @@ def onnx_grid_graph(
         meta = node.op_type in _ONNX_META and node.domain in ("", "ai.onnx")
         steps.append(_Step(label, tuple(node.input), tuple(node.output), rule, meta))
         public.update({o: o for o in node.output if o})
-    return GridGraph(input_name, layout.upper(), steps, public)
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in inferred.graph.value_info
+        if v.type.tensor_type.HasField("shape")
+    }
+    return GridGraph(input_name, layout.upper(), steps, public, ranks=ranks)
 
 
 def _pair(values: Sequence[int] | None, default: int) -> list[int] | None:
@@ -1844,6 +1866,7 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
     if len(user_inputs) != 1:
         raise ValueError(f"the program takes {len(user_inputs)} inputs; one image input expected")
     steps = []
+    ranks: dict[str, int] = {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -1851,8 +1874,11 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         rule = _torch_rule(node, inputs)
         meta = not _carries_tensor(node)
         steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta))
+        shape = _meta_shape(node)
+        if shape is not None:
+            ranks[node.name] = len(shape)
     public, missing = _module_outputs(graph)
-    return GridGraph(str(user_inputs[0]), layout, steps, public, missing)
+    return GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
 
 
 def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, str]]:

@@ -439,6 +439,37 @@ def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_pa
     assert {row["layer"] for row in result.layers if row["kind"] == "spatial"} == set(spatial)
 
 
+class AttentionModules(Attention):
+    """:class:`Attention` whose scores go through ``Softmax`` and ``Dropout`` modules, as in
+    timm's ``Attention`` without fused kernels: module outputs a forward hook hands out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.softmax = nn.Softmax(dim=-1)
+        self.attn_drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        heads = tokens.reshape(tokens.shape[0], 9, 2, 4).transpose(1, 2)
+        scores = self.attn_drop(self.softmax(heads @ heads.transpose(-1, -2)))
+        mixed = (scores @ heads).transpose(1, 2).reshape(tokens.shape)
+        return self.head(mixed.mean(1))
+
+
+def test_attention_scores_of_pytorch_modules_are_not_audited_as_image_maps() -> None:
+    # The (batch, 2 heads, 9, 9) outputs of the Softmax and Dropout modules were "spatial"
+    # layers of unknown grid, rot90 of an attention matrix compared as if it were an image.
+    from eqaudit.inspect import inspect_model
+
+    torch.manual_seed(0)
+    info = inspect_model(AttentionModules().eval(), input_size=(12, 12))
+    assert [layer["name"] for layer in info["layers"]] == ["embed"]
+    assert {"softmax", "attn_drop"} <= set(info["unauditable"])
+    torch.manual_seed(0)
+    result = eqaudit.audit(AttentionModules().eval(), "flips", input_size=12, num_images=2)
+    assert {row["layer"] for row in result.layers} == {"embed"}
+
+
 class SpaceToDepth(nn.Module):
     """A space-to-depth stem written with reshape and permute (rank 6 and back): its grid is
     lost at the reshape, but its maps are image maps, never token sequences."""

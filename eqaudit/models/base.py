@@ -368,9 +368,37 @@ class ModelAdapter(ABC):
     def _not_image_maps(
         self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
     ) -> set[str]:
-        """Layers of map shape ``(C, H, W)`` that are not image maps (a transformer's attention
-        scores), left out of the audit: none unless the backend can tell (ONNX)."""
-        return set()
+        """Layers of map shape ``(C, H, W)`` that are not image maps, left out of the audit: a
+        ViT's attention scores ``(B, heads, tokens, tokens)`` and per-head features ``(B, heads,
+        tokens, dim)``. They are rank-4 tensors computed from a token sequence (a rank-3 tensor
+        that depends on the image, see :meth:`GridGraph.token_descendants`), whose grid is
+        unknown and whose height x width no map of known grid has. An ONNX graph hands out every
+        tensor (a small ViT's 146 "layers" were 144 of these), and a PyTorch model's ``Softmax``
+        and ``Dropout`` modules hand out its scores; both were compared as if they were images.
+
+        Tensors that never went through rank 3 stay, though a reshape lost their grid (a
+        space-to-depth stem, ``PixelUnshuffle``: rank 6 and back), and so do maps of a known
+        map's size (a Swin's windows reversed onto its patch grid, a non-local block's output).
+        Without a graph (TorchScript, a failed export), none are left out."""
+        from eqaudit.grids import Grid
+
+        try:
+            graph = self.grid_graph()
+            if graph is None:
+                return set()
+            grids = graph.grids(*size)
+            tokens = graph.token_descendants()
+        except Exception:  # geometry is a help; never a reason to fail here
+            return set()
+        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
+        return {
+            name
+            for name, shape in shapes.items()
+            if len(shape) == 3
+            and name in tokens
+            and grids.get(name, "unknown") is None
+            and tuple(shape[1:]) not in known
+        }
 
     def run(
         self,

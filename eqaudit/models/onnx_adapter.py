@@ -366,49 +366,6 @@ class OnnxAdapter(ModelAdapter):
         self.input_spec = replace(spec, batch=None)
         record["run"] = "batched"
 
-    def _not_image_maps(
-        self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
-    ) -> set[str]:
-        """A ViT's attention scores ``(B, heads, tokens, tokens)`` and per-head features
-        ``(B, heads, tokens, dim)``: rank-4 tensors computed from a token sequence (a rank-3
-        tensor that depends on the image), whose grid is unknown and whose height x width no
-        map of known grid has. An ONNX graph hands out every tensor, and a small ViT's 146
-        "layers" were 144 of these, compared as if they were images. Tensors that never went
-        through rank 3 stay, though a reshape lost their grid (a space-to-depth stem,
-        ``PixelUnshuffle``: rank 6 and back), and so do maps of a known map's size (a Swin's
-        windows reversed onto its patch grid, a non-local block's output)."""
-        from eqaudit.grids import Grid
-
-        try:
-            graph = self.grid_graph()
-            grids = graph.grids(*size) if graph is not None else {}
-            tokens = self._token_descendants()
-        except Exception:  # geometry is a help; never a reason to fail here
-            return set()
-        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
-        return {
-            name
-            for name, shape in shapes.items()
-            if len(shape) == 3
-            and name in tokens
-            and grids.get(name, "unknown") is None
-            and tuple(shape[1:]) not in known
-        }
-
-    def _token_descendants(self) -> set[str]:
-        """Tensors computed from a rank-3 tensor that depends on the image (shape inference's
-        ranks, in node order)."""
-        ranks = {
-            v.name: len(v.type.tensor_type.shape.dim)
-            for v in self._inferred_model().graph.value_info
-            if v.type.tensor_type.HasField("shape")
-        }
-        tokens: set[str] = set()
-        for node in _image_nodes(self.model.graph, self.input_spec.name):
-            inherited = any(name in tokens for name in node.input)
-            tokens.update(out for out in node.output if out and (inherited or ranks.get(out) == 3))
-        return tokens
-
     # -- graph walk --------------------------------------------------------------------------
     def _inferred_model(self) -> onnx.ModelProto:
         """The graph after shape inference (the model itself when inference fails). Inferred on
