@@ -1306,12 +1306,12 @@ def _import_factory(factory: str) -> tuple[Callable[[], Any], Path | None]:
         where = f"the factory file '{file}'"
     else:
         try:
-            source = importlib.import_module(target)
+            source, directory = _import_module_or_from_cwd(target)
         except ModuleNotFoundError as exc:
             if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
                 raise UsageError(
                     f"the factory module '{target}' cannot be found: check --factory, and that "
-                    "its package is installed or on PYTHONPATH"
+                    "its package is installed, on PYTHONPATH or in the current directory"
                 ) from exc
             raise ModelLoadError(
                 f"importing the factory module '{target}' failed: {_first_line(exc)}"
@@ -1328,6 +1328,23 @@ def _import_factory(factory: str) -> tuple[Callable[[], Any], Path | None]:
     if not callable(builder):
         raise UsageError(f"'{attr}' in {where} is not callable: check --factory")
     return builder, directory
+
+
+def _import_module_or_from_cwd(target: str) -> tuple[Any, Path | None]:
+    """``importlib.import_module(target)``; when its top package is not found, again with the
+    current directory on ``sys.path``, as ``python -m`` would find it (a console script's path
+    does not hold the directory it runs in). Returns the module and that directory, if used."""
+    try:
+        return importlib.import_module(target), None
+    except ModuleNotFoundError as exc:
+        top = target.split(".")[0]
+        cwd = Path.cwd()
+        if exc.name != top or str(cwd) in sys.path or "" in sys.path:
+            raise
+        if not ((cwd / f"{top}.py").is_file() or (cwd / top).is_dir()):
+            raise
+    with _on_sys_path(cwd):
+        return importlib.import_module(target), cwd
 
 
 @contextmanager

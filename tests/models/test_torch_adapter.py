@@ -214,6 +214,25 @@ def test_state_dict_with_factory_from_a_package_on_sys_path(state_dict_file, tmp
             del sys.modules[name]
 
 
+def test_state_dict_with_factory_from_a_module_in_the_current_directory(
+    state_dict_file, tmp_path, monkeypatch
+):
+    # `eqaudit` is a console script: its sys.path does not hold the directory it runs in, so
+    # `--factory nets:build` beside nets.py was "cannot be found" where `python -m` finds it.
+    model, path = state_dict_file
+    write_factory(tmp_path, "eqaudit_cwd_nets.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        adapter = load_torch(path, factory="eqaudit_cwd_nets:build")
+        torch.testing.assert_close(adapter.run(images()).scores, model(images()), rtol=0, atol=0)
+        assert str(tmp_path) not in sys.path  # only while it is imported and called
+    finally:
+        sys.modules.pop("eqaudit_cwd_nets", None)
+    with pytest.raises(UsageError, match="installed, on PYTHONPATH or in the current directory"):
+        load_torch(path, factory="eqaudit_not_here:build")
+
+
 def test_state_dict_with_the_demo_factory(tmp_path):
     demo = pytest.importorskip("eqaudit.demo.model")
     torch.manual_seed(0)
