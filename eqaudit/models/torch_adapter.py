@@ -124,7 +124,7 @@ def pick_scores(output: Any, pick: str | None = None) -> torch.Tensor:
         elif len(tensors) == 1:
             value = next(iter(tensors.values()))
         else:
-            raise UnsupportedModelError(
+            raise UsageError(
                 f"the model returns {len(tensors)} tensors under the keys "
                 f"{', '.join(map(str, tensors))[:120]}: pick the class scores with "
                 "--output-name KEY"
@@ -133,7 +133,7 @@ def pick_scores(output: Any, pick: str | None = None) -> torch.Tensor:
         tensors = [i for i, item in enumerate(value) if isinstance(item, torch.Tensor)]
         if len(tensors) > 1:
             shapes = ", ".join(f"{i}: {tuple(value[i].shape)}" for i in tensors[:6])
-            raise UnsupportedModelError(
+            raise UsageError(
                 f"the model returns a {type(value).__name__} of {len(tensors)} tensors ({shapes}): "
                 "pick the class scores with --output-name INDEX"
             )

@@ -321,7 +321,7 @@ def print_label_suggestions(result: AuditResult) -> None:
             dst = names[j] if j < len(names) else str(j)
             parts.append(f"{src}->{dst} ({100 * share:.0f}% of {n})")
         if fixed:
-            parts.append(f"{fixed} classes always kept")
+            parts.append(f"{fixed} class{'es' if fixed > 1 else ''} always kept")
         spec = info["spec"] or "not a permutation (classes unseen or merged)"
         table.add_row(element, "; ".join(parts), spec)
     stdout.print(table)

@@ -111,7 +111,7 @@ class NHWCTwoHeads(nn.Module):
 
 def test_the_check_runs_in_the_models_layout_on_the_picked_output(model, tmp_path) -> None:
     path = export(NHWCTwoHeads(model), tmp_path / "nhwc.pt2", nhwc=True)
-    with pytest.raises(eqaudit.errors.UnsupportedModelError, match="--output-name"):
+    with pytest.raises(eqaudit.errors.UsageError, match="--output-name"):
         eqaudit.audit(path, "flips", num_images=2, lie=False)  # not checked without it
     result = eqaudit.audit(path, "flips", num_images=4, lie=False, output_name="1")
     assert result.summary["model"]["fixed_batch"] == {"size": 1, "run": "batched"}

@@ -1015,9 +1015,9 @@ def test_a_model_with_several_outputs_needs_the_scores_picked(tmp_path) -> None:
 
     torch.manual_seed(0)
     # Taking the first tensor would audit the 3-class auxiliary head without a word.
-    with pytest.raises(UnsupportedModelError, match=r"a tuple of 2 tensors \(0: \(.*, 3\), 1: "):
+    with pytest.raises(UsageError, match=r"a tuple of 2 tensors \(0: \(.*, 3\), 1: "):
         eqaudit.audit(TwoHeads(), "flips", input_size=9, num_images=2)
-    with pytest.raises(UnsupportedModelError, match=r"keys aux, scores: .*--output-name KEY"):
+    with pytest.raises(UsageError, match=r"keys aux, scores: .*--output-name KEY"):
         eqaudit.audit(TwoHeads("dict"), "flips", input_size=9, num_images=2)
     model = TwoHeads()
     picked = eqaudit.audit(model, "flips", input_size=9, num_images=2, output_name="1")
@@ -1034,7 +1034,7 @@ def test_a_model_with_several_outputs_needs_the_scores_picked(tmp_path) -> None:
     # both were refused ("wrap it"), and --output-name then said "nothing to pick from".
     as_dataclass = TwoHeads("dataclass")
     as_dataclass.load_state_dict(model.state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"keys aux, scores: .*--output-name KEY"):
+    with pytest.raises(UsageError, match=r"keys aux, scores: .*--output-name KEY"):
         eqaudit.audit(as_dataclass, "flips", input_size=9, num_images=2)
     fielded = eqaudit.audit(as_dataclass, "flips", input_size=9, num_images=2, output_name="scores")
     assert fielded.outputs[1] == picked.outputs[1]
@@ -1079,7 +1079,7 @@ def test_output_name_picks_the_scores_of_a_torch_export_on_the_command_line(tmp_
     refused = runner.invoke(
         app, ["check", str(tmp_path / "two.pt2"), "-n", "2", "-o", str(tmp_path / "a")]
     )
-    assert refused.exit_code != 0 and "--output-name INDEX" in refused.output
+    assert refused.exit_code == 2 and "--output-name INDEX" in refused.output
     assert "Traceback" not in refused.output
     out = tmp_path / "b"
     done = runner.invoke(
