@@ -254,10 +254,12 @@ def test_wrapped_state_dicts_load(tmp_path, wrapper):
     torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
 
 
-def test_data_parallel_prefix_is_stripped(tmp_path):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_data_parallel_and_compile_prefixes_are_stripped(tmp_path, prefix):
+    # DataParallel/DDP save 'module.' keys; a torch.compile'd module saves '_orig_mod.' keys.
     model = tiny()
     path = tmp_path / "dp.pt"
-    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    torch.save({f"{prefix}{k}": v for k, v in model.state_dict().items()}, path)
     adapter = load_torch(path, factory=f"{write_factory(tmp_path)}:build")
     x = images()
     torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
