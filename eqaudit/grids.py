@@ -2133,8 +2133,10 @@ def _torch_view_rule(
 
 
 def _adaptive_state(state: Any, sizes: Sequence[int | None], label: str) -> Any:
-    """An adaptive pool to ``sizes`` cells: flat at 1x1; the window ``k = s = n/m`` when ``m``
-    divides ``n``; else unknown (its windows have uneven sizes and spacing)."""
+    """An adaptive pool to ``sizes`` cells: flat at 1x1. Its ``i``-th window spans cells
+    ``floor(i n / m)`` to ``ceil((i + 1) n / m)``: a plain window ``k = s = n/m`` when ``m``
+    divides ``n``, and a regular one of other ``k`` and ``s`` for some sizes that do not (8
+    cells into 7: width 2, stride 1); else unknown (windows of uneven sizes or spacing)."""
     if isinstance(state, _Flat):
         return state
     if state.layout != "NCHW":
@@ -2149,16 +2151,29 @@ def _adaptive_state(state: Any, sizes: Sequence[int | None], label: str) -> Any:
     for g, m, axis in zip((state.grid.h, state.grid.w), sizes, _AXES, strict=True):
         if m is None or m == g.n:
             axes.append(g)
-        elif g.n % m:
-            return _Map(
-                "NCHW",
-                None,
-                f"{label} pools {g.n} cells into {m} on the {axis} axis: uneven windows",
-            )
         else:
-            k = g.n // m
-            axes.append(_window_axis(g, k, k, 1, 0, 0, False, "NOTSET", label, axis))
+            window = _adaptive_window(g.n, m)
+            if window is None:
+                return _Map(
+                    "NCHW",
+                    None,
+                    f"{label} pools {g.n} cells into {m} on the {axis} axis: uneven windows",
+                )
+            k, s = window
+            axes.append(_window_axis(g, k, s, 1, 0, 0, False, "NOTSET", label, axis))
     return _Map("NCHW", Grid(axes[0], axes[1]))
+
+
+def _adaptive_window(n: int, m: int) -> tuple[int, int] | None:
+    """``(kernel, stride)`` when adaptive pooling of ``n`` cells into ``m`` has windows of one
+    size at one spacing (PyTorch's bounds: ``floor(i n / m)`` to ``ceil((i + 1) n / m)``)."""
+    starts = [i * n // m for i in range(m)]
+    ends = [-(-(i + 1) * n // m) for i in range(m)]
+    sizes = {e - b for b, e in zip(starts, ends, strict=True)}
+    steps = {b - a for a, b in itertools.pairwise(starts)} or {1}
+    if len(sizes) != 1 or len(steps) != 1:
+        return None
+    return sizes.pop(), steps.pop()
 
 
 def _torch_conv_rule(

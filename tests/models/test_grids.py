@@ -933,11 +933,20 @@ def test_unknown_torch_op_names_the_aten_op_and_module() -> None:
     assert "roll" in reason and "module '1'" in reason
 
 
-def test_adaptive_pool_is_a_window_only_when_its_size_divides() -> None:
+def test_adaptive_pool_is_a_window_when_its_windows_are_regular() -> None:
+    # Cell i pools cells floor(i n / m) to ceil((i + 1) n / m): 12 into 3 is 4 wide at stride
+    # 4; 13 into 3 is 5 wide at stride 4 ([0, 5), [4, 9), [8, 13)); 8 into 7 (a VGG head's 7x7
+    # on an 8x8 map) is 2 wide at stride 1. 11 into 3 has widths 4, 5, 4: no grid.
     graph = export(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(3)), (12, 12))
     assert graph.grids(12, 12)["1"].h == axis(3, 4, 1.5)
-    assert graph.grids(13, 12)["1"] is None
-    assert "uneven" in graph.unknown_reason("1", 13, 12)
+    assert graph.grids(13, 12)["1"].h == axis(3, 4, 2)
+    assert graph.grids(11, 12)["1"] is None
+    assert "uneven" in graph.unknown_reason("1", 11, 12)
+    seven = export(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(7)), (8, 8))
+    assert seven.grids(8, 8)["1"] == Grid(axis(7, 1, 0.5), axis(7, 1, 0.5))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(torch.arange(64.0).reshape(1, 1, 8, 8), 7)
+    windows = torch.nn.functional.avg_pool2d(torch.arange(64.0).reshape(1, 1, 8, 8), 2, 1)
+    torch.testing.assert_close(pooled, windows, rtol=0, atol=0)  # the rule's premise
 
 
 def test_an_input_too_small_for_a_window_is_invalid() -> None:
