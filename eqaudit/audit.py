@@ -585,34 +585,44 @@ class Engine:
         self._pool_workers = 0
 
     # -- set-up ------------------------------------------------------------------------------
-    def _layer_grids(self) -> tuple[Any, dict[str, Any]]:
-        """The adapter's grid graph and the grids at this input size (empty when unknown)."""
+    def _layer_grids(self) -> tuple[Any, dict[str, Any], str | None]:
+        """The adapter's grid graph and the grids at this input size (empty when unknown), and
+        the note that says why they are unknown."""
         try:
             graph = self.adapter.grid_graph()
         except Exception as exc:  # geometry is a help; the audit goes on without it
             first = cause_line(exc, 200)
-            self.geometry_notes.append(
+            return (
+                None,
+                {},
                 f"sampling grids unavailable ({type(exc).__name__}: {first}); per-layer "
-                "alignment is unknown"
+                "alignment is unknown",
             )
-            return None, {}
         if graph is None:
             note = self.adapter.grid_graph_note
-            self.geometry_notes.append(
+            return (
+                None,
+                {},
                 f"sampling grids unavailable ({note}): per-layer alignment is unknown, and such "
                 "layers are compared on their own grid and kept out of the layer scores"
                 if note
-                else "sampling grids unavailable: per-layer alignment is unknown"
+                else "sampling grids unavailable: per-layer alignment is unknown",
             )
-            return None, {}
-        return graph, graph.grids(*self.input_size)
+        return graph, graph.grids(*self.input_size), None
 
     def _setup_layers(self, first: torch.Tensor) -> None:
         if not self.config.layers:
             return
         # The grids first: the graph also tells which captured maps are channels-last.
-        graph, grids = self._layer_grids()
+        graph, grids, grid_note = self._layer_grids()
+        hooked = bool(self.adapter.layers())
         probed = self.adapter.probe_layers(first)
+        why_none = self.adapter.describe().get("layers_note") if not probed else None
+        if hooked and grid_note:
+            self.geometry_notes.append(grid_note)
+        elif not hooked and why_none:
+            # (TorchScript: no hooks at all; its grid note would speak of layers it has not.)
+            self.geometry_notes.append(f"no layer is audited: {why_none}")
         skipped = self.adapter.unauditable
         if skipped:
             shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
@@ -624,7 +634,6 @@ class Engine:
             )
         height, width = self.input_size
         g = len(self.elements)
-        why_none = self.adapter.describe().get("layers_note") if not probed else None
         for info in _select_layers(probed, self.config.layer_patterns, why_none):
             grid, note = grids.get(info.name), None
             if isinstance(grid, str) or not info.spatial:

@@ -151,6 +151,25 @@ def test_unknown_grids_are_not_scored() -> None:
     assert row["reason"].startswith("sampling grid unknown")
 
 
+def test_a_torchscript_audit_says_why_no_layer_is_audited(tmp_path) -> None:
+    # It said "sampling grids unavailable ... such layers are compared on their own grid" of a
+    # model with no layers at all, and the report read "Layers audited 0" without a reason.
+    from eqaudit.reports import write_report
+
+    path = tmp_path / "ts.pt"
+    torch.jit.trace(symmetric_cnn(seed=0), torch.zeros(1, 3, 9, 9)).save(str(path))
+    result = eqaudit.audit(str(path), "flips", input_size=9, num_images=2)
+    assert result.layers == [] and result.summary["model"]["layers_audited"] == 0
+    notes = result.summary["geometry"]["notes"]
+    assert notes == [
+        "no layer is audited: TorchScript archives expose no per-layer hooks: export with "
+        "torch.export for per-layer results"
+    ]
+    write_report(result, tmp_path / "r")
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert '<dd class="wide">none (TorchScript archives expose no per-layer hooks' in html
+
+
 def _linear_circular_cnn() -> torch.nn.Module:
     """Stride-1 circular convolutions without non-linearities, global average pool, linear head:
     every layer commutes with band-limited (Fourier) circular shifts, fractional ones included."""

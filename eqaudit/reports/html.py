@@ -244,6 +244,13 @@ def _header(summary: dict) -> list[dict]:
     facts.append(_fact("Seed", summary.get("seed", "—")))
     if (summary.get("options") or {}).get("layers") is False:
         facts.append(_fact("Layers audited", "none (outputs only: --no-layers)"))
+    elif model.get("layers_audited") == 0:
+        # Why none, where the engine said (a TorchScript archive, only token sequences).
+        notes = (summary.get("geometry") or {}).get("notes") or []
+        why = next((n for n in map(str, notes) if n.startswith("no layer is audited: ")), None)
+        why = why or next((n for n in map(str, notes) if " not audited: " in n), None)
+        text = f"none ({why.removeprefix('no layer is audited: ')})" if why else "none"
+        facts.append(_fact("Layers audited", text, wide=bool(why)))
     elif model.get("layers_audited") is not None:
         facts.append(_fact("Layers audited", model["layers_audited"]))
     if run:
