@@ -1821,7 +1821,7 @@ def _audit(
     elif config.input_size is not None:
         adapter.with_input_size(*config.input_size)
     place(adapter, config.device)
-    notes: list[str] = []
+    notes: list[str] = list(adapter.load_notes)
     channels = _resolve_channels(adapter, config, notes)
     if channels != preprocessing.channels and channels is not None:
         preprocessing = replace(preprocessing, channels=channels)

@@ -255,6 +255,8 @@ class ModelAdapter(ABC):
         self._layers: list[LayerInfo] | None = None
         #: candidate layers the probe found neither maps nor flat features (a ViT's tokens)
         self.unauditable: list[str] = []
+        #: what loading changed that the user should know (shown with the preprocessing notes)
+        self.load_notes: list[str] = []
         self.output_name: str = "output"
         self._grid_graph: tuple[GridGraph | None, str | None] | None = None
 

@@ -269,13 +269,16 @@ class TorchAdapter(ModelAdapter):
         weights are not all float32 is converted as a copy: its own weights are not rounded."""
         if any(t.is_floating_point() and t.dtype != torch.float32 for t in _tensors(module)):
             module = copy.deepcopy(module)
-        return cls(
+        prepared, note = _prepare(module)
+        adapter = cls(
             Path(path) if path is not None else Path("<module>"),
             input_spec,
-            _prepare(module),
+            prepared,
             fmt=fmt,
             layers_note=_TORCHSCRIPT_NOTE if isinstance(module, torch.jit.ScriptModule) else None,
         )
+        adapter.load_notes += [note] if note else []
+        return adapter
 
     def describe(self) -> dict:
         described = {"format": self._format, "factory": self._factory}
@@ -769,8 +772,34 @@ def _input_name(module: nn.Module) -> str:
         return "input"
 
 
-def _prepare(module: nn.Module) -> nn.Module:
-    return module.float().cpu().eval()
+def _prepare(module: nn.Module) -> tuple[nn.Module, str | None]:
+    """The module in eval mode, float32, on the CPU, and a note when its weights were not
+    float32: eager float16 runs slowly or not at all on a CPU, so a module is audited in float32
+    (a ``.pt2`` or ONNX file runs in its own precision)."""
+    dtypes = sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for t in _tensors(module)
+            if t.is_floating_point() and t.dtype != torch.float32
+        }
+    )
+    note = None
+    if dtypes:
+        note = (
+            f"the module's weights are {' and '.join(dtypes)}: audited in float32; to audit it "
+            "in its own precision, export it (torch.export .pt2 or ONNX)"
+        )
+    return module.float().cpu().eval(), note
+
+
+def _adapter_of(
+    path: Path, module: nn.Module, channels: str | None, fmt: str, **kwargs: Any
+) -> TorchAdapter:
+    """A :class:`TorchAdapter` of a loaded module (prepared by :func:`_prepare`)."""
+    module, note = _prepare(module)
+    adapter = TorchAdapter(path, _module_spec(module, channels), module, fmt=fmt, **kwargs)
+    adapter.load_notes += [note] if note else []
+    return adapter
 
 
 def _control_flow(program: torch.export.ExportedProgram) -> tuple[str | None, set[str]]:
@@ -1140,14 +1169,7 @@ def _load_torchscript(path: Path, channels: int | None) -> TorchAdapter:
             f"cannot read '{path}' as a TorchScript archive ({_first_line(exc)}): "
             "save it again with torch.jit.save"
         ) from exc
-    module = _prepare(module)
-    return TorchAdapter(
-        path,
-        _module_spec(module, channels),
-        module,
-        fmt="torchscript",
-        layers_note=_TORCHSCRIPT_NOTE,
-    )
+    return _adapter_of(path, module, channels, "torchscript", layers_note=_TORCHSCRIPT_NOTE)
 
 
 # -- torch.save checkpoints ---------------------------------------------------------------------
@@ -1178,8 +1200,7 @@ def _load_checkpoint(
                 obj = obj[key]
                 break
     if isinstance(obj, nn.Module):
-        module = _prepare(obj)
-        return TorchAdapter(path, _module_spec(module, channels), module, fmt="pickle")
+        return _adapter_of(path, obj, channels, "pickle")
 
     state = _state_dict_of(obj)
     if state is None:
@@ -1194,10 +1215,7 @@ def _load_checkpoint(
         )
     module = _build(factory)
     _load_state(path, module, state, factory)
-    module = _prepare(module)
-    return TorchAdapter(
-        path, _module_spec(module, channels), module, fmt="state_dict", factory=factory
-    )
+    return _adapter_of(path, module, channels, "state_dict", factory=factory)
 
 
 def _not_an_archive(path: Path, reason: str) -> ModelLoadError:

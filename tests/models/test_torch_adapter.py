@@ -781,6 +781,25 @@ def test_a_callers_module_that_is_not_float32_is_audited_as_a_copy(dtype) -> Non
     assert result.outputs[0]["n"] == 2
     after = model.state_dict()
     assert all(after[k].dtype == dtype and torch.equal(after[k], before[k]) for k in before)
+    # ... and the summary says it ran in float32 (a float16 module was silently widened).
+    name = str(dtype).removeprefix("torch.")
+    assert result.summary["preprocessing"]["notes"][0].startswith(
+        f"the module's weights are {name}: audited in float32"
+    )
+
+
+def test_a_float16_state_dict_model_says_it_is_audited_in_float32(tmp_path) -> None:
+    model = TinyNet().eval().half()
+    path = tmp_path / "half.pt"
+    torch.save(model.state_dict(), path)
+    factory = f"{write_factory(tmp_path, builder='TinyNet().half()')}:build"
+    adapter = load_torch(path, factory=factory)
+    assert adapter.load_notes == [
+        "the module's weights are float16: audited in float32; to audit it in its own "
+        "precision, export it (torch.export .pt2 or ONNX)"
+    ]
+    assert next(adapter.module.parameters()).dtype == torch.float32
+    assert load_torch(path, factory=f"{write_factory(tmp_path)}:build").load_notes == []
 
 
 def test_a_float16_program_with_large_activations_is_audited_as_its_float32_twin(tmp_path):
