@@ -528,6 +528,11 @@ class _Launched:
             self.arrived.synchronize()
 
 
+def _unit_interval(scores: torch.Tensor) -> bool:
+    """Whether every score lies in [0, 1] (and they are not all equal: a constant model)."""
+    return bool(scores.min() >= 0 and scores.max() <= 1 and scores.max() > scores.min())
+
+
 class Engine:
     """One audit of one model; see the module docstring."""
 
@@ -932,6 +937,13 @@ class Engine:
         looks_like_probs = looks_like_probabilities(host[0])
         if self.output_kind is None:
             self.output_kind = "probs" if looks_like_probs else "logits"
+            if not looks_like_probs and self.num_classes > 1 and _unit_interval(host):
+                self.warnings.append(
+                    "the outputs all lie in [0, 1] but do not sum to 1 per image: independent "
+                    "(sigmoid) probabilities of a multi-label model? They are read as logits: "
+                    "top-1 agreement holds, but the JS divergences and logit errors are those of "
+                    "softmax(outputs); pass --outputs logits to silence this"
+                )
         elif self.output_kind == "logits" and looks_like_probs:
             self.warnings.append(
                 "--outputs logits was given but the outputs look like probabilities "

@@ -222,6 +222,19 @@ def test_probability_outputs_are_detected_and_a_contradicting_option_is_flagged(
     assert any("--outputs probs was given but the outputs are not" in w for w in logits.warnings)
 
 
+def test_sigmoid_outputs_of_a_multi_label_model_are_flagged() -> None:
+    # Every score in [0, 1], rows not summing to 1: read as logits without a word, so the JS
+    # divergence was that of softmax(sigmoid probabilities), tiny whatever the model did.
+    model = nn.Sequential(symmetric_cnn(), nn.Sigmoid()).eval()
+    auto = eqaudit.audit(model, "flips", input_size=33, num_images=4)
+    assert auto.summary["model"]["output_kind"] == "logits"
+    assert sum("(sigmoid) probabilities of a multi-label model?" in w for w in auto.warnings) == 1
+    said = eqaudit.audit(model, "flips", input_size=33, num_images=4, outputs="logits")
+    assert not any("multi-label" in w for w in said.warnings)
+    plain = eqaudit.audit(symmetric_cnn(), "flips", input_size=33, num_images=4)
+    assert not any("multi-label" in w for w in plain.warnings)
+
+
 class NHWCSymmetric(nn.Module):
     """The D4-symmetric CNN behind a permute: a PyTorch model that takes channels-last images."""
 
