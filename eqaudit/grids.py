@@ -1334,12 +1334,143 @@ def onnx_grid_graph(
         meta = node.op_type in _ONNX_META and node.domain in ("", "ai.onnx")
         steps.append(_Step(label, tuple(node.input), tuple(node.output), rule, meta))
         public.update({o: o for o in node.output if o})
-    ranks = {
-        v.name: len(v.type.tensor_type.shape.dim)
-        for v in inferred.graph.value_info
-        if v.type.tensor_type.HasField("shape")
-    }
-    return GridGraph(input_name, layout.upper(), steps, public, ranks=ranks)
+    return GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
+
+
+#: ONNX ops whose output has their first input's rank.
+_RANK_KEEPING = {
+    *[
+        "Abs",
+        "Acos",
+        "Asin",
+        "Atan",
+        "Cast",
+        "CastLike",
+        "Ceil",
+        "Celu",
+        "Clip",
+        "Cos",
+        "Cosh",
+        "CumSum",
+        "Dropout",
+        "Elu",
+        "Erf",
+        "Exp",
+    ],
+    *[
+        "Floor",
+        "Gelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "InstanceNormalization",
+        "IsInf",
+        "IsNaN",
+    ],
+    *[
+        "LayerNormalization",
+        "LeakyRelu",
+        "Log",
+        "LogSoftmax",
+        "LpNormalization",
+        "Mish",
+        "Neg",
+        "Not",
+        "PRelu",
+    ],
+    *[
+        "Reciprocal",
+        "Relu",
+        "Round",
+        "Selu",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Sinh",
+        "Slice",
+        "Softmax",
+        "Softplus",
+        "Softsign",
+    ],
+    *[
+        "Sqrt",
+        "Tan",
+        "Tanh",
+        "ThresholdedRelu",
+        "Trilu",
+        "BatchNormalization",
+        "Pad",
+        "Resize",
+        "Upsample",
+        "Split",
+    ],
+}
+#: ONNX ops whose output has the largest of their inputs' ranks (numpy broadcasting).
+_RANK_BROADCASTING = {
+    *[
+        "Add",
+        "And",
+        "BitShift",
+        "Div",
+        "Equal",
+        "Greater",
+        "GreaterOrEqual",
+        "Less",
+        "LessOrEqual",
+        "Max",
+        "Mean",
+    ],
+    *["Min", "Mod", "Mul", "Or", "Pow", "Sub", "Sum", "Where", "Xor", "MatMul", "Concat"],
+}
+
+
+def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int]:
+    """Every tensor's rank that shape inference gave, and those it left out, propagated in node
+    order through common ops: an older exporter's ``flatten(2)`` is a Reshape to a target
+    built from Shape, Slice and Concat, whose rank inference does not know, and with it the
+    ranks of every token tensor of a ViT after it."""
+    ranks = {name: len(dims) for name, dims in facts.dims.items()}
+
+    def rank(name: str) -> int | None:
+        if name in ranks:
+            return ranks[name]
+        value = facts.value(name)
+        return None if value is None else value.ndim
+
+    for node in graph.node:
+        op, ins = node.op_type, [i for i in node.input if i]
+        if node.domain not in ("", "ai.onnx") or not ins:
+            continue
+        outs = [o for o in node.output if o and o not in ranks]
+        if not outs:
+            continue
+        found: int | None = None
+        if op in _RANK_KEEPING:
+            found = rank(ins[0])
+        elif op in _RANK_BROADCASTING:
+            known = [rank(i) for i in ins]
+            found = max(known) if None not in known else None  # type: ignore[type-var]
+        elif op == "Reshape":
+            found = facts.rank(node.output[0])
+        elif op == "Transpose":
+            perm = _attr(node, "perm", None)
+            found = len(perm) if perm is not None else rank(ins[0])
+        elif op in ("Unsqueeze", "Squeeze"):
+            axes = _attr(node, "axes", None)
+            axes = [int(a) for a in axes] if axes is not None else None
+            if axes is None and len(ins) > 1:
+                axes = facts.ints(ins[1])
+            data = rank(ins[0])
+            if data is not None and axes is not None:
+                found = data + len(axes) if op == "Unsqueeze" else data - len(axes)
+        elif op == "Gather":
+            data, index = rank(ins[0]), rank(ins[1]) if len(ins) > 1 else None
+            found = data - 1 + index if data is not None and index is not None else None
+        elif op in ("Flatten", "Gemm"):
+            found = 2
+        if found is not None:
+            ranks.update(dict.fromkeys(outs, found))
+    return ranks
 
 
 def _pair(values: Sequence[int] | None, default: int) -> list[int] | None:

@@ -458,6 +458,30 @@ def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_pa
     assert {row["layer"] for row in result.layers if row["kind"] == "spatial"} == set(spatial)
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_attention_tensors_of_an_older_opset_export_are_not_audited(tmp_path, opset) -> None:
+    # Before opset 14 the exporter writes flatten(2) as a Reshape to a target built from
+    # Shape, Slice and Concat: shape inference gives it no rank, nor anything after it, so the
+    # token sequence went unseen and the scores were "spatial" layers again (review).
+    from eqaudit.inspect import inspect_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(
+        Attention().eval(),
+        (torch.zeros(1, 3, 12, 12),),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["image"],
+        dynamic_axes={"image": {0: "batch"}},
+    )
+    info = inspect_model(str(path))
+    spatial = [layer["name"] for layer in info["layers"] if layer["kind"] == "spatial"]
+    assert spatial == ["/embed/Conv_output_0"]
+    assert any("Softmax" in name for name in info["unauditable"])
+
+
 class AttentionModules(Attention):
     """:class:`Attention` whose scores go through ``Softmax`` and ``Dropout`` modules, as in
     timm's ``Attention`` without fused kernels: module outputs a forward hook hands out."""
