@@ -231,9 +231,17 @@ class GateConfig:
             raise UsageError(
                 f"--confidence is a level between 0 and 1 (e.g. 0.95), not {self.confidence:g}"
             )
+        if self.confidence is not None and not self.min_agreement:
+            raise UsageError(
+                "--confidence applies to --min-agreement checks, and none is given: add "
+                "--min-agreement VALUE or drop --confidence"
+            )
         if self.max_regression is not None:
-            if self.max_regression < 0:
-                raise UsageError(f"--max-regression must be 0 or more, not {self.max_regression:g}")
+            if not 0 <= self.max_regression <= 1:  # (NaN fails too)
+                raise UsageError(
+                    "--max-regression is a worsening on the 0-1 scale of agreement and JS "
+                    f"divergence (0.02: two points), from 0 to 1, not {self.max_regression:g}"
+                )
             if self.baseline is None:
                 raise UsageError(
                     "--max-regression needs --baseline FILE (a file written by --save-baseline)"

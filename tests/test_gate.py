@@ -239,17 +239,24 @@ def test_pattern_that_matches_nothing_is_a_usage_error(biased, gate) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {"fail_under": 101},
-        {"min_agreement": (("*", 1.5),)},
-        {"max_js": (("*", -0.1),)},
-        {"confidence": 95},
-        {"max_regression": 0.1},  # without --baseline
+        ({"fail_under": 101}, "score from 0 to 100"),
+        ({"min_agreement": (("*", 1.5),)}, "must be 0 to 1"),
+        ({"max_js": (("*", -0.1),)}, "must be 0 to 1"),
+        ({"min_agreement": (("*", 0.9),), "confidence": 95}, "level between 0 and 1"),
+        ({"max_regression": 0.1}, "needs --baseline"),
+        # NaN passed a "< 0" check and crashed the gate after the audit (exit 4); inf and
+        # values above 1 turned the regression gate off without a word (review).
+        ({"max_regression": float("nan"), "baseline": "b.json"}, "from 0 to 1, not nan"),
+        ({"max_regression": float("inf"), "baseline": "b.json"}, "from 0 to 1, not inf"),
+        ({"max_regression": 1.5, "baseline": "b.json"}, "from 0 to 1, not 1.5"),
+        # It changes --min-agreement checks only: alone, it did nothing and said nothing.
+        ({"confidence": 0.95}, "--confidence applies to --min-agreement checks"),
     ],
 )
-def test_gate_config_refuses_impossible_values(kwargs) -> None:
-    with pytest.raises(UsageError):
+def test_gate_config_refuses_impossible_values(kwargs, message) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
         GateConfig(**kwargs)
 
 
