@@ -932,7 +932,8 @@ def compare(
         # Each audit is kept (summary.json + CSVs), so the pair can be compared again later.
         write_report(result_a, out_dir / "a", formats=["json", "csv"])
         write_report(result_b, out_dir / "b", formats=["json", "csv"])
-    write_comparison(comparison, out_dir, (a, b))
+    saved = is_saved_report(a) and is_saved_report(b)
+    write_comparison(comparison, out_dir, (a, b), audits_written=not saved)
     _finish(
         [*comparison.lines(), f"Comparison written to {out_dir}"],
         render_compare(comparison.data),

@@ -667,13 +667,19 @@ def refuse_out_in_sources(out_dir: Path, sources: tuple[Any, Any]) -> None:
 
 
 def write_comparison(
-    comparison: Comparison, out_dir: Path, sources: tuple[Any, Any] = (None, None)
+    comparison: Comparison,
+    out_dir: Path,
+    sources: tuple[Any, Any] = (None, None),
+    *,
+    audits_written: bool = False,
 ) -> list[Path]:
     """compare.json, compare.csv, summary.md, junit.xml and report.html, written atomically into
     ``out_dir``; a check report there is removed (one folder, one report), so ``out_dir`` must
-    not be one of the compared audits' folders (``sources``)."""
+    not be one of the compared audits' folders (``sources``). ``audits_written``: this run has
+    just written the two audits into ``a/`` and ``b/``; else an earlier comparison's ``a/`` and
+    ``b/`` there are removed (they would describe other audits than ``compare.json``)."""
     refuse_out_in_sources(out_dir, sources)
-    from eqaudit.reports import KNOWN_FILES, write_folder
+    from eqaudit.reports import COMPARE_FOLDERS, KNOWN_FILES, write_folder
     from eqaudit.reports.compare_html import write_compare_html
     from eqaudit.reports.junit import junit_xml
     from eqaudit.reports.markdown import render_compare
@@ -698,4 +704,5 @@ def write_comparison(
         write_compare_html(data, staging)
         return list(FILES)
 
-    return write_folder(Path(out_dir), produce, set(FILES) | KNOWN_FILES)  # (a check's too)
+    stale = () if audits_written else COMPARE_FOLDERS
+    return write_folder(Path(out_dir), produce, set(FILES) | KNOWN_FILES, stale)  # (a check's too)

@@ -305,6 +305,24 @@ def test_a_check_and_a_compare_into_one_folder_leave_only_the_last_report(files,
     assert {"summary.json", "report.html", "a", "notes.txt"} <= names
 
 
+def test_a_compare_of_saved_audits_removes_an_earlier_comparisons_audits(files, tmp_path):
+    # compare A B -o out, then compare of two saved folders -o out: the first run's a/ and b/
+    # stayed beside a compare.json of other audits (review).
+    out = tmp_path / "out"
+    assert run_compare(files, "sym", "biased", out, "--no-layers").exit_code == 0
+    assert (out / "a" / "summary.json").is_file()
+    check = ["check", "--data", str(files["images"]), "--no-layers"]
+    for name in ("sym", "biased"):
+        args = [*check[:1], str(files[name]), *check[1:], "-o", str(tmp_path / name)]
+        assert runner.invoke(app, args).exit_code == 0
+    saved = [str(tmp_path / "sym"), str(tmp_path / "biased")]
+    assert runner.invoke(app, ["compare", *saved, "-o", str(out)]).exit_code == 0
+    assert not (out / "a").exists() and not (out / "b").exists()
+    # ... and a compare of models writes its own a/ and b/, kept.
+    assert run_compare(files, "sym", "biased", out, "--no-layers").exit_code == 0
+    assert (out / "a" / "summary.json").is_file() and (out / "b" / "summary.json").is_file()
+
+
 def test_the_console_table_fits_an_80_column_terminal(files, tmp_path, monkeypatch) -> None:
     # It was 119 characters of plain text, wrapped by the terminal into unreadable rows.
     from eqaudit.reports import console

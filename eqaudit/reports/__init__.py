@@ -145,6 +145,7 @@ def write_folder(
         # to be writable (its parent may not be, e.g. --out $HOME).
         staging = Path(tempfile.mkdtemp(prefix=".eqaudit-", dir=out_dir))
         names = produce(staging)
+        held_comparison = (out_dir / "compare.json").is_file()
         final = []
         # The moves are quick; holding SIGINT/SIGTERM until they are done means an interrupt
         # leaves either the previous report or the new one, never a mix of the two.
@@ -155,12 +156,11 @@ def write_folder(
             # A file of an earlier run that this run does not write would describe another audit.
             # A comparison's a/ and b/ are its audits: removed with it (report files only),
             # never folders of a folder that held no comparison (a merge's shards, say).
-            was_comparison = (out_dir / "compare.json").is_file() and "compare.json" not in names
             for stale in set(known) - set(names):
                 (out_dir / stale).unlink(missing_ok=True)
             for folder in (out_dir / name for name in known_folders if name not in names):
                 if (
-                    was_comparison
+                    held_comparison
                     and folder.is_dir()
                     and all(f.name in KNOWN_FILES for f in folder.iterdir())
                 ):
