@@ -30,8 +30,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
@@ -431,15 +429,10 @@ def save_baseline(result: AuditResult, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--save-baseline '{path}' is a folder: give a file name, e.g. base.json")
+    from eqaudit.reports.files import replace_text
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".eqaudit-baseline-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(baseline_json(result))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        replace_text(path, baseline_json(result))
     except OSError as exc:
         raise UsageError(
             f"cannot write the baseline '{path}': {exc.strerror or exc}; choose another path"

@@ -13,12 +13,9 @@ time of rendering, so ``eqaudit report DIR`` reproduces the page that ``eqaudit 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import os
 import re
 import shlex
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +25,7 @@ from markupsafe import Markup, escape
 
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import shown
+from eqaudit.reports.files import replace_text
 from eqaudit.results import AuditResult, batch_text, is_scored
 
 if TYPE_CHECKING:
@@ -606,25 +604,12 @@ def save_html(result: AuditResult, path: Path, page: str | None = None) -> Path:
     if path.is_dir():
         raise UsageError(f"--out '{path}' is a folder: give a file name such as report.html")
     page = render_html(result) if page is None else page
-    temporary: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".eqaudit-", suffix=".html", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would differ from the other files
-        os.replace(temporary, path)
-        temporary = None
+        replace_text(path, page)
     except OSError as exc:
         raise UsageError(
             f"cannot write '{path}': {exc.strerror or exc}; choose another --out"
         ) from None
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
     return path
 
 
