@@ -25,6 +25,7 @@ from eqaudit.gate import (
     FAILED,
     PASSED,
     SKIPPED,
+    Check,
     _compare,
     assign,
     baseline_json,
@@ -480,6 +481,28 @@ def test_summary_markdown_stays_small() -> None:
     assert "m\\|&lt;b&gt;.onnx" in text  # table-safe, no raw HTML
     assert "4960 more elements" in text
     assert len(fit("x\n" * 10**6).encode()) <= MAX_BYTES
+
+
+def test_a_gate_that_evaluated_nothing_does_not_read_as_passed_checks(biased) -> None:
+    # Every check skipped read "PASSED ..., 0 checks passed", and a run with no gate at all
+    # put "## eqaudit gate: PASSED" into the GitHub step summary (review).
+    from eqaudit.gate import GateReport
+    from eqaudit.reports.markdown import render_audit
+
+    skipped = Check("agreement[rot90]", "--min-agreement", SKIPPED, "", reason="not square")
+    report = GateReport((skipped, skipped))
+    assert report.passed
+    verdict = report.verdict(90.0, 1.0)
+    assert (
+        verdict
+        == "PASSED score 90.00 / 100, no check evaluated (2 checks skipped: see junit.xml) (1.0 s)"
+    )
+    summary = report.attach(biased).summary
+    assert render_audit(summary).startswith(
+        "## eqaudit gate: PASSED, no check evaluated (all skipped)\n"
+    )
+    assert render_audit(GateReport(()).attach(biased).summary).startswith("## eqaudit audit\n")
+    assert render_audit(biased.summary).startswith("## eqaudit audit\n")
 
 
 def test_junit_without_gate_checks_holds_one_passing_case() -> None:

@@ -92,8 +92,12 @@ def render_audit(summary: dict) -> str:
     """summary.md of one audit (with its gate block when the gate ran)."""
     scores, model, data = summary["scores"], summary["model"], summary["data"]
     gate = summary.get("gate")
-    if gate is None:
-        title = "eqaudit audit"
+    counts = (gate or {}).get("counts") or {}
+    evaluated = sum(counts.values()) - counts.get("skipped", 0) if counts else None
+    if gate is None or not gate.get("checks"):
+        title = "eqaudit audit"  # (not "gate: PASSED": nothing was gated)
+    elif evaluated == 0:
+        title = "eqaudit gate: PASSED, no check evaluated (all skipped)"
     else:
         title = "eqaudit gate: " + ("PASSED" if gate["passed"] else "FAILED")
     images = "synthetic" if data["synthetic"] else data["source"]
