@@ -17,7 +17,7 @@ def _interrupted(kind, value, traceback) -> None:  # type: ignore[no-untyped-def
     importing torch takes gives the CLI's one line, not a traceback from inside torch (the
     interpreter still ends by SIGINT: exit status 130 in a shell)."""
     if issubclass(kind, KeyboardInterrupt):
-        _sys.stderr.write("error: interrupted: no report was written\n")
+        _sys.stderr.write("error: interrupted (SIGINT): no new report was written\n")
         return
     _sys.__excepthook__(kind, value, traceback)
 

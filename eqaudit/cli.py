@@ -953,7 +953,7 @@ def main() -> None:
     try:
         code = app(prog_name="eqaudit", standalone_mode=False)
     except typer.Abort:
-        console.error("interrupted: no report was written")
+        console.error("interrupted (SIGINT): no new report was written")
         sys.exit(130)
     except Exception as exc:
         # typer's bundled click raises its UsageError family for bad command lines.

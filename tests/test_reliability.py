@@ -357,7 +357,7 @@ def test_ctrl_c_while_the_script_imports_torch_is_one_line(script, traceback):
     if traceback:
         assert "Traceback" in run.stderr
     else:
-        assert run.stderr == "error: interrupted: no report was written\n"
+        assert run.stderr == "error: interrupted (SIGINT): no new report was written\n"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
