@@ -504,12 +504,14 @@ def _thresholds(value: Any, where: str, error: type[EqauditError]) -> dict[str, 
         try:
             if isinstance(number, bool) or not pattern:
                 raise ValueError
-            out[pattern] = float(number)
+            number = float(number)
         except (TypeError, ValueError):
             raise error(
                 f"{where}: '{given}' is not PATTERN=VALUE or a number; write e.g. "
                 "0.9 (every element) or rot90=0.9 or 'layer3.*=0.05'"
             ) from None
+        out.pop(pattern, None)  # given again: last, so it wins ties among globs
+        out[pattern] = number
     return out
 
 

@@ -142,6 +142,16 @@ def test_most_specific_pattern_wins() -> None:
     assert assign([("rot90", 0.3)], ["flip_h"]) == {}
 
 
+def test_a_glob_given_again_on_one_command_line_is_the_last_given() -> None:
+    # 'rot*' given again after 'rot9?' kept its first place, so 'rot9?' won the tie (review).
+    from eqaudit.config import resolve_config
+
+    cli = {"min_agreement": ["rot*=0.19", "rot9?=0.1", "rot*=0.19"]}
+    gate = resolve_config(cli, environ={}, config_file=None).gate
+    assert gate.min_agreement == (("rot9?", 0.1), ("rot*", 0.19))
+    assert assign(gate.min_agreement, ["rot90"])["rot90"] == ("rot*", 0.19)
+
+
 # -- each option on a real audit -------------------------------------------------------------------
 def test_fail_under(biased) -> None:
     score = biased.score
