@@ -254,8 +254,13 @@ def _load(given: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _fingerprint(context: dict) -> dict:
     """What must agree between shards of one audit: the context minus the run block (the
-    versions of eqaudit and its libraries included)."""
-    return {k: v for k, v in context.items() if k not in ("run",)}
+    versions of eqaudit and its libraries included). A model file is known by its SHA-256:
+    nodes that stage it at other paths (or names) run the same model."""
+    found = {k: v for k, v in context.items() if k not in ("run",)}
+    model = found.get("model")
+    if isinstance(model, dict) and model.get("sha256"):
+        found["model"] = {k: v for k, v in model.items() if k not in ("path", "name")}
+    return found
 
 
 def _differences(first: Any, other: Any, shown: int = 3) -> str:

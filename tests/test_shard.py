@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import filecmp
 import json
 import math
@@ -136,6 +137,28 @@ def test_merged_onnx_shards_equal_a_single_run_bit_for_bit(model, tmp_path) -> N
     assert _without_run(single.summary) == _without_run(merged.summary)
     for name in FILES:
         assert filecmp.cmp(tmp_path / "single" / name, tmp_path / "merged" / name, shallow=False)
+
+
+def test_shards_of_one_model_file_staged_at_other_paths_merge(model, tmp_path) -> None:
+    # Slurm/Kubernetes nodes stage the model where they like: the same bytes (SHA-256) at
+    # another path or name were "run differently" (review). Another model is still refused.
+    path = export_onnx(model, tmp_path / "m.onnx", 17)
+    (tmp_path / "node2").mkdir()
+    staged = tmp_path / "node2" / "model-copy.onnx"
+    staged.write_bytes(path.read_bytes())
+    options = {"transforms": "flips", "num_images": 6}
+    single = eqaudit.audit(path, **options)
+    for index, where in ((1, path), (2, staged)):
+        write_report(eqaudit.audit(where, shard=(index, 2), **options), tmp_path / f"s{index}")
+    merged = merge_shards([tmp_path / "s1", tmp_path / "s2"])
+    assert merged.outputs == single.outputs and merged.summary["model"]["name"] == "m.onnx"
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    other = export_onnx(changed, tmp_path / "node2" / "m.onnx", 17)
+    write_report(eqaudit.audit(other, shard=(2, 2), **options), tmp_path / "o2")
+    with pytest.raises(UsageError, match=r"run differently from shard 1 \(model.sha256: "):
+        merge_shards([tmp_path / "s1", tmp_path / "o2"])
 
 
 def test_a_shard_report_says_what_it_covers(model, tmp_path) -> None:
