@@ -307,7 +307,10 @@ class Comparison:
         rows = [{"section": "output", **r} for r in self.data["outputs"]]
         for r in self.data["layers"]:
             rows.append({"section": "layer", **r})
-        return pd.DataFrame(rows, columns=CSV_COLUMNS)
+        frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
+        for column in ("n", "only_a", "only_b"):  # counts (blank on layer rows), not 16.0
+            frame[column] = frame[column].astype("Int64")
+        return frame
 
     def verdict(self, seconds: float) -> str:
         """The last console line."""

@@ -193,6 +193,10 @@ def test_cli_flags_the_degraded_onnx_model(files, tmp_path) -> None:
     table = pd.read_csv(out / "compare.csv")
     assert set(table["section"]) == {"output", "layer"}
     assert len(table[table["section"] == "output"]) == 7
+    # Image counts are written as counts ("16", not "16.0"; review).
+    first = (out / "compare.csv").read_text().splitlines()[1].split(",")
+    header = (out / "compare.csv").read_text().splitlines()[0].split(",")
+    assert first[header.index("n")] == str(data["outputs"][0]["n"])
     assert (out / "summary.md").read_text().startswith("## eqaudit compare: FAILED")
     # Not gated: the same finding, exit 0, and junit marks it skipped rather than failed.
     plain = run_compare(files, "sym", "biased", tmp_path / "plain")
