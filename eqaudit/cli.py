@@ -342,7 +342,7 @@ def check(
         int | None,
         typer.Option(
             help="Images per forward call, all transforms included (default 64 on the CPU; on "
-            "a GPU, chosen from its free memory)."
+            "a GPU, chosen from its free memory); at least one image's transforms together."
         ),
     ] = None,
     device: Annotated[

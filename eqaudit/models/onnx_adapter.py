@@ -192,6 +192,7 @@ class OnnxAdapter(ModelAdapter):
         self._session(())  # fail early (unsupported op, custom domain) at load time
         #: For a graph fixed at batch 1: how it is run (``describe()["fixed_batch"]``).
         self.fixed_batch: dict[str, Any] | None = None
+        self._declared_checked = False  # a declared dynamic batch checked (_check_declared_batch)
         self._batch_dynamically()
 
     # -- spec --------------------------------------------------------------------------------
@@ -318,29 +319,19 @@ class OnnxAdapter(ModelAdapter):
         graph that fails it (a batch of 1 written into an ``Expand``, a ``Squeeze`` of the
         batch axis) keeps running one image at a time, and ``fixed_batch`` says why."""
         spec = self.input_spec
-        if spec.batch != 1 or self.fixed_batch is not None or None in (spec.height, spec.width):
+        if self.fixed_batch is not None or None in (spec.height, spec.width):
+            return
+        if spec.batch is None:
+            self._check_declared_batch()
+            return
+        if spec.batch != 1:
             return
         record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
         self.fixed_batch = record
-        rng = np.random.default_rng(0)
-        if spec.dtype == "uint8":
-            probe = rng.integers(0, 256, spec.model_shape(2)).astype(np.uint8)
-        else:
-            probe = rng.standard_normal(spec.model_shape(2)).astype(spec.dtype)
-        plain = self._session(())
-        try:
-            singles = [
-                plain.run([self.output_name], {spec.name: image[None]})[0] for image in probe
-            ]
-        except Exception as exc:  # not even on noise: the audit's own run will say why it fails
-            record["why"] = f"the graph does not run on noise images: {_ort_message(exc)[:160]}"
+        probe = self._probe_images()
+        alone = self._alone(probe, record)
+        if alone is None:
             return
-        if any(single.ndim < 2 or single.shape[0] != 1 for single in singles):
-            # (K,) scores: a copy would give (2K,) for two images, which no check can tell
-            # from two rows of K.
-            record["why"] = f"its output of shape {list(singles[0].shape)} has no batch axis"
-            return
-        alone = np.concatenate(singles)
         try:
             model = _dynamic_batch(self.model, spec.name)
             session = self._new_session(model.SerializeToString(), exposed=False)
@@ -365,6 +356,66 @@ class OnnxAdapter(ModelAdapter):
         self._inferred, self._candidates = None, None
         self.input_spec = replace(spec, batch=None)
         record["run"] = "batched"
+
+    def _check_declared_batch(self) -> None:
+        """A graph that declares a dynamic batch may still hold the batch size it was traced at
+        (a Swin's window reverse reshapes to ``(1, H, W, C)`` with the 1 written in): two
+        probe images run together then fail, or silently mix. Run them together and alone
+        (three small runs, once per input size); on a failure or a difference the graph runs
+        one image at a time, and ``fixed_batch`` says why."""
+        if self._declared_checked:
+            return
+        self._declared_checked = True
+        spec = self.input_spec
+        record: dict[str, Any] = {"size": 1, "run": "one image at a time"}
+        probe = self._probe_images()
+        alone = self._alone(probe, record)
+        if alone is None:
+            return  # (not even on noise: the audit's own run says why)
+        declared = "the graph declares a dynamic batch, but"
+        try:
+            together = self._session(()).run([self.output_name], {spec.name: probe})[0]
+        except Exception as exc:
+            record["why"] = f"{declared} two images run together fail: {_ort_message(exc)[:160]}"
+        else:
+            agrees = batch_agrees(
+                torch.from_numpy(alone), torch.from_numpy(together), spec.dtype == "float16"
+            )
+            if agrees is not False:
+                return  # (None: not finite on noise; the audit's own checks say so)
+            record["why"] = (
+                f"{declared} two images run together give other outputs than each alone "
+                f"(shape {list(together.shape)} for {list(alone.shape)})"
+            )
+        self.fixed_batch = record
+        self.input_spec = replace(spec, batch=1)
+
+    def _probe_images(self) -> np.ndarray:
+        """Two noise images in the graph's input dtype, for the batch checks."""
+        spec = self.input_spec
+        rng = np.random.default_rng(0)
+        if spec.dtype == "uint8":
+            return rng.integers(0, 256, spec.model_shape(2)).astype(np.uint8)
+        return rng.standard_normal(spec.model_shape(2)).astype(spec.dtype)
+
+    def _alone(self, probe: np.ndarray, record: dict[str, Any]) -> np.ndarray | None:
+        """The scores of each probe image run alone, stacked; None (and ``record["why"]``) when
+        the graph does not run on them or its output has no batch axis."""
+        spec = self.input_spec
+        plain = self._session(())
+        try:
+            singles = [
+                plain.run([self.output_name], {spec.name: image[None]})[0] for image in probe
+            ]
+        except Exception as exc:  # not even on noise: the audit's own run will say why it fails
+            record["why"] = f"the graph does not run on noise images: {_ort_message(exc)[:160]}"
+            return None
+        if any(single.ndim < 2 or single.shape[0] != 1 for single in singles):
+            # (K,) scores: a copy would give (2K,) for two images, which no check can tell
+            # from two rows of K.
+            record["why"] = f"its output of shape {list(singles[0].shape)} has no batch axis"
+            return None
+        return np.concatenate(singles)
 
     # -- graph walk --------------------------------------------------------------------------
     def _inferred_model(self) -> onnx.ModelProto:

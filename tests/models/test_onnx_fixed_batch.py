@@ -156,3 +156,44 @@ def test_a_graph_with_nan_on_the_noise_probes_runs_one_image_at_a_time(tmp_path)
     }
     pixels = torch.rand(3, 17, 17, 3).mul(255).to(torch.uint8).numpy()
     assert eqaudit.audit(path, "flips", pixels, lie=False).outputs[1]["n"] == 3
+
+
+class TracedBatch(nn.Module):
+    """A batch size read with ``int()`` is a constant to the tracer, even under
+    ``dynamic_axes`` (a Swin's window reverse): ``mix`` reshapes two images into one row of
+    scores, ``fail`` into a row that the head cannot take."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 if kind == "mix" else 4 * 17 * 17, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.kind == "mix":
+            return self.head(h.reshape(int(h.shape[0]), 4, -1).mean(-1))
+        return self.head(h.reshape(int(h.shape[0]), -1))
+
+
+def test_a_declared_dynamic_batch_that_was_traced_at_1_runs_one_image_at_a_time(tmp_path):
+    # It failed with "Attempting to broadcast ..." whatever --batch-size said (exit 3), or
+    # mixed the images of a batch without an error (review).
+    torch.manual_seed(0)
+    for kind, why in (
+        ("fail", "two images run together fail: "),
+        ("mix", "two images run together give other outputs than each alone"),
+    ):
+        model = TracedBatch(kind).eval()
+        adapter = load_model(export_onnx(model, tmp_path / f"{kind}.onnx", 17))
+        record = adapter.describe()["fixed_batch"]
+        assert record["run"] == "one image at a time", kind
+        assert record["why"].startswith(f"the graph declares a dynamic batch, but {why}"), record
+        assert adapter.input_spec.batch == 1
+        x = torch.randn(3, 3, 17, 17)
+        with torch.no_grad():
+            want = torch.cat([model(image[None]) for image in x])
+        torch.testing.assert_close(adapter.run(x).scores, want, rtol=1e-5, atol=1e-5)
+    # A graph whose dynamic batch is real is run batched, without a record.
+    plain = load_model(export_onnx(calibrate_(SmallCNN(), 17).eval(), tmp_path / "ok.onnx", 17))
+    assert "fixed_batch" not in plain.describe() and plain.input_spec.batch is None
