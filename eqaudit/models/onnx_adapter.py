@@ -435,10 +435,12 @@ class OnnxAdapter(ModelAdapter):
     def _walk_graph(self) -> list[tuple[str, str]]:
         """Candidate layers: float outputs of nodes that depend on the image, in node order."""
         graph = self.model.graph
+        inferred = self._inferred_model().graph
         types = {
-            v.name: v.type.tensor_type.elem_type for v in self._inferred_model().graph.value_info
+            v.name: v.type.tensor_type.elem_type
+            for v in [*inferred.value_info, *inferred.output]
+            if v.type.HasField("tensor_type")
         }
-        outputs = {o.name for o in graph.output}
         consumers: dict[str, set[str]] = {}
         for node in graph.node:
             for name in node.input:
@@ -448,7 +450,9 @@ class OnnxAdapter(ModelAdapter):
             for out in node.output:
                 if not out:
                     continue
-                if out in outputs or node.op_type in _SKIP_OPS:
+                if out == self.output_name or node.op_type in _SKIP_OPS:
+                    # (The class scores are audited as outputs; a model's other outputs, a
+                    # second head or features, are layers, as a PyTorch module's are.)
                     continue
                 if node.op_type in ("Add", "Sum") and consumers.get(out, set()) <= {"Add", "Sum"}:
                     # A partial sum, read only by further additions: the dynamo exporter writes

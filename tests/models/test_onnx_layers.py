@@ -60,3 +60,36 @@ def test_layers_are_learnt_from_an_image_a_standardising_model_can_take(tmp_path
         result = eqaudit.audit(model, "flips", input_size=9, num_images=3, lie=False)
         assert any("conv" in row["layer"] for row in result.layers)  # "conv", "/conv/Conv_..."
         assert inspect_model(model, input_size=(9, 9))["num_classes"] == 5
+
+
+class TwoHeads(ConvHead):
+    """Class scores, a second head's scores, and the argmax: three graph outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor):
+        scores = self.head(torch.relu(self.conv(x)))
+        return scores, self.aux(scores), scores.argmax(1)
+
+
+def test_a_graphs_other_outputs_are_layers_as_a_modules_are(tmp_path) -> None:
+    # With --output-name picking one head, the other head (a graph output) was left out of the
+    # layers, where the same PyTorch module's other head is audited (review). An integer
+    # output is no layer.
+    torch.manual_seed(0)
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(
+        TwoHeads().eval(),
+        (torch.zeros(1, 3, 9, 9),),
+        str(path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["scores", "aux", "label"],
+        dynamic_axes={"image": {0: "batch"}},
+    )
+    names = {layer.name for layer in load_model(path, output_name="scores").layers()}
+    assert "aux" in names and "scores" not in names and "label" not in names
+    names = {layer.name for layer in load_model(path, output_name="aux").layers()}
+    assert "scores" in names and "aux" not in names
