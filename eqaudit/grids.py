@@ -68,6 +68,8 @@ many candidate sizes cheaply.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import logging
 import math
@@ -2405,14 +2407,16 @@ def _scaled_sizes(state: Any, scales: Sequence[float] | None) -> tuple[int, int]
 
 @contextmanager
 def _quiet_export_logs() -> Iterator[None]:
-    """torch logs a full traceback (fake-tensor and export internals) before raising; the
-    exception says the same, and its first line reaches the user as the reason."""
+    """torch logs a full traceback (fake-tensor and export internals) before raising, and
+    prints the partial graph's code to stderr (a data-dependent branch); the exception says
+    the same, and its first line reaches the user as the reason."""
     loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -2423,6 +2427,8 @@ _EXPORT_LOGGERS = (
     "torch._export",
     "torch._subclasses.fake_tensor",
     "torch._dynamo",
+    # (A data-dependent branch: "Unable to find user code", then the whole graph's code.)
+    "torch.fx.experimental.symbolic_shapes",
 )
 
 

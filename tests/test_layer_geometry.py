@@ -513,6 +513,77 @@ def test_attention_scores_of_pytorch_modules_are_not_audited_as_image_maps() -> 
     assert {row["layer"] for row in result.layers} == {"embed"}
 
 
+class ChannelsLastNorm(nn.Module):
+    """A stride-2 conv, a ConvNeXt-style LayerNorm and Linear over channels-last maps, a
+    pooled head; with ``branch``, a data-dependent ``if`` that torch.export cannot trace."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.branch = branch
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        with torch.no_grad():  # flip-symmetric kernels: every map is flip-equivariant
+            self.conv.weight.copy_((self.conv.weight + self.conv.weight.flip(-1)) / 2)
+        self.norm = nn.LayerNorm(6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.branch and float(h.mean()) > 1e9:
+            h = h * 2
+        h = self.mix(self.norm(h.permute(0, 2, 3, 1)))  # (batch, 5, 5, 6)
+        return self.head(h.mean((1, 2)))
+
+
+def test_channels_last_maps_of_no_known_layout_are_read_by_their_shape() -> None:
+    # Without a graph (export fails on the branch), the norm's (batch, 5, 5, 6) maps were read
+    # as 5 channels of 5x6 and compared as such (review); with a graph, inspect printed them
+    # before the graph gave their layout. A map of a known map's size in its first two axes,
+    # where the channels-first reading matches none, is channels-last.
+    from eqaudit.inspect import inspect_model
+
+    for branch in (True, False):
+        torch.manual_seed(0)
+        model = ChannelsLastNorm(branch).eval()
+        info = inspect_model(model, input_size=(9, 9))
+        shapes = {layer["name"]: layer["shape"] for layer in info["layers"]}
+        assert shapes["norm"] == shapes["mix"] == [6, 5, 5], (branch, shapes)
+        result = eqaudit.audit(model, "flips", input_size=9, num_images=2)
+        rows = {row["layer"]: row for row in result.layers if row["transform"] == "flip_h"}
+        assert rows["norm"]["shape"] == "6x5x5"
+        # Pointwise over channels after a flip-equivariant conv: equivariant, read right.
+        for name in ("conv", "norm", "mix"):
+            assert rows[name]["relative_error"] < 1e-6, (branch, name, rows[name])
+
+
+class TokensBackToMaps(nn.Module):
+    """A patch embedding, a layer over its token sequence, the tokens put back on the patch
+    grid channels-last (a Swin's window reverse), and a norm over channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 3, stride=3)
+        self.mix = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))  # (batch, 9, 6)
+        maps = self.norm(tokens.reshape(x.shape[0], 3, 3, 6))  # (batch, 3, 3, 6)
+        return self.head(maps.mean((1, 2)))
+
+
+def test_maps_rebuilt_from_tokens_channels_last_are_audited_not_dropped() -> None:
+    # A Swin keeps (batch, H, W, C) maps between its blocks; read as (C=H, W, C) of no known
+    # size they were dropped as "token sequences and attention scores" (review).
+    torch.manual_seed(0)
+    result = eqaudit.audit(TokensBackToMaps().eval(), "flips", input_size=9, num_images=2)
+    shapes = {row["layer"]: row["shape"] for row in result.layers}
+    assert shapes == {"embed": "6x3x3", "norm": "6x3x3"}  # mix: tokens, not audited
+    notes = result.summary["geometry"]["notes"]
+    assert any(n.startswith("1 layer is not audited: ") and n.endswith("(mix)") for n in notes)
+
+
 class SpaceToDepth(nn.Module):
     """A space-to-depth stem written with reshape and permute (rank 6 and back): its grid is
     lost at the reshape, but its maps are image maps, never token sequences."""

@@ -37,6 +37,7 @@ the sink after the run, once per layer, with the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from abc import ABC, abstractmethod
@@ -183,6 +184,17 @@ class _SinkFailed(Exception):
         self.error = error
 
 
+#: Ops whose rank-4 output is channels-first by definition (PyTorch modules, ONNX ops).
+_CHANNELS_FIRST_OPS = frozenset(
+    {
+        *("Conv1d", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "InstanceNorm2d", "GroupNorm"),
+        *("MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "LPPool2d"),
+        *("Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization"),
+        *("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"),
+    }
+)
+
+
 @dataclass
 class RunOutput:
     """Scores ``(B, K)`` float32 and canonical activations by layer name."""
@@ -257,6 +269,9 @@ class ModelAdapter(ABC):
         self.unauditable: list[str] = []
         #: what loading changed that the user should know (shown with the preprocessing notes)
         self.load_notes: list[str] = []
+        #: rank-4 layers of no known layout that the probe reads as channels-last by their
+        #: shape (:meth:`_guess_channels_last`)
+        self._channels_last_guess: set[str] = set()
         self.output_name: str = "output"
         self._grid_graph: tuple[GridGraph | None, str | None] | None = None
 
@@ -283,6 +298,8 @@ class ModelAdapter(ABC):
     def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
         """Canonical form of a raw activation: (B, C, H, W), (B, D), or None (not auditable)."""
         if value.ndim == 4:
+            if name in self._channels_last_guess:
+                return value.permute(0, 3, 1, 2)
             return value
         if value.ndim == 2:
             return value
@@ -354,10 +371,17 @@ class ModelAdapter(ABC):
         auditable (neither spatial maps nor flat features), and keep their names in
         :attr:`unauditable`."""
         names = [layer.name for layer in self.layers()]
+        with contextlib.suppress(Exception):  # (geometry is a help: layouts, before the run)
+            self.grid_graph()
+        self._channels_last_guess = set()
         out = self.run(example[:1], names)
         probed = []
         self.unauditable = [name for name in names if name not in out.activations]
         shapes = {name: tuple(value.shape[1:]) for name, value in out.activations.items()}
+        self._channels_last_guess = self._guess_channels_last(shapes, tuple(example.shape[-2:]))
+        for name in self._channels_last_guess:
+            height, width, channels = shapes[name]
+            shapes[name] = (channels, height, width)
         not_maps = self._not_image_maps(shapes, tuple(example.shape[-2:]))
         self.unauditable += [name for name in names if name in not_maps]
         for layer in self.layers():
@@ -366,6 +390,42 @@ class ModelAdapter(ABC):
             probed.append(replace(layer, index=len(probed), shape=shapes[layer.name]))
         self._layers = probed
         return probed
+
+    def _guess_channels_last(
+        self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
+    ) -> set[str]:
+        """Rank-4 layers whose layout the graph does not give (no graph: a module torch.export
+        cannot trace; a map rebuilt from a token sequence: a Swin's window reverse) and whose
+        shape reads as channels-last: ``(H, W, C)`` with ``H x W`` the size of a map of known
+        layout, where the channels-first reading ``(C, H, W)`` matches none. Maps of known
+        layout: those with a grid, and the outputs of ops that are channels-first by
+        definition (convolutions, pooling, batch norm). Read as ``(C, H, W)``, ConvNeXt's
+        channels-last LayerNorm on an 8x8 map of 16 channels was an 8-channel 8x16 map,
+        compared as such (review)."""
+        from eqaudit.grids import Grid
+
+        try:
+            graph = self.grid_graph()
+            grids = graph.grids(*size) if graph is not None else {}
+            layouts = graph.layouts(*size) if graph is not None else {}
+        except Exception:  # geometry is a help; never a reason to fail here
+            grids, layouts = {}, {}
+        ops = {layer.name: layer.op for layer in self.layers()}
+        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
+        known |= {
+            shape[1:]
+            for name, shape in shapes.items()
+            if len(shape) == 3 and ops.get(name) in _CHANNELS_FIRST_OPS
+        }
+        return {
+            name
+            for name, shape in shapes.items()
+            if len(shape) == 3
+            and layouts.get(name) is None
+            and ops.get(name) not in _CHANNELS_FIRST_OPS
+            and shape[:2] in known
+            and shape[1:] not in known
+        }
 
     def _not_image_maps(
         self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
