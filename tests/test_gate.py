@@ -423,6 +423,9 @@ def test_check_fails_with_exit_1_and_junit_names_the_failures(files, biased, tmp
     assert suite.get("failures") == "2"
     message = cases["score"].find("failure").get("message")
     assert shown(biased.score) in message and ">= 99" in message
+    # A passed case says what was measured too (it carried nothing).
+    passed = cases["js[rot90]"].find("system-out").text
+    assert passed.startswith("js[rot90] = ") and "<= 1 (" in passed
     markdown = (out / "summary.md").read_text()
     assert markdown.startswith("## eqaudit gate: FAILED")
     assert "❌ **FAIL** | score" in markdown

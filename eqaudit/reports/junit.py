@@ -1,8 +1,8 @@
 """junit.xml: one test case per gate check, for the test reporters of CI systems.
 
 A failed check carries a ``<failure>`` whose message names the check, the measured value (as
-printed, the value that was compared) and the threshold; a check that could not be evaluated is
-``<skipped>`` with the reason. Built with :mod:`xml.etree.ElementTree`, so every name taken from
+printed, the value that was compared) and the threshold; a passed one the same line as its
+``<system-out>``; a check that could not be evaluated is ``<skipped>`` with the reason. Built with :mod:`xml.etree.ElementTree`, so every name taken from
 a model (layer names, element names) is escaped; characters XML 1.0 forbids are dropped.
 """
 
@@ -78,6 +78,8 @@ def junit_xml(
             )
         elif check["status"] == "skipped":
             ET.SubElement(case, "skipped", message=_text(check.get("reason") or "not evaluated"))
+        elif check.get("message"):  # passed: the value and threshold, as CI viewers show output
+            ET.SubElement(case, "system-out").text = _text(check["message"])
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, "unicode") + "\n"
 
