@@ -707,5 +707,16 @@ def write_comparison(
         write_compare_html(data, staging)
         return list(FILES)
 
-    stale = () if audits_written else COMPARE_FOLDERS
+    # (Never a folder that holds an audit being compared: 'compare out/a out/b -o out'
+    # re-compares the audits an earlier comparison kept there.)
+    sources_at = {
+        (Path(src) if Path(src).is_dir() else Path(src).parent).resolve()
+        for src in sources
+        if isinstance(src, (str, Path)) and is_saved_report(src)
+    }
+    stale = tuple(
+        name
+        for name in ([] if audits_written else COMPARE_FOLDERS)
+        if not any(at.is_relative_to((Path(out_dir) / name).resolve()) for at in sources_at)
+    )
     return write_folder(Path(out_dir), produce, set(FILES) | KNOWN_FILES, stale)  # (a check's too)

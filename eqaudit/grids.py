@@ -69,12 +69,13 @@ many candidate sizes cheaply.
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import logging
 import math
 import operator
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -242,14 +243,18 @@ class GridGraph:
 
     def token_descendants(self) -> set[str]:
         """Names of the tensors computed from a token sequence: a rank-3 tensor of image content
-        (a ViT's ``(batch, tokens, dim)``), and everything computed from one (attention scores
-        ``(batch, heads, tokens, tokens)``). Needs the ranks the graph recorded; without them,
-        none."""
+        (a ViT's ``(batch, tokens, dim)``), and what is computed from token tensors alone
+        (attention scores ``(batch, heads, tokens, tokens)``, a residual sum of two). An op
+        that also reads a tensor of no token descent is not: a squeeze-excite gate, an ECA or
+        global-context block, a non-local block's output added back to its input. Their
+        squeezes go through ``(batch, C, H*W)``, and the maps they gate stay image maps.
+        Needs the ranks the graph recorded; without them, none."""
         tokens: set[str] = set()
         for step in self._steps:
-            if step.meta or not any(name in self._content for name in step.inputs):
+            content = [name for name in step.inputs if name in self._content]
+            if step.meta or not content:
                 continue
-            inherited = any(name in tokens for name in step.inputs)
+            inherited = all(name in tokens for name in content)
             tokens.update(o for o in step.outputs if inherited or self._ranks.get(o) == 3)
         return {name for name, tensor in self._public.items() if tensor in tokens}
 
@@ -2300,6 +2305,8 @@ def _adaptive_state(state: Any, sizes: Sequence[int | None], label: str) -> Any:
 def _adaptive_window(n: int, m: int) -> tuple[int, int] | None:
     """``(kernel, stride)`` when adaptive pooling of ``n`` cells into ``m`` has windows of one
     size at one spacing (PyTorch's bounds: ``floor(i n / m)`` to ``ceil((i + 1) n / m)``)."""
+    if n < m:  # (cells repeated, not pooled: several windows start at one cell)
+        return None
     starts = [i * n // m for i in range(m)]
     ends = [-(-(i + 1) * n // m) for i in range(m)]
     sizes = {e - b for b, e in zip(starts, ends, strict=True)}
@@ -2415,11 +2422,38 @@ def _quiet_export_logs() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(_MutedForThisThread(sys.stderr)):
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+class _MutedForThisThread:
+    """``sys.stderr`` while an export runs: the exporting thread's writes are dropped, other
+    threads' (a progress bar's refresh) still reach the stream, which a plain redirect would
+    swallow, leaving a live display's cursor moves out of step with what the terminal shows."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._muted = threading.get_ident()
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self._muted:
+            return len(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 _EXPORT_LOGGERS = (

@@ -325,6 +325,10 @@ def test_a_compare_of_saved_audits_removes_an_earlier_comparisons_audits(files, 
     # ... and a compare of models writes its own a/ and b/, kept.
     assert run_compare(files, "sym", "biased", out, "--no-layers").exit_code == 0
     assert (out / "a" / "summary.json").is_file() and (out / "b" / "summary.json").is_file()
+    # Comparing the kept audits again into their folder keeps them (it deleted both).
+    again = runner.invoke(app, ["compare", str(out / "a"), str(out / "b"), "-o", str(out)])
+    assert again.exit_code == 0, again.output
+    assert (out / "a" / "summary.json").is_file() and (out / "b" / "summary.json").is_file()
 
 
 def test_the_console_table_fits_an_80_column_terminal(files, tmp_path, monkeypatch) -> None:

@@ -556,6 +556,69 @@ def test_channels_last_maps_of_no_known_layout_are_read_by_their_shape() -> None
             assert rows[name]["relative_error"] < 1e-6, (branch, name, rows[name])
 
 
+class SqueezeExcite(nn.Module):
+    """A conv, a squeeze-excite gate whose squeeze goes through ``(batch, C, H*W)`` (as
+    ``x.view(b, c, -1).mean(-1)`` writes it), then a strided conv at a new resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Linear(4, 4)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        b, c = h.shape[:2]
+        weights = torch.sigmoid(self.gate(h.view(b, c, -1).mean(-1))).view(b, c, 1, 1)
+        return self.head(self.down(h * weights).mean((2, 3)))
+
+
+def test_a_squeeze_excite_gate_does_not_make_the_maps_after_it_tokens() -> None:
+    # Its (batch, C, H*W) squeeze is rank 3: every map after the gate counted as computed from
+    # a token sequence, and the new-resolution ones were dropped as attention tensors (review).
+    torch.manual_seed(0)
+    result = eqaudit.audit(SqueezeExcite().eval(), "flips", input_size=9, num_images=2)
+    assert {row["layer"]: row["shape"] for row in result.layers} == {
+        "conv": "4x9x9",
+        "gate": "4",
+        "down": "4x5x5",
+    }
+
+
+class HalfPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 2)  # no channels-first module op
+
+
+class PoolAfterBranch(nn.Module):
+    """No graph (a data-dependent branch); on a 32x16 input, a functional pool gives a
+    16-channel 8x4 map whose channels-last reading (16 x 8) is a conv's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # 8 x 16x8
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)  # 16 x 16x8
+        self.down = HalfPool()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x))
+        if float(x.mean()) > 1e9:
+            x = x * 2
+        return self.fc(self.down(x).mean((2, 3)))
+
+
+def test_a_channels_first_map_with_the_inputs_aspect_is_not_read_channels_last() -> None:
+    from eqaudit.models import load_model
+
+    torch.manual_seed(0)
+    adapter = load_model(PoolAfterBranch().eval(), input_size=(32, 16))
+    shapes = {layer.name: layer.shape for layer in adapter.probe_layers(torch.rand(1, 3, 32, 16))}
+    assert adapter.grid_graph() is None
+    assert shapes["down"] == (16, 8, 4)  # it was read as (4, 16, 8)
+
+
 class TokensBackToMaps(nn.Module):
     """A patch embedding, a layer over its token sequence, the tokens put back on the patch
     grid channels-last (a Swin's window reverse), and a norm over channels."""

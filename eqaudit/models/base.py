@@ -401,7 +401,9 @@ class ModelAdapter(ABC):
         layout: those with a grid, and the outputs of ops that are channels-first by
         definition (convolutions, pooling, batch norm). Read as ``(C, H, W)``, ConvNeXt's
         channels-last LayerNorm on an 8x8 map of 16 channels was an 8-channel 8x16 map,
-        compared as such (review)."""
+        compared as such (review). A channels-first reading that is the input's size at one
+        stride is left alone: on a 32x16 input, a 16-channel 8x4 map of a functional pool
+        reads as channels-last of a known 16x8 map too."""
         from eqaudit.grids import Grid
 
         try:
@@ -417,6 +419,14 @@ class ModelAdapter(ABC):
             for name, shape in shapes.items()
             if len(shape) == 3 and ops.get(name) in _CHANNELS_FIRST_OPS
         }
+
+        def strided(h: int, w: int) -> bool:
+            """Whether ``h x w`` is the input's size at some stride (to within a cell)."""
+            return any(
+                abs(h - size[0] / s) < 1 and abs(w - size[1] / s) < 1
+                for s in range(1, max(size) + 1)
+            )
+
         return {
             name
             for name, shape in shapes.items()
@@ -425,6 +435,7 @@ class ModelAdapter(ABC):
             and ops.get(name) not in _CHANNELS_FIRST_OPS
             and shape[:2] in known
             and shape[1:] not in known
+            and not strided(shape[1], shape[2])
         }
 
     def _not_image_maps(

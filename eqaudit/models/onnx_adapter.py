@@ -361,8 +361,9 @@ class OnnxAdapter(ModelAdapter):
         """A graph that declares a dynamic batch may still hold the batch size it was traced at
         (a Swin's window reverse reshapes to ``(1, H, W, C)`` with the 1 written in): two
         probe images run together then fail, or silently mix. Run them together and alone
-        (three small runs, once per input size); on a failure or a difference the graph runs
-        one image at a time, and ``fixed_batch`` says why."""
+        (three small runs, once: a batch written into the graph does not depend on the image
+        size); on a failure or a difference the graph runs one image at a time, and
+        ``fixed_batch`` says why."""
         if self._declared_checked:
             return
         self._declared_checked = True
@@ -383,9 +384,13 @@ class OnnxAdapter(ModelAdapter):
             )
             if agrees is not False:
                 return  # (None: not finite on noise; the audit's own checks say so)
+            shapes = (
+                f"shape {list(together.shape)} for {list(alone.shape)}"
+                if together.shape != alone.shape
+                else "a batch size written into it, batch statistics or randomness"
+            )
             record["why"] = (
-                f"{declared} two images run together give other outputs than each alone "
-                f"(shape {list(together.shape)} for {list(alone.shape)})"
+                f"{declared} two images run together give other outputs than each alone ({shapes})"
             )
         self.fixed_batch = record
         self.input_spec = replace(spec, batch=1)

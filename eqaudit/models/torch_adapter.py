@@ -1384,15 +1384,18 @@ def _load_state(
     expected = module.state_dict()
     keys = set(state)
     # DataParallel checkpoints prefix every key with 'module.', a torch.compile'd module's
-    # with '_orig_mod.' (and DDP around a compiled module with both).
-    for prefix in ("module.", "_orig_mod."):
-        if (
-            keys
-            and all(k.startswith(prefix) for k in keys)
-            and not any(k.startswith(prefix) for k in expected)
-        ):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
-            keys = set(state)
+    # with '_orig_mod.'; nested, with both, in either order.
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if (
+                keys
+                and all(k.startswith(prefix) for k in keys)
+                and not any(k.startswith(prefix) for k in expected)
+            ):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                keys, stripped = set(state), True
     missing = [k for k in expected if k not in keys]
     unexpected = [k for k in state if k not in expected]
     mismatched = [

@@ -944,6 +944,9 @@ def test_adaptive_pool_is_a_window_when_its_windows_are_regular() -> None:
     assert "uneven" in graph.unknown_reason("1", 11, 12)
     seven = export(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(7)), (8, 8))
     assert seven.grids(8, 8)["1"] == Grid(axis(7, 1, 0.5), axis(7, 1, 0.5))
+    # Fewer cells than outputs (a 7x7 head at a CIFAR size): repeated, not pooled; no grid
+    # (its windows' stride of 0 divided by zero and lost every grid of the graph).
+    assert seven.grids(1, 1)["1"] is None and seven.grids(1, 1)["0"] is not None
     pooled = torch.nn.functional.adaptive_avg_pool2d(torch.arange(64.0).reshape(1, 1, 8, 8), 7)
     windows = torch.nn.functional.avg_pool2d(torch.arange(64.0).reshape(1, 1, 8, 8), 2, 1)
     torch.testing.assert_close(pooled, windows, rtol=0, atol=0)  # the rule's premise
@@ -1106,3 +1109,26 @@ def test_wrap_around_concatenation_is_a_padding_and_a_roll_is_not() -> None:
         helper.make_node("Concat", ["x", "r"], ["y"], axis=3),
     ]
     assert onnx_grid_graph(onnx_model(beside), "x", "NCHW").grids(8, 8)["y"] is None
+
+
+def test_a_failed_export_prints_nothing_and_mutes_only_its_own_thread(capfd) -> None:
+    # torch printed the partial graph's whole code to stderr on a data-dependent branch; a
+    # plain redirect of sys.stderr also swallowed other threads' writes (a progress bar's).
+    import sys
+    import threading
+
+    from eqaudit.grids import _quiet_export_logs, export_grid_graph
+
+    class Branch(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if float(x.mean()) > 0 else x
+
+    graph, note = export_grid_graph(Branch(), torch.zeros(1, 3, 8, 8))
+    assert graph is None and note.startswith("torch.export failed")
+    assert capfd.readouterr().err == ""
+    with _quiet_export_logs():
+        print("from the export", file=sys.stderr)
+        other = threading.Thread(target=lambda: print("from a progress bar", file=sys.stderr))
+        other.start()
+        other.join()
+    assert capfd.readouterr().err == "from a progress bar\n"

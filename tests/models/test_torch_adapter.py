@@ -254,7 +254,9 @@ def test_wrapped_state_dicts_load(tmp_path, wrapper):
     torch.testing.assert_close(adapter.run(x).scores, model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+@pytest.mark.parametrize(
+    "prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."]
+)
 def test_data_parallel_and_compile_prefixes_are_stripped(tmp_path, prefix):
     # DataParallel/DDP save 'module.' keys; a torch.compile'd module saves '_orig_mod.' keys.
     model = tiny()
