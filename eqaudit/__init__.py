@@ -27,7 +27,10 @@ if _sys.argv and _os.path.basename(_sys.argv[0]) in ("eqaudit", "eqaudit.exe"):
     _sys.excepthook = _interrupted
 
 from eqaudit.audit import audit  # noqa: E402
+from eqaudit.compare import compare  # noqa: E402
+from eqaudit.config import AuditConfig  # noqa: E402
 from eqaudit.errors import EqauditError  # noqa: E402
+from eqaudit.reports import write_report  # noqa: E402
 from eqaudit.results import AuditResult  # noqa: E402
 
 try:
@@ -35,4 +38,12 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-__all__ = ["AuditResult", "EqauditError", "__version__", "audit"]
+__all__ = [
+    "AuditConfig",
+    "AuditResult",
+    "EqauditError",
+    "__version__",
+    "audit",
+    "compare",
+    "write_report",
+]

@@ -29,6 +29,8 @@ order and of the batching: sums are exact, and predictions are ordered by positi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import fnmatch
 import itertools
 import math
@@ -38,7 +40,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -1767,6 +1769,22 @@ def audit(
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if config is not None and (options or transforms != "d4"):
+        given = ", ".join([*(["transforms"] if transforms != "d4" else []), *options])
+        raise UsageError(
+            f"audit() takes the options in config= or as keyword arguments, not both: {given} "
+            "would be ignored; put them in the AuditConfig (dataclasses.replace(config, ...))"
+        )
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(AuditConfig)})
+    if unknown:
+        fields = [f.name for f in dataclasses.fields(AuditConfig)]
+        hints = {"no_layers": "layers=False", "num_image": "num_images"}
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = hints.get(unknown[0]) or (close[0] if close else None)
+        raise UsageError(
+            f"audit() has no option {unknown[0]!r}"
+            + (f": did you mean {hint}?" if hint else f"; its options: {', '.join(fields)}")
+        )
     if config is None:
         if "input_size" in options:
             size, align = split_input_size(options["input_size"])
@@ -1792,8 +1810,29 @@ def audit(
         # A container's CPU limit: torch's default, a thread per core of the machine, would be
         # throttled (onnxruntime's adapter keeps to the limit the same way).
         threads = limit
-    with torch_threads(threads), kept_as_given(model):
+    with torch_threads(threads), kept_as_given(model), _kept_random_state(config.device):
         return _audit(model, config, data, progress, started, started_at)
+
+
+@contextlib.contextmanager
+def _kept_random_state(device: str) -> Iterator[None]:
+    """torch's random state as the caller left it, after the audit seeded it (the seed drives
+    any randomness in the model): a training loop that audits its checkpoints keeps its own
+    stream. The CPU generator's, and that of the CUDA device the audit runs on."""
+    cpu = torch.random.get_rng_state()
+    cuda: tuple[int, torch.Tensor] | None = None
+    if device.startswith("cuda"):
+        with contextlib.suppress(Exception):  # (no CUDA here: the audit says so itself)
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+            cuda = (index, torch.cuda.get_rng_state(index))
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            with contextlib.suppress(Exception):
+                torch.cuda.set_rng_state(cuda[1], cuda[0])
 
 
 def _audit(

@@ -34,9 +34,9 @@ def parse_input_size(text: str | int | tuple[int, int] | None) -> tuple[int, int
     """``"224"`` -> (224, 224); ``"48x192"`` -> (48, 192) (height x width)."""
     if text is None:
         return None
-    if isinstance(text, tuple):
-        size = text
-    elif isinstance(text, int):
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        size = tuple(text)
+    elif isinstance(text, int) and not isinstance(text, bool):
         size = (text, text)
     else:
         match = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+))?\s*", text)
@@ -149,6 +149,35 @@ class AuditConfig:
     label_action: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        # From Python: the forms the command line takes as text (input_size=224, output_name=1,
+        # mean="0.5,0.5,0.5", transforms=["d4", "rot:30"], device=torch.device("cuda")).
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", parse_input_size(self.input_size))
+        if self.output_name is not None and not isinstance(self.output_name, str):
+            object.__setattr__(self, "output_name", str(self.output_name))
+        if isinstance(self.transforms, (list, tuple)):
+            object.__setattr__(self, "transforms", ",".join(map(str, self.transforms)))
+        if not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                try:
+                    floats = tuple(float(v) for v in value.split(","))
+                except ValueError:
+                    raise UsageError(
+                        f"{key}={value!r} is not a list of numbers, e.g. 0.485,0.456,0.406"
+                    ) from None
+                object.__setattr__(self, key, floats)
+            elif isinstance(value, (int, float)):
+                object.__setattr__(self, key, (float(value),))
+            elif value is not None:
+                object.__setattr__(self, key, tuple(value))
+        for key in ("providers", "layer_patterns"):
+            if isinstance(getattr(self, key), str):
+                object.__setattr__(self, key, (getattr(self, key),))
+            else:
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         if self.outputs not in OUTPUT_KINDS:
             raise UsageError(
                 f"--outputs must be one of {', '.join(OUTPUT_KINDS)}, not '{self.outputs}'"

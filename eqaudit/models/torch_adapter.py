@@ -459,7 +459,9 @@ class TorchAdapter(ModelAdapter):
             return {}  # torch refuses Python hooks on ScriptModules
         found: dict[str, tuple[list[nn.Module], str]] = {}
         for name, sub in self.module.named_modules():
-            if not name or isinstance(sub, _CONTAINERS):
+            if not name or isinstance(sub, (*_CONTAINERS, nn.Identity)):
+                # (An Identity, timm's drop-path or norm placeholder, hands out its input: the
+                # previous layer's numbers again, under a name the graph does not hold.)
                 continue
             if self._branches & set(name.split(".")):
                 continue
