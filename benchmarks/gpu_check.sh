@@ -9,7 +9,7 @@
 # "kernels syncs bench baselines tests time cli suite"), for a lease with little time left.
 # "kernels" times the per-layer D4 comparison's variants (bench_compare_kernels.py, ~1 min);
 # "suite" runs the whole test suite there (torch and onnxruntime as the image has them), with
-# pytest-xdist.
+# pytest-xdist (not in the dev extra: pip install pytest-xdist where it is missing).
 set -u
 images=${1:-256}
 long=${2:-2048}

@@ -1878,6 +1878,12 @@ def _audit(
         preprocessing = replace(preprocessing, channels=channels)
     preprocessing = _integer_pixels(adapter, config, preprocessing, notes)
     engine = Engine(adapter, elements, preprocessing, config)
+    if engine.margin:
+        notes.append(
+            f"the shifts cut their windows from images resized to their size plus "
+            f"{2 * engine.margin} pixels (--shift-mode crop): every element's numbers, the "
+            "identity's included, differ slightly from a battery without shifts"
+        )
     if config.threads is not None and config.threads > usable_cpus():
         engine.warnings.append(
             f"--threads {config.threads} is more than the {usable_cpus()} CPUs this process may "

@@ -140,7 +140,8 @@ OutputNameOpt = Annotated[
     str | None,
     typer.Option(
         help="The class-score output, when the model has several: ONNX, an output name; "
-        "PyTorch, an index of the returned tuple or a key of the returned dict."
+        "PyTorch, an index of the returned tuple, a key of the returned dict, or a field or "
+        "attribute name (a 'logits' entry is taken without it)."
     ),
 ]
 LayoutOpt = Annotated[
@@ -674,7 +675,7 @@ def inspect(
 @app.command("transforms")
 @_handle_errors
 def list_transforms() -> None:
-    """List the transform families, one line each."""
+    """List the transform families and their specs."""
     from eqaudit.reports import console
     from eqaudit.transforms import list_families
 
