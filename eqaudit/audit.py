@@ -563,6 +563,11 @@ class Engine:
         self.layer_states: list[LayerState] = []
         self.output_kind: str | None = None if config.outputs == "auto" else config.outputs
         self.output_kind_source = "auto" if config.outputs == "auto" else "option"
+        #: a model with one score per image: "logits" (z, read as scores [0, z]) or "probs"
+        #: (p, read as [1 - p, p]); None for two classes or more (see _binary_kind)
+        self.binary: str | None = None
+        #: what the engine decided that the user should know (with the preprocessing notes)
+        self.notes: list[str] = []
         self.warnings: list[str] = []
         self.predictions: list[pd.DataFrame] = []
         self.num_classes: int | None = None
@@ -783,6 +788,38 @@ class Engine:
             "check the preprocessing (--scale, --mean, --std) and the model"
         )
 
+    def _binary_kind(self, scores: torch.Tensor) -> None:
+        """A binary classifier with one score per image (a sigmoid head): agreement, JS and the
+        logit error of one class are 1, 0 and 0/0 whatever the model does. Its score is read
+        as two classes: a logit ``z`` as scores ``[0, z]`` (softmax gives ``[1 - sigmoid(z),
+        sigmoid(z)]``), a probability ``p`` as ``[1 - p, p]``. Probabilities when
+        ``--outputs probs`` says so, or (auto) when every score of the first batch lies in
+        [0, 1]."""
+        host = scores.detach().cpu()
+        finite = host[torch.isfinite(host)]
+        if self.config.outputs == "auto":
+            unit = finite.numel() > 0 and bool((finite >= 0).all() and (finite <= 1).all())
+            self.binary = "probs" if unit else "logits"
+        else:
+            self.binary = self.config.outputs
+        read = (
+            "probability p: scores [1 - p, p]"
+            if self.binary == "probs"
+            else "logit z: scores [0, z] (softmax: [1 - sigmoid(z), sigmoid(z)])"
+        )
+        source = "as --outputs says" if self.config.outputs != "auto" else "--outputs overrides"
+        self.notes.append(
+            f"the model gives one score per image, read as a binary classifier's {read}; class "
+            f"1 is the positive class ({source})"
+        )
+
+    def _two_classes(self, scores: torch.Tensor) -> torch.Tensor:
+        """A binary model's ``(..., 1)`` scores as two classes (:meth:`_binary_kind`)."""
+        if self.binary is None or scores.shape[-1] != 1:
+            return scores
+        other = 1 - scores if self.binary == "probs" else torch.zeros_like(scores)
+        return torch.cat([other, scores], dim=-1)
+
     def _check_determinism(self, images: torch.Tensor, in_batch: torch.Tensor) -> None:
         """Warn when the scores of ``images`` are random (two runs of them alike in every way
         differ by more than 1e-5 of their scale: dropout) or depend on the rest of the batch
@@ -791,8 +828,8 @@ class Engine:
         can exceed 1e-5 between unlike runs: onnxruntime rounds a graph that hands out its
         layers differently (lost Conv + Add fusions: 2e-4 of a ResNet's logits), and oneDNN a
         batch of 64 differently from one of 2."""
-        alone = self.adapter.run(images).scores.double()
-        again = self.adapter.run(images).scores.double()
+        alone = self._two_classes(self.adapter.run(images).scores).double()
+        again = self._two_classes(self.adapter.run(images).scores).double()
         scale = max(alone.abs().max().item(), 1e-12)
         spread = (again - alone).abs().max().item()
         mixed = (in_batch.double() - alone).abs().max().item()
@@ -858,6 +895,9 @@ class Engine:
         self._update_layers(handed_out, fit)
         records, self._records = self._records, []
         scores = out.scores.reshape(g, b, -1)
+        if first and scores.shape[-1] == 1:
+            self._binary_kind(scores)
+        scores = self._two_classes(scores)
         if first:
             self._first_batch(scores, model_in[: min(b, 2)])
         self._track_spread(scores[0])
@@ -1946,6 +1986,7 @@ def _audit(
                 pending = launched
     finally:
         engine.close()
+    notes += engine.notes
 
     description = source.description
     spec = adapter.input_spec

@@ -249,9 +249,14 @@ def default_steps(input_size: tuple[int, int]) -> dict[str, float]:
 
 
 def normalised_derivative(scores: torch.Tensor, tangent: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per image, float64: ``||c(z')|| / ||c(z)||`` for logits, ``||z'||`` for probabilities."""
+    """Per image, float64: ``||c(z')|| / ||c(z)||`` for logits, ``||z'||`` for probabilities.
+    One score per image (a binary classifier) is read as two classes, as the audit reads it:
+    a logit ``z`` as ``[0, z]``, a probability ``p`` as ``[1 - p, p]``."""
     z = scores.to("cpu", torch.float64)
     dz = tangent.to("cpu", torch.float64)
+    if z.shape[1] == 1:
+        z = torch.cat([1 - z if kind == "probs" else torch.zeros_like(z), z], dim=1)
+        dz = torch.cat([-dz if kind == "probs" else torch.zeros_like(dz), dz], dim=1)
     if kind == "probs":
         return dz.norm(dim=1)
     z = z - z.mean(dim=1, keepdim=True)

@@ -278,3 +278,62 @@ def test_a_quarter_turn_is_exact_on_a_square_input_and_resampled_on_another() ->
     exact = {row["transform"]: row["exact"] for row in wide.outputs}
     assert exact == {"id": True, "rot90": False, "rot180": True}
     assert wide.outputs[1]["skipped"] is None and wide.outputs[1]["agreement"] is not None
+
+
+class SignedHalves(nn.Module):
+    """One logit per image: 8 x (right half's mean - left half's), whose sign a left-right
+    mirror flips and an up-down one keeps; ``sigmoid``: its probability instead."""
+
+    def __init__(self, sigmoid: bool = False) -> None:
+        super().__init__()
+        self.sigmoid = sigmoid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1] // 2
+        z = 8 * (x[..., w:].mean((1, 2, 3)) - x[..., :w].mean((1, 2, 3)))[:, None]
+        return torch.sigmoid(z) if self.sigmoid else z
+
+
+def test_a_binary_classifier_with_one_score_is_read_as_two_classes() -> None:
+    # One score per image gave agreement 1, JS 0 and score 100 whatever the model did: one
+    # class is always the top-1 class (review). A logit z is read as scores [0, z], a
+    # probability p as [1 - p, p]; the same model gives the same numbers either way.
+    images = torch.rand(6, 3, 16, 16)
+    results = [
+        eqaudit.audit(
+            SignedHalves(sigmoid).eval(), "flips", images.numpy(), input_size=16, layers=False
+        )
+        for sigmoid in (False, True)
+    ]
+    z = SignedHalves()(images).squeeze(1).double()
+    p = torch.sigmoid(z)
+    own, mirrored = torch.stack([1 - p, p], 1), torch.stack([p, 1 - p], 1)
+    m = (own + mirrored) / 2
+    kl = lambda a, b: (a * torch.log2(a / b)).sum(1)  # noqa: E731
+    js = (0.5 * kl(own, m) + 0.5 * kl(mirrored, m)).mean().item()
+    for result, kind in zip(results, ("logits", "probs"), strict=True):
+        assert result.summary["model"]["num_classes"] == 2
+        assert result.summary["model"]["output_kind"] == kind
+        assert result.output("flip_h")["agreement"] == 0.0  # every decision flips
+        assert result.output("flip_h")["js_divergence"] == pytest.approx(js, rel=1e-5)
+        assert result.output("flip_v")["agreement"] == 1.0
+        assert result.summary["preprocessing"]["notes"][-1].startswith(
+            "the model gives one score per image, read as a binary classifier's "
+            + ("logit z: scores [0, z]" if kind == "logits" else "probability p: scores [1 - p, p]")
+        )
+    # A mirror that swaps the two classes, declared: then it is equivariant.
+    swapped = eqaudit.audit(
+        SignedHalves().eval(),
+        "flips",
+        images.numpy(),
+        input_size=16,
+        layers=False,
+        label_action={"flip_h": "swap:0,1", "flip_v": "id"},
+    )
+    assert swapped.output("flip_h")["agreement"] == 1.0
+    # Its Lie derivatives read the same two classes (the centred logit of one class is 0).
+    lie = eqaudit.audit(
+        SignedHalves().eval(), "flips", images.numpy(), input_size=16, layers=False, lie=True
+    )
+    rotation = next(r for r in lie.summary["lie"]["outputs"] if r["generator"] == "rotation")
+    assert rotation["mean"] > 0.01
