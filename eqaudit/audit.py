@@ -1854,6 +1854,19 @@ def audit(
         return _audit(model, config, data, progress, started, started_at)
 
 
+def _array_size(data: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of an in-memory image array ``(N, H, W[, C])`` or ``(N, C, H, W)`` (channels
+    1, 3 or 4); None for anything else."""
+    shape = tuple(getattr(data, "shape", ()))
+    if not isinstance(data, (np.ndarray, torch.Tensor)) or len(shape) not in (3, 4):
+        return None
+    if len(shape) == 3 or shape[3] in (1, 3, 4):
+        return int(shape[1]), int(shape[2])
+    if shape[1] in (1, 3, 4):
+        return int(shape[2]), int(shape[3])
+    return None
+
+
 @contextlib.contextmanager
 def _kept_random_state(device: str) -> Iterator[None]:
     """torch's random state as the caller left it, after the audit seeded it (the seed drives
@@ -1907,12 +1920,19 @@ def _audit(
         input_size=None if config.align_input else config.input_size,
     )
     size_choice = None
+    notes: list[str] = list(adapter.load_notes)
     if config.align_input:
         size_choice = choose_input_size(adapter, config, elements)
     elif config.input_size is not None:
         adapter.with_input_size(*config.input_size)
+    elif None in (adapter.input_spec.height, adapter.input_spec.width):
+        size = _array_size(data)
+        if size is not None:  # (from Python: an array's images fix the size a module takes)
+            adapter.with_input_size(*size)
+            notes.append(
+                f"input size {size[0]}x{size[1]}: the array's images (input_size= sets it)"
+            )
     place(adapter, config.device)
-    notes: list[str] = list(adapter.load_notes)
     channels = _resolve_channels(adapter, config, notes)
     if channels != preprocessing.channels and channels is not None:
         preprocessing = replace(preprocessing, channels=channels)

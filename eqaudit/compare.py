@@ -167,6 +167,14 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
     for frame in (pa, pb):
         frame["image"] = frame["image"].astype(str)
     ids_a, ids_b = set(pa["image"]), set(pb["image"])
+    hashes = [r.summary["data"].get("sha256") for r in (a, b)]
+    if None not in hashes and hashes[0] != hashes[1]:
+        # (An array's ids are its positions, array[3], whatever it holds.)
+        raise DataError(
+            "A and B were audited on different image arrays (their images' SHA-256 differ, "
+            "though their ids are the same positions): a paired comparison needs the same "
+            "--data, --num-images and --seed for both"
+        )
     if ids_a != ids_b:
         raise DataError(
             f"A and B were audited on different images ({len(ids_a - ids_b)} only in A, e.g. "

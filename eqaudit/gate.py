@@ -396,6 +396,7 @@ def fingerprint(result: AuditResult) -> dict:
             "synthetic": data["synthetic"],
             "labelled": data["labelled"],
             "image_ids_sha256": image_ids_sha256(result),
+            **({"sha256": data["sha256"]} if data.get("sha256") else {}),
         },
         "seed": s["seed"],
     }
@@ -511,6 +512,8 @@ def check_fingerprint(baseline: dict, result: AuditResult, name: str | Path) -> 
     if not new["data"]["synthetic"]:
         old.pop("seed", None)
         new.pop("seed", None)
+    if "sha256" not in (old.get("data") or {}):  # (a baseline from before arrays were hashed)
+        new["data"] = {k: v for k, v in new["data"].items() if k != "sha256"}
     differences = _differences(old, new, "")
     if differences:
         raise ConfigError(

@@ -76,3 +76,29 @@ def test_identity_modules_are_not_layers() -> None:
 def test_the_api_exports_what_a_script_needs() -> None:
     for name in ("audit", "compare", "write_report", "AuditConfig", "AuditResult"):
         assert name in eqaudit.__all__ and hasattr(eqaudit, name)
+
+
+def test_an_arrays_images_fix_a_modules_input_size() -> None:
+    images = torch.rand(2, 3, 33, 33)
+    result = eqaudit.audit(symmetric_cnn(), "flips", images, layers=False)
+    assert result.summary["model"]["input"]["height"] == 33
+    assert "input size 33x33: the array's images" in result.summary["preprocessing"]["notes"][0]
+
+
+def test_audits_of_two_arrays_are_not_paired_by_their_positions(tmp_path) -> None:
+    # Two arrays' images are both array[0], array[1] ...: compare paired unrelated images and
+    # a baseline accepted another array (review). Their images are hashed now.
+    from eqaudit.errors import ConfigError, DataError
+    from eqaudit.gate import evaluate_gate, load_baseline, save_baseline
+
+    model, one, other = symmetric_cnn(), torch.rand(4, 3, 33, 33), torch.rand(4, 3, 33, 33)
+    a = eqaudit.audit(model, "flips", one, layers=False)
+    again = eqaudit.audit(model, "flips", one.clone(), layers=False)
+    b = eqaudit.audit(model, "flips", other, layers=False)
+    assert a.summary["data"]["sha256"] == again.summary["data"]["sha256"]
+    assert eqaudit.compare(a, again)[0].data["outputs"]
+    with pytest.raises(DataError, match="different image arrays"):
+        eqaudit.compare(a, b)
+    path = save_baseline(a, tmp_path / "base.json")
+    with pytest.raises(ConfigError, match=r"data\.sha256"):
+        evaluate_gate(b, eqaudit.config.GateConfig(baseline=str(path)), load_baseline(path))

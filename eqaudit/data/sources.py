@@ -19,6 +19,7 @@ sorted order, so a seed always picks the same images.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -83,9 +84,12 @@ class DataDescription:
     labelled: bool
     skipped: tuple[str, ...] = ()  # "rel/path.png: reason", one per unreadable file
     notes: tuple[str, ...] = ()  # visible notes ("3 grayscale images converted to RGB")
+    #: an array's audited images, hashed (SHA-256 of their bytes, dtype and shape): their ids
+    #: are positions, ``array[3]``, which two arrays share whatever they hold
+    sha256: str | None = None
 
     def to_dict(self) -> dict:
-        return {
+        found = {
             "source": self.source,
             "path": self.path,
             "count": self.count,
@@ -94,6 +98,7 @@ class DataDescription:
             "skipped": list(self.skipped),
             "notes": list(self.notes),
         }
+        return {**found, "sha256": self.sha256} if self.sha256 is not None else found
 
 
 @dataclass
@@ -640,6 +645,17 @@ class ArraySource(ImageSource):
             out[i] = _fit(image, geometry)
 
 
+def _array_sha256(array: np.ndarray, indices: np.ndarray) -> str:
+    """SHA-256 of the images ``array[indices]`` (dtype, shape, bytes), read in slices of at
+    most 64 MiB: a memory-mapped .npy is not read whole into memory."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape[1:]}".encode())
+    per_image = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+    step = max(1, (64 << 20) // per_image)
+    for start in range(0, len(indices), step):
+        digest.update(np.ascontiguousarray(array[indices[start : start + step]]).tobytes())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class _ArrayLayout:
     """How to read an image array: axis order, value scale, and which images are used."""
@@ -698,6 +714,7 @@ def _open_array(
         synthetic=False,
         labelled=labels is not None,
         notes=tuple(notes),
+        sha256=_array_sha256(array, indices),
     )
     return ArraySource(
         array=array,

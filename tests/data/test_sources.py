@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -396,8 +397,15 @@ def test_nhwc_uint8_npy(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", values)
     source = open_images(tmp_path / "x.npy", size=(8, 8))
     assert source.ids == ["array[0]", "array[1]", "array[2]"]
+    # The images' hash: dtype and shape, then their bytes (an array's ids are positions).
+    digest = hashlib.sha256(b"|u1(8, 8, 3)" + values.tobytes()).hexdigest()
     assert source.description == DataDescription(
-        source="array", path=str(tmp_path / "x.npy"), count=3, synthetic=False, labelled=False
+        source="array",
+        path=str(tmp_path / "x.npy"),
+        count=3,
+        synthetic=False,
+        labelled=False,
+        sha256=digest,
     )
     expected = torch.from_numpy(values.astype(np.float32) / np.float32(255)).permute(0, 3, 1, 2)
     assert torch.equal(all_pixels(source, 2), expected)
