@@ -20,7 +20,8 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 ``seed``, ``options`` the resolved AuditConfig
 ``warnings``         list of one-line strings shown to the user
 ``scores``           {"robustness_score", "mean_agreement", "mean_js_divergence",
-                      "orbit_consistency", "worst_transform", "worst_accuracy", "orbit_accuracy",
+                      "orbit_consistency", "worst_transform", "worst_agreement",
+                      "worst_accuracy", "orbit_accuracy",
                       "clean_accuracy", "layer_relative_error" (mean over scored non-identity
                       layer rows), "worst_layer"}
 ``outputs``          one row per element (identity first): transform, family, mode, exact, n,
@@ -41,7 +42,9 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
                       (with --lie, PyTorch models; on the identity row)]
 ``geometry``         {"input_size", "size_choice", "misaligned_mode", "grid_source",
                       "aligned_pairs", "misaligned_pairs", "unknown_pairs", "notes"}
-``lie``              with --lie: {"method", "step", "generators": {name: {"unit", "mean", ...}}}
+``lie``              with --lie: {"method", "steps": {generator: step}, "outputs": [one row per
+                      generator: generator, unit, n, mean, std, p95, max, method], "layers":
+                      [per-layer contributions]}
 ``run``              {"started_at", "duration_s", "host"}: the only block that changes between
                       two identical runs
 
@@ -175,7 +178,7 @@ def json_ready(obj: Any) -> Any:
     return clean_number(obj)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AuditResult:
     """What an audit measured. ``summary`` is exactly the content of summary.json."""
 
@@ -187,6 +190,16 @@ class AuditResult:
     gallery: dict = field(default_factory=lambda: {"flips": [], "orbits": []})
     #: ``eqaudit check --shard``: the mergeable state (JSON payload, arrays), see eqaudit.shard
     shard_state: tuple[dict, dict] | None = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # (The dataclass repr printed the whole summary: some 50k characters in a notebook.)
+        s = self.summary
+        model, data = s.get("model") or {}, s.get("data") or {}
+        return (
+            f"AuditResult(model={model.get('name')!r}, transforms="
+            f"{(s.get('transforms') or {}).get('spec')!r}, images={data.get('count')}, "
+            f"score={self.score}, layers={len({r['layer'] for r in s.get('layers') or []})})"
+        )
 
     # -- convenient views --------------------------------------------------------------------
     @property

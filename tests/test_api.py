@@ -102,3 +102,10 @@ def test_audits_of_two_arrays_are_not_paired_by_their_positions(tmp_path) -> Non
     path = save_baseline(a, tmp_path / "base.json")
     with pytest.raises(ConfigError, match=r"data\.sha256"):
         evaluate_gate(b, eqaudit.config.GateConfig(baseline=str(path)), load_baseline(path))
+
+
+def test_a_result_prints_as_one_short_line() -> None:
+    result = eqaudit.audit(symmetric_cnn(), "flips", input_size=33, num_images=2)
+    text = repr(result)
+    assert text.startswith("AuditResult(model='<module>', transforms='flips', images=2, score=")
+    assert len(text) < 200 and text.endswith(f"layers={len({r['layer'] for r in result.layers})})")
