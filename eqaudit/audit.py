@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eqaudit.config import AuditConfig, parse_shard, split_input_size
+from eqaudit.config import AuditConfig
 from eqaudit.data import (
     ImageSource,
     Preprocessing,
@@ -111,7 +111,6 @@ from eqaudit.transforms.labels import (
     LabelAction,
     build_label_action,
     invert,
-    parse_label_action_options,
 )
 
 
@@ -566,8 +565,6 @@ class Engine:
         #: a model with one score per image: "logits" (z, read as scores [0, z]) or "probs"
         #: (p, read as [1 - p, p]); None for two classes or more (see _binary_kind)
         self.binary: str | None = None
-        #: what the engine decided that the user should know (with the preprocessing notes)
-        self.notes: list[str] = []
         self.warnings: list[str] = []
         self.predictions: list[pd.DataFrame] = []
         self.num_classes: int | None = None
@@ -802,13 +799,18 @@ class Engine:
             self.binary = "probs" if unit else "logits"
         else:
             self.binary = self.config.outputs
+
+    def binary_note(self) -> str | None:
+        """How a binary model's one score was read (:meth:`_binary_kind`), for the notes."""
+        if self.binary is None:
+            return None
         read = (
             "probability p: scores [1 - p, p]"
             if self.binary == "probs"
             else "logit z: scores [0, z] (softmax: [1 - sigmoid(z), sigmoid(z)])"
         )
         source = "as --outputs says" if self.config.outputs != "auto" else "--outputs overrides"
-        self.notes.append(
+        return (
             f"the model gives one score per image, read as a binary classifier's {read}; class "
             f"1 is the positive class ({source})"
         )
@@ -828,8 +830,9 @@ class Engine:
         can exceed 1e-5 between unlike runs: onnxruntime rounds a graph that hands out its
         layers differently (lost Conv + Add fusions: 2e-4 of a ResNet's logits), and oneDNN a
         batch of 64 differently from one of 2."""
-        alone = self._two_classes(self.adapter.run(images).scores).double()
-        again = self._two_classes(self.adapter.run(images).scores).double()
+        n = images.shape[0]  # (a (B,) output reads as (1, B): one score per image, as launch)
+        alone = self._two_classes(self.adapter.run(images).scores.reshape(n, -1)).double()
+        again = self._two_classes(self.adapter.run(images).scores.reshape(n, -1)).double()
         scale = max(alone.abs().max().item(), 1e-12)
         spread = (again - alone).abs().max().item()
         mixed = (in_batch.double() - alone).abs().max().item()
@@ -969,7 +972,13 @@ class Engine:
                 f"the labels name {names} classes but the model gives {self.num_classes} class "
                 "scores: give the labels file of this model (one name per class, in its order)"
             )
-        if names and names < self.num_classes:
+        if self.binary is not None and names == 1:
+            self.warnings.append(
+                "the labels name 1 class of this binary model's 2 (its one score read as two "
+                "classes, 0 negative, 1 positive): the name goes to class 0; give both names, "
+                "negative first"
+            )
+        elif names and names < self.num_classes:
             self.warnings.append(
                 f"the labels name {names} classes and the model gives {self.num_classes} class "
                 f"scores: classes {names} to {self.num_classes - 1} have no name"
@@ -1825,21 +1834,7 @@ def audit(
             f"audit() has no option {unknown[0]!r}"
             + (f": did you mean {hint}?" if hint else f"; its options: {', '.join(fields)}")
         )
-    if config is None:
-        if "input_size" in options:
-            size, align = split_input_size(options["input_size"])
-            options["input_size"] = size
-            options["align_input"] = align or options.get("align_input", False)
-        action = options.get("label_action")
-        if isinstance(action, dict):
-            options["label_action"] = tuple((str(k), str(v)) for k, v in action.items())
-        elif isinstance(action, (list, tuple)) and action and isinstance(action[0], str):
-            options["label_action"] = parse_label_action_options(action)
-        for key in ("providers", "layer_patterns", "mean", "std"):
-            if isinstance(options.get(key), list):
-                options[key] = tuple(options[key])
-        if "shard" in options:
-            options["shard"] = parse_shard(options["shard"])
+    if config is None:  # (AuditConfig takes the command line's text and Python values)
         config = AuditConfig(
             transforms=transforms,
             data=None if data is None or isinstance(data, np.ndarray) else str(data),
@@ -1852,6 +1847,12 @@ def audit(
         threads = limit
     with torch_threads(threads), kept_as_given(model), _kept_random_state(config.device):
         return _audit(model, config, data, progress, started, started_at)
+
+
+def _with_note(block: dict, note: str | None) -> dict:
+    """``block`` with ``note`` added to its notes (a note the engine decided in the run, which
+    the context, compared between shards, does not hold: an empty shard never decides it)."""
+    return {**block, "notes": [*block.get("notes", []), note]} if note else block
 
 
 def _array_size(data: Any) -> tuple[int, int] | None:
@@ -1938,7 +1939,7 @@ def _audit(
         preprocessing = replace(preprocessing, channels=channels)
     preprocessing = _integer_pixels(adapter, config, preprocessing, notes)
     engine = Engine(adapter, elements, preprocessing, config)
-    if engine.margin:
+    if engine.margin and preprocessing.resize != "center":  # (center: the same pixels)
         notes.append(
             f"the shifts cut their windows from images resized to their size plus "
             f"{2 * engine.margin} pixels (--shift-mode crop): every element's numbers, the "
@@ -1971,7 +1972,13 @@ def _audit(
         positions = shard_range(len(source), *config.shard)
         engine.images_seen = positions.start
     total, done = len(positions), 0
-    torch.manual_seed(config.seed)
+    # The CPU generator and the audit's own device's, not torch.manual_seed's every device:
+    # a caller training on cuda:0 while auditing on the CPU keeps its stream (restored after
+    # the audit, see _kept_random_state).
+    torch.random.default_generator.manual_seed(config.seed)
+    if engine.device.type == "cuda":
+        with torch.cuda.device(engine.device):
+            torch.cuda.manual_seed(config.seed)
     # no_grad, not inference_mode: inference tensors have no version counter, which the torch
     # adapter reads to know which captured activations a forward overwrites in place.
     try:
@@ -2006,7 +2013,6 @@ def _audit(
                 pending = launched
     finally:
         engine.close()
-    notes += engine.notes
 
     description = source.description
     spec = adapter.input_spec
@@ -2108,7 +2114,7 @@ def build_result(
             "class_names": engine.class_names,
             "layers_audited": len(engine.layer_states),
         },
-        preprocessing=context["preprocessing"],
+        preprocessing=_with_note(context["preprocessing"], engine.binary_note()),
         transforms=context["transforms"],
         data=data,
         seed=context["seed"],

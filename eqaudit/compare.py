@@ -138,16 +138,22 @@ def run_both(
     ``config``, or the :func:`eqaudit.audit` keyword ``options``."""
     from eqaudit.audit import audit
 
+    data = options.pop("data", None)
+    if config is not None and options:
+        raise UsageError(
+            f"compare() takes the audit options in config= or as keyword arguments, not both: "
+            f"{', '.join(options)} would be ignored; put them in the AuditConfig"
+        )
     results = []
     for label, model, other in (("A", a, b), ("B", b, a)):
         callback = progress(label) if progress else None
         if config is not None:
             config_here = config_for(model, config, other)
-            results.append(audit(model, config=config_here, progress=callback))
+            results.append(audit(model, data=data, config=config_here, progress=callback))
             continue
         resets = _resets(model, options.get("layout"), other)
         mine = {**options, **{k: v for k, v in resets.items() if k in options}}
-        results.append(audit(model, progress=callback, **mine))
+        results.append(audit(model, data=data, progress=callback, **mine))
     return results[0], results[1]
 
 
@@ -168,7 +174,7 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
         frame["image"] = frame["image"].astype(str)
     ids_a, ids_b = set(pa["image"]), set(pb["image"])
     hashes = [r.summary["data"].get("sha256") for r in (a, b)]
-    if None not in hashes and hashes[0] != hashes[1]:
+    if ids_a == ids_b and None not in hashes and hashes[0] != hashes[1]:
         # (An array's ids are its positions, array[3], whatever it holds.)
         raise DataError(
             "A and B were audited on different image arrays (their images' SHA-256 differ, "

@@ -70,6 +70,15 @@ def split_input_size(
     return parse_input_size(value), False
 
 
+def _int_like(value: Any) -> Any:
+    """numpy integers as ints; a float size is refused (16.5 was cut to 16)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_int_like(v) for v in value)
+    if isinstance(value, float) or (hasattr(value, "dtype") and value.dtype.kind == "f"):
+        raise UsageError(f"--input-size takes whole pixels, not {value}")
+    return int(value) if hasattr(value, "dtype") else value
+
+
 def parse_shard(value: str | tuple[int, int] | list | None) -> tuple[int, int] | None:
     """``"2/8"`` -> (2, 8): the second of eight slices (1-based, as Slurm array indices)."""
     if value is None:
@@ -152,7 +161,21 @@ class AuditConfig:
         # From Python: the forms the command line takes as text (input_size=224, output_name=1,
         # mean="0.5,0.5,0.5", transforms=["d4", "rot:30"], device=torch.device("cuda")).
         if self.input_size is not None:
-            object.__setattr__(self, "input_size", parse_input_size(self.input_size))
+            size, align = split_input_size(_int_like(self.input_size))
+            object.__setattr__(self, "input_size", size)
+            object.__setattr__(self, "align_input", align or self.align_input)
+        if self.shard is not None:
+            object.__setattr__(self, "shard", parse_shard(self.shard))
+        action = self.label_action
+        if isinstance(action, Mapping):
+            action = tuple((str(k), str(v)) for k, v in action.items())
+        elif isinstance(action, str):
+            action = (action,)
+        if action and all(isinstance(a, str) for a in action):  # ("rot90=1,2,3,0", ...)
+            from eqaudit.transforms.labels import parse_label_action_options
+
+            action = parse_label_action_options(list(action))
+        object.__setattr__(self, "label_action", tuple(tuple(a) for a in action or ()))
         if self.output_name is not None and not isinstance(self.output_name, str):
             object.__setattr__(self, "output_name", str(self.output_name))
         if isinstance(self.transforms, (list, tuple)):
@@ -173,11 +196,10 @@ class AuditConfig:
                 object.__setattr__(self, key, (float(value),))
             elif value is not None:
                 object.__setattr__(self, key, tuple(value))
-        for key in ("providers", "layer_patterns"):
-            if isinstance(getattr(self, key), str):
-                object.__setattr__(self, key, (getattr(self, key),))
-            else:
-                object.__setattr__(self, key, tuple(getattr(self, key)))
+        for key in ("providers", "layer_patterns"):  # (comma lists, as on the command line)
+            value = getattr(self, key) or ()
+            items = value.split(",") if isinstance(value, str) else list(value)
+            object.__setattr__(self, key, tuple(i.strip() for i in items if i.strip()))
         if self.outputs not in OUTPUT_KINDS:
             raise UsageError(
                 f"--outputs must be one of {', '.join(OUTPUT_KINDS)}, not '{self.outputs}'"

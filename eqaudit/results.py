@@ -198,7 +198,8 @@ class AuditResult:
         return (
             f"AuditResult(model={model.get('name')!r}, transforms="
             f"{(s.get('transforms') or {}).get('spec')!r}, images={data.get('count')}, "
-            f"score={self.score}, layers={len({r['layer'] for r in s.get('layers') or []})})"
+            f"score={(s.get('scores') or {}).get('robustness_score')}, "
+            f"layers={len({r['layer'] for r in s.get('layers') or []})})"
         )
 
     # -- convenient views --------------------------------------------------------------------

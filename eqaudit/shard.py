@@ -141,6 +141,7 @@ def engine_state(engine: Engine) -> tuple[dict, dict[str, np.ndarray]]:
         "geometry_notes": engine.geometry_notes,
         "output_kind": engine.output_kind,
         "output_kind_source": engine.output_kind_source,
+        "binary": engine.binary,
         "num_classes": engine.num_classes,
         "class_names": engine.class_names,
         "images": engine.images_seen,
@@ -406,6 +407,7 @@ def _merged_result(
         )
     engine.output_kind = first["output_kind"]
     engine.output_kind_source = first["output_kind_source"]
+    engine.binary = first.get("binary")  # (states from before binary models were read)
     engine.num_classes = first["num_classes"]
     engine.class_names = first["class_names"]
     engine._setup_label_action(engine.num_classes)

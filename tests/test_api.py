@@ -109,3 +109,51 @@ def test_a_result_prints_as_one_short_line() -> None:
     text = repr(result)
     assert text.startswith("AuditResult(model='<module>', transforms='flips', images=2, score=")
     assert len(text) < 200 and text.endswith(f"layers={len({r['layer'] for r in result.layers})})")
+
+
+def test_audit_config_takes_every_form_the_keywords_take() -> None:
+    from eqaudit import AuditConfig
+
+    aligned = AuditConfig(input_size="aligned:16")
+    assert (aligned.input_size, aligned.align_input) == ((16, 16), True)
+    assert AuditConfig(label_action={"rot90": "cycle:0,1,2,3"}).label_action == (
+        ("rot90", "cycle:0,1,2,3"),
+    )
+    assert AuditConfig(label_action=["rot90=1,2,3,0"]).label_action == (("rot90", "1,2,3,0"),)
+    assert AuditConfig(shard="1/2").shard == (1, 2)
+    assert AuditConfig(layer_patterns=None, providers="A, B").providers == ("A", "B")
+    assert AuditConfig(layer_patterns="conv*,fc").layer_patterns == ("conv*", "fc")
+    with pytest.raises(UsageError, match="whole pixels"):
+        AuditConfig(input_size=(16.5, 16))  # (it was cut to 16)
+
+
+def test_compare_refuses_config_mixed_with_options_and_takes_an_array_beside_it() -> None:
+    from eqaudit import AuditConfig
+
+    images, config = torch.rand(2, 3, 33, 33), AuditConfig(transforms="flips", layers=False)
+    comparison, a, _ = eqaudit.compare(
+        symmetric_cnn(), symmetric_cnn(1), data=images, config=config
+    )
+    assert a.summary["data"]["source"] == "array" and comparison.data["outputs"]
+    with pytest.raises(UsageError, match="not both: num_images would be ignored"):
+        eqaudit.compare(symmetric_cnn(), symmetric_cnn(1), data=images, config=config, num_images=1)
+
+
+def test_a_binary_model_keeps_its_random_state_and_merges_with_an_empty_shard(tmp_path) -> None:
+    # The binary reading's note was part of the shards' compared context: a shard that got no
+    # image never read a score, and the merge refused it (review).
+    from test_oracles import SignedHalves
+
+    from eqaudit.shard import merge_shards
+
+    images = torch.rand(2, 3, 16, 16)
+    model = SignedHalves().eval()
+    single = eqaudit.audit(model, "flips", images, layers=False)
+    for index in (1, 2, 3):
+        part = eqaudit.audit(model, "flips", images, layers=False, shard=(index, 3))
+        eqaudit.write_report(part, tmp_path / f"s{index}")
+        if not part.summary["shard"]["images"]:
+            assert "score=None" in repr(part)  # (an empty shard: its repr raised KeyError)
+    merged = merge_shards([tmp_path / f"s{i}" for i in (1, 2, 3)])
+    assert merged.outputs == single.outputs
+    assert merged.summary["preprocessing"]["notes"] == single.summary["preprocessing"]["notes"]

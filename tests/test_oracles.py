@@ -337,3 +337,16 @@ def test_a_binary_classifier_with_one_score_is_read_as_two_classes() -> None:
     )
     rotation = next(r for r in lie.summary["lie"]["outputs"] if r["generator"] == "rotation")
     assert rotation["mean"] > 0.01
+
+
+def test_a_binary_score_of_shape_batch_gives_no_false_determinism_warning() -> None:
+    # A (B,) score (z.squeeze(1)) ran the determinism check on other shapes than the batch's:
+    # "depends on the other images of its batch (by 0.9)" for a deterministic model (review).
+    class Squeezed(SignedHalves):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).squeeze(1)
+
+    images = torch.rand(4, 3, 16, 16).numpy()
+    squeezed = eqaudit.audit(Squeezed().eval(), "flips", images, layers=False)
+    column = eqaudit.audit(SignedHalves().eval(), "flips", images, layers=False)
+    assert not squeezed.warnings and squeezed.outputs == column.outputs
