@@ -636,6 +636,32 @@ class TokensBackToMaps(nn.Module):
         return self.head(maps.mean((1, 2)))
 
 
+class PatchMerging(nn.Module):
+    """A stride-2 conv, its map channels-last, 2x2 patches merged into channels (a Swin's
+    downsampling: a reshape to a new resolution no map of known layout has), a norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).permute(0, 2, 3, 1)  # (batch, 8, 8, 6)
+        b, height, width, c = h.shape
+        h = h.reshape(b, height // 2, 2, width // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+        merged = self.norm(h.reshape(b, height // 2, width // 2, 4 * c))  # (batch, 4, 4, 24)
+        return self.head(merged.mean((1, 2)))
+
+
+def test_a_channels_last_map_at_a_new_resolution_is_read_by_its_shape() -> None:
+    # After a Swin's patch merging, (batch, 4, 4, 64) was read as 4 channels of 4x64 (review):
+    # its 4x4 is the input's size at stride 4, where 4x64 is no stride of a square input.
+    torch.manual_seed(0)
+    result = eqaudit.audit(PatchMerging().eval(), "flips", input_size=16, num_images=2)
+    assert {row["layer"]: row["shape"] for row in result.layers}["norm"] == "24x4x4"
+
+
 def test_maps_rebuilt_from_tokens_channels_last_are_audited_not_dropped() -> None:
     # A Swin keeps (batch, H, W, C) maps between its blocks; read as (C=H, W, C) of no known
     # size they were dropped as "token sequences and attention scores" (review).

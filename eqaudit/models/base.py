@@ -397,7 +397,8 @@ class ModelAdapter(ABC):
         """Rank-4 layers whose layout the graph does not give (no graph: a module torch.export
         cannot trace; a map rebuilt from a token sequence: a Swin's window reverse) and whose
         shape reads as channels-last: ``(H, W, C)`` with ``H x W`` the size of a map of known
-        layout, where the channels-first reading ``(C, H, W)`` matches none. Maps of known
+        layout (or the input's size at some stride: a Swin's patch merging makes a new one),
+        where the channels-first reading ``(C, H, W)`` matches none. Maps of known
         layout: those with a grid, and the outputs of ops that are channels-first by
         definition (convolutions, pooling, batch norm). Read as ``(C, H, W)``, ConvNeXt's
         channels-last LayerNorm on an 8x8 map of 16 channels was an 8-channel 8x16 map,
@@ -433,7 +434,7 @@ class ModelAdapter(ABC):
             if len(shape) == 3
             and layouts.get(name) is None
             and ops.get(name) not in _CHANNELS_FIRST_OPS
-            and shape[:2] in known
+            and (shape[:2] in known or strided(shape[0], shape[1]))
             and shape[1:] not in known
             and not strided(shape[1], shape[2])
         }
