@@ -132,7 +132,14 @@ class GateReport:
 
     @property
     def passed(self) -> bool:
-        return not any(c.failed for c in self.checks)
+        """No check failed, and one was evaluated at least: thresholds none of which applies
+        (a rot90 threshold on a non-square input, rot90 skipped) gate nothing, which CI must
+        not read as a pass."""
+        return not any(c.failed for c in self.checks) and not self.nothing_evaluated
+
+    @property
+    def nothing_evaluated(self) -> bool:
+        return bool(self.checks) and self.count(SKIPPED) == len(self.checks)
 
     @property
     def failures(self) -> list[Check]:
@@ -173,9 +180,12 @@ class GateReport:
         score_text = "score —" if score is None else f"score {shown(score)} / 100"
         if not self.checks:
             detail = "no gate checks configured"
-        elif self.count(SKIPPED) == len(self.checks):
-            # Nothing was verified: say so, not "0 checks passed".
-            detail = f"no check evaluated ({_checks(len(self.checks))} skipped: see junit.xml)"
+        elif self.nothing_evaluated:
+            # Nothing was verified: a failure, not "0 checks passed".
+            detail = (
+                f"no check evaluated ({_checks(len(self.checks))} skipped: see junit.xml; drop "
+                "thresholds that cannot apply to this model)"
+            )
         elif self.passed:
             detail = f"{_checks(len(self.checks) - self.count(SKIPPED))} passed"
         else:

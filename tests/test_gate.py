@@ -493,24 +493,31 @@ def test_summary_markdown_stays_small() -> None:
     assert len(fit("x\n" * 10**6).encode()) <= MAX_BYTES
 
 
-def test_a_gate_that_evaluated_nothing_does_not_read_as_passed_checks(biased) -> None:
+def test_a_gate_that_evaluated_nothing_does_not_read_as_passed_checks(biased, tmp_path) -> None:
     # Every check skipped read "PASSED ..., 0 checks passed", and a run with no gate at all
     # put "## eqaudit gate: PASSED" into the GitHub step summary (review).
     from eqaudit.gate import GateReport
     from eqaudit.reports.markdown import render_audit
 
+    # Thresholds none of which applies gate nothing: a failure (exit 1), not a green CI run.
     skipped = Check("agreement[rot90]", "--min-agreement", SKIPPED, "", reason="not square")
     report = GateReport((skipped, skipped))
-    assert report.passed
+    assert not report.passed and report.nothing_evaluated
     verdict = report.verdict(90.0, 1.0)
-    assert (
-        verdict
-        == "PASSED score 90.00 / 100, no check evaluated (2 checks skipped: see junit.xml) (1.0 s)"
+    assert verdict.startswith(
+        "FAILED score 90.00 / 100, no check evaluated (2 checks skipped: see junit.xml; drop "
     )
     summary = report.attach(biased).summary
     assert render_audit(summary).startswith(
-        "## eqaudit gate: PASSED, no check evaluated (all skipped)\n"
+        "## eqaudit gate: FAILED, no check evaluated (all skipped)\n"
     )
+    passed = Check("score", "--fail-under", PASSED, "", value=90.0, shown="90", threshold=80.0)
+    assert GateReport((skipped, passed)).passed  # one evaluated is enough
+    from eqaudit.reports.junit import write_junit
+
+    write_junit(report.attach(biased), tmp_path)
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert (suite.get("failures"), suite.get("skipped")) == ("1", "2")
     assert render_audit(GateReport(()).attach(biased).summary).startswith("## eqaudit audit\n")
     assert render_audit(biased.summary).startswith("## eqaudit audit\n")
 

@@ -89,9 +89,27 @@ def write_junit(result: AuditResult, folder: Path) -> list[str]:
     summary = result.summary
     gate = summary.get("gate") or {}
     model = summary["model"]
+    checks = list(gate.get("checks", []))
+    if checks and all(c["status"] == "skipped" for c in checks):
+        # The gate failed for evaluating nothing: one failed case says so, beside the skips.
+        message = "no check evaluated: every threshold was skipped for this model"
+        checks.append(
+            {
+                "name": "gate",
+                "kind": "gate",
+                "status": "failed",
+                "message": message,
+                "shown": "0 checks",
+                "value": 0,
+                "comparison": ">=",
+                "threshold": 1,
+                "option": "the thresholds given",
+                "description": "checks evaluated; drop thresholds that cannot apply",
+            }
+        )
     text = junit_xml(
         f"eqaudit check {model['name']}",
-        gate.get("checks", []),
+        checks,
         time_s=(summary.get("run") or {}).get("duration_s"),
         properties={
             "model": model["name"],

@@ -97,7 +97,7 @@ def render_audit(summary: dict) -> str:
     if gate is None or not gate.get("checks"):
         title = "eqaudit audit"  # (not "gate: PASSED": nothing was gated)
     elif evaluated == 0:
-        title = "eqaudit gate: PASSED, no check evaluated (all skipped)"
+        title = "eqaudit gate: FAILED, no check evaluated (all skipped)"
     else:
         title = "eqaudit gate: " + ("PASSED" if gate["passed"] else "FAILED")
     images = "synthetic" if data["synthetic"] else data["source"]
