@@ -2110,6 +2110,7 @@ def build_result(
             **context["model"],
             "output_kind": engine.output_kind,
             "output_kind_source": engine.output_kind_source,
+            **({"binary": engine.binary} if engine.binary else {}),
             "num_classes": engine.num_classes,
             "class_names": engine.class_names,
             "layers_audited": len(engine.layer_states),

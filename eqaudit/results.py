@@ -156,7 +156,9 @@ def batch_text(batch: int | None, fixed: dict | None) -> str:
     if fixed and fixed.get("run") == "batched":
         return f"batch fixed at {fixed['size']} in the graph, run batched"
     if fixed and fixed.get("why"):
-        return f"batch fixed at {fixed['size']}, run one image at a time ({fixed['why']})"
+        # (Its first clause: the runtime's own error, after a colon, stays in summary.json.)
+        why = str(fixed["why"]).split(": ", 1)[0]
+        return f"batch fixed at {fixed['size']}, run one image at a time ({why})"
     return f"batch fixed at {batch}" if batch else "any batch"
 
 

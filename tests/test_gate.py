@@ -426,6 +426,11 @@ def test_check_fails_with_exit_1_and_junit_names_the_failures(files, biased, tmp
     markdown = (out / "summary.md").read_text()
     assert markdown.startswith("## eqaudit gate: FAILED")
     assert "❌ **FAIL** | score" in markdown
+    # The report says so too (it showed no verdict at all; review).
+    html = (out / "report.html").read_text(encoding="utf-8")
+    verdict = html[html.index('id="gate"') :].split("</p>")[0]
+    assert "<strong>Gate FAILED</strong>" in verdict and "2 failed" in verdict
+    assert "score = " in verdict
 
 
 def test_save_and_use_a_baseline_on_the_command_line(files, tmp_path) -> None:

@@ -295,6 +295,8 @@ class SignedHalves(nn.Module):
 
 
 def test_a_binary_classifier_with_one_score_is_read_as_two_classes() -> None:
+    from eqaudit.reports.html import render_html
+
     # One score per image gave agreement 1, JS 0 and score 100 whatever the model did: one
     # class is always the top-1 class (review). A logit z is read as scores [0, z], a
     # probability p as [1 - p, p]; the same model gives the same numbers either way.
@@ -314,6 +316,9 @@ def test_a_binary_classifier_with_one_score_is_read_as_two_classes() -> None:
     for result, kind in zip(results, ("logits", "probs"), strict=True):
         assert result.summary["model"]["num_classes"] == 2
         assert result.summary["model"]["output_kind"] == kind
+        assert result.summary["model"]["binary"] == kind
+        read = "[0, z]" if kind == "logits" else "[1 − p, p]"
+        assert f"(one score per image, read as {read})" in render_html(result)
         assert result.output("flip_h")["agreement"] == 0.0  # every decision flips
         assert result.output("flip_h")["js_divergence"] == pytest.approx(js, rel=1e-5)
         assert result.output("flip_v")["agreement"] == 1.0

@@ -204,6 +204,10 @@ def _header(summary: dict) -> list[dict]:
         outputs += f" ({'detected' if model['output_kind_source'] == 'auto' else 'as given'})"
     if model.get("num_classes") is not None:
         outputs += f", {model['num_classes']} classes"
+    if model.get("binary"):
+        outputs += " (one score per image, read as " + (
+            "[1 − p, p])" if model["binary"] == "probs" else "[0, z])"
+        )
     outputs += ", class names known" if model.get("class_names") else ", no class names"
     facts.append(_fact("Outputs", outputs))
     if pre:
@@ -309,7 +313,11 @@ def _scores(summary: dict) -> dict:
             if row["transform"] == worst:
                 worst_agreement = row.get("agreement")
     items = [
-        ("mean agreement", pct(scores.get("mean_agreement")), "share of top-1 kept, mean over g"),
+        (
+            "mean agreement",
+            pct(scores.get("mean_agreement")),
+            "share of top-1 kept, mean over elements",
+        ),
         ("mean JS divergence", fixed(scores.get("mean_js_divergence")), "0 = same probabilities"),
         (
             "orbit consistency",
@@ -361,6 +369,26 @@ def _lie(summary: dict) -> dict | None:
         "skipped": len(skipped),
         "kind": summary.get("model", {}).get("output_kind"),
     }
+
+
+def _gate(summary: dict) -> dict | None:
+    """The gate's verdict in one line (its checks are in junit.xml and summary.md); None
+    without thresholds."""
+    gate = summary.get("gate") or {}
+    checks = gate.get("checks") or []
+    if not checks:
+        return None
+    counts = gate.get("counts") or {}
+    failed = [c for c in checks if c.get("status") == "failed"]
+    text = (
+        f"{len(checks)} checks: {counts.get('passed', 0)} passed, {len(failed)} failed, "
+        f"{counts.get('skipped', 0)} skipped"
+    )
+    if not failed and counts.get("skipped", 0) == len(checks):
+        text += " (no check evaluated: thresholds none of which applies gate nothing)"
+    shown = "; ".join(str(c.get("message", c.get("name"))) for c in failed[:3])
+    more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+    return {"passed": bool(gate.get("passed")), "text": text, "failures": shown + more}
 
 
 def _geometry_notes(summary: dict) -> list[str]:
@@ -575,6 +603,7 @@ def build_context(result: AuditResult) -> dict:
         "unmeasurable": unmeasurable,
         "unmeasurable_total": unmeasurable_total,
         "geometry_notes": _geometry_notes(summary),
+        "gate": _gate(summary),
         "lie": _lie(summary),
         "gallery": _gallery(summary, result.gallery or {}),
         "thresholds": {
