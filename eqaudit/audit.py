@@ -574,6 +574,7 @@ class Engine:
         self.class_names: list[str] | None = None
         self.label_action: LabelAction | None = None
         self.run_notes: list[str] = []
+        self.not_audited: list[str] = []  # candidate layers of neither kind (see _setup_layers)
         self._score_low: torch.Tensor | None = None
         self._score_high: torch.Tensor | None = None
         self.input_size = (height, width)
@@ -633,6 +634,7 @@ class Engine:
             # (TorchScript: no hooks at all; its grid note would speak of layers it has not.)
             self.geometry_notes.append(f"no layer is audited: {why_none}")
         skipped = self.adapter.unauditable
+        self.not_audited = list(skipped)
         if skipped:
             shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
             count = f"{len(skipped)} layers are" if len(skipped) > 1 else "1 layer is"
@@ -1508,6 +1510,8 @@ class Engine:
             "misaligned_pairs": sum(1 for r in spatial if is_flagged(r)),
             "unknown_pairs": sum(1 for r in spatial if r["aligned"] is None),
             "notes": self.geometry_notes,
+            # every layer left out as neither an image map nor flat features (the note names 3)
+            "not_audited": self.not_audited,
         }
 
     def _mode(self, element: Transform) -> str:

@@ -41,7 +41,8 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
                       lie_translate_y: the layer's contribution to the output Lie derivative
                       (with --lie, PyTorch models; on the identity row)]
 ``geometry``         {"input_size", "size_choice", "misaligned_mode", "grid_source",
-                      "aligned_pairs", "misaligned_pairs", "unknown_pairs", "notes"}
+                      "aligned_pairs", "misaligned_pairs", "unknown_pairs", "notes",
+                      "not_audited" (every candidate layer of neither kind: tokens, scores)}
 ``lie``              with --lie: {"method", "steps": {generator: step}, "outputs": [one row per
                       generator: generator, unit, n, mean, std, p95, max, method], "layers":
                       [per-layer contributions]}

@@ -139,6 +139,7 @@ def engine_state(engine: Engine) -> tuple[dict, dict[str, np.ndarray]]:
         "warnings": engine.warnings,
         "run_notes": engine.run_notes,
         "geometry_notes": engine.geometry_notes,
+        "not_audited": engine.not_audited,
         "output_kind": engine.output_kind,
         "output_kind_source": engine.output_kind_source,
         "binary": engine.binary,
@@ -408,6 +409,7 @@ def _merged_result(
     engine.output_kind = first["output_kind"]
     engine.output_kind_source = first["output_kind_source"]
     engine.binary = first.get("binary")  # (states from before binary models were read)
+    engine.not_audited = list(first.get("not_audited") or [])
     engine.num_classes = first["num_classes"]
     engine.class_names = first["class_names"]
     engine._setup_label_action(engine.num_classes)

@@ -415,6 +415,7 @@ def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
     torch.manual_seed(0)
     result = eqaudit.audit(Tokens(), "flips", input_size=9, num_images=2)
     assert {row["layer"] for row in result.layers} == {"embed"}
+    assert result.summary["geometry"]["not_audited"] == ["mix"]  # all of them, not 3
     notes = result.summary["geometry"]["notes"]
     assert any(n.startswith("1 layer is not audited: ") and n.endswith("(mix)") for n in notes)
     from eqaudit.inspect import inspect_model
