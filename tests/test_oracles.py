@@ -318,7 +318,10 @@ def test_a_binary_classifier_with_one_score_is_read_as_two_classes() -> None:
         assert result.summary["model"]["output_kind"] == kind
         assert result.summary["model"]["binary"] == kind
         read = "[0, z]" if kind == "logits" else "[1 − p, p]"
-        assert f"(one score per image, read as {read})" in render_html(result)
+        html = render_html(result)
+        assert f"(one score per image, read as {read})" in html
+        # Methods says why a binary logit's error is large near the decision boundary.
+        assert ("near the decision boundary" in html) == (kind == "logits")
         assert result.output("flip_h")["agreement"] == 0.0  # every decision flips
         assert result.output("flip_h")["js_divergence"] == pytest.approx(js, rel=1e-5)
         assert result.output("flip_v")["agreement"] == 1.0

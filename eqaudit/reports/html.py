@@ -604,6 +604,7 @@ def build_context(result: AuditResult) -> dict:
         "unmeasurable_total": unmeasurable_total,
         "geometry_notes": _geometry_notes(summary),
         "gate": _gate(summary),
+        "binary_logit": (summary.get("model") or {}).get("binary") == "logits",
         "lie": _lie(summary),
         "gallery": _gallery(summary, result.gallery or {}),
         "thresholds": {
