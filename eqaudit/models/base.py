@@ -37,7 +37,6 @@ the sink after the run, once per layer, with the whole batch.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 from abc import ABC, abstractmethod
@@ -370,19 +369,24 @@ class ModelAdapter(ABC):
         """Run one image to learn each layer's canonical shape; drop layers that are not
         auditable (neither spatial maps nor flat features), and keep their names in
         :attr:`unauditable`."""
+        from eqaudit.grids import Grid
+
         names = [layer.name for layer in self.layers()]
-        with contextlib.suppress(Exception):  # (geometry is a help: layouts, before the run)
-            self.grid_graph()
+        size = tuple(example.shape[-2:])
+        # Read before the run: a PyTorch module learns from the graph which maps it captures
+        # channels-last.
+        grids, layouts, tokens = self._layer_geometry(size)
+        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
         self._channels_last_guess = set()
         out = self.run(example[:1], names)
         probed = []
         self.unauditable = [name for name in names if name not in out.activations]
         shapes = {name: tuple(value.shape[1:]) for name, value in out.activations.items()}
-        self._channels_last_guess = self._guess_channels_last(shapes, tuple(example.shape[-2:]))
+        self._channels_last_guess = self._guess_channels_last(shapes, size, known, layouts)
         for name in self._channels_last_guess:
             height, width, channels = shapes[name]
             shapes[name] = (channels, height, width)
-        not_maps = self._not_image_maps(shapes, tuple(example.shape[-2:]))
+        not_maps = self._not_image_maps(shapes, known, grids, tokens)
         self.unauditable += [name for name in names if name in not_maps]
         for layer in self.layers():
             if layer.name not in shapes or layer.name in not_maps:
@@ -391,31 +395,38 @@ class ModelAdapter(ABC):
         self._layers = probed
         return probed
 
+    def _layer_geometry(self, size: tuple[int, ...]) -> tuple[dict, dict, set[str]]:
+        """The grid graph's grids and layouts at ``size``, and its token descendants; empty
+        when the backend has no graph (TorchScript, a failed export) or reading it fails:
+        geometry is a help, never a reason to fail."""
+        try:
+            graph = self.grid_graph()
+            if graph is None:
+                return {}, {}, set()
+            return graph.grids(*size), graph.layouts(*size), graph.token_descendants()
+        except Exception:
+            return {}, {}, set()
+
     def _guess_channels_last(
-        self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        size: tuple[int, ...],
+        known: set[tuple[int, int]],
+        layouts: dict[str, str | None],
     ) -> set[str]:
         """Rank-4 layers whose layout the graph does not give (no graph: a module torch.export
         cannot trace; a map rebuilt from a token sequence: a Swin's window reverse) and whose
         shape reads as channels-last: ``(H, W, C)`` with ``H x W`` the size of a map of known
         layout (or the input's size at some stride: a Swin's patch merging makes a new one),
         where the channels-first reading ``(C, H, W)`` matches none. Maps of known
-        layout: those with a grid, and the outputs of ops that are channels-first by
-        definition (convolutions, pooling, batch norm). Read as ``(C, H, W)``, ConvNeXt's
-        channels-last LayerNorm on an 8x8 map of 16 channels was an 8-channel 8x16 map,
-        compared as such (review). A channels-first reading that is the input's size at one
-        stride is left alone: on a 32x16 input, a 16-channel 8x4 map of a functional pool
-        reads as channels-last of a known 16x8 map too."""
-        from eqaudit.grids import Grid
-
-        try:
-            graph = self.grid_graph()
-            grids = graph.grids(*size) if graph is not None else {}
-            layouts = graph.layouts(*size) if graph is not None else {}
-        except Exception:  # geometry is a help; never a reason to fail here
-            grids, layouts = {}, {}
+        layout: those with a grid (``known``, their sizes), and the outputs of ops that are
+        channels-first by definition (convolutions, pooling, batch norm). Read as ``(C, H,
+        W)``, ConvNeXt's channels-last LayerNorm on an 8x8 map of 16 channels was an 8-channel
+        8x16 map, compared as such (review). A channels-first reading that is the input's size
+        at one stride is left alone: on a 32x16 input, a 16-channel 8x4 map of a functional
+        pool reads as channels-last of a known 16x8 map too."""
         ops = {layer.name: layer.op for layer in self.layers()}
-        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
-        known |= {
+        known = known | {
             shape[1:]
             for name, shape in shapes.items()
             if len(shape) == 3 and ops.get(name) in _CHANNELS_FIRST_OPS
@@ -439,32 +450,26 @@ class ModelAdapter(ABC):
             and not strided(shape[1], shape[2])
         }
 
+    @staticmethod
     def _not_image_maps(
-        self, shapes: dict[str, tuple[int, ...]], size: tuple[int, ...]
+        shapes: dict[str, tuple[int, ...]],
+        known: set[tuple[int, int]],
+        grids: dict[str, Any],
+        tokens: set[str],
     ) -> set[str]:
         """Layers of map shape ``(C, H, W)`` that are not image maps, left out of the audit: a
         ViT's attention scores ``(B, heads, tokens, tokens)`` and per-head features ``(B, heads,
         tokens, dim)``. They are rank-4 tensors computed from a token sequence (a rank-3 tensor
         that depends on the image, see :meth:`GridGraph.token_descendants`), whose grid is
-        unknown and whose height x width no map of known grid has. An ONNX graph hands out every
-        tensor (a small ViT's 146 "layers" were 144 of these), and a PyTorch model's ``Softmax``
-        and ``Dropout`` modules hand out its scores; both were compared as if they were images.
+        unknown and whose height x width no map of known grid (``known``) has. An ONNX graph
+        hands out every tensor (a small ViT's 146 "layers" were 144 of these), and a PyTorch
+        model's ``Softmax`` and ``Dropout`` modules hand out its scores; both were compared as
+        if they were images.
 
         Tensors that never went through rank 3 stay, though a reshape lost their grid (a
         space-to-depth stem, ``PixelUnshuffle``: rank 6 and back), and so do maps of a known
         map's size (a Swin's windows reversed onto its patch grid, a non-local block's output).
         Without a graph (TorchScript, a failed export), none are left out."""
-        from eqaudit.grids import Grid
-
-        try:
-            graph = self.grid_graph()
-            if graph is None:
-                return set()
-            grids = graph.grids(*size)
-            tokens = graph.token_descendants()
-        except Exception:  # geometry is a help; never a reason to fail here
-            return set()
-        known = {(g.h.n, g.w.n) for g in grids.values() if isinstance(g, Grid)}
         return {
             name
             for name, shape in shapes.items()
