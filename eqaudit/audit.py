@@ -61,6 +61,7 @@ from eqaudit.data import (
     probe_image,
 )
 from eqaudit.data.prefetch import cpu_limit, default_load_workers, usable_cpus
+from eqaudit.data.sources import array_image_size
 from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
 from eqaudit.errors import DataError, UsageError, cause_line
 from eqaudit.gallery import Gallery
@@ -1859,19 +1860,6 @@ def _with_note(block: dict, note: str | None) -> dict:
     return {**block, "notes": [*block.get("notes", []), note]} if note else block
 
 
-def _array_size(data: Any) -> tuple[int, int] | None:
-    """``(H, W)`` of an in-memory image array ``(N, H, W[, C])`` or ``(N, C, H, W)`` (channels
-    1, 3 or 4); None for anything else."""
-    shape = tuple(getattr(data, "shape", ()))
-    if not isinstance(data, (np.ndarray, torch.Tensor)) or len(shape) not in (3, 4):
-        return None
-    if len(shape) == 3 or shape[3] in (1, 3, 4):
-        return int(shape[1]), int(shape[2])
-    if shape[1] in (1, 3, 4):
-        return int(shape[2]), int(shape[3])
-    return None
-
-
 @contextlib.contextmanager
 def _kept_random_state(device: str) -> Iterator[None]:
     """torch's random state as the caller left it, after the audit seeded it (the seed drives
@@ -1931,7 +1919,7 @@ def _audit(
     elif config.input_size is not None:
         adapter.with_input_size(*config.input_size)
     elif None in (adapter.input_spec.height, adapter.input_spec.width):
-        size = _array_size(data)
+        size = array_image_size(data)
         if size is not None:  # (from Python: an array's images fix the size a module takes)
             adapter.with_input_size(*size)
             notes.append(

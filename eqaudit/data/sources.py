@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -698,7 +699,7 @@ def _open_array(
         notes.append(f"asked for {num_images} images; the array holds only {count}")
     divisor = _array_divisor(array, indices, where, notes)
     layout = _ArrayLayout(channels_last, channels, divisor, indices)
-    h, w = array.shape[1:3] if channels_last or array.ndim == 3 else array.shape[2:4]
+    h, w = _image_size(array.shape, channels_last)
     # Array images share one shape and dtype: one info stands for all of them.
     info = _FileInfo(gray=channels == 1, alpha=channels == 4, size=(h, w), exif_rotated=False)
     notes.extend(_image_notes(Counter({info: len(indices)}), geometry))
@@ -750,6 +751,24 @@ def _array_axes(array: np.ndarray, where: str, notes: list[str]) -> tuple[bool, 
         notes.append(f"array shape {shape} is ambiguous: read as channels-last (N,H,W,C)")
     _check_image_count(shape, where)
     return last, shape[3] if last else shape[1]
+
+
+def _image_size(shape: tuple[int, ...], channels_last: bool) -> tuple[int, int]:
+    """``(H, W)`` of the images of an array of ``shape`` read as :func:`_array_axes` says."""
+    h, w = shape[1:3] if channels_last or len(shape) == 3 else shape[2:4]
+    return int(h), int(w)
+
+
+def array_image_size(data: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of the images of an in-memory array (numpy or torch) as ``--data`` reads it;
+    None for anything else, or an array that is no image array (the loader says why)."""
+    if not isinstance(data, (np.ndarray, torch.Tensor)):
+        return None
+    try:
+        channels_last, _ = _array_axes(data, "the array", [])  # type: ignore[arg-type]
+    except DataError:
+        return None
+    return _image_size(tuple(data.shape), channels_last)
 
 
 def _check_image_count(shape: tuple[int, ...], where: str) -> None:
