@@ -673,14 +673,21 @@ def compare(
 def refuse_out_in_sources(out_dir: Path, sources: tuple[Any, Any]) -> None:
     """Refuse an output folder that holds one of the saved audits being compared: the
     comparison would replace it (review: ``compare new old -o new`` deleted audit A)."""
-    for source in sources:
-        if isinstance(source, (str, Path)) and is_saved_report(source):
-            folder = Path(source) if Path(source).is_dir() else Path(source).parent
-            if folder.resolve() == Path(out_dir).resolve():
-                raise UsageError(
-                    f"--out '{out_dir}' holds one of the audits being compared: writing the "
-                    "comparison there would replace it; choose another --out"
-                )
+    if Path(out_dir).resolve() in _saved_folders(sources):
+        raise UsageError(
+            f"--out '{out_dir}' holds one of the audits being compared: writing the "
+            "comparison there would replace it; choose another --out"
+        )
+
+
+def _saved_folders(sources: tuple[Any, Any]) -> set[Path]:
+    """The resolved folders of the sources that are saved audits (a folder, or the folder of a
+    summary.json)."""
+    return {
+        (Path(src) if Path(src).is_dir() else Path(src).parent).resolve()
+        for src in sources
+        if isinstance(src, (str, Path)) and is_saved_report(src)
+    }
 
 
 def write_comparison(
@@ -723,11 +730,7 @@ def write_comparison(
 
     # (Never a folder that holds an audit being compared: 'compare out/a out/b -o out'
     # re-compares the audits an earlier comparison kept there.)
-    sources_at = {
-        (Path(src) if Path(src).is_dir() else Path(src).parent).resolve()
-        for src in sources
-        if isinstance(src, (str, Path)) and is_saved_report(src)
-    }
+    sources_at = _saved_folders(sources)
     stale = tuple(
         name
         for name in ([] if audits_written else COMPARE_FOLDERS)

@@ -195,6 +195,13 @@ class GateReport:
         return f"{'PASSED' if self.passed else 'FAILED'} {score_text}, {detail} ({seconds:.1f} s)"
 
 
+def evaluated_nothing(block: dict | None) -> bool:
+    """Whether a summary's ``gate`` block (:meth:`GateReport.to_dict`) has checks and all of
+    them were skipped: :attr:`GateReport.nothing_evaluated`, for the report writers."""
+    checks = (block or {}).get("checks") or []
+    return bool(checks) and all(c.get("status") == SKIPPED for c in checks)
+
+
 def _checks(count: int) -> str:
     return f"{count} check" + ("" if count == 1 else "s")
 

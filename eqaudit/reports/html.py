@@ -24,7 +24,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from eqaudit.errors import DataError, UsageError
-from eqaudit.gate import shown
+from eqaudit.gate import evaluated_nothing, shown
 from eqaudit.reports.files import replace_text
 from eqaudit.results import AuditResult, batch_text, is_scored
 
@@ -384,7 +384,7 @@ def _gate(summary: dict) -> dict | None:
         f"{len(checks)} checks: {counts.get('passed', 0)} passed, {len(failed)} failed, "
         f"{counts.get('skipped', 0)} skipped"
     )
-    if not failed and counts.get("skipped", 0) == len(checks):
+    if evaluated_nothing(gate):
         text += " (no check evaluated: thresholds none of which applies gate nothing)"
     shown = "; ".join(str(c.get("message", c.get("name"))) for c in failed[:3])
     more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""

@@ -12,6 +12,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from eqaudit.gate import evaluated_nothing
 from eqaudit.results import AuditResult
 
 FILE_NAME = "junit.xml"
@@ -90,7 +91,7 @@ def write_junit(result: AuditResult, folder: Path) -> list[str]:
     gate = summary.get("gate") or {}
     model = summary["model"]
     checks = list(gate.get("checks", []))
-    if checks and all(c["status"] == "skipped" for c in checks):
+    if evaluated_nothing(gate):
         # The gate failed for evaluating nothing: one failed case says so, beside the skips.
         message = "no check evaluated: every threshold was skipped for this model"
         checks.append(

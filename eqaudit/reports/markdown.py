@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from eqaudit.gate import threshold_text
+from eqaudit.gate import evaluated_nothing, threshold_text
 from eqaudit.results import AuditResult, is_scored, output_title
 
 FILE_NAME = "summary.md"
@@ -92,11 +92,9 @@ def render_audit(summary: dict) -> str:
     """summary.md of one audit (with its gate block when the gate ran)."""
     scores, model, data = summary["scores"], summary["model"], summary["data"]
     gate = summary.get("gate")
-    counts = (gate or {}).get("counts") or {}
-    evaluated = sum(counts.values()) - counts.get("skipped", 0) if counts else None
     if gate is None or not gate.get("checks"):
         title = "eqaudit audit"  # (not "gate: PASSED": nothing was gated)
-    elif evaluated == 0:
+    elif evaluated_nothing(gate):
         title = "eqaudit gate: FAILED, no check evaluated (all skipped)"
     else:
         title = "eqaudit gate: " + ("PASSED" if gate["passed"] else "FAILED")
