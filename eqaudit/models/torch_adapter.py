@@ -269,16 +269,13 @@ class TorchAdapter(ModelAdapter):
         weights are not all float32 is converted as a copy: its own weights are not rounded."""
         if any(t.is_floating_point() and t.dtype != torch.float32 for t in _tensors(module)):
             module = copy.deepcopy(module)
-        prepared, note = _prepare(module)
-        adapter = cls(
+        return _adapter_of(
             Path(path) if path is not None else Path("<module>"),
-            input_spec,
-            prepared,
-            fmt=fmt,
+            module,
+            fmt,
+            input_spec=input_spec,
             layers_note=_TORCHSCRIPT_NOTE if isinstance(module, torch.jit.ScriptModule) else None,
         )
-        adapter.load_notes += [note] if note else []
-        return adapter
 
     def describe(self) -> dict:
         described = {"format": self._format, "factory": self._factory}
@@ -795,11 +792,20 @@ def _prepare(module: nn.Module) -> tuple[nn.Module, str | None]:
 
 
 def _adapter_of(
-    path: Path, module: nn.Module, channels: str | None, fmt: str, **kwargs: Any
+    path: Path,
+    module: nn.Module,
+    fmt: str,
+    *,
+    channels: str | None = None,
+    input_spec: InputSpec | None = None,
+    **kwargs: Any,
 ) -> TorchAdapter:
-    """A :class:`TorchAdapter` of a loaded module (prepared by :func:`_prepare`)."""
+    """A :class:`TorchAdapter` of a module, prepared by :func:`_prepare` (its note kept in
+    ``load_notes``); its input spec as given, else read from the module
+    (:func:`_module_spec`)."""
     module, note = _prepare(module)
-    adapter = TorchAdapter(path, _module_spec(module, channels), module, fmt=fmt, **kwargs)
+    spec = input_spec if input_spec is not None else _module_spec(module, channels)
+    adapter = TorchAdapter(path, spec, module, fmt=fmt, **kwargs)
     adapter.load_notes += [note] if note else []
     return adapter
 
@@ -1171,7 +1177,9 @@ def _load_torchscript(path: Path, channels: int | None) -> TorchAdapter:
             f"cannot read '{path}' as a TorchScript archive ({_first_line(exc)}): "
             "save it again with torch.jit.save"
         ) from exc
-    return _adapter_of(path, module, channels, "torchscript", layers_note=_TORCHSCRIPT_NOTE)
+    return _adapter_of(
+        path, module, "torchscript", channels=channels, layers_note=_TORCHSCRIPT_NOTE
+    )
 
 
 # -- torch.save checkpoints ---------------------------------------------------------------------
@@ -1202,7 +1210,7 @@ def _load_checkpoint(
                 obj = obj[key]
                 break
     if isinstance(obj, nn.Module):
-        return _adapter_of(path, obj, channels, "pickle")
+        return _adapter_of(path, obj, "pickle", channels=channels)
 
     state = _state_dict_of(obj)
     if state is None:
@@ -1217,7 +1225,7 @@ def _load_checkpoint(
         )
     module = _build(factory)
     _load_state(path, module, state, factory)
-    return _adapter_of(path, module, channels, "state_dict", factory=factory)
+    return _adapter_of(path, module, "state_dict", channels=channels, factory=factory)
 
 
 def _not_an_archive(path: Path, reason: str) -> ModelLoadError:
