@@ -1829,12 +1829,12 @@ def audit(
             f"audit() takes the options in config= or as keyword arguments, not both: {given} "
             "would be ignored; put them in the AuditConfig (dataclasses.replace(config, ...))"
         )
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(AuditConfig)})
+    fields = [f.name for f in dataclasses.fields(AuditConfig)]
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        fields = [f.name for f in dataclasses.fields(AuditConfig)]
-        hints = {"no_layers": "layers=False", "num_image": "num_images"}
         close = difflib.get_close_matches(unknown[0], fields, n=1)
-        hint = hints.get(unknown[0]) or (close[0] if close else None)
+        # (--no-layers is layers=False: no spelling of it is close to a field's name)
+        hint = "layers=False" if unknown[0] == "no_layers" else (close[0] if close else None)
         raise UsageError(
             f"audit() has no option {unknown[0]!r}"
             + (f": did you mean {hint}?" if hint else f"; its options: {', '.join(fields)}")
