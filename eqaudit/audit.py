@@ -79,6 +79,7 @@ from eqaudit.metrics import (
     normalised_logit_error,
     probabilities,
     robustness_score,
+    two_classes,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
 from eqaudit.models.base import kept_as_given, nonfinite_scores
@@ -822,8 +823,7 @@ class Engine:
         """A binary model's ``(..., 1)`` scores as two classes (:meth:`_binary_kind`)."""
         if self.binary is None or scores.shape[-1] != 1:
             return scores
-        other = 1 - scores if self.binary == "probs" else torch.zeros_like(scores)
-        return torch.cat([other, scores], dim=-1)
+        return two_classes(scores, self.binary)
 
     def _check_determinism(self, images: torch.Tensor, in_batch: torch.Tensor) -> None:
         """Warn when the scores of ``images`` are random (two runs of them alike in every way

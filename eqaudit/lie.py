@@ -91,7 +91,7 @@ from eqaudit.data.preprocess import Preprocessing, channel_constant
 from eqaudit.errors import cause_line
 from eqaudit.metrics.accumulators import _Mergeable
 from eqaudit.metrics.exact import ExactSum, exact_mean
-from eqaudit.metrics.functional import EPS
+from eqaudit.metrics.functional import EPS, two_classes
 from eqaudit.models.base import ModelAdapter
 from eqaudit.transforms.elements import CUBIC_A, fourier_shift, rotate
 
@@ -255,8 +255,7 @@ def normalised_derivative(scores: torch.Tensor, tangent: torch.Tensor, kind: str
     z = scores.to("cpu", torch.float64)
     dz = tangent.to("cpu", torch.float64)
     if z.shape[1] == 1:
-        z = torch.cat([1 - z if kind == "probs" else torch.zeros_like(z), z], dim=1)
-        dz = torch.cat([-dz if kind == "probs" else torch.zeros_like(dz), dz], dim=1)
+        z, dz = two_classes(z, kind), two_classes(dz, kind, derivative=True)
     if kind == "probs":
         return dz.norm(dim=1)
     z = z - z.mean(dim=1, keepdim=True)

@@ -12,6 +12,7 @@ from eqaudit.metrics.functional import (
     probabilities,
     relative_error,
     robustness_score,
+    two_classes,
     wilson_interval,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "probabilities",
     "relative_error",
     "robustness_score",
+    "two_classes",
     "wilson_interval",
 ]

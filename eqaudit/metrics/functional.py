@@ -17,6 +17,16 @@ EPS = 1e-12
 _SMALLEST_POSITIVE = math.ulp(0.0)
 
 
+def two_classes(scores: torch.Tensor, kind: str, derivative: bool = False) -> torch.Tensor:
+    """A binary classifier's one score per image ``(..., 1)`` as two classes ``(..., 2)``,
+    class 1 positive: a logit ``z`` as ``[0, z]`` (softmax gives ``[1 - sigmoid(z),
+    sigmoid(z)]``), a probability ``p`` as ``[1 - p, p]``. ``derivative``: ``scores`` are the
+    derivative of such scores, read the same way (``[0, z']``, ``[-p', p']``)."""
+    if kind != "probs":
+        return torch.cat([torch.zeros_like(scores), scores], dim=-1)
+    return torch.cat([-scores if derivative else 1 - scores, scores], dim=-1)
+
+
 def probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:
     """Class probabilities ``(B, K)`` in float64 from logits (softmax) or probability outputs."""
     scores = scores.to(torch.float64)
