@@ -357,16 +357,19 @@ class Comparison:
             f"top-1 agreement of A and B on untransformed images: {_num(top1['untransformed'])} "
             f"({top1['same']}/{top1['n']})",
         ]
+        level = f"{d['method']['bootstrap']['confidence']:.0%}"
         table = _table(
-            "Per transform: agreement of A and B, B - A with its 95% interval",
+            f"Per transform: agreement of A and B, B - A with its paired bootstrap {level} "
+            "interval",
             caption=f"n.s.: no significant difference at alpha {d['alpha']:g} (Holm-adjusted "
-            "McNemar p); JS divergences and per-layer errors are in compare.csv",
+            "McNemar p; the intervals are per element, not adjusted); JS divergences and "
+            "per-layer errors are in compare.csv",
         )
         widest = max([len("transform"), *(len(r["transform"]) for r in d["outputs"])])
         table.add_column("transform", overflow="fold", min_width=min(widest, 13))
         for header in ("agr. A", "agr. B", "B - A"):
             table.add_column(header, no_wrap=True)
-        table.add_column("95% interval", min_width=7)  # wraps after its comma when narrow
+        table.add_column(f"{level} interval", min_width=7)  # wraps after its comma when narrow
         table.add_column("Holm p", no_wrap=True)
         table.add_column("verdict", no_wrap=True, min_width=len("B better"))
         short = {"no significant difference": "n.s."}
@@ -409,6 +412,8 @@ def compare_results(
     """Compare two audits of the same images and elements (see the module docstring)."""
     if not 0 < alpha < 1:
         raise UsageError(f"--alpha is a significance level between 0 and 1, not {alpha:g}")
+    if not 0 < confidence < 1:
+        raise UsageError(f"confidence is a level between 0 and 1 (0.95), not {confidence:g}")
     paired = pair_predictions(a, b)
     notes = _notes(a, b)
     elements = [g for g in _measured(a) if g != IDENTITY]

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from eqaudit.cli import app
 from eqaudit.compare import compare, holm, match_layers
-from eqaudit.errors import EXIT_GATE_FAILED, EXIT_USAGE
+from eqaudit.errors import EXIT_GATE_FAILED, EXIT_USAGE, UsageError
 from eqaudit.stats import mcnemar_exact, paired_bootstrap_interval
 
 SIZE = 33
@@ -171,6 +171,28 @@ def test_identical_pair_is_not_a_regression(files) -> None:
     assert not data["layer_matching"]["unmatched_a"] and not data["layer_matching"]["unmatched_b"]
     assert not [n for n in data["notes"] if "matched by order" in n]
     assert all(r["relative_error_difference"] == 0.0 for r in data["layers"])
+
+
+def test_the_console_names_the_bootstrap_level_it_used(files) -> None:
+    from rich.console import Console
+
+    from eqaudit.compare import compare_results
+
+    _, a, b = compare(
+        files["sym_module"],
+        files["biased_module"],
+        data=str(files["images"]),
+        input_size=SIZE,
+        transforms="c4",
+    )
+    console = Console(width=100, record=True)
+    for line in compare_results(a, b, confidence=0.9).lines():
+        console.print(line)
+    text = console.export_text()
+    assert "paired bootstrap 90% interval" in text and "90% interval" in text
+    assert "95%" not in text and "not adjusted" in text
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        compare_results(a, b, confidence=95)
 
 
 def run_compare(files, a: str, b: str, out: Path, *options: str):
