@@ -299,6 +299,11 @@ def _turn(degrees: float) -> float:
     return 0.0 if turn == 360 else turn
 
 
+def _signed(turn: float) -> float:
+    """The one angle a rotation is named by: in (-180, 180] degrees."""
+    return turn if turn <= 180 else round(turn - 360, 9)
+
+
 def _expected_names(groups: list[tuple[str, list[float]]], mode: str) -> list[str]:
     names, turns = ["id"], set()
     for family, values in groups:
@@ -309,7 +314,8 @@ def _expected_names(groups: list[tuple[str, list[float]]], mode: str) -> list[st
                 if turn == 0 or turn in turns:
                     continue  # the identity, or the same rotation under another angle
                 turns.add(turn)
-                name = f"rot{turn:g}" if turn % 90 == 0 else name  # rot:-90 is rot270
+                # rot:-90 is rot270; other angles are named in (-180, 180]: rot:330 is rot-30
+                name = f"rot{turn:g}" if turn % 90 == 0 else f"rot{_signed(turn):g}"
             elif isinstance(element, D4Element) and not element.flip and element.k:
                 turns.add(90.0 * element.k)
             if name not in names:
@@ -318,8 +324,8 @@ def _expected_names(groups: list[tuple[str, list[float]]], mode: str) -> list[st
 
 
 def _kept_angles(groups: list[tuple[str, list[float]]]) -> set[float]:
-    """The angles parsed as rotations: the first written of angles that are one rotation, quarter
-    turns as 90, 180 or 270, none that a d4 or c4 family gives as its exact element."""
+    """The angles parsed as rotations: one of angles that are one rotation, in (-180, 180],
+    quarter turns as 90, 180 or 270, none that a d4 or c4 family gives as its exact element."""
     covered = {
         90.0 * e.k for f, _ in groups if f in ("d4", "c4") for e in FAMILIES[f].build([], "")
     }
@@ -328,7 +334,7 @@ def _kept_angles(groups: list[tuple[str, list[float]]]) -> set[float]:
         for v in values if family == "rot" else []:
             turn = _turn(v)
             if turn and turn not in covered:
-                kept.setdefault(turn, turn if turn % 90 == 0 else v)
+                kept.setdefault(turn, turn if turn % 90 == 0 else _signed(turn))
     return set(kept.values())
 
 
@@ -378,7 +384,7 @@ def test_parse_transforms_round_trips_valid_specs(
     assert elements[0].is_identity and len(set(names)) == len(names)
     assert all(e.mode == mode for e in elements if isinstance(e, Shift))
     # Values survive exactly (repr round-trips floats); d4's exact rot90 replaces rot:90
-    # (-90 is rot270), and angles that are one rotation (-30, 330) run once, as written first.
+    # (-90 is rot270), and angles that are one rotation (-30, 330) run once, named in (-180, 180].
     d4 = _d4_names(groups)
     assert all(isinstance(e, D4Element) for e in elements if e.name in d4)
     assert {e.degrees for e in elements if isinstance(e, Rotation)} == _kept_angles(groups)

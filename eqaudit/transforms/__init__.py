@@ -204,6 +204,8 @@ def parse_transforms(spec: str, shift_mode: str = "crop") -> list[Transform]:
                     continue  # the identity, always run
                 if turn % 90 == 0:  # named as d4's rotation: rot:-90 is rot270
                     element = Rotation(turn)
+                else:  # one name per rotation, in (-180, 180]: rot:-330 is rot30, rot:330 rot-30
+                    element = Rotation(turn if turn <= 180 else round(turn - 360, 9))
                 if any(_turn_of(e) == turn for e in elements):
                     continue  # rot:-30 and rot:330 are one rotation: audited (and scored) once
             if element.name in seen:
