@@ -4,7 +4,8 @@ Schema (``summary.json``, ``schema_version`` below; additive changes keep the ma
 
 ``schema_version``   "MAJOR.MINOR"
 ``eqaudit``          {"version", "torch", "onnxruntime", "onnx", "numpy", "python"}
-``model``            {"path", "name", "sha256", "backend", "format", "input": InputSpec,
+``model``            {"path", "name", "sha256" (of the file; an ONNX model's with its external
+                      data files), "backend", "format", "input": InputSpec,
                       "output_kind", "output_kind_source", "num_classes", "class_names",
                       ONNX: "opset", "producer", "output", "providers"; PyTorch: "factory",
                       "output" (--output-name); for an ONNX graph or a .pt2 fixed at batch 1

@@ -299,6 +299,24 @@ def test_external_data_next_to_the_model_loads(
     assert summary["model"]["num_classes"] == 5
 
 
+def test_external_data_is_part_of_the_model_hash(tmp_path: Path) -> None:
+    """New weights in the same graph file are a new model (merge, compare and baselines pair
+    audits by this hash); the same files staged elsewhere are the same model."""
+    from eqaudit.models import load_model, sha256_file
+
+    hashes = []
+    for name, weights in (("a", WEIGHTS), ("b", WEIGHTS), ("c", WEIGHTS + 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.bin").write_bytes(weights.tobytes())
+        model = _external_data_model(tmp_path / name, "weights.bin")
+        hashes.append(load_model(model).sha256)
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (
+        tmp_path / "c" / "model.onnx"
+    ).read_bytes()
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert hashes[0] != sha256_file(tmp_path / "a" / "model.onnx")
+
+
 # -- formula injection and escaping --------------------------------------------------------------
 FACTORY = '''
 import torch

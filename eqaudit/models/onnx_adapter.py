@@ -13,6 +13,7 @@ whose geometry is not understood give an unknown grid rather than a guess.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from eqaudit.models.base import (
     detect_layout,
     layout_option,
     looks_out_of_memory,
+    sha256_file,
 )
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -124,8 +126,11 @@ _NEWER_OPSET = re.compile(
 )
 
 
-def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+def _check_external_data(model: onnx.ModelProto, folder: Path) -> list[str]:
+    """The files the model's tensors keep their data in (relative to its folder, sorted), each
+    refused when it lies outside that folder."""
     root = folder.resolve()
+    locations: set[str] = set()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -136,6 +141,8 @@ def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
                 f"tensor '{tensor.name}' stores its data at '{location}', outside the model's "
                 "folder: refusing to read it (move the data file next to the model)"
             )
+        locations.add(location)
+    return sorted(locations)
 
 
 #: What onnxruntime says when its CUDA provider, not the graph, is what failed.
@@ -144,6 +151,22 @@ _CUDA_WORDS = re.compile(r"cuda|cudnn|cublas|cufft|curand|gpu|provider|device", 
 
 class OnnxAdapter(ModelAdapter):
     backend = "onnx"
+    #: The files beside the model that hold its external tensor data (relative paths, sorted)
+    external_data: tuple[str, ...] = ()
+
+    @property
+    def sha256(self) -> str:
+        """The model file's SHA-256; with external data, that of the file's digest and each data
+        file's name and digest, so that new weights in the same graph file are a new model."""
+        if not hasattr(self, "_sha256"):
+            if not self.external_data:
+                return super().sha256
+            digest = hashlib.sha256(sha256_file(self.path).encode())
+            for location in self.external_data:
+                digest.update(f"\n{location}\n".encode())
+                digest.update(sha256_file(self.path.parent / location).encode())
+            self._sha256 = digest.hexdigest()
+        return self._sha256
 
     def __init__(
         self,
@@ -797,7 +820,7 @@ def load_onnx(
         raise ModelLoadError(
             f"'{path}' holds no ONNX graph: the file is empty or not an ONNX model"
         )
-    _check_external_data(model, path.parent)
+    external = _check_external_data(model, path.parent)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
@@ -808,7 +831,7 @@ def load_onnx(
         onnx.checker.check_model(str(path) if path.is_file() else model)
     except Exception as exc:
         raise ModelLoadError(f"'{path}' is not a valid ONNX model: {cause_line(exc, 300)}") from exc
-    return OnnxAdapter(
+    adapter = OnnxAdapter(
         model,
         path=path,
         input_name=input_name,
@@ -817,3 +840,5 @@ def load_onnx(
         providers=providers,
         threads=threads,
     )
+    adapter.external_data = tuple(external)
+    return adapter
