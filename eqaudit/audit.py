@@ -168,13 +168,18 @@ class LayerState:
         resampled under ``--misaligned resample``: half-cell resampling cannot undo what the
         stride aliased, so on detailed images its error stays near the naive one (0.21 against
         0.245 on noise, for a D4-symmetric stack), a property of the grid, not of the model.
-        Not a row left without images (every one's maps not finite), though it is measurable."""
+        Not a row left without images (every one's maps not finite), though it is measurable.
+        Not a D4 element on a grid off-centre by whole cells: compared exactly, but only on the
+        cells that land on the map, it leaves out the border where the asymmetry is (DESIGN.md
+        section 4: misaligned layers are flagged and kept out of scores)."""
         if self.reasons[gi] is not None or self.comparison[gi] is None:
             return False
         if self.stats[gi].n == 0 and self.stats[gi].nonfinite:
             return False
         comparison = self.comparison[gi]
-        if comparison in ("exact", "invariance"):
+        if comparison == "exact":
+            return self.aligned[gi] is not False
+        if comparison == "invariance":
             return True
         return comparison == "resampled" and not element.exact and self.grid is not None
 

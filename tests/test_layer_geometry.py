@@ -717,3 +717,40 @@ def test_the_layer_floor_of_a_map_that_cubics_reproduce_is_near_zero() -> None:
     ramp = (1.0 + 0.3 * ii + 0.2 * jj).expand(2, 3, 12, 12)
     floor = resampled_floor(Rotation(30), ramp, Grid(axis, axis), (24, 24))
     assert floor is not None and float(floor.max()) < 1e-3
+
+
+class _OffCentre(nn.Module):
+    """A stride-1 map one whole cell off the image centre (asymmetric zero padding): flips map
+    its cells onto cells, but the border cells without a counterpart are where the asymmetry
+    is, so the pooled output is not invariant though the overlap compares exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d((2, 0, 2, 0))
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(self.pad(x))).flatten(1))
+
+
+@pytest.mark.parametrize("misaligned", ["flag", "skip"])
+def test_a_grid_off_centre_by_whole_cells_is_misaligned_and_not_scored(misaligned) -> None:
+    from models_zoo import d4_symmetrise_
+
+    torch.manual_seed(0)
+    model = d4_symmetrise_(_OffCentre()).eval()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = eqaudit.audit(model, "flips", images.numpy(), misaligned=misaligned)
+    rows = result.to_frame("layers").set_index(["layer", "transform"])
+    pooled = rows.loc[("pool", "flip_h")]
+    assert pooled["relative_error"] > 1e-3 and pooled["scored"]  # the symmetry is lost ...
+    for layer in ("pad", "conv"):
+        for g in ("flip_h", "flip_v"):
+            row = rows.loc[(layer, g)]
+            assert not row["aligned"] and not row["scored"]  # ... in these layers' borders
+            if misaligned == "flag":  # compared exactly on the cells that land on the map
+                assert row["comparison"] == "exact" and row["relative_error"] < 1e-6
+            else:
+                assert not row["measurable"] and "not symmetric" in row["reason"]

@@ -257,7 +257,10 @@ def compare_on_grid(
         own = (float(grid.h.stride), float(grid.w.stride))
         if plan == "aligned":  # the plain action on the map's own grid is the true one
             return GridComparison(element.feature_action(fmap, own), "exact", True)
-        # Off-centre by whole cells: every cell still lands on a cell; compare on the overlap.
+        # Off-centre by whole cells: every cell still lands on a cell; compare on the overlap
+        # (misaligned all the same: the border cells left out are where the asymmetry is).
+        if misaligned == "skip":
+            raise NotMeasurable(misaligned_reason(element, grid, input_size))
         return GridComparison(_gather(fmap, cm), "exact", False)
     if element.exact:  # a D4 element or integer shift whose motion misses the cells
         if misaligned == "skip":
