@@ -267,7 +267,7 @@ def test_onnx_export_compares_as_equal_to_its_pytorch_module(files, tmp_path) ->
     assert all(abs(r["relative_error_difference"]) < 1e-5 for r in conv)
     # ... which the comparison says, since an exporter's folds shift such pairs.
     [note] = [n for n in data["notes"] if "matched by order and shape" in n]
-    assert note.startswith("A is an ONNX graph and B a PyTorch state dict: 9 layer pairs are")
+    assert note.startswith("A is an ONNX graph and B a PyTorch state dict: 8 layer pairs are")
 
 
 def test_unpaired_inputs_are_refused(files, tmp_path) -> None:

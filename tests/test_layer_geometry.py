@@ -508,7 +508,7 @@ def test_attention_scores_of_pytorch_modules_are_not_audited_as_image_maps() -> 
     torch.manual_seed(0)
     info = inspect_model(AttentionModules().eval(), input_size=(12, 12))
     assert [layer["name"] for layer in info["layers"]] == ["embed"]
-    assert {"softmax", "attn_drop"} <= set(info["unauditable"])
+    assert "softmax" in info["unauditable"]  # (the Dropout hands out its values again)
     torch.manual_seed(0)
     result = eqaudit.audit(AttentionModules().eval(), "flips", input_size=12, num_images=2)
     assert {row["layer"] for row in result.layers} == {"embed"}

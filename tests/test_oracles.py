@@ -90,6 +90,40 @@ def test_onnx_and_torch_give_the_same_numbers(sym_torch, sym_onnx):
         assert a["transform"] == b["transform"] and a["shape"] == b["shape"]
         assert a["stride"] == b["stride"]
         assert abs(a["relative_error"] - b["relative_error"]) < 1e-5
+    # The pooled features once each: the nn.Flatten after the pool holds the pool's values (an
+    # ONNX graph's Flatten is not a layer), so counting it would weigh them twice in the score.
+    assert not [r for r in sym_torch.layers if r["layer"] == "flatten"]
+    pool_t = [r for r in sym_torch.layers if r["op"] == "AdaptiveAvgPool2d"]
+    pool_o = [r for r in sym_onnx.layers if r["op"] == "GlobalAveragePool"]
+    assert len(pool_t) == len(pool_o) == 8
+
+
+def test_a_layer_seen_again_through_a_view_is_one_layer() -> None:
+    """Dropout (eval) and Flatten hand out their input's memory: one layer, not three. An
+    in-place ReLU also hands out its input's memory, with new values: a layer of its own."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU(inplace=True)
+            self.drop = nn.Dropout2d(0.5)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.flat = nn.Flatten()
+            self.fc = nn.Linear(4 * 9 * 9, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.drop(self.relu(self.conv(x)))
+            return self.fc(self.flat(torch.tanh(self.conv2(x))))
+
+    torch.manual_seed(0)
+    result = eqaudit.audit(Net(), "flips", input_size=9, num_images=4)
+    assert list(dict.fromkeys(r["layer"] for r in result.layers)) == [
+        "conv",
+        "relu",
+        "conv2",
+        "flat",
+    ]
 
 
 def test_misaligned_size_breaks_the_per_layer_comparison(sym_model):

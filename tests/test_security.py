@@ -331,8 +331,9 @@ class Hostile(nn.Module):
         self.add_module('=HYPERLINK("http://x")', nn.Conv2d(3, 4, 3, padding=1))
         self.add_module("+cmd", nn.ReLU())
         self.add_module("<script>alert(1)</script>", nn.Identity())
+        self.add_module("@SUM(1)", nn.Sigmoid())
         self.add_module("-2", nn.AdaptiveAvgPool2d(1))
-        self.add_module("@SUM(1)", nn.Flatten())
+        self.add_module("flat", nn.Flatten())
         self.add_module("fc", nn.Linear(4, 5))
 
     def forward(self, x):

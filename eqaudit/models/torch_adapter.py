@@ -90,6 +90,21 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return cause_line(exc, limit)
 
 
+def _same_values(tensor: torch.Tensor, earlier: torch.Tensor, version: int) -> bool:
+    """Does ``tensor`` hold ``earlier``'s values (recorded at ``version``) under another shape:
+    the same memory in the same order (both contiguous: a permuted view is another layout), as
+    many elements, and ``earlier`` not written in place since (an in-place ReLU returns its
+    input's memory with new values)?"""
+    return (
+        tensor.data_ptr() == earlier.data_ptr()
+        and tensor.numel() == earlier.numel()
+        and tensor.dtype == earlier.dtype
+        and earlier._version == version
+        and tensor.is_contiguous()
+        and earlier.is_contiguous()
+    )
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     """The tensor a module output stands for: itself, or the first tensor of a tuple/list."""
     if isinstance(value, torch.Tensor):
@@ -487,16 +502,38 @@ class TorchAdapter(ModelAdapter):
         shape = spec.model_shape(spec.batch or 1)
         order: list[str] = []
         seen: dict[str, torch.Tensor] = {}
+        versions: dict[str, int] = {}
 
         def record(name: str, index: int, output: Any) -> None:
             tensor = _first_tensor(output)
-            if tensor is not None and tensor.is_floating_point():
-                key = _call_name(name, index)
-                order.append(key)
-                seen[key] = tensor
+            if tensor is None or not tensor.is_floating_point():
+                return
+            key = _call_name(name, index)
+            same = next(
+                (k for k, earlier in seen.items() if _same_values(tensor, earlier, versions[k])),
+                None,
+            )
+            if same is not None:
+                # A layer already recorded, again: a block handing out its last ReLU's output
+                # (named by the block), an eval-mode Dropout or a Flatten (dropped). Counted
+                # once, as an ONNX graph holds it once (both loaders give the same rows).
+                if _split_call_name(same, self._candidates)[0].startswith(name + "."):
+                    order[order.index(same)] = key
+                    del seen[same], versions[same]
+                    seen[key], versions[key] = tensor, tensor._version
+                return
+            order.append(key)
+            seen[key] = tensor
+            versions[key] = tensor._version
 
         try:
-            with self._hooks(self._candidates, record):
+            # Not in inference mode, whatever the caller's: its tensors keep no version counter,
+            # which tells a view of a layer (the same values) from an in-place ReLU's output.
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+                self._hooks(self._candidates, record),
+            ):
                 scores = _scores_of(self._forward(torch.zeros(shape)), self.output_name)
         except Exception:  # the real run reports the model's failure properly
             return None

@@ -972,7 +972,9 @@ def test_torch_adapter_names_map_to_exported_nodes() -> None:
     assert graph is not None and adapter.grid_graph() is graph  # cached
     grids = graph.grids(33, 33)
     names = {layer.name for layer in layers}
-    assert {"layer1.0.relu", "layer1.0.relu:1", "layer4.1.relu:1"} <= names
+    # The ReLU's second call is the block's output: named by the block (one layer, not two).
+    assert {"layer1.0.relu", "layer1.0", "layer4.1"} <= names
+    assert not {"layer1.0.relu:1", "layer4.1.relu:1"} & names
     for layer in layers:
         grid = grids[layer.name]
         if layer.spatial:
@@ -981,6 +983,7 @@ def test_torch_adapter_names_map_to_exported_nodes() -> None:
             assert grid == "flat", layer.name
     # The first call of the block's ReLU follows bn1, the second the residual add: same grid.
     assert grids["layer2.0.relu"] == grids["layer2.0.relu:1"] == grids["layer2.0.conv1"]
+    assert grids["layer2.0"] == grids["layer2.0.relu:1"]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
