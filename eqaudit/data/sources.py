@@ -58,6 +58,9 @@ IMAGE_SUFFIXES: tuple[str, ...] = (
     ".png",
     ".jpg",
     ".jpeg",
+    ".jfif",
+    ".jpe",
+    ".avif",
     ".bmp",
     ".gif",
     ".tif",
@@ -318,8 +321,10 @@ def _open_folder(
     num_images: int | None,
     seed: int,
     label_map: tuple[list[str], dict[str, int]] | None,
+    others: Sequence[str] = (),
 ) -> FolderSource:
-    """Validate (a subset of) ``files`` and build the source; ``files`` is sorted."""
+    """Validate (a subset of) ``files`` and build the source; ``files`` is sorted; ``others``:
+    the folder's files that are not images by their suffix (named in a note)."""
     rel = [_relative(f, root) for f in files]
     kept, infos, skipped = _select_readable(files, rel, num_images, seed)
     if not kept:
@@ -331,6 +336,12 @@ def _open_folder(
     notes = _image_notes(Counter(infos), geometry)
     if num_images is not None and num_images > len(kept):
         notes.append(f"asked for {num_images} images; only {len(kept)} readable images found")
+    if others:
+        suffixes = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+        notes.append(
+            f"{len(others)} other file{'s' if len(others) > 1 else ''} not read: not images by "
+            f"their suffix (e.g. '{others[0]}'; images are {suffixes})"
+        )
     labels, class_names = None, None
     if label_map is not None:
         class_names, name_to_index = label_map
@@ -356,18 +367,32 @@ def _open_folder(
     )
 
 
-def find_image_files(root: Path) -> list[Path]:
+def find_image_files(root: Path, others: list[Path] | None = None) -> list[Path]:
     """Image files under ``root``, recursively, sorted by relative POSIX path.
 
     Suffixes are matched case-insensitively; hidden files and folders (name starting with ``.``)
-    are ignored, and symlinked folders are not followed.
+    are ignored. Symlinked folders are followed (a class folder linked in from elsewhere), each
+    real folder once, so a link back up cannot loop. ``others``, when given, receives the
+    other files found (not hidden, not images by their suffix).
     """
     found = []
-    for directory, subdirs, names in os.walk(root):
+    walked: set[tuple[int, int]] = set()
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        identity = os.stat(directory)
+        if (identity.st_dev, identity.st_ino) in walked:
+            subdirs[:] = []
+            continue
+        walked.add((identity.st_dev, identity.st_ino))
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in names:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(directory) / name)
+            elif others is not None:
+                others.append(Path(directory) / name)
+    if others is not None:
+        others.sort(key=lambda path: _relative(path, root))
     return sorted(found, key=lambda path: _relative(path, root))
 
 
@@ -436,7 +461,8 @@ def _decode_image(path: Path, draft: tuple[int, int] | None = None) -> tuple[np.
         with Image.open(path) as image:
             _check_pixel_limit(image.size)
             full = image.size
-            if draft is not None and image.format == "JPEG":
+            # (a camera's or phone's JPEG with an MPF segment is read as MPO, a JPEG subclass)
+            if draft is not None and image.format in ("JPEG", "MPO"):
                 image.draft(image.mode, draft)
             image.load()
             oriented, rotated = _exif_oriented(image)
@@ -613,10 +639,19 @@ def _folder_labels(
             f"{len(class_names)} classes: all labels are unknown (-1)"
         )
     elif unknown:
-        notes.append(
-            f"{_count(len(unknown), 'image')} outside the class subfolders get label -1 "
-            f"(e.g. '{unknown[0]}')"
-        )
+        folders = Counter(i.split("/")[0] for i in unknown if "/" in i)
+        loose = [i for i in unknown if "/" not in i]
+        where = []
+        if folders:
+            named = ", ".join(f"'{name}': {n}" for name, n in folders.most_common(3))
+            more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+            where.append(
+                f"{sum(folders.values())} in {_count(len(folders), 'subfolder')} named after no "
+                f"class ({named}{more})"
+            )
+        if loose:
+            where.append(f"{len(loose)} outside any subfolder (e.g. '{loose[0]}')")
+        notes.append(f"{_count(len(unknown), 'image')} get label -1: {'; '.join(where)}")
     return torch.tensor(labels, dtype=torch.int64), notes
 
 
@@ -1004,10 +1039,12 @@ def open_images(
     if not display.strip():
         raise DataError(f"--data is empty: {_DATA_HINT}")
     if path.is_dir():
-        files = find_image_files(path)
+        others: list[Path] = []
+        files = find_image_files(path, others)
         if not files:
             raise DataError(f"no images found in '{display}': {_DATA_HINT}")
-        return _open_folder(path, files, display, geometry, num_images, seed, label_map)
+        other = [_relative(f, path) for f in others]
+        return _open_folder(path, files, display, geometry, num_images, seed, label_map, other)
     if not path.exists():
         raise DataError(f"'{display}' does not exist: {_DATA_HINT}")
     suffix = path.suffix.lower()

@@ -52,8 +52,17 @@ def test_folder_found_recursively_in_sorted_order(tmp_path: Path) -> None:
     assert source.ids == expected
     assert all_ids(source, batch_size=2) == expected
     assert len(source) == 5
+    suffixes = "png/jpg/jpeg/jfif/jpe/avif/bmp/gif/tif/tiff/webp"
     assert source.description == DataDescription(
-        source="folder", path=str(tmp_path), count=5, synthetic=False, labelled=False
+        source="folder",
+        path=str(tmp_path),
+        count=5,
+        synthetic=False,
+        labelled=False,
+        notes=(
+            "1 other file not read: not images by their suffix (e.g. 'notes.txt'; images are "
+            f"{suffixes})",
+        ),
     )
     assert source.class_names is None
 
@@ -135,9 +144,30 @@ def test_labels_from_subfolders_with_txt(tmp_path: Path) -> None:
     assert got.dtype == torch.int64
     assert got.tolist() == [1, 1, 0, -1, -1]
     assert source.description.labelled
-    assert "2 images outside the class subfolders get label -1 (e.g. 'loose.png')" in (
-        source.description.notes
-    )
+    assert (
+        "2 images get label -1: 1 in 1 subfolder named after no class ('other': 1); "
+        "1 outside any subfolder (e.g. 'loose.png')"
+    ) in source.description.notes
+
+
+def test_class_folders_linked_in_are_read_once_and_other_files_are_named(tmp_path: Path) -> None:
+    # A class folder symlinked from elsewhere was silently left out (os.walk does not follow
+    # links), a .jfif JPEG and a README were dropped without a word (review).
+    elsewhere = tmp_path / "elsewhere"
+    save(elsewhere / "x1.png", rgb(0))
+    data = tmp_path / "data"
+    save(data / "cat" / "c1.png", rgb(1))
+    Image.fromarray(rgb(2)).save(data / "cat" / "c2.jfif", format="JPEG")
+    (data / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (data / "cat" / "up").symlink_to(data, target_is_directory=True)  # a loop: walked once
+    (data / "README.txt").write_text("labels are folder names")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    source = open_images(data, size=(8, 8), labels=labels)
+    assert source.ids == ["cat/c1.png", "cat/c2.jfif", "dog/x1.png"]
+    assert torch.cat([b.labels for b in source.iter_batches(3)]).tolist() == [0, 0, 1]
+    [note] = [n for n in source.description.notes if "not read" in n]
+    assert note.startswith("1 other file not read: not images by their suffix (e.g. 'README.txt'")
 
 
 def test_class_folders_match_their_names_in_either_unicode_form(tmp_path: Path) -> None:
@@ -354,6 +384,12 @@ def test_large_jpegs_are_decoded_small_yet_give_the_same_pixels(tmp_path: Path) 
     assert info.size == (1200, 1600) and values.shape == (150, 200, 3)  # an eighth, full size
     _, turned = _decode_image(tmp_path / "b_turned.jpg", draft=(100, 100))
     assert turned.size == (1200, 1600) and turned.exif_rotated
+    # A camera's JPEG with an MPF segment (Pillow: format MPO) was decoded whole (review).
+    first = Image.fromarray(upright)
+    first.save(tmp_path / "c_camera.jpg", format="MPO", save_all=True, append_images=[first])
+    assert Image.open(tmp_path / "c_camera.jpg").format == "MPO"
+    values, info = _decode_image(tmp_path / "c_camera.jpg", draft=(100, 100))
+    assert info.size == (1200, 1600) and values.shape == (150, 200, 3)
     pixels = all_pixels(open_images(tmp_path, size=(48, 64)))
     expected = torch.from_numpy(upright[::25, ::25].astype(np.float32) / 255).permute(2, 0, 1)
     for image in pixels:  # both, against the full-size image sampled on the same grid
