@@ -228,15 +228,29 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
     """A Pillow image as ``(H, W, C)`` float32 in [0, 1], C = 1 (gray) or 3 (RGB).
 
     16-bit modes (``I;16*``, and ``I``, which Pillow uses for 16-bit PNGs) are divided by 65535,
-    8-bit modes by 255; ``F`` is taken as already in [0, 1] and clipped. Palette, CMYK, YCbCr ...
-    go through Pillow's conversion to RGB. Transparency is composited onto black.
+    8-bit modes by 255. ``F`` (a float TIFF) is read in the smallest of 0-1, 0-255 and 0-65535
+    that holds its values (a ValueError beyond, or for NaN): a 0-255 float image was clipped to
+    white. Palette, CMYK, YCbCr ... go through Pillow's conversion to RGB. Transparency is
+    composited onto black.
     """
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.float32) / np.float32(65535.0)
         return np.clip(values, 0.0, 1.0)[..., None]
     if mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)[..., None]
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        # As a float array is read: values up to 1.5 are 0-1 (and refused above 1.001).
+        divisor = 1.0 if high <= 1.5 else 255.0 if high <= 255.255 else 65535.0
+        if (
+            not (math.isfinite(low) and math.isfinite(high))
+            or high / divisor > 1.001
+            or low < -1e-3
+        ):
+            raise ValueError(
+                f"float pixel values from {low:g} to {high:g}, not in 0-1, 0-255 or 0-65535"
+            )
+        return np.clip(values / np.float32(divisor), 0.0, 1.0)[..., None]
     if has_alpha(image):
         target = "LA" if mode in ("LA", "La", "L") else "RGBA"
         values = np.asarray(image.convert(target), dtype=np.float32) / np.float32(255.0)

@@ -767,7 +767,7 @@ def _array_axes(array: np.ndarray, where: str, notes: list[str]) -> tuple[bool, 
     """(channels_last, channels) of an image array; refuses shapes that are not images."""
     shape = array.shape
     if array.ndim == 3:
-        if shape[-1] in (3, 4):
+        if shape[-1] in (3, 4) or (shape[0] in (3, 4) and min(shape[1:]) > 4):
             notes.append(
                 f"array shape {shape} read as {shape[0]} grayscale images of {shape[1]}x{shape[2]};"
                 " for one colour image add a leading batch axis"

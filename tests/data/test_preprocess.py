@@ -142,8 +142,17 @@ def test_pil_to_array_modes() -> None:
     binary = Image.new("1", (2, 1))
     binary.putpixel((1, 0), 1)
     assert pil_to_array(binary).tolist() == [[[0.0], [1.0]]]
-    floats = Image.fromarray(np.array([[-0.5, 0.25, 2.0]], np.float32))
+    # A float TIFF is read in the smallest of 0-1, 0-255, 0-65535 holding its values: one in
+    # 0-255 was clipped to white (review); values in none of them are refused.
+    floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32))
     assert pil_to_array(floats).tolist() == [[[0.0], [0.25], [1.0]]]
+    floats = Image.fromarray(np.array([[0.0, 51.0, 255.0]], np.float32))
+    assert pil_to_array(floats).tolist() == [[[0.0], [np.float32(0.2)], [1.0]]]
+    floats = Image.fromarray(np.array([[0.0, 65535.0]], np.float32))
+    assert pil_to_array(floats).tolist() == [[[0.0], [1.0]]]
+    for bad in ([[-0.5, 0.25]], [[0.0, 1.2]], [[0.0, 7e4]], [[0.0, np.nan]]):
+        with pytest.raises(ValueError, match="not in 0-1, 0-255 or 0-65535"):
+            pil_to_array(Image.fromarray(np.array(bad, np.float32)))
     gray = Image.fromarray(np.array([[7, 200]], np.uint8))
     gray.info["transparency"] = 7
     assert pil_to_array(gray).tolist() == [[[0.0], [np.float32(200) / np.float32(255)]]]

@@ -111,6 +111,16 @@ def test_subset_replaces_unreadable_files(tmp_path: Path) -> None:
     assert source.description.skipped == ("3.png: cannot identify image file",)
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 40), (40, 40, 3)])
+def test_one_colour_image_without_a_batch_axis_is_named(shape) -> None:
+    # (3, 40, 40) was read as 3 grayscale images without a word; (40, 40, 3) had the hint.
+    source = open_images(np.zeros(shape, np.uint8), size=(40, 40))
+    assert len(source) == shape[0]
+    assert any(
+        "for one colour image add a leading batch axis" in n for n in source.description.notes
+    )
+
+
 def test_asking_for_more_images_than_exist_notes_it(tmp_path: Path) -> None:
     save(tmp_path / "a.png", rgb(0))
     source = open_images(tmp_path, size=(8, 8), num_images=4)
