@@ -1061,6 +1061,7 @@ ONNX_GRID_PRESERVING = frozenset(
         "CastLike",
         "QuantizeLinear",
         "DequantizeLinear",
+        "DynamicQuantizeLinear",
         "Floor",
         "Ceil",
         "Round",
@@ -1488,8 +1489,39 @@ def _pair(values: Sequence[int] | None, default: int) -> list[int] | None:
     return values if len(values) == 2 else None
 
 
+#: onnxruntime's quantized ops (domain com.microsoft, written by its QOperator quantizer): the
+#: input positions of their image tensors; each keeps its inputs' grid, as its float op does.
+_ORT_QUANTIZED_POINTWISE = {
+    "QLinearAdd": (0, 3),
+    "QLinearMul": (0, 3),
+    "QLinearLeakyRelu": (0,),
+    "QLinearSigmoid": (0,),
+    "QLinearSoftmax": (0,),
+}
+
+
+def _ort_quantized_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str) -> _Rule:
+    op = node.op_type
+    if op in _ORT_QUANTIZED_POINTWISE:
+        at = _ORT_QUANTIZED_POINTWISE[op]
+        return lambda ins: _combine([ins[i] for i in at if i < len(ins)], label)
+    if op == "QLinearGlobalAveragePool" and not _attr(node, "channels_last", 0):
+        return lambda ins: _global_state(ins[0], label)
+    if op == "QLinearAveragePool" and not _attr(node, "channels_last", 0):
+        return _onnx_window_rule(node, facts, label)
+    if op == "QLinearConcat":  # (Y_scale, Y_zero_point, then X, scale, zero point per input)
+        axis = int(_attr(node, "axis", 1))
+        rank = facts.rank(node.output[0])
+        return lambda ins: _concat_state(ins[2::3], axis, label, rank)
+    if op == "QGemm":
+        return _onnx_matmul_rule(node, label)
+    return _unsupported(f"{label} (domain '{node.domain}') is not understood")
+
+
 def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str) -> _Rule:
     op = node.op_type
+    if node.domain == "com.microsoft":
+        return _ort_quantized_rule(node, facts, label)
     if node.domain not in ("", "ai.onnx"):
         return _unsupported(f"{label} (domain '{node.domain}') is not understood")
     if op in _ONNX_WINDOW or op == "ConvTranspose":

@@ -126,6 +126,51 @@ _NEWER_OPSET = re.compile(
 )
 
 
+#: Where the output scale and zero point of a quantized op's integer output are among its
+#: inputs (QuantizeLinear, and the QOperator ops onnxruntime's quantizer writes).
+_OUTPUT_QUANTIZATION = {
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearConcat": (0, 1),
+}
+#: Ops that hand an integer input's values on with its quantization (a max pool of uint8 cells).
+_KEEPS_QUANTIZATION = {"MaxPool", "Relu", "Transpose", "Pad"}
+
+
+def _quantized_outputs(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]:
+    """Integer tensors of a quantized (QOperator) graph whose real values are known:
+    ``name -> (scale, zero point)``, constant per tensor, so ``(q - zero point) * scale`` is
+    the float map the quantized op stands for. Per-channel or computed scales are left out."""
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    found: dict[str, tuple[float, float]] = {}
+    for node in graph.node:
+        if node.op_type in _KEEPS_QUANTIZATION and node.input and node.input[0] in found:
+            found[node.output[0]] = found[node.input[0]]
+            continue
+        at = _OUTPUT_QUANTIZATION.get(node.op_type)
+        if at is None or len(node.input) <= at[0] or not node.output:
+            continue
+        scale = constants.get(node.input[at[0]])
+        zero = constants.get(node.input[at[1]]) if len(node.input) > at[1] else np.zeros(())
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+            continue
+        if zero.dtype.kind not in "iu":  # (QGemm without y_scale gives floats)
+            continue
+        found[node.output[0]] = (float(scale.reshape(())), float(zero.reshape(())))
+    return found
+
+
 def _check_external_data(model: onnx.ModelProto, folder: Path) -> list[str]:
     """The files the model's tensors keep their data in (relative to its folder, sorted), each
     refused when it lies outside that folder."""
@@ -200,6 +245,8 @@ class OnnxAdapter(ModelAdapter):
         self._per_image: dict[tuple, list[tuple[int, ...] | None]] = {}
         # The graph walk (shape inference included) is only needed for per-layer audits.
         self._candidates: list[tuple[str, str]] | None = None
+        #: integer (quantized) layers -> (scale, zero point), found with the candidates
+        self._quantized: dict[str, tuple[float, float]] = {}
         self._inferred: onnx.ModelProto | None = None
         meta = {p.key: p.value for p in model.metadata_props}
         self.class_names: list[str] | None = None
@@ -473,6 +520,8 @@ class OnnxAdapter(ModelAdapter):
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, set()).add(node.op_type)
+        # A quantized graph's integer maps are layers too, read as the floats they stand for.
+        self._quantized = quantized = _quantized_outputs(graph)
         candidates: list[tuple[str, str]] = []
         for node in _image_nodes(graph, self.input_spec.name):
             for out in node.output:
@@ -488,7 +537,13 @@ class OnnxAdapter(ModelAdapter):
                     # gathered cells (seen with AdaptiveAvgPool2d(7) on a 66-cell map). The sum
                     # is compared once it is whole, where something other than an Add reads it.
                     continue
-                if out in types and types[out] not in _FLOAT_TYPES:
+                if out in types and types[out] not in _FLOAT_TYPES and out not in quantized:
+                    continue
+                if node.op_type == "QuantizeLinear" or (
+                    out in quantized and "DequantizeLinear" in consumers.get(out, set())
+                ):
+                    # A float tensor rounded (the float one is the layer, or is the image), or
+                    # an integer one about to be read back as floats (the layer, once).
                     continue
                 candidates.append((out, node.op_type))
         return candidates
@@ -658,6 +713,10 @@ class OnnxAdapter(ModelAdapter):
         for name, array in zip(names, arrays[1:], strict=True):
             if array.dtype.kind == "f":
                 acts[name] = torch.from_numpy(array.astype(np.float32, copy=False))
+            elif name in self._quantized and array.dtype.kind in "iu":
+                scale, zero = self._quantized[name]
+                values = (array.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+                acts[name] = torch.from_numpy(values)
         return scores, acts
 
     def _run_new_shape(

@@ -93,3 +93,60 @@ def test_a_graphs_other_outputs_are_layers_as_a_modules_are(tmp_path) -> None:
     assert "aux" in names and "scores" not in names and "label" not in names
     names = {layer.name for layer in load_model(path, output_name="aux").layers()}
     assert "scores" in names and "aux" not in names
+
+
+def _quantized(model: torch.nn.Module, folder, size: int, fmt: str):
+    """``model`` exported and statically quantized by onnxruntime's quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"image": images[i : i + 1]} for i in range(len(images))])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.feeds, None)
+
+    source = export_onnx(model, folder / f"{fmt}_float.onnx", size)
+    target = folder / f"{fmt}.onnx"
+    quantize_static(str(source), str(target), Reader(), quant_format=getattr(QuantFormat, fmt))
+    return source, target
+
+
+def _integer_maps(path) -> set[str]:
+    """The QLinearConv outputs of a graph not read back as floats right away."""
+    graph = onnx.load(path).graph
+    read_back = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return {n.output[0] for n in graph.node if n.op_type == "QLinearConv"} - read_back
+
+
+def test_a_quantized_graphs_integer_maps_are_layers_read_as_floats(tmp_path) -> None:
+    # QOperator models keep their maps in uint8 (QLinearConv): every one was dropped, and a
+    # per-layer gate that the float model fails passed on the one float tensor left (review).
+    from models_zoo import PositionalBias, symmetric_cnn
+
+    import eqaudit
+
+    torch.manual_seed(0)
+    symmetric = symmetric_cnn(size=33)
+    (tmp_path / "biased").mkdir()
+    _, exact_path = _quantized(symmetric, tmp_path, 33, "QOperator")
+    biased = PositionalBias(symmetric, 33, strength=1.0).eval()
+    _, biased_path = _quantized(biased, tmp_path / "biased", 33, "QOperator")
+
+    exact = eqaudit.audit(str(exact_path), "d4", num_images=4)
+    layers = {row["layer"] for row in exact.layers}
+    convs = _integer_maps(exact_path)
+    assert len(convs) == 3 and convs <= layers  # dequantized: (q - zero point) * scale
+    graph = onnx.load(exact_path).graph
+    # Not a float tensor rounded (QuantizeLinear: the float one is the layer, or the image).
+    assert not {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"} & layers
+    rows = [row for row in exact.layers if row["layer"] in convs]
+    assert len(rows) == 3 * 8 and all(row["scored"] for row in rows)
+    assert max(row["relative_error"] for row in rows) < 1e-6  # integer kernels: exact
+
+    broken = eqaudit.audit(str(biased_path), "d4", num_images=4)
+    convs = _integer_maps(biased_path)
+    rows = [row for row in broken.layers if row["layer"] in convs and row["transform"] == "rot90"]
+    assert len(rows) == 3 and all(row["scored"] and row["relative_error"] > 1e-2 for row in rows)
