@@ -445,7 +445,9 @@ def check(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder (default reports/<model-stem>/)."),
+        typer.Option(
+            "--out", "-o", help="Output folder (default reports/<model-stem>/).", parser=_out_path
+        ),
     ] = None,
     factory: FactoryOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -527,6 +529,16 @@ def check(
     )
 
 
+def _out_path(raw: str) -> Path:
+    """``--out``, refusing an empty value: it means the current folder, whose report files a
+    run replaces (an unset ``$OUT`` in a CI script, ``-o "$OUT"``)."""
+    if not raw.strip():
+        raise typer.BadParameter(
+            "it is empty, which would mean the current folder: give a folder, e.g. -o reports/run1"
+        )
+    return Path(raw)
+
+
 def _given(ctx: typer.Context) -> dict[str, Any]:
     """The options typed on the command line (not defaults): they override the environment and
     the config file."""
@@ -549,7 +561,7 @@ def _run_check(
 ) -> None:
     from eqaudit.audit import audit
     from eqaudit.config import GateConfig
-    from eqaudit.gate import load_baseline
+    from eqaudit.gate import check_baseline_path, load_baseline
     from eqaudit.reports import check_out_dir, console
     from eqaudit.reports.markdown import render_audit
 
@@ -561,6 +573,8 @@ def _run_check(
         )
     check_out_dir(out)  # a bad --out fails before the audit, not after it
     baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
+    if gate.save_baseline:
+        check_baseline_path(gate.save_baseline)
     with console.progress_bar("auditing" if ray is None else "auditing on Ray") as progress:
         if ray is None:
             result = audit(model, config=config, progress=progress)
@@ -575,6 +589,7 @@ def _run_check(
         from eqaudit.reports import write_report
 
         write_report(result, out)
+        _report_in_place()
         console.warn(
             f"shard {shard['index']}/{shard['total']} has no images (the audit has fewer images "
             "than shards): only its state is written, which adds nothing to the merge"
@@ -605,6 +620,7 @@ def _judge_and_write(result: Any, gate: Any, baseline: dict | None, out: Path) -
     verdict = evaluate_gate(result, gate, baseline)
     result = verdict.attach(result)
     write_report(result, out)
+    _report_in_place()
     lines = verdict.lines()
     if gate.save_baseline:
         save_baseline(result, gate.save_baseline)
@@ -622,6 +638,19 @@ def _say_shard_written(shard: tuple[int, int], out: Path) -> None:
         markup=False,
         soft_wrap=True,
     )
+
+
+#: Set by :func:`main`, the console script (not by a program or test that runs the app).
+_SCRIPT = False
+
+
+def _report_in_place() -> None:
+    """The report is in place: from now on SIGINT and SIGTERM are ignored (console script only)
+    and the few lines left to print finish. An interrupt here said that no new report was
+    written, or died in the interpreter's exit with a traceback (review)."""
+    if _SCRIPT:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _finish(lines: list[Any], markdown: str, last: str, passed: bool) -> None:
@@ -685,7 +714,9 @@ def list_transforms() -> None:
 @app.command()
 @_handle_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("reports/demo"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder.", parser=_out_path)
+    ] = Path("reports/demo"),
     backend: Annotated[
         str, typer.Option(help="Which bundled copy to audit: onnx or torch.")
     ] = "onnx",
@@ -705,7 +736,12 @@ def report(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="HTML file to write (default: report.html beside it)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="HTML file to write (default: report.html beside it).",
+            parser=_out_path,
+        ),
     ] = None,
 ) -> None:
     """Re-render report.html from a saved summary.json (and gallery.json); no model is run."""
@@ -713,6 +749,7 @@ def report(
     from eqaudit.reports.html import rerender
 
     path = rerender(source, out)
+    _report_in_place()
     console.stdout.print(f"Report written to {path}", markup=False, soft_wrap=True)
 
 
@@ -729,7 +766,7 @@ def merge(
     ],
     out: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Output folder for the merged report."),
+        typer.Option("--out", "-o", help="Output folder for the merged report.", parser=_out_path),
     ] = Path("reports/merged"),
     fail_under: FailUnderOpt = None,
     min_agreement: MinAgreementOpt = None,
@@ -748,7 +785,7 @@ def merge(
     report.html), then apply the gate: the gate options of check, from the command line, the
     environment or the config file."""
     from eqaudit.config import GATE_OPTIONS, resolve_config
-    from eqaudit.gate import load_baseline
+    from eqaudit.gate import check_baseline_path, load_baseline
     from eqaudit.reports import check_out_dir, console
     from eqaudit.reports.markdown import render_audit
     from eqaudit.shard import merge_shards
@@ -765,6 +802,8 @@ def merge(
         )
     check_out_dir(out)
     baseline = load_baseline(gate.baseline) if gate.baseline else None
+    if gate.save_baseline:
+        check_baseline_path(gate.save_baseline)
     result, verdict, lines = _judge_and_write(merge_shards(shards), gate, baseline, out)
     console.print_summary(result, out_dir=str(out))
     _finish(
@@ -853,7 +892,9 @@ def compare(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder (default reports/<A>-vs-<B>/)."),
+        typer.Option(
+            "--out", "-o", help="Output folder (default reports/<A>-vs-<B>/).", parser=_out_path
+        ),
     ] = None,
     alpha: Annotated[
         float,
@@ -902,7 +943,7 @@ def compare(
     from eqaudit.compare import compare as compare_models
     from eqaudit.compare import is_saved_report, refuse_out_in_sources, write_comparison
     from eqaudit.config import resolve_config
-    from eqaudit.reports import check_out_dir, console, write_report
+    from eqaudit.reports import check_out_dir, console
     from eqaudit.reports.markdown import render_compare
 
     started = time.perf_counter()
@@ -930,11 +971,9 @@ def compare(
                 fail_on_regression=fail_on_regression,
                 progress=lambda label: progress,
             )
-        # Each audit is kept (summary.json + CSVs), so the pair can be compared again later.
-        write_report(result_a, out_dir / "a", formats=["json", "csv"])
-        write_report(result_b, out_dir / "b", formats=["json", "csv"])
     saved = is_saved_report(a) and is_saved_report(b)
-    write_comparison(comparison, out_dir, (a, b), audits_written=not saved)
+    write_comparison(comparison, out_dir, (a, b), audits=None if saved else (result_a, result_b))
+    _report_in_place()
     _finish(
         [*comparison.lines(), f"Comparison written to {out_dir}"],
         render_compare(comparison.data),
@@ -951,6 +990,8 @@ def main() -> None:
     """The console script: parse errors become one ``error:`` line too (exit 2)."""
     from eqaudit.reports import console
 
+    global _SCRIPT
+    _SCRIPT = True
     try:
         code = app(prog_name="eqaudit", standalone_mode=False)
     except typer.Abort:

@@ -700,15 +700,17 @@ def write_comparison(
     out_dir: Path,
     sources: tuple[Any, Any] = (None, None),
     *,
-    audits_written: bool = False,
+    audits: tuple[AuditResult, AuditResult] | None = None,
 ) -> list[Path]:
-    """compare.json, compare.csv, summary.md, junit.xml and report.html, written atomically into
-    ``out_dir``; a check report there is removed (one folder, one report), so ``out_dir`` must
-    not be one of the compared audits' folders (``sources``). ``audits_written``: this run has
-    just written the two audits into ``a/`` and ``b/``; else an earlier comparison's ``a/`` and
-    ``b/`` there are removed (they would describe other audits than ``compare.json``)."""
+    """compare.json, compare.csv, summary.md, junit.xml and report.html, and with ``audits``
+    (the two audits this run made) their summary.json and CSVs in ``a/`` and ``b/``, so that the
+    pair can be compared again: all written into ``out_dir`` as one (an interrupt or a failed
+    write leaves the previous comparison or this one). A check report there is removed (one
+    folder, one report), so ``out_dir`` must not be one of the compared audits' folders
+    (``sources``); without ``audits``, an earlier comparison's ``a/`` and ``b/`` there are
+    removed (they would describe other audits than ``compare.json``)."""
     refuse_out_in_sources(out_dir, sources)
-    from eqaudit.reports import COMPARE_FOLDERS, KNOWN_FILES, write_folder
+    from eqaudit.reports import COMPARE_FOLDERS, KNOWN_FILES, WRITERS, write_folder
     from eqaudit.reports.compare_html import write_compare_html
     from eqaudit.reports.junit import junit_xml
     from eqaudit.reports.markdown import render_compare
@@ -731,14 +733,20 @@ def write_comparison(
         )
         (staging / "junit.xml").write_text(xml, encoding="utf-8")
         write_compare_html(data, staging)
-        return list(FILES)
+        if audits is None:
+            return list(FILES)
+        for name, result in zip(COMPARE_FOLDERS, audits, strict=True):
+            (staging / name).mkdir()
+            for writer in (WRITERS["json"], WRITERS["csv"]):
+                writer(result, staging / name)
+        return [*FILES, *COMPARE_FOLDERS]
 
     # (Never a folder that holds an audit being compared: 'compare out/a out/b -o out'
     # re-compares the audits an earlier comparison kept there.)
     sources_at = _saved_folders(sources)
     stale = tuple(
         name
-        for name in ([] if audits_written else COMPARE_FOLDERS)
+        for name in ([] if audits is not None else COMPARE_FOLDERS)
         if not any(at.is_relative_to((Path(out_dir) / name).resolve()) for at in sources_at)
     )
     return write_folder(Path(out_dir), produce, set(FILES) | KNOWN_FILES, stale)  # (a check's too)

@@ -562,3 +562,185 @@ def test_a_model_that_gives_every_image_one_class_is_warned_about() -> None:
     )
     assert one_class_warning(frame([1] * 8, [1] * 8), "id", names) is None  # one class audited
     assert one_class_warning(frame([1] * 7 + [0], [-1] * 8), "id", names) is None
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_move_that_fails_midway_puts_the_previous_report_back(tmp_path, monkeypatch) -> None:
+    # A move into --out that failed after some files had moved left the folder half new, half
+    # old (review): the moves are undone now.
+    from eqaudit.reports import write_report
+
+    model = symmetric_cnn()
+    out = tmp_path / "out"
+    write_report(eqaudit.audit(model, "flips", input_size=33, num_images=2), out)
+    before = _tree(out)
+    moves = []
+    real_replace = os.replace
+
+    def failing(source, target):  # type: ignore[no-untyped-def]
+        moves.append(Path(target).name)
+        if len(moves) == 7:  # (once: the undo succeeds)
+            raise OSError(28, "No space left on device", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    result = eqaudit.audit(model, "c4", input_size=33, num_images=3)
+    with pytest.raises(UsageError, match="No space left on device"):
+        write_report(result, out)
+    assert _tree(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".eqaudit-")]
+
+
+def test_a_folder_where_a_report_file_goes_is_refused_before_anything_moves(tmp_path) -> None:
+    from eqaudit.reports import write_report
+
+    model = symmetric_cnn()
+    out = tmp_path / "out"
+    write_report(eqaudit.audit(model, "flips", input_size=33, num_images=2), out)
+    (out / "summary.md").unlink()
+    (out / "summary.md").mkdir()
+    (out / "summary.md" / "notes.txt").write_text("mine")
+    before = _tree(out)
+    result = eqaudit.audit(model, "c4", input_size=33, num_images=3)
+    with pytest.raises(UsageError, match=r"summary.md' is a folder where the report writes"):
+        write_report(result, out)
+    assert _tree(out) == before
+
+
+def test_a_comparison_and_its_two_audits_are_written_as_one(tmp_path, monkeypatch) -> None:
+    # compare wrote a/, b/ and then the comparison in three steps: an interrupt between them
+    # left b/ describing one model and compare.json another (review).
+    from eqaudit.compare import compare, write_comparison
+
+    model = symmetric_cnn()
+    out = tmp_path / "cmp"
+    first = compare(model, model, transforms="flips", input_size=33, num_images=2)
+    write_comparison(first[0], out, audits=(first[1], first[2]))
+    assert {"compare.json", "a/summary.json", "b/summary.json"} <= set(_tree(out))
+    before = _tree(out)
+    moves = []
+    real_replace = os.replace
+
+    def failing(source, target):  # type: ignore[no-untyped-def]
+        moves.append(Path(target))
+        if Path(target) == out / "b" and moves.count(out / "b") == 1:  # (the undo succeeds)
+            raise OSError(5, "Input/output error", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    second = compare(model, model, transforms="c4", input_size=33, num_images=3)
+    with pytest.raises(UsageError, match="Input/output error"):
+        write_comparison(second[0], out, audits=(second[1], second[2]))
+    assert _tree(out) == before
+    monkeypatch.setattr(os, "replace", real_replace)
+    write_comparison(second[0], out, audits=(second[1], second[2]))
+    saved = json.loads((out / "b" / "summary.json").read_text())
+    assert saved["transforms"]["spec"] == "c4"
+    assert json.loads((out / "compare.json").read_text())["data"]["transforms"] == "c4"
+
+
+def _one_error(result) -> str:  # type: ignore[no-untyped-def]
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert "Traceback" not in result.output and len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [
+        (  # argparse at import time printed its own usage and exited 2, eqaudit's usage code
+            "import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument("
+            "'--lr', required=True)\nparser.parse_args()\ndef build():\n    return None\n",
+            "the following arguments are required: --lr",
+        ),
+        ("import sys\ndef build():\n    sys.exit(1)\n", "exit code 1"),  # 1 reads as a failed gate
+    ],
+)
+def test_a_factory_that_exits_is_a_model_error(tmp_path, source, said) -> None:
+    from eqaudit.errors import EXIT_MODEL
+
+    (tmp_path / "fac.py").write_text(source)
+    weights = tmp_path / "w.pt"
+    torch.save(symmetric_cnn().state_dict(), weights)
+    out = tmp_path / "out"
+    args = ["check", str(weights), "--factory", f"{tmp_path / 'fac.py'}:build", "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--input-size", "33"])
+    assert result.exit_code == EXIT_MODEL
+    line = _one_error(result)
+    assert "exited (SystemExit" in line and said in line
+    assert not out.exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch) -> None:
+    # -o "$OUT" with OUT unset wrote the report into the current folder, deleting a
+    # compare.json and shard state there (review).
+    from eqaudit.errors import EXIT_USAGE
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare.json").write_text("{}")
+    model = export_onnx(symmetric_cnn(), tmp_path / "m.onnx", 33)
+    for command in (["check", str(model)], ["demo"], ["merge", "x"], ["compare", "a", "b"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "eqaudit", *command, "-o", ""],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == EXIT_USAGE, run.stderr
+        assert run.stdout == "" and len(run.stderr.splitlines()) == 1, run.stderr
+        assert run.stderr.startswith("error: Invalid value for '--out' / '-o': it is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json", "m.onnx"]
+
+
+def test_a_baseline_path_that_cannot_be_written_fails_before_the_audit(tmp_path) -> None:
+    # --save-baseline was checked after the report had replaced the previous one (review).
+    from eqaudit.errors import EXIT_USAGE
+
+    model = export_onnx(symmetric_cnn(), tmp_path / "m.onnx", 33)
+    out = tmp_path / "out"
+    first = CliRunner().invoke(app, ["check", str(model), "-t", "flips", "-n", "2", "-o", str(out)])
+    assert first.exit_code == 0, first.output
+    before = _tree(out)
+    (tmp_path / "afile").write_text("x")
+    for target, said in ((tmp_path, "is a folder"), (tmp_path / "afile" / "b.json", "a file")):
+        for command in (
+            ["check", str(model), "-t", "c4", "-n", "3", "-o", str(out)],
+            ["merge", str(out), "-o", str(tmp_path / "merged")],  # (checked before the shards)
+        ):
+            result = CliRunner().invoke(app, [*command, "--save-baseline", str(target)])
+            assert result.exit_code == EXIT_USAGE, result.output
+            assert said in _one_error(result)
+            assert _tree(out) == before and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_an_interrupt_after_the_report_is_written_lets_the_run_finish(tmp_path) -> None:
+    # SIGINT between the report's last move and the process's exit gave exit 130 and "no new
+    # report was written" (it was), or a traceback from the interpreter's exit (review).
+    model = export_onnx(symmetric_cnn(), tmp_path / "m.onnx", 33)
+    out = tmp_path / "out"
+    code = (
+        "import os, signal, sys, time\n"
+        "import eqaudit.cli as cli\n"
+        "finish = cli._finish\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    return finish(*args, **kwargs)\n"
+        "cli._finish = interrupted\n"
+        f"sys.argv = ['eqaudit', 'check', {str(model)!r}, '-t', 'flips', '-n', '2', '-o', "
+        f"{str(out)!r}]\n"
+        "cli.main()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "interrupted" not in run.stderr and "Traceback" not in run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("PASSED")
+    assert (out / "report.html").is_file()

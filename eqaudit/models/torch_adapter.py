@@ -40,6 +40,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import logging
 import pickle
 import pickletools
@@ -1325,11 +1326,37 @@ def _state_dict_of(obj: Any) -> Mapping[str, torch.Tensor] | None:
 
 
 # -- factories ------------------------------------------------------------------------------------
+@contextmanager
+def _no_exit(what: str) -> Iterator[None]:
+    """Run a factory's code (its import, its call) so that ``sys.exit`` or an ``argparse`` of
+    its command line at import time is the model's failure (exit 3), not an exit of eqaudit
+    with the code it chose (2 read as a usage error, 1 as a failed gate). What it writes to
+    stderr meanwhile is held, and shown again unless it exited (then its last line is the
+    reason)."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except SystemExit as exc:
+        said = [line for line in held.getvalue().splitlines() if line.strip()]
+        why = said[-1].strip() if said else f"exit code {exc.code}"
+        raise ModelLoadError(
+            f"{what} exited (SystemExit: {why}): does it parse the command line or call "
+            "sys.exit when imported? build the model in a function that does not"
+        ) from None
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+
+
 def _build(factory: str) -> nn.Module:
     builder, directory = _import_factory(factory)
     try:
-        with _on_sys_path(directory):
+        with _on_sys_path(directory), _no_exit(f"the factory '{factory}'"):
             module = builder()
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"the factory '{factory}' raised {type(exc).__name__}: {_first_line(exc)}"
@@ -1360,8 +1387,11 @@ def _import_factory(factory: str) -> tuple[Callable[[], Any], Path | None]:
         source = importlib.util.module_from_spec(spec)
         sys.modules[name] = source  # dataclasses and pickling look the module up here
         try:
-            with _on_sys_path(directory):
+            with _on_sys_path(directory), _no_exit(f"importing the factory file '{file}'"):
                 spec.loader.exec_module(source)
+        except ModelLoadError:
+            del sys.modules[name]
+            raise
         except Exception as exc:
             del sys.modules[name]
             raise ModelLoadError(
@@ -1371,7 +1401,10 @@ def _import_factory(factory: str) -> tuple[Callable[[], Any], Path | None]:
         where = f"the factory file '{file}'"
     else:
         try:
-            source, directory = _import_module_or_from_cwd(target)
+            with _no_exit(f"importing the factory module '{target}'"):
+                source, directory = _import_module_or_from_cwd(target)
+        except ModelLoadError:
+            raise
         except ModuleNotFoundError as exc:
             if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
                 raise UsageError(

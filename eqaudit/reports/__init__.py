@@ -132,9 +132,11 @@ def write_folder(
     known: set[str] | frozenset[str],
     known_folders: tuple[str, ...] = (),
 ) -> list[Path]:
-    """Let ``produce(staging)`` write files into a temporary folder and return their names,
-    then move them into ``out_dir``; files in ``known`` that this run did not write are removed,
-    and folders in ``known_folders`` that hold report files only (a user's own files stay)."""
+    """Let ``produce(staging)`` write files (or folders of report files, a comparison's ``a/``
+    and ``b/``) into a temporary folder and return their names, then move them into ``out_dir``
+    as one: files in ``known`` that this run did not write are removed, and folders in
+    ``known_folders`` that hold report files only (a user's own files stay). If a move fails,
+    the moves already made are undone: the folder holds the previous report or the new one."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     created = not out_dir.exists()
@@ -145,27 +147,19 @@ def write_folder(
         # to be writable (its parent may not be, e.g. --out $HOME).
         staging = Path(tempfile.mkdtemp(prefix=".eqaudit-", dir=out_dir))
         names = produce(staging)
+        _refuse_to_replace(out_dir, staging, names)
+        # A file of an earlier run that this run does not write would describe another audit.
+        # A comparison's a/ and b/ are its audits: removed with it (report files only), never
+        # folders of a folder that held no comparison (a merge's shards, say).
         held_comparison = (out_dir / "compare.json").is_file()
-        final = []
-        # The moves are quick; holding SIGINT/SIGTERM until they are done means an interrupt
-        # leaves either the previous report or the new one, never a mix of the two.
-        with _signals_held():
-            for name in names:
-                os.replace(staging / name, out_dir / name)
-                final.append(out_dir / name)
-            # A file of an earlier run that this run does not write would describe another audit.
-            # A comparison's a/ and b/ are its audits: removed with it (report files only),
-            # never folders of a folder that held no comparison (a merge's shards, say).
-            for stale in set(known) - set(names):
-                (out_dir / stale).unlink(missing_ok=True)
-            for folder in (out_dir / name for name in known_folders if name not in names):
-                if (
-                    held_comparison
-                    and folder.is_dir()
-                    and all(f.name in KNOWN_FILES for f in folder.iterdir())
-                ):
-                    shutil.rmtree(folder)
-        return final
+        stale = [n for n in sorted(set(known) - set(names)) if (out_dir / n).is_file()]
+        stale += [
+            name
+            for name in known_folders
+            if name not in names and held_comparison and _holds_report_files_only(out_dir / name)
+        ]
+        _move_into_place(out_dir, staging, names, stale)
+        return [out_dir / name for name in names]
     except OSError as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -173,9 +167,67 @@ def write_folder(
         if created:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()  # only when still empty
+        where = Path(exc.filename) if exc.filename else out_dir
         raise UsageError(
-            f"cannot write to '{out_dir}': {exc.strerror or exc}; choose another --out"
+            f"cannot write to '{where}': {exc.strerror or exc}; choose another --out"
         ) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _holds_report_files_only(folder: Path) -> bool:
+    return (
+        folder.is_dir()
+        and not folder.is_symlink()
+        and all(f.name in KNOWN_FILES and f.is_file() for f in folder.iterdir())
+    )
+
+
+def _refuse_to_replace(out_dir: Path, staging: Path, names: list[str]) -> None:
+    """Refuse, before anything moves, a report name taken by something that is not an earlier
+    report's: a folder where a file goes, or a folder holding files other than report files."""
+    for name in names:
+        target = out_dir / name
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if (staging / name).is_dir():
+            if not _holds_report_files_only(target):
+                raise UsageError(
+                    f"'{target}' holds files that are not an eqaudit report's: move them, or "
+                    "choose another --out"
+                )
+        elif target.is_dir() and not target.is_symlink():
+            raise UsageError(
+                f"'{target}' is a folder where the report writes its {name} file: move it, or "
+                "choose another --out"
+            )
+
+
+def _move_into_place(out_dir: Path, staging: Path, names: list[str], stale: list[str]) -> None:
+    """Move ``names`` from ``staging`` into ``out_dir``, and ``stale`` out of it, as one: what
+    they replace is set aside in the staging folder (deleted with it) until every move is done,
+    and put back if one fails. SIGINT and SIGTERM wait until the moves are over, so an
+    interrupt leaves either the previous report or the new one, never a mix of the two."""
+    previous = staging / ".previous"
+    previous.mkdir()
+    undo: list[tuple[Path, Path]] = []  # moves made, in order: (from, to)
+
+    def move(source: Path, target: Path) -> None:
+        os.replace(source, target)
+        undo.append((source, target))
+
+    with _signals_held():
+        try:
+            for name in names:
+                target = out_dir / name
+                if target.exists() or target.is_symlink():
+                    move(target, previous / name)
+                move(staging / name, target)
+            for name in stale:
+                move(out_dir / name, previous / name)
+        except OSError:
+            for source, target in reversed(undo):
+                with contextlib.suppress(OSError):
+                    os.replace(target, source)
+            raise
