@@ -754,3 +754,38 @@ def test_a_grid_off_centre_by_whole_cells_is_misaligned_and_not_scored(misaligne
                 assert row["comparison"] == "exact" and row["relative_error"] < 1e-6
             else:
                 assert not row["measurable"] and "not symmetric" in row["reason"]
+
+
+def test_an_aligned_size_is_refused_when_no_layer_has_a_known_grid(tmp_path) -> None:
+    # Every map follows an op the grid walk does not read (Einsum): "already aligned" was said
+    # of a model none of whose grids had been checked (review).
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from eqaudit.errors import UsageError
+
+    rng = np.random.default_rng(0)
+    weights = [
+        helper.make_tensor("W", TensorProto.FLOAT, [4, 3, 3, 3], rng.random(108, np.float32)),
+        helper.make_tensor("F", TensorProto.FLOAT, [4, 2], rng.random(8, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Einsum", ["x"], ["e"], equation="nchw->nchw"),
+        helper.make_node("Conv", ["e", "W"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "F"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "einsum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "einsum.onnx")
+    with pytest.raises(UsageError, match="no map of this model's graph has a known one"):
+        eqaudit.audit(str(tmp_path / "einsum.onnx"), "flips", input_size=32, align_input=True)

@@ -379,6 +379,15 @@ class SizeChoice:
     fixed: bool = False
 
     def note(self) -> str:
+        unknown = (
+            f"; {self.unknown} tensors' grids are unknown (the grid walk stops at an op it "
+            "does not read): their alignment is not checked"
+            if self.unknown
+            else ""
+        )
+        return self._choice() + unknown
+
+    def _choice(self) -> str:
         h, w = self.requested
         count = len(self.misaligned_at_requested)
         what = ", ".join(self.elements)

@@ -247,6 +247,28 @@ def test_nearest_aligned_size(layers: list, start: int, expected: int) -> None:
     assert min(candidates, key=lambda n: (abs(n - start), -n)) == expected
 
 
+class PartlyKnownGraph(StackGraph):
+    """A stack whose graph also has tensors of unknown grid (after an op the walk cannot read)."""
+
+    def grids(self, height: int, width: int) -> dict[str, object]:
+        return {**super().grids(height, width), "after_custom_op": None, "head": None}
+
+
+def test_an_aligned_size_says_which_grids_it_could_not_check() -> None:
+    # A quantize_dynamic model's maps had unknown grids: "every strided layer is already
+    # aligned" at a size where they were not (review). The note says what it did not check.
+    graph = PartlyKnownGraph([(3, 2, 1)] * 2)
+    found = choose_aligned_size(graph, (33, 33), parse_transforms("flips", "crop"))
+    assert found.chosen == (33, 33) and found.unknown == 2
+    assert found.note() == (
+        "input 33x33: every strided layer is already aligned under flip_h, flip_v; 2 tensors' "
+        "grids are unknown (the grid walk stops at an op it does not read): their alignment is "
+        "not checked"
+    )
+    assert found.to_dict()["note"] == found.note()
+    assert "unknown" not in choose_aligned_size(StackGraph([(3, 2, 1)]), (33, 33), D4).note()
+
+
 def test_non_square_inputs_search_each_axis() -> None:
     graph = StackGraph([(3, 2, 1), (3, 2, 1)])  # needs 4k + 1 on each axis
     found = choose_aligned_size(graph, (48, 190), parse_transforms("flips", "crop"))
