@@ -181,6 +181,14 @@ def _check_external_data(model: onnx.ModelProto, folder: Path) -> list[str]:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (folder / location).resolve()
+        linked = not Path(location).is_absolute() and (folder / location).is_symlink()
+        if linked and root not in target.parents:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' stores its data in '{location}', a link to '{target}' "
+                "outside the model's folder (as a Hugging Face cache stores files): refusing to "
+                "follow it; copy the model and its data into one folder (e.g. huggingface-cli "
+                "download --local-dir DIR)"
+            )
         if Path(location).is_absolute() or root not in target.parents:
             raise ModelLoadError(
                 f"tensor '{tensor.name}' stores its data at '{location}', outside the model's "
