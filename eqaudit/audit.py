@@ -1971,6 +1971,9 @@ def _audit(
     engine.class_names = source.class_names or getattr(adapter, "class_names", None)
     engine.class_names_from = "labels" if source.class_names else "model"
     engine.setup()
+    layers_note = getattr(adapter, "layers_note", lambda: None)()
+    if engine.layer_states and layers_note:
+        notes.append(layers_note)
     images_per_step = _images_per_step(engine, adapter, config, preprocessing)
     positions = range(len(source))
     if config.shard is not None:

@@ -770,6 +770,23 @@ class OnnxAdapter(ModelAdapter):
         session.run_with_iobinding(binding)
         return buffers
 
+    def layers_note(self) -> str | None:
+        """What exposing this graph's layers changes in how onnxruntime runs it: a QDQ graph's
+        QuantizeLinear -> DequantizeLinear pairs are fused into integer kernels only when their
+        tensors stay inside the graph."""
+        produced = {out: n.op_type for n in self.model.graph.node for out in n.output}
+        if not any(
+            n.op_type == "DequantizeLinear" and produced.get(n.input[0]) == "QuantizeLinear"
+            for n in self.model.graph.node
+        ):
+            return None
+        return (
+            "a QDQ-quantized graph: with its layers handed out, onnxruntime runs its quantize / "
+            "dequantize pairs as float kernels on the quantized values instead of fusing them "
+            "into integer ones, so the output numbers may differ slightly from the deployed "
+            "graph's (--no-layers runs it fused)"
+        )
+
     def describe(self) -> dict:
         opset = {o.domain or "ai.onnx": o.version for o in self.model.opset_import}
         return {

@@ -150,3 +150,18 @@ def test_a_quantized_graphs_integer_maps_are_layers_read_as_floats(tmp_path) -> 
     convs = _integer_maps(biased_path)
     rows = [row for row in broken.layers if row["layer"] in convs and row["transform"] == "rot90"]
     assert len(rows) == 3 and all(row["scored"] and row["relative_error"] > 1e-2 for row in rows)
+
+
+def test_a_qdq_graph_audited_with_layers_says_it_runs_unfused(tmp_path) -> None:
+    # Handing out a QDQ graph's tensors stops onnxruntime fusing its Q/DQ pairs into integer
+    # kernels: the scores come from float kernels (review: 7 of 3200 confidences differed).
+    from models_zoo import symmetric_cnn
+
+    import eqaudit
+
+    _, path = _quantized(symmetric_cnn(size=33), tmp_path, 33, "QDQ")
+    with_layers = eqaudit.audit(str(path), "flips", num_images=2)
+    without = eqaudit.audit(str(path), "flips", num_images=2, layers=False)
+    said = [n for n in with_layers.summary["preprocessing"]["notes"] if "QDQ-quantized" in n]
+    assert len(said) == 1 and "--no-layers runs it fused" in said[0]
+    assert not [n for n in without.summary["preprocessing"]["notes"] if "QDQ-quantized" in n]
