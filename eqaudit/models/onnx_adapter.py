@@ -524,6 +524,13 @@ class OnnxAdapter(ModelAdapter):
             for v in [*inferred.value_info, *inferred.output]
             if v.type.HasField("tensor_type")
         }
+        scalars = {
+            v.name
+            for v in [*inferred.value_info, *inferred.output]
+            if v.type.HasField("tensor_type")
+            and v.type.tensor_type.HasField("shape")
+            and not v.type.tensor_type.shape.dim
+        }
         consumers: dict[str, set[str]] = {}
         for node in graph.node:
             for name in node.input:
@@ -546,6 +553,8 @@ class OnnxAdapter(ModelAdapter):
                     # is compared once it is whole, where something other than an Add reads it.
                     continue
                 if out in types and types[out] not in _FLOAT_TYPES and out not in quantized:
+                    continue
+                if out in scalars:  # one number per batch (a quantization scale): no layer
                     continue
                 if node.op_type == "QuantizeLinear" or (
                     out in quantized and "DequantizeLinear" in consumers.get(out, set())

@@ -244,9 +244,9 @@ def print_inspection(info: dict) -> None:
     if skipped:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         stdout.print(
-            f"[dim]not auditable ({len(skipped)}): outputs neither image maps nor flat "
-            f"features, such as a transformer's token sequences and attention scores: "
-            f"{escape(shown)}[/]"
+            f"[dim]not auditable ({len(skipped)}): outputs neither image maps nor per-image "
+            f"features, such as a transformer's token sequences and attention scores or a "
+            f"batch's statistics: {escape(shown)}[/]"
         )
     with_grids = any("grid" in layer for layer in info["layers"])
     off_centre = any(layer.get("centred") is False for layer in info["layers"])

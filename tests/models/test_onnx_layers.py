@@ -165,3 +165,23 @@ def test_a_qdq_graph_audited_with_layers_says_it_runs_unfused(tmp_path) -> None:
     said = [n for n in with_layers.summary["preprocessing"]["notes"] if "QDQ-quantized" in n]
     assert len(said) == 1 and "--no-layers runs it fused" in said[0]
     assert not [n for n in without.summary["preprocessing"]["notes"] if "QDQ-quantized" in n]
+
+
+def test_one_number_per_batch_is_not_a_layer(tmp_path) -> None:
+    # quantize_dynamic computes each map's scale and zero point from the batch: scalars that
+    # depend on the image, listed as "not auditable, such as ... attention scores" (review).
+    from models_zoo import symmetric_cnn
+    from onnxruntime.quantization import quantize_dynamic
+
+    from eqaudit.inspect import inspect_model
+
+    source = export_onnx(symmetric_cnn(size=33), tmp_path / "float.onnx", 33)
+    quantize_dynamic(str(source), str(tmp_path / "dynamic.onnx"))
+    graph = onnx.load(tmp_path / "dynamic.onnx").graph
+    scalars = {
+        out for n in graph.node if n.op_type == "DynamicQuantizeLinear" for out in n.output[1:]
+    }
+    assert scalars
+    info = inspect_model(str(tmp_path / "dynamic.onnx"))
+    names = {layer["name"] for layer in info["layers"]} | set(info["unauditable"])
+    assert not scalars & names
