@@ -645,12 +645,17 @@ _SCRIPT = False
 
 
 def _report_in_place() -> None:
-    """The report is in place: from now on SIGINT and SIGTERM are ignored (console script only)
+    """The report is in place: from now on SIGINT and SIGTERM do nothing (console script only)
     and the few lines left to print finish. An interrupt here said that no new report was
-    written, or died in the interpreter's exit with a traceback (review)."""
+    written, or died in the interpreter's exit with a traceback (review). A handler that does
+    nothing, not SIG_IGN: an ignored signal stays ignored in the programs a process starts."""
     if _SCRIPT:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, _ignored)
+
+
+def _ignored(signum: int, frame: Any) -> None:
+    """A signal that arrives once the report is written (see :func:`_report_in_place`)."""
 
 
 def _finish(lines: list[Any], markdown: str, last: str, passed: bool) -> None:
@@ -988,10 +993,17 @@ def _command_names() -> set[str]:
 
 def main() -> None:
     """The console script: parse errors become one ``error:`` line too (exit 2)."""
-    from eqaudit.reports import console
-
     global _SCRIPT
     _SCRIPT = True
+    try:
+        _main()
+    finally:  # (a program or test that calls main() goes on as a program, not the script)
+        _SCRIPT = False
+
+
+def _main() -> None:
+    from eqaudit.reports import console
+
     try:
         code = app(prog_name="eqaudit", standalone_mode=False)
     except typer.Abort:

@@ -744,3 +744,27 @@ def test_an_interrupt_after_the_report_is_written_lets_the_run_finish(tmp_path) 
     assert "interrupted" not in run.stderr and "Traceback" not in run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith("PASSED")
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_signals_held_after_the_report_are_not_ignored_by_programs_it_starts(monkeypatch) -> None:
+    # SIG_IGN is inherited through exec: once a test had run the script's main() in-process,
+    # every later report left the test process ignoring SIGINT, and an interrupt test's child
+    # ran to its end (a flaky failure of test_interrupted_run_leaves_the_previous_report).
+    import eqaudit.cli as cli
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(cli, "_SCRIPT", True)
+    try:
+        cli._report_in_place()
+        assert signal.getsignal(signal.SIGINT) is cli._ignored
+        child = subprocess.run(
+            [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "default_int_handler" in child.stdout, child.stdout
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -12,9 +12,11 @@ opened (every audited file is decoded once and dropped) so that unreadable files
 *before* the audit, the image count is final, and the notes (conversions, upscaling) are known
 up front.
 
-Determinism: files are ordered by their relative POSIX path; a ``num_images`` subset is the first
-``num_images`` usable entries of ``numpy.random.default_rng(seed).permutation(count)``, kept in
-sorted order, so a seed always picks the same images.
+Determinism: files are ordered by their relative POSIX path; a ``num_images`` subset of a folder
+is the first ``num_images`` usable files in the order of a hash of the seed and each file's path
+(so a seed picks the same images wherever the folder is, and files added to it displace few of
+them), kept in sorted order; of an array, the first ``num_images`` entries of
+``numpy.random.default_rng(seed).permutation(count)``, sorted.
 """
 
 from __future__ import annotations
@@ -405,13 +407,17 @@ def _select_readable(
 ) -> tuple[list[int], list[_FileInfo], list[str]]:
     """Indices of readable files (sorted), their infos, and the skip reasons of the others.
 
-    With a ``num_images`` below the file count, files are tried in the seed's permutation order
-    until enough readable ones are found, so a bad file is replaced by the next one drawn.
+    With a ``num_images`` below the file count, files are tried in the order of a seeded hash
+    of their relative paths (:func:`_draw_key`) until enough readable ones are found, so a bad
+    file is replaced by the next one drawn. Each file's place in that order is its own: files
+    added to (or removed from) the folder displace only the drawn files they come before, one
+    each, so a growing dataset keeps most of its sample (a permutation of the positions drew
+    another sample whenever one file was added anywhere).
     """
     order: Sequence[int] = range(len(files))
     wanted = len(files)
     if num_images is not None and num_images < len(files):
-        order = [int(i) for i in np.random.default_rng(seed).permutation(len(files))]
+        order = sorted(range(len(files)), key=lambda i: _draw_key(seed, rel[i]))
         wanted = num_images
     found: dict[int, _FileInfo] = {}
     skipped: list[tuple[str, str]] = []
@@ -424,6 +430,13 @@ def _select_readable(
             skipped.append((rel[index], f"{rel[index]}: {exc}"))
     kept = sorted(found)
     return kept, [found[i] for i in kept], [reason for _, reason in sorted(skipped)]
+
+
+def _draw_key(seed: int, relative: str) -> bytes:
+    """Where a file comes in a seed's draw: a hash of the seed and its relative path (in
+    Unicode's composed form, as macOS and Linux copies of one folder store names differently)."""
+    name = unicodedata.normalize("NFC", relative)
+    return hashlib.sha256(f"{seed}\0{name}".encode()).digest()
 
 
 def _read_image(path: Path) -> tuple[np.ndarray, _FileInfo]:

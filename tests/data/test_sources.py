@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,11 +95,29 @@ def test_subset_is_deterministic_per_seed_and_sorted(tmp_path: Path) -> None:
     first = open_images(tmp_path, size=(8, 8), num_images=5, seed=0).ids
     again = open_images(tmp_path, size=(8, 8), num_images=5, seed=0).ids
     other = open_images(tmp_path, size=(8, 8), num_images=5, seed=1).ids
-    chosen = np.sort(np.random.default_rng(0).permutation(20)[:5])
-    assert first == again == [names[i] for i in chosen]
+    # The five files whose hash of (seed, relative path) comes first.
+    key = {n: hashlib.sha256(f"0\0{n}".encode()).digest() for n in names}
+    assert first == again == sorted(sorted(names, key=key.__getitem__)[:5])
     assert other != first
     assert other == sorted(other)
     assert len(open_images(tmp_path, size=(8, 8), num_images=5, seed=1)) == 5
+
+
+def test_files_added_to_a_folder_displace_one_drawn_file_each(tmp_path: Path) -> None:
+    # A permutation of positions drew another sample whenever a file was added anywhere: 22
+    # of 50 images changed after 5 were added to a folder the labels did not even name (review).
+    data = tmp_path / "data"
+    for i in range(60):
+        save(data / ("cat" if i % 2 else "dog") / f"{i:02d}.png", rgb(i, 4, 4))
+    before = set(open_images(data, size=(4, 4), num_images=20, seed=7).ids)
+    for i in range(8):
+        save(data / "bird" / f"new{i}.png", rgb(100 + i, 4, 4))
+    after = set(open_images(data, size=(4, 4), num_images=20, seed=7).ids)
+    added = {i for i in after if i.startswith("bird/")}
+    assert len(before - after) == len(added) and after - added <= before
+    copied = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(data, copied)
+    assert set(open_images(copied, size=(4, 4), num_images=20, seed=7).ids) == after
 
 
 def test_subset_replaces_unreadable_files(tmp_path: Path) -> None:
