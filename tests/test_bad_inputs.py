@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     }.items():
         f[name] = root / f"{name}.npy"
         np.save(f[name], array)
+    # zips named .npz whose members are not .npy files (numpy hands those out as bytes)
+    f["zip_of_text"] = root / "text_zip.npz"
+    with zipfile.ZipFile(f["zip_of_text"], "w") as archive:
+        archive.writestr("a.txt", "hello")
+    f["zip_images_not_npy"] = root / "images_not_npy.npz"
+    with zipfile.ZipFile(f["zip_images_not_npy"], "w") as archive:
+        archive.writestr("images", "not an array")
 
     # -- inputs that are handled, with a note ----------------------------------------------------
     def rgb(side: int) -> Image.Image:
@@ -363,6 +371,14 @@ CASES = [
     Case("npy-string-dtype", args("good", data="string_npy"), EXIT_USAGE, ("dtype <U1",)),
     Case("npy-rank1", args("good", data="rank1_npy"), EXIT_USAGE, ("(N,H,W",)),
     Case("npy-rank5", args("good", data="rank5_npy"), EXIT_USAGE, ("(N,H,W",)),
+    # a zip whose members are not .npy files: an AttributeError on bytes (exit 4)
+    Case("npz-of-text-files", args("good", data="zip_of_text"), EXIT_USAGE, ("no image array",)),
+    Case(
+        "npz-images-not-npy",
+        args("good", data="zip_images_not_npy"),
+        EXIT_USAGE,
+        ("'images' in", "is not a .npy array"),
+    ),
     Case(
         "labels-file-missing",
         args("good", "--labels", "nowhere.txt"),

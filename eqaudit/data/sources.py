@@ -942,9 +942,21 @@ def _refuse_object_npy(path: Path, display: str) -> None:
         )
 
 
+def _npz_member(archive: np.lib.npyio.NpzFile, key: str, display: str) -> np.ndarray:
+    """The array stored under ``key``. numpy hands out a member that is not a ``.npy`` file (a
+    zip made by other tools) as raw bytes: refused here, naming it."""
+    value = archive[key]
+    if not isinstance(value, np.ndarray):
+        raise DataError(
+            f"'{key}' in '{display}' is not a .npy array (the archive is a zip of other "
+            "files): save the images with numpy.savez(path, images=array)"
+        )
+    return value
+
+
 def _pick_npz_images(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray:
     if "images" in archive.files:
-        return archive["images"]
+        return _npz_member(archive, "images", display)
     for key in archive.files:
         if key == "labels":
             continue
@@ -952,7 +964,7 @@ def _pick_npz_images(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray:
             candidate = archive[key]
         except ValueError:  # an object array: refused without unpickling; look further
             continue
-        if candidate.ndim in (3, 4):
+        if isinstance(candidate, np.ndarray) and candidate.ndim in (3, 4):
             return candidate
     raise DataError(
         f"no image array in '{display}' (keys: {', '.join(archive.files) or 'none'}): "
@@ -961,7 +973,7 @@ def _pick_npz_images(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray:
 
 
 def _npz_labels(archive: np.lib.npyio.NpzFile, display: str) -> np.ndarray | None:
-    return archive["labels"] if "labels" in archive.files else None
+    return _npz_member(archive, "labels", display) if "labels" in archive.files else None
 
 
 # -- synthetic ------------------------------------------------------------------------------------
