@@ -484,7 +484,8 @@ def save_baseline(result: AuditResult, path: str | Path) -> Path:
 
 
 def load_baseline(path: str | Path) -> dict:
-    """Read and validate a baseline file (before the audit, so a bad path fails at once)."""
+    """Read and validate a baseline file (before the audit, so a bad path or a damaged file
+    fails at once, not after minutes of auditing)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -495,7 +496,13 @@ def load_baseline(path: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"baseline '{path}' is not readable JSON ({exc}): re-create it") from None
-    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
+    found = data.get("format") if isinstance(data, dict) else None
+    if isinstance(found, str) and _newer_format(found):
+        raise ConfigError(
+            f"baseline '{path}' was written by a newer eqaudit (format {found}, this one reads "
+            f"{BASELINE_FORMAT}): upgrade eqaudit"
+        )
+    if found != BASELINE_FORMAT:
         raise ConfigError(
             f"'{path}' is not an eqaudit baseline (format {BASELINE_FORMAT}): create one with "
             "--save-baseline"
@@ -503,7 +510,74 @@ def load_baseline(path: str | Path) -> dict:
     for key in ("fingerprint", "metrics"):
         if not isinstance(data.get(key), dict):
             raise ConfigError(f"baseline '{path}' lacks its '{key}' block: re-create it")
+    problem = _baseline_problem(data)
+    if problem:
+        raise ConfigError(
+            f"baseline '{path}' is damaged: {problem}; re-create it with --save-baseline"
+        )
     return data
+
+
+def _newer_format(found: str) -> bool:
+    """Whether ``found`` is ``eqaudit-baseline/N`` with N above the version this one reads."""
+    prefix, _, version = BASELINE_FORMAT.partition("/")
+    name, _, major = found.partition("/")
+    return name == prefix and major.isdigit() and int(major) > int(version)
+
+
+#: The numbers of a baseline, with their range; null is allowed (a value a run did not define).
+_BASELINE_SCORES = {"robustness_score": 100.0, "orbit_consistency": 1.0}
+_BASELINE_ROW = {"agreement": 1.0, "js_divergence": 1.0}
+
+
+def _number_problem(where: str, value: Any, top: float) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{where} is {json.dumps(value)[:40]}, not a number"
+    if not 0.0 <= value <= top:  # (NaN fails this too: Python's json reads NaN)
+        return f"{where} is {value}, not a number from 0 to {top:g}"
+    return None
+
+
+def _baseline_problem(data: dict) -> str | None:
+    """What is wrong with the numbers of a baseline (``metrics``), or None: each must be a
+    number in its range or null, and there must be per-element numbers to compare with."""
+    metrics = data["metrics"]
+    for key, top in _BASELINE_SCORES.items():
+        if key not in metrics:
+            return f"it lacks metrics.{key}"
+        problem = _number_problem(f"metrics.{key}", metrics[key], top)
+        if problem:
+            return problem
+    outputs = metrics.get("outputs")
+    if not isinstance(outputs, dict):
+        return f"metrics.outputs is {json.dumps(outputs)[:40]}, not an object of elements"
+    for element, row in outputs.items():
+        if not isinstance(row, dict):
+            return f"metrics.outputs.{element} is {json.dumps(row)[:40]}, not an object"
+        for key, top in _BASELINE_ROW.items():
+            if key not in row:
+                return f"metrics.outputs.{element} lacks '{key}'"
+            problem = _number_problem(f"metrics.outputs.{element}.{key}", row[key], top)
+            if problem:
+                return problem
+    listed = data["fingerprint"].get("transforms")
+    if isinstance(listed, list):
+        unknown = [str(e) for e in outputs if e not in listed or e == IDENTITY]
+        if unknown:
+            return (
+                f"metrics.outputs has {', '.join(unknown)}, which its fingerprint's transforms "
+                "do not list (or the identity)"
+            )
+        if not outputs and any(e != IDENTITY for e in listed):
+            # Every per-element regression check would be dropped: the gate would pass while
+            # comparing nothing but the score.
+            return (
+                "metrics.outputs is empty, so no element's agreement or JS divergence could be "
+                "compared"
+            )
+    return None
 
 
 def _short(value: Any) -> str:
@@ -595,7 +669,13 @@ def _regression_checks(summary: dict, baseline: dict, allowed: float) -> list[Ch
     old_outputs = metrics.get("outputs") or {}
     for row in summary["outputs"]:
         name = row["transform"]
-        if name == IDENTITY or row["skipped"] or name not in old_outputs:
+        if name == IDENTITY or (row["skipped"] and name not in old_outputs):
+            continue  # (skipped in both runs: nothing measured on either side)
+        if row["skipped"] or name not in old_outputs:
+            # One side has numbers, the other none: said, never dropped silently.
+            reason = row["skipped"] or "the baseline has no number for it (skipped when made)"
+            for check in (f"regression.agreement[{name}]", f"regression.js[{name}]"):
+                checks.append(Check(check, option, SKIPPED, "", reason=reason))
             continue
         old = old_outputs[name]
         checks.append(

@@ -359,6 +359,95 @@ def test_bad_baseline_files(tmp_path) -> None:
         load_baseline(tmp_path / "other.json")
 
 
+def _damaged(data: dict, edit: str) -> dict:
+    """The baseline ``data`` damaged as ``edit`` says."""
+    data = json.loads(json.dumps(data))
+    metrics = data["metrics"]
+    if edit == "string-metric":
+        metrics["outputs"]["flip_h"]["agreement"] = "high"
+    elif edit == "nan-metric":
+        metrics["outputs"]["flip_h"]["js_divergence"] = float("nan")
+    elif edit == "row-is-a-float":
+        metrics["outputs"]["flip_h"] = 0.5
+    elif edit == "outputs-is-a-list":
+        metrics["outputs"] = []
+    elif edit == "outputs-empty":
+        metrics["outputs"] = {}
+    elif edit == "score-out-of-range":
+        metrics["robustness_score"] = 250
+    elif edit == "score-missing":
+        del metrics["orbit_consistency"]
+    elif edit == "boolean-metric":
+        metrics["outputs"]["flip_v"]["agreement"] = True
+    elif edit == "unknown-element":
+        metrics["outputs"]["rot45"] = {"agreement": 0.5, "js_divergence": 0.1}
+    return data
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ("string-metric", 'metrics.outputs.flip_h.agreement is "high", not a number'),
+        ("nan-metric", "metrics.outputs.flip_h.js_divergence is nan, not a number from 0 to 1"),
+        ("row-is-a-float", "metrics.outputs.flip_h is 0.5, not an object"),
+        ("outputs-is-a-list", "metrics.outputs is [], not an object of elements"),
+        ("outputs-empty", "metrics.outputs is empty, so no element's agreement"),
+        ("score-out-of-range", "metrics.robustness_score is 250, not a number from 0 to 100"),
+        ("score-missing", "it lacks metrics.orbit_consistency"),
+        ("boolean-metric", "metrics.outputs.flip_v.agreement is true, not a number"),
+        ("unknown-element", "metrics.outputs has rot45, which its fingerprint's transforms"),
+    ],
+)
+def test_a_damaged_baseline_is_refused_when_loaded_naming_the_entry(sym, tmp_path, edit, says):
+    # They died after the audit (ValueError, decimal.InvalidOperation, AttributeError: exit 4),
+    # or, for an empty outputs block, passed with every per-element check silently dropped.
+    path = save_baseline(sym, tmp_path / "good.json")
+    bad = tmp_path / f"{edit}.json"
+    bad.write_text(json.dumps(_damaged(json.loads(path.read_text()), edit)))
+    with pytest.raises(ConfigError) as error:
+        load_baseline(bad)
+    message = str(error.value)
+    assert message.startswith(f"baseline '{bad}' is damaged: ") and says in message
+    assert message.endswith("re-create it with --save-baseline")
+
+
+def test_a_baseline_of_a_newer_format_says_to_upgrade(tmp_path) -> None:
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps({"format": "eqaudit-baseline/2", "fingerprint": {}, "metrics": {}}))
+    with pytest.raises(ConfigError, match=r"newer eqaudit \(format eqaudit-baseline/2, this"):
+        load_baseline(path)
+
+
+def test_an_element_the_baseline_has_no_number_for_is_a_skipped_check(sym, tmp_path) -> None:
+    # An element missing from the baseline's outputs was dropped from the gate without a word.
+    path = save_baseline(sym, tmp_path / "sym.json")
+    data = json.loads(path.read_text())
+    del data["metrics"]["outputs"]["rot90"]
+    path.write_text(json.dumps(data))
+    report = evaluate_gate(sym, GateConfig(baseline=str(path)), load_baseline(path))
+    skipped = {c.name: c.reason for c in report.checks if c.status == SKIPPED}
+    reason = "the baseline has no number for it (skipped when made)"
+    assert skipped == {"regression.agreement[rot90]": reason, "regression.js[rot90]": reason}
+    assert report.passed  # the other elements were compared
+
+
+def test_a_damaged_baseline_fails_before_the_audit(files, tmp_path) -> None:
+    good = tmp_path / "good.json"
+    made = run_check(files, tmp_path / "a", "--save-baseline", str(good), model="sym")
+    assert made.exit_code == 0, made.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_damaged(json.loads(good.read_text()), "string-metric")))
+    out = tmp_path / "out"
+    result = run_check(files, out, "--baseline", str(bad), model="sym")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Traceback" not in result.output
+    assert clean(result.stderr).strip().splitlines() == [
+        f"error: baseline '{bad}' is damaged: metrics.outputs.flip_h.agreement is \"high\", not "
+        "a number; re-create it with --save-baseline"
+    ]
+    assert not out.exists()
+
+
 # -- the command line ------------------------------------------------------------------------------
 def run_check(files, out: Path, *options: str, model: str = "biased"):
     argv = ["check", str(files[model]), "--data", str(files["images"]), "-o", str(out)]
