@@ -487,6 +487,10 @@ def load_baseline(path: str | Path) -> dict:
     """Read and validate a baseline file (before the audit, so a bad path or a damaged file
     fails at once, not after minutes of auditing)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"baseline '{path}' is a folder: give the baseline file, e.g. {path / 'base.json'}"
+        )
     if not path.is_file():
         raise ConfigError(
             f"baseline '{path}' does not exist: create one with 'eqaudit check ... "

@@ -351,6 +351,9 @@ def test_a_baseline_ignores_element_order_and_the_seed_of_real_images(sym, files
 def test_bad_baseline_files(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_baseline(tmp_path / "missing.json")
+    # A folder was said not to exist.
+    with pytest.raises(ConfigError, match=r"is a folder: give the baseline file, e\.g\. "):
+        load_baseline(tmp_path)
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ConfigError, match="JSON"):
         load_baseline(tmp_path / "junk.json")
