@@ -65,6 +65,8 @@ from typing import Any
 
 import pandas as pd
 
+from eqaudit.errors import DataError
+
 SCHEMA_VERSION = "1.1"
 
 OUTPUT_COLUMNS = [
@@ -260,24 +262,38 @@ class AuditResult:
     @classmethod
     def from_json(cls, path: str | Path) -> AuditResult:
         """Load a saved report: ``summary.json`` (a file, or the folder holding it) with its
-        ``predictions.csv`` and ``gallery.json`` when they are beside it."""
+        ``predictions.csv`` and ``gallery.json`` when they are beside it.
+
+        A file that cannot be read raises :class:`~eqaudit.errors.DataError` naming that file
+        (a broken gallery.json is not a broken summary.json)."""
         path = Path(path)
         folder = path if path.is_dir() else path.parent
         summary_path = folder / "summary.json" if path.is_dir() else path
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = _read_file(summary_path, lambda p: json.loads(p.read_text(encoding="utf-8")))
         predictions_path = folder / "predictions.csv"
         predictions = (
-            pd.read_csv(predictions_path)
+            _read_file(predictions_path, pd.read_csv)
             if predictions_path.is_file()
             else pd.DataFrame(columns=PREDICTION_COLUMNS)
         )
         gallery_path = folder / "gallery.json"
         gallery = (
-            json.loads(gallery_path.read_text(encoding="utf-8"))
+            _read_file(gallery_path, lambda p: json.loads(p.read_text(encoding="utf-8")))
             if gallery_path.is_file()
             else {"flips": [], "orbits": []}
         )
         return cls(summary=summary, predictions=predictions, gallery=gallery)
+
+
+def _read_file(path: Path, read: Any) -> Any:
+    """``read(path)``; a file that cannot be read or parsed is a DataError naming it."""
+    try:
+        return read(path)
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad CSV, bad encoding
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(
+            f"cannot read '{path}': {cause}; rerun eqaudit check to write it again"
+        ) from None
 
 
 def make_summary(**parts: Any) -> dict:

@@ -16,6 +16,7 @@ import base64
 import io
 import re
 import shlex
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -653,12 +654,8 @@ def load_saved_result(source: Path) -> tuple[AuditResult, Path]:
         raise UsageError(
             f"{where}: pass a folder written by eqaudit check (or eqaudit demo) or its summary.json"
         )
-    try:
-        result = AuditResult.from_json(summary_path)
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad CSV, bad encoding
-        raise DataError(
-            f"cannot read '{summary_path}': {exc}; rerun eqaudit check to write it again"
-        ) from None
+    # (from_json names the file it cannot read: summary.json, predictions.csv or gallery.json)
+    result = AuditResult.from_json(summary_path)
     summary = result.summary
     missing = [
         key
@@ -681,11 +678,21 @@ def rerender(source: Path, out: Path | None = None) -> Path:
     """``eqaudit report``: the page of a saved report, written to ``out`` (default: report.html
     beside the summary) without running the model."""
     result, folder = load_saved_result(source)
+    summary_path = Path(source) if Path(source).is_file() else folder / "summary.json"
+    broken = (KeyError, TypeError, AttributeError, ValueError)
     try:
         page = render_html(result)
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+    except broken as exc:
+        # Blame the file at fault: the page renders without the gallery when gallery.json is.
+        what, path = "summary", summary_path
+        try:
+            render_html(replace(result, gallery={"flips": [], "orbits": []}))
+        except broken:
+            pass
+        else:
+            what, path = "gallery", folder / "gallery.json"
         raise DataError(
-            f"'{folder / 'summary.json'}' does not follow the summary schema "
-            f"({type(exc).__name__}: {exc}); rerun eqaudit check to write it again"
+            f"'{path}' does not follow the {what} schema ({type(exc).__name__}: {exc}); "
+            "rerun eqaudit check to write it again"
         ) from None
     return save_html(result, Path(out) if out is not None else folder / FILE_NAME, page)

@@ -327,6 +327,31 @@ def test_report_command_refuses_a_bad_summary(
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.parametrize(
+    ("gallery", "message"),
+    [
+        ("[not json", "cannot read '{folder}/gallery.json': Expecting value"),
+        (
+            '{"flips": 5, "orbits": []}',
+            "'{folder}/gallery.json' does not follow the gallery schema",
+        ),
+    ],
+)
+def test_report_command_names_a_broken_gallery_not_the_summary(
+    demo: AuditResult, tmp_path: Path, gallery: str, message: str
+) -> None:
+    # Both blamed summary.json ("cannot read", "does not follow the summary schema"): intact.
+    write_report(demo, tmp_path)
+    (tmp_path / "gallery.json").write_text(gallery, encoding="utf-8")
+    before = (tmp_path / "report.html").read_bytes()
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message.format(folder=tmp_path) in errors[0], result.output
+    assert "summary.json" not in errors[0] and "Traceback" not in result.output
+    assert (tmp_path / "report.html").read_bytes() == before
+
+
 def test_an_outputs_only_page_of_an_invariant_model_says_so() -> None:
     # It said "and each layer from equivariant", "Layers audited 0", and had no gallery word.
     from models_zoo import symmetric_cnn
