@@ -37,7 +37,7 @@ from rich.markup import escape
 from eqaudit.config import AuditConfig
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import FAILED, PASSED, SKIPPED, Check, shown
-from eqaudit.results import AuditResult, is_scored, json_ready
+from eqaudit.results import AuditResult, check_saved_summary, is_scored, json_ready
 from eqaudit.stats import BOOTSTRAP_RESAMPLES, mcnemar_exact, paired_bootstrap_interval
 
 IDENTITY = "id"
@@ -87,12 +87,9 @@ def load_saved(source: str | Path) -> AuditResult:
     """A saved audit with its predictions.csv (needed to pair the images)."""
     path = Path(source)
     folder = path if path.is_dir() else path.parent
-    try:
-        result = AuditResult.from_json(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"cannot read the saved audit '{path}': {exc}") from None
-    if not isinstance(result.summary, dict) or "outputs" not in result.summary:
-        raise DataError(f"'{path}' is not a summary.json written by eqaudit check")
+    summary_path = folder / "summary.json" if path.is_dir() else path
+    result = AuditResult.from_json(path)  # (names the file it cannot read)
+    check_saved_summary(result.summary, summary_path)
     if not len(result.predictions):
         raise DataError(
             f"'{folder / 'predictions.csv'}' is missing: compare pairs the images one by one, so "

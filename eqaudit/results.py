@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,64 @@ def _read_file(path: Path, read: Any) -> Any:
         raise DataError(
             f"cannot read '{path}': {cause}; rerun eqaudit check to write it again"
         ) from None
+
+
+def _major(version: Any) -> int | None:
+    """The MAJOR of a ``"MAJOR.MINOR"`` schema version (a bare integer too), or None when it
+    is not one."""
+    if isinstance(version, bool):
+        return None
+    if isinstance(version, int):
+        return version if version >= 0 else None
+    if isinstance(version, str) and re.fullmatch(r"\d+(\.\d+)*", version):
+        return int(version.split(".")[0])
+    return None
+
+
+def check_schema_version(document: dict, path: str | Path, current: str = SCHEMA_VERSION) -> None:
+    """Refuse a saved file whose ``schema_version`` this eqaudit cannot read: a higher MAJOR
+    (additive changes keep the major version, so only a newer eqaudit knows what changed), a
+    lower one, or one that is missing or malformed."""
+    found = document.get("schema_version")
+    major, mine = _major(found), _major(current)
+    if found is None:
+        raise DataError(
+            f"'{path}' has no schema_version, so eqaudit cannot tell whether it reads it: "
+            "pass a file written by eqaudit, or rerun eqaudit check to write it again"
+        )
+    if major is None:
+        raise DataError(
+            f"'{path}' has schema_version {json.dumps(found)[:30]}, not MAJOR.MINOR such as "
+            f'"{current}": rerun eqaudit check to write it again'
+        )
+    if major > mine:  # type: ignore[operator]
+        raise DataError(
+            f"'{path}' was written by a newer eqaudit (schema {found}, this one reads "
+            f"{current}): upgrade eqaudit"
+        )
+    if major < mine:  # type: ignore[operator]
+        raise DataError(
+            f"'{path}' has schema {found}, older than this eqaudit reads ({current}): rerun "
+            "eqaudit check to write it again"
+        )
+
+
+def check_saved_summary(summary: Any, path: str | Path) -> None:
+    """Refuse a loaded summary.json that is not one, or whose schema this eqaudit does not
+    read (:func:`check_schema_version`). A newer schema is said first: it may lack blocks."""
+    if isinstance(summary, dict) and "schema_version" in summary:
+        check_schema_version(summary, path)
+    missing = [
+        key
+        for key in ("model", "scores", "outputs")
+        if not isinstance(summary, dict) or key not in summary
+    ]
+    if missing:
+        raise DataError(
+            f"'{path}' is not an eqaudit summary (no {', '.join(missing)}); "
+            "pass the summary.json that eqaudit check wrote"
+        )
+    check_schema_version(summary, path)
 
 
 def make_summary(**parts: Any) -> dict:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -382,3 +383,58 @@ def test_report_cleanup_never_takes_a_users_audits(files, tmp_path) -> None:
     assert refused.exit_code == EXIT_USAGE
     assert "holds one of the audits being compared" in clean(refused.stderr)
     assert (out / "summary.json").is_file()
+
+
+# -- damaged saved audits --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved audit of sym (flips, outputs only), to copy and damage."""
+    out = tmp_path_factory.mktemp("saved") / "sym"
+    argv = ["check", str(files["sym"]), "--data", str(files["images"]), "-t", "flips"]
+    result = runner.invoke(app, [*argv, "--no-layers", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def damaged_copy(saved: Path, where: Path, **summary: object) -> Path:
+    """A copy of ``saved`` with the summary.json keys given replaced (None: removed)."""
+    shutil.copytree(saved, where)
+    data = json.loads((where / "summary.json").read_text())
+    for key, value in summary.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    (where / "summary.json").write_text(json.dumps(data))
+    return where
+
+
+def compare_error(a: Path, b: Path, out: Path) -> str:
+    """The one error line of a refused compare (exit 2) that wrote nothing."""
+    result = runner.invoke(app, ["compare", str(a), str(b), "-o", str(out)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Traceback" not in result.output
+    lines = clean(result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("version", "says"),
+    [
+        ("9.0", "was written by a newer eqaudit (schema 9.0, this one reads 1."),
+        (999, "was written by a newer eqaudit (schema 999, this one reads 1."),
+        ("abc", 'has schema_version "abc", not MAJOR.MINOR'),
+        (None, "has no schema_version"),
+        ("0.9", "has schema 0.9, older than this eqaudit reads"),
+    ],
+)
+def test_a_saved_audit_of_another_schema_is_refused(saved, tmp_path, version, says) -> None:
+    # A summary.json of schema "999" or "9.0" was compared as if this eqaudit could read it.
+    future = damaged_copy(saved, tmp_path / "future", schema_version=version)
+    line = compare_error(saved, future, tmp_path / "out")
+    assert line.startswith(f"error: '{future / 'summary.json'}' ") and says in line
+    # ... and the same file re-rendered by eqaudit report.
+    result = runner.invoke(app, ["report", str(future)])
+    assert result.exit_code == EXIT_USAGE and clean(result.stderr).strip() == line

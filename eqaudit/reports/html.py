@@ -27,7 +27,7 @@ from markupsafe import Markup, escape
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import evaluated_nothing, shown
 from eqaudit.reports.files import replace_text
-from eqaudit.results import AuditResult, batch_text, is_scored
+from eqaudit.results import AuditResult, batch_text, check_saved_summary, is_scored
 
 if TYPE_CHECKING:
     from eqaudit.reports.charts import LayerGrid
@@ -656,17 +656,7 @@ def load_saved_result(source: Path) -> tuple[AuditResult, Path]:
         )
     # (from_json names the file it cannot read: summary.json, predictions.csv or gallery.json)
     result = AuditResult.from_json(summary_path)
-    summary = result.summary
-    missing = [
-        key
-        for key in ("model", "scores", "outputs")
-        if not isinstance(summary, dict) or key not in summary
-    ]
-    if missing:
-        raise DataError(
-            f"'{summary_path}' is not an eqaudit summary (no {', '.join(missing)}); "
-            "pass the summary.json that eqaudit check wrote"
-        )
+    check_saved_summary(result.summary, summary_path)
     if not isinstance(result.gallery, dict):
         raise DataError(
             f"gallery.json beside '{summary_path}' is not a gallery; delete it or rerun"

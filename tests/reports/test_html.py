@@ -310,7 +310,7 @@ def test_report_command_reproduces_the_page(demo: AuditResult, tmp_path: Path) -
         ("{not json", "cannot read"),
         ('{"schema_version": "1.0"}', "not an eqaudit summary"),
         (
-            '{"model": {}, "scores": {}, "outputs": [{"no": 1}]}',
+            '{"schema_version": "1.1", "model": {}, "scores": {}, "outputs": [{"no": 1}]}',
             "does not follow the summary schema",
         ),
     ],
