@@ -90,12 +90,60 @@ def load_saved(source: str | Path) -> AuditResult:
     summary_path = folder / "summary.json" if path.is_dir() else path
     result = AuditResult.from_json(path)  # (names the file it cannot read)
     check_saved_summary(result.summary, summary_path)
-    if not len(result.predictions):
+    predictions = folder / "predictions.csv"
+    if not predictions.is_file():
         raise DataError(
-            f"'{folder / 'predictions.csv'}' is missing: compare pairs the images one by one, so "
+            f"'{predictions}' is missing: compare pairs the images one by one, so "
             "it needs the predictions.csv that eqaudit check writes beside summary.json"
         )
+    problem = _predictions_problem(result.predictions, result.summary["model"])
+    if problem:
+        raise DataError(
+            f"'{predictions}' {problem}: rerun eqaudit check to write it again (compare pairs "
+            "its rows image by image)"
+        )
     return result
+
+
+#: The predictions.csv columns compare reads.
+_PAIRED_COLUMNS = ("image", "transform", "top1", "agrees")
+
+
+def _predictions_problem(frame: pd.DataFrame, model: dict) -> str | None:
+    """What makes a saved predictions.csv unusable for pairing, or None. Rows are numbered
+    from 1 after the header."""
+    missing = [c for c in _PAIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        return (
+            f"lacks the column(s) {', '.join(missing)} (it has: "
+            f"{', '.join(map(str, frame.columns[:10])) or 'none'})"
+        )
+    if not len(frame):
+        return "has a header but no rows"
+    keys = frame[["image", "transform"]].astype(str)
+    repeated = keys.duplicated(keep=False)
+    if repeated.any():
+        first = keys[repeated].iloc[0]
+        rows = [str(i + 1) for i in np.flatnonzero((keys == first).all(axis=1).to_numpy())[:3]]
+        return (
+            f"lists image '{first['image']}' under {first['transform']} more than once "
+            f"(rows {', '.join(rows)})"
+        )
+    top1 = pd.to_numeric(frame["top1"], errors="coerce")
+    classes = model.get("num_classes") if isinstance(model, dict) else None
+    bad = top1.isna() | (top1 % 1 != 0) | (top1 < 0)
+    if isinstance(classes, int):
+        bad |= top1 >= classes
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        wanted = f"0 to {classes - 1}" if isinstance(classes, int) else "0 or more"
+        return f"has top1 '{frame['top1'].iloc[i]}' on row {i + 1}, not a class index ({wanted})"
+    agrees = frame["agrees"].astype(str).str.lower()
+    bad = ~agrees.isin(["true", "false"])
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        return f"has agrees '{frame['agrees'].iloc[i]}' on row {i + 1}, not True or False"
+    return None
 
 
 def _is_onnx(model: Any) -> bool:
@@ -210,6 +258,13 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
     merged = pa[keep].merge(
         pb[keep], on=["image", "transform"], suffixes=("_a", "_b"), validate="one_to_one"
     )
+    if not len(merged) == len(pa) == len(pb):
+        # (An image missing under one element only: the inner merge dropped it silently.)
+        raise DataError(
+            f"the predictions of A and B do not pair row for row ({len(pa)} rows in A, "
+            f"{len(pb)} in B, {len(merged)} of the same image and element): rerun eqaudit "
+            "check for both with the same --data, --num-images and --seed"
+        )
     for side in ("a", "b"):
         merged[f"agrees_{side}"] = merged[f"agrees_{side}"].astype(str).str.lower() == "true"
     return merged

@@ -438,3 +438,49 @@ def test_a_saved_audit_of_another_schema_is_refused(saved, tmp_path, version, sa
     # ... and the same file re-rendered by eqaudit report.
     result = runner.invoke(app, ["report", str(future)])
     assert result.exit_code == EXIT_USAGE and clean(result.stderr).strip() == line
+
+
+def _damage_predictions(frame: pd.DataFrame, edit: str) -> pd.DataFrame:
+    if edit == "renamed-column":
+        return frame.rename(columns={"top1": "pred"})
+    if edit == "no-image-column":
+        return frame.drop(columns=["image"])
+    if edit == "duplicate-rows":
+        return pd.concat([frame, frame.iloc[[2]]])
+    if edit == "header-only":
+        return frame.iloc[:0]
+    if edit == "top1-not-a-class":
+        return frame.assign(top1=["cat", *frame["top1"].iloc[1:]])
+    if edit == "top1-past-the-classes":
+        return frame.assign(top1=[99, *frame["top1"].iloc[1:]])
+    if edit == "agrees-not-a-boolean":
+        return frame.assign(agrees=["maybe", *frame["agrees"].iloc[1:]])
+    if edit == "one-row-missing":
+        return frame.iloc[:-1]
+    raise AssertionError(edit)
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ("renamed-column", "predictions.csv' lacks the column(s) top1 (it has: image, "),
+        ("no-image-column", "predictions.csv' lacks the column(s) image (it has: transform, "),
+        ("duplicate-rows", "predictions.csv' lists image 'im00.png' under flip_v more than once"),
+        ("header-only", "predictions.csv' has a header but no rows"),  # it said "is missing"
+        ("top1-not-a-class", "predictions.csv' has top1 'cat' on row 1, not a class index"),
+        ("top1-past-the-classes", "predictions.csv' has top1 '99' on row 1, not a class index"),
+        ("agrees-not-a-boolean", "predictions.csv' has agrees 'maybe' on row 1, not True or"),
+        ("one-row-missing", "the predictions of A and B do not pair row for row (72 rows in A, 71"),
+    ],
+)
+def test_a_damaged_predictions_csv_is_refused_naming_it(saved, tmp_path, edit, says) -> None:
+    # A renamed or missing column (KeyError), a repeated row (pandas MergeError): exit 4; a
+    # class name for top1 or an unknown agrees value went into the statistics as 'changed'.
+    damaged = damaged_copy(saved, tmp_path / "damaged")
+    frame = pd.read_csv(saved / "predictions.csv")
+    assert len(frame) == NUM_IMAGES * 3 and list(frame["image"][:3]) == ["im00.png"] * 3
+    _damage_predictions(frame, edit).to_csv(damaged / "predictions.csv", index=False)
+    line = compare_error(saved, damaged, tmp_path / "out")
+    assert says in line, line
+    if "predictions.csv" in says:
+        assert line.startswith(f"error: '{damaged / 'predictions.csv'}' ")
