@@ -233,6 +233,15 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
             f"{_sample(ids_b - ids_a) or '-'}): a paired comparison needs the same --data, "
             "--num-images and --seed for both"
         )
+    classes = [(r.summary.get("model") or {}).get("num_classes") for r in (a, b)]
+    if None not in classes and classes[0] != classes[1]:
+        # Class k of A is not class k of B: "A and B predict the same class" has no meaning.
+        raise UsageError(
+            f"A gives {classes[0]} class scores and B {classes[1]}: compare pairs their top-1 "
+            "classes image by image, which is meaningless across different class sets; compare "
+            "two checkpoints of one classifier (the same classes), or audit each with eqaudit "
+            "check"
+        )
     ta, tb = a.summary["transforms"], b.summary["transforms"]
     ea, eb = set(_measured(a)), set(_measured(b))
     if ea != eb:

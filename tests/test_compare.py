@@ -484,3 +484,19 @@ def test_a_damaged_predictions_csv_is_refused_naming_it(saved, tmp_path, edit, s
     assert says in line, line
     if "predictions.csv" in says:
         assert line.startswith(f"error: '{damaged / 'predictions.csv'}' ")
+
+
+def test_models_with_different_classes_are_refused(files, tmp_path) -> None:
+    # A 5-class and a 7-class model were compared (exit 0, "top-1 agreement of A and B 0.18")
+    # without a word, though class 3 of one is not class 3 of the other.
+    seven = export_onnx(symmetric_cnn(size=SIZE, classes=7), tmp_path / "seven.onnx", SIZE)
+    files = {**files, "seven": seven}
+    out = tmp_path / "out"
+    result = run_compare(files, "sym", "seven", out, "-t", "flips", "--no-layers", "-n", "4")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert clean(result.stderr).strip().splitlines() == [
+        "error: A gives 5 class scores and B 7: compare pairs their top-1 classes image by image, "
+        "which is meaningless across different class sets; compare two checkpoints of one "
+        "classifier (the same classes), or audit each with eqaudit check"
+    ]
+    assert not out.exists()
