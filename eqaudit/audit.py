@@ -841,6 +841,10 @@ class Engine:
         n = images.shape[0]  # (a (B,) output reads as (1, B): one score per image, as launch)
         alone = self._two_classes(self.adapter.run(images).scores.reshape(n, -1)).double()
         again = self._two_classes(self.adapter.run(images).scores.reshape(n, -1)).double()
+        if n > 1:
+            # One image alone too: the adapter refuses a model whose number of classes differs
+            # from the batches' (an output sliced by batch size).
+            self.adapter.run(images[:1])
         scale = max(alone.abs().max().item(), 1e-12)
         spread = (again - alone).abs().max().item()
         mixed = (in_batch.double() - alone).abs().max().item()

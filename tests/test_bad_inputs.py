@@ -993,3 +993,102 @@ def test_the_interpolation_floor_leaves_out_the_images_the_row_leaves_out():
     assert pd.isna(blow["relative_error"]) and pd.isna(blow["interpolation_floor"])
     assert not blow["scored"]  # no image left: out of the layer scores (it was scored)
     assert conv["interpolation_floor"] > 0  # the layer before it keeps its floor
+
+
+class BatchShape(nn.Module):
+    """5 class scores for one image, 3 for a batch: an output sliced by batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = symmetric_cnn(size=SIZE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out if x.shape[0] == 1 else out[:, :3]
+
+
+class FirstRowOnly(BatchShape):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[:1]
+
+
+class EveryRowTwice(BatchShape):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return torch.cat([out, out])
+
+
+class NoClasses(BatchShape):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[:, :0]
+
+
+class OneScoreEach(BatchShape):
+    """A sigmoid head squeezed to (B,): one score per image, a binary classifier."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[:, 0].sigmoid()
+
+
+@pytest.mark.parametrize("layers", [True, False], ids=["layers", "no-layers"])
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        # It died in the engine's reshape (exit 4), or (no layers, no one-image probe)
+        # audited 3 classes although one image alone gets 5.
+        (
+            BatchShape,
+            r"^the model's number of classes changes with the batch: (5 for 1 image, "
+            r"3 for \d+ images|3 for \d+ images, 5 for 1 image); its output must not depend",
+        ),
+        (FirstRowOnly, r"^the model returned 1 row of scores for \d+ images \(output shape "),
+        # Accepted: 2N rows for N images were read as twice the images.
+        (
+            EveryRowTwice,
+            r"^the model returned (2 rows of scores for 1 image|\d+ rows of scores "
+            r"for \d+ images) \(output shape \(\d+, 5\)\): a classifier gives one row",
+        ),
+        (NoClasses, r"^the model returned 0 classes \(scores of shape \(\d+, 0\)\): it is not"),
+    ],
+)
+def test_scores_that_are_not_one_row_per_image_of_a_fixed_number_of_classes_are_refused(
+    model, says, layers
+) -> None:
+    import eqaudit
+    from eqaudit.errors import ModelRunError
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).uniform(size=(4, SIZE, SIZE, 3)).astype(np.float32)
+    with pytest.raises(ModelRunError, match=says):
+        eqaudit.audit(model().eval(), "flips", data=images, input_size=SIZE, layers=layers)
+
+
+def test_one_score_per_image_is_still_read_as_a_binary_classifier() -> None:
+    # The row check reads a (B,) output as B rows of one score (it was one row of B scores).
+    import eqaudit
+
+    images = np.random.default_rng(0).uniform(size=(4, SIZE, SIZE, 3)).astype(np.float32)
+    result = eqaudit.audit(OneScoreEach().eval(), "flips", data=images, input_size=SIZE)
+    assert result.summary["model"]["num_classes"] == 2
+    assert result.summary["model"]["binary"] == "probs"
+    assert [row["n"] for row in result.outputs] == [4, 4, 4]
+
+
+def test_a_batch_dependent_model_on_the_command_line_is_exit_3_in_one_line(
+    files: Files, tmp_path: Path
+) -> None:
+    factory = tmp_path / "batchshape.py"
+    factory.write_text(
+        "from test_bad_inputs import BatchShape\n\ndef build():\n    return BatchShape()\n"
+    )
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    torch.save(BatchShape().state_dict(), weights)
+    out = tmp_path / "out"
+    argv = ["check", str(weights), "--factory", f"{factory}:build", "--input-size", str(SIZE)]
+    result = runner.invoke(app, [*argv, "--data", str(files["images"]), "-o", str(out)])
+    assert result.exit_code == EXIT_MODEL, result.output
+    assert error_line(result).startswith(
+        "error: the model's number of classes changes with the batch: 5 for 1 image, 3 for "
+    )
+    assert_no_report(out)

@@ -259,6 +259,8 @@ class ModelAdapter(ABC):
     streams_activations: bool = False
     #: Output declared by the model file as probabilities (``None``: unknown, detect from data).
     declared_output_kind: str | None = None
+    #: (classes, images) of the first run: every later run must give as many classes
+    _classes_seen: tuple[int, int] | None = None
 
     def __init__(self, path: Path, input_spec: InputSpec) -> None:
         self.path = Path(path)
@@ -538,7 +540,7 @@ class ModelAdapter(ABC):
                     "(check --input-size, --layout and --channels against what the model expects)"
                 ) from exc
             # Scores are small: the engine reads them on the CPU (activations stay on the device).
-            scores = self._canonical_scores(raw_scores)[:keep]
+            scores = self._scores_of(self._canonical_scores(raw_scores, chunk.shape[0]))[:keep]
             scores_parts.append(scores.cpu() if host_scores else scores)
             for name, value in raw_acts.items():
                 canonical = self._auditable(name, value, chunk.shape[0])
@@ -614,12 +616,48 @@ class ModelAdapter(ABC):
             chunks.append((part, keep))
         return chunks
 
-    def _canonical_scores(self, raw: torch.Tensor) -> torch.Tensor:
+    def _scores_of(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` scores of a chunk of B images, checked against the first run's K: a model
+        whose classes depend on the batch (slicing its output by batch size) would be audited
+        on classes that one image alone does not get."""
+        rows, classes = scores.shape
+        if classes == 0:
+            raise ModelRunError(
+                f"the model returned 0 classes (scores of shape {tuple(scores.shape)}): it is "
+                "not a classifier's output (if another output holds the class scores, pick it "
+                "with --output-name)"
+            )
+        if self._classes_seen is None:
+            self._classes_seen = (classes, rows)
+        elif self._classes_seen[0] != classes:
+            first, given = self._classes_seen
+            raise ModelRunError(
+                f"the model's number of classes changes with the batch: {first} for "
+                f"{_images(given)}, "
+                f"{classes} for {_images(rows)}; its output must not depend on how many "
+                "images it is given (check its forward for batch-size-dependent slicing)"
+            )
+        return scores
+
+    def _canonical_scores(self, raw: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """``raw`` as ``(B, K)`` float scores for a chunk of ``rows`` images: a ``(B, K, 1, 1)``
+        head is flattened, a ``(B,)`` output is one score per image, a ``(K,)`` output for one
+        image its row; any other row count is refused (one row per image, in order)."""
         scores = raw
         if scores.ndim == 4 and scores.shape[2:] == (1, 1):  # (B, K, 1, 1) from a 1x1 conv head
             scores = scores.flatten(1)
         if scores.ndim == 1:
-            scores = scores[None]
+            # (B,): one score per image (a sigmoid head); (K,) for one image: its batch dropped.
+            one_each = rows is not None and rows > 1 and scores.shape[0] == rows
+            scores = scores[:, None] if one_each else scores[None]
+        if scores.ndim == 2 and rows is not None and scores.shape[0] != rows:
+            raise ModelRunError(
+                f"the model returned {_count(scores.shape[0], 'row')} of scores for "
+                f"{_images(rows)} "
+                f"(output shape {tuple(raw.shape)}): a classifier gives one row of class scores "
+                "per image, in order (check that its forward keeps the batch axis first and "
+                "neither drops nor adds images)"
+            )
         if scores.ndim != 2:
             raise UnsupportedModelError(
                 f"the model's output has shape {tuple(raw.shape)}, not (batch, classes): eqaudit "
@@ -632,6 +670,14 @@ class ModelAdapter(ABC):
                 "pick the float score output with --output-name"
             )
         return scores.float()
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _images(count: int) -> str:
+    return _count(count, "image")
 
 
 @contextmanager
