@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -101,6 +102,10 @@ def format_input_size(size: tuple[int, int] | None, aligned: bool) -> str | None
     if aligned:
         return f"aligned:{text}" if text else "aligned"
     return text
+
+
+#: The largest --seed: the largest int64.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,16 @@ class AuditConfig:
             raise UsageError(f"--threads must be a whole number of at least 1, not {self.threads}")
         if self.num_images is not None and self.num_images < 1:
             raise UsageError(f"--num-images must be at least 1, not {self.num_images}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, numbers.Integral)
+            or not 0 <= self.seed <= MAX_SEED
+        ):
+            # (torch's generators take 64-bit seeds and numpy's no negative one: int64's range
+            # fits both, and every file that records the seed)
+            raise UsageError(
+                f"--seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1), not {self.seed}"
+            )
         if not isinstance(self.layers, bool):  # (audit(layers=["conv*"]) meant the patterns)
             raise UsageError(
                 f"layers= is True or False (all layers or none), not {self.layers!r}: pick "

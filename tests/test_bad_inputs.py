@@ -347,6 +347,19 @@ CASES = [
     Case("layers-match-nothing", args("good", "--layers", "nomatch*"), EXIT_USAGE, ("inspect",)),
     Case("num-images-0", args("good", "--num-images", "0"), EXIT_USAGE, ("--num-images",)),
     Case("batch-size-0", args("good", "--batch-size", "0"), EXIT_USAGE, ("--batch-size",)),
+    # torch.manual_seed overflowed past 2**64 - 1 (ValueError, exit 4)
+    Case(
+        "seed-past-int64",
+        args("good", "--seed", "18446744073709551616"),
+        EXIT_USAGE,
+        ("--seed must be a whole number from 0 to 9223372036854775807 (2**63 - 1), not 1844",),
+    ),
+    Case(
+        "seed-just-past-int64",
+        args("good", "--seed", str(2**63)),
+        EXIT_USAGE,
+        (f"not {2**63}",),
+    ),
     # data (exit 2)
     Case("data-without-images", args("good", data="empty_dir"), EXIT_USAGE, ("no images",)),
     Case("data-all-unreadable", args("good", data="unreadable_dir"), EXIT_USAGE, ("be read",)),

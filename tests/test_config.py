@@ -259,3 +259,15 @@ def test_layers_takes_a_bool_and_patterns_go_to_layer_patterns() -> None:
     with pytest.raises(UsageError, match=r"layers= is True or False .* layer_patterns="):
         AuditConfig(layers=["conv*"])  # type: ignore[arg-type]
     assert AuditConfig(layer_patterns=("conv*",)).layer_patterns == ("conv*",)
+
+
+def test_the_seed_is_refused_outside_int64_when_the_options_are_read() -> None:
+    # 2**64 overflowed in torch.manual_seed after the model was loaded (exit 4); -1 was only
+    # refused by the data loader. numpy integers are seeds too.
+    from eqaudit.config import MAX_SEED
+
+    for seed in (2**64, MAX_SEED + 1, -1, True, 1.5):
+        with pytest.raises(UsageError, match=r"^--seed must be a whole number from 0 to "):
+            AuditConfig(seed=seed)  # type: ignore[arg-type]
+    assert AuditConfig(seed=MAX_SEED).seed == MAX_SEED
+    assert AuditConfig(seed=np.int64(7)).seed == 7
