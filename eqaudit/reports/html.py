@@ -634,6 +634,13 @@ def save_html(result: AuditResult, path: Path, page: str | None = None) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--out '{path}' is a folder: give a file name such as report.html")
+    existing = path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():  # (the OS says "File exists" or "Not a directory")
+        raise UsageError(
+            f"--out '{path}' lies inside '{existing}', which is a file: choose a path in a folder"
+        )
     page = render_html(result) if page is None else page
     try:
         replace_text(path, page)

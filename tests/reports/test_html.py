@@ -352,6 +352,22 @@ def test_report_command_names_a_broken_gallery_not_the_summary(
     assert (tmp_path / "report.html").read_bytes() == before
 
 
+@pytest.mark.parametrize("inside", ["r.html", "deeper/r.html"])
+def test_report_out_inside_a_file_says_so(demo: AuditResult, tmp_path: Path, inside: str) -> None:
+    # It said "cannot write '.../r.html': File exists" (or "Not a directory").
+    saved = tmp_path / "saved"
+    write_report(demo, saved)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    result = runner.invoke(app, ["report", str(saved), "-o", str(a_file / inside)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"error: --out '{a_file / inside}' lies inside '{a_file}', which is a file: choose a "
+        "path in a folder"
+    )
+    assert a_file.read_text() == "keep me"
+
+
 def test_an_outputs_only_page_of_an_invariant_model_says_so() -> None:
     # It said "and each layer from equivariant", "Layers audited 0", and had no gallery word.
     from models_zoo import symmetric_cnn
