@@ -82,7 +82,7 @@ from eqaudit.metrics import (
     two_classes,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
-from eqaudit.models.base import kept_as_given, nonfinite_scores
+from eqaudit.models.base import check_layout_option, kept_as_given, nonfinite_scores
 from eqaudit.results import (
     PREDICTION_COLUMNS,
     AuditResult,
@@ -345,12 +345,7 @@ def _resolve_channels(adapter: ModelAdapter, config: AuditConfig, notes: list[st
                 "defined, which need not be the first called): if the model takes images, "
                 "say how many channels with --channels rgb, bgr or gray"
             )
-        spec = adapter.input_spec
-        if spec.layout_source == "option":  # --layout read another axis as the channels
-            raise UsageError(
-                f"--layout {spec.layout} reads the model's input as {model_channels}-channel "
-                "images: check --layout (eqaudit feeds 1 or 3 channels)"
-            )
+        check_layout_option(adapter.input_spec)  # --layout read another axis as the channels
         raise UsageError(
             f"the model takes {model_channels}-channel inputs; eqaudit feeds RGB, BGR or gray "
             "images (1 or 3 channels)"

@@ -9,7 +9,7 @@ import torch
 
 from eqaudit.data import probe_image
 from eqaudit.models import load_model
-from eqaudit.models.base import kept_as_given
+from eqaudit.models.base import check_layout_option, kept_as_given
 
 
 def _grid_text(grid: Any) -> str:
@@ -48,6 +48,7 @@ def _inspect_model(model: Path | str | Any, align_input: bool, **options: Any) -
     elif input_size is not None:
         adapter.with_input_size(*input_size)
     spec = adapter.input_spec
+    check_layout_option(spec)  # (as check refuses it: an axis read as the channels)
     info: dict[str, Any] = {
         "model": str(model) if isinstance(model, (str, Path)) else adapter.path.name,
         "backend": adapter.backend,

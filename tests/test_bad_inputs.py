@@ -1105,3 +1105,16 @@ def test_a_batch_dependent_model_on_the_command_line_is_exit_3_in_one_line(
         "error: the model's number of classes changes with the batch: 5 for 1 image, 3 for "
     )
     assert_no_report(out)
+
+
+def test_inspect_refuses_a_layout_that_contradicts_the_shape_as_check_does(files: Files) -> None:
+    # inspect exited 0 with "33 channels, size 3x33" where check refused the same --layout.
+    said = "error: --layout NHWC reads the model's input as 33-channel images: check --layout"
+    lines = []
+    for command in ("inspect", "check"):
+        result = runner.invoke(app, [command, str(files["good"]), "--layout", "NHWC"])
+        assert result.exit_code == EXIT_USAGE, (command, result.output)
+        lines.append(error_line(result))
+    assert lines[0] == lines[1] and lines[0].startswith(said)
+    right = runner.invoke(app, ["inspect", str(files["good"]), "--layout", "NCHW"])
+    assert right.exit_code == 0 and "NCHW (option), 3 channels" in right.output

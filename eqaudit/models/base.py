@@ -66,6 +66,17 @@ def layout_option(layout: str | None) -> str | None:
     return layout.upper()
 
 
+def check_layout_option(spec: InputSpec) -> None:
+    """Refuse a ``--layout`` that reads another axis of the model's input as its channels (an
+    NCHW model of 3 x 33 x 33 read as NHWC takes "33-channel images of 3 x 33"): an image has
+    1, 3 or 4 channels. ``check`` and ``inspect`` alike."""
+    if spec.layout_source == "option" and spec.channels not in (1, 3, 4):
+        raise UsageError(
+            f"--layout {spec.layout} reads the model's input as {spec.channels}-channel "
+            "images: check --layout (eqaudit feeds 1 or 3 channels)"
+        )
+
+
 def detect_layout(dims: Sequence[Any]) -> tuple[str, int]:
     """(layout, channels) of a rank-4 image input from its dims (ints where known): the
     channel axis is the one of size 1, 3 or 4 (gray, RGB, RGBA); NCHW when undecidable."""
