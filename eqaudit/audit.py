@@ -1872,6 +1872,22 @@ def _with_note(block: dict, note: str | None) -> dict:
     return {**block, "notes": [*block.get("notes", []), note]} if note else block
 
 
+def _repeated_class_names(names: list[str]) -> str | None:
+    """``'crane' (classes 134 and 517)`` for each name given to several classes (three at most
+    named), or None."""
+    places: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        places.setdefault(name, []).append(index)
+    repeated = [(name, found) for name, found in places.items() if len(found) > 1]
+    if not repeated:
+        return None
+    shown = [
+        f"'{name}' (classes {', '.join(map(str, found[:-1]))} and {found[-1]})"
+        for name, found in repeated[:3]
+    ]
+    return ", ".join(shown) + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
+
+
 @contextlib.contextmanager
 def _kept_random_state(device: str) -> Iterator[None]:
     """torch's random state as the caller left it, after the audit seeded it (the seed drives
@@ -1969,6 +1985,13 @@ def _audit(
     )
     engine.class_names = source.class_names or getattr(adapter, "class_names", None)
     engine.class_names_from = "labels" if source.class_names else "model"
+    repeated = _repeated_class_names(engine.class_names or [])
+    if repeated:
+        # Allowed where no name has to pick a class (ImageNet's usual lists name two classes
+        # 'crane'): said, since the report then shows two classes under one name.
+        engine.warnings.append(
+            f"the class names repeat {repeated}: the report shows those classes under one name"
+        )
     engine.setup()
     layers_note = getattr(adapter, "layers_note", lambda: None)()
     if engine.layer_states and layers_note:

@@ -1118,3 +1118,58 @@ def test_inspect_refuses_a_layout_that_contradicts_the_shape_as_check_does(files
     assert lines[0] == lines[1] and lines[0].startswith(said)
     right = runner.invoke(app, ["inspect", str(files["good"]), "--layout", "NCHW"])
     assert right.exit_code == 0 and "NCHW (option), 3 channels" in right.output
+
+
+def _class_folders(root: Path, names: list[str]) -> Path:
+    pixels = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.fromarray(pixels).save(root / name / "0.png")
+    return root
+
+
+def test_a_class_name_listed_twice_is_refused_where_it_must_pick_a_class(tmp_path: Path) -> None:
+    # 'circle' on lines 1 and 2 was accepted: circle/ images took class 0, and class 1 had
+    # the same name in the report.
+    import eqaudit
+    from eqaudit.errors import DataError
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("circle\ncircle\n\ncross\nstar\nsquare\n")
+    images = _class_folders(tmp_path / "images", ["circle", "cross"])
+    options = dict(input_size=SIZE, layers=False, labels=labels)
+    with pytest.raises(
+        DataError,
+        match=rf"^labels file '{re.escape(str(labels))}' lists 'circle' more than once \(lines "
+        r"1 and 2\), so the images in 'circle/' have no single class: name each class once$",
+    ):
+        eqaudit.audit(symmetric_cnn(size=SIZE), "flips", data=images, **options)
+    # A label action naming it cannot tell which class either.
+    from eqaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"the class name 'circle' is given to classes 0 and 1"):
+        eqaudit.audit(
+            symmetric_cnn(size=SIZE),
+            "flips",
+            num_images=2,
+            label_action={"flip_h": "swap:circle,cross"},
+            **options,
+        )
+
+
+def test_a_class_name_listed_twice_and_not_used_to_pick_a_class_is_a_warning(tmp_path) -> None:
+    # ImageNet's usual lists name two classes 'crane' and two 'maillot': refusing them would
+    # refuse the labels file of most ImageNet models.
+    import eqaudit
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["crane", "owl", "crane", "kite", "bee"]))
+    images = _class_folders(tmp_path / "images", ["owl", "kite"])
+    result = eqaudit.audit(
+        symmetric_cnn(size=SIZE), "flips", data=images, input_size=SIZE, labels=labels
+    )
+    assert (
+        "the class names repeat 'crane' (classes 0 and 2): the report shows those classes under "
+        "one name"
+    ) in result.warnings
+    assert result.summary["data"]["labelled"]

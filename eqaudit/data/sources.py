@@ -322,7 +322,7 @@ def _open_folder(
     geometry: _Geometry,
     num_images: int | None,
     seed: int,
-    label_map: tuple[list[str], dict[str, int]] | None,
+    label_map: tuple[list[str], dict[str, int], dict[str, str], str] | None,
     others: Sequence[str] = (),
 ) -> FolderSource:
     """Validate (a subset of) ``files`` and build the source; ``files`` is sorted; ``others``:
@@ -346,8 +346,8 @@ def _open_folder(
         )
     labels, class_names = None, None
     if label_map is not None:
-        class_names, name_to_index = label_map
-        labels, label_notes = _folder_labels(ids, name_to_index, class_names)
+        class_names, name_to_index, repeated, labels_file = label_map
+        labels, label_notes = _folder_labels(ids, name_to_index, class_names, repeated, labels_file)
         notes.extend(label_notes)
     description = DataDescription(
         source="folder",
@@ -575,8 +575,18 @@ def load_class_names(path: Path) -> tuple[list[str], dict[str, int]]:
 
     ``.txt``: one name per line; the index is the line's position among non-blank lines.
     ``.json``: a list of names; an object ``{name: index}``; or an ``{"0": name}`` id-to-label
-    object (as in Hugging Face configs). A name listed twice maps to its first index.
+    object (as in Hugging Face configs). A name listed twice maps to its first index (ImageNet's
+    usual lists name two classes 'crane' and two 'maillot'); where a name must pick one class
+    (an image subfolder, a --label-action) a repeated one is refused.
     """
+    names, mapping, _ = _load_label_map(path)
+    return names, mapping
+
+
+def _load_label_map(path: Path) -> tuple[list[str], dict[str, int], dict[str, str]]:
+    """:func:`load_class_names`, and each name listed more than once with where: ``"lines 1
+    and 2"`` in a ``.txt`` file (as the user sees it, blank lines counted), ``"classes 134 and
+    517"`` in a ``.json`` one."""
     if not path.is_file():
         raise DataError(f"labels file '{path}' not found: give a .txt or .json file of class names")
     suffix = path.suffix.lower()
@@ -595,7 +605,23 @@ def load_class_names(path: Path) -> tuple[list[str], dict[str, int]]:
     mapping: dict[str, int] = {}
     for index, name in enumerate(names):
         mapping.setdefault(name, index)
-    return names, mapping
+    if suffix == ".txt":  # where the user sees them: line numbers of the file, blank ones too
+        lines = [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        where, what = [(names[k], lines[k]) for k in range(len(names))], "line"
+    else:
+        where, what = list(zip(names, range(len(names)), strict=True)), "class"
+    places: dict[str, list[int]] = {}
+    for name, place in where:
+        places.setdefault(name, []).append(place)
+    repeated = {name: _listed(what, found) for name, found in places.items() if len(found) > 1}
+    return names, mapping, repeated
+
+
+def _listed(what: str, places: list[int]) -> str:
+    """``lines 1 and 2``, ``classes 3, 5 and 9``."""
+    numbers = [str(p) for p in places]
+    text = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
+    return f"{what}{'es' if what == 'class' else 's'} {text}"
 
 
 def _names_from_text(text: str) -> list[str]:
@@ -630,12 +656,30 @@ def _names_from_json(text: str, path: Path) -> list[str]:
 
 
 def _folder_labels(
-    ids: list[str], name_to_index: dict[str, int], class_names: list[str]
+    ids: list[str],
+    name_to_index: dict[str, int],
+    class_names: list[str],
+    repeated: dict[str, str] | None = None,
+    labels_file: str = "the labels file",
 ) -> tuple[torch.Tensor, list[str]]:
     """Label of each image = index of its first-level subfolder's name; -1 when not a class.
     Names match in Unicode's composed form (NFC): macOS and zip files store 'café' decomposed
-    (NFD), which a labels file typed elsewhere does not."""
+    (NFD), which a labels file typed elsewhere does not. A subfolder named after a class the
+    labels file lists twice (``repeated``, see :func:`_load_label_map`) has no single class:
+    it is refused."""
     composed = {unicodedata.normalize("NFC", name): index for name, index in name_to_index.items()}
+    twice = {
+        unicodedata.normalize("NFC", name): (name, at) for name, at in (repeated or {}).items()
+    }
+    for image_id in ids:
+        parts = image_id.split("/")
+        folder = unicodedata.normalize("NFC", parts[0])
+        if len(parts) > 1 and folder in twice:
+            name, at = twice[folder]
+            raise DataError(
+                f"{labels_file} lists '{name}' more than once ({at}), so the images in "
+                f"'{parts[0]}/' have no single class: name each class once"
+            )
     labels = []
     unknown = []
     for image_id in ids:
@@ -1047,7 +1091,9 @@ def open_images(
     :class:`~eqaudit.errors.UsageError` for invalid options.
     """
     geometry = _check_options(size, margin, channels, resize, num_images, seed)
-    label_map = load_class_names(Path(labels)) if labels is not None else None
+    label_map = None
+    if labels is not None:
+        label_map = (*_load_label_map(Path(labels)), f"labels file '{labels}'")
     class_names = label_map[0] if label_map else None
     if data is None:
         return _open_synthetic(geometry, num_images, seed, class_names)

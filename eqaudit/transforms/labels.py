@@ -55,6 +55,12 @@ def _class_index(token: str, num_classes: int, class_names: list[str] | None, el
         index = int(token)
     elif class_names and token in class_names:
         index = class_names.index(token)
+        if class_names.count(token) > 1:  # (ImageNet's lists name two classes 'crane')
+            both = [str(i) for i, name in enumerate(class_names) if name == token]
+            raise UsageError(
+                f"--label-action {element}: the class name '{token}' is given to classes "
+                f"{', '.join(both[:-1])} and {both[-1]}: name the class by its index"
+            )
     else:
         known = (
             f"class names: {', '.join(class_names[:12])}" if class_names else "no class names known"
