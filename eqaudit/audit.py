@@ -161,6 +161,14 @@ class LayerState:
     def kind(self) -> str:
         return "spatial" if self.info.spatial else "flat"
 
+    @property
+    def zero(self) -> bool:
+        """Are the layer's maps zero on every image under every measured element (a dead ReLU,
+        an unused branch)? Its relative errors are then 0 by the formula's eps, not because
+        the layer is equivariant (the identity's row, compared with itself, does not count)."""
+        measured = [s for s in self.stats[1:] if s.n]
+        return bool(measured) and all(s.norm_max == 0 for s in measured)
+
     def scored(self, gi: int, element: Transform) -> bool:
         """Does this (layer, element) row enter the layer scores? Measured, and exact, or a
         resampled element (a rotation by another angle, a sub-pixel shift) compared about a
@@ -175,6 +183,8 @@ class LayerState:
         if self.reasons[gi] is not None or self.comparison[gi] is None:
             return False
         if self.stats[gi].n == 0 and self.stats[gi].nonfinite:
+            return False
+        if self.zero:  # errors of 0 that measure nothing
             return False
         comparison = self.comparison[gi]
         if comparison == "exact":
@@ -1404,7 +1414,8 @@ class Engine:
         for stats, blocks in groups.values():
             na, nb, nd = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
             relative, cosine = errors_from_norms(na, nb, nd)
-            LayerStats.update_rows(stats, relative.numpy(), cosine.numpy())
+            largest = torch.maximum(na, nb).numpy()
+            LayerStats.update_rows(stats, relative.numpy(), cosine.numpy(), largest)
 
     def close(self) -> None:
         """Stop the comparison workers and drop the difference buffers and the cell-map
@@ -1572,6 +1583,19 @@ class Engine:
             if stats is not None
             for half in (stats.fit, stats.eval)
             if half is not None
+        )
+
+    def zero_layers_warning(self) -> str | None:
+        """One line for the layers whose maps are zero on every image (:attr:`LayerState.zero`),
+        left out of the scores, or None."""
+        zero = [state.info.name for state in self.layer_states if state.zero]
+        if not zero:
+            return None
+        shown = ", ".join(zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        return (
+            f"{len(zero)} layer(s) are zero on every image under every transform ({shown}): "
+            "their errors of 0 measure nothing, and are left out of the scores (a dead ReLU or "
+            "an unused branch?)"
         )
 
     def nonfinite_warning(self) -> str | None:
@@ -2119,6 +2143,9 @@ def build_result(
     nonfinite = engine.nonfinite_warning()
     if nonfinite:
         warnings.append(nonfinite)
+    zero = engine.zero_layers_warning()
+    if zero:
+        warnings.append(zero)
     skipped = skipped_images_warning(data)
     if skipped:
         warnings.append(skipped)

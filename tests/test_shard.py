@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from models_zoo import SmallCNN, calibrate_, export_onnx
+from torch import nn
 from typer.testing import CliRunner
 
 import eqaudit
@@ -93,6 +94,49 @@ def test_layer_stats_leave_out_and_count_nonfinite_images() -> None:
     old = {k: v for k, v in rows[1].to_state().items() if k != "nonfinite"}
     assert LayerStats.from_state(old).compute() == rows[1].compute()
     assert LayerStats.from_state(old).nonfinite == 0
+
+
+def test_layer_stats_keep_the_largest_map_norm_and_merge_it() -> None:
+    rows = [LayerStats(), LayerStats()]
+    zeros = np.zeros((2, 3))
+    LayerStats.update_rows(rows, zeros, zeros, np.array([[0.0, 0.0, 0.0], [0.0, 2.5, 0.5]]))
+    assert (rows[0].norm_max, rows[1].norm_max) == (0.0, 2.5)
+    assert rows[0].merge(rows[1]).norm_max == 2.5
+    again = LayerStats.from_state(json.loads(json.dumps(rows[0].to_state())))
+    assert again.norm_max == 0.0
+    # A shard of an older eqaudit did not measure the norms: not known to be zero.
+    old = {k: v for k, v in rows[0].to_state().items() if k != "norm_max"}
+    assert LayerStats.from_state(old).norm_max == math.inf
+
+
+def test_a_layer_zero_on_every_image_is_said_and_left_out_of_the_scores() -> None:
+    # A dead ReLU's maps are 0 under every transform: its relative errors read 0 (the
+    # formula's eps), which counted as a perfectly equivariant layer in the score (review).
+    import eqaudit
+
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(7, 3)
+            with torch.no_grad():
+                self.conv.bias.fill_(-100.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.cat([self.relu(self.conv(x)).mean((2, 3)), x.mean((2, 3))], 1))
+
+    torch.manual_seed(0)
+    model = Dead().eval()
+    result = eqaudit.audit(model, "flips", input_size=9, num_images=4)
+    rows = result.to_frame("layers")
+    dead = rows[rows["layer"] == "relu"]
+    assert (dead["relative_error"] == 0).all() and not dead["scored"].any()
+    live = rows[(rows["layer"] == "conv") & (rows["transform"] != "id")]
+    assert live["scored"].all()
+    assert result.scores["layer_relative_error"] == pytest.approx(live["relative_error"].mean())
+    [said] = [w for w in result.warnings if "zero on every image" in w]
+    assert "(relu)" in said
 
 
 def test_shard_ranges_cover_the_images_once() -> None:

@@ -45,8 +45,10 @@ class _Mergeable:
     round-trips through JSON-able dicts (exact sums as hex integers, histograms sparse)."""
 
     _max_fields: tuple[str, ...] = ()
-    #: Fields added after states were first written (shards of an older eqaudit lack them).
+    #: Fields added after states were first written (shards of an older eqaudit lack them):
+    #: their default, or the value here when the default would claim something (unknown).
     _added_fields: tuple[str, ...] = ()
+    _missing_values: dict[str, float] = {}  # noqa: RUF012 (read only)
 
     def merge(self, other):  # type: ignore[no-untyped-def]
         merged = {}
@@ -77,6 +79,8 @@ class _Mergeable:
         values: dict = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in state and f.name in cls._added_fields:
+                if f.name in cls._missing_values:
+                    values[f.name] = cls._missing_values[f.name]
                 continue  # a state written before the field existed: its default
             value = state[f.name]
             if isinstance(value, dict) and "exact" in value:
@@ -208,8 +212,10 @@ class LayerStats(_Mergeable):
     norms overflowed): their errors are undefined, and :meth:`update_rows` keeps them out of
     every other field."""
 
-    _max_fields = ("rel_max",)
-    _added_fields = ("nonfinite",)
+    _max_fields = ("rel_max", "norm_max")
+    _added_fields = ("nonfinite", "norm_max")
+    #: (an older shard's maps were not measured: not known to be zero)
+    _missing_values = {"norm_max": math.inf}  # noqa: RUF012 (read only)
 
     n: int = 0
     rel_sum: ExactSum = field(default_factory=ExactSum)
@@ -219,6 +225,9 @@ class LayerStats(_Mergeable):
     floor_sum: ExactSum = field(default_factory=ExactSum)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES), dtype=np.int64))
     nonfinite: int = 0
+    #: The largest norm of either map over the images (0: both maps are zero on every image,
+    #: and the errors of 0 measure nothing)
+    norm_max: float = 0.0
 
     def update(
         self, relative: torch.Tensor, cosine: torch.Tensor, floor: torch.Tensor | None = None
@@ -229,6 +238,7 @@ class LayerStats(_Mergeable):
             self.floor_n += int(floor.numel())
             self.floor_sum.add(floor)
         rel = relative.detach().to(torch.float64).cpu().numpy()
+        self.norm_max = math.inf  # (the maps' norms are not given: not known to be zero)
         self.n += rel.size
         self.rel_sum.add(rel)
         self.rel_max = max(self.rel_max, float(rel.max(initial=0.0)))
@@ -236,10 +246,16 @@ class LayerStats(_Mergeable):
         self.hist = self.hist + _histogram(rel)
 
     @staticmethod
-    def update_rows(stats: Sequence[LayerStats], relative: np.ndarray, cosine: np.ndarray) -> None:
+    def update_rows(
+        stats: Sequence[LayerStats],
+        relative: np.ndarray,
+        cosine: np.ndarray,
+        norms: np.ndarray | None = None,
+    ) -> None:
         """``stats[r].update(relative[r], cosine[r])`` for every row ``r`` of two ``(R, N)``
         float64 arrays, vectorised: the same states, with one exact-sum pass, one histogram pass
-        and one maximum for all rows instead of a call per (layer, element).
+        and one maximum for all rows instead of a call per (layer, element). ``norms``: ``(R, N)``,
+        the larger of the two maps' norms per image (for :attr:`norm_max`).
 
         An image whose relative error or cosine distance is not finite (NaN or Inf in a map) is
         counted in its row's ``nonfinite`` and left out of the rest."""
@@ -251,15 +267,22 @@ class LayerStats(_Mergeable):
                     [s for s, ok in zip(stats, rows, strict=True) if ok],
                     relative[rows],
                     cosine[rows],
+                    norms[rows] if norms is not None else None,
                 )
             for row in np.flatnonzero(~rows):
                 keep = finite[row]
                 stats[row].nonfinite += int((~keep).sum())
                 if keep.any():
                     LayerStats.update_rows(
-                        [stats[row]], relative[row, keep][None], cosine[row, keep][None]
+                        [stats[row]],
+                        relative[row, keep][None],
+                        cosine[row, keep][None],
+                        norms[row, keep][None] if norms is not None else None,
                     )
             return
+        largest = norms.max(axis=1, initial=0.0).tolist() if norms is not None else None
+        for row, state in enumerate(stats):  # (norms not given: not known to be zero)
+            state.norm_max = max(state.norm_max, largest[row] if largest else math.inf)
         count, width = relative.shape
         rel_totals, cos_totals = exact_row_integers(relative), exact_row_integers(cosine)
         maxima = relative.max(axis=1, initial=0.0)
