@@ -315,10 +315,14 @@ def _versions() -> dict[str, str]:
 
 
 def _select_layers(
-    layers: list[LayerInfo], patterns: tuple[str, ...], why_none: str | None = None
+    layers: list[LayerInfo],
+    patterns: tuple[str, ...],
+    why_none: str | None = None,
+    not_layers: dict[str, str] | None = None,
 ) -> list[LayerInfo]:
     """The layers ``--layers`` patterns pick; ``why_none``: why the model has no layers at all
-    (the adapter's ``layers_note``, e.g. TorchScript), for the error when it has none."""
+    (the adapter's ``layers_note``, e.g. TorchScript), for the error when it has none;
+    ``not_layers``: names that are not layers, and why, for the error when they are named."""
     if not patterns:
         return layers
     chosen = [la for la in layers if any(fnmatch.fnmatchcase(la.name, p) for p in patterns)]
@@ -327,6 +331,12 @@ def _select_layers(
             f"--layers {','.join(patterns)}: this model has no layers to audit"
             + (f" ({why_none})" if why_none else "")
             + "; drop --layers (the outputs are audited)"
+        )
+    named = [n for n in (not_layers or {}) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen and named:
+        raise UsageError(
+            f"--layers {','.join(patterns)} names '{named[0]}', which is not a layer: "
+            f"{(not_layers or {})[named[0]]}; run 'eqaudit inspect MODEL' to list the layers"
         )
     if not chosen:
         sample = ", ".join(la.name for la in layers[:5])
@@ -657,7 +667,8 @@ class Engine:
             )
         height, width = self.input_size
         g = len(self.elements)
-        for info in _select_layers(probed, self.config.layer_patterns, why_none):
+        not_layers = getattr(self.adapter, "not_layers", {})
+        for info in _select_layers(probed, self.config.layer_patterns, why_none, not_layers):
             grid, note = grids.get(info.name), None
             if isinstance(grid, str) or not info.spatial:
                 grid = None

@@ -74,6 +74,34 @@ def test_identity_modules_are_not_layers() -> None:
     assert result.summary["geometry"]["unknown_pairs"] == 0
 
 
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("1", "an nn.Identity hands out its input unchanged"),
+        ("4", "it hands out the values of '3' again"),
+        ("5", "it gives the class scores, audited as the outputs"),
+    ],
+)
+def test_layers_naming_a_module_that_is_no_layer_say_why(pattern, why) -> None:
+    # '--layers 4' (the Flatten) said only "matches no layer": the module is right there.
+    from eqaudit.errors import UsageError
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Identity(),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    with pytest.raises(UsageError) as error:
+        eqaudit.audit(model, "flips", input_size=9, num_images=2, layer_patterns=(pattern,))
+    assert str(error.value) == (
+        f"--layers {pattern} names '{pattern}', which is not a layer: {why}; run 'eqaudit "
+        "inspect MODEL' to list the layers"
+    )
+
+
 def test_the_api_exports_what_a_script_needs() -> None:
     for name in ("audit", "compare", "write_report", "AuditConfig", "AuditResult"):
         assert name in eqaudit.__all__ and hasattr(eqaudit, name)

@@ -279,6 +279,9 @@ class ModelAdapter(ABC):
         self._layers: list[LayerInfo] | None = None
         #: candidate layers the probe found neither maps nor flat features (a ViT's tokens)
         self.unauditable: list[str] = []
+        #: names a user may give to --layers that are not layers, and why (a Flatten that
+        #: hands out a layer's values again, an nn.Identity, the module giving the scores)
+        self.not_layers: dict[str, str] = {}
         #: what loading changed that the user should know (shown with the preprocessing notes)
         self.load_notes: list[str] = []
         #: rank-4 layers of no known layout that the probe reads as channels-last by their

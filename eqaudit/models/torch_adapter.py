@@ -475,6 +475,8 @@ class TorchAdapter(ModelAdapter):
             if not name or isinstance(sub, (*_CONTAINERS, nn.Identity)):
                 # (An Identity, timm's drop-path or norm placeholder, hands out its input: the
                 # previous layer's numbers again, under a name the graph does not hold.)
+                if isinstance(sub, nn.Identity):
+                    self.not_layers[name] = "an nn.Identity hands out its input unchanged"
                 continue
             if self._branches & set(name.split(".")):
                 continue
@@ -522,6 +524,9 @@ class TorchAdapter(ModelAdapter):
                     order[order.index(same)] = key
                     del seen[same], versions[same]
                     seen[key], versions[key] = tensor, tensor._version
+                    self.not_layers[same] = f"its output is its block's, audited as '{key}'"
+                else:
+                    self.not_layers[key] = f"it hands out the values of '{same}' again"
                 return
             order.append(key)
             seen[key] = tensor
@@ -546,6 +551,8 @@ class TorchAdapter(ModelAdapter):
             for key, tensor in seen.items()
             if tensor.data_ptr() == scores.data_ptr() and tensor.shape == scores.shape
         }
+        for key in output:
+            self.not_layers[key] = "it gives the class scores, audited as the outputs"
         return [key for key in order if key not in output]
 
     @contextmanager
