@@ -186,3 +186,31 @@ def test_a_binary_model_keeps_its_random_state_and_merges_with_an_empty_shard(tm
     merged = merge_shards([tmp_path / f"s{i}" for i in (1, 2, 3)])
     assert merged.outputs == single.outputs
     assert merged.summary["preprocessing"]["notes"] == single.summary["preprocessing"]["notes"]
+
+
+@pytest.mark.parametrize(("classes", "ending"), [(5, "reshape"), (1, "squeeze")])
+def test_a_module_whose_scores_lose_their_batch_axis_is_still_audited(classes, ending) -> None:
+    # (B * K,) from reshape(-1), and a binary head's squeeze() (shape () for one image) were
+    # audited, then refused by the run-time check of the scores' rows (review).
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = self.fc(self.conv(x).mean((2, 3)))
+            return scores.reshape(-1) if ending == "reshape" else scores.squeeze()
+
+    torch.manual_seed(0)
+    model = Flat().eval()
+    images = torch.rand(6, 3, 16, 16)
+    result = eqaudit.audit(model, "flips", images, layers=False)
+    assert result.summary["model"]["num_classes"] == max(classes, 2)
+    with torch.no_grad():
+        expected = model.fc(model.conv(images).mean((2, 3)))
+    top1 = result.predictions.query("transform == 'id'")["top1"].to_numpy()
+    if classes > 1:
+        assert (top1 == expected.argmax(1).numpy()).all()
+    else:  # a logit z read as [0, z]
+        assert (top1 == (expected[:, 0] > 0).long().numpy()).all()

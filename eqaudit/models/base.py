@@ -660,10 +660,18 @@ class ModelAdapter(ABC):
         scores = raw
         if scores.ndim == 4 and scores.shape[2:] == (1, 1):  # (B, K, 1, 1) from a 1x1 conv head
             scores = scores.flatten(1)
+        if scores.ndim == 0 and rows in (None, 1):
+            scores = scores.reshape(1, 1)  # one score for one image (a squeezed binary head)
         if scores.ndim == 1:
-            # (B,): one score per image (a sigmoid head); (K,) for one image: its batch dropped.
-            one_each = rows is not None and rows > 1 and scores.shape[0] == rows
-            scores = scores[:, None] if one_each else scores[None]
+            # (B,): one score per image (a sigmoid head); (B * K,): the rows flattened in order
+            # (a forward ending in reshape(-1)); (K,) for one image: its batch axis dropped.
+            many = rows is not None and rows > 1
+            if many and scores.shape[0] == rows:
+                scores = scores[:, None]
+            elif many and scores.shape[0] % rows == 0:
+                scores = scores.reshape(rows, -1)
+            else:
+                scores = scores[None]
         if scores.ndim == 2 and rows is not None and scores.shape[0] != rows:
             raise ModelRunError(
                 f"the model returned {_count(scores.shape[0], 'row')} of scores for "

@@ -40,7 +40,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import io
 import logging
 import pickle
 import pickletools
@@ -512,10 +511,11 @@ class TorchAdapter(ModelAdapter):
             if tensor is None or not tensor.is_floating_point():
                 return
             key = _call_name(name, index)
-            same = next(
-                (k for k, earlier in seen.items() if _same_values(tensor, earlier, versions[k])),
-                None,
-            )
+            same = None
+            if isinstance(output, torch.Tensor):  # (a module handing out several: its own)
+                same = next(
+                    (k for k, e in seen.items() if _same_values(tensor, e, versions[k])), None
+                )
             if same is not None:
                 # A layer already recorded, again: a block handing out its last ReLU's output
                 # (named by the block), an eval-mode Dropout or a Flatten (dropped). Counted
@@ -1337,24 +1337,17 @@ def _state_dict_of(obj: Any) -> Mapping[str, torch.Tensor] | None:
 def _no_exit(what: str) -> Iterator[None]:
     """Run a factory's code (its import, its call) so that ``sys.exit`` or an ``argparse`` of
     its command line at import time is the model's failure (exit 3), not an exit of eqaudit
-    with the code it chose (2 read as a usage error, 1 as a failed gate). What it writes to
-    stderr meanwhile is held, and shown again unless it exited (then its last line is the
-    reason)."""
-    held = io.StringIO()
+    with the code it chose (2 read as a usage error, 1 as a failed gate). Its stderr is left
+    alone (a factory may enable faulthandler or bind a logging handler to it): what argparse
+    printed stays above the error line."""
     try:
-        with contextlib.redirect_stderr(held):
-            yield
+        yield
     except SystemExit as exc:
-        said = [line for line in held.getvalue().splitlines() if line.strip()]
-        why = said[-1].strip() if said else f"exit code {exc.code}"
+        code = exc.code if isinstance(exc.code, int) or exc.code is None else f"'{exc.code}'"
         raise ModelLoadError(
-            f"{what} exited (SystemExit: {why}): does it parse the command line or call "
+            f"{what} exited (SystemExit {code}): does it parse the command line or call "
             "sys.exit when imported? build the model in a function that does not"
         ) from None
-    except BaseException:
-        sys.stderr.write(held.getvalue())
-        raise
-    sys.stderr.write(held.getvalue())
 
 
 def _build(factory: str) -> nn.Module:
