@@ -562,7 +562,7 @@ def _run_check(
     from eqaudit.audit import audit
     from eqaudit.config import GateConfig
     from eqaudit.gate import check_baseline_path, load_baseline
-    from eqaudit.reports import check_out_dir, console
+    from eqaudit.reports import KNOWN_FILES, check_out_dir, check_report_names, console
     from eqaudit.reports.markdown import render_audit
 
     started = time.perf_counter() if started is None else started
@@ -572,6 +572,7 @@ def _run_check(
             "gate options judge the whole audit: pass them to eqaudit merge, not to a --shard run"
         )
     check_out_dir(out)  # a bad --out fails before the audit, not after it
+    check_report_names(out, KNOWN_FILES)
     baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
     if gate.save_baseline:
         check_baseline_path(gate.save_baseline)
@@ -791,7 +792,7 @@ def merge(
     environment or the config file."""
     from eqaudit.config import GATE_OPTIONS, resolve_config
     from eqaudit.gate import check_baseline_path, load_baseline
-    from eqaudit.reports import check_out_dir, console
+    from eqaudit.reports import KNOWN_FILES, check_out_dir, check_report_names, console
     from eqaudit.reports.markdown import render_audit
     from eqaudit.shard import merge_shards
 
@@ -806,6 +807,7 @@ def merge(
             "write the merged report to a folder of its own"
         )
     check_out_dir(out)
+    check_report_names(out, KNOWN_FILES)
     baseline = load_baseline(gate.baseline) if gate.baseline else None
     if gate.save_baseline:
         check_baseline_path(gate.save_baseline)
@@ -945,15 +947,16 @@ def compare(
     """Compare A and B on the same images and elements: per-element agreement with an exact
     McNemar test and a bootstrap interval, JS divergence, per-layer errors, and how often A and
     B predict the same class. Writes compare.json, compare.csv, report.html, summary.md and junit.xml."""
+    from eqaudit.compare import FILES, is_saved_report, refuse_out_in_sources, write_comparison
     from eqaudit.compare import compare as compare_models
-    from eqaudit.compare import is_saved_report, refuse_out_in_sources, write_comparison
     from eqaudit.config import resolve_config
-    from eqaudit.reports import check_out_dir, console
+    from eqaudit.reports import COMPARE_FOLDERS, check_out_dir, check_report_names, console
     from eqaudit.reports.markdown import render_compare
 
     started = time.perf_counter()
     out_dir = out or Path("reports") / f"{a.stem}-vs-{b.stem}"
     check_out_dir(out_dir)
+    check_report_names(out_dir, FILES, COMPARE_FOLDERS)
     refuse_out_in_sources(out_dir, (a, b))  # before any audit runs
     if is_saved_report(a) and is_saved_report(b):
         extra = sorted(set(_given(ctx)) - {"a", "b", "out", "alpha", "fail_on_regression"})
@@ -995,10 +998,25 @@ def main() -> None:
     """The console script: parse errors become one ``error:`` line too (exit 2)."""
     global _SCRIPT
     _SCRIPT = True
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         _main()
-    finally:  # (a program or test that calls main() goes on as a program, not the script)
+    finally:
         _SCRIPT = False
+        if not _running_as_the_script():
+            # A program (or test) that calls main() goes on, and must stay interruptible; the
+            # script itself keeps ignoring the signals through the interpreter's exit.
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def _running_as_the_script() -> bool:
+    """Is this process the ``eqaudit`` console script or ``python -m eqaudit``?"""
+    program = sys.modules.get("__main__")
+    spec = getattr(program, "__spec__", None)
+    if spec is not None and spec.name == "eqaudit.__main__":
+        return True
+    return os.path.basename(getattr(program, "__file__", "") or "") in ("eqaudit", "eqaudit.exe")
 
 
 def _main() -> None:

@@ -263,7 +263,7 @@ def pair_predictions(a: AuditResult, b: AuditResult) -> pd.DataFrame:
             f"A and B were measured against different label actions (under {shown}): agreement means 'the same class' for one and 'the permuted class' for the "
             "other; audit both with the same --label-action"
         )
-    keep = ["image", "transform", "top1", "agrees", "js_divergence"]
+    keep = list(_PAIRED_COLUMNS)  # (JS divergences come from the summaries)
     merged = pa[keep].merge(
         pb[keep], on=["image", "transform"], suffixes=("_a", "_b"), validate="one_to_one"
     )

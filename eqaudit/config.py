@@ -475,6 +475,8 @@ def _coerce(name: str, value: Any, where: str, base: Path | None) -> Any:
     if kind in ("str", "path", "factory"):
         if not isinstance(value, str):
             raise bad("a string")
+        if kind == "path" and not value.strip():  # (an unset variable written in, $OUT)
+            raise bad("a path: an empty one would mean the current folder")
         if base is not None and kind == "path":
             value = _relative_to(base, value)
         if base is not None and kind == "factory":

@@ -486,6 +486,18 @@ def test_a_damaged_predictions_csv_is_refused_naming_it(saved, tmp_path, edit, s
         assert line.startswith(f"error: '{damaged / 'predictions.csv'}' ")
 
 
+def test_a_predictions_csv_without_js_divergences_still_pairs(saved, tmp_path) -> None:
+    # JS divergences come from summary.json; the per-image column was selected all the same
+    # and its absence died with a KeyError (exit 4, review).
+    trimmed = damaged_copy(saved, tmp_path / "trimmed")
+    frame = pd.read_csv(saved / "predictions.csv").drop(columns=["js_divergence"])
+    frame.to_csv(trimmed / "predictions.csv", index=False)
+    result = runner.invoke(app, ["compare", str(saved), str(trimmed), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert all(row["mcnemar_p"] == 1.0 for row in data["outputs"])
+
+
 def test_models_with_different_classes_are_refused(files, tmp_path) -> None:
     # A 5-class and a 7-class model were compared (exit 0, "top-1 agreement of A and B 0.18")
     # without a word, though class 3 of one is not class 3 of the other.

@@ -148,6 +148,8 @@ def test_explicit_config_file_and_eqaudit_config_variable(tmp_path) -> None:
         ("input-size = 'huge'\n", "HxW"),
         ("transforms = [\n", "not valid TOML"),
         ("fail-under = 90\nfail_under = 80\n", "twice"),
+        # The report went into the current folder, replacing a summary.md there (review).
+        ("out = ''\n", "an empty one would mean the current folder"),
     ],
 )
 def test_bad_config_files_are_config_errors(tmp_path, text: str, words: str) -> None:
@@ -163,6 +165,8 @@ def test_environment_errors(tmp_path) -> None:
         resolve_config({}, environ={"EQAUDIT_FAIL_UNDER": "ninety"}, cwd=tmp_path)
     with pytest.raises(ConfigError, match="--trust-pickle"):
         resolve_config({}, environ={"EQAUDIT_TRUST_PICKLE": "1"}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="EQAUDIT_OUT = '' is not a path"):  # $OUT unset
+        resolve_config({}, environ={"EQAUDIT_OUT": ""}, cwd=tmp_path)
     # A misspelt variable is refused as a misspelt config-file key is: with only a warning,
     # EQAUDIT_FAILUNDER left a CI run without its gate and exit 0.
     with pytest.raises(

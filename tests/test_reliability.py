@@ -584,14 +584,17 @@ def test_a_move_that_fails_midway_puts_the_previous_report_back(tmp_path, monkey
 
     def failing(source, target):  # type: ignore[no-untyped-def]
         moves.append(Path(target).name)
-        if len(moves) == 7:  # (once: the undo succeeds)
-            raise OSError(28, "No space left on device", str(target))
+        if len(moves) == 8:  # (once: the undo succeeds); os.replace names its source
+            raise OSError(28, "No space left on device", str(source), None, str(target))
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", failing)
     result = eqaudit.audit(model, "c4", input_size=33, num_images=3)
-    with pytest.raises(UsageError, match="No space left on device"):
+    with pytest.raises(UsageError, match="No space left on device") as error:
         write_report(result, out)
+    # The report's path, not the staging folder's (deleted by then).
+    assert f"cannot write to '{out}{os.sep}" in str(error.value)
+    assert ".eqaudit-" not in str(error.value)
     assert _tree(out) == before
     assert not [p for p in out.iterdir() if p.name.startswith(".eqaudit-")]
 
@@ -609,6 +612,12 @@ def test_a_folder_where_a_report_file_goes_is_refused_before_anything_moves(tmp_
     result = eqaudit.audit(model, "c4", input_size=33, num_images=3)
     with pytest.raises(UsageError, match=r"summary.md' is a folder where the report writes"):
         write_report(result, out)
+    assert _tree(out) == before
+    # The command line says so before anything runs (not after the audit): before it even
+    # finds that the model does not exist.
+    for command in (["check", "missing.onnx"], ["compare", "missing.onnx", "missing.onnx"]):
+        run = CliRunner().invoke(app, [*command, "-o", str(out)])
+        assert run.exit_code == 2 and "is a folder where the report writes" in run.output
     assert _tree(out) == before
 
 
@@ -628,7 +637,8 @@ def test_a_comparison_and_its_two_audits_are_written_as_one(tmp_path, monkeypatc
 
     def failing(source, target):  # type: ignore[no-untyped-def]
         moves.append(Path(target))
-        if Path(target) == out / "b" and moves.count(out / "b") == 1:  # (the undo succeeds)
+        failing_at = out / "b" / "summary.json"  # (b's files are replaced one by one)
+        if Path(target) == failing_at and moves.count(failing_at) == 1:  # (the undo succeeds)
             raise OSError(5, "Input/output error", str(target))
         real_replace(source, target)
 
@@ -642,6 +652,13 @@ def test_a_comparison_and_its_two_audits_are_written_as_one(tmp_path, monkeypatc
     saved = json.loads((out / "b" / "summary.json").read_text())
     assert saved["transforms"]["spec"] == "c4"
     assert json.loads((out / "compare.json").read_text())["data"]["transforms"] == "c4"
+    # Files of the user's own in a/ stay, and do not stop the next comparison (review).
+    (out / "a" / ".DS_Store").write_bytes(b"x")
+    (out / "a" / "notes.txt").write_text("mine")
+    third = compare(model, model, transforms="flips", input_size=33, num_images=2)
+    write_comparison(third[0], out, audits=(third[1], third[2]))
+    assert (out / "a" / "notes.txt").read_text() == "mine" and (out / "a" / ".DS_Store").exists()
+    assert json.loads((out / "a" / "summary.json").read_text())["transforms"]["spec"] == "flips"
 
 
 def _one_error(result) -> str:  # type: ignore[no-untyped-def]
@@ -794,3 +811,19 @@ def test_a_factory_keeps_the_real_stderr(tmp_path) -> None:
 
     digest = hashlib.sha256(str((tmp_path / "fac.py").resolve()).encode()).hexdigest()[:12]
     assert sys.modules[f"_eqaudit_factory_{digest}"].STREAM is sys.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_program_that_runs_main_stays_interruptible(tmp_path, monkeypatch) -> None:
+    # After main() wrote a report in-process, SIGINT and SIGTERM did nothing for the rest of
+    # the calling program (review): the script's own exit is what they are held for.
+    from eqaudit.cli import main
+
+    model = export_onnx(symmetric_cnn(), tmp_path / "m.onnx", 33)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    argv = ["eqaudit", "check", str(model), "-t", "flips", "-n", "2", "-o", str(tmp_path / "o")]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0 and (tmp_path / "o" / "report.html").is_file()
+    assert {sig: signal.getsignal(sig) for sig in before} == before

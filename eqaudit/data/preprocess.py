@@ -229,8 +229,8 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
 
     16-bit modes (``I;16*``, and ``I``, which Pillow uses for 16-bit PNGs) are divided by 65535,
     8-bit modes by 255. ``F`` (a float TIFF) is read in the smallest of 0-1, 0-255 and 0-65535
-    that holds its values (a ValueError beyond, or for NaN): a 0-255 float image was clipped to
-    white. Palette, CMYK, YCbCr ... go through Pillow's conversion to RGB. Transparency is
+    whose top its values exceed by at most half (clipped: a resampled image overshoots), a
+    ValueError beyond, for NaN, or below -0.5: a 0-255 float image was clipped to white. Palette, CMYK, YCbCr ... go through Pillow's conversion to RGB. Transparency is
     composited onto black.
     """
     mode = image.mode
@@ -240,13 +240,10 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
         low, high = float(values.min()), float(values.max())
-        # As a float array is read: values up to 1.5 are 0-1 (and refused above 1.001).
-        divisor = 1.0 if high <= 1.5 else 255.0 if high <= 255.255 else 65535.0
-        if (
-            not (math.isfinite(low) and math.isfinite(high))
-            or high / divisor > 1.001
-            or low < -1e-3
-        ):
+        # The range its largest value reaches at most 1.5 times (a resampled image overshoots
+        # a little: clipped); values below -0.5 are not pixels but normalised data.
+        divisor = next((d for d in (1.0, 255.0, 65535.0) if high <= 1.5 * d), math.inf)
+        if not (math.isfinite(low) and math.isfinite(high)) or divisor == math.inf or low < -0.5:
             raise ValueError(
                 f"float pixel values from {low:g} to {high:g}, not in 0-1, 0-255 or 0-65535"
             )

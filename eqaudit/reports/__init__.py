@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from eqaudit.errors import UsageError
@@ -186,21 +186,30 @@ def _holds_report_files_only(folder: Path) -> bool:
 
 def _refuse_to_replace(out_dir: Path, staging: Path, names: list[str]) -> None:
     """Refuse, before anything moves, a report name taken by something that is not an earlier
-    report's: a folder where a file goes, or a folder holding files other than report files."""
-    for name in names:
-        target = out_dir / name
-        if not (target.exists() or target.is_symlink()):
-            continue
-        if (staging / name).is_dir():
-            if not _holds_report_files_only(target):
-                raise UsageError(
-                    f"'{target}' holds files that are not an eqaudit report's: move them, or "
-                    "choose another --out"
-                )
-        elif target.is_dir() and not target.is_symlink():
+    report's (see :func:`check_report_names`)."""
+    folders = [name for name in names if (staging / name).is_dir()]
+    check_report_names(out_dir, [name for name in names if name not in folders], folders)
+
+
+def check_report_names(out_dir: Path, files: Iterable[str], folders: Iterable[str] = ()) -> None:
+    """Refuse an output folder where a report file's name is taken by a folder, or a report
+    folder's (a comparison's ``a/``) by a file; creates nothing. Called before an audit runs
+    too, so that it does not fail after it."""
+    for name in files:
+        target = Path(out_dir) / name
+        if target.is_dir() and not target.is_symlink():
             raise UsageError(
                 f"'{target}' is a folder where the report writes its {name} file: move it, or "
                 "choose another --out"
+            )
+    for name in folders:
+        target = Path(out_dir) / name
+        if (target.exists() or target.is_symlink()) and (
+            not target.is_dir() or target.is_symlink()
+        ):
+            raise UsageError(
+                f"'{target}' is a file or a link where the report writes its {name}/ folder: "
+                "move it, or choose another --out"
             )
 
 
@@ -214,18 +223,37 @@ def _move_into_place(out_dir: Path, staging: Path, names: list[str], stale: list
     undo: list[tuple[Path, Path]] = []  # moves made, in order: (from, to)
 
     def move(source: Path, target: Path) -> None:
-        os.replace(source, target)
+        try:
+            os.replace(source, target)
+        except OSError as exc:  # named by the report's path, not the staging folder's
+            report_path = source if staging in target.parents else target
+            raise OSError(exc.errno, exc.strerror, str(report_path)) from exc
         undo.append((source, target))
+
+    def place(into: Path, source: Path, names: list[str], stale: list[str], aside: Path) -> None:
+        for name in names:
+            new, target = source / name, into / name
+            if new.is_dir() and target.is_dir():
+                # A report folder there already (a comparison's a/): its report files are
+                # replaced one by one, files of the user's own stay.
+                inner = sorted(p.name for p in new.iterdir())
+                old = sorted(
+                    f.name
+                    for f in target.iterdir()
+                    if f.name in KNOWN_FILES and f.is_file() and f.name not in inner
+                )
+                (aside / name).mkdir()
+                place(target, new, inner, old, aside / name)
+                continue
+            if target.exists() or target.is_symlink():
+                move(target, aside / name)
+            move(new, target)
+        for name in stale:
+            move(into / name, aside / name)
 
     with _signals_held():
         try:
-            for name in names:
-                target = out_dir / name
-                if target.exists() or target.is_symlink():
-                    move(target, previous / name)
-                move(staging / name, target)
-            for name in stale:
-                move(out_dir / name, previous / name)
+            place(out_dir, staging, names, stale, previous)
         except OSError:
             for source, target in reversed(undo):
                 with contextlib.suppress(OSError):

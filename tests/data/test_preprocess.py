@@ -150,7 +150,12 @@ def test_pil_to_array_modes() -> None:
     assert pil_to_array(floats).tolist() == [[[0.0], [np.float32(0.2)], [1.0]]]
     floats = Image.fromarray(np.array([[0.0, 65535.0]], np.float32))
     assert pil_to_array(floats).tolist() == [[[0.0], [1.0]]]
-    for bad in ([[-0.5, 0.25]], [[0.0, 1.2]], [[0.0, 7e4]], [[0.0, np.nan]]):
+    # Small overshoots of a resampled image are clipped, not read in the next range (review).
+    floats = Image.fromarray(np.array([[-0.01, 1.02]], np.float32))
+    assert pil_to_array(floats).tolist() == [[[0.0], [1.0]]]
+    floats = Image.fromarray(np.array([[0.0, 127.5, 256.0]], np.float32))
+    assert pil_to_array(floats).tolist() == [[[0.0], [0.5], [1.0]]]
+    for bad in ([[-0.6, 0.25]], [[0.0, 1e5]], [[0.0, np.nan]]):
         with pytest.raises(ValueError, match="not in 0-1, 0-255 or 0-65535"):
             pil_to_array(Image.fromarray(np.array(bad, np.float32)))
     gray = Image.fromarray(np.array([[7, 200]], np.uint8))
