@@ -239,14 +239,7 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
         return np.clip(values, 0.0, 1.0)[..., None]
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
-        # The range its largest value reaches at most 1.5 times (a resampled image overshoots
-        # a little: clipped); values below -0.5 are not pixels but normalised data.
-        divisor = next((d for d in (1.0, 255.0, 65535.0) if high <= 1.5 * d), math.inf)
-        if not (math.isfinite(low) and math.isfinite(high)) or divisor == math.inf or low < -0.5:
-            raise ValueError(
-                f"float pixel values from {low:g} to {high:g}, not in 0-1, 0-255 or 0-65535"
-            )
+        divisor = _float_divisor(values)
         return np.clip(values / np.float32(divisor), 0.0, 1.0)[..., None]
     if has_alpha(image):
         target = "LA" if mode in ("LA", "La", "L") else "RGBA"
@@ -255,6 +248,29 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
     target = "L" if mode in ("1", "L") else "RGB"
     values = np.asarray(image.convert(target), dtype=np.float32) / np.float32(255.0)
     return values[..., None] if target == "L" else values
+
+
+def check_pil_pixels(image: Image.Image) -> None:
+    """Raise the ValueError :func:`pil_to_array` raises for ``image`` (decoded), without building
+    its array: float (``F``) pixels outside the ranges it reads (their values are read; a float
+    TIFF is rare). Every other image converts: each conversion it makes is defined for every
+    mode Pillow opens."""
+    if image.mode == "F":
+        _float_divisor(np.asarray(image, dtype=np.float32))
+
+
+def _float_divisor(values: np.ndarray) -> float:
+    """What float pixel values are divided by to reach [0, 1]: the smallest of 1, 255 and 65535
+    whose top they exceed by at most half (then clipped: a resampled image overshoots a little);
+    a ValueError beyond, for NaN or an infinity, or for values below -0.5 (normalised data, not
+    pixels)."""
+    low, high = float(values.min()), float(values.max())
+    divisor = next((d for d in (1.0, 255.0, 65535.0) if high <= 1.5 * d), math.inf)
+    if not (math.isfinite(low) and math.isfinite(high)) or divisor == math.inf or low < -0.5:
+        raise ValueError(
+            f"float pixel values from {low:g} to {high:g}, not in 0-1, 0-255 or 0-65535"
+        )
+    return divisor
 
 
 def composite_alpha(values: np.ndarray) -> np.ndarray:

@@ -8,9 +8,9 @@ identity image is the central ``(H, W)`` window.
 Sources stream: opening one reads headers/validates, but pixels are decoded one batch at a time
 in :meth:`ImageSource.iter_batches`, by default on a few threads that load the next batches while
 the consumer works on the current one (:mod:`eqaudit.data.prefetch`). A folder is validated when
-opened (every audited file is decoded once and dropped) so that unreadable files are skipped
-*before* the audit, the image count is final, and the notes (conversions, upscaling) are known
-up front.
+opened (every audited file is decoded once, on the loader threads, and dropped, never converted
+to float) so that unreadable files are skipped *before* the audit, the image count is final, and
+the notes (conversions, upscaling) are known up front.
 
 Determinism: files are ordered by their relative POSIX path; a ``num_images`` subset of a folder
 is the first ``num_images`` usable files in the order of a hash of the seed and each file's path
@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from eqaudit.data.prefetch import PREFETCH_BATCHES, default_load_workers, load_ahead
 from eqaudit.data.preprocess import (
     RESIZE_POLICIES,
+    check_pil_pixels,
     composite_alpha,
     has_alpha,
     is_gray_mode,
@@ -77,6 +78,8 @@ _ARRAY_SHAPES = "(N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1, 3, 4"
 _EXIF_ORIENTATION = 0x0112
 _VALUE_TOLERANCE = 0.01  # float arrays may stray this far outside [0, 1] before we refuse them
 _RANGE_CHUNK = 64  # images per task of the value-range scan
+
+_Decoded = TypeVar("_Decoded")
 
 
 @dataclass(frozen=True)
@@ -413,6 +416,12 @@ def _select_readable(
     added to (or removed from) the folder displace only the drawn files they come before, one
     each, so a growing dataset keeps most of its sample (a permutation of the positions drew
     another sample whenever one file was added anywhere).
+
+    Files are checked (:func:`_probe_image`) on the loader threads
+    (:func:`~eqaudit.data.prefetch.default_load_workers`), a chunk of the draw order at a time:
+    as many files as are still missing (every file, without ``num_images``), at least one per
+    thread. The outcomes are taken in draw order and those after the last file needed are
+    dropped, so the files kept and skipped are the ones trying them one by one finds.
     """
     order: Sequence[int] = range(len(files))
     wanted = len(files)
@@ -421,15 +430,50 @@ def _select_readable(
         wanted = num_images
     found: dict[int, _FileInfo] = {}
     skipped: list[tuple[str, str]] = []
-    for index in order:
-        if len(found) == wanted:
-            break
-        try:
-            found[index] = _read_image(files[index])[1]
-        except _Unreadable as exc:
-            skipped.append((rel[index], f"{rel[index]}: {exc}"))
+    tried = 0
+    workers = min(len(order), default_load_workers())
+    # _probing() joins its threads before _bomb_warnings_ignored() restores the filters.
+    with _bomb_warnings_ignored(), _probing(workers) as probe:
+        while len(found) < wanted and tried < len(order):
+            chunk = order[tried : tried + max(wanted - len(found), workers)]
+            tried += len(chunk)
+            for index, outcome in zip(chunk, probe([files[i] for i in chunk]), strict=True):
+                if isinstance(outcome, _FileInfo):
+                    found[index] = outcome
+                else:
+                    skipped.append((rel[index], f"{rel[index]}: {outcome}"))
+                if len(found) == wanted:  # checked last: the next outcome is not waited for
+                    break
     kept = sorted(found)
     return kept, [found[i] for i in kept], [reason for _, reason in sorted(skipped)]
+
+
+@contextmanager
+def _probing(workers: int) -> Iterator[Callable[[list[Path]], Iterator[_FileInfo | str]]]:
+    """A function that checks files (:func:`_probe_outcome`) on ``workers`` threads, yielding
+    the outcomes in the files' order; with one worker, one file at a time in the calling
+    thread, when its outcome is asked for. The caller holds :func:`_bomb_warnings_ignored`.
+    Leaving the block drops the files not started and joins the threads."""
+    if workers <= 1:
+        yield lambda paths: map(_probe_outcome, paths)
+        return
+    # Every plugin registered before the threads open files: Pillow identifies a file its
+    # suffix misnames by importing the other plugins, and does not look again when another
+    # thread has just imported them: the file would be skipped, "cannot identify image file".
+    Image.init()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="eqaudit-check")
+    try:
+        yield lambda paths: pool.map(_probe_outcome, paths)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _probe_outcome(path: Path) -> _FileInfo | str:
+    """:func:`_probe_image`'s info, or the reason the file is unreadable."""
+    try:
+        return _probe_image(path)
+    except _Unreadable as exc:
+        return str(exc)
 
 
 def _draw_key(seed: int, relative: str) -> bytes:
@@ -439,16 +483,18 @@ def _draw_key(seed: int, relative: str) -> bytes:
     return hashlib.sha256(f"{seed}\0{name}".encode()).digest()
 
 
-def _read_image(path: Path) -> tuple[np.ndarray, _FileInfo]:
-    """Check that one file decodes, and what it is: ``(H, W, 1|3)`` float32 in [0, 1], EXIF
-    orientation applied (a JPEG decoded at an eighth of its size: every byte is still read, so
-    a truncated file is found, at a fraction of the time and memory), and its :class:`_FileInfo`
-    (its full size).
+def _probe_image(path: Path) -> _FileInfo:
+    """Check that one file decodes, and what it is (its :class:`_FileInfo`: its full size, EXIF
+    orientation applied): every byte is decoded once (a JPEG at an eighth of its size: every
+    byte is still read, so a truncated file is found, at a fraction of the time and memory),
+    and what :func:`~eqaudit.data.preprocess.pil_to_array` would refuse is refused
+    (:func:`~eqaudit.data.preprocess.check_pil_pixels`), but no float array is built: the
+    loader decodes the file again for its pixels.
 
     Raises :class:`_Unreadable` with a short reason for anything that is not a usable image.
+    Thread-safe; callers hold :func:`_bomb_warnings_ignored`.
     """
-    with _bomb_warnings_ignored():
-        return _decode_image(path, draft=(1, 1))
+    return _decoded(path, (1, 1), check_pil_pixels)[1]
 
 
 @contextmanager
@@ -456,18 +502,32 @@ def _bomb_warnings_ignored() -> Iterator[None]:
     """Pillow's DecompressionBombWarning ignored: we apply Image.MAX_IMAGE_PIXELS ourselves
     (:func:`_check_pixel_limit`), as a hard limit. ``catch_warnings`` swaps the process-wide
     filter list, so only the thread that owns the loader threads enters this, around all of
-    their work; the threads call :func:`_decode_image` directly."""
+    their work; the threads call :func:`_decode_image` and :func:`_probe_image` directly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
 
 
 def _decode_image(path: Path, draft: tuple[int, int] | None = None) -> tuple[np.ndarray, _FileInfo]:
-    """:func:`_read_image` without the warning filter: callers hold
-    :func:`_bomb_warnings_ignored`; thread-safe. ``draft``: a JPEG may be decoded at 1/2, 1/4
-    or 1/8 of its size (in the DCT, as libjpeg does), as long as it stays at least this large
-    ``(width, height)``, before any orientation: a 81-megapixel photo took 2.65 s and 2 GB
-    decoded whole, to be resized to a few hundred pixels."""
+    """One file's pixels, ``(H, W, 1|3)`` float32 in [0, 1], EXIF orientation applied, and its
+    :class:`_FileInfo` (its full size). Callers hold :func:`_bomb_warnings_ignored`;
+    thread-safe. ``draft``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (in the DCT,
+    as libjpeg does), as long as it stays at least this large ``(width, height)``, before any
+    orientation: a 81-megapixel photo took 2.65 s and 2 GB decoded whole, to be resized to a
+    few hundred pixels.
+
+    Raises :class:`_Unreadable` with a short reason for anything that is not a usable image.
+    """
+    return _decoded(path, draft, pil_to_array)
+
+
+def _decoded(
+    path: Path,
+    draft: tuple[int, int] | None,
+    finish: Callable[[Image.Image], _Decoded],
+) -> tuple[_Decoded, _FileInfo]:
+    """:func:`_decode_image` and :func:`_probe_image`: ``finish`` of the decoded, upright
+    image, and its info; any failure, ``finish``'s too, as :class:`_Unreadable`."""
     try:
         if path.stat().st_size == 0:
             raise _Unreadable("empty file (0 bytes)")
@@ -487,7 +547,7 @@ def _decode_image(path: Path, draft: tuple[int, int] | None = None) -> tuple[np.
                 size=(height, width),
                 exif_rotated=rotated,
             )
-            return pil_to_array(oriented), info
+            return finish(oriented), info
     except _Unreadable:
         raise
     except UnidentifiedImageError:

@@ -16,7 +16,7 @@ from eqaudit.data import (
     plan_resize,
     resize_to,
 )
-from eqaudit.data.preprocess import pil_to_array, to_channels
+from eqaudit.data.preprocess import check_pil_pixels, pil_to_array, to_channels
 from eqaudit.errors import UsageError
 
 
@@ -161,6 +161,23 @@ def test_pil_to_array_modes() -> None:
     gray = Image.fromarray(np.array([[7, 200]], np.uint8))
     gray.info["transparency"] = 7
     assert pil_to_array(gray).tolist() == [[[0.0], [np.float32(200) / np.float32(255)]]]
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_check_pil_pixels_refuses_what_pil_to_array_refuses(mode: str) -> None:
+    # A folder's files are checked without building their arrays: what the check lets through
+    # must convert. Every mode Pillow has converts; float pixels depend on their values.
+    image = Image.new(mode, (3, 2))
+    check_pil_pixels(image)
+    assert pil_to_array(image).shape[:2] == (2, 3)
+    if mode == "F":
+        for bad in ([[-0.6, 0.25]], [[0.0, 1e5]], [[0.0, np.nan]], [[np.inf, 0]]):
+            floats = Image.fromarray(np.array(bad, np.float32))
+            with pytest.raises(ValueError) as refused:
+                pil_to_array(floats)
+            with pytest.raises(ValueError, match="not in 0-1, 0-255 or 0-65535") as checked:
+                check_pil_pixels(floats)
+            assert str(checked.value) == str(refused.value)
 
 
 def test_to_channels() -> None:

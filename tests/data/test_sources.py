@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from PIL import Image
 
 from eqaudit.data import DataDescription, ImageSource, open_images
+from eqaudit.data import sources as sources_module
 from eqaudit.data.preprocess import resize_to
 from eqaudit.errors import DataError, UsageError
 
@@ -128,6 +131,130 @@ def test_subset_replaces_unreadable_files(tmp_path: Path) -> None:
     assert len(source) == 9
     assert "3.png" not in source.ids
     assert source.description.skipped == ("3.png: cannot identify image file",)
+
+
+_PROBE_IMAGE = sources_module._probe_image
+
+
+def _probes_out_of_order(monkeypatch: pytest.MonkeyPatch, workers: int) -> list[str]:
+    """Validation on ``workers`` threads, each file delayed by a hash of its name so the checks
+    finish out of order; the names of the files checked."""
+    checked = []
+
+    def delayed(path: Path) -> object:
+        checked.append(path.name)
+        time.sleep(hashlib.sha256(path.name.encode()).digest()[0] / 255 * 0.01)
+        return _PROBE_IMAGE(path)
+
+    monkeypatch.setattr(sources_module, "default_load_workers", lambda: workers)
+    monkeypatch.setattr(sources_module, "_probe_image", delayed)
+    return checked
+
+
+@pytest.mark.parametrize("num_images", [1, 4, 12, 17, 19, 30, None])
+def test_threaded_validation_selects_what_trying_files_one_by_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_images: int | None
+) -> None:
+    names = [f"{i:02d}.png" for i in range(20)]
+    for i, name in enumerate(names):
+        save(tmp_path / ("cat" if i % 2 else "dog") / name, rgb(i))
+    rel = [f"{'cat' if i % 2 else 'dog'}/{name}" for i, name in enumerate(names)]
+    # The first files drawn for seed 3 are unreadable: each is replaced by the next one drawn.
+    drawn = sorted(rel, key=lambda r: hashlib.sha256(f"3\0{r}".encode()).digest())
+    reasons = {
+        drawn[0]: b"not an image",
+        drawn[2]: b"",
+        drawn[3]: _truncated_png(),
+        drawn[9]: b"junk",
+    }
+    for name, content in reasons.items():
+        (tmp_path / name).write_bytes(content)
+    serial_checked = _probes_out_of_order(monkeypatch, 1)
+    serial = open_images(tmp_path, size=(8, 8), num_images=num_images, seed=3)
+    wanted = 16 if num_images is None else min(num_images, 16)
+    readable = [r for r in drawn if r not in reasons]
+    assert serial.ids == sorted(readable[:wanted])
+    assert len(serial_checked) == (
+        20 if num_images is None else drawn.index(readable[:wanted][-1]) + 1
+    )
+    for workers in (2, 3, 8):
+        threaded_checked = _probes_out_of_order(monkeypatch, workers)
+        threaded = open_images(tmp_path, size=(8, 8), num_images=num_images, seed=3)
+        assert threaded.ids == serial.ids
+        assert threaded.description == serial.description
+        assert threaded._infos == serial._infos
+        assert torch.equal(all_pixels(threaded), all_pixels(serial))
+        # Beyond the files needed, at most one chunk's surplus (fewer than one per thread).
+        assert len(threaded_checked) < len(serial_checked) + workers
+    skipped = [r for r in reasons if r in drawn[: len(serial_checked)]]
+    assert len(serial.description.skipped) == len(skipped)
+    assert [s.split(":")[0] for s in serial.description.skipped] == sorted(skipped)
+    assert not [t for t in threading.enumerate() if t.name.startswith("eqaudit-check")]
+
+
+def test_validation_decodes_without_float_arrays_yet_the_pixels_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation used to convert every file to float (pil_to_array) to learn its mode and size;
+    it now only decodes. Before and after give the same files, notes, infos and pixel bits."""
+    upright = _smooth(60, 80)
+    save(tmp_path / "a_rgb.png", upright)
+    turned = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = turned.getexif()
+    exif[0x0112] = 6  # stored turned: display = rotate 90 degrees clockwise
+    save(tmp_path / "b_turned.jpg", turned, quality=90, exif=exif)
+    exif[0x0112] = 8
+    save(
+        tmp_path / "c_turned.png",
+        Image.fromarray(upright).transpose(Image.Transpose.ROTATE_270),
+        exif=exif,
+    )
+    sixteen = (np.arange(60 * 80, dtype=np.uint32).reshape(60, 80) * 13 % 65536).astype(np.uint16)
+    save(tmp_path / "d_sixteen.png", Image.fromarray(sixteen))
+    palette = Image.fromarray(upright).quantize(16)
+    save(tmp_path / "e_palette.png", palette, transparency=0)
+    save(tmp_path / "f_cmyk.jpg", Image.fromarray(upright).convert("CMYK"), quality=90)
+    save(tmp_path / "g_la.png", Image.fromarray(upright).convert("LA"))
+    save(tmp_path / "h_big.jpg", _smooth(600, 800), quality=90)  # decoded at a draft size
+    save(tmp_path / "i_anim.gif", Image.fromarray(upright).quantize(32))
+    save(tmp_path / "j_web.webp", upright, quality=90)
+    save(tmp_path / "k_float.tif", Image.fromarray(sixteen.astype(np.float32) / 65535))
+    bad_floats = np.array([[-2.0, 0.5], [0.25, 0.0]], np.float32)  # refused by pil_to_array
+    save(tmp_path / "l_bad_float.tif", Image.fromarray(bad_floats))
+    (tmp_path / "m_truncated.png").write_bytes(_truncated_png())
+
+    def validated_as_before(path: Path) -> object:  # the old check: decoded to float
+        return sources_module._decode_image(path, draft=(1, 1))[1]
+
+    options = {"size": (32, 32), "margin": 4}
+    with monkeypatch.context() as patch:
+        patch.setattr(sources_module, "default_load_workers", lambda: 1)
+        patch.setattr(sources_module, "_probe_image", validated_as_before)
+        before = open_images(tmp_path, **options)
+    before_pixels = all_pixels(before)
+    to_array, converted = sources_module.pil_to_array, []
+    monkeypatch.setattr(sources_module, "default_load_workers", lambda: 3)
+    monkeypatch.setattr(
+        sources_module, "pil_to_array", lambda image: converted.append(image) or to_array(image)
+    )
+    after = open_images(tmp_path, **options)
+    assert converted == []
+    assert after.ids == before.ids
+    assert len(after) == 11
+    assert after.description == before.description
+    assert after.description.skipped == (
+        "l_bad_float.tif: cannot read image (float pixel values from -2 to 0.5, "
+        "not in 0-1, 0-255 or 0-65535)",
+        "m_truncated.png: cannot read image (image file is truncated)",
+    )
+    assert after.description.notes == (
+        "3 grayscale images converted to RGB",
+        "2 images with transparency composited onto black",
+        "2 images turned upright by their EXIF orientation",
+    )
+    assert after._infos == before._infos
+    assert torch.equal(all_pixels(after), before_pixels)
+    assert len(converted) == 11  # the loader's, one per image
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 40), (40, 40, 3)])
