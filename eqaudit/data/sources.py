@@ -381,14 +381,25 @@ def find_image_files(root: Path, others: list[Path] | None = None) -> list[Path]
     other files found (not hidden, not images by their suffix).
     """
     found = []
+    # A folder reached both as itself and through a link is read under its own path, whatever
+    # order the filesystem lists them in (the names are the images' ids and labels).
+    real = {_identity(d) for d, _, _ in os.walk(root) if not _hidden_under(Path(d), root)}
     walked: set[tuple[int, int]] = set()
     for directory, subdirs, names in os.walk(root, followlinks=True):
-        identity = os.stat(directory)
-        if (identity.st_dev, identity.st_ino) in walked:
+        identity = _identity(directory)
+        if identity in walked:
             subdirs[:] = []
             continue
-        walked.add((identity.st_dev, identity.st_ino))
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        walked.add(identity)
+        subdirs[:] = sorted(
+            d
+            for d in subdirs
+            if not d.startswith(".")
+            and not (
+                os.path.islink(os.path.join(directory, d))
+                and _identity(os.path.join(directory, d)) in real
+            )
+        )
         for name in names:
             if name.startswith("."):
                 continue
@@ -399,6 +410,15 @@ def find_image_files(root: Path, others: list[Path] | None = None) -> list[Path]
     if others is not None:
         others.sort(key=lambda path: _relative(path, root))
     return sorted(found, key=lambda path: _relative(path, root))
+
+
+def _identity(folder: str | Path) -> tuple[int, int]:
+    found = os.stat(folder)
+    return found.st_dev, found.st_ino
+
+
+def _hidden_under(folder: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in folder.relative_to(root).parts)
 
 
 def _relative(path: Path, root: Path) -> str:

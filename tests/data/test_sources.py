@@ -316,6 +316,9 @@ def test_class_folders_linked_in_are_read_once_and_other_files_are_named(tmp_pat
     Image.fromarray(rgb(2)).save(data / "cat" / "c2.jfif", format="JPEG")
     (data / "dog").symlink_to(elsewhere, target_is_directory=True)
     (data / "cat" / "up").symlink_to(data, target_is_directory=True)  # a loop: walked once
+    # A folder also linked under another name is read under its own, whichever is listed
+    # first (it was the filesystem's listing order that decided, review).
+    (data / "a_cat").symlink_to(data / "cat", target_is_directory=True)
     (data / "README.txt").write_text("labels are folder names")
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n")
