@@ -633,10 +633,17 @@ def check_fingerprint(baseline: dict, result: AuditResult, name: str | Path) -> 
         new["data"] = {k: v for k, v in new["data"].items() if k != "sha256"}
     differences = _differences(old, new, "")
     if differences:
+        made_by, running = baseline.get("eqaudit"), result.summary["eqaudit"]["version"]
+        other = (
+            f" It was made by eqaudit {made_by} and this is {running}: with the same options, "
+            "a difference in element names or in the images sampled comes from the version"
+            if made_by and made_by != running
+            else ""
+        )
         raise ConfigError(
             f"baseline '{name}' was made under other conditions, so its numbers are not "
             f"comparable: {'; '.join(differences)}. Audit with the options it was made with, "
-            "or re-create it with --save-baseline"
+            f"or re-create it with --save-baseline.{other}"
         )
 
 

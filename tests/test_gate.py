@@ -324,8 +324,18 @@ def test_mismatched_baseline_is_refused(sym, files, tmp_path) -> None:
     assert "data.count: baseline 16 vs this run 8" in message
     assert "image_ids_sha256" in message
     other = eqaudit.audit(files["sym"], "d4", data=files["images"], preset="imagenet")
-    with pytest.raises(ConfigError, match=r"preprocessing\.mean"):
+    with pytest.raises(ConfigError, match=r"preprocessing\.mean") as error:
         evaluate_gate(other, GateConfig(baseline=str(path)), baseline)
+    assert "made by eqaudit" not in str(error.value)
+    # Made by another version: the options may be the same and the names or sample differ.
+    older = {**baseline, "eqaudit": "0.0.9"}
+    with pytest.raises(ConfigError) as error:
+        evaluate_gate(other, GateConfig(baseline=str(path)), older)
+    running = other.summary["eqaudit"]["version"]
+    assert str(error.value).endswith(
+        f"--save-baseline. It was made by eqaudit 0.0.9 and this is {running}: with the same "
+        "options, a difference in element names or in the images sampled comes from the version"
+    )
 
 
 def test_a_baseline_ignores_element_order_and_the_seed_of_real_images(sym, files, tmp_path):
