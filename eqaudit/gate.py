@@ -30,7 +30,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
@@ -449,22 +448,9 @@ def baseline_json(result: AuditResult) -> str:
 def check_baseline_path(path: str | Path) -> None:
     """Refuse a ``--save-baseline`` path that cannot take a file, before the audit runs (and
     before its report replaces the previous one); creates nothing."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"--save-baseline '{path}' is a folder: give a file name, e.g. base.json")
-    existing = path.parent
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(
-            f"--save-baseline '{path}' lies inside '{existing}', which is a file: choose another "
-            "path"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"cannot write the baseline '{path}': permission denied on '{existing}'; choose "
-            "another path"
-        )
+    from eqaudit.reports.files import check_writable
+
+    check_writable(Path(path), "--save-baseline", folder=False, example="base.json")
 
 
 def save_baseline(result: AuditResult, path: str | Path) -> Path:

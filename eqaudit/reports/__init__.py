@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from eqaudit.errors import UsageError
+from eqaudit.reports.files import check_writable
 from eqaudit.reports.html import write_html_report
 from eqaudit.reports.junit import write_junit
 from eqaudit.reports.markdown import write_markdown
@@ -63,20 +64,7 @@ def check_out_dir(out_dir: Path) -> None:
 
     Called before the audit runs, so a bad ``--out`` fails at once instead of after the audit.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out '{out_dir}' is a file, not a folder: choose a folder path")
-    existing = out_dir
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(
-            f"--out '{out_dir}' lies inside '{existing}', which is a file: choose a folder path"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"cannot write to '{out_dir}': permission denied on '{existing}'; choose another --out"
-        )
+    check_writable(out_dir, "--out", folder=True)
 
 
 @contextlib.contextmanager

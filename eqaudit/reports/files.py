@@ -1,4 +1,5 @@
-"""One file written atomically, with the permissions any other report file gets."""
+"""One file written atomically, with the permissions any other report file gets; and the check,
+before an audit, that a path can take what will be written there."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+from eqaudit.errors import UsageError
 
 
 def _umask() -> int:
@@ -35,3 +38,27 @@ def replace_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def check_writable(path: Path, option: str, *, folder: bool, example: str = "") -> None:
+    """Refuse (``UsageError``, naming ``option``) a path that cannot take a folder (``folder``)
+    or a file: one of the other kind already there, a path inside a file (the OS says "File
+    exists" or "Not a directory"), or a nearest existing folder this process cannot write to.
+    Creates nothing: called before an audit, so that a bad path fails at once."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{option} '{path}' is a file, not a folder: choose a folder path")
+    if not folder and path.is_dir():
+        raise UsageError(f"{option} '{path}' is a folder: give a file name, e.g. {example}")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"{option} '{path}' lies inside '{existing}', which is a file: choose a path in a "
+            "folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write to '{path}': permission denied on '{existing}'; choose another {option}"
+        )

@@ -26,7 +26,7 @@ from markupsafe import Markup, escape
 
 from eqaudit.errors import DataError, UsageError
 from eqaudit.gate import evaluated_nothing, shown
-from eqaudit.reports.files import replace_text
+from eqaudit.reports.files import check_writable, replace_text
 from eqaudit.results import AuditResult, batch_text, check_saved_summary, is_scored
 
 if TYPE_CHECKING:
@@ -632,15 +632,7 @@ def save_html(result: AuditResult, path: Path, page: str | None = None) -> Path:
     """Write the page to ``path`` atomically (a temporary file beside it, then renamed), for
     re-rendering next to a saved summary without touching the other report files."""
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"--out '{path}' is a folder: give a file name such as report.html")
-    existing = path.parent
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():  # (the OS says "File exists" or "Not a directory")
-        raise UsageError(
-            f"--out '{path}' lies inside '{existing}', which is a file: choose a path in a folder"
-        )
+    check_writable(path, "--out", folder=False, example="report.html")
     page = render_html(result) if page is None else page
     try:
         replace_text(path, page)
