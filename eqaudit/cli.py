@@ -572,7 +572,8 @@ def _run_check(
             "gate options judge the whole audit: pass them to eqaudit merge, not to a --shard run"
         )
     check_out_dir(out)  # a bad --out fails before the audit, not after it
-    check_report_names(out, KNOWN_FILES)
+    shard_files = {"shard-state.json", "shard-state.npz"}
+    check_report_names(out, KNOWN_FILES if config.shard else KNOWN_FILES - shard_files)
     baseline = load_baseline(gate.baseline) if gate.baseline else None  # likewise
     if gate.save_baseline:
         check_baseline_path(gate.save_baseline)
@@ -807,7 +808,7 @@ def merge(
             "write the merged report to a folder of its own"
         )
     check_out_dir(out)
-    check_report_names(out, KNOWN_FILES)
+    check_report_names(out, KNOWN_FILES - {"shard-state.json", "shard-state.npz"})
     baseline = load_baseline(gate.baseline) if gate.baseline else None
     if gate.save_baseline:
         check_baseline_path(gate.save_baseline)
@@ -956,9 +957,11 @@ def compare(
     started = time.perf_counter()
     out_dir = out or Path("reports") / f"{a.stem}-vs-{b.stem}"
     check_out_dir(out_dir)
-    check_report_names(out_dir, FILES, COMPARE_FOLDERS)
+    saved = is_saved_report(a) and is_saved_report(b)
+    # (Saved audits are read, not written again: no a/ and b/ then.)
+    check_report_names(out_dir, FILES, () if saved else COMPARE_FOLDERS)
     refuse_out_in_sources(out_dir, (a, b))  # before any audit runs
-    if is_saved_report(a) and is_saved_report(b):
+    if saved:
         extra = sorted(set(_given(ctx)) - {"a", "b", "out", "alpha", "fail_on_regression"})
         if extra:
             raise UsageError(
@@ -979,7 +982,6 @@ def compare(
                 fail_on_regression=fail_on_regression,
                 progress=lambda label: progress,
             )
-    saved = is_saved_report(a) and is_saved_report(b)
     write_comparison(comparison, out_dir, (a, b), audits=None if saved else (result_a, result_b))
     _report_in_place()
     _finish(

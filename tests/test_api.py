@@ -214,3 +214,24 @@ def test_a_module_whose_scores_lose_their_batch_axis_is_still_audited(classes, e
         assert (top1 == expected.argmax(1).numpy()).all()
     else:  # a logit z read as [0, z]
         assert (top1 == (expected[:, 0] > 0).long().numpy()).all()
+
+
+def test_a_model_giving_one_images_scores_for_a_batch_is_refused_saying_how_it_was_read():
+    # 16 scores of the first image for a batch of 8 read as 8 rows of 2 classes: the class
+    # count check refused it, naming 2 classes the model never had (review).
+    from eqaudit.errors import ModelRunError
+
+    class FirstOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3))[0]
+
+    torch.manual_seed(0)
+    with pytest.raises(ModelRunError) as error:
+        eqaudit.audit(FirstOnly().eval(), "d4", torch.rand(4, 3, 9, 9), layers=False, batch_size=8)
+    assert "(its output of shape (16,) for 8 images was read as 8 rows of 2 scores: does it " in (
+        str(error.value)
+    )

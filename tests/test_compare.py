@@ -486,6 +486,18 @@ def test_a_damaged_predictions_csv_is_refused_naming_it(saved, tmp_path, edit, s
         assert line.startswith(f"error: '{damaged / 'predictions.csv'}' ")
 
 
+def test_saved_audits_compared_into_a_folder_whose_a_is_a_link(saved, tmp_path) -> None:
+    # Saved audits write no a/ or b/: a link (or file) named so was refused all the same, after
+    # the pre-audit check of the report's names learnt about a/ and b/ (review).
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").symlink_to(saved, target_is_directory=True)
+    (out / "b").write_text("mine")
+    result = runner.invoke(app, ["compare", str(out / "a"), str(saved), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "compare.json").is_file() and (out / "b").read_text() == "mine"
+
+
 def test_a_predictions_csv_without_js_divergences_still_pairs(saved, tmp_path) -> None:
     # JS divergences come from summary.json; the per-image column was selected all the same
     # and its absence died with a KeyError (exit 4, review).

@@ -659,6 +659,15 @@ def test_a_comparison_and_its_two_audits_are_written_as_one(tmp_path, monkeypatc
     write_comparison(third[0], out, audits=(third[1], third[2]))
     assert (out / "a" / "notes.txt").read_text() == "mine" and (out / "a" / ".DS_Store").exists()
     assert json.loads((out / "a" / "summary.json").read_text())["transforms"]["spec"] == "flips"
+    # A folder of the user's where a report file of a/ goes is refused, not moved away with
+    # the previous report (it was deleted with the staging folder, review).
+    (out / "b" / "layers.csv").unlink()
+    (out / "b" / "layers.csv").mkdir()
+    (out / "b" / "layers.csv" / "precious.txt").write_text("mine")
+    before = _tree(out)
+    with pytest.raises(UsageError, match=r"b/layers.csv' is a folder where the report writes"):
+        write_comparison(third[0], out, audits=(third[1], third[2]))
+    assert _tree(out) == before
 
 
 def _one_error(result) -> str:  # type: ignore[no-untyped-def]

@@ -272,6 +272,8 @@ class ModelAdapter(ABC):
     declared_output_kind: str | None = None
     #: (classes, images) of the first run: every later run must give as many classes
     _classes_seen: tuple[int, int] | None = None
+    #: how the first run's flat output was read as rows, when it was (for the error above)
+    _first_reading: str = ""
 
     def __init__(self, path: Path, input_spec: InputSpec) -> None:
         self.path = Path(path)
@@ -650,6 +652,7 @@ class ModelAdapter(ABC):
                 f"{_images(given)}, "
                 f"{classes} for {_images(rows)}; its output must not depend on how many "
                 "images it is given (check its forward for batch-size-dependent slicing)"
+                + self._first_reading
             )
         return scores
 
@@ -666,10 +669,19 @@ class ModelAdapter(ABC):
             # (B,): one score per image (a sigmoid head); (B * K,): the rows flattened in order
             # (a forward ending in reshape(-1)); (K,) for one image: its batch axis dropped.
             many = rows is not None and rows > 1
+            seen = self._classes_seen[0] if self._classes_seen is not None else None
             if many and scores.shape[0] == rows:
                 scores = scores[:, None]
-            elif many and scores.shape[0] % rows == 0:
+            elif many and scores.shape[0] % rows == 0 and seen in (None, scores.shape[0] // rows):
+                # (once the classes are known, only rows of that many: K scores of the first
+                # image alone, K a multiple of the batch, are not K / B classes of each)
                 scores = scores.reshape(rows, -1)
+                if seen is None:
+                    self._first_reading = (
+                        f" (its output of shape {tuple(raw.shape)} for {_images(rows)} was read "
+                        f"as {rows} rows of {scores.shape[1]} scores: does it give one image's "
+                        "scores only?)"
+                    )
             else:
                 scores = scores[None]
         if scores.ndim == 2 and rows is not None and scores.shape[0] != rows:

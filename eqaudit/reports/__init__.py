@@ -177,6 +177,8 @@ def _refuse_to_replace(out_dir: Path, staging: Path, names: list[str]) -> None:
     report's (see :func:`check_report_names`)."""
     folders = [name for name in names if (staging / name).is_dir()]
     check_report_names(out_dir, [name for name in names if name not in folders], folders)
+    for name in folders:  # (a/ and b/ are replaced file by file: their names too)
+        check_report_names(out_dir / name, [p.name for p in (staging / name).iterdir()])
 
 
 def check_report_names(out_dir: Path, files: Iterable[str], folders: Iterable[str] = ()) -> None:
