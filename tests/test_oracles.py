@@ -392,3 +392,38 @@ def test_a_binary_score_of_shape_batch_gives_no_false_determinism_warning() -> N
     squeezed = eqaudit.audit(Squeezed().eval(), "flips", images, layers=False)
     column = eqaudit.audit(SignedHalves().eval(), "flips", images, layers=False)
     assert not squeezed.warnings and squeezed.outputs == column.outputs
+
+
+def test_a_module_handing_out_several_maps_is_not_a_layer_of_its_first() -> None:
+    """A backbone returning (stage1, stage2) was a layer named 'backbone' holding stage 1's map
+    again (its first tensor), listed after stage 2 (review)."""
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stage1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+            self.stage2 = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            one = self.stage1(x)
+            return one, self.stage2(one)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = Backbone()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            one, two = self.backbone(x)
+            return self.fc(torch.cat([one.mean((2, 3)), two.mean((2, 3))], 1))
+
+    torch.manual_seed(0)
+    result = eqaudit.audit(Net(), "flips", input_size=9, num_images=2)
+    names = list(dict.fromkeys(r["layer"] for r in result.layers))
+    assert names == [
+        "backbone.stage1.0",
+        "backbone.stage1.1",
+        "backbone.stage2.0",
+        "backbone.stage2.1",
+    ]

@@ -511,16 +511,14 @@ class TorchAdapter(ModelAdapter):
             if tensor is None or not tensor.is_floating_point():
                 return
             key = _call_name(name, index)
-            same = None
-            if isinstance(output, torch.Tensor):  # (a module handing out several: its own)
-                same = next(
-                    (k for k, e in seen.items() if _same_values(tensor, e, versions[k])), None
-                )
+            same = next((k for k, e in seen.items() if _same_values(tensor, e, versions[k])), None)
             if same is not None:
                 # A layer already recorded, again: a block handing out its last ReLU's output
-                # (named by the block), an eval-mode Dropout or a Flatten (dropped). Counted
-                # once, as an ONNX graph holds it once (both loaders give the same rows).
-                if _split_call_name(same, self._candidates)[0].startswith(name + "."):
+                # (named by the block), an eval-mode Dropout, a Flatten, or a module handing out
+                # several tensors, the first a layer's (dropped). Counted once, as an ONNX graph
+                # holds it once (both loaders give the same rows).
+                block = _split_call_name(same, self._candidates)[0].startswith(name + ".")
+                if block and isinstance(output, torch.Tensor):
                     order[order.index(same)] = key
                     del seen[same], versions[same]
                     seen[key], versions[key] = tensor, tensor._version
