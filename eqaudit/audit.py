@@ -61,7 +61,7 @@ from eqaudit.data import (
     probe_image,
 )
 from eqaudit.data.prefetch import cpu_limit, default_load_workers, usable_cpus
-from eqaudit.data.sources import array_image_size
+from eqaudit.data.sources import array_image_size, repeated_names
 from eqaudit.device import free_memory, host_threads, ieee_float32, place, torch_threads
 from eqaudit.errors import DataError, UsageError, cause_line
 from eqaudit.gallery import Gallery
@@ -854,10 +854,9 @@ class Engine:
         can exceed 1e-5 between unlike runs: onnxruntime rounds a graph that hands out its
         layers differently (lost Conv + Add fusions: 2e-4 of a ResNet's logits), and oneDNN a
         batch of 64 differently from one of 2."""
-        n = images.shape[0]  # (a (B,) output reads as (1, B): one score per image, as launch)
-        alone = self._two_classes(self.adapter.run(images).scores.reshape(n, -1)).double()
-        again = self._two_classes(self.adapter.run(images).scores.reshape(n, -1)).double()
-        if n > 1:
+        alone = self._two_classes(self.adapter.run(images).scores).double()
+        again = self._two_classes(self.adapter.run(images).scores).double()
+        if images.shape[0] > 1:
             # One image alone too: the adapter refuses a model whose number of classes differs
             # from the batches' (an output sliced by batch size).
             self.adapter.run(images[:1])
@@ -1910,16 +1909,10 @@ def _with_note(block: dict, note: str | None) -> dict:
 def _repeated_class_names(names: list[str]) -> str | None:
     """``'crane' (classes 134 and 517)`` for each name given to several classes (three at most
     named), or None."""
-    places: dict[str, list[int]] = {}
-    for index, name in enumerate(names):
-        places.setdefault(name, []).append(index)
-    repeated = [(name, found) for name, found in places.items() if len(found) > 1]
+    repeated = repeated_names(names, range(len(names)), "class")
     if not repeated:
         return None
-    shown = [
-        f"'{name}' (classes {', '.join(map(str, found[:-1]))} and {found[-1]})"
-        for name, found in repeated[:3]
-    ]
+    shown = [f"'{name}' ({where})" for name, where in list(repeated.items())[:3]]
     return ", ".join(shown) + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
 
 

@@ -344,8 +344,8 @@ def _open_folder(
     if others:
         suffixes = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
         notes.append(
-            f"{len(others)} other file{'s' if len(others) > 1 else ''} not read: not images by "
-            f"their suffix (e.g. '{others[0]}'; images are {suffixes})"
+            f"{_count(len(others), 'other file')} not read: not images by their suffix (e.g. "
+            f"'{others[0]}'; images are {suffixes})"
         )
     labels, class_names = None, None
     if label_map is not None:
@@ -687,14 +687,17 @@ def _load_label_map(path: Path) -> tuple[list[str], dict[str, int], dict[str, st
         mapping.setdefault(name, index)
     if suffix == ".txt":  # where the user sees them: line numbers of the file, blank ones too
         lines = [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        where, what = [(names[k], lines[k]) for k in range(len(names))], "line"
-    else:
-        where, what = list(zip(names, range(len(names)), strict=True)), "class"
-    places: dict[str, list[int]] = {}
-    for name, place in where:
-        places.setdefault(name, []).append(place)
-    repeated = {name: _listed(what, found) for name, found in places.items() if len(found) > 1}
-    return names, mapping, repeated
+        return names, mapping, repeated_names(names, lines, "line")
+    return names, mapping, repeated_names(names, range(len(names)), "class")
+
+
+def repeated_names(names: Sequence[str], places: Sequence[int], what: str) -> dict[str, str]:
+    """Each name given more than once, with where (``places[i]`` is where ``names[i]`` is, a
+    ``what``): ``{"crane": "classes 134 and 517"}``."""
+    found: dict[str, list[int]] = {}
+    for name, place in zip(names, places, strict=True):
+        found.setdefault(name, []).append(place)
+    return {name: _listed(what, at) for name, at in found.items() if len(at) > 1}
 
 
 def _listed(what: str, places: list[int]) -> str:
