@@ -149,10 +149,17 @@ def _quantized_outputs(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]
     """Integer tensors of a quantized (QOperator) graph whose real values are known:
     ``name -> (scale, zero point)``, constant per tensor, so ``(q - zero point) * scale`` is
     the float map the quantized op stands for. Per-channel or computed scales are left out."""
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # The tensors, not their values: only the scales and zero points read below are converted
+    # (converting every initializer copied all of a model's weights at every load).
+    tensors = {i.name: i for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            tensors[node.output[0]] = node.attribute[0].t
+
+    def constant(name: str) -> np.ndarray | None:
+        tensor = tensors.get(name)
+        return numpy_helper.to_array(tensor) if tensor is not None else None
+
     found: dict[str, tuple[float, float]] = {}
     for node in graph.node:
         if node.op_type in _KEEPS_QUANTIZATION and node.input and node.input[0] in found:
@@ -161,8 +168,8 @@ def _quantized_outputs(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]
         at = _OUTPUT_QUANTIZATION.get(node.op_type)
         if at is None or len(node.input) <= at[0] or not node.output:
             continue
-        scale = constants.get(node.input[at[0]])
-        zero = constants.get(node.input[at[1]]) if len(node.input) > at[1] else np.zeros(())
+        scale = constant(node.input[at[0]])
+        zero = constant(node.input[at[1]]) if len(node.input) > at[1] else np.zeros(())
         if scale is None or zero is None or scale.size != 1 or zero.size != 1:
             continue
         if zero.dtype.kind not in "iu":  # (QGemm without y_scale gives floats)
