@@ -380,26 +380,13 @@ def find_image_files(root: Path, others: list[Path] | None = None) -> list[Path]
     real folder once, so a link back up cannot loop. ``others``, when given, receives the
     other files found (not hidden, not images by their suffix).
     """
-    found = []
-    # A folder reached both as itself and through a link is read under its own path, whatever
-    # order the filesystem lists them in (the names are the images' ids and labels).
-    real = {_identity(d) for d, _, _ in os.walk(root) if not _hidden_under(Path(d), root)}
+    found: list[Path] = []
+    links: list[Path] = []
     walked: set[tuple[int, int]] = set()
-    for directory, subdirs, names in os.walk(root, followlinks=True):
-        identity = _identity(directory)
-        if identity in walked:
-            subdirs[:] = []
-            continue
-        walked.add(identity)
-        subdirs[:] = sorted(
-            d
-            for d in subdirs
-            if not d.startswith(".")
-            and not (
-                os.path.islink(os.path.join(directory, d))
-                and _identity(os.path.join(directory, d)) in real
-            )
-        )
+
+    def take(directory: str, subdirs: list[str], names: list[str]) -> None:
+        walked.add(_identity(directory))
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in names:
             if name.startswith("."):
                 continue
@@ -407,6 +394,19 @@ def find_image_files(root: Path, others: list[Path] | None = None) -> list[Path]
                 found.append(Path(directory) / name)
             elif others is not None:
                 others.append(Path(directory) / name)
+
+    # The folder's own tree first, then the folders linked into it that lie outside it: a
+    # folder reached both as itself and through a link is read under its own path, whatever
+    # order the filesystem lists them in (the names are the images' ids and labels).
+    for directory, subdirs, names in os.walk(root):  # (links listed, not followed)
+        take(directory, subdirs, names)
+        links += [Path(directory) / d for d in subdirs if os.path.islink(Path(directory) / d)]
+    for link in sorted(links, key=lambda path: _relative(path, root)):
+        for directory, subdirs, names in os.walk(link, followlinks=True):
+            if _identity(directory) in walked:  # (already read, or a link back up: a loop)
+                subdirs[:] = []
+                continue
+            take(directory, subdirs, names)
     if others is not None:
         others.sort(key=lambda path: _relative(path, root))
     return sorted(found, key=lambda path: _relative(path, root))
@@ -415,10 +415,6 @@ def find_image_files(root: Path, others: list[Path] | None = None) -> list[Path]
 def _identity(folder: str | Path) -> tuple[int, int]:
     found = os.stat(folder)
     return found.st_dev, found.st_ino
-
-
-def _hidden_under(folder: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in folder.relative_to(root).parts)
 
 
 def _relative(path: Path, root: Path) -> str:
