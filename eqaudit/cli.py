@@ -529,9 +529,12 @@ def check(
     )
 
 
-def _out_path(raw: str) -> Path:
+def _out_path(raw: str | Path) -> Path:
     """``--out``, refusing an empty value: it means the current folder, whose report files a
-    run replaces (an unset ``$OUT`` in a CI script, ``-o "$OUT"``)."""
+    run replaces (an unset ``$OUT`` in a CI script, ``-o "$OUT"``). A default (``eqaudit demo``'s
+    ``reports/demo``) comes through here too, already a Path."""
+    if isinstance(raw, Path):
+        return raw
     if not raw.strip():
         raise typer.BadParameter(
             "it is empty, which would mean the current folder: give a folder, e.g. -o reports/run1"

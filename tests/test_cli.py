@@ -168,6 +168,15 @@ def test_demo(backend: str, tmp_path: Path) -> None:
     assert len(pd.read_csv(out / "layers.csv")) > 0
 
 
+def test_demo_writes_reports_demo_by_default(tmp_path: Path, monkeypatch) -> None:
+    # README's `make demo` runs `eqaudit demo` with no --out: its default goes through the same
+    # parser as a typed folder (it once failed there on a Path, with a traceback).
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert_report(tmp_path / "reports" / "demo")
+
+
 def test_demo_summary_reads_whole_in_an_80_column_terminal(tmp_path: Path, monkeypatch) -> None:
     from eqaudit.reports import console
 
