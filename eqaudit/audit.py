@@ -100,6 +100,7 @@ from eqaudit.transforms import (
 )
 from eqaudit.transforms.elements import center_crop, d4_apply, d4_view
 from eqaudit.transforms.geometry import (
+    NO_FREE_CELLS,
     SizeChoice,
     aligned,
     choose_aligned_size,
@@ -1472,6 +1473,7 @@ class Engine:
                         self.input_size,
                         state.stride,
                         self.config.misaligned,
+                        self.config.padding_border,
                     )
                 except NotMeasurable as why:
                     state.reasons[gi] = str(why)
@@ -1480,7 +1482,9 @@ class Engine:
                 a, b, mask = act[gi], action.transformed, action.mask
             state.comparison[gi] = comparison
             floor = (
-                resampled_floor(element, reference, state.grid, self.input_size)
+                resampled_floor(
+                    element, reference, state.grid, self.input_size, self.config.padding_border
+                )
                 if comparison == "resampled"
                 else None
             )
@@ -1526,16 +1530,31 @@ class Engine:
         """summary.geometry: how the per-layer comparisons relate to the sampling grids."""
         spatial = [r for r in rows if r["kind"] == "spatial" and r["transform"] != "id"]
         sources = sorted({s.stride_source for s in self.layer_states if s.info.spatial})
+        notes = list(self.geometry_notes)
+        padded = sorted({r["layer"] for r in spatial if NO_FREE_CELLS in (r["reason"] or "")})
+        if padded:
+            notes.append(
+                f"rotations by other angles: {len(padded)} "
+                + ("layer" if len(padded) == 1 else "layers")
+                + " ("
+                + ", ".join(padded[:3])
+                + (", ..." if len(padded) > 3 else "")
+                + f") with no cell {NO_FREE_CELLS} (or of the rotated image's zero fill) at "
+                f"{self.input_size[0]}x{self.input_size[1]}: their receptive field is too wide, "
+                "so the rotations are not compared there; --padding-border include compares "
+                "them on the whole disk"
+            )
         return {
             "input_size": list(self.input_size),
             "size_choice": size_choice,
             "misaligned_mode": self.config.misaligned,
+            "padding_border": self.config.padding_border,
             "grid_source": sources,
             "aligned_pairs": sum(1 for r in spatial if r["aligned"] is True),
             # compared although the element does not map the grid onto itself
             "misaligned_pairs": sum(1 for r in spatial if is_flagged(r)),
             "unknown_pairs": sum(1 for r in spatial if r["aligned"] is None),
-            "notes": self.geometry_notes,
+            "notes": notes,
             # every layer left out as neither an image map nor flat features (the note names 3)
             "not_audited": self.not_audited,
         }

@@ -373,6 +373,15 @@ def check(
             rich_help_panel="Per-layer geometry",
         ),
     ] = "flag",
+    padding_border: Annotated[
+        str,
+        typer.Option(
+            help="Rotations by other angles: exclude (compare only the cells whose receptive "
+            "field reads no padding: the padding does not turn with the image) or include "
+            "(the whole central disk, padding effects counted as the model's).",
+            rich_help_panel="Per-layer geometry",
+        ),
+    ] = "exclude",
     lie: Annotated[
         bool,
         typer.Option(

@@ -29,6 +29,9 @@ OUTPUT_KINDS = ("auto", "logits", "probs")
 #: ``flag`` on the map's own grid, reported but kept out of layer scores; ``resample`` about the
 #: true grid (approximate); ``skip`` not compared.
 MISALIGNED_MODES = ("flag", "resample", "skip")
+#: Where rotations by other angles are compared: ``exclude`` the cells that read padding
+#: (DESIGN.md section 4; :mod:`eqaudit.grids`, "Padding-free cells"), or ``include`` them.
+PADDING_BORDER_MODES = ("exclude", "include")
 
 
 def parse_input_size(text: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -152,6 +155,8 @@ class AuditConfig:
     threads: int | None = None
     #: how (layer, element) pairs whose grid is not mapped onto itself are compared
     misaligned: str = "flag"
+    #: rotations by other angles: compare only the cells that read no padding, or all of the disk
+    padding_border: str = "exclude"
     #: Lie derivatives of the outputs (and per-layer attribution for PyTorch models)
     lie: bool = False
     #: also fit a 1x1 channel map per (layer, element) (equivariance up to channel permutation)
@@ -237,6 +242,11 @@ class AuditConfig:
         if self.misaligned not in MISALIGNED_MODES:
             raise UsageError(
                 f"--misaligned must be one of {', '.join(MISALIGNED_MODES)}, not '{self.misaligned}'"
+            )
+        if self.padding_border not in PADDING_BORDER_MODES:
+            raise UsageError(
+                f"--padding-border must be one of {', '.join(PADDING_BORDER_MODES)}, not "
+                f"'{self.padding_border}'"
             )
         if self.shard is not None:
             index, total = self.shard
@@ -367,6 +377,7 @@ OPTIONS: dict[str, _Option] = {
     "layout": _Option("str"),
     "input_size": _Option("size"),
     "misaligned": _Option("str", "flag"),
+    "padding_border": _Option("str", "exclude"),
     "lie": _Option("bool", False),
     "channel_map": _Option("bool", False),
     "shard": _Option("shard"),
@@ -773,6 +784,7 @@ def resolve_config(
         device=v["device"],
         threads=v["threads"],
         misaligned=v["misaligned"],
+        padding_border=v["padding_border"],
         lie=bool(v["lie"]),
         channel_map=bool(v["channel_map"]),
         shard=v["shard"],

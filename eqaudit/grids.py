@@ -61,6 +61,27 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
 Anything else that depends on the image makes its output unknown (``None``), and everything
 downstream of it; :meth:`GridGraph.unknown_reason` names the op. Nothing is guessed.
 
+Padding-free cells (``AxisGrid.free``): per axis, the cells ``lo .. hi`` whose values read no
+padding anywhere upstream, i.e. whose receptive field stays inside the image and inside every
+intermediate map. A rotation by an arbitrary angle is compared only there (DESIGN.md section 4:
+the padding frame does not turn with the image, so cells that read it differ between ``h(T x)``
+and ``T h(x)`` for reasons that are the padding's, not the model's). The input is ``0 .. N-1``:
+
+* window ops: output ``i`` reads input cells ``i*s - pb .. i*s - pb + d*(k-1)``, so
+  ``lo' = ceil((lo + pb) / s)``, ``hi' = floor((hi + pb - d*(k-1)) / s)`` (zero, reflected,
+  replicated and -inf padding alike; ceil-mode windows that run into the end padding too);
+* transposed convolution: ``lo' = lo*s + d*(k-1) - pb``, ``hi' = hi*s - pb`` (every tap's input
+  cell inside ``lo .. hi``);
+* pads ``lo + pb .. hi + pb`` (the padded cells themselves are padding; circular padding
+  written as Slice + Concat too); slices ``(lo - start) / step .. (hi - start) / step``;
+* resizes: cells whose interpolation taps (``1`` cell linear, ``2`` cubic, wider by ``1/scale``
+  when downsampling) or nearest source stay inside; depth-to-space ``lo*b .. hi*b + b - 1``;
+* element-wise combinations and channel concatenations: the intersection of their inputs';
+  everything that keeps the grid keeps them.
+
+Clipped to ``0 .. n-1``; ``(0, -1)`` when no cell is free (deep layers of a network whose
+receptive field outgrows the image: ResNet-18's last stage at 224 pixels).
+
 A :class:`GridGraph` is compiled once from the graph and replayed for any input size by pure
 arithmetic on node attributes, so an input-size search can call :meth:`GridGraph.grids` for
 many candidate sizes cheaply.
@@ -78,7 +99,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +133,10 @@ class AxisGrid:
     n: int  # cells on this axis
     stride: float  # input pixels per cell
     offset: float  # input coordinate of cell 0's centre
+    #: Cells ``lo .. hi`` (inclusive) whose values read no padding anywhere upstream (see
+    #: "Padding-free cells" in the module docstring); ``(0, -1)`` when every cell does, None when
+    #: not known. An annotation of the grid, not part of its identity (equality, hashing).
+    free: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def centre(self) -> float:
@@ -121,6 +146,24 @@ class AxisGrid:
     def centred(self, size: int) -> bool:
         """Whether the grid is symmetric about the centre ``(size-1)/2`` of a ``size``-pixel axis."""
         return abs(self.centre - (size - 1) / 2) <= 1e-6 * max(1.0, size)
+
+
+_NO_CELLS = (0, -1)
+
+
+def _free_span(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """The padding-free cells ``ceil(lo) .. floor(hi)`` clipped to ``0 .. n-1`` (``(0, -1)``
+    when none)."""
+    first, last = max(math.ceil(lo - _TOL), 0), min(math.floor(hi + _TOL), n - 1)
+    return (first, last) if first <= last else _NO_CELLS
+
+
+def _intersect(spans: Sequence[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """Cells free in every one of ``spans`` (None when one is unknown)."""
+    if any(span is None for span in spans):
+        return None
+    lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)  # type: ignore[index]
+    return (lo, hi) if lo <= hi else _NO_CELLS
 
 
 @dataclass(frozen=True)
@@ -326,7 +369,9 @@ class GridGraph:
             return cached
         if height < 1 or width < 1:
             raise ValueError(f"input size {height}x{width} is not positive")
-        start = Grid(AxisGrid(key[0], 1.0, 0.0), AxisGrid(key[1], 1.0, 0.0))
+        start = Grid(
+            AxisGrid(key[0], 1.0, 0.0, (0, key[0] - 1)), AxisGrid(key[1], 1.0, 0.0, (0, key[1] - 1))
+        )
         states: dict[str, Any] = {self.input_name: _Map(self.layout, start)}
         invalid: str | None = None
         for step in self._steps:
@@ -436,7 +481,14 @@ def _window_axis(
             n_out -= 1
     else:
         n_out = span // s + 1
-    return AxisGrid(n_out, g.stride * s, g.offset + g.stride * (-pb + d * (k - 1) / 2))
+    # Output cell i reads input cells i*s - pb .. i*s - pb + d*(k-1).
+    free = None
+    if g.free is not None:
+        lo, hi = g.free
+        free = (
+            _free_span((lo + pb) / s, (hi + pb - d * (k - 1)) / s, n_out) if lo <= hi else _NO_CELLS
+        )
+    return AxisGrid(n_out, g.stride * s, g.offset + g.stride * (-pb + d * (k - 1) / 2), free)
 
 
 def _transpose_axis(
@@ -453,14 +505,22 @@ def _transpose_axis(
     n_out = (g.n - 1) * s - pb - pe + d * (k - 1) + output_padding + 1
     if n_out < 1:
         raise _TooSmall(f"{label} gives {n_out} cells on the {axis} axis")
-    return AxisGrid(n_out, g.stride / s, g.offset + g.stride * (pb - d * (k - 1) / 2) / s)
+    # Output cell j gathers input cells (j + pb - d*kk) / s: inside lo .. hi for every tap when
+    # j + pb - d*(k-1) >= lo*s and j + pb <= hi*s (a tap that falls off the map is a border
+    # effect; taps between cells are not, but the bound keeps them in: at most s-1 cells lost).
+    free = None
+    if g.free is not None:
+        lo, hi = g.free
+        free = _free_span(lo * s + d * (k - 1) - pb, hi * s - pb, n_out) if lo <= hi else _NO_CELLS
+    return AxisGrid(n_out, g.stride / s, g.offset + g.stride * (pb - d * (k - 1) / 2) / s, free)
 
 
 def _pad_axis(g: AxisGrid, pb: int, pe: int, label: str, axis: str, layout: str) -> AxisGrid:
     n_out = g.n + pb + pe
     if n_out < 1:
         raise _TooSmall(f"{label} crops the {axis} axis to {n_out} cells", layout)
-    return AxisGrid(n_out, g.stride, g.offset - g.stride * pb)
+    free = None if g.free is None else _free_span(g.free[0] + pb, g.free[1] + pb, n_out)
+    return AxisGrid(n_out, g.stride, g.offset - g.stride * pb, free)
 
 
 def _slice_axis(
@@ -477,12 +537,31 @@ def _slice_axis(
     n_out = len(range(*slice(start, end, step).indices(g.n)))
     if n_out < 1:
         raise _TooSmall(f"{label} leaves no cells on the {axis} axis", layout, rank)
-    return AxisGrid(n_out, g.stride * step, g.offset + g.stride * first)
+    free = None
+    if g.free is not None:
+        lo, hi = g.free
+        free = (
+            _free_span((lo - first) / step, (hi - first) / step, n_out) if lo <= hi else _NO_CELLS
+        )
+    return AxisGrid(n_out, g.stride * step, g.offset + g.stride * first, free)
 
 
-def _affine_axis(g: AxisGrid, n_out: int, a: float, b: float) -> AxisGrid:
-    """Output cell ``j`` at input cell ``a*j + b``."""
-    return AxisGrid(n_out, g.stride * a, g.offset + g.stride * b)
+def _affine_axis(g: AxisGrid, n_out: int, a: float, b: float, reach: float) -> AxisGrid:
+    """Output cell ``j`` at input cell ``a*j + b``, interpolated from the input cells within
+    ``reach`` of it (1 linear, 2 cubic; times ``a`` when downsampling, as an antialiasing filter
+    widens: the bound is kept even without one). The op clamps its taps to the map: a cell
+    within reach of the border reads a replicated edge, which is padding all the same."""
+    free = None
+    if g.free is not None:
+        lo, hi = g.free
+        reach *= max(1.0, a)
+        if lo > hi:
+            free = _NO_CELLS
+        elif a == 0:  # one output cell at b
+            free = (0, n_out - 1) if lo <= b - reach and b + reach <= hi else _NO_CELLS
+        else:
+            free = _free_span((lo + reach - b) / a, (hi - reach - b) / a, n_out)
+    return AxisGrid(n_out, g.stride * a, g.offset + g.stride * b, free)
 
 
 def _round(x: Fraction, mode: str) -> int:
@@ -512,16 +591,21 @@ def _nearest_axis(
     grid stays symmetric exactly when its input grid was.
     """
     n = g.n
-    src = [min(max(_round(a * j + b, rounding), 0), n - 1) for j in range(n_out)]
+    wanted = [_round(a * j + b, rounding) for j in range(n_out)]
+    src = [min(max(i, 0), n - 1) for i in wanted]
+    free = None  # the cells copying a free input cell (a clamped copy is a replicated edge)
+    if g.free is not None:
+        kept = [j for j, i in enumerate(wanted) if g.free[0] <= i <= g.free[1]]
+        free = (kept[0], kept[-1]) if kept else _NO_CELLS
     if n_out == 1:
-        return AxisGrid(1, g.stride, g.offset + g.stride * src[0])
+        return AxisGrid(1, g.stride, g.offset + g.stride * src[0], free)
     step = src[1] - src[0]
     if step >= 1 and all(src[j] == src[0] + step * j for j in range(n_out)):
-        return AxisGrid(n_out, g.stride * step, g.offset + g.stride * src[0])
+        return AxisGrid(n_out, g.stride * step, g.offset + g.stride * src[0], free)
     if n_out % n == 0:
         m = n_out // n
         if all(src[j] == j // m for j in range(n_out)):
-            return AxisGrid(n_out, g.stride / m, g.offset + g.stride * (0.5 / m - 0.5))
+            return AxisGrid(n_out, g.stride / m, g.offset + g.stride * (0.5 / m - 0.5), free)
     return f"{label} repeats input cells unevenly ({n} -> {n_out} cells, nearest)"
 
 
@@ -589,7 +673,14 @@ def _combine(ins: Sequence[Any], label: str, out_rank: int | None = None) -> Any
                 f"{_grid_text(other.grid)})",
                 rank,
             )
-    return maps[0]
+    if len(maps) == 1:
+        return maps[0]
+    # A cell reads padding when any of its inputs does (the identity branch of a residual block
+    # has more free cells than the convolution branch added to it).
+    grids = [m.grid for m in maps]
+    h = replace(first.h, free=_intersect([g.h.free for g in grids]))  # type: ignore[union-attr]
+    w = replace(first.w, free=_intersect([g.w.free for g in grids]))  # type: ignore[union-attr]
+    return replace(maps[0], grid=Grid(h, w))
 
 
 @dataclass(frozen=True)
@@ -815,10 +906,16 @@ def _wrapped(pieces: Sequence[_Map], axis: int) -> _Map | None:
         if min(step, period - step) > tolerance:
             return None
     cells = sum(a.n for a in along)
-    offset = along[whole].offset - stride * sum(a.n for a in along[:whole])
-    grid = AxisGrid(cells, stride, offset)
+    before = sum(a.n for a in along[:whole])
+    offset = along[whole].offset - stride * before
+    # The wrapped cells are a padding (of other content than zeros): only the whole map's own
+    # free cells stay free.
+    own = along[whole].free
+    free = None if own is None else _free_span(own[0] + before, own[1] + before, cells)
+    grid = AxisGrid(cells, stride, offset, free)
+    other = replace(across[0], free=_intersect([a.free for a in across]))
     first_axis = axis == _spatial_axes(pieces[0])[0]
-    return replace(pieces[0], grid=Grid(grid, across[0]) if first_axis else Grid(across[0], grid))
+    return replace(pieces[0], grid=Grid(grid, other) if first_axis else Grid(other, grid))
 
 
 def _permute_state(state: Any, perm: Sequence[int], label: str) -> Any:
@@ -947,7 +1044,14 @@ def _depth_to_space_state(state: Any, block: int, label: str) -> Any:
     if state.grid is None:
         return state
     h, w = (
-        AxisGrid(g.n * block, g.stride / block, g.offset - g.stride * (block - 1) / (2 * block))
+        AxisGrid(
+            g.n * block,
+            g.stride / block,
+            g.offset - g.stride * (block - 1) / (2 * block),
+            None
+            if g.free is None
+            else _free_span(g.free[0] * block, g.free[1] * block + block - 1, g.n * block),
+        )
         for g in (state.grid.h, state.grid.w)
     )
     return _Map("NCHW", Grid(h, w))
@@ -1006,7 +1110,9 @@ def _resize_state(
                 return _Map(state.layout, None, found)
             axes.append(found)
         elif mode in ("linear", "cubic"):
-            axes.append(_affine_axis(g, n_out, float(a), float(b)))
+            axes.append(
+                _affine_axis(g, n_out, float(a), float(b), 1.0 if mode == "linear" else 2.0)
+            )
         else:
             return _Lost(f"{label} uses resize mode '{mode}'")
     return _Map(state.layout, Grid(axes[0], axes[1]))

@@ -52,12 +52,25 @@ def shard_range(count: int, index: int, total: int) -> range:
     return range((index - 1) * count // total, index * count // total)
 
 
+def _axis_grid(saved: dict) -> Any:
+    """A saved :class:`eqaudit.grids.AxisGrid` (``free`` absent from older shards: unknown)."""
+    from eqaudit.grids import AxisGrid
+
+    free = saved.get("free")
+    return AxisGrid(saved["n"], saved["stride"], saved["offset"], tuple(free) if free else None)
+
+
 # -- saving ----------------------------------------------------------------------------------------
 def _grid_state(grid: Any) -> dict | None:
     if grid is None:
         return None
     return {
-        axis: {"n": g.n, "stride": g.stride, "offset": g.offset}
+        axis: {
+            "n": g.n,
+            "stride": g.stride,
+            "offset": g.offset,
+            "free": None if g.free is None else list(g.free),
+        }
         for axis, g in (("h", grid.h), ("w", grid.w))
     }
 
@@ -491,7 +504,7 @@ def _merged_result(
 def _merge_layers(engine: Engine, shards: list[dict], arrays: list[dict[str, np.ndarray]]) -> None:
     """Rebuild the engine's per-layer states from the shards' (same layers, in order)."""
     from eqaudit.audit import LayerState
-    from eqaudit.grids import AxisGrid, Grid
+    from eqaudit.grids import Grid
     from eqaudit.metrics import LayerStats
     from eqaudit.metrics.channel_map import ChannelMapStats, ChannelMoments
     from eqaudit.models.base import LayerInfo
@@ -512,7 +525,7 @@ def _merge_layers(engine: Engine, shards: list[dict], arrays: list[dict[str, np.
             layer["stride_source"],
             [LayerStats() for _ in range(g)],
             [None] * g,
-            Grid(AxisGrid(**grid["h"]), AxisGrid(**grid["w"])) if grid else None,
+            Grid(_axis_grid(grid["h"]), _axis_grid(grid["w"])) if grid else None,
             layer["grid_note"],
         )
         state.aligned = list(layer["aligned"])

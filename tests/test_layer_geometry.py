@@ -789,3 +789,78 @@ def test_an_aligned_size_is_refused_when_no_layer_has_a_known_grid(tmp_path) -> 
     onnx.save(model, tmp_path / "einsum.onnx")
     with pytest.raises(UsageError, match="no map of this model's graph has a known one"):
         eqaudit.audit(str(tmp_path / "einsum.onnx"), "flips", input_size=32, align_input=True)
+
+
+def _isotropic_stack(depth: int, channels: int = 6) -> torch.nn.Module:
+    """Linear stride-1 zero-padded 5x5 convolutions whose filters are one Gaussian per (out, in)
+    pair: equivariant to rotations up to resampling and the square 5x5 truncation, except where
+    a cell reads the padding (the padding frame does not turn with the image)."""
+    torch.manual_seed(0)
+    offsets = torch.arange(5.0) - 2
+    gauss = torch.exp(-(offsets[:, None] ** 2 + offsets[None] ** 2) / (2 * 1.2**2))
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        conv = nn.Conv2d(3 if i == 0 else channels, channels, 5, padding=2)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(channels, conv.in_channels, 1, 1) * gauss / gauss.sum())
+            conv.bias.uniform_(0.2, 0.5)
+        layers.append(conv)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5))
+
+
+def _smooth_images(count: int, size: int) -> torch.Tensor:
+    """Images whose detail is a few pixels wide (low-pass noise): cubic resampling is accurate."""
+    draw = torch.Generator().manual_seed(3)
+    noise = torch.rand(count, 3, max(2, size // 8), max(2, size // 8), generator=draw)
+    smooth = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic")
+    return smooth.clamp(0, 1).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def test_rotations_are_compared_away_from_the_padding_border() -> None:
+    # DESIGN.md section 4: inside a central disk "minus the border affected by padding". The
+    # fourth 5x5 layer reads the padding within 8 pixels of the border; on the 0.8 disk (radius
+    # 12.8 pixels) its error is mostly the padding's (0.0027 against 0.0002 away from it, where
+    # it grows from the first layer's 0.0001 only by the kernels' square truncation).
+    images = _smooth_images(8, 33)
+    model = _isotropic_stack(4)
+    kept = eqaudit.audit(model, "rot:30", data=images, input_size=33, resize="center")
+    whole = eqaudit.audit(
+        model, "rot:30", data=images, input_size=33, resize="center", padding_border="include"
+    )
+    first, last = (kept.layer(f"{i}", "rot30")["relative_error"] for i in (0, 3))
+    assert last < 3 * first
+    assert whole.layer("3", "rot30")["relative_error"] > 5 * last
+    # the first layer reads the padding 2 pixels in: the disk of 0.8 x 16 pixels is inside, but
+    # for a few cells at its edge whose 5x5 field reaches the turned image's zero fill
+    near = whole.layer("0", "rot30")["relative_error"]
+    assert kept.layer("0", "rot30")["relative_error"] == pytest.approx(near, rel=0.05)
+    assert kept.summary["geometry"]["padding_border"] == "exclude"
+    assert whole.summary["geometry"]["padding_border"] == "include"
+
+
+def test_a_layer_that_reads_the_padding_everywhere_is_not_compared_under_rotation() -> None:
+    model = _isotropic_stack(5)  # 5 layers reach 10 pixels: nothing of a 17-pixel map is free
+    images = _smooth_images(4, 17)
+    result = eqaudit.audit(model, "rot:30,flips", data=images, input_size=17, resize="center")
+    # 2 layers reach 4 pixels: cells 4..12 read no padding, and those within 4 pixels of the
+    # centre not the zero fill of the image turned by 30 degrees either. 3 layers (6 pixels):
+    # cells 6..10, but the field of each but the centre reaches the fill, and the centre has
+    # no free neighbour for the cubic stencil.
+    assert result.layer("1", "rot30")["measurable"] is True
+    for layer in ("2", "3", "4"):
+        row = result.layer(layer, "rot30")
+        assert row["measurable"] is False and "out of reach of the padding" in row["reason"]
+        assert result.layer(layer, "flip_h")["measurable"] is True  # exact: no padding issue
+    notes = result.summary["geometry"]["notes"]
+    assert any("rotations by other angles: 3 layers (2, 3, 4)" in note for note in notes), notes
+    anyway = eqaudit.audit(
+        model, "rot:30", data=images, input_size=17, resize="center", padding_border="include"
+    )
+    assert anyway.layer("4", "rot30")["measurable"] is True
+
+
+def test_padding_border_option_is_checked() -> None:
+    from eqaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match="--padding-border must be one of exclude"):
+        eqaudit.audit(_isotropic_stack(1), "rot:30", padding_border="outside", input_size=17)

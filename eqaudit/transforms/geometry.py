@@ -51,6 +51,7 @@ class _Axis(Protocol):
     n: int
     stride: float
     offset: float
+    free: tuple[int, int] | None
 
 
 class GridLike(Protocol):
@@ -176,26 +177,128 @@ def _gather(fmap: torch.Tensor, cm: CellMap) -> FeatureAction:
     return FeatureAction(moved * mask.to(fmap.dtype), mask)
 
 
+_Span = tuple[int, int]
+
+#: In the reason of a rotation that finds no padding-free cell (summary.geometry counts them).
+NO_FREE_CELLS = "out of reach of the padding"
+
+
+def _no_free_cells(n_h: int, n_w: int) -> NotMeasurable:
+    return NotMeasurable(
+        f"no cell of the {n_h}x{n_w} feature map is {NO_FREE_CELLS} or of the rotated image's "
+        "zero fill (its receptive field is too wide for this input size): a rotation is not "
+        "compared there (--padding-border include compares the disk all the same)"
+    )
+
+
+@dataclass(frozen=True)
+class FreeRegion:
+    """Where a rotation by another angle may compare a map without reading any padding.
+
+    ``rows``, ``cols``: the padding-free cells ``(lo, hi)`` of each axis (:mod:`eqaudit.grids`).
+    The rotated image is zero outside the turned square (and cubic samples within a pixel of
+    its edge read that zero), so a cell whose receptive field reaches there reads the fill in
+    ``h(T x)`` and real content in ``h(x)``: the fill is padding too. ``reach``: the receptive
+    field's half-width ``rho`` per axis (pixels), bounded by the free cells themselves (the
+    first one's field starts inside the image: ``rho <= offset + stride*lo``, likewise from
+    the end; exact for a stack of padded windows, larger otherwise). ``offset``, ``stride``:
+    the grid; ``size``: the input; ``inverse``, ``shift``: where output pixel ``q`` of the
+    rotated image takes its content, ``inverse @ (q - shift)``.
+    """
+
+    rows: _Span
+    cols: _Span
+    reach: tuple[float, float]
+    offset: tuple[float, float]
+    stride: tuple[float, float]
+    size: tuple[int, int]
+    inverse: tuple[float, float, float, float]
+    shift: tuple[float, float]
+
+    def off_the_fill(self, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+        """Cells whose receptive field (all four corners: the square is convex) maps inside
+        ``[1, N-2]`` of the source on both axes."""
+        (o_h, o_w), (s_h, s_w), (r_h, r_w) = self.offset, self.stride, self.reach
+        a, b, c, d = self.inverse
+        height, width = self.size
+        ok = np.ones(ii.shape, dtype=bool)
+        for dy in (-r_h, r_h):
+            for dx in (-r_w, r_w):
+                qy = o_h + s_h * ii + dy - self.shift[0]
+                qx = o_w + s_w * jj + dx - self.shift[1]
+                y, x = a * qy + b * qx, c * qy + d * qx
+                ok &= (y >= 1 - _TOL) & (y <= height - 2 + _TOL)
+                ok &= (x >= 1 - _TOL) & (x <= width - 2 + _TOL)
+        return ok
+
+
+def padding_free(
+    element: Transform, grid: GridLike | None, padding_border: str, input_size: tuple[int, int]
+) -> FreeRegion | None:
+    """The region a rotation is compared on, or None for the disk on the whole map
+    (``--padding-border include``, or padding-free cells not known)."""
+    if padding_border == "include" or grid is None:
+        return None
+    if grid.h.free is None or grid.w.free is None:
+        return None
+    reach = []
+    for axis, size in ((grid.h, input_size[0]), (grid.w, input_size[1])):
+        lo, hi = axis.free
+        first, last = axis.offset + axis.stride * lo, axis.offset + axis.stride * hi
+        reach.append(max(0.0, min(first, size - 1 - last)) if lo <= hi else 0.0)
+    linear, shift = element.point_map(*input_size)
+    inverse = np.linalg.inv(linear)
+    return FreeRegion(
+        grid.h.free,
+        grid.w.free,
+        (reach[0], reach[1]),
+        (float(grid.h.offset), float(grid.w.offset)),
+        (float(grid.h.stride), float(grid.w.stride)),
+        (int(input_size[0]), int(input_size[1])),
+        tuple(float(v) for v in inverse.reshape(-1)),  # type: ignore[arg-type]
+        (float(shift[0]), float(shift[1])),
+    )
+
+
 def _resampled(
-    fmap: torch.Tensor, cm: CellMap, centre: tuple[float, float] | None, masked: bool = True
+    fmap: torch.Tensor,
+    cm: CellMap,
+    centre: tuple[float, float] | None,
+    masked: bool = True,
+    free: FreeRegion | None = None,
 ) -> FeatureAction:
     """Approximate action by resampling; compared where the bicubic stencil stays inside the map
-    (and, for rotations, inside a disk about the true centre). ``masked``: the samples outside
+    (and, for rotations, inside a disk about the true centre, within ``free``: the cells that
+    read no padding, whose values the stencil alone may read). ``masked``: the samples outside
     that region are zeroed (for a comparison), else kept (for a round trip: see
     :func:`resampled_floor`)."""
     n_h, n_w = fmap.shape[-2:]
 
     def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (lo_h, hi_h), (lo_w, hi_w) = (
+            (free.rows, free.cols) if free else ((0, n_h - 1), (0, n_w - 1))
+        )
+        if lo_h > hi_h or lo_w > hi_w:
+            raise _no_free_cells(n_h, n_w)
         sy, sx = cm.sources()
         inside = (
-            (sy >= 1 - _TOL) & (sy <= n_h - 2 + _TOL) & (sx >= 1 - _TOL) & (sx <= n_w - 2 + _TOL)
+            (sy >= lo_h + 1 - _TOL)
+            & (sy <= hi_h - 1 + _TOL)
+            & (sx >= lo_w + 1 - _TOL)
+            & (sx <= hi_w - 1 + _TOL)
         )
         if centre is not None:
             cy, cx = centre
             radius = DISK_FRACTION * min(cy, n_h - 1 - cy, cx, n_w - 1 - cx)
+            if free is not None:  # and no cell that reads the padding
+                radius = min(radius, cy - lo_h, hi_h - cy, cx - lo_w, hi_w - cx)
             ii, jj = np.meshgrid(np.arange(n_h), np.arange(n_w), indexing="ij")
             inside &= (ii - cy) ** 2 + (jj - cx) ** 2 <= radius**2
+            if free is not None:  # nor the rotated image's zero fill
+                inside &= free.off_the_fill(ii, jj)
         if not inside.any():  # (not cached: the engine records the reason and asks no more)
+            if free is not None:
+                raise _no_free_cells(n_h, n_w)
             raise NotMeasurable(
                 f"feature map {n_h}x{n_w} leaves no cell to compare after resampling"
             )
@@ -203,7 +306,7 @@ def _resampled(
         mask = torch.from_numpy(inside)[None, None].to(device)
         return torch.from_numpy(sy).to(device), torch.from_numpy(sx).to(device), mask
 
-    sy, sx, mask = _device_plan("resample", cm, (n_h, n_w, centre), fmap.device, make)
+    sy, sx, mask = _device_plan("resample", cm, (n_h, n_w, centre, free), fmap.device, make)
     # Cubic samples (the interpolant of rotate), zero outside.
     samples = cubic_sample(fmap, sy, sx)
     return FeatureAction(samples * mask.to(fmap.dtype) if masked else samples, mask)
@@ -245,6 +348,7 @@ def compare_on_grid(
     input_size: tuple[int, int],
     stride: tuple[float, float] | None,
     misaligned: str = "flag",
+    padding_border: str = "exclude",
 ) -> GridComparison:
     """``T'_g h`` for one reference map ``(B, C, n_h, n_w)``; raises :class:`NotMeasurable`."""
     if grid is None:  # offset unknown: the map's own grid is all there is
@@ -273,7 +377,8 @@ def compare_on_grid(
     if isinstance(element, Shift):  # sub-pixel shift: band-limited, border cells masked
         return GridComparison(_fractional_shift(element, fmap, grid), "resampled", False)
     centre = cm.true_centre(input_size, grid)
-    return GridComparison(_resampled(fmap, cm, centre), "resampled", False)
+    free = padding_free(element, grid, padding_border, input_size)
+    return GridComparison(_resampled(fmap, cm, centre, free=free), "resampled", False)
 
 
 def _fractional_shift(element: Shift, fmap: torch.Tensor, grid: GridLike) -> FeatureAction:
@@ -293,7 +398,11 @@ def _fractional_shift(element: Shift, fmap: torch.Tensor, grid: GridLike) -> Fea
 
 
 def resampled_floor(
-    element: Transform, fmap: torch.Tensor, grid: GridLike | None, input_size: tuple[int, int]
+    element: Transform,
+    fmap: torch.Tensor,
+    grid: GridLike | None,
+    input_size: tuple[int, int],
+    padding_border: str = "exclude",
 ) -> torch.Tensor | None:
     """Interpolation floor of a resampled comparison: ``T'^-1 T' h`` against ``h``, per image,
     where both trips' stencils stay inside the map (and the disk). The way out is not zeroed
@@ -307,9 +416,10 @@ def resampled_floor(
         return element.feature_floor(fmap)
     cm = cell_map(element, grid, input_size)
     centre = cm.true_centre(input_size, grid) if not element.exact else None
-    there = _resampled(fmap, cm, centre, masked=False)
+    free = padding_free(element, grid, padding_border, input_size) if centre is not None else None
+    there = _resampled(fmap, cm, centre, masked=False, free=free)
     inverse = CellMap(np.linalg.inv(cm.M), -np.linalg.inv(cm.M) @ cm.b, cm.shape)
-    back = _resampled(there.transformed, inverse, centre, masked=False)
+    back = _resampled(there.transformed, inverse, centre, masked=False, free=free)
     mask = there.mask & back.mask if there.mask is not None and back.mask is not None else None
     return relative_error(back.transformed, fmap, mask)
 

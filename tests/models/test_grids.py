@@ -1135,3 +1135,137 @@ def test_a_failed_export_prints_nothing_and_mutes_only_its_own_thread(capfd) -> 
         other.start()
         other.join()
     assert capfd.readouterr().err == "from a progress bar\n"
+
+
+# -- padding-free cells ----------------------------------------------------------------------------
+# Oracle: a cell reads no padding exactly when its value does not change when the image is
+# surrounded by more image (the padding moves away): run the model on x and on x inside a larger
+# random canvas, and compare each cell with the cell at the same input position.
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.conv(x))
+
+
+def padding_model() -> nn.Sequential:
+    """Ops whose padding-free cells are exact (no bound): windows of every kind, residual add,
+    pads (reflected, asymmetric), slices, a nearest upsample. Many channels: a max-pool window
+    that reads the padding keeps its value when the maximum lies elsewhere, in fewer channels."""
+    c = 32
+    return nn.Sequential(
+        nn.Conv2d(3, c, 5, padding=2),
+        nn.Tanh(),
+        nn.MaxPool2d(3, 2, 1),
+        Residual(c),
+        nn.Conv2d(c, c, 3, 1, 2, dilation=2),
+        nn.ReflectionPad2d((1, 2, 0, 1)),
+        nn.Conv2d(c, c, 3),
+        Crop(),
+        nn.Conv2d(c, c, 3, 2, 1),
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.AvgPool2d(3, 1, 1),
+    ).eval()
+
+
+def unchanged_cells(
+    model: nn.Module, graph: GridGraph, size: tuple[int, int], margin: int
+) -> dict[str, tuple[np.ndarray, Grid]]:
+    """Per module: (cells whose value is the same inside a larger image, the module's grid)."""
+    draw = torch.Generator().manual_seed(0)
+    canvas = torch.randn(1, 3, size[0] + 2 * margin, size[1] + 2 * margin, generator=draw)
+    canvas = canvas.double()
+    image = canvas[..., margin:-margin, margin:-margin]
+    small, large = torch_outputs(model.double(), image), torch_outputs(model, canvas)
+    grids = graph.grids(*size)
+    larger = graph.grids(size[0] + 2 * margin, size[1] + 2 * margin)
+    found = {}
+    for name, out in small.items():
+        grid, big = grids.get(name), larger.get(name)
+        if not isinstance(grid, Grid) or out.dim() != 4:
+            continue
+        assert isinstance(big, Grid)
+        # cell i sits at input pixel offset + stride*i: margin pixels further in the canvas
+        rows = (grid.h.offset + margin - big.h.offset) / grid.h.stride
+        cols = (grid.w.offset + margin - big.w.offset) / grid.w.stride
+        assert rows == int(rows) and cols == int(cols)
+        n_h, n_w = out.shape[-2:]
+        there = large[name][..., int(rows) : int(rows) + n_h, int(cols) : int(cols) + n_w]
+        same = ((out - there).abs() <= 1e-12).all(dim=1)[0]
+        found[name] = (same.numpy(), grid)
+    return found
+
+
+def torch_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        sub.register_forward_hook(lambda _m, _i, out, path=path: outputs.__setitem__(path, out))
+        for path, sub in model.named_modules()
+        if path
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def free_cells(grid: Grid) -> np.ndarray:
+    mask = np.zeros((grid.h.n, grid.w.n), dtype=bool)
+    assert grid.h.free is not None and grid.w.free is not None
+    (lo_h, hi_h), (lo_w, hi_w) = grid.h.free, grid.w.free
+    mask[lo_h : hi_h + 1, lo_w : hi_w + 1] = True
+    return mask
+
+
+@pytest.mark.parametrize("size", [(37, 37), (40, 53)])
+def test_padding_free_cells_are_those_that_no_surrounding_content_changes(size) -> None:
+    torch.manual_seed(0)
+    model = padding_model()
+    graph = export(model, size)
+    found = unchanged_cells(model, graph, size, margin=8)
+    assert len(found) == 12  # the 11 modules and the residual block's convolution
+    for name, (same, grid) in found.items():
+        assert np.array_equal(free_cells(grid), same), name
+    # deep enough that padding reaches most cells, not all of them
+    last = found["10"][1]
+    assert last.h.free is not None and last.h.free[0] > 0 and last.h.free[1] < last.h.n - 1
+
+
+def test_padding_free_cells_after_resampling_ops_are_a_safe_bound() -> None:
+    # Transposed convolutions and linear/cubic resizes: the span is a bound (at most a few cells
+    # short of the exact set), never a cell that reads the padding.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ConvTranspose2d(4, 4, 4, 2, 1),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.Upsample(scale_factor=0.5, mode="bicubic"),
+        nn.Conv2d(4, 4, 3, padding=1),
+    ).eval()
+    graph = export(model, (31, 31))
+    for name, (same, grid) in unchanged_cells(model, graph, (31, 31), margin=8).items():
+        free = free_cells(grid)
+        assert not (free & ~same).any(), name
+        assert free.sum() >= 0.5 * same.sum() > 0, name
+
+
+def test_onnx_and_torch_give_the_same_padding_free_cells() -> None:
+    model = padding_model()
+    size = (37, 41)
+    from_torch = export(model, size).grids(*size)["10"]
+    from_onnx = onnx_grid_graph(to_onnx(model, size, dynamic=True), "x", "NCHW").grids(*size)["y"]
+    assert isinstance(from_onnx, Grid) and isinstance(from_torch, Grid)
+    assert (from_onnx.h.free, from_onnx.w.free) == (from_torch.h.free, from_torch.w.free)
+    assert from_torch.h.free is not None
+
+
+def test_a_receptive_field_wider_than_the_image_leaves_no_free_cell() -> None:
+    graph = export(
+        nn.Sequential(*[nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1) for i in range(9)]), (17, 17)
+    )
+    grids = graph.grids(17, 17)
+    assert grids["7"].h.free == (8, 8)  # 8 convs reach 8 pixels: the centre only
+    assert grids["8"].h.free == (0, -1)

@@ -33,6 +33,7 @@ class Axis:
     n: int
     stride: float
     offset: float
+    free: tuple[int, int] | None = None  # padding-free cells: None, not known
 
 
 @dataclass(frozen=True)
