@@ -77,7 +77,10 @@ and ``T h(x)`` for reasons that are the padding's, not the model's). The input i
 * resizes: cells whose interpolation taps (``1`` cell linear, ``2`` cubic, wider by ``1/scale``
   when downsampling) or nearest source stay inside; depth-to-space ``lo*b .. hi*b + b - 1``;
 * element-wise combinations and channel concatenations: the intersection of their inputs';
-  everything that keeps the grid keeps them.
+  everything that keeps the grid keeps them, but for ops that take statistics across cells
+  (instance and group norms; layer norms, Lp norms and softmaxes whose axes include H or W) and
+  a map combined with image features broadcast over it (a squeeze-excite gate from a global
+  pool): each of their cells reads the whole map, so none is free.
 
 Clipped to ``0 .. n-1``; ``(0, -1)`` when no cell is free (deep layers of a network whose
 receptive field outgrows the image: ResNet-18's last stage at 224 pixels).
@@ -609,6 +612,16 @@ def _nearest_axis(
     return f"{label} repeats input cells unevenly ({n} -> {n_out} cells, nearest)"
 
 
+def _spread(state: Any) -> Any:
+    """A map each of whose cells reads the whole input map (a normalisation over H and W, a
+    gate from a global pool): every cell reads whatever padding any cell read."""
+    if not isinstance(state, _Map) or state.grid is None:
+        return state
+    h, w = state.grid.h, state.grid.w
+    spread = [None if g.free is None else _NO_CELLS for g in (h, w)]
+    return replace(state, grid=Grid(replace(h, free=spread[0]), replace(w, free=spread[1])))
+
+
 def _same_grid(a: Grid, b: Grid) -> bool:
     return all(
         x.n == y.n and abs(x.stride - y.stride) <= _TOL and abs(x.offset - y.offset) <= _TOL
@@ -673,6 +686,8 @@ def _combine(ins: Sequence[Any], label: str, out_rank: int | None = None) -> Any
                 f"{_grid_text(other.grid)})",
                 rank,
             )
+    if flats:  # image features broadcast over the map: a global pool's gate (squeeze-excite)
+        return _spread(maps[0])
     if len(maps) == 1:
         return maps[0]
     # A cell reads padding when any of its inputs does (the identity branch of a residual block
@@ -1687,8 +1702,38 @@ def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: 
 
         return split
     if op in ONNX_GRID_PRESERVING:
-        return lambda ins: _combine(ins, label)
+        axes = _onnx_statistics_axes(node, facts, opset)
+        if axes is None:
+            return lambda ins: _combine(ins, label)
+
+        def normalise(ins: list[Any]) -> Any:
+            state = _combine(ins, label)
+            if not isinstance(state, _Map):
+                return state
+            # over channel axes only (softmax over NCHW channels, LayerNorm over NHWC ones):
+            # each cell on its own
+            local = axes != "space" and not set(axes) & set(_spatial_axes(state))
+            return state if local else _spread(state)
+
+        return normalise
     return _unsupported(f"{label} is not understood by the grid walk")
+
+
+def _onnx_statistics_axes(
+    node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int
+) -> tuple[int, ...] | str | None:
+    """For a grid-keeping op that takes statistics along axes (where those include H or W,
+    each of its cells reads the whole map, and no cell is padding-free): the axes, or "space"
+    (H and W whatever the layout); None for ops that act on each element alone."""
+    op = node.op_type
+    if op in ("InstanceNormalization", "GroupNormalization", "MeanVarianceNormalization"):
+        return "space"
+    if op not in ("LayerNormalization", "LpNormalization", "Softmax", "LogSoftmax"):
+        return None
+    rank = facts.rank(node.input[0]) or 4
+    flattening = op == "LayerNormalization" or (op in ("Softmax", "LogSoftmax") and opset < 13)
+    axis = int(_attr(node, "axis", 1 if flattening and op != "LayerNormalization" else -1)) % rank
+    return tuple(range(axis, rank)) if flattening else (axis,)
 
 
 def _unsupported(reason: str) -> _Rule:
@@ -2317,6 +2362,19 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
     if name == "permute":
         dims = [int(d) % max(rank, 1) for d in bound["dims"]]
         return lambda ins: _permute_state(state_of(ins), dims, label)
+    if name in ("instance_norm", "group_norm", "native_group_norm"):  # statistics over H, W
+        return lambda ins: wrap(_spread(state_of(ins)))
+    if name in ("layer_norm", "native_layer_norm"):
+        # over the last len(normalized_shape) axes: channels only just for a NHWC map
+        shape = bound.get("normalized_shape")
+        local = shape is not None and len(shape) == 1
+
+        def layer_norm(ins: list[Any]) -> Any:
+            state = state_of(ins)
+            keep = local and isinstance(state, _Map) and state.layout == "NHWC"
+            return wrap(state if keep else _spread(state))
+
+        return layer_norm
     if name in _TORCH_KEEP:
         return lambda ins: wrap(state_of(ins), 2 if name == "native_dropout" else 1)
     if torch.Tag.pointwise in target.tags or name in _TORCH_POINTWISE:

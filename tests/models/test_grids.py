@@ -1269,3 +1269,56 @@ def test_a_receptive_field_wider_than_the_image_leaves_no_free_cell() -> None:
     grids = graph.grids(17, 17)
     assert grids["7"].h.free == (8, 8)  # 8 convs reach 8 pixels: the centre only
     assert grids["8"].h.free == (0, -1)
+
+
+class GatedConv(nn.Module):
+    """A padded convolution times a squeeze-excite gate (from a global pool of its output)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.gate = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: [GatedConv(4)],
+        lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4)],
+        # (exported to ONNX as Reshape, InstanceNormalization, Reshape: the grid is unknown)
+        lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4)],
+    ],
+    ids=["squeeze-excite", "instance-norm", "group-norm"],
+)
+def test_statistics_over_the_map_leave_no_cell_padding_free(layers, request) -> None:
+    # Each cell then reads the whole map, border included (review of the padding-free spans:
+    # a squeeze-excite gate kept the map's span, 342 cells that the canvas oracle changes).
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers()).eval()
+    size = (20, 21)
+    last = str(len(model) - 1)
+    onnx_grid = onnx_grid_graph(to_onnx(model, size, dynamic=True), "x", "NCHW").grids(*size)["y"]
+    if "group-norm" not in request.node.name:
+        assert isinstance(onnx_grid, Grid) and onnx_grid.h.free == onnx_grid.w.free == (0, -1)
+    same, grid = unchanged_cells(model, export(model, size), size, margin=8)[last]
+    assert not same.any()
+    assert grid.h.free == grid.w.free == (0, -1)
+
+
+def test_a_channels_last_layer_norm_keeps_each_cell_on_its_own() -> None:
+    class ChannelsLastNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    size = (20, 21)
+    grids = export(ChannelsLastNorm().eval(), size).grids(*size)
+    assert grids["norm"].h.free == (1, 18) and grids["norm"].w.free == (1, 19)
