@@ -2026,18 +2026,14 @@ def _onnx_reduce_rule(
 
 # -- PyTorch (torch.export) ----------------------------------------------------------------------
 _TORCH_KEEP = {
-    # Normalisations, dropouts, copies and dtype moves: the grid of their first input.
+    # Batch norms, dropouts, copies and dtype moves: the grid of their first input (norms that
+    # take statistics over H and W have rules of their own, see _spread).
     "batch_norm",
     "native_batch_norm",
     "_native_batch_norm_legit",
     "_native_batch_norm_legit_no_training",
     "_native_batch_norm_legit_functional",
     "cudnn_batch_norm",
-    "instance_norm",
-    "group_norm",
-    "native_group_norm",
-    "layer_norm",
-    "native_layer_norm",
     "dropout",
     "dropout_",
     "native_dropout",

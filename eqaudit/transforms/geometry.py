@@ -241,16 +241,24 @@ def padding_free(
         return None
     if grid.h.free is None or grid.w.free is None:
         return None
+    return _free_region(element, grid, (grid.h.free, grid.w.free), input_size)
+
+
+@lru_cache(maxsize=4096)
+def _free_region(
+    element: Transform, grid: GridLike, spans: tuple[_Span, _Span], input_size: tuple[int, int]
+) -> FreeRegion:
+    """:func:`padding_free`'s region, made once per (element, grid): every batch asks again.
+    ``spans`` are part of the key (a grid's equality leaves its free cells out)."""
     reach = []
-    for axis, size in ((grid.h, input_size[0]), (grid.w, input_size[1])):
-        lo, hi = axis.free
+    for axis, (lo, hi), size in zip((grid.h, grid.w), spans, input_size, strict=True):
         first, last = axis.offset + axis.stride * lo, axis.offset + axis.stride * hi
         reach.append(max(0.0, min(first, size - 1 - last)) if lo <= hi else 0.0)
     linear, shift = element.point_map(*input_size)
     inverse = np.linalg.inv(linear)
     return FreeRegion(
-        grid.h.free,
-        grid.w.free,
+        spans[0],
+        spans[1],
         (reach[0], reach[1]),
         (float(grid.h.offset), float(grid.w.offset)),
         (float(grid.h.stride), float(grid.w.stride)),
