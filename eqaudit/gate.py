@@ -530,28 +530,35 @@ def _number_problem(where: str, value: Any, top: float) -> str | None:
     return None
 
 
+def _numbers_problem(values: dict, ranges: dict[str, float], where: str, lacks: str) -> str | None:
+    """The first of ``ranges``' keys missing from ``values`` (``lacks`` formatted with it) or
+    holding no number in its range, or None."""
+    for key, top in ranges.items():
+        if key not in values:
+            return lacks.format(key)
+        problem = _number_problem(f"{where}.{key}", values[key], top)
+        if problem:
+            return problem
+    return None
+
+
 def _baseline_problem(data: dict) -> str | None:
     """What is wrong with the numbers of a baseline (``metrics``), or None: each must be a
     number in its range or null, and there must be per-element numbers to compare with."""
     metrics = data["metrics"]
-    for key, top in _BASELINE_SCORES.items():
-        if key not in metrics:
-            return f"it lacks metrics.{key}"
-        problem = _number_problem(f"metrics.{key}", metrics[key], top)
-        if problem:
-            return problem
+    problem = _numbers_problem(metrics, _BASELINE_SCORES, "metrics", "it lacks metrics.{}")
+    if problem:
+        return problem
     outputs = metrics.get("outputs")
     if not isinstance(outputs, dict):
         return f"metrics.outputs is {json.dumps(outputs)[:40]}, not an object of elements"
     for element, row in outputs.items():
         if not isinstance(row, dict):
             return f"metrics.outputs.{element} is {json.dumps(row)[:40]}, not an object"
-        for key, top in _BASELINE_ROW.items():
-            if key not in row:
-                return f"metrics.outputs.{element} lacks '{key}'"
-            problem = _number_problem(f"metrics.outputs.{element}.{key}", row[key], top)
-            if problem:
-                return problem
+        where = f"metrics.outputs.{element}"
+        problem = _numbers_problem(row, _BASELINE_ROW, where, where + " lacks '{}'")
+        if problem:
+            return problem
     listed = data["fingerprint"].get("transforms")
     if isinstance(listed, list):
         unknown = [str(e) for e in outputs if e not in listed or e == IDENTITY]

@@ -57,10 +57,9 @@ def test_unknown_options_and_mixed_config_are_one_line_usage_errors() -> None:
         eqaudit.AuditConfig(mean="0.5;0.5;0.5")
 
 
-def test_identity_modules_are_not_layers() -> None:
-    # An Identity hands out its input: the previous layer's numbers again, and its name is
-    # not in the exported graph, so its grid was unknown and its pairs unscored (review).
-    model = nn.Sequential(
+def _with_modules_that_are_no_layers() -> nn.Module:
+    """'1' an Identity, '4' a Flatten (the pool's values again), '5' the class scores."""
+    return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
         nn.Identity(),
         nn.ReLU(),
@@ -68,6 +67,12 @@ def test_identity_modules_are_not_layers() -> None:
         nn.Flatten(),
         nn.Linear(4, 3),
     ).eval()
+
+
+def test_identity_modules_are_not_layers() -> None:
+    # An Identity hands out its input: the previous layer's numbers again, and its name is
+    # not in the exported graph, so its grid was unknown and its pairs unscored (review).
+    model = _with_modules_that_are_no_layers()
     result = eqaudit.audit(model, "flips", input_size=9, num_images=2)
     # (nor is the Flatten: it hands out the pool's values)
     assert sorted({row["layer"] for row in result.layers}) == ["0", "2", "3"]
@@ -86,14 +91,7 @@ def test_layers_naming_a_module_that_is_no_layer_say_why(pattern, why) -> None:
     # '--layers 4' (the Flatten) said only "matches no layer": the module is right there.
     from eqaudit.errors import UsageError
 
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.Identity(),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    ).eval()
+    model = _with_modules_that_are_no_layers()
     with pytest.raises(UsageError) as error:
         eqaudit.audit(model, "flips", input_size=9, num_images=2, layer_patterns=(pattern,))
     assert str(error.value) == (
