@@ -20,7 +20,15 @@ setup: $(BIN)/eqaudit
 demo: setup  ## audit the bundled demo model; writes reports/demo/
 	$(BIN)/eqaudit demo
 
-test: setup  ## the whole test suite
+# Triton, for the tests that run the GPU comparison kernel in Triton's CPU interpreter (CUDA
+# builds of torch bring their own; without it those tests skip, saying so).
+TRITON_SPEC ?= triton==3.9.0
+$(VENV)/.test-deps: $(BIN)/eqaudit
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install --quiet "$(TRITON_SPEC)" \
+		|| echo "warning: could not install $(TRITON_SPEC); the Triton kernel tests will skip"
+	touch $@
+
+test: setup $(VENV)/.test-deps  ## the whole test suite
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -63,6 +63,7 @@ import eqaudit
 from eqaudit.config import AuditConfig
 from eqaudit.data import make_preprocessing, synthetic_images
 from eqaudit.device import ieee_float32
+from eqaudit.metrics import triton_d4
 from eqaudit.transforms import parse_transforms
 
 SEED = 0
@@ -383,6 +384,17 @@ def run_audit(
         )
     synchronise(device)
     return result
+
+
+def with_torch_ops(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with the engine's Triton comparison kernel off (its torch ops instead), to
+    time both side by side on a GPU."""
+    usable = triton_d4.usable
+    triton_d4.usable = lambda act: False
+    try:
+        return fn(*args)
+    finally:
+        triton_d4.usable = usable
 
 
 def audit_as_asked(
@@ -750,6 +762,10 @@ def time_cases(
             cases[backend, mode] = lambda b=backend, la=layers: audit_as_asked(
                 args, b, model, onnx_path, la
             )
+        if args.device == "cuda" and triton_d4.triton_installed():
+            cases[backend, "all_layers_ops"] = lambda b=backend: with_torch_ops(
+                audit_as_asked, args, b, model, onnx_path, True
+            )
         cases[backend, "plain"]()
         cases[backend, "exposed"]()
 
@@ -799,6 +815,12 @@ def time_cases(
                 f"{_ratio(exposed, plain):>8} {_ratio(full, exposed):>6} "
                 f"{len(layer_names[backend]):>7}"
             )
+            if (backend, "all_layers_ops") in times:
+                ops = pick(times[backend, "all_layers_ops"])
+                print(
+                    f"{'':<8} all layers with torch ops instead of the Triton kernel: "
+                    f"{ops:.2f} s, ratio {_ratio(ops, plain)}"
+                )
     print(f"goals: no-layers ratio <= {GOAL_NO_LAYERS}, all-layers ratio <= {GOAL_ALL_LAYERS}")
     if args.fresh > 0 and args.device is None:
         fresh_audits(args, backends, onnx_path)

@@ -7,23 +7,26 @@ activations ``act`` of shape ``(G, B, C, H, W)`` (identity first, ``b = act[0]``
 act[g]``), the norms ``||a||``, ``||b||`` and ``||T'b - a||`` of every pair at once
 (:func:`eqaudit.audit.d4_orbit_norms`). This script times that function beside alternatives that
 compute the same norms, over the layer shapes of the benchmark's ResNet-18, and checks that each
-alternative gives the engine's numbers:
+alternative gives the torch ops' numbers:
 
-* ``engine``: :func:`~eqaudit.audit.d4_orbit_norms` as the audit runs it: one ``torch.gather``
-  lays ``T'b`` out element-major, ``(G - 1, B C, H W)`` (the index broadcast over the batch and
-  channels), so that the subtraction and the norms run on contiguous tensors;
+* ``torch``: :func:`~eqaudit.audit.d4_orbit_norms` with torch ops (the engine's path without
+  Triton, and off CUDA): one ``torch.gather`` lays ``T'b`` out element-major, ``(G - 1, B C, H
+  W)`` (the index broadcast over the batch and channels), so that the subtraction and the norms
+  run on contiguous tensors;
+* ``fused`` (CUDA with Triton: the engine's path there): one Triton kernel per layer that reads
+  each activation once (:mod:`eqaudit.metrics.triton_d4`);
 * ``strided``: the engine before session 9: ``index_select`` gathers ``T'b`` in ``(B, C, G - 1,
   H W)`` order and the subtraction writes through a ``movedim`` view (strided: not vectorised on
   a GPU, where it took 0.27 s of device time per 1024 images on an H100);
-* ``compiled``: ``engine`` under ``torch.compile`` (on a GPU, inductor fuses the gather,
+* ``compiled``: ``torch`` under ``torch.compile`` (on a GPU, inductor fuses the gather,
   subtraction and squared sums into generated Triton kernels; on the CPU, C++). Its one-off
   compile time per layer shape is printed apart;
 * ``per-element`` (CPU, float32 only): the path the engine takes there, one element at a time,
   ``T'b`` a numpy view (negative strides, no copy) subtracted into one buffer.
 
 Per variant it prints the summed time over the layers of one batch (fastest of ``--repeats``,
-repeats interleaved), its ratio to ``engine``, and the largest relative difference of its norms
-from ``engine``'s. It asserts nothing: the verdict is read from the table.
+repeats interleaved), its ratio to ``torch``, and the largest relative difference of its norms
+from ``torch``'s. It asserts nothing: the verdict is read from the table.
 
 Usage::
 
@@ -49,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_audit sits bes
 from bench_audit import build_model
 
 from eqaudit.audit import d4_orbit_norms
-from eqaudit.metrics import image_norms
+from eqaudit.metrics import image_norms, triton_d4
 from eqaudit.transforms import parse_transforms
 from eqaudit.transforms.elements import d4_apply, d4_view
 
@@ -76,9 +79,13 @@ def layer_shapes(size: int) -> Counter[tuple[int, int, int]]:
 
 
 def d4_index(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """The cells each non-identity D4 element reads, as the engine's ``Engine._d4_index``."""
+    """The cells each D4 element reads, ``(G, H W)``, as the engine's ``Engine._d4_index``."""
     cells = torch.arange(height * width, device=device).view(1, 1, height, width)
-    return torch.cat([d4_apply(cells, e.k, e.flip).flatten() for e in D4_ELEMENTS[1:]])
+    return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in D4_ELEMENTS])
+
+
+def fused(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return d4_orbit_norms(act, index, fused=True)
 
 
 def strided(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -88,7 +95,7 @@ def strided(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     g, b = act.shape[0], act.shape[1]
     height, width = act.shape[-2:]
     flat = act.flatten(-2)  # (G, B, C, H W)
-    moved = flat[0].index_select(-1, index).unflatten(-1, (g - 1, height * width))
+    moved = flat[0].index_select(-1, index[1:].flatten()).unflatten(-1, (g - 1, height * width))
     difference = moved.movedim(-2, 0).sub_(flat[1:])  # T'b - a
     na = image_norms(act, start=2)
     nd = image_norms(difference.unflatten(-1, (height, width)), start=2)
@@ -137,7 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         for shape in shapes
     }
-    variants: dict[str, Variant] = {"engine": d4_orbit_norms, "strided": strided}
+    variants: dict[str, Variant] = {"torch": d4_orbit_norms, "strided": strided}
+    example = next(iter(layers.values()))[0]
+    if triton_d4.usable(example):
+        started = time.perf_counter()
+        for act, index in layers.values():
+            fused(act, index)
+        synchronise(device)
+        print(f"fused: {time.perf_counter() - started:.1f} s to build the kernel (once)")
+        variants["fused"] = fused
     if device.type == "cpu" and dtype == torch.float32:
         variants["per-element"] = per_element
     if not args.no_compile:
@@ -170,14 +185,14 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{layer_count} layers of the ResNet-18 at {args.size} px, {args.images} images x 8"
         f" elements, {args.dtype} on {device}; fastest of {args.repeats}"
     )
-    print(f"{'variant':<15}{'s per batch':>12}{'vs engine':>11}{'max rel. diff':>15}")
+    print(f"{'variant':<15}{'s per batch':>12}{'vs torch':>11}{'max rel. diff':>15}")
     for name, variant in variants.items():
         worst = 0.0
         for shape, (act, index) in layers.items():
             got = variant(act, index).double()
             scale = reference[shape].abs().clamp_min(1e-30)
             worst = max(worst, float(((got - reference[shape]).abs() / scale).max()))
-        ratio = best[name] / best["engine"]
+        ratio = best[name] / best["torch"]
         print(f"{name:<15}{best[name]:>12.4f}{ratio:>11.2f}{worst:>15.2e}")
 
 

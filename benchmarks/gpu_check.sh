@@ -8,8 +8,12 @@
 # (default 256 and 2048); logs go to $OUT (default ./gpu-check). STEPS picks steps (default all:
 # "kernels syncs bench baselines tests time cli suite"), for a lease with little time left.
 # "kernels" times the per-layer D4 comparison's variants (bench_compare_kernels.py, ~1 min);
+# "long" is the bench step's LONG-image case alone (all layers with the Triton comparison
+# kernel and with torch ops, side by side);
 # "suite" runs the whole test suite there (torch and onnxruntime as the image has them), with
 # pytest-xdist (not in the dev extra: pip install pytest-xdist where it is missing).
+# KERNELS_OPTS adds options to the kernels step (--no-compile: skip torch.compile's minute),
+# TIME_IMAGES sets the time step's images (default LONG), SUITE_S the suite's time limit.
 set -u
 images=${1:-256}
 long=${2:-2048}
@@ -27,7 +31,7 @@ nproc
 $py -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"
 
 want kernels && step "the per-layer D4 comparison, variants side by side" &&
-timeout 150 $py benchmarks/bench_compare_kernels.py --device cuda --images 64 2>&1 |
+timeout 150 $py benchmarks/bench_compare_kernels.py --device cuda --images 64 ${KERNELS_OPTS:-} 2>&1 |
     tee "$out/kernels.log" | tail -8
 
 want syncs && step "calls that wait for the GPU" &&
@@ -43,6 +47,8 @@ if want bench; then
     bench "$images" memory 256 3 --profile
     bench "$long" memory 512 2 --profile
     bench "$long" synthetic 512 1
+elif want long; then
+    bench "$long" memory 512 2
 fi
 
 want baselines && step "bench_baselines torch on cuda" &&
@@ -54,7 +60,7 @@ timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_device.py tests/data
     tests/metrics/test_channel_map.py 2>&1 | tee "$out/tests.log" | tail -15
 
 want time && step "kernel time on the device vs wall-clock time" &&
-timeout 150 $py benchmarks/gpu_time.py --images "$long" 2>&1 | tee "$out/gpu_time.log"
+timeout 150 $py benchmarks/gpu_time.py --images "${TIME_IMAGES:-$long}" 2>&1 | tee "$out/gpu_time.log"
 
 if want cli; then
 step "CLI audit on cuda and on the CPU (reports)"
@@ -80,6 +86,8 @@ fi
 
 if want suite; then  # last: the longest step, and the one a short lease can lose
     step "the whole suite on this machine"
-    COLUMNS=120 timeout 240 $py -m pytest -q -p no:cacheprovider -n 14 -rf >"$out/suite.log" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$out/suite.log" | tail -15
+    # -v: xdist prints each failure's name as it happens, so a run cut short still names them
+    COLUMNS=120 timeout ${SUITE_S:-240} $py -m pytest -v -p no:cacheprovider -n 14 -rf \
+        >"$out/suite.log" 2>&1
+    grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$out/suite.log" | sort -u | tail -25
 fi

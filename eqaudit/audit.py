@@ -79,6 +79,7 @@ from eqaudit.metrics import (
     normalised_logit_error,
     probabilities,
     robustness_score,
+    triton_d4,
     two_classes,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
@@ -483,24 +484,31 @@ def _to_host(
     return outputs, norms, arrived
 
 
-def d4_orbit_norms(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def d4_orbit_norms(act: torch.Tensor, index: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """The norms :meth:`Engine._own_grid_d4_layer` records for a layer: ``act`` holds its
     activations for every D4 element of a batch, ``(G, B, C, H, W)`` with the identity first;
-    ``index`` the cells each non-identity element reads (:meth:`Engine._d4_index`). Returns
-    ``(3, G - 1, B)`` float64: ``||a||``, ``||b||`` and ``||T'b - a||`` for ``b = act[0]``,
-    ``a = act[g]``.
+    ``index`` ``(G, H W)`` the cells each element reads (:meth:`Engine._d4_index`, the
+    identity's row first). Returns ``(3, G - 1, B)`` float64: ``||a||``, ``||b||`` and ``||T'b
+    - a||`` for ``b = act[0]``, ``a = act[g]``.
 
-    One gather moves ``b`` under every element at once, laid out element-major ``(G - 1, B C,
-    H W)`` (the index is broadcast over the batch and channels, not copied), so that the
-    subtraction and the norms run on contiguous tensors. Gathered in ``(B, C, G - 1, H W)``
-    order instead, the subtraction wrote through a strided view: not vectorised on a GPU (0.27
-    s of device time per 1024 images of a ResNet-18 on an H100), and 2.2x slower on the CPU
-    (``benchmarks/bench_compare_kernels.py`` times both)."""
+    ``fused``: one Triton kernel reads each activation once and sums squares per plane
+    (:mod:`eqaudit.metrics.triton_d4`; the caller checks :func:`~eqaudit.metrics.triton_d4.usable`);
+    the planes of an image are added in float64. Otherwise torch ops: one gather moves ``b``
+    under every element at once, laid out element-major ``(G - 1, B C, H W)`` (the index is
+    broadcast over the batch and channels, not copied), so that the subtraction and the norms
+    run on contiguous tensors. Gathered in ``(B, C, G - 1, H W)`` order instead, the
+    subtraction wrote through a strided view: not vectorised on a GPU (0.27 s of device time per
+    1024 images of a ResNet-18 on an H100), and 2.2x slower on the CPU
+    (``benchmarks/bench_compare_kernels.py`` times the variants)."""
     g, b = act.shape[0], act.shape[1]
+    if fused:
+        sums = triton_d4.d4_plane_sums(act, index)  # (2, G, B C) float32
+        na, nd = sums.view(2, g, b, -1).sum(dim=-1, dtype=torch.float64).sqrt_()
+        return torch.stack([na[1:], na[0].expand(g - 1, b), nd[1:]])
     flat = act.flatten(-2).flatten(1, 2)  # (G, B C, H W)
     rows, cells = flat.shape[1:]
     source = flat[0].expand(g - 1, rows, cells)
-    moved = torch.gather(source, 2, index.view(g - 1, 1, cells).expand(g - 1, rows, cells))
+    moved = torch.gather(source, 2, index[1:].view(g - 1, 1, cells).expand(g - 1, rows, cells))
     difference = moved.sub_(flat[1:]).view(g - 1, *act.shape[1:])  # T'b - a, as the single path
     na = image_norms(act, start=2)
     nd = image_norms(difference, start=2)
@@ -611,6 +619,7 @@ class Engine:
         self.device = torch.device(getattr(adapter, "device", "cpu"))
         self._difference_buffers: dict[int, np.ndarray] = {}  # by thread, see _own_grid_d4_norms
         self._d4_indices: dict[tuple[int, int, str], torch.Tensor] = {}  # see _d4_index
+        self._fused_failed = False  # the Triton comparison did not build: torch ops (_orbit_norms)
         # This batch's per-image layer norms; the comparison workers append too (atomic).
         self._records: list[_Record | _Block] = []
         self._launched = 0  # batches launched so far (the first one sets up the outputs)
@@ -1318,26 +1327,42 @@ class Engine:
 
     def _own_grid_d4_layer(self, state: LayerState, act: torch.Tensor) -> None:
         """:meth:`_own_grid_d4_norms` for every non-identity element of a layer at once, for a
-        GPU (:func:`d4_orbit_norms`): one gather moves the reference ``b`` under all of them (it
-        reads the cells that :func:`d4_apply` would: the same values), then one subtraction and
-        two norms. So the kernels per layer do not grow with the number of elements, nor the
-        records to copy. It needs one temporary as large as the layer's activations for the
-        batch."""
+        GPU (:func:`d4_orbit_norms`): one Triton kernel, or one gather that moves the reference
+        ``b`` under all of them (it reads the cells that :func:`d4_apply` would: the same
+        values), then one subtraction and two norms. So the kernels per layer do not grow with
+        the number of elements, nor the records to copy."""
         height, width = act.shape[-2:]
-        norms = d4_orbit_norms(act, self._d4_index(height, width, act.device))
+        norms = self._orbit_norms(act, self._d4_index(height, width, act.device))
         state.comparison[0] = "exact"
         self._records.append(_Record(state.stats[0], None, images=act.shape[1]))
         self._records.append(_Block(state.stats[1:], norms))
 
+    def _orbit_norms(self, act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """:func:`d4_orbit_norms`, fused where :func:`triton_d4.usable`. A kernel that does not
+        build for this GPU (Triton's own error) leaves the torch ops for the rest of the audit,
+        with a warning in the summary: same numbers, more device time."""
+        if not self._fused_failed and triton_d4.usable(act):
+            try:
+                return d4_orbit_norms(act, index, fused=True)
+            except Exception as error:  # Triton's compile errors share no base class
+                self._fused_failed = True
+                self.warnings.append(
+                    f"the Triton kernel that compares a layer's D4 elements failed on "
+                    f"{act.device} ({cause_line(error, 200)}); layers were compared with torch ops "
+                    "instead: the same numbers, more GPU time"
+                )
+        return d4_orbit_norms(act, index)
+
     def _d4_index(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """For a flattened ``height x width`` map: the cells each non-identity element reads,
-        concatenated in element order (``d4_apply`` of the cell numbers), made on ``device``."""
+        """For a flattened ``height x width`` map: ``(G, height width)``, row ``g`` the cells
+        element ``g`` reads (``d4_apply`` of the cell numbers; the identity's row first), made
+        on ``device``."""
         key = (height, width, str(device))
         index = self._d4_indices.get(key)
         if index is None:
             cells = torch.arange(height * width, device=device).view(1, 1, height, width)
-            elements: list[D4Element] = self.elements[1:]  # type: ignore[assignment]
-            index = torch.cat([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
+            elements: list[D4Element] = self.elements  # type: ignore[assignment]
+            index = torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
             self._d4_indices[key] = index
         return index
 

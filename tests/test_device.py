@@ -13,6 +13,9 @@ from models_zoo import SmallCNN, calibrate_, export_onnx, symmetric_cnn
 
 import eqaudit
 from eqaudit.errors import ModelLoadError, UsageError
+from eqaudit.metrics import triton_d4
+from eqaudit.transforms import parse_transforms
+from eqaudit.transforms.elements import d4_apply
 
 engine_module = importlib.import_module("eqaudit.audit")  # the module, not the function
 
@@ -278,11 +281,83 @@ def test_comparing_a_layers_elements_at_once_sees_an_equivariant_net_as_one(monk
 
 
 @needs_gpu
-def test_cuda_layers_compared_at_once_match_the_cpu(model) -> None:
+def test_cuda_layers_compared_at_once_match_the_cpu(model, monkeypatch) -> None:
     options = dict(input_size=17, num_images=6, seed=3)
+    fused: list[tuple[int, ...]] = []
+    kernel = triton_d4.d4_plane_sums
+
+    def spy(act, index):
+        fused.append(tuple(act.shape))
+        return kernel(act, index)
+
+    monkeypatch.setattr(triton_d4, "d4_plane_sums", spy)
     cpu = eqaudit.audit(model, "d4", **options)
+    assert not fused  # the CPU compares one element at a time
     gpu = eqaudit.audit(model, "d4", device="cuda", **options)
     assert_same_audit(cpu, gpu, 1e-4, 1e-7)
+    # with Triton there (CUDA builds of torch bring it), the layers went through the kernel,
+    # and it built: no fallback warning
+    assert bool(fused) == triton_d4.triton_installed()
+    assert not [w for w in gpu.warnings if "Triton" in w]
+
+
+def a_kernel_that_does_not_build(calls: list) -> object:
+    def broken(act, index):
+        calls.append(tuple(act.shape))
+        raise RuntimeError("PTXAS error: Internal Triton PTX codegen error\n`ptxas` stderr: ...")
+
+    return broken
+
+
+def test_a_comparison_kernel_that_does_not_build_leaves_the_torch_ops(model, monkeypatch) -> None:
+    # On a GPU whose Triton cannot build the fused kernel (an old architecture, a broken
+    # toolchain) the audit goes on with the torch ops: the same rows, and one warning.
+    options = dict(input_size=17, num_images=5, seed=2, batch_size=24)
+    plain, taken = whole_layer_rows(model, monkeypatch, True, **options)
+    calls: list = []
+    monkeypatch.setattr(triton_d4, "usable", lambda act: True)
+    monkeypatch.setattr(triton_d4, "d4_plane_sums", a_kernel_that_does_not_build(calls))
+    result = eqaudit.audit(model, "d4", **options)
+    assert len(calls) == 1 and taken  # tried once, then torch ops for every layer after
+    assert result.layers == plain
+    assert [w for w in result.warnings if "Triton" in w] == [
+        "the Triton kernel that compares a layer's D4 elements failed on cpu (PTXAS error: "
+        "Internal Triton PTX codegen error); layers were compared with torch ops instead: the "
+        "same numbers, more GPU time"
+    ]
+
+
+def d4_index(height: int, width: int, device: str) -> torch.Tensor:
+    cells = torch.arange(height * width, device=device).view(1, 1, height, width)
+    return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in parse_transforms("d4")])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_comparison_kernel_gives_the_torch_norms(dtype) -> None:
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    for shape in [(3, 5, 1, 1), (4, 64, 56, 56), (2, 3, 33, 33), (64, 512, 7, 7), (1, 1, 300, 300)]:
+        act = torch.randn(8, *shape, device="cuda").to(dtype)
+        index = d4_index(*shape[-2:], "cuda")
+        fused = engine_module.d4_orbit_norms(act, index, fused=True)
+        ops = engine_module.d4_orbit_norms(act.float(), index)
+        assert float(((fused - ops).abs() / ops.abs()).max()) < 1e-6, shape
+
+
+@needs_gpu
+def test_cuda_comparison_kernel_addresses_maps_past_two_gibi_elements() -> None:
+    # 8 x 5 x 64 x 1024 x 1024 float16 cells (5.4 GB): the last image's planes start past
+    # 2^31 elements, beyond an int32 offset. Its norms equal the torch ops' on it alone.
+    pytest.importorskip("triton")
+    torch.manual_seed(1)
+    act = torch.randn(8, 5, 64, 1024, 1024, device="cuda", dtype=torch.float16)
+    assert act.numel() > 2**31
+    index = d4_index(1024, 1024, "cuda")
+    fused = engine_module.d4_orbit_norms(act, index, fused=True)[:, :, -1]
+    ops = engine_module.d4_orbit_norms(act[:, -1:].float(), index)[:, :, 0]
+    del act
+    assert float(((fused - ops).abs() / ops.abs()).max()) < 1e-5
 
 
 def _onnxruntime_has_cuda() -> bool:

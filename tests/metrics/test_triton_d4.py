@@ -1,0 +1,114 @@
+"""The fused D4 comparison kernel (eqaudit.metrics.triton_d4) against the torch ops.
+
+Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, read when Triton
+is imported, so in a fresh process): the same program, each block's arithmetic done in numpy.
+On a GPU it runs compiled (tests/test_device.py). Skipped where Triton is not installed (CI
+installs it: see the Makefile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+# Each case: (images, channels, height, width, dtype). Cells per plane cover every run length
+# (1, 16, 64, 256 and 1024 cells, a plane of several runs with a short last one) and tiles of
+# planes cut short (the plane count is not a multiple of the rows per program).
+CASES = [
+    (2, 3, 1, 1, "float32"),
+    (3, 5, 4, 4, "float32"),
+    (2, 3, 7, 7, "float32"),
+    (1, 7, 16, 16, "float32"),
+    (2, 2, 33, 33, "float32"),
+    (1, 1, 70, 70, "float32"),
+    (2, 3, 9, 9, "float16"),
+    (2, 3, 9, 9, "bfloat16"),
+]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from eqaudit.audit import d4_orbit_norms
+    from eqaudit.transforms import parse_transforms
+    from eqaudit.transforms.elements import d4_apply
+
+    elements = parse_transforms("d4")
+
+    def index(height, width):
+        cells = torch.arange(height * width).view(1, 1, height, width)
+        return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
+
+    def compare(act):
+        idx = index(*act.shape[-2:])
+        fused = d4_orbit_norms(act, idx, fused=True)
+        ops = d4_orbit_norms(act.float(), idx)
+        return fused, ops
+
+    out = {"cases": []}
+    torch.manual_seed(0)
+    for images, channels, height, width, dtype in json.loads(sys.argv[1]):
+        act = torch.randn(8, images, channels, height, width).to(getattr(torch, dtype))
+        fused, ops = compare(act)
+        worst = ((fused - ops).abs() / ops.abs()).max().item()
+        out["cases"].append([list(fused.shape), list(ops.shape), str(fused.dtype), worst])
+
+    # An exactly equivariant stack: every element's map is its element applied to the
+    # identity's, so T'b - a is 0 cell for cell.
+    b = torch.randn(3, 4, 11, 11)
+    act = torch.stack([d4_apply(b, e.k, e.flip) for e in elements])
+    fused, ops = compare(act)
+    out["equivariant"] = [fused[2].abs().max().item(), fused[0].sub(ops[0]).abs().max().item()]
+
+    # A NaN in one image of one element reaches that element's norms of that image only.
+    act = torch.randn(8, 3, 2, 5, 5)
+    act[3, 1, 0, 2, 4] = float("nan")
+    fused, _ = compare(act)
+    out["nan"] = fused.isnan().nonzero().tolist()
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernel_gives_the_torch_norms(interpreted) -> None:
+    for (images, *_), (shape, ops_shape, dtype, worst) in zip(
+        CASES, interpreted["cases"], strict=True
+    ):
+        assert shape == ops_shape == [3, 7, images]
+        assert dtype == "torch.float64"
+        # float32 sums of one plane taken in another order (the half-precision maps are read
+        # exactly into float32, so they match as closely)
+        assert worst < 1e-6
+
+
+def test_an_exactly_equivariant_stack_reads_exactly_zero(interpreted) -> None:
+    difference, norm_gap = interpreted["equivariant"]
+    assert difference == 0.0
+    assert norm_gap < 1e-5  # ||a|| itself: float32 sums in another order, norms ~ 20
+
+
+def test_a_nan_reaches_only_its_own_image_and_element(interpreted) -> None:
+    # element 3 is row 2 of the (3, G - 1, B) norms; image 1. ||a|| and ||T'b - a|| are NaN,
+    # ||b|| (the identity's) is not.
+    assert interpreted["nan"] == [[0, 2, 1], [2, 2, 1]]
