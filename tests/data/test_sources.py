@@ -606,6 +606,20 @@ def test_nhwc_uint8_npy(tmp_path: Path) -> None:
     assert torch.equal(all_pixels(source, 2), expected)
 
 
+@pytest.mark.parametrize("num_images", [None, 7])
+def test_an_arrays_hash_covers_the_audited_images_in_order(tmp_path: Path, num_images) -> None:
+    # All images (one run of consecutive indices, hashed from a view of the memory-mapped file)
+    # or a sample of them (positions with gaps): the bytes of exactly those images, in order.
+    values = np.random.default_rng(3).random((20, 3, 5, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", values)
+    source = open_images(tmp_path / "x.npy", size=(5, 4), num_images=num_images, seed=2)
+    picked = [int(i[len("array[") : -1]) for i in source.ids]
+    assert len(picked) == (num_images or 20)
+    assert num_images is None or picked[-1] - picked[0] > len(picked) - 1  # gaps: a sample
+    expected = hashlib.sha256(b"<f4(3, 5, 4)" + values[picked].tobytes()).hexdigest()
+    assert source.description.sha256 == expected
+
+
 def test_nchw_float_npy(tmp_path: Path) -> None:
     values = np.random.default_rng(1).random((2, 3, 6, 5), dtype=np.float32)
     np.save(tmp_path / "x.npy", values)
