@@ -15,7 +15,9 @@ audited under D4 on synthetic images, with the ONNX backend (onnxruntime) and th
   fusions and copies the outputs); ``all-layers / exposed`` is eqaudit's own overhead;
 * ``audit-no-layers``: ``eqaudit.audit(..., transforms="d4", layers=False)``, end to end (model
   load included);
-* ``audit-all-layers``: ``eqaudit.audit(..., transforms="d4")`` with every layer.
+* ``audit-all-layers``: ``eqaudit.audit(..., transforms="d4")`` with every layer; on cuda with
+  Triton installed, also with the layers compared by torch ops instead of the Triton kernel
+  (``all_layers_ops``), for the kernel's share of the time.
 
 Goals (issue 8): no-layers / plain <= 1.15, all-layers / plain <= 1.6.
 
