@@ -502,9 +502,8 @@ def d4_orbit_norms(act: torch.Tensor, index: torch.Tensor, fused: bool = False) 
     (``benchmarks/bench_compare_kernels.py`` times the variants)."""
     g, b = act.shape[0], act.shape[1]
     if fused:
-        sums = triton_d4.d4_plane_sums(act, index)  # (2, G, B C) float32
-        na, nd = sums.view(2, g, b, -1).sum(dim=-1, dtype=torch.float64).sqrt_()
-        return torch.stack([na[1:], na[0].expand(g - 1, b), nd[1:]])
+        sums = triton_d4.d4_plane_sums(act, index)  # (3, G - 1, B C) float32
+        return sums.view(3, g - 1, b, -1).sum(dim=-1, dtype=torch.float64).sqrt_()
     flat = act.flatten(-2).flatten(1, 2)  # (G, B C, H W)
     rows, cells = flat.shape[1:]
     source = flat[0].expand(g - 1, rows, cells)

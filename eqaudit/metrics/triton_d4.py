@@ -13,10 +13,13 @@ in runs of ``BLOCK``: it loads ``a`` contiguously and ``b`` through the element'
 (the cells :func:`~eqaudit.transforms.elements.d4_apply` reads: the same values), and keeps two
 float32 sums of squares per lane, ``a^2`` and ``(T'b - a)^2``. Programs are numbered element
 first, so the 8 programs that read one tile of ``b`` run side by side and find it in L2.
-Output: ``(2, G, planes)`` float32 partial sums; :func:`eqaudit.audit.d4_orbit_norms` adds a
-plane's channels in float64, as :func:`~eqaudit.metrics.image_norms` adds its plane norms, so
-both give the same numbers to float32 rounding of a plane's sum (about 1e-7 relative), and two
-equal maps give exactly 0 (``b - a`` is 0 cell for cell).
+Output: ``(3, G - 1, planes)`` float32 sums, laid out as the engine records them (``a^2``;
+the identity's ``b^2``, which its program writes for every pair; ``(T'b - a)^2``), so that
+:func:`eqaudit.audit.d4_orbit_norms` only adds a plane's channels in float64 (as
+:func:`~eqaudit.metrics.image_norms` adds its plane norms) and takes square roots: two torch
+calls per layer after the kernel, where each small call costs the host more than the device. The
+kernel and the torch ops give the same numbers to float32 rounding of a plane's sum (about 1e-7
+relative), and two equal maps give exactly 0 (``b - a`` is 0 cell for cell).
 
 Used when Triton is importable and the maps are float32, float16 or bfloat16 on a CUDA device
 (torch's Linux CUDA wheels ship Triton); otherwise, or when the kernel fails to build for the
@@ -49,7 +52,17 @@ def _kernel():  # a triton.JITFunction; Triton is imported when first used
     import triton.language as tl
 
     @triton.jit
-    def d4_sums(act, index, out, planes, cells, elements, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def d4_sums(
+        act,
+        index,
+        out,
+        planes,
+        cells,
+        elements,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SLOTS: tl.constexpr,
+    ):
         program = tl.program_id(0)
         g = (program % elements).to(tl.int64)
         first = (program // elements).to(tl.int64) * ROWS
@@ -69,8 +82,21 @@ def _kernel():  # a triton.JITFunction; Triton is imported when first used
             d = b - a
             sum_a += a * a
             sum_d += d * d
-        tl.store(out + g * planes + rows, tl.sum(sum_a, axis=1), mask=row_ok)
-        tl.store(out + (elements + g) * planes + rows, tl.sum(sum_d, axis=1), mask=row_ok)
+        # out is (3, G - 1, planes): ||a||^2, ||b||^2, ||T'b - a||^2 per pair, the engine's
+        # layout, so that only a sum over channels and a square root follow.
+        total_a = tl.sum(sum_a, axis=1)
+        pair = tl.maximum(g - 1, 0)
+        element = tl.zeros([ROWS], dtype=tl.int64) + g  # a block: masks mix no scalars
+        moved = row_ok & (element > 0)
+        tl.store(out + pair * planes + rows, total_a, mask=moved)
+        tl.store(
+            out + (2 * (elements - 1) + pair) * planes + rows, tl.sum(sum_d, axis=1), mask=moved
+        )
+        # the identity's program: its ||b||^2 is every pair's
+        slot = tl.arange(0, SLOTS).to(tl.int64)
+        into = out + ((elements - 1) + slot[:, None]) * planes + rows[None, :]
+        mine = (slot[:, None] < elements - 1) & (row_ok & (element == 0))[None, :]
+        tl.store(into, tl.broadcast_to(total_a[None, :], [SLOTS, ROWS]), mask=mine)
 
     return d4_sums
 
@@ -85,7 +111,8 @@ def _block(cells: int) -> int:
 
 
 def d4_plane_sums(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(2, G, planes)`` float32: per element and plane, ``sum a^2`` and ``sum (T'b - a)^2``.
+    """``(3, G - 1, planes)`` float32: per non-identity element and plane, ``sum a^2``, ``sum
+    b^2`` and ``sum (T'b - a)^2``, the rows of :func:`eqaudit.audit.d4_orbit_norms`.
 
     ``act``: ``(G, B, ..., H, W)`` with the identity first (made contiguous if it is not);
     ``index``: ``(G, H W)`` integer, row ``g`` the cells of ``b`` that element ``g`` reads
@@ -95,11 +122,14 @@ def d4_plane_sums(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     act = act.contiguous()
     elements, cells = index.shape
     planes = act[0].numel() // cells
-    out = torch.empty(2, elements, planes, dtype=torch.float32, device=act.device)
+    out = torch.empty(3, elements - 1, planes, dtype=torch.float32, device=act.device)
     block = _block(cells)
     rows = _TILE // block
     grid = (elements * -(-planes // rows),)
-    _kernel()[grid](act, index, out, planes, cells, elements, ROWS=rows, BLOCK=block, num_warps=8)
+    slots = 1 << max(0, elements - 2).bit_length()  # a power of 2 >= G - 1
+    _kernel()[grid](
+        act, index, out, planes, cells, elements, ROWS=rows, BLOCK=block, SLOTS=slots, num_warps=8
+    )
     return out
 
 
