@@ -46,12 +46,12 @@ SCRIPT = textwrap.dedent(
 
     elements = parse_transforms("d4")
 
-    def index(height, width):
+    def index(height, width, group=elements):
         cells = torch.arange(height * width).view(1, 1, height, width)
-        return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
+        return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in group])
 
-    def compare(act):
-        idx = index(*act.shape[-2:])
+    def compare(act, group=elements):
+        idx = index(*act.shape[-2:], group)
         fused = d4_orbit_norms(act, idx, fused=True)
         ops = d4_orbit_norms(act.float(), idx)
         return fused, ops
@@ -79,6 +79,11 @@ SCRIPT = textwrap.dedent(
         fused, ops = compare(act)
         worst = ((fused - ops).abs() / ops.abs()).max().item()
         out["cases"].append([list(fused.shape), list(ops.shape), str(fused.dtype), worst])
+
+    # The four rotations alone (G = 4: three pairs, the identity's norm written to each)
+    c4 = parse_transforms("c4")
+    fused, ops = compare(torch.randn(4, 3, 2, 6, 6), c4)
+    out["c4"] = [list(fused.shape), ((fused - ops).abs() / ops.abs()).max().item()]
 
     # An exactly equivariant stack: every element's map is its element applied to the
     # identity's, so T'b - a is 0 cell for cell.
@@ -123,6 +128,11 @@ def test_the_kernel_gives_the_torch_norms(interpreted) -> None:
         # float32 sums of one plane taken in another order (the half-precision maps are read
         # exactly into float32, so they match as closely)
         assert worst < 1e-6
+
+
+def test_a_battery_of_four_elements_gives_the_torch_norms(interpreted) -> None:
+    shape, worst = interpreted["c4"]
+    assert shape == [3, 3, 3] and worst < 1e-6
 
 
 def test_an_exactly_equivariant_stack_reads_exactly_zero(interpreted) -> None:
