@@ -413,6 +413,38 @@ def test_resize_grids(model: onnx.ModelProto, expected: AxisGrid) -> None:
     assert (grid.h.n, grid.w.n) == ort_shapes(model, np.zeros((1, 1, 5, 5), np.float32))["y"][2:]
 
 
+@pytest.mark.parametrize(("scale", "size"), [(0.7, (10, 20)), (0.7, (30, 17)), (1 / 3, (21, 24))])
+def test_a_resize_by_scale_has_the_cells_onnxruntime_computes(scale, size) -> None:
+    # onnxruntime rounds n x scale to float32 before the floor: 10 x 0.7f is 6.99.. exactly but
+    # 7.0 in float32, and it gives 7 cells.
+    model = _resize("linear", "half_pixel", scales=[scale, scale])
+    grid = onnx_grid_graph(model, "x", "NCHW").grids(*size)["y"]
+    assert isinstance(grid, Grid)
+    assert (grid.h.n, grid.w.n) == ort_shapes(model, np.zeros((1, 1, *size), np.float32))["y"][2:]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(mode="bilinear", antialias=True),
+        dict(mode="bilinear"),
+        dict(mode="bicubic", antialias=True),
+        dict(mode="bilinear", align_corners=True),
+    ],
+)
+def test_a_resize_by_scale_has_the_cells_torch_computes(options) -> None:
+    # torch rounds n x scale to float64 before the floor: 21 x (1/3) is 6.99.. exactly but 7.0
+    # in float64, and it gives 7 cells.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        Fn(lambda x: F.interpolate(x, scale_factor=1 / 3, **options)),
+    )
+    graph = export(model, (21, 24))
+    for size in [(21, 24), (45, 48), (20, 22)]:
+        assert isinstance(graph.grids(*size)["1"], Grid), size
+        assert_sizes_match(graph, torch_shapes(model, torch.zeros(1, 3, *size)), *size)
+
+
 def test_uneven_nearest_resize_is_unknown() -> None:
     # asymmetric + round_prefer_floor by 3 copies cells 2, 3, 3, ... times: no uniform grid.
     model = _resize("nearest", "asymmetric", scales=[3, 3], nearest="round_prefer_floor")
