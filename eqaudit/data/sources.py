@@ -56,7 +56,7 @@ from eqaudit.data.preprocess import (
 )
 from eqaudit.data.synthetic import CHUNK as SYNTHETIC_CHUNK
 from eqaudit.data.synthetic import synthetic_images_into
-from eqaudit.errors import DataError, UsageError
+from eqaudit.errors import DataError, UsageError, cause_line
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".png",
@@ -819,7 +819,14 @@ class ArraySource(ImageSource):
     @property
     def description(self) -> DataDescription:
         """With the images' hash: waits for its thread (done long before an audit's end)."""
-        return replace(self._description, sha256=self._sha256.result())
+        try:
+            digest = self._sha256.result()
+        except Exception as error:
+            where = f"'{self._description.path}'" if self._description.path else "the array"
+            raise DataError(
+                f"could not read the images of {where} to hash them: {cause_line(error)}"
+            ) from error
+        return replace(self._description, sha256=digest)
 
     def _load_into(self, positions: range, out: np.ndarray) -> None:
         indices = self._layout.indices[positions.start : positions.stop]

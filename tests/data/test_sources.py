@@ -620,6 +620,23 @@ def test_an_arrays_hash_covers_the_audited_images_in_order(tmp_path: Path, num_i
     assert source.description.sha256 == expected
 
 
+def test_an_array_that_cannot_be_hashed_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    # The hash is taken on a thread while the audit runs; its failure (a memory-mapped file
+    # that cannot be read) is a one-line data error where the summary reads it, not a traceback.
+    def unreadable(array, indices):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sources_module, "_array_sha256", unreadable)
+    np.save(tmp_path / "x.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    source = open_images(tmp_path / "x.npy", size=(4, 4))
+    with pytest.raises(DataError) as caught:
+        source.description  # noqa: B018 (the property waits for the hash)
+    assert str(caught.value) == (
+        f"could not read the images of '{tmp_path / 'x.npy'}' to hash them: "
+        "[Errno 5] Input/output error"
+    )
+
+
 def test_nchw_float_npy(tmp_path: Path) -> None:
     values = np.random.default_rng(1).random((2, 3, 6, 5), dtype=np.float32)
     np.save(tmp_path / "x.npy", values)
