@@ -81,6 +81,7 @@ from eqaudit.metrics import (
     robustness_score,
     triton_d4,
     two_classes,
+    wide,
 )
 from eqaudit.models import LayerInfo, ModelAdapter, load_model
 from eqaudit.models.base import check_layout_option, kept_as_given, nonfinite_scores
@@ -508,7 +509,7 @@ def d4_orbit_norms(act: torch.Tensor, index: torch.Tensor, fused: bool = False) 
     rows, cells = flat.shape[1:]
     source = flat[0].expand(g - 1, rows, cells)
     moved = torch.gather(source, 2, index[1:].view(g - 1, 1, cells).expand(g - 1, rows, cells))
-    difference = moved.sub_(flat[1:]).view(g - 1, *act.shape[1:])  # T'b - a, as the single path
+    difference = wide(moved).sub_(flat[1:]).view(g - 1, *act.shape[1:])  # T'b - a, as one by one
     na = image_norms(act, start=2)
     nd = image_norms(difference, start=2)
     return torch.stack([na[1:], na[0].expand(g - 1, b), nd])
@@ -1303,7 +1304,7 @@ class Engine:
                 np.subtract(view, a.numpy(), out=buffer)
             difference = torch.from_numpy(buffer)
         else:
-            difference = d4_apply(reference, element.k, element.flip).sub_(a)
+            difference = wide(d4_apply(reference, element.k, element.flip)).sub_(a)
         return na, nb, image_norms(difference)
 
     @staticmethod

@@ -13,6 +13,7 @@ from eqaudit.metrics.functional import (
     relative_error,
     robustness_score,
     two_classes,
+    wide,
     wilson_interval,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "relative_error",
     "robustness_score",
     "two_classes",
+    "wide",
     "wilson_interval",
 ]

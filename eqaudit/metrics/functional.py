@@ -84,6 +84,13 @@ _CHUNK = 4096
 _WIDE = (torch.float32, torch.float64)
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` when float32 or float64, else a float32 copy: a difference of half-precision maps
+    is taken in float32 (float16 overflows past 65504 and keeps 3 digits), as the GPU's Triton
+    comparison takes it, so that every path gives the same numbers."""
+    return x if x.dtype in _WIDE else x.float()
+
+
 def image_norms(x: torch.Tensor, start: int = 1) -> torch.Tensor:
     """L2 norms over every axis from ``start`` on, as float64 of shape ``x.shape[:start]``.
 
@@ -128,7 +135,7 @@ def map_norms(
         weight = mask.to(a.dtype)
         a = a * weight
         b = b * weight
-    return image_norms(a), image_norms(b), image_norms(a - b)
+    return image_norms(a), image_norms(b), image_norms(wide(a) - b)
 
 
 def errors_from_norms(

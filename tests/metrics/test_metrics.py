@@ -15,6 +15,7 @@ from eqaudit.metrics import (
     image_norms,
     js_divergence,
     looks_like_probabilities,
+    map_norms,
     normalised_logit_error,
     probabilities,
     relative_error,
@@ -157,3 +158,16 @@ def test_output_stats_merge_and_compute():
     assert expected["agreement"] == 0.75 and expected["accuracy"] == 0.75
     assert expected["js_divergence"] == pytest.approx(0.2)
     assert expected["agreement_low"] == pytest.approx(wilson_interval(3, 4)[0])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_half_precision_maps_are_compared_in_float32(masked) -> None:
+    # Each cell differs by 120000, past float16's 65504: the difference is taken in float32
+    # (as the GPU's comparison kernel takes it), not overflowed to inf.
+    a = torch.full((2, 3, 4, 4), 60000.0, dtype=torch.float16)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 0, :] = False
+    na, nb, nd = map_norms(a, -a, mask if masked else None)
+    cells = 3 * (12 if masked else 16)
+    assert nd.tolist() == pytest.approx([120000 * cells**0.5] * 2, rel=1e-7)
+    assert na.tolist() == nb.tolist() == pytest.approx([60000 * cells**0.5] * 2, rel=1e-7)

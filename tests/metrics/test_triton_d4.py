@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
     def compare(act, group=elements):
         idx = index(*act.shape[-2:], group)
         fused = d4_orbit_norms(act, idx, fused=True)
-        ops = d4_orbit_norms(act.float(), idx)
+        ops = d4_orbit_norms(act, idx)  # half maps: both subtract in float32
         return fused, ops
 
     # Some interpreters cannot run a loop to a bound given at run time (Triton 3.6's calls
@@ -79,6 +79,14 @@ SCRIPT = textwrap.dedent(
         fused, ops = compare(act)
         worst = ((fused - ops).abs() / ops.abs()).max().item()
         out["cases"].append([list(fused.shape), list(ops.shape), str(fused.dtype), worst])
+
+    # float16 maps near the end of their range: the identity's +60000 everywhere, the others'
+    # -60000, so T'b - a is 120000 in every cell: past float16's 65504, not float32's range
+    big = torch.full((8, 2, 3, 5, 5), -60000.0, dtype=torch.float16)
+    big[0] = 60000
+    fused, ops = compare(big)
+    worst = ((fused - ops).abs() / ops.abs()).max().item()
+    out["overflow"] = [ops.isfinite().all().item(), worst, fused[2].min().item(), fused[2].max().item()]
 
     # The four rotations alone (G = 4: three pairs, the identity's norm written to each)
     c4 = parse_transforms("c4")
@@ -125,9 +133,16 @@ def test_the_kernel_gives_the_torch_norms(interpreted) -> None:
     ):
         assert shape == ops_shape == [3, 7, images]
         assert dtype == "torch.float64"
-        # float32 sums of one plane taken in another order (the half-precision maps are read
-        # exactly into float32, so they match as closely)
+        # float32 sums of one plane taken in another order (half-precision maps are read
+        # exactly into float32 by both, so they match as closely)
         assert worst < 1e-6
+
+
+def test_half_precision_maps_are_subtracted_in_float32(interpreted) -> None:
+    finite, worst, low, high = interpreted["overflow"]
+    assert finite and worst < 1e-6  # the torch ops too: their difference was inf before
+    # ||T'b - a|| over 3 channels x 5 x 5 cells of 120000
+    assert low == high == pytest.approx(120000 * 75**0.5, rel=1e-7)
 
 
 def test_a_battery_of_four_elements_gives_the_torch_norms(interpreted) -> None:
