@@ -1344,6 +1344,8 @@ class Engine:
         if not self._fused_failed and triton_d4.usable(act):
             try:
                 return d4_orbit_norms(act, index, fused=True)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the batch's memory, not the kernel: handled as any other
             except Exception as error:  # Triton's compile errors share no base class
                 self._fused_failed = True
                 self.warnings.append(

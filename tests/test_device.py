@@ -327,6 +327,19 @@ def test_a_comparison_kernel_that_does_not_build_leaves_the_torch_ops(model, mon
     ]
 
 
+def test_running_out_of_memory_while_comparing_a_layer_is_a_memory_error(model, monkeypatch):
+    # Not a kernel that failed to build (no fallback, no warning): the CLI's out-of-memory
+    # line (exit 3), as when the model's own forward runs out.
+    def full(act, index):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine_module.Engine, "_whole_layers", staticmethod(lambda act: True))
+    monkeypatch.setattr(triton_d4, "usable", lambda act: True)
+    monkeypatch.setattr(triton_d4, "d4_plane_sums", full)
+    with pytest.raises(MemoryError, match=r"^CUDA out of memory\. Tried to allocate 2\.00 GiB$"):
+        eqaudit.audit(model, "d4", input_size=17, num_images=4, seed=0)
+
+
 def d4_index(height: int, width: int, device: str) -> torch.Tensor:
     cells = torch.arange(height * width, device=device).view(1, 1, height, width)
     return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in parse_transforms("d4")])

@@ -535,6 +535,8 @@ class ModelAdapter(ABC):
             try:
                 raw_scores, raw_acts = self._run_impl(model_input, layers, emit)
             except _SinkFailed as failed:  # the engine's own error, raised inside a hook
+                if looks_out_of_memory(str(failed.error)):  # comparing a layer on a full GPU
+                    raise MemoryError(cause_line(failed.error)) from failed.error
                 raise failed.error from None
             except (UsageError, ModelRunError, UnsupportedModelError):
                 raise
