@@ -580,11 +580,9 @@ def _round(x: Fraction, mode: str) -> int:
     return low if frac < Fraction(1, 2) else low + 1
 
 
-def _nearest_axis(
-    g: AxisGrid, n_out: int, a: Fraction, b: Fraction, rounding: str, label: str
-) -> AxisGrid | str:
+def _nearest_axis(g: AxisGrid, n_out: int, wanted: list[int], label: str) -> AxisGrid | str:
     """Grid of a nearest-neighbour resize whose cell ``j`` copies input cell
-    ``clamp(round(a*j + b))``, or the reason it has none.
+    ``clamp(wanted[j])`` (:func:`_nearest_sources`), or the reason it has none.
 
     A copy is a sample *at the source cell*, so a subsample ``src(j) = src(0) + c*j`` is the grid
     ``(stride*c, offset + stride*src(0))``. An upsample by an integer ``m`` that repeats each cell
@@ -595,7 +593,6 @@ def _nearest_axis(
     grid stays symmetric exactly when its input grid was.
     """
     n = g.n
-    wanted = [_round(a * j + b, rounding) for j in range(n_out)]
     src = [min(max(i, 0), n - 1) for i in wanted]
     free = None  # the cells copying a free input cell (a clamped copy is a replicated edge)
     if g.free is not None:
@@ -1077,15 +1074,74 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _scaled_cells(n: int, scale: Fraction, product: str) -> int:
+def _scaled_cells(n: int, scale: Fraction, runtime: str) -> int:
     """``floor(n * scale)`` as the runtime rounds the product before the floor: torch in
-    float64, onnxruntime in float32 (``product``). Exact arithmetic differs from both: 21 x 1/3
-    is 6.99.. exactly but 7.0 in float64, and 10 x 0.7f 6.99.. but 7.0 in float32 (checked
-    against each runtime's output over 13 scales x 57 sizes: no difference). The float32 product
-    of two float32 values is the float64 one rounded to float32 (48 mantissa bits fit in 53)."""
-    if product == "float32":
+    float64, onnxruntime in float32. Exact arithmetic differs from both: 21 x 1/3 is 6.99..
+    exactly but 7.0 in float64, and 10 x 0.7f 6.99.. but 7.0 in float32 (checked against each
+    runtime's output over 13 scales x 57 sizes: no difference). A float32 product, sum or
+    quotient of float32 values is the float64 one rounded to float32 (53 bits hold 2 x 24 + 2)."""
+    if runtime == "onnxruntime":
         return math.floor(_float32(_float32(n) * _float32(float(scale))))
     return math.floor(n * float(scale))
+
+
+def _nearest_sources(
+    n: int,
+    n_out: int,
+    given: float | None,
+    coordinates: str,
+    rounding: str,
+    runtime: str,
+    exact: tuple[Fraction, Fraction],
+) -> list[int]:
+    """The input cell each of ``n_out`` output cells of a nearest-neighbour resize copies,
+    before clamping to ``0 .. n - 1``, computed as the runtime computes it: in float32 (exact
+    arithmetic picks other cells: torch's 0.2 on 12 cells copies 0 and 5, not 0 and 4;
+    onnxruntime's half-pixel 1/3 on 9 copies 1, 4, 7, not 0, 3, 6). ``given``: the scale as the
+    model gives it (None: sizes given); ``exact``: ``(a, b)`` of ``round(a j + b)``, for the
+    coordinate modes computed exactly (half_pixel_symmetric).
+
+    torch (``upsample_nearest2d``, ``_upsample_nearest_exact2d``): the same size or twice it
+    copies ``j`` or ``j // 2``; else ``floor(j * s)`` (``floor((j + 0.5) * s)`` for
+    nearest-exact) with ``s = float32(1 / scale)`` or ``float32(n) / n_out``. onnxruntime: the
+    coordinate formula of its mode in float32 with the float32 scale (``n_out / n`` when sizes
+    are given), then its rounding: ``round_prefer_floor`` and ``round_prefer_ceil`` (halves away
+    from zero, as ``std::round``), ``floor``, ``ceil``, and ``simple`` (Upsample and Resize
+    before opset 11: ``ceil`` when downsampling, else truncation)."""
+    f32 = _float32
+    if runtime == "torch" and rounding == "floor":
+        if coordinates == "asymmetric" and n_out in (n, 2 * n):
+            return [j * n // n_out for j in range(n_out)]
+        s = f32(1.0 / given) if given is not None else f32(f32(n) / n_out)
+        if coordinates == "asymmetric":
+            return [math.floor(f32(f32(j) * s)) for j in range(n_out)]
+        if coordinates == "tf_half_pixel_for_nn":  # nearest-exact
+            return [math.floor(f32((j + 0.5) * s)) for j in range(n_out)]
+    scale = f32(given) if given is not None else f32(f32(n_out) / f32(n))
+    formulas: dict[str, Callable[[float], float]] = {
+        "asymmetric": lambda x: f32(x / scale),
+        "half_pixel": lambda x: f32(f32(f32(x + 0.5) / scale) - 0.5),
+        "pytorch_half_pixel": lambda x: f32(f32(f32(x + 0.5) / scale) - 0.5) if n_out > 1 else 0.0,
+        "tf_half_pixel_for_nn": lambda x: f32(f32(x + 0.5) / scale),
+        "align_corners": lambda x: f32(f32(x * (n - 1)) / (n_out - 1)) if n_out > 1 else 0.0,
+    }
+    if runtime != "onnxruntime" or coordinates not in formulas:
+        a, b = exact
+        return [_round(a * j + b, rounding) for j in range(n_out)]
+    return [_ort_round(formulas[coordinates](float(j)), rounding, scale < 1) for j in range(n_out)]
+
+
+def _ort_round(x: float, mode: str, downsampling: bool) -> int:
+    """onnxruntime's nearest modes on a float32 coordinate."""
+    if mode == "simple":
+        return math.ceil(x) if downsampling else int(x)
+    if mode == "floor":
+        return math.floor(x)
+    if mode == "ceil":
+        return math.ceil(x)
+    if mode == "round_prefer_floor" and x == int(x) + 0.5:
+        return int(x)
+    return int(math.copysign(math.floor(abs(x) + 0.5), x))  # std::round
 
 
 def _resize_state(
@@ -1096,13 +1152,14 @@ def _resize_state(
     coordinates: str,
     rounding: str,
     label: str,
-    product: str = "float64",
+    runtime: str = "torch",
 ) -> Any:
     """A resize of the spatial axes of a map: ``sizes`` (output cells) or ``scales`` per axis.
 
     ``mode``: nearest | linear | cubic; ``coordinates``: an ONNX coordinate_transformation_mode;
-    ``rounding``: the nearest mode (floor, ceil, round_prefer_floor, round_prefer_ceil);
-    ``product``: how the runtime multiplies a size by a scale (:func:`_scaled_cells`)."""
+    ``rounding``: the nearest mode (floor, ceil, round_prefer_floor, round_prefer_ceil, simple);
+    ``runtime``: torch or onnxruntime, whose arithmetic sizes the output (:func:`_scaled_cells`)
+    and picks a nearest resize's cells (:func:`_nearest_sources`)."""
     if isinstance(state, _Flat):
         return _Lost(f"{label} resizes flat features")
     if state.rank != 4:
@@ -1116,7 +1173,7 @@ def _resize_state(
             n_out = int(sizes[i])
             scale = Fraction(n_out, g.n) if scale is None else scale
         elif scale is not None:
-            n_out = _scaled_cells(g.n, scale, product)
+            n_out = _scaled_cells(g.n, scale, runtime)
         else:
             return _Lost(f"{label} gives neither sizes nor scales")
         if n_out < 1:
@@ -1138,7 +1195,9 @@ def _resize_state(
         elif coordinates != "asymmetric":
             return _Lost(f"{label} uses coordinate mode '{coordinates}'")
         if mode == "nearest":
-            found = _nearest_axis(g, n_out, a, b, rounding, label)
+            given = scales[i] if scales is not None else None
+            wanted = _nearest_sources(g.n, n_out, given, coordinates, rounding, runtime, (a, b))
+            found = _nearest_axis(g, n_out, wanted, label)
             if isinstance(found, str):
                 return _Map(state.layout, None, found)
             axes.append(found)
@@ -1860,7 +1919,7 @@ def _onnx_resize_rule(
     sizes: list[Any] | None = None
     if op == "Upsample" or opset < 11:
         coordinates = "asymmetric"
-        rounding = "floor"  # opset < 11 nearest: floor(x / scale)
+        rounding = "simple"  # opset < 11 nearest: x / scale, ceil when downsampling
         if op == "Upsample" and opset < 9:
             scales = [float(v) for v in _attr(node, "scales", [])]
         else:
@@ -1907,10 +1966,12 @@ def _onnx_resize_rule(
         if use_scales:
             picked = tuple(float(by_axis.get(a, 1.0)) for a in spatial)
             return _resize_state(
-                state, None, picked, mode, coordinates, rounding, label, product="float32"
+                state, None, picked, mode, coordinates, rounding, label, runtime="onnxruntime"
             )
         picked = tuple(int(by_axis.get(a, n)) for a, n in zip(spatial, cells, strict=True))
-        return _resize_state(state, picked, None, mode, coordinates, rounding, label)
+        return _resize_state(
+            state, picked, None, mode, coordinates, rounding, label, runtime="onnxruntime"
+        )
 
     return rule
 

@@ -445,6 +445,67 @@ def test_a_resize_by_scale_has_the_cells_torch_computes(options) -> None:
         assert_sizes_match(graph, torch_shapes(model, torch.zeros(1, 3, *size)), *size)
 
 
+def _rows_copied(grid) -> list[float] | None:
+    return (
+        None
+        if not isinstance(grid, Grid)
+        else [grid.h.offset + grid.h.stride * j for j in range(grid.h.n)]
+    )
+
+
+def _ramp(h: int, w: int = 7) -> np.ndarray:
+    return np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (1, 1, h, w)).copy()
+
+
+@pytest.mark.parametrize(
+    ("options", "h", "rows"),
+    [
+        (dict(scale_factor=0.2, mode="nearest"), 12, [0, 5]),  # 12 x float32(1/0.2): not [0, 4]
+        (dict(scale_factor=0.4, mode="nearest"), 9, None),  # rows 0, 2, 5: unevenly
+        (dict(scale_factor=0.45, mode="nearest-exact"), 12, None),  # 1, 3, 5, 7, 10
+        (dict(scale_factor=1 / 3, mode="nearest"), 12, [0, 3, 6, 9]),
+        (dict(scale_factor=3.0, mode="nearest"), 4, None),  # repeats each row 3 times: below
+    ],
+)
+def test_a_nearest_resize_copies_the_rows_torch_copies(options, h, rows) -> None:
+    model = nn.Sequential(nn.Identity(), Fn(lambda x: F.interpolate(x, **options)))
+    grid = export(model, (21, 24), channels=1).grids(h, 7)["1"]
+    with torch.no_grad():
+        copied = model(torch.from_numpy(_ramp(h)))[0, 0, :, 0].tolist()
+    if options["scale_factor"] == 3.0:  # an upsample: the half-pixel grid of the repeats
+        assert copied == [j // 3 for j in range(3 * h)]
+        assert _rows_copied(grid) == pytest.approx([(j + 0.5) / 3 - 0.5 for j in range(3 * h)])
+        return
+    assert copied == (rows or copied)
+    assert _rows_copied(grid) == rows
+
+
+def _resize_10(scale: float) -> onnx.ModelProto:
+    node = helper.make_node("Resize", ["x", "scales"], ["y"], mode="nearest")
+    return onnx_model([node], [("scales", np.asarray([1, 1, scale, scale], np.float32))], opset=10)
+
+
+@pytest.mark.parametrize(
+    ("model", "h", "rows"),
+    [
+        # float32 coordinates: (j + 0.5f) / 0.33333334f - 0.5f floors to 1, 4, 7 (exactly: 0, 3, 6)
+        (_resize("nearest", "half_pixel", scales=[1 / 3, 1 / 3], nearest="floor"), 9, [1, 4, 7]),
+        (_resize("nearest", "asymmetric", scales=[0.2, 0.2], nearest="floor"), 11, [0, 5]),
+        # coordinates 2j + 0.5 exactly: round_prefer_floor takes 2j
+        (_resize("nearest", "half_pixel", scales=[0.5, 0.5]), 10, [0, 2, 4, 6, 8]),
+        # opset 10 rounds up when downsampling: 0, 4, 7, unevenly (not floor's 0, 3, 6)
+        (_resize_10(0.3), 12, None),
+        (_resize_10(0.25), 12, [0, 4, 8]),
+    ],
+)
+def test_a_nearest_resize_copies_the_rows_onnxruntime_copies(model, h, rows) -> None:
+    grid = onnx_grid_graph(model, "x", "NCHW").grids(h, 7)["y"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    copied = session.run(["y"], {"x": _ramp(h)})[0][0, 0, :, 0].tolist()
+    assert copied == (rows or copied)
+    assert _rows_copied(grid) == rows
+
+
 def test_uneven_nearest_resize_is_unknown() -> None:
     # asymmetric + round_prefer_floor by 3 copies cells 2, 3, 3, ... times: no uniform grid.
     model = _resize("nearest", "asymmetric", scales=[3, 3], nearest="round_prefer_floor")
