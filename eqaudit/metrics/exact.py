@@ -73,9 +73,15 @@ def exact_row_integers(rows: np.ndarray) -> list[int]:
         key, integer = key[order], integer[order]
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
         sums = np.add.reduceat(integer, starts)
-        for k, bucket in zip(key[starts].tolist(), sums.tolist(), strict=True):
-            r, value = divmod(k, 2 * SCALE_BITS + 1)
-            totals[r] += bucket << value if value >= 0 else bucket >> -value
+        bucket_row, shift = np.divmod(key[starts], 2 * SCALE_BITS + 1)
+        # Python integers shifted into place and added per row by numpy's object loops (shift
+        # >= 0: the smallest subnormal's exponent gives 0), one Python addition per row.
+        shifted = np.left_shift(sums.astype(object), shift.astype(object))
+        first = np.flatnonzero(np.r_[True, bucket_row[1:] != bucket_row[:-1]])
+        for r, total in zip(
+            bucket_row[first].tolist(), np.add.reduceat(shifted, first), strict=True
+        ):
+            totals[r] += total
     return totals
 
 
