@@ -54,7 +54,7 @@ from bench_audit import build_model
 from eqaudit.audit import d4_orbit_norms
 from eqaudit.metrics import image_norms, triton_d4
 from eqaudit.transforms import parse_transforms
-from eqaudit.transforms.elements import d4_apply, d4_view
+from eqaudit.transforms.elements import d4_cell_index, d4_view
 
 D4_ELEMENTS: list[Any] = parse_transforms("d4")  # D4Element, identity first
 Variant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,12 +76,6 @@ def layer_shapes(size: int) -> Counter[tuple[int, int, int]]:
     for handle in handles:
         handle.remove()
     return shapes
-
-
-def d4_index(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """The cells each D4 element reads, ``(G, H W)``, as the engine's ``Engine._d4_index``."""
-    cells = torch.arange(height * width, device=device).view(1, 1, height, width)
-    return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in D4_ELEMENTS])
 
 
 def fused(act: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = {
         shape: (
             torch.randn(8, args.images, *shape, device=device, dtype=dtype),
-            d4_index(shape[1], shape[2], device),
+            d4_cell_index(D4_ELEMENTS, shape[1], shape[2], device),
         )
         for shape in shapes
     }

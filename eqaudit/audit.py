@@ -100,7 +100,7 @@ from eqaudit.transforms import (
     parse_transforms,
     quarter_turns_exact,
 )
-from eqaudit.transforms.elements import center_crop, d4_apply, d4_view
+from eqaudit.transforms.elements import center_crop, d4_apply, d4_cell_index, d4_view
 from eqaudit.transforms.geometry import (
     NO_FREE_CELLS,
     SizeChoice,
@@ -1356,16 +1356,13 @@ class Engine:
         return d4_orbit_norms(act, index)
 
     def _d4_index(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """For a flattened ``height x width`` map: ``(G, height width)``, row ``g`` the cells
-        element ``g`` reads (``d4_apply`` of the cell numbers; the identity's row first), made
-        on ``device``."""
+        """:func:`d4_cell_index` of the audit's elements (the identity's row first), made once
+        per map size and device."""
         key = (height, width, str(device))
         index = self._d4_indices.get(key)
         if index is None:
-            cells = torch.arange(height * width, device=device).view(1, 1, height, width)
             elements: list[D4Element] = self.elements  # type: ignore[assignment]
-            index = torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
-            self._d4_indices[key] = index
+            index = self._d4_indices[key] = d4_cell_index(elements, height, width, device)
         return index
 
     def _update_layers(

@@ -15,7 +15,7 @@ import eqaudit
 from eqaudit.errors import ModelLoadError, UsageError
 from eqaudit.metrics import triton_d4
 from eqaudit.transforms import parse_transforms
-from eqaudit.transforms.elements import d4_apply
+from eqaudit.transforms.elements import d4_cell_index
 
 engine_module = importlib.import_module("eqaudit.audit")  # the module, not the function
 
@@ -340,11 +340,6 @@ def test_running_out_of_memory_while_comparing_a_layer_is_a_memory_error(model, 
         eqaudit.audit(model, "d4", input_size=17, num_images=4, seed=0)
 
 
-def d4_index(height: int, width: int, device: str) -> torch.Tensor:
-    cells = torch.arange(height * width, device=device).view(1, 1, height, width)
-    return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in parse_transforms("d4")])
-
-
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_comparison_kernel_gives_the_torch_norms(dtype) -> None:
@@ -352,7 +347,7 @@ def test_cuda_comparison_kernel_gives_the_torch_norms(dtype) -> None:
     torch.manual_seed(0)
     for shape in [(3, 5, 1, 1), (4, 64, 56, 56), (2, 3, 33, 33), (64, 512, 7, 7), (1, 1, 300, 300)]:
         act = torch.randn(8, *shape, device="cuda").to(dtype)
-        index = d4_index(*shape[-2:], "cuda")
+        index = d4_cell_index(parse_transforms("d4"), *shape[-2:], "cuda")
         fused = engine_module.d4_orbit_norms(act, index, fused=True)
         ops = engine_module.d4_orbit_norms(act.float(), index)
         assert float(((fused - ops).abs() / ops.abs()).max()) < 1e-6, shape
@@ -366,7 +361,7 @@ def test_cuda_comparison_kernel_addresses_maps_past_two_gibi_elements() -> None:
     torch.manual_seed(1)
     act = torch.randn(8, 5, 64, 1024, 1024, device="cuda", dtype=torch.float16)
     assert act.numel() > 2**31
-    index = d4_index(1024, 1024, "cuda")
+    index = d4_cell_index(parse_transforms("d4"), 1024, 1024, "cuda")
     fused = engine_module.d4_orbit_norms(act, index, fused=True)[:, :, -1]
     ops = engine_module.d4_orbit_norms(act[:, -1:].float(), index)[:, :, 0]
     del act

@@ -148,6 +148,16 @@ def d4_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
+def d4_cell_index(
+    elements: list[D4Element], height: int, width: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``(G, height width)`` int64: row ``g`` the cells of a flattened ``height x width`` map
+    that ``elements[g]`` reads (:func:`d4_apply` of the cell numbers), to move a map under every
+    element with one gather."""
+    cells = torch.arange(height * width, device=device).view(1, 1, height, width)
+    return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in elements])
+
+
 def d4_view(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
     """:func:`d4_apply` on a numpy array, as a view: negative strides rotate and flip without
     copying (torch tensors cannot)."""

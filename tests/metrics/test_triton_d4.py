@@ -42,16 +42,12 @@ SCRIPT = textwrap.dedent(
     import triton.language as tl
     from eqaudit.audit import d4_orbit_norms
     from eqaudit.transforms import parse_transforms
-    from eqaudit.transforms.elements import d4_apply
+    from eqaudit.transforms.elements import d4_apply, d4_cell_index
 
     elements = parse_transforms("d4")
 
-    def index(height, width, group=elements):
-        cells = torch.arange(height * width).view(1, 1, height, width)
-        return torch.stack([d4_apply(cells, e.k, e.flip).flatten() for e in group])
-
     def compare(act, group=elements):
-        idx = index(*act.shape[-2:], group)
+        idx = d4_cell_index(group, *act.shape[-2:])
         fused = d4_orbit_norms(act, idx, fused=True)
         ops = d4_orbit_norms(act, idx)  # half maps: both subtract in float32
         return fused, ops
