@@ -457,6 +457,14 @@ def _ramp(h: int, w: int = 7) -> np.ndarray:
     return np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (1, 1, h, w)).copy()
 
 
+def _torch_nearest(options: dict, h: int) -> tuple[Grid | None, list[float]]:
+    """The grid of ``F.interpolate(**options)`` at ``h`` rows, and the rows torch copies."""
+    model = nn.Sequential(nn.Identity(), Fn(lambda x: F.interpolate(x, **options)))
+    grid = export(model, (21, 24), channels=1).grids(h, 7)["1"]
+    with torch.no_grad():
+        return grid, model(torch.from_numpy(_ramp(h)))[0, 0, :, 0].tolist()
+
+
 @pytest.mark.parametrize(
     ("options", "h", "rows"),
     [
@@ -464,20 +472,18 @@ def _ramp(h: int, w: int = 7) -> np.ndarray:
         (dict(scale_factor=0.4, mode="nearest"), 9, None),  # rows 0, 2, 5: unevenly
         (dict(scale_factor=0.45, mode="nearest-exact"), 12, None),  # 1, 3, 5, 7, 10
         (dict(scale_factor=1 / 3, mode="nearest"), 12, [0, 3, 6, 9]),
-        (dict(scale_factor=3.0, mode="nearest"), 4, None),  # repeats each row 3 times: below
     ],
 )
 def test_a_nearest_resize_copies_the_rows_torch_copies(options, h, rows) -> None:
-    model = nn.Sequential(nn.Identity(), Fn(lambda x: F.interpolate(x, **options)))
-    grid = export(model, (21, 24), channels=1).grids(h, 7)["1"]
-    with torch.no_grad():
-        copied = model(torch.from_numpy(_ramp(h)))[0, 0, :, 0].tolist()
-    if options["scale_factor"] == 3.0:  # an upsample: the half-pixel grid of the repeats
-        assert copied == [j // 3 for j in range(3 * h)]
-        assert _rows_copied(grid) == pytest.approx([(j + 0.5) / 3 - 0.5 for j in range(3 * h)])
-        return
+    grid, copied = _torch_nearest(options, h)
     assert copied == (rows or copied)
     assert _rows_copied(grid) == rows
+
+
+def test_a_nearest_upsample_is_the_half_pixel_grid_of_its_repeats() -> None:
+    grid, copied = _torch_nearest(dict(scale_factor=3.0, mode="nearest"), 4)
+    assert copied == [j // 3 for j in range(12)]
+    assert _rows_copied(grid) == pytest.approx([(j + 0.5) / 3 - 0.5 for j in range(12)])
 
 
 def _resize_10(scale: float) -> onnx.ModelProto:
