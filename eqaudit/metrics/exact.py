@@ -9,6 +9,8 @@ order or grouping (batches, shards, resumed runs) gives the same integer, hence 
 Adding a batch is vectorised: ``numpy.frexp`` splits each value into a 53-bit integer mantissa and
 an exponent, mantissas are summed exactly in int64 per exponent (at most 2**10 terms per bucket
 per call, far from overflow), and only the few distinct exponents touch Python integers.
+:func:`exact_row_integers` does the same for many rows at once (buckets per row and group of
+exponents, summed by ``np.bincount``); :func:`exact_integer` is its one-row definition.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import numpy as np
 SCALE_BITS = 1126
 _MANTISSA_BITS = 53
 _CHUNK = 1 << 10  # int64 mantissa sums per exponent stay below 2**63
+#: exact_row_integers: binades per bucket, and the bits of each half a bucket's sum is split in
+_GROUP_BITS, _HALF_BITS = 3, 30
 
 
 def _as_array(values: Any) -> np.ndarray:
@@ -51,9 +55,14 @@ def exact_integer(values: Any) -> int:
 
 def exact_row_integers(rows: np.ndarray) -> list[int]:
     """``[exact_integer(row) for row in rows]`` for a ``(R, N)`` float64 array, in one vectorised
-    pass: the mantissas of every row are summed per (row, exponent) bucket with one sort and
-    ``np.add.reduceat`` in int64 (still at most 2**10 terms a bucket), so the Python integers
-    touched are the few buckets of each row, not one call per row."""
+    pass: the mantissas of every row are summed per (row, exponent group) bucket by
+    ``np.bincount``, so the Python integers touched are the few buckets of each row, not one
+    call per row, and nothing is sorted.
+
+    A bucket holds ``2**_GROUP_BITS`` binades: each 53-bit mantissa is shifted left by its place
+    in the group (< 2**60 in magnitude), then split into a high and a low part of at most 30
+    bits that ``bincount`` sums in float64 exactly (at most 2**10 terms a call: < 2**40). The
+    two sums become Python integers shifted into place."""
     rows = np.asarray(rows, dtype=np.float64)
     if rows.ndim != 2:
         raise ValueError(f"expected a (R, N) array, got shape {rows.shape}")
@@ -64,19 +73,30 @@ def exact_row_integers(rows: np.ndarray) -> list[int]:
     for start in range(0, width if count else 0, _CHUNK):
         part = rows[:, start : start + _CHUNK]
         mantissa, exponent = np.frexp(part)
-        integer = np.ldexp(mantissa, _MANTISSA_BITS).astype(np.int64).reshape(-1)
-        shift = (exponent.astype(np.int64) - _MANTISSA_BITS + SCALE_BITS).reshape(-1)
-        row = np.repeat(np.arange(count, dtype=np.int64), part.shape[1])
-        # shift lies in [0, 2 * SCALE_BITS]: one integer key per (row, shift) bucket.
-        key = row * (2 * SCALE_BITS + 1) + shift
-        order = np.argsort(key, kind="stable")
-        key, integer = key[order], integer[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        sums = np.add.reduceat(integer, starts)
-        bucket_row, shift = np.divmod(key[starts], 2 * SCALE_BITS + 1)
-        # Python integers shifted into place and added per row by numpy's object loops (shift
-        # >= 0: the smallest subnormal's exponent gives 0), one Python addition per row.
-        shifted = np.left_shift(sums.astype(object), shift.astype(object))
+        integer = np.ldexp(mantissa, _MANTISSA_BITS).astype(np.int64)  # exact: 53 bits
+        # value = integer * 2**shift / 2**SCALE_BITS, shift >= 0 (the smallest subnormal: 0)
+        shift = exponent.astype(np.int64)
+        shift += SCALE_BITS - _MANTISSA_BITS
+        integer <<= shift & ((1 << _GROUP_BITS) - 1)
+        group = shift >> _GROUP_BITS
+        low = int(group.min())
+        span = int(group.max()) - low + 1
+        group -= low
+        group += np.arange(count, dtype=np.int64)[:, None] * span  # one key per (row, group)
+        key = group.reshape(-1)
+        buckets = count * span  # at most 263 groups a row: float64's whole range
+        high = np.bincount(key, weights=(integer >> _HALF_BITS).reshape(-1), minlength=buckets)
+        halves = integer & ((1 << _HALF_BITS) - 1)
+        rest = np.bincount(key, weights=halves.reshape(-1), minlength=buckets)
+        used = np.flatnonzero((high != 0) | (rest != 0))
+        if not used.size:  # all zeros, or terms that cancel
+            continue
+        bucket_row, bucket_group = np.divmod(used, span)
+        # Python integers shifted into place and added per row by numpy's object loops, one
+        # Python addition per row.
+        place = ((bucket_group + low) << _GROUP_BITS).astype(object)
+        shifted = np.left_shift(high[used].astype(np.int64).astype(object), place + _HALF_BITS)
+        shifted += np.left_shift(rest[used].astype(np.int64).astype(object), place)
         first = np.flatnonzero(np.r_[True, bucket_row[1:] != bucket_row[:-1]])
         for r, total in zip(
             bucket_row[first].tolist(), np.add.reduceat(shifted, first), strict=True

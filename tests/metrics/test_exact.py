@@ -26,6 +26,18 @@ def test_row_integers_equal_one_exact_integer_per_row(shape) -> None:
     assert exact_row_integers(rows) == [exact_integer(row) for row in rows]
 
 
+@pytest.mark.parametrize("value", [np.nextafter(2.0, 0.0), -np.nextafter(2.0, 0.0), -1.7e308])
+@pytest.mark.parametrize("width", [1024, 3000])
+def test_row_integers_hold_full_buckets(value, width) -> None:
+    # Every term in one bucket with the largest mantissa and the largest shift inside its
+    # group, a whole chunk of them: the bucket sums' widest case, of either sign.
+    rows = np.full((2, width), value)
+    rows[1, ::2] = -rows[1, ::2]  # the second row cancels to 0 (or to one term)
+    assert exact_row_integers(rows) == [exact_integer(row) for row in rows]
+    assert exact_row_integers(rows)[0] == exact_integer([value]) * width
+    assert exact_row_integers(np.zeros((2, 3))) == [0, 0]
+
+
 def test_row_integers_refuse_what_exact_sums_refuse() -> None:
     with pytest.raises(ValueError, match="finite values only"):
         exact_row_integers(np.array([[1.0, np.nan]]))
