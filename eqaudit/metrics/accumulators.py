@@ -35,9 +35,38 @@ HIST_EDGES = np.concatenate(
 )
 
 
+_PADDED_EDGES = np.append(HIST_EDGES, np.inf)
+
+
+def bin_index(values: np.ndarray) -> np.ndarray:
+    """Each value's histogram bin: the first upper edge at or above it (the last bin for larger
+    values), i.e. ``minimum(searchsorted(HIST_EDGES, values, "left"), bins - 1)``, without the
+    binary search over 1301 edges: ``log10`` places each value within a bin of its own, and
+    comparisons with the neighbouring edges settle it, so the bins are searchsorted's exactly."""
+    values = np.maximum(values, 0.0)  # (negative values: bin 0, as searchsorted)
+    with np.errstate(divide="ignore"):  # log10(0) = -inf: bin 0
+        guess = np.log10(values)
+    guess -= _LOW_EXP
+    guess *= _BINS_PER_DECADE
+    np.ceil(guess, out=guess)
+    last = len(HIST_EDGES) - 1
+    np.nan_to_num(guess, copy=False, nan=last)  # (NaN: the last bin, as searchsorted)
+    index = np.clip(guess, 0, last, out=guess).astype(np.intp)
+    while True:  # log10 and the edges are within an ulp or so of exact: one step, if any
+        up = _PADDED_EDGES[index] < values
+        if not up.any():
+            break
+        index += up
+    while True:
+        down = (index > 0) & (_PADDED_EDGES[index - 1] >= values)
+        if not down.any():
+            break
+        index -= down
+    return np.minimum(index, last, out=index)
+
+
 def _histogram(values: np.ndarray) -> np.ndarray:
-    index = np.searchsorted(HIST_EDGES, values, side="left")
-    return np.bincount(np.minimum(index, len(HIST_EDGES) - 1), minlength=len(HIST_EDGES))
+    return np.bincount(bin_index(values), minlength=len(HIST_EDGES))
 
 
 class _Mergeable:
@@ -280,22 +309,22 @@ class LayerStats(_Mergeable):
                         norms[row, keep][None] if norms is not None else None,
                     )
             return
-        largest = norms.max(axis=1, initial=0.0).tolist() if norms is not None else None
-        for row, state in enumerate(stats):  # (norms not given: not known to be zero)
-            state.norm_max = max(state.norm_max, largest[row] if largest else math.inf)
         count, width = relative.shape
+        # (norms not given: the maps' norms are not known to be zero)
+        largest = norms.max(axis=1, initial=0.0).tolist() if norms is not None else None
         rel_totals, cos_totals = exact_row_integers(relative), exact_row_integers(cosine)
-        maxima = relative.max(axis=1, initial=0.0)
+        maxima = relative.max(axis=1, initial=0.0).tolist()
         bins = len(HIST_EDGES)
-        index = np.minimum(np.searchsorted(HIST_EDGES, relative, side="left"), bins - 1)
+        index = bin_index(relative)
         index += np.arange(count)[:, None] * bins
         hists = np.bincount(index.reshape(-1), minlength=count * bins).reshape(count, bins)
         for row, state in enumerate(stats):
             state.n += width
             state.rel_sum.total += rel_totals[row]
-            state.rel_max = max(state.rel_max, float(maxima[row]))
+            state.rel_max = max(state.rel_max, maxima[row])
             state.cos_sum.total += cos_totals[row]
             state.hist = state.hist + hists[row]
+            state.norm_max = max(state.norm_max, largest[row] if largest else math.inf)
 
     def quantile(self, q: float) -> float:
         if self.n == 0:

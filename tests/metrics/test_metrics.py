@@ -22,6 +22,7 @@ from eqaudit.metrics import (
     robustness_score,
     wilson_interval,
 )
+from eqaudit.metrics.accumulators import HIST_EDGES, bin_index
 
 
 def _exact_norms(x: torch.Tensor, start: int = 1) -> np.ndarray:
@@ -142,6 +143,23 @@ def test_layer_stats_p95_within_one_bin_of_the_exact_order_statistic():
     zeros = LayerStats()
     zeros.update(torch.zeros(10), torch.zeros(10))
     assert zeros.compute()["relative_error_p95"] == 0.0
+
+
+def test_bin_index_is_searchsorted_over_the_edges():
+    # The definition: the first upper edge at or above the value, the last bin past the end.
+    edges = HIST_EDGES
+    values = np.concatenate(
+        [
+            edges,
+            np.nextafter(edges, 0.0),
+            np.nextafter(edges, np.inf),
+            10.0 ** np.random.default_rng(0).uniform(-15, 3, 200_000),
+            [0.0, -1.0, -0.0, 5e-324, 1e-300, 1e-12, 10.0, 1e300, np.inf, -np.inf, np.nan],
+        ]
+    )
+    expected = np.minimum(np.searchsorted(edges, values, side="left"), len(edges) - 1)
+    np.testing.assert_array_equal(bin_index(values), expected)
+    np.testing.assert_array_equal(bin_index(values.reshape(-1, 2)), expected.reshape(-1, 2))
 
 
 def test_output_stats_merge_and_compute():
