@@ -9,7 +9,8 @@
 # "kernels syncs bench baselines tests time cli suite"), for a lease with little time left.
 # "kernels" times the per-layer D4 comparison's variants (bench_compare_kernels.py, ~1 min);
 # "long" is the bench step's LONG-image case alone (all layers with the Triton comparison
-# kernel and with torch ops, side by side);
+# kernel and with torch ops, side by side); "slope" the same at 4 x LONG images (not in the
+# default steps; with "long", the fixed and the per-image costs of each case);
 # "suite" runs the whole test suite there (torch and onnxruntime as the image has them), with
 # pytest-xdist (not in the dev extra: pip install pytest-xdist where it is missing).
 # KERNELS_OPTS adds options to the kernels step (--no-compile: skip torch.compile's minute),
@@ -39,7 +40,7 @@ timeout 240 $py benchmarks/find_syncs.py --images 64 --batch-size 256 2>&1 | tee
 
 bench() {  # bench_audit on cuda: IMAGES DATA BATCH REPEATS [extra options]
     step "bench_audit torch on cuda, $1 images, --data $2, batch $3"
-    timeout 200 $py benchmarks/bench_audit.py --backend torch --device cuda --images "$1" \
+    timeout ${BENCH_S:-200} $py benchmarks/bench_audit.py --backend torch --device cuda --images "$1" \
         --data "$2" --batch-size "$3" --repeats "$4" --fresh 0 --memory off --cap off "${@:5}" \
         2>&1 | tee "$out/bench_$1_$2_$3.log" | grep -A4 "median of\|fastest of\|repeat [0-9]"
 }
@@ -50,6 +51,10 @@ if want bench; then
 elif want long; then
     bench "$long" memory 512 2
 fi
+# The same at 4 x LONG images: what a case costs per image beyond its fixed part (set-up, the
+# layers' grid graph, the first batch's checks) is (t(4 LONG) - t(LONG)) / 3 LONG, and the
+# ratio of those marginal costs is the audit's per-image overhead over plain inference.
+want slope && BENCH_S=400 bench "$((4 * long))" memory 512 1
 
 want baselines && step "bench_baselines torch on cuda" &&
 timeout 120 $py benchmarks/bench_baselines.py --device cuda --skip onnx,polygraphy \
