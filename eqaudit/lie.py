@@ -59,7 +59,10 @@ zero outside), a translation of 1 px = ``1 / stride`` cells (Fourier); ``X = 0``
 and 1 x 1 maps. A layer fed directly by the model input uses the input tangent itself, so the
 zero fill is counted in pixel space. The input's grid is the model input's, or the output grid of
 the audited layer that produced that very tensor, or follows from the output grid for convolutions
-and pooling (and pointwise modules); otherwise the layer is skipped with a reason.
+and pooling (and pointwise modules); otherwise the layer is skipped with a reason. A map the
+model holds channels-last, ``(B, H, W, C)`` (a ConvNeXt block's between its permutes:
+:meth:`~eqaudit.models.base.ModelAdapter.channels_last`), gets ``X`` on its axes 1 and 2; there
+a ``Linear`` or a ``LayerNorm`` over the channels keeps its input's grid too.
 
 Methods: forward-mode AD (``torch.autograd.forward_ad``) for PyTorch modules; central differences
 ``D(h) = (f(T_h x) - f(T_-h x)) / 2h`` through the adapter's ``run`` for other backends (ONNX,
@@ -74,6 +77,7 @@ it is extrapolated, ``2 D(h) - D(2h)`` (Richardson), which cancels that term.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -177,10 +181,12 @@ def feature_tangent(
     generator: str,
     grid: Grid | Any,
     input_size: tuple[int, int],
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """``X h``: the generator acting on a feature map's own grid, same shape as ``fmap``.
 
-    ``fmap`` is ``(B, C, n_h, n_w)`` (flat ``(B, D)`` features and ``1 x 1`` maps give zeros);
+    ``fmap`` is ``(B, C, n_h, n_w)``, or ``(B, n_h, n_w, C)`` with ``channels_last`` (flat
+    ``(B, D)`` features and ``1 x 1`` maps give zeros);
     ``grid`` is ``(stride_h, stride_w, offset_h, offset_w)`` (or a Grid-like object): cell
     ``(i, j)`` sits at input pixel ``(offset_h + stride_h i, offset_w + stride_w j)``;
     ``input_size`` is the model's ``(H, W)``, whose true centre the rotation turns about.
@@ -190,6 +196,9 @@ def feature_tangent(
     * translate_x / translate_y: ``-(1 / s) D h`` with ``D`` the Fourier derivative per cell.
     """
     _check_generator(generator)
+    if channels_last and fmap.ndim == 4:
+        moved = feature_tangent(fmap.permute(0, 3, 1, 2), generator, grid, input_size)
+        return moved.permute(0, 2, 3, 1)
     if fmap.ndim != 4 or fmap.shape[-2:] == (1, 1):
         return torch.zeros_like(fmap)
     stride_h, stride_w, offset_h, offset_w = as_grid(grid)  # type: ignore[misc]
@@ -527,16 +536,24 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _is_flat(t: torch.Tensor) -> bool:
-    return t.ndim == 2 or (t.ndim == 4 and t.shape[-2:] == (1, 1))
+def _is_flat(t: torch.Tensor, channels_last: bool = False) -> bool:
+    return t.ndim == 2 or (t.ndim == 4 and _cells(t, channels_last) == (1, 1))
+
+
+def _cells(t: torch.Tensor, channels_last: bool) -> tuple[int, ...]:
+    """A rank-4 map's spatial size ``(n_h, n_w)`` in its layout."""
+    return tuple(t.shape[1:3] if channels_last else t.shape[-2:])
 
 
 # -- which grid a layer's input lives on ----------------------------------------------------------
+#: Modules whose output lies on their input's grid, in the same layout (either).
 _POINTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
-    nn.Identity, nn.Dropout, nn.Dropout2d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d,
+    nn.Identity, nn.Dropout,
 )  # fmt: skip
+#: The same for channels-first maps only (their channel axis is 1).
+_CHANNELS_FIRST_SAME_GRID = (nn.Dropout2d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)
 
 
 def _pair(value: Any) -> tuple[int, int] | None:
@@ -551,10 +568,21 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def _input_grid_from_module(module: nn.Module, out_grid: Grid, same_size: bool) -> Grid | None:
+def _input_grid_from_module(
+    module: nn.Module, out_grid: Grid, same_size: bool, channels_last: bool = False
+) -> Grid | None:
     """The input grid that a conv / pool / pointwise module maps onto ``out_grid``: output cell
-    ``i`` reads input cells centred at ``stride i - pad + dilation (k - 1) / 2``."""
-    if isinstance(module, _POINTWISE):
+    ``i`` reads input cells centred at ``stride i - pad + dilation (k - 1) / 2``. With
+    ``channels_last`` (the output is ``(B, H, W, C)``, and the input then too), only modules
+    that act on the last axis keep the grid: pointwise ones, a ``Linear`` and a ``LayerNorm``
+    over the channels (a ConvNeXt block's)."""
+    if channels_last:
+        over_channels = isinstance(module, nn.Linear) or (
+            isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+        )
+        keeps = isinstance(module, _POINTWISE) or over_channels
+        return out_grid if keeps and same_size else None
+    if isinstance(module, (*_POINTWISE, *_CHANNELS_FIRST_SAME_GRID)):
         return out_grid if same_size else None
     if not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         return None
@@ -590,6 +618,9 @@ class _Plan:
     source: str  # "image", "flat" or "grid"
     input_grid: Grid | None
     output_grid: Grid | None  # None: flat output
+    #: maps held (B, H, W, C), as a ConvNeXt block's between its permutes
+    input_channels_last: bool = False
+    output_channels_last: bool = False
 
 
 def _plan_layers(
@@ -642,7 +673,7 @@ def _plan_layers(
     plans = []
     for (path, call), name in wanted.items():
         info = seen.get(name)
-        reason, plan = _plan_one(name, path, call, info, grids, model_input)
+        reason, plan = _plan_one(name, path, call, info, grids, model_input, adapter.channels_last)
         if plan is None:
             skipped[name] = reason
         else:
@@ -659,7 +690,10 @@ def _plan_one(
     info: dict[str, Any] | None,
     grids: Mapping[str, Grid | None],
     model_input: torch.Tensor,
+    channels_last: Callable[[str], bool] = lambda name: False,
 ) -> tuple[str, _Plan | None]:
+    """``channels_last(layer)``: whether the layer's maps are ``(B, H, W, C)``
+    (:meth:`~eqaudit.models.base.ModelAdapter.channels_last`)."""
     if info is None or "output" not in info:
         return "not called in a forward pass", None
     out = info["output"]
@@ -667,8 +701,10 @@ def _plan_one(
         return "its output is not a float tensor", None
     if out.ndim not in (2, 4):
         return f"its output has shape {tuple(out.shape)}, neither a map nor flat features", None
-    out_grid = None if _is_flat(out) else grids[name]
-    if not _is_flat(out) and out_grid is None:
+    out_last = out.ndim == 4 and channels_last(name)
+    flat_out = _is_flat(out, out_last)
+    out_grid = None if flat_out else grids[name]
+    if not flat_out and out_grid is None:
         return "its output grid (stride, offset) is unknown", None
     if len(info["tensor_args"]) != 1:
         n = len(info["tensor_args"])
@@ -677,20 +713,27 @@ def _plan_one(
     u = info["args"][arg]
     if u.ndim not in (2, 4):
         return f"its input has shape {tuple(u.shape)}, neither a map nor flat features", None
+    plan = functools.partial(_Plan, name, path, call, arg, output_channels_last=out_last)
     if u is model_input:
-        return "", _Plan(name, path, call, arg, "image", IMAGE_GRID, out_grid)
-    if _is_flat(u):
-        return "", _Plan(name, path, call, arg, "flat", None, out_grid)
+        return "", plan("image", IMAGE_GRID, out_grid)
     producer = info["producer"]
-    in_grid = grids.get(producer) if producer is not None else None
-    if in_grid is None and out_grid is not None:
-        in_grid = _input_grid_from_module(info["module"], out_grid, u.shape[-2:] == out.shape[-2:])
+    if producer is not None:
+        in_last = u.ndim == 4 and channels_last(producer)
+        in_grid = grids.get(producer)
+    else:  # read from the module: the input is in the output's layout, if the grid is kept
+        in_last = out_last
+        in_grid = None
+    if _is_flat(u, in_last):
+        return "", plan("flat", None, out_grid)
+    if in_grid is None and out_grid is not None and producer is None:
+        same_size = u.ndim == 4 and _cells(u, in_last) == _cells(out, out_last)
+        in_grid = _input_grid_from_module(info["module"], out_grid, same_size, out_last)
     if in_grid is None:
         return (
             "the grid of its input is unknown: also audit the layer that produces its input",
             None,
         )
-    return "", _Plan(name, path, call, arg, "grid", in_grid, out_grid)
+    return "", plan("grid", in_grid, out_grid, input_channels_last=in_last)
 
 
 def _forward(adapter: ModelAdapter, model_input: torch.Tensor) -> torch.Tensor:
@@ -743,12 +786,12 @@ def _layer_pass(
             return image_tangent_
         if plan.source == "flat":
             return torch.zeros_like(u)
-        return feature_tangent(u, generator, plan.input_grid, size)
+        return feature_tangent(u, generator, plan.input_grid, size, plan.input_channels_last)
 
     def out_tangent(h: torch.Tensor) -> torch.Tensor:
         if plan.output_grid is None:
             return torch.zeros_like(h)
-        return feature_tangent(h, generator, plan.output_grid, size)
+        return feature_tangent(h, generator, plan.output_grid, size, plan.output_channels_last)
 
     def run(xc: torch.Tensor, tc: torch.Tensor, scale: float, dual: bool) -> torch.Tensor:
         target = (plan.path, plan.call)

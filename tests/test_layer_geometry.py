@@ -864,3 +864,64 @@ def test_padding_border_option_is_checked() -> None:
 
     with pytest.raises(UsageError, match="--padding-border must be one of exclude"):
         eqaudit.audit(_isotropic_stack(1), "rot:30", padding_border="outside", input_size=17)
+
+
+class _Permute(nn.Module):
+    def __init__(self, *order: int) -> None:
+        super().__init__()
+        self.order = order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.order)
+
+
+def _channels_last_block() -> tuple[nn.Module, nn.Module]:
+    """A ConvNeXt-style block held (B, H, W, C) between permutes, and its channels-first twin:
+    each Linear a 1x1 conv of the same weights, the LayerNorm over the channels wrapped in
+    permutes inside a module, so that the twin's maps are all (B, C, H, W)."""
+
+    class ChannelNorm(nn.Module):  # LayerNorm over axis 1 of a (B, C, H, W) map
+        def __init__(self, norm: nn.LayerNorm) -> None:
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    torch.manual_seed(4)
+    stem, norm = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8)
+    fc1, fc2, head = nn.Linear(8, 16, bias=False), nn.Linear(16, 8), nn.Linear(8, 5)
+    last = nn.Sequential(
+        stem, _Permute(0, 2, 3, 1), norm, fc1, nn.Softplus(2), fc2, _Permute(0, 3, 1, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), head,
+    )  # fmt: skip
+    conv1, conv2 = nn.Conv2d(8, 16, 1, bias=False), nn.Conv2d(16, 8, 1)
+    with torch.no_grad():
+        conv1.weight.copy_(fc1.weight[..., None, None])
+        conv2.weight.copy_(fc2.weight[..., None, None])
+        conv2.bias.copy_(fc2.bias)
+    first = nn.Sequential(
+        stem, ChannelNorm(norm), conv1, nn.Softplus(2), conv2,
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), head,
+    )  # fmt: skip
+    return last.eval(), first.eval()
+
+
+def test_lie_contributions_of_channels_last_maps_are_those_of_the_channels_first_twin() -> None:
+    # The generators act on a map's spatial axes: on a (B, H, W, C) map those are axes 1 and 2.
+    # Taken as (B, C, H, W), a Linear over the channels read 1.3 (rotation) and 1.6 (x) where
+    # its 1x1-conv twin reads ~1e-3 and ~1e-10 (review).
+    last, first = _channels_last_block()
+    options = dict(input_size=17, num_images=4, seed=3, lie=True)
+    a = eqaudit.audit(last, "flips", **options).to_frame("layers")
+    b = eqaudit.audit(first, "flips", **options).to_frame("layers")
+    pairs = {"2": "1", "3": "2", "4": "3", "5": "4"}  # norm, fc1, softplus, fc2
+    for generator in ("rotation", "translate_x", "translate_y"):
+        column = f"lie_{generator}"
+        for name_last, name_first in pairs.items():
+            x = a[(a["layer"] == name_last) & (a["transform"] == "flip_h")][column].iloc[0]
+            y = b[(b["layer"] == name_first) & (b["transform"] == "flip_h")][column].iloc[0]
+            assert x == pytest.approx(y, rel=1e-3, abs=1e-8), (generator, name_last)
+        # A bias-free Linear over the channels commutes with every generator.
+        fc1 = a[(a["layer"] == "3") & (a["transform"] == "flip_h")][column].iloc[0]
+        assert fc1 < 1e-6, generator

@@ -312,10 +312,15 @@ class ModelAdapter(ABC):
         returned (nor copied).
         """
 
+    def channels_last(self, name: str) -> bool:
+        """Does layer ``name`` hand out its rank-4 maps as ``(B, H, W, C)`` (brought to ``(B,
+        C, H, W)`` by :meth:`_canonical_activation`)?"""
+        return name in self._channels_last_guess
+
     def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
         """Canonical form of a raw activation: (B, C, H, W), (B, D), or None (not auditable)."""
         if value.ndim == 4:
-            if name in self._channels_last_guess:
+            if self.channels_last(name):
                 return value.permute(0, 3, 1, 2)
             return value
         if value.ndim == 2:

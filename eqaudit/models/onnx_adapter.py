@@ -600,14 +600,14 @@ class OnnxAdapter(ModelAdapter):
             return None
         return (grid.h.stride, grid.w.stride)
 
-    def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+    def channels_last(self, name: str) -> bool:
         graph = self.grid_graph()
-        if value.ndim == 4 and graph is not None:
+        if graph is not None:
             # Layouts do not depend on the input size: any size serves while it is unknown.
             layout = graph.layouts(*(self._geometry_size() or (224, 224))).get(name)
             if layout == "NHWC":
-                return value.permute(0, 3, 1, 2)
-        return super()._canonical_activation(name, value)
+                return True
+        return super().channels_last(name)
 
     # -- running -----------------------------------------------------------------------------
     def _session(self, layers: tuple[str, ...]) -> ort.InferenceSession:

@@ -433,10 +433,8 @@ class TorchAdapter(ModelAdapter):
             self._channels_last = {name for name, lay in layouts.items() if lay == "NHWC"}
         return graph, note
 
-    def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
-        if value.ndim == 4 and name in self._channels_last:
-            return value.permute(0, 3, 1, 2)
-        return super()._canonical_activation(name, value)
+    def channels_last(self, name: str) -> bool:
+        return name in self._channels_last or super().channels_last(name)
 
     def _build_grid_graph(self) -> tuple[GridGraph | None, str | None]:
         """A .pt2 archive's own program; a module is exported once (``torch.export``, on a zeros
