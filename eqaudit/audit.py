@@ -194,7 +194,7 @@ class LayerState:
             return self.aligned[gi] is not False
         if comparison == "invariance":
             return True
-        return comparison == "resampled" and not element.exact and self.grid is not None
+        return comparison == "resampled" and not element.exact
 
 
 def shown_path(path: str | Path | None) -> str | None:
@@ -1505,11 +1505,16 @@ class Engine:
                 action, comparison = found.action, found.comparison
                 a, b, mask = act[gi], action.transformed, action.mask
             state.comparison[gi] = comparison
+            # (a rotation by another angle on a map of unknown grid: naive, resampled all the
+            # same, about the map's own centre; its floor is still the interpolation's)
+            resampled = comparison == "resampled" or (
+                comparison == "naive" and state.grid is None and not element.exact
+            )
             floor = (
                 resampled_floor(
                     element, reference, state.grid, self.input_size, self.config.padding_border
                 )
-                if comparison == "resampled"
+                if resampled
                 else None
             )
             self._records.append(_Record(state.stats[gi], map_norms(a, b, mask), floor))

@@ -145,10 +145,17 @@ def test_unknown_grids_are_not_scored() -> None:
                 h = h * 2
             return self.head(h.mean(dim=(2, 3)))
 
-    result = eqaudit.audit(Untraceable().eval(), "flips", input_size=9, num_images=4)
-    row = result.layer("conv", "flip_h")
-    assert row["aligned"] is None and row["comparison"] == "naive" and not row["scored"]
-    assert row["reason"].startswith("sampling grid unknown")
+    result = eqaudit.audit(
+        Untraceable().eval(), "flips,rot:30,shift:0.5", input_size=9, num_images=4
+    )
+    # Every element alike, the rotation by another angle and the sub-pixel shift too: they
+    # read "resampled" with no reason, and the summary's count of unknown grids missed them.
+    for transform in ("flip_h", "rot30", "shift_x+0.5_fourier"):
+        row = result.layer("conv", transform)
+        assert row["aligned"] is None and row["comparison"] == "naive" and not row["scored"]
+        assert row["reason"].startswith("sampling grid unknown"), transform
+    # (resampled about the map's own centre all the same: the interpolation floor is beside)
+    assert result.layer("conv", "rot30")["interpolation_floor"] > 0
 
 
 def test_a_torchscript_audit_says_why_no_layer_is_audited(tmp_path) -> None:

@@ -359,9 +359,9 @@ def compare_on_grid(
     padding_border: str = "exclude",
 ) -> GridComparison:
     """``T'_g h`` for one reference map ``(B, C, n_h, n_w)``; raises :class:`NotMeasurable`."""
-    if grid is None:  # offset unknown: the map's own grid is all there is
-        action = element.feature_action(fmap, stride)
-        return GridComparison(action, "naive" if element.exact else "resampled", None)
+    if grid is None:  # offset unknown: the map's own grid is all there is (a rotation by
+        # another angle turns about the map's centre): naive, whatever the element
+        return GridComparison(element.feature_action(fmap, stride), "naive", None)
     if isinstance(element, D4Element) and element.k % 2 and fmap.shape[-1] != fmap.shape[-2]:
         raise NotMeasurable(f"feature map is {fmap.shape[-2]}x{fmap.shape[-1]}, not square")
     cm, plan = comparison_plan(element, grid, input_size)
