@@ -931,6 +931,26 @@ def _wrapped(pieces: Sequence[_Map], axis: int) -> _Map | None:
     return replace(pieces[0], grid=Grid(grid, other) if first_axis else Grid(other, grid))
 
 
+def _split_state(state: Any, axis: int, rank: int | None, drops: bool, label: str) -> Any:
+    """Each piece of a tensor cut along ``axis`` (``drops``: the axis goes, as unbind's): a
+    map's grid when the axis is a channel axis (CSP blocks, GLU gates, a ShuffleNet's halves),
+    else unknown (pieces of H or W have other offsets)."""
+    if not isinstance(state, _Map):
+        if drops and state is not None:
+            return _Lost(f"{label} removes an axis of flat features")
+        return state
+    found = _resolve_axes(state, [axis], rank, label)
+    if isinstance(found, _Lost):
+        return found
+    if found[0] not in _channel_axes(state):
+        return _Lost(f"{label} splits axis {found[0]}, not a channel axis")
+    if not drops:
+        return state
+    if state.layout != "NCHW" or state.rank <= 4:
+        return _Lost(f"{label} removes the channel axis of a map")
+    return replace(state, rank=state.rank - 1)
+
+
 def _permute_state(state: Any, perm: Sequence[int], label: str) -> Any:
     """Permute axes: NCHW <-> NHWC moves the layout; a permutation of the channel axes of a
     NCHW(-like) map alone keeps it."""
@@ -1888,13 +1908,13 @@ def _onnx_slice_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, l
         starts, ends = facts.ints(inputs[1]), facts.ints(inputs[2])
         axes = facts.ints(inputs[3]) if inputs[3] else None
         steps = facts.ints(inputs[4]) if inputs[4] else None
-        if (
-            starts is None
-            or ends is None
-            or (inputs[3] and axes is None)
-            or (inputs[4] and steps is None)
-        ):
+        if (inputs[3] and axes is None) or (inputs[4] and steps is None):
             return _unsupported(f"{label} has bounds that are not constant")
+        if starts is None or ends is None:
+            if axes is None:
+                return _unsupported(f"{label} has bounds that are not constant")
+            # (the exporters' chunk: bounds from Shape, on a constant channel axis)
+            return _onnx_channel_slice_rule(node, facts, axes, label)
     rank = facts.rank(node.input[0])
     axes = list(axes if axes is not None else range(len(starts)))
     steps = steps or [1] * len(starts)
@@ -1905,6 +1925,27 @@ def _onnx_slice_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, l
             state = _slice_state(state, axis, start, end, step, label, rank)
             if isinstance(state, _Lost):
                 break
+        return state
+
+    return rule
+
+
+def _onnx_channel_slice_rule(
+    node: onnx.NodeProto, facts: _OnnxGraphFacts, axes: list[int], label: str
+) -> _Rule:
+    """A Slice whose bounds are computed (from the input's Shape) along constant axes: a map's
+    grid is kept when they are all channel axes (or the batch axis), whatever the bounds."""
+    rank = facts.rank(node.input[0])
+
+    def rule(ins: list[Any]) -> Any:
+        state = _first(ins[0])
+        if not isinstance(state, _Map):
+            return state
+        found = _resolve_axes(state, axes, rank, label)
+        if isinstance(found, _Lost):
+            return found
+        if set(found) & set(_spatial_axes(state)):
+            return _Lost(f"{label} has bounds that are not constant on a spatial axis")
         return state
 
     return rule
@@ -2439,6 +2480,19 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
     if name == "permute":
         dims = [int(d) % max(rank, 1) for d in bound["dims"]]
         return lambda ins: _permute_state(state_of(ins), dims, label)
+    if name == "transpose":  # (a ShuffleNet's channel shuffle swaps two channel axes)
+        swap = [int(bound["dim0"]) % max(rank, 1), int(bound["dim1"]) % max(rank, 1)]
+        dims = list(range(rank))
+        dims[swap[0]], dims[swap[1]] = dims[swap[1]], dims[swap[0]]
+        return lambda ins: _permute_state(state_of(ins), dims, label)
+    if name in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split"):
+        pieces = len(node.meta["val"]) if multi else 1
+        dim = bound.get("dim", 0)
+        if not isinstance(dim, int):
+            return _unsupported(f"{label} splits an axis that is not constant")
+        return lambda ins: (
+            (_split_state(state_of(ins), dim, rank, name == "unbind", label),) * (pieces)
+        )
     if name in ("instance_norm", "group_norm", "native_group_norm"):  # statistics over H, W
         return lambda ins: wrap(_spread(state_of(ins)))
     if name in ("layer_norm", "native_layer_norm"):

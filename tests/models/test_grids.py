@@ -856,6 +856,12 @@ REGROUPINGS = {
     "concat groups": lambda x: torch.cat([grouped(x), -grouped(x)], 1).amax(1),
     "slice groups": lambda x: grouped(x)[:, :, 1:3].sum(2),
     "constant groups": lambda x: (grouped(x) * torch.arange(4.0).view(4, 1, 1)).sum(2),
+    # channel splits (GLU gates, CSP blocks) and a ShuffleNet's shuffle: the walk of
+    # torch.export's graph had no rule for them, and every map after them was unknown
+    "chunk": lambda x: x.chunk(2, 1)[0] * torch.sigmoid(x.chunk(2, 1)[1]),
+    "split sizes": lambda x: torch.cat(x.split([3, 5], 1)[::-1], 1),
+    "unbind groups": lambda x: grouped(x).unbind(1)[1],
+    "transpose groups": lambda x: grouped(x).transpose(1, 2).reshape(x.shape),
 }
 
 
@@ -880,6 +886,8 @@ UNKNOWN = {
         "regrouping its channel axes",
     ),
     "merge H and W": (lambda x: x.flatten(2), "flattens axes 2..3"),
+    "split H": (lambda x: x.split([4, 5], 2)[1], "splits axis 2, not a channel axis"),
+    "transpose H and W": (lambda x: x.transpose(2, 3), "permutes axes [0, 1, 3, 2]"),
     "reduce H": (lambda x: x.mean(2), "reduces the height axis but not the width axis"),
     "reduce W, keepdim": (
         lambda x: grouped(x).amax(-1, keepdim=True),
@@ -917,6 +925,24 @@ def test_ambiguous_onnx_reshapes_and_reductions_stay_unknown(name: str) -> None:
         graph = onnx_grid_graph(to_onnx(model, (17, 17), dynamic=dynamic), "x", "NCHW")
         assert graph.grids(17, 17)["y"] is None
         assert ("Reshape" if "fold" in name else "ReduceMean") in graph.unknown_reason("y")
+
+
+def test_onnx_slices_with_computed_bounds_keep_channel_axes_only() -> None:
+    # The ONNX exporter writes chunk as Slices whose bounds come from Shape: on the channel
+    # axis any bounds keep the grid; on H they are a crop of unknown offset.
+    for fn, kept in (
+        (lambda x: x.chunk(2, 1)[1], True),
+        (lambda x: x[:, :, : x.shape[2] // 2 + 1], False),
+    ):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Fn(fn)).eval()
+        proto = to_onnx(model, (17, 17), dynamic=True)
+        assert any(n.op_type == "Shape" for n in proto.graph.node)  # (computed, not folded)
+        graph = onnx_grid_graph(proto, "x", "NCHW")
+        if kept:
+            assert graph.grids(17, 17)["y"] == CONV_17, graph.unknown_reason("y")
+        else:
+            assert graph.grids(17, 17)["y"] is None
+            assert "not constant on a spatial axis" in graph.unknown_reason("y")
 
 
 @pytest.mark.parametrize(
