@@ -11,8 +11,9 @@ A and B are paired: every image is seen by both under every element, so each ele
 * a seeded **paired bootstrap** interval of ``B - A`` (images resampled);
 * both JS divergences and their difference, and the top-1 agreement of A with B.
 
-Layers are matched by name, then (for the rest) by execution order and shape, e.g. an ONNX export
-against its PyTorch module; unmatched layers are listed. A layer difference is taken only where
+Layers are matched by name, then by the module path torch's ONNX exporter writes into tensor
+names (an ONNX export against its PyTorch module), then (for the rest) by execution order and
+shape; unmatched layers are listed. A layer difference is taken only where
 both rows are scored (compared exactly or resampled about a known grid): a pair on a misaligned
 or unknown grid keeps its two errors but no difference. ``B`` is a **regression** on an element
 when it agrees less often than ``A`` and the Holm-adjusted p-value is below ``alpha``.
@@ -308,25 +309,67 @@ def _layer_table(result: AuditResult) -> tuple[list[dict], dict[tuple[str, str],
     return sorted(infos.values(), key=lambda i: i["index"]), rows
 
 
+def exported_module_path(name: str) -> str | None:
+    """The module path that torch's ONNX exporter wrote into a tensor's name, or None:
+    ``/layer1/layer1.0/conv1/Conv_output_0`` -> ``layer1.0.conv1`` (each scope is named by its
+    path when a container numbers it, else by its attribute)."""
+    if not name.startswith("/"):
+        return None
+    path = ""
+    for scope in name.split("/")[1:-1]:
+        path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
+    return path or None
+
+
+def _module_outputs(layers: list[dict]) -> dict[str, dict]:
+    """Module path -> the last of ``layers`` (execution order) in that module or below it: the
+    module's output, as a forward hook sees it."""
+    last: dict[str, dict] = {}
+    for info in layers:
+        path = exported_module_path(info["name"])
+        if path is None:
+            continue
+        parts = path.split(".")
+        for end in range(1, len(parts) + 1):
+            last[".".join(parts[:end])] = info
+    return last
+
+
 def match_layers(
     layers_a: list[dict], layers_b: list[dict]
 ) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
-    """Pairs ``(name in A, name in B, how)`` with ``how`` "name" or "order+shape", in A's order,
-    and the unmatched names of A and of B.
+    """Pairs ``(name in A, name in B, how)`` with ``how`` "name", "module" or "order+shape", in
+    A's order, and the unmatched names of A and of B.
 
-    Same names pair first. The rest pair in execution order: each unmatched A layer takes the next
-    unmatched B layer (after the previous pair) with the same shape, so a pair never crosses
-    another.
+    Same names pair first. Then a module's path against the tensor that torch's ONNX exporter
+    named after it (:func:`exported_module_path`; the module's last one, of the same shape): a
+    .pt2 or state dict against its ONNX export. The rest pair in execution order: each unmatched
+    A layer takes the next unmatched B layer (after the previous pair) with the same shape, so
+    a pair never crosses another.
     """
     names_b = {i["name"] for i in layers_b}
     by_name = {i["name"] for i in layers_a} & names_b
-    rest_b = [i for i in layers_b if i["name"] not in by_name]
+    module: dict[str, str] = {}  # A name -> B name
+    for side, other, forward in ((layers_a, layers_b, True), (layers_b, layers_a, False)):
+        outputs = _module_outputs([i for i in other if i["name"] not in by_name])
+        for info in side:
+            found = outputs.get(info["name"])
+            if info["name"] in by_name or found is None or found["shape"] != info["shape"]:
+                continue
+            a, b = (info["name"], found["name"]) if forward else (found["name"], info["name"])
+            if a not in module and b not in module.values():
+                module[a] = b
+    taken_b = by_name | set(module.values())
+    rest_b = [i for i in layers_b if i["name"] not in taken_b]
     pairs: list[tuple[str, str, str]] = []
     unmatched_a: list[str] = []
     cursor = 0
     for info in layers_a:
         if info["name"] in by_name:
             pairs.append((info["name"], info["name"], "name"))
+            continue
+        if info["name"] in module:
+            pairs.append((info["name"], module[info["name"]], "module"))
             continue
         for j in range(cursor, len(rest_b)):
             if rest_b[j]["shape"] == info["shape"]:
@@ -447,8 +490,9 @@ class Comparison:
         out.append(table)
         lay = d["layer_matching"]
         out.append(
-            f"layers: {lay['matched_by_name']} matched by name, {lay['matched_by_order']} by "
-            f"order and shape; unmatched: {len(lay['unmatched_a'])} in A, "
+            f"layers: {lay['matched_by_name']} matched by name, {lay['matched_by_module']} by "
+            f"exported module path, {lay['matched_by_order']} by order and shape; unmatched: "
+            f"{len(lay['unmatched_a'])} in A, "
             f"{len(lay['unmatched_b'])} in B (per-layer errors in compare.csv)"
         )
         out += [f"note: {n}" for n in d["notes"]]
@@ -520,14 +564,23 @@ def compare_results(
     same = int((identity["top1_a"] == identity["top1_b"]).sum())
     layer_rows, matching = _compare_layers(a, b, elements)
     formats = [r.summary["model"].get("format") or r.summary["model"]["backend"] for r in (a, b)]
-    if matching["matched_by_order"] and formats[0] != formats[1]:
+    across = matching["matched_by_order"] + matching["matched_by_module"]
+    if across and formats[0] != formats[1]:
         # (seen: a ResNet's .pt2 against its ONNX export, whose Conv outputs are conv+bn)
         kinds = [_FORMATS.get(f, f"a {f} model") for f in formats]
+        how = [
+            f"{count} by {what}"
+            for count, what in (
+                (matching["matched_by_module"], "exported module path"),
+                (matching["matched_by_order"], "order and shape"),
+            )
+            if count
+        ]
         notes.append(
-            f"A is {kinds[0]} and B {kinds[1]}: {matching['matched_by_order']} layer pairs are "
-            "matched by order and shape, not by name, and an exporter that folds a BatchNorm "
-            "into its Conv or splits an op shifts them; per-layer differences across formats "
-            "are not like for like (compare.csv lists each pair)"
+            f"A is {kinds[0]} and B {kinds[1]}: {across} layer pairs are matched by other "
+            f"than their names ({', '.join(how)}), and an exporter that folds a BatchNorm into "
+            "its Conv or splits an op shifts them; per-layer differences across formats are not "
+            "like for like (compare.csv lists each pair)"
         )
     orbit = _orbit(paired, elements)
     data = {
@@ -653,7 +706,8 @@ def _compare_layers(a: AuditResult, b: AuditResult, elements: list[str]) -> tupl
             )
     matching = {
         "matched_by_name": sum(1 for *_, how in pairs if how == "name"),
-        "matched_by_order": sum(1 for *_, how in pairs if how != "name"),
+        "matched_by_module": sum(1 for *_, how in pairs if how == "module"),
+        "matched_by_order": sum(1 for *_, how in pairs if how == "order+shape"),
         "unmatched_a": unmatched_a,
         "unmatched_b": unmatched_b,
     }

@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from eqaudit.cli import app
-from eqaudit.compare import compare, holm, match_layers
+from eqaudit.compare import compare, exported_module_path, holm, match_layers
 from eqaudit.errors import EXIT_GATE_FAILED, EXIT_USAGE, UsageError
 from eqaudit.stats import mcnemar_exact, paired_bootstrap_interval
 
@@ -102,6 +102,52 @@ def test_layers_match_by_name_then_by_order_and_shape() -> None:
         ("pool", "/gap", "order+shape"),
     ]
     assert only_a == ["fc"] and only_b == ["/extra"]
+
+
+def test_an_onnx_export_pairs_with_its_modules_by_the_paths_in_its_tensor_names() -> None:
+    # A ConvNeXt block's .pt2 against its ONNX export (names as torch.onnx writes them): by
+    # order and shape, dwconv paired with the downsampling LayerNorm's Transpose and the block
+    # with a MatMul inside it (helper-51); each module's output is the last tensor under it.
+    def layers(*items: tuple[str, str]) -> list[dict]:
+        return [{"name": n, "shape": s, "index": i} for i, (n, s) in enumerate(items)]
+
+    m = "24x16x16"
+    a = layers(
+        ("downsample_layers.0.0", m), ("downsample_layers.0.1", m), ("stages.0.0.dwconv", m),
+        ("stages.0.0.act", "96x16x16"), ("stages.0.0.pwconv2", m), ("stages.0.0", m),
+        ("head", "5"),
+    )  # fmt: skip
+    block = "/stages.0/stages.0.0"
+    b = layers(
+        ("/downsample_layers.0/downsample_layers.0.0/Conv_output_0", m),
+        ("/downsample_layers.0/downsample_layers.0.1/Transpose_output_0", m),
+        ("/downsample_layers.0/downsample_layers.0.1/Transpose_1_output_0", m),
+        (f"{block}/dwconv/Conv_output_0", m),
+        (f"{block}/Transpose_output_0", m),
+        (f"{block}/act/Erf_output_0", "96x16x16"),
+        (f"{block}/act/Mul_1_output_0", "96x16x16"),
+        (f"{block}/pwconv2/MatMul_output_0", m),
+        (f"{block}/pwconv2/Add_output_0", m),
+        (f"{block}/Add_output_0", m),
+        ("/head/Gemm_output_0", "5"),
+    )
+    pairs, only_a, only_b = match_layers(a, b)
+    assert pairs == [
+        ("downsample_layers.0.0", b[0]["name"], "module"),
+        ("downsample_layers.0.1", b[2]["name"], "module"),
+        ("stages.0.0.dwconv", b[3]["name"], "module"),
+        ("stages.0.0.act", b[6]["name"], "module"),
+        ("stages.0.0.pwconv2", b[8]["name"], "module"),
+        ("stages.0.0", b[9]["name"], "module"),
+        ("head", b[10]["name"], "module"),
+    ]
+    assert only_a == [] and len(only_b) == 4
+    # the other way round, A the ONNX graph: the same pairs
+    back, _, _ = match_layers(b, a)
+    assert sorted((y, x) for x, y, _ in back) == sorted((x, y) for x, y, _ in pairs)
+    assert exported_module_path("/layer1/layer1.0/conv1/Conv_output_0") == "layer1.0.conv1"
+    assert exported_module_path("/Add_output_0") is None
+    assert exported_module_path("conv1") is None
 
 
 # -- real model pairs ------------------------------------------------------------------------------
@@ -260,15 +306,19 @@ def test_onnx_export_compares_as_equal_to_its_pytorch_module(files, tmp_path) ->
         assert row["verdict"] == "no significant difference"
         assert row["mcnemar_p"] == 1.0 and row["top1_agreement"] == 1.0
         assert abs(row["js_difference"]) < 1e-6
-    # ONNX tensor names differ from module paths: the conv layers pair by order and shape.
-    pairs = {(r["layer_a"], r["layer_b"]) for r in data["layers"]}
-    assert ("/conv1/Conv_output_0", "conv1") in pairs
-    assert ("/conv3/Conv_output_0", "conv3") in pairs
+    # ONNX tensor names differ from module paths; the exporter writes the module's path in them.
+    pairs = {(r["layer_a"], r["layer_b"], r["match"]) for r in data["layers"]}
+    assert ("/conv1/Conv_output_0", "conv1", "module") in pairs
+    assert ("/conv3/Conv_output_0", "conv3", "module") in pairs
     conv = [r for r in data["layers"] if r["layer_b"].startswith("conv")]
     assert all(abs(r["relative_error_difference"]) < 1e-5 for r in conv)
     # ... which the comparison says, since an exporter's folds shift such pairs.
-    [note] = [n for n in data["notes"] if "matched by order and shape" in n]
+    [note] = [n for n in data["notes"] if "matched by other than their names" in n]
     assert note.startswith("A is an ONNX graph and B a PyTorch state dict: 8 layer pairs are")
+    assert data["layer_matching"]["matched_by_module"] == 8, data["layer_matching"]
+    assert "0 matched by name, 8 by exported module path" in clean(result.stdout)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "8 by the module path in the exported tensor names" in page
 
 
 def test_unpaired_inputs_are_refused(files, tmp_path) -> None:

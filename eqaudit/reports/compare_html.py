@@ -341,6 +341,7 @@ def build_compare_context(data: dict) -> dict:
         "curve": curve,
         "pairs": len(grid.names_a),
         "by_name": matching.get("matched_by_name", 0),
+        "by_module": matching.get("matched_by_module", 0),
         "by_order": matching.get("matched_by_order", 0),
         "changes": _changes(data),
         "unmatched": _unmatched(matching),
