@@ -222,7 +222,8 @@ _Rule = Callable[[list[Any]], Any]
 
 
 class _TooSmall(Exception):
-    """The input size gives a window op fewer than one output cell."""
+    """The input size gives a window op fewer than one output cell, or an element-wise op
+    maps of different sizes: the model cannot take it."""
 
     def __init__(self, message: str, layout: str = "NCHW", rank: int = 4) -> None:
         super().__init__(message)
@@ -676,6 +677,14 @@ def _combine(ins: Sequence[Any], label: str, out_rank: int | None = None) -> Any
     assert first is not None
     for other in maps[1:]:
         assert other.grid is not None
+        for axis, a, b in ((0, first.h, other.grid.h), (1, first.w, other.grid.w)):
+            if a.n != b.n and 1 not in (a.n, b.n):  # (an FPN's sum of 33 and 34 cells)
+                raise _TooSmall(
+                    f"{label} combines maps of {a.n} and {b.n} cells on the {_AXES[axis]} "
+                    "axis: the model cannot run at this size",
+                    layout,
+                    rank,
+                )
         if not _same_grid(first, other.grid):
             return _Map(
                 layout,

@@ -166,12 +166,15 @@ def print_summary(result: AuditResult, out_dir: str | None = None, max_layers: i
     if misaligned:
         names = sorted({r["layer"] for r in misaligned})
         resampled = (s.get("options") or {}).get("misaligned") == "resample"
+        # (not after --input-size aligned: the note above says why no size would do)
+        tried = ((s.get("geometry") or {}).get("size_choice") or {}).get("requested")
         what = (
-            "compared by resampling (approximate), flagged and kept out of the layer scores "
-            "(try --input-size aligned for exact comparisons)"
+            "compared by resampling (approximate), flagged and kept out of the layer scores"
+            + ("" if tried else " (try --input-size aligned for exact comparisons)")
             if resampled
-            else "flagged and kept out of the layer scores (try --input-size aligned, or "
-            "--misaligned resample)"
+            else "flagged and kept out of the layer scores ("
+            + ("" if tried else "try --input-size aligned, or ")
+            + "--misaligned resample compares them approximately)"
         )
         stdout.print(
             f"[yellow]{len(misaligned)} (layer, transform) pairs on {len(names)} layers are "

@@ -547,15 +547,21 @@ def choose_aligned_size(
     graph: _GridGraph,
     requested: tuple[int, int],
     elements: list[Transform],
-    max_distance: int = 64,
+    max_distance: int | None = None,
 ) -> SizeChoice:
     """The nearest input size to ``requested`` at which every spatial tensor of the graph is
-    aligned under the battery's D4 elements (ties: the larger size, which drops no content).
+    aligned under the battery's D4 elements (ties: the larger size, which drops no content),
+    and the model runs (:meth:`invalid_reason`: no sum of maps of different sizes).
 
     Square inputs stay square; for non-square ones each axis is searched on its own (a flip
-    reverses one axis; rot90 is not defined there), then the pair is checked together.
+    reverses one axis; rot90 is not defined there), then the pair is checked together. Sizes
+    within ``max_distance`` of the requested one are searched: by default a quarter of it, 16
+    to 64 pixels (a network of total stride 32 has an aligned size every 32 pixels; an FPN that
+    runs at even sizes only is aligned at 1x1 alone, which is no audit of it).
     """
     h0, w0 = requested
+    if max_distance is None:
+        max_distance = min(64, max(16, max(h0, w0) // 4))
     square = h0 == w0
     needed = alignment_elements(elements, square)
     at_requested = misaligned_tensors(graph, requested, needed) or []

@@ -1447,3 +1447,36 @@ def test_a_channels_last_layer_norm_keeps_each_cell_on_its_own() -> None:
     size = (20, 21)
     grids = export(ChannelsLastNorm().eval(), size).grids(*size)
     assert grids["norm"].h.free == (1, 18) and grids["norm"].w.free == (1, 19)
+
+
+class TopDown(nn.Module):
+    """An FPN's merge: a stride-2 level upsampled 2x and added to the level above. It runs at
+    even sizes only (at 65 the sum is of 65 and 66 cells), and no even size aligns its grids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f1 = self.c1(x)
+        p1 = f1 + F.interpolate(self.c2(f1), scale_factor=2.0, mode="nearest")
+        return self.head(p1.mean((2, 3)))
+
+
+def test_a_size_where_maps_of_different_sizes_are_added_is_one_the_model_cannot_take() -> None:
+    from eqaudit.transforms import parse_transforms
+    from eqaudit.transforms.geometry import choose_aligned_size
+
+    model = TopDown().eval()
+    graph = export(model, (64, 64))
+    assert graph.invalid_reason(64, 64) is None
+    reason = graph.invalid_reason(65, 65)
+    assert reason is not None and "combines maps of 65 and 66 cells" in reason
+    with pytest.raises(RuntimeError, match="65"):  # ... as torch says
+        model(torch.zeros(1, 3, 65, 65))
+    # --input-size aligned:64 picked 65, where the model fails (helper-51); then, with 65 ruled
+    # out, it went down to 1x1, aligned only because every map is one cell.
+    choice = choose_aligned_size(graph, (64, 64), parse_transforms("d4", "crop"))
+    assert choice.chosen is None and "no input size near 64x64" in choice.note()
