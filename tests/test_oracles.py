@@ -98,9 +98,12 @@ def test_onnx_and_torch_give_the_same_numbers(sym_torch, sym_onnx):
     assert len(pool_t) == len(pool_o) == 8
 
 
-def test_a_layer_seen_again_through_a_view_is_one_layer() -> None:
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_layer_seen_again_through_a_view_is_one_layer(memory_format) -> None:
     """Dropout (eval) and Flatten hand out their input's memory: one layer, not three. An
-    in-place ReLU also hands out its input's memory, with new values: a layer of its own."""
+    in-place ReLU also hands out its input's memory, with new values: a layer of its own. A
+    model in channels_last memory format too (its maps are not 'contiguous': the Dropout was a
+    layer of its own there, a MobileNet had 61 layers for 59)."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -117,7 +120,8 @@ def test_a_layer_seen_again_through_a_view_is_one_layer() -> None:
             return self.fc(self.flat(torch.tanh(self.conv2(x))))
 
     torch.manual_seed(0)
-    result = eqaudit.audit(Net(), "flips", input_size=9, num_images=4)
+    model = Net().to(memory_format=memory_format)
+    result = eqaudit.audit(model, "flips", input_size=9, num_images=4)
     assert list(dict.fromkeys(r["layer"] for r in result.layers)) == [
         "conv",
         "relu",

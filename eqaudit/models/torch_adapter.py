@@ -91,17 +91,20 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def _same_values(tensor: torch.Tensor, earlier: torch.Tensor, version: int) -> bool:
-    """Does ``tensor`` hold ``earlier``'s values (recorded at ``version``) under another shape:
-    the same memory in the same order (both contiguous: a permuted view is another layout), as
-    many elements, and ``earlier`` not written in place since (an in-place ReLU returns its
-    input's memory with new values)?"""
+    """Does ``tensor`` hold ``earlier``'s values (recorded at ``version``), maybe under another
+    shape: the same memory read in the same order (the same shape and strides, as a channels_last
+    model's maps; or both contiguous: a permuted view is another layout), as many elements, and
+    ``earlier`` not written in place since (an in-place ReLU returns its input's memory with new
+    values)?"""
+    same_order = (tensor.shape == earlier.shape and tensor.stride() == earlier.stride()) or (
+        tensor.is_contiguous() and earlier.is_contiguous()
+    )
     return (
         tensor.data_ptr() == earlier.data_ptr()
         and tensor.numel() == earlier.numel()
         and tensor.dtype == earlier.dtype
         and earlier._version == version
-        and tensor.is_contiguous()
-        and earlier.is_contiguous()
+        and same_order
     )
 
 
