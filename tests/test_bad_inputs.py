@@ -692,6 +692,19 @@ def test_onnxruntime_messages_keep_their_cause_without_the_cpp_noise() -> None:
         )
     )
     assert quoted.startswith("Failed to load library libonnxruntime_providers_cuda.so")
+    # A run-time error (onnxruntime 1.32) names its C++ file and function before the cause.
+    ran = _ort_message(
+        RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Concat "
+            "node. Name:'/Concat' Status Message: concatbase.h:135 PrepareForComputeImpl Non "
+            "concat axis dimensions must match: Axis 0 has mismatched dimensions of 1 and 2"
+        )
+    )
+    assert ran == (
+        "Non-zero status code returned while running Concat node. Name:'/Concat' Status "
+        "Message: Non concat axis dimensions must match: Axis 0 has mismatched dimensions of 1 "
+        "and 2"
+    )
     # Shortened in the middle: the cause, stated last, survives.
     short = _shortened(opset, 120)
     assert len(short) <= 123 and short.endswith("is till opset 26.")

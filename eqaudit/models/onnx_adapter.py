@@ -99,6 +99,9 @@ def _ort_message(exc: Exception) -> str:
     first = re.sub(r"\[ONNXRuntimeError\]( : \w+)* : (Fatal error: )?", "", first)
     # ".../reshape_helper.h:84 onnxruntime::ReshapeHelper::...(...) size != 0 was false. Why"
     first = re.sub(r"\S*onnxruntime_src\S*:\d+ .*? was false\. ", "", first)
+    # "Status Message: concatbase.h:135 PrepareForComputeImpl Non concat axis ...": a run-time
+    # error's C++ file and function
+    first = re.sub(r"(Status Message: )\S+\.(?:h|cc|cpp):\d+ \S+ ", r"\1", first)
     # "Load model from /a/m.onnx failed:/onnxruntime_src/.../model.cc:202 onnxruntime::Model::
     # Model(onnx::ModelProto&&, ...) Unsupported model IR version: 14, ..." (onnxruntime 1.30):
     # the path is the user's own, the C++ location and signature nobody's; the cause is last.
@@ -422,7 +425,13 @@ class OnnxAdapter(ModelAdapter):
             session = self._new_session(model.SerializeToString(), exposed=False)
             together = session.run([self.output_name], {spec.name: probe})[0]
         except Exception as exc:
-            record["why"] = f"a copy with a dynamic batch does not run: {_ort_message(exc)[:200]}"
+            # onnxruntime's own words (not the loader's guess at a missing operator: the graph
+            # loaded as exported), the cause kept, which it states last
+            cause = _ort_message(exc.__cause__ if exc.__cause__ is not None else exc)
+            record["why"] = (
+                "a copy with a dynamic batch does not run (the batch of 1 is written elsewhere "
+                f"in the graph, such as a Reshape's target shape): {_shortened(cause, 200)}"
+            )
             return
         agrees = batch_agrees(
             torch.from_numpy(alone), torch.from_numpy(together), spec.dtype == "float16"
