@@ -175,3 +175,29 @@ def test_quarter_turns_in_the_rot_family_are_exact_where_d4_defines_them():
 def test_parse_transforms_rejects_bad_specs(spec):
     with pytest.raises(TransformSpecError):
         parse_transforms(spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_sparse_cubic_operator_samples_as_the_gathers_do(dtype) -> None:
+    # One sparse product instead of 16 gathers (the CPU's path for rotations by other angles):
+    # the same taps and weights in the same order, so the same values, the zero fill included.
+    from eqaudit.transforms.elements import cubic_operator, cubic_sample
+
+    draw = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 13, 11, generator=draw, dtype=dtype)
+    src_y = torch.rand(9, 7, generator=draw, dtype=torch.float64) * 16 - 2  # some off the grid
+    src_x = torch.rand(9, 7, generator=draw, dtype=torch.float64) * 14 - 2
+    src_y[0, 0], src_x[0, 1] = -3.5, 13.25  # every tap off the grid: the zero fill
+    src_y[1, 1], src_x[1, 1] = 4.0, 6.0  # on a pixel centre: that pixel
+    operator = cubic_operator(src_y, src_x, 13, 11, dtype)
+    gathered = cubic_sample(x, src_y, src_x)
+    assert torch.equal(cubic_sample(x, src_y, src_x, operator), gathered)
+    assert gathered.shape == (5, 3, 9, 7)
+    assert not gathered[..., 0, 0].any() and not gathered[..., 0, 1].any()
+    assert torch.equal(gathered[..., 1, 1], x[..., 4, 6])
+    # a NaN still reaches the samples that weigh it (as 0 x NaN does in the gathers)
+    x[0, 0, 6, 5] = float("nan")
+    assert torch.equal(
+        cubic_sample(x, src_y, src_x, operator).isnan(), cubic_sample(x, src_y, src_x).isnan()
+    )
+    assert cubic_operator(src_y, src_x, 13, 11, torch.float16) is None
