@@ -217,6 +217,17 @@ class _Lost:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Folded(_Lost):
+    """A NCHW map reshaped to ``(B, G, -1)``: each group's channels and cells in one axis, as
+    exporters write a GroupNorm (Reshape, InstanceNormalization, Reshape back to the shape of
+    ``source``). Lost to every op but those two (:attr:`_Step.unfolds`); the Reshape back to
+    ``source``'s shape gives ``origin`` again, its grid spread by the statistics."""
+
+    origin: _Map | None = None
+    source: str = ""
+
+
 _State = _Map | _Flat | _Lost
 _Rule = Callable[[list[Any]], Any]
 
@@ -240,6 +251,7 @@ class _Step:
     outputs: tuple[str, ...]
     rule: _Rule
     meta: bool = False  # its outputs describe tensors (shapes, sizes), not image content
+    unfolds: bool = False  # its rule takes a _Folded input (any other step: lost)
 
 
 @dataclass
@@ -386,7 +398,9 @@ class GridGraph:
             if all(state is None for state in ins):
                 continue  # a constant subgraph: does not depend on the image
             lost = next((s for s in ins if isinstance(s, _Lost)), None)
-            if lost is not None:
+            if isinstance(lost, _Folded) and not step.unfolds:
+                lost = _Lost(lost.reason)
+            if lost is not None and not isinstance(lost, _Folded):
                 out: Any = lost  # axes unknown upstream: unknown downstream, same reason
             else:
                 try:
@@ -1567,7 +1581,11 @@ def onnx_grid_graph(
         label = f"{node.op_type} '{node.name or f'node {index}'}'"
         rule = _onnx_rule(node, facts, opset, label)
         meta = node.op_type in _ONNX_META and node.domain in ("", "ai.onnx")
-        steps.append(_Step(label, tuple(node.input), tuple(node.output), rule, meta))
+        unfolds = node.op_type in ("Reshape", "InstanceNormalization") and node.domain in (
+            "",
+            "ai.onnx",
+        )
+        steps.append(_Step(label, tuple(node.input), tuple(node.output), rule, meta, unfolds))
         public.update({o: o for o in node.output if o})
     return GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
 
@@ -1813,6 +1831,9 @@ def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: 
             return lambda ins: _combine(ins, label)
 
         def normalise(ins: list[Any]) -> Any:
+            folded = _first(ins[0])
+            if isinstance(folded, _Folded):  # a GroupNorm: statistics over a group's cells
+                return replace(folded, origin=_spread(folded.origin))
             state = _combine(ins, label)
             if not isinstance(state, _Map):
                 return state
@@ -2059,13 +2080,45 @@ def _onnx_reshape_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str)
 
     def rule(ins: list[Any]) -> Any:
         state = _first(ins[0])
+        if isinstance(state, _Folded):  # back to the shape it was folded from, or lost
+            sizes = facts.dims.get(state.source) or [None] * 4
+            back = entries is not None and len(entries) == 4
+            back = back and all(
+                e == (state.source, i) or (sizes[i] is not None and e == sizes[i])
+                for i, e in enumerate(entries)  # type: ignore[arg-type]
+            )
+            return state.origin if back else _Lost(state.reason)
         if isinstance(state, _Map) and state.layout == "NCHW":
             regroup = _onnx_regroup_rank(op, data, state.rank, in_dims, out_dims, entries, axes)
             if regroup is not None:
                 return replace(state, rank=regroup)
+            if state.rank == 4 and _folds_groups(entries, data, in_dims):
+                return _Folded(
+                    f"{label} folds each group of channels with H and W into one axis (a "
+                    "GroupNorm's statistics)",
+                    state,
+                    data,
+                )
         return _reshape_state(state, in_dims, out_dims, label)
 
     return rule
+
+
+def _folds_groups(
+    entries: Sequence[_Entry] | None, data: str, in_dims: Sequence[int | None] | None
+) -> bool:
+    """Is a Reshape target ``(B, G, -1)`` of tensor ``data``: its batch size (read from its
+    shape, or a constant equal to its static size), a constant number of groups, the rest (each
+    group's channels, H and W) in one axis?"""
+    batch = in_dims[0] if in_dims else None
+    return (
+        entries is not None
+        and len(entries) == 3
+        and (entries[0] == (data, 0) or (batch is not None and entries[0] == batch))
+        and isinstance(entries[1], int)
+        and entries[1] >= 1
+        and entries[2] == -1
+    )
 
 
 def _onnx_regroup_rank(

@@ -1480,3 +1480,30 @@ def test_a_size_where_maps_of_different_sizes_are_added_is_one_the_model_cannot_
     # out, it went down to 1x1, aligned only because every map is one cell.
     choice = choose_aligned_size(graph, (64, 64), parse_transforms("d4", "crop"))
     assert choice.chosen is None and "no input size near 64x64" in choice.note()
+
+
+class FoldedSoftmax(nn.Module):
+    """Reshape to (B, G, -1), a softmax over each group's channels and cells, reshape back: not
+    a GroupNorm, and each cell's value depends on the whole group as there; read as unknown."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x.reshape(x.shape[0], 2, -1), -1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_an_exported_group_norm_keeps_the_grid(dynamic: bool) -> None:
+    # The ONNX exporter writes GroupNorm as Reshape (B, G, -1), InstanceNormalization, Reshape
+    # back to the input's Shape: every map after the first GroupNorm of a GN network was
+    # unknown in ONNX where the .pt2 had them all (helper-51).
+    model = after_conv(nn.GroupNorm(2, 8))
+    proto = to_onnx(model, (17, 17), dynamic=dynamic)
+    assert [n.op_type for n in proto.graph.node].count("InstanceNormalization") == 1
+    graph = onnx_grid_graph(proto, "x", "NCHW")
+    grid = graph.grids(17, 17)["y"]
+    assert grid is not None, graph.unknown_reason("y")
+    assert export(model, (17, 17)).grids(17, 17)["relu"] == grid  # as torch.export's walk
+    assert (grid.h.n, grid.h.stride, grid.h.offset) == (9, 2.0, 0.0)
+    # Anything else between the two reshapes stays unknown.
+    other = onnx_grid_graph(to_onnx(after_conv(FoldedSoftmax()), (17, 17)), "x", "NCHW")
+    assert other.grids(17, 17)["y"] is None
+    assert "folds each group of channels with H and W" in other.unknown_reason("y")
