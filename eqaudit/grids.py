@@ -1585,7 +1585,9 @@ def onnx_grid_graph(
             "",
             "ai.onnx",
         )
-        steps.append(_Step(label, tuple(node.input), tuple(node.output), rule, meta, unfolds))
+        reads = tuple(getattr(rule, "reads", ()))  # other tensors whose states the rule reads
+        inputs = tuple(node.input) + reads
+        steps.append(_Step(label, inputs, tuple(node.output), rule, meta, unfolds))
         public.update({o: o for o in node.output if o})
     return GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
 
@@ -2005,6 +2007,14 @@ def _onnx_resize_rule(
         sizes = facts.partial(inputs[3]) if inputs[3] else None
         if (inputs[2] and scales is None) or (inputs[3] and sizes is None):
             return _unsupported(f"{label} has scales or sizes that are not constant")
+        if sizes is not None and None in sizes:
+            # Sizes read from another map's Shape (a U-Net's decoder exported with a dynamic
+            # H and W): known at replay from that map's grid.
+            entries = facts.shape_entries(inputs[3])
+            if entries is not None and len(entries) == len(sizes):
+                sizes = [
+                    e if isinstance(e, tuple) else v for e, v in zip(entries, sizes, strict=True)
+                ]
         if str(_attr(node, "keep_aspect_ratio_policy", "stretch")) != "stretch" and sizes:
             return _unsupported(f"{label} keeps the aspect ratio (not understood)")
     values = scales or sizes
@@ -2014,11 +2024,25 @@ def _onnx_resize_rule(
     axes = [int(a) % rank for a in _attr(node, "axes", [])] or list(range(rank))
     if len(values) != len(axes):
         return _unsupported(f"{label} has {len(values)} scales/sizes for {len(axes)} axes")
-    by_axis = dict(zip(axes, values, strict=True))
+    given = dict(zip(axes, values, strict=True))
     input_dims = facts.dims.get(node.input[0]) or [None] * rank
     use_scales = bool(scales)
+    # the maps whose sizes the sizes read, as extra inputs of the step (_Step: reads)
+    reads = sorted({v[0] for v in values if isinstance(v, tuple)})
+
+    def size_of(entry: Any, states: dict[str, Any]) -> Any:
+        """A size entry: an int, or a spatial size of another map (None: unknown)."""
+        if not isinstance(entry, tuple):
+            return entry
+        source = _first(states.get(entry[0]))
+        if not isinstance(source, _Map) or source.grid is None:
+            return None
+        h, w = _spatial_axes(source)
+        return {h: source.grid.h.n, w: source.grid.w.n}.get(entry[1] % source.rank)
 
     def rule(ins: list[Any]) -> Any:
+        extra = dict(zip(reads, ins[len(ins) - len(reads) :], strict=True)) if reads else {}
+        by_axis = {a: size_of(v, extra) for a, v in given.items()}
         state = _first(ins[0])
         if isinstance(state, _Flat):
             return _Lost(f"{label} resizes flat features")
@@ -2044,6 +2068,7 @@ def _onnx_resize_rule(
             state, picked, None, mode, coordinates, rounding, label, runtime="onnxruntime"
         )
 
+    rule.reads = tuple(reads)  # type: ignore[attr-defined]
     return rule
 
 

@@ -1507,3 +1507,33 @@ def test_an_exported_group_norm_keeps_the_grid(dynamic: bool) -> None:
     other = onnx_grid_graph(to_onnx(after_conv(FoldedSoftmax()), (17, 17)), "x", "NCHW")
     assert other.grids(17, 17)["y"] is None
     assert "folds each group of channels with H and W" in other.unknown_reason("y")
+
+
+class SkipResize(nn.Module):
+    """A U-Net's decoder step: the coarse map resized to the skip connection's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(x)
+        up = F.interpolate(self.down(skip), size=skip.shape[-2:], mode="bilinear")
+        return skip + up
+
+
+def test_a_resize_to_another_maps_size_in_a_dynamic_export_keeps_the_grid() -> None:
+    # Exported with a dynamic H and W, the sizes come from Shape(skip): "not constant", and a
+    # U-Net's whole decoder was unknown where the static export had it (helper-51).
+    model = SkipResize().eval()
+    proto = to_onnx(model, (17, 17), dynamic=True)
+    resize = next(n for n in proto.graph.node if n.op_type == "Resize")
+    assert len(resize.input) == 4 and resize.input[3]  # by sizes, read from a Shape
+    up = resize.output[0]
+    graph = onnx_grid_graph(proto, "x", "NCHW")
+    for size in (17, 24):  # the skip connection's size, whatever the input's
+        static = onnx_grid_graph(to_onnx(model, (size, size)), "x", "NCHW")
+        grid = graph.grids(size, size)[up]
+        assert grid is not None, graph.unknown_reason(up, size, size)
+        assert grid.h.n == size and grid == static.grids(size, size)[up]
