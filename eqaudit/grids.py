@@ -1811,22 +1811,10 @@ def _onnx_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: 
         # Both DCR and CRD put every input cell's block at the same output cells.
         del mode
         return lambda ins: _depth_to_space_state(_first(ins[0]), block, label)
-    if op == "Split":
+    if op == "Split":  # (each output: the same state)
         axis = int(_attr(node, "axis", 0))
         rank = facts.rank(node.input[0])
-
-        def split(ins: list[Any]) -> Any:
-            state = _first(ins[0])
-            if not isinstance(state, _Map):
-                return state
-            found = _resolve_axes(state, [axis], rank, label)
-            if isinstance(found, _Lost):
-                return found
-            if found[0] not in _channel_axes(state):
-                return _Lost(f"{label} splits axis {found[0]}, not a channel axis")
-            return state
-
-        return split
+        return lambda ins: _split_state(_first(ins[0]), axis, rank, False, label)
     if op in ONNX_GRID_PRESERVING:
         axes = _onnx_statistics_axes(node, facts, opset)
         if axes is None:
