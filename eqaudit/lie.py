@@ -725,7 +725,8 @@ def _plan_one(
         in_grid = None
     if _is_flat(u, in_last):
         return "", plan("flat", None, out_grid)
-    if in_grid is None and out_grid is not None and producer is None:
+    if in_grid is None and out_grid is not None and in_last == out_last:
+        # (a producer of unknown grid too: the module says it, in the output's layout)
         same_size = u.ndim == 4 and _cells(u, in_last) == _cells(out, out_last)
         in_grid = _input_grid_from_module(info["module"], out_grid, same_size, out_last)
     if in_grid is None:

@@ -482,28 +482,31 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     zero fill."""
     height, width = x.shape[-2:]
     theta = math.radians(degrees)
+    src_y, src_x = _rotation_sources(height, width, theta, x.device)
+    operator = rotation_operator(height, width, theta, x.dtype) if x.device.type == "cpu" else None
+    return cubic_sample(x, src_y, src_x, operator)
+
+
+def _rotation_sources(
+    height: int, width: int, theta: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input positions ``(src_y, src_x)`` that :func:`rotate` samples for each pixel."""
     cos, sin = math.cos(theta), math.sin(theta)
     # Output pixel (i, j) samples the input at R(-theta) applied to its offset from the centre.
     # Pixel units, with y pointing down: a counter-clockwise turn on screen is clockwise in (x, y).
     cy, cx = (height - 1) / 2, (width - 1) / 2
-    ii = torch.arange(height, dtype=torch.float64, device=x.device)[:, None] - cy
-    jj = torch.arange(width, dtype=torch.float64, device=x.device)[None, :] - cx
+    ii = torch.arange(height, dtype=torch.float64, device=device)[:, None] - cy
+    jj = torch.arange(width, dtype=torch.float64, device=device)[None, :] - cx
     src_x = (cos * jj - sin * ii + cx).expand(height, width)
     src_y = (sin * jj + cos * ii + cy).expand(height, width)
-    operator = _rotation_operator(height, width, theta, x.dtype) if x.device.type == "cpu" else None
-    return cubic_sample(x, src_y, src_x, operator)
+    return src_y, src_x
 
 
-@functools.lru_cache(maxsize=16)
-def _rotation_operator(height: int, width: int, theta: float, dtype: torch.dtype) -> Any:
-    """:func:`cubic_operator` of :func:`rotate`'s positions, made once per size and angle."""
-    cos, sin = math.cos(theta), math.sin(theta)
-    cy, cx = (height - 1) / 2, (width - 1) / 2
-    ii = torch.arange(height, dtype=torch.float64)[:, None] - cy
-    jj = torch.arange(width, dtype=torch.float64)[None, :] - cx
-    src_x = (cos * jj - sin * ii + cx).expand(height, width)
-    src_y = (sin * jj + cos * ii + cy).expand(height, width)
-    return cubic_operator(src_y, src_x, height, width, dtype)
+@functools.lru_cache(maxsize=8)
+def rotation_operator(height: int, width: int, theta: float, dtype: torch.dtype) -> Any:
+    """:func:`cubic_operator` of :func:`rotate`'s positions, made once per size and angle (an
+    audit clears the cache when it ends: ``rotation_operator.cache_clear()``)."""
+    return cubic_operator(*_rotation_sources(height, width, theta), height, width, dtype)
 
 
 class Rotation(Transform):

@@ -43,6 +43,7 @@ from eqaudit.transforms.elements import (
     cubic_operator,
     cubic_sample,
     fourier_shift,
+    rotation_operator,
 )
 
 _TOL = 1e-6
@@ -144,8 +145,10 @@ _PLANS_MAX = 4096
 
 
 def drop_device_plans() -> None:
-    """Forget the cached cell-map tensors (at the end of an audit: they hold device memory)."""
+    """Forget the cached cell-map tensors and the images' rotation operators (at the end of an
+    audit: they hold memory)."""
     _DEVICE_PLANS.clear()
+    rotation_operator.cache_clear()
 
 
 def _device_plan(kind: str, cm: CellMap, extra: tuple, device: torch.device, make) -> tuple:
