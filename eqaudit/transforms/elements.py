@@ -411,15 +411,20 @@ def cubic_sample(
 
     Convention: pixel centres at integer coordinates; a position on a centre returns that pixel.
 
-    ``operator``: :func:`cubic_operator` of the same positions, for a CPU map of its dtype: one
-    sparse product instead of 16 gathers and multiply-adds over the maps (6x faster on the CPU;
-    the same taps and weights, summed in the same order).
+    ``operator``: :func:`cubic_operator` of the same positions, for a CPU map of its dtype: a
+    sparse product per image instead of 16 gathers and multiply-adds over the maps (5-10x faster
+    on the CPU; the same taps and weights, the sums rounded within a few ulps of the gathers').
+    Per image: the last bits of a sparse product depend on how many columns it has, and an
+    image's samples must not depend on the batch it came in (shards merge bit for bit).
     """
     height, width = x.shape[-2:]
     lead = x.shape[:-2]
     if operator is not None and x.device.type == "cpu" and x.dtype == operator.dtype:
-        flat = x.reshape(-1, height * width)
-        return (operator @ flat.T).T.reshape(*lead, *src_y.shape)
+        images = x.reshape(lead[0] if lead else 1, -1, height * width)
+        out = torch.empty((*images.shape[:2], operator.shape[0]), dtype=x.dtype)
+        for image, samples in zip(images, out, strict=True):
+            samples.copy_((operator @ image.T).T)
+        return out.reshape(*lead, *src_y.shape)
     pad = 2
     flat = F.pad(x, (pad, pad, pad, pad)).reshape(-1, (height + 2 * pad) * (width + 2 * pad))
     src_y = src_y.to(device=x.device, dtype=torch.float64)
@@ -449,8 +454,8 @@ def cubic_operator(
     """:func:`cubic_sample` at these positions on a ``height x width`` grid as a sparse CSR
     matrix ``(h w, H W)`` (CPU, ``dtype``): each output cell's 16 taps that fall on the grid,
     weighted as :func:`cubic_sample` weights them (the product of the two axes' weights, each
-    rounded to ``dtype``), in the same order (row-major). None for a dtype sparse products do
-    not take on the CPU (half precision: the gathers serve)."""
+    rounded to ``dtype``), in row-major order. None for a dtype sparse products do not take on
+    the CPU (half precision: the gathers serve)."""
     if dtype not in (torch.float32, torch.float64):
         return None
     src_y = torch.as_tensor(src_y, dtype=torch.float64).reshape(-1)
