@@ -632,6 +632,7 @@ class Engine:
         the note that says why they are unknown."""
         try:
             graph = self.adapter.grid_graph()
+            grids = graph.grids(*self.input_size) if graph is not None else {}
         except Exception as exc:  # geometry is a help; the audit goes on without it
             first = cause_line(exc, 200)
             return (
@@ -650,7 +651,7 @@ class Engine:
                 if note
                 else "sampling grids unavailable: per-layer alignment is unknown",
             )
-        return graph, graph.grids(*self.input_size), None
+        return graph, grids, None
 
     def _setup_layers(self, first: torch.Tensor) -> None:
         if not self.config.layers:
@@ -1849,6 +1850,29 @@ def _images_per_step(
     )
 
 
+def _runs_at(adapter: ModelAdapter, requested: tuple[int, int]) -> Callable[[tuple], bool]:
+    """``runs(size)``: does the model run one image at ``size`` (a zero image, once)? What
+    ``--input-size aligned`` asks of a size before it picks it; the adapter is left at
+    ``requested``."""
+
+    def at(size: tuple[int, int]) -> None:
+        adapter.input_spec = replace(adapter.input_spec, height=None, width=None)
+        adapter.with_input_size(*size)
+
+    def runs(size: tuple[int, int]) -> bool:
+        at(size)
+        try:
+            with torch.inference_mode():
+                adapter.run(torch.zeros(1, adapter.input_spec.channels, *size))
+            return True
+        except Exception:  # the model's own error at this size: not a size to pick
+            return False
+        finally:
+            at(requested)
+
+    return runs
+
+
 def choose_input_size(
     adapter: ModelAdapter, config: AuditConfig, elements: list[Transform]
 ) -> SizeChoice:
@@ -1886,7 +1910,7 @@ def choose_input_size(
         )
     if fixed:  # nothing to choose: say which layers cannot be compared exactly
         return replace(choose_aligned_size(graph, requested, elements, max_distance=0), fixed=True)
-    choice = choose_aligned_size(graph, requested, elements)
+    choice = choose_aligned_size(graph, requested, elements, runs=_runs_at(adapter, requested))
     if choice.chosen is not None and choice.chosen != requested:
         adapter.input_spec = replace(adapter.input_spec, height=None, width=None)
         adapter.with_input_size(*choice.chosen)

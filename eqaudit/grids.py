@@ -233,8 +233,7 @@ _Rule = Callable[[list[Any]], Any]
 
 
 class _TooSmall(Exception):
-    """The input size gives a window op fewer than one output cell, or an element-wise op
-    maps of different sizes: the model cannot take it."""
+    """The input size gives a window op fewer than one output cell."""
 
     def __init__(self, message: str, layout: str = "NCHW", rank: int = 4) -> None:
         super().__init__(message)
@@ -252,6 +251,10 @@ class _Step:
     rule: _Rule
     meta: bool = False  # its outputs describe tensors (shapes, sizes), not image content
     unfolds: bool = False  # its rule takes a _Folded input (any other step: lost)
+    #: the last ``reads`` inputs are other tensors whose states the rule reads (a Resize's
+    #: sizes from another map's shape), not the node's own: they make it neither image content
+    #: nor lost
+    reads: int = 0
 
 
 @dataclass
@@ -395,9 +398,10 @@ class GridGraph:
             if step.meta:
                 continue
             ins = [states.get(name) for name in step.inputs]
-            if all(state is None for state in ins):
+            own = ins[: len(ins) - step.reads]  # (the node's own inputs; then the ones it reads)
+            if all(state is None for state in own):
                 continue  # a constant subgraph: does not depend on the image
-            lost = next((s for s in ins if isinstance(s, _Lost)), None)
+            lost = next((s for s in own if isinstance(s, _Lost)), None)
             if isinstance(lost, _Folded) and not step.unfolds:
                 lost = _Lost(lost.reason)
             if lost is not None and not isinstance(lost, _Folded):
@@ -691,14 +695,6 @@ def _combine(ins: Sequence[Any], label: str, out_rank: int | None = None) -> Any
     assert first is not None
     for other in maps[1:]:
         assert other.grid is not None
-        for axis, a, b in ((0, first.h, other.grid.h), (1, first.w, other.grid.w)):
-            if a.n != b.n and 1 not in (a.n, b.n):  # (an FPN's sum of 33 and 34 cells)
-                raise _TooSmall(
-                    f"{label} combines maps of {a.n} and {b.n} cells on the {_AXES[axis]} "
-                    "axis: the model cannot run at this size",
-                    layout,
-                    rank,
-                )
         if not _same_grid(first, other.grid):
             return _Map(
                 layout,
@@ -1587,7 +1583,7 @@ def onnx_grid_graph(
         )
         reads = tuple(getattr(rule, "reads", ()))  # other tensors whose states the rule reads
         inputs = tuple(node.input) + reads
-        steps.append(_Step(label, inputs, tuple(node.output), rule, meta, unfolds))
+        steps.append(_Step(label, inputs, tuple(node.output), rule, meta, unfolds, len(reads)))
         public.update({o: o for o in node.output if o})
     return GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
 
@@ -2032,6 +2028,8 @@ def _onnx_resize_rule(
         extra = dict(zip(reads, ins[len(ins) - len(reads) :], strict=True)) if reads else {}
         by_axis = {a: size_of(v, extra) for a, v in given.items()}
         state = _first(ins[0])
+        if state is None:  # a constant resized (to the size of a map it reads)
+            return None
         if isinstance(state, _Flat):
             return _Lost(f"{label} resizes flat features")
         if state.rank != 4:

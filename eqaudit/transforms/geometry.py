@@ -25,6 +25,7 @@ integers, see :mod:`eqaudit.grids`). An element moves content at input point ``p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -561,10 +562,13 @@ def choose_aligned_size(
     requested: tuple[int, int],
     elements: list[Transform],
     max_distance: int | None = None,
+    runs: Callable[[tuple[int, int]], bool] | None = None,
 ) -> SizeChoice:
     """The nearest input size to ``requested`` at which every spatial tensor of the graph is
     aligned under the battery's D4 elements (ties: the larger size, which drops no content),
-    and the model runs (:meth:`invalid_reason`: no sum of maps of different sizes).
+    and ``runs(size)`` says the model runs (the graph cannot: sizes it froze at the export
+    size, a U-Net's pads computed in Python, would say that a U-Net cannot run where it does,
+    and an FPN's upsampled sums at odd sizes look like any sum of misaligned maps).
 
     Square inputs stay square; for non-square ones each axis is searched on its own (a flip
     reverses one axis; rot90 is not defined there), then the pair is checked together. Sizes
@@ -581,21 +585,27 @@ def choose_aligned_size(
     unknown = sum(1 for g in graph.grids(h0, w0).values() if g is None)
     names = [e.name for e in needed]
 
-    def ok(size: tuple[int, int], which: list[D4Element]) -> bool:
-        return misaligned_tensors(graph, size, which) == []
+    ran: dict[tuple[int, int], bool] = {}
 
-    def nearest(start: int, make: object, which: list[D4Element]) -> int | None:
+    def ok(size: tuple[int, int], which: list[D4Element], whole: bool = True) -> bool:
+        if misaligned_tensors(graph, size, which) != []:
+            return False
+        if whole and runs is not None and size not in ran:
+            ran[size] = runs(size)
+        return not whole or runs is None or ran[size]
+
+    def nearest(start: int, make: object, which: list[D4Element], whole: bool) -> int | None:
         for d in range(max_distance + 1):
             for n in (start + d, start - d) if d else (start,):
-                if n >= 1 and ok(make(n), which):  # type: ignore[operator]
+                if n >= 1 and ok(make(n), which, whole):  # type: ignore[operator]
                     return n
         return None
 
     if square:
-        n = nearest(h0, lambda v: (v, v), needed)
+        n = nearest(h0, lambda v: (v, v), needed, True)
         chosen = (n, n) if n is not None else None
-    else:
-        h = nearest(h0, lambda v: (v, w0), [D4Element(2, True)])  # flip_v: the h axis
-        w = nearest(w0, lambda v: (h0, v), [D4Element(0, True)])  # flip_h: the w axis
+    else:  # (each axis on its own, then the pair, run)
+        h = nearest(h0, lambda v: (v, w0), [D4Element(2, True)], False)  # flip_v: the h axis
+        w = nearest(w0, lambda v: (h0, v), [D4Element(0, True)], False)  # flip_h: the w axis
         chosen = (h, w) if h is not None and w is not None and ok((h, w), needed) else None
     return SizeChoice(requested, chosen, at_requested, names, unknown)

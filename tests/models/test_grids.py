@@ -1465,21 +1465,53 @@ class TopDown(nn.Module):
         return self.head(p1.mean((2, 3)))
 
 
-def test_a_size_where_maps_of_different_sizes_are_added_is_one_the_model_cannot_take() -> None:
+class PaddedUp(nn.Module):
+    """A U-Net's up step as often written: the upsampled map padded to the skip connection's
+    size by amounts computed in Python (frozen at the exported size in the graph). It runs at
+    every size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.c1(x)
+        up = self.up(self.down(skip))
+        dy, dx = skip.size(2) - up.size(2), skip.size(3) - up.size(3)
+        up = F.pad(up, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.head(torch.cat([skip, up], 1).mean((2, 3)))
+
+
+def test_aligned_sizes_are_sizes_the_model_runs_at() -> None:
+    # aligned:64 chose 65 for an FPN-like merge, where the model fails (helper-51); a grid
+    # replay cannot tell that from a U-Net whose Python-computed pads it froze (review), so the
+    # model is run at a size before it is picked.
+    from eqaudit.audit import _runs_at
     from eqaudit.transforms import parse_transforms
     from eqaudit.transforms.geometry import choose_aligned_size
 
-    model = TopDown().eval()
-    graph = export(model, (64, 64))
-    assert graph.invalid_reason(64, 64) is None
-    reason = graph.invalid_reason(65, 65)
-    assert reason is not None and "combines maps of 65 and 66 cells" in reason
-    with pytest.raises(RuntimeError, match="65"):  # ... as torch says
-        model(torch.zeros(1, 3, 65, 65))
-    # --input-size aligned:64 picked 65, where the model fails (helper-51); then, with 65 ruled
-    # out, it went down to 1x1, aligned only because every map is one cell.
-    choice = choose_aligned_size(graph, (64, 64), parse_transforms("d4", "crop"))
+    d4 = parse_transforms("d4", "crop")
+    spec = InputSpec("x", "NCHW", 3, None, None, None)
+    fpn = TorchAdapter.from_module(TopDown().eval(), input_spec=spec)
+    fpn.with_input_size(64, 64)
+    with pytest.raises(RuntimeError, match="65"):  # as torch says
+        TopDown().eval()(torch.zeros(1, 3, 65, 65))
+    choice = choose_aligned_size(
+        export(TopDown(), (64, 64)), (64, 64), d4, runs=_runs_at(fpn, (64, 64))
+    )
     assert choice.chosen is None and "no input size near 64x64" in choice.note()
+    assert fpn.input_spec.size == (64, 64)  # left at the requested size
+    # Without the run it would pick 65 ...
+    assert choose_aligned_size(export(TopDown(), (64, 64)), (64, 64), d4).chosen == (65, 65)
+    # ... and a U-Net that runs everywhere gets its aligned size
+    unet = TorchAdapter.from_module(PaddedUp().eval(), input_spec=spec)
+    unet.with_input_size(31, 31)  # runs there; its 2x2 pool's grid is off-centre
+    graph = export(PaddedUp(), (31, 31))
+    choice = choose_aligned_size(graph, (31, 31), d4, runs=_runs_at(unet, (31, 31)))
+    assert choice.chosen == (32, 32) and choice.misaligned_at_requested
 
 
 class FoldedSoftmax(nn.Module):
@@ -1537,3 +1569,25 @@ def test_a_resize_to_another_maps_size_in_a_dynamic_export_keeps_the_grid() -> N
         grid = graph.grids(size, size)[up]
         assert grid is not None, graph.unknown_reason(up, size, size)
         assert grid.h.n == size and grid == static.grids(size, size)[up]
+
+
+class ResizedConstant(nn.Module):
+    """A position embedding resized to the map's size (a ViT-hybrid's, a DETR's): a constant
+    whose Resize reads another map's Shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + F.interpolate(self.pos, size=y.shape[-2:], mode="bilinear")
+
+
+def test_a_constant_resized_to_a_maps_size_stays_a_constant() -> None:
+    # Reading the map's state made the Resize's step look image-dependent, and its rule failed
+    # on the constant's missing state: an internal error ending the audit (review).
+    proto = to_onnx(ResizedConstant().eval(), (16, 16), dynamic=True)
+    graph = onnx_grid_graph(proto, "x", "NCHW")
+    assert graph.grids(16, 16)["y"] == graph.grids(16, 16)["/conv/Conv_output_0"] is not None
