@@ -323,16 +323,22 @@ def exported_module_path(name: str) -> str | None:
 
 def _module_outputs(layers: list[dict]) -> dict[str, dict]:
     """Module path -> the last of ``layers`` (execution order) in that module or below it: the
-    module's output, as a forward hook sees it."""
+    module's output, as a forward hook sees it. A path whose tensors do not follow one another
+    is left out: a module called twice, or two modules under one name (the exporter names a
+    module's second call ``act_1``, as it names a module called ``act_1``)."""
     last: dict[str, dict] = {}
-    for info in layers:
-        path = exported_module_path(info["name"])
-        if path is None:
-            continue
-        parts = path.split(".")
+    seen_at: dict[str, int] = {}
+    split: set[str] = set()
+    scoped = [(info, exported_module_path(info["name"])) for info in layers]
+    for position, (info, path) in enumerate([(i, p) for i, p in scoped if p is not None]):
+        parts = path.split(".")  # type: ignore[union-attr]
         for end in range(1, len(parts) + 1):
-            last[".".join(parts[:end])] = info
-    return last
+            prefix = ".".join(parts[:end])
+            if prefix in seen_at and seen_at[prefix] != position - 1:
+                split.add(prefix)
+            seen_at[prefix] = position
+            last[prefix] = info
+    return {path: info for path, info in last.items() if path not in split}
 
 
 def match_layers(

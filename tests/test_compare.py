@@ -145,6 +145,22 @@ def test_an_onnx_export_pairs_with_its_modules_by_the_paths_in_its_tensor_names(
     # the other way round, A the ONNX graph: the same pairs
     back, _, _ = match_layers(b, a)
     assert sorted((y, x) for x, y, _ in back) == sorted((x, y) for x, y, _ in pairs)
+    # The exporter names a module's second call as it would name a module "act_1": a path whose
+    # tensors are not together is not matched by it (act_1 took act's second ReLU, review).
+    a = layers(*((n, m) for n in ("a", "act_1", "b", "act", "c", "act@1")))
+    b = layers(
+        *(
+            (f"/{n}_output_0", m)
+            for n in ("a/Conv", "act_1/Sigmoid", "b/Conv", "act/Relu", "c/Conv", "act_1/Relu")
+        )
+    )
+    pairs, _, _ = match_layers(a, b)
+    assert [(x, y) for x, y, _ in pairs] == [
+        (x["name"], y["name"]) for x, y in zip(a, b, strict=True)
+    ]
+    assert [how for *_, how in pairs] == ["module", "order+shape"] + ["module"] * 3 + [
+        "order+shape"
+    ]
     assert exported_module_path("/layer1/layer1.0/conv1/Conv_output_0") == "layer1.0.conv1"
     assert exported_module_path("/Add_output_0") is None
     assert exported_module_path("conv1") is None
