@@ -25,6 +25,7 @@ integers, see :mod:`eqaudit.grids`). An element moves content at input point ``p
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -145,10 +146,20 @@ _DEVICE_PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 4096
 
 
+#: Bytes the cached sparse resampling operators may hold (16 taps of 12 bytes a cell: ~19 MB
+#: per kind and rotation for a ResNet-18 at 224); past it, an operator is made again at each
+#: use (the same operator: which ones are kept, an order of threads may decide, not a number).
+CUBIC_OPERATOR_BYTES = 256 << 20
+_cubic_bytes = 0
+_BUDGET_LOCK = threading.Lock()
+
+
 def drop_device_plans() -> None:
     """Forget the cached cell-map tensors and the images' rotation operators (at the end of an
     audit: they hold memory)."""
+    global _cubic_bytes
     _DEVICE_PLANS.clear()
+    _cubic_bytes = 0
     rotation_operator.cache_clear()
 
 
@@ -327,11 +338,30 @@ def _resampled(
             cm,
             (n_h, n_w, centre, free, fmap.dtype),
             fmap.device,
-            lambda: (cubic_operator(sy, sx, n_h, n_w, fmap.dtype),),
+            lambda: (_budgeted(cubic_operator(sy, sx, n_h, n_w, fmap.dtype)),),
         )
+        if operator is None:  # (over the budget, or a dtype without sparse products)
+            operator = cubic_operator(sy, sx, n_h, n_w, fmap.dtype)
     # Cubic samples (the interpolant of rotate), zero outside.
     samples = cubic_sample(fmap, sy, sx, operator)
     return FeatureAction(samples * mask.to(fmap.dtype) if masked else samples, mask)
+
+
+def _budgeted(operator: torch.Tensor | None) -> torch.Tensor | None:
+    """``operator`` to cache while the cached ones fit :data:`CUBIC_OPERATOR_BYTES`, else None
+    (made again at each use)."""
+    global _cubic_bytes
+    if operator is None:
+        return None
+    size = sum(
+        t.numel() * t.element_size()
+        for t in (operator.crow_indices(), operator.col_indices(), operator.values())
+    )
+    with _BUDGET_LOCK:  # (layers are compared on several threads)
+        if _cubic_bytes + size > CUBIC_OPERATOR_BYTES:
+            return None
+        _cubic_bytes += size
+    return operator
 
 
 @dataclass(frozen=True)

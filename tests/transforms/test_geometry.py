@@ -312,3 +312,21 @@ def test_cell_map_tensors_are_made_once_per_device_and_read_again() -> None:
     assert plans == geometry._DEVICE_PLANS  # the same tensors, nothing made again
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a.transformed, b.transformed) and a.mask is b.mask
+
+
+def test_resampling_past_the_operator_budget_gives_the_same_samples(monkeypatch) -> None:
+    # Which operators stay cached may depend on the order layers are compared in (threads):
+    # one made again at each use must give the same samples as a cached one, bit for bit.
+    from eqaudit.transforms import geometry
+
+    rotation = parse_transforms("rot:30")[1]
+    grid = Grid(Axis(11, 1.0, 0.0), Axis(11, 1.0, 0.0))
+    fmap = torch.randn(3, 5, 11, 11, generator=torch.Generator().manual_seed(1))
+    geometry.drop_device_plans()
+    cached = compare_on_grid(rotation, fmap, grid, (11, 11), (1.0, 1.0)).action.transformed
+    assert geometry._cubic_bytes > 0
+    geometry.drop_device_plans()
+    monkeypatch.setattr(geometry, "CUBIC_OPERATOR_BYTES", 0)
+    again = compare_on_grid(rotation, fmap, grid, (11, 11), (1.0, 1.0)).action.transformed
+    assert geometry._cubic_bytes == 0 and torch.equal(again, cached)
+    geometry.drop_device_plans()
