@@ -335,6 +335,7 @@ def test_onnx_export_compares_as_equal_to_its_pytorch_module(files, tmp_path) ->
     assert "0 matched by name, 8 by exported module path" in clean(result.stdout)
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "8 by the module path in the exported tensor names" in page
+    assert "<td>module path</td>" in page and "<td>order + shape</td>" not in page
 
 
 def test_unpaired_inputs_are_refused(files, tmp_path) -> None:

@@ -264,6 +264,10 @@ def _output_rows(data: dict) -> list[dict]:
     return rows
 
 
+#: compare.csv's ``match`` as the page says it
+_MATCHED = {"name": "by name", "module": "module path", "order+shape": "order + shape"}
+
+
 def _changes(data: dict) -> list[dict]:
     """The matched (layer, element) pairs whose error grew most from A to B."""
     measured = [
@@ -277,7 +281,7 @@ def _changes(data: dict) -> list[dict]:
         {
             "layer_a": str(r["layer_a"]),
             "layer_b": str(r["layer_b"]),
-            "match": "by name" if r.get("match") == "name" else "order + shape",
+            "match": _MATCHED.get(r.get("match") or "", "order + shape"),
             "shape": str(r.get("shape") or "—"),
             "transform": str(r["transform"]),
             "error_a": num(r.get("relative_error_a")),
