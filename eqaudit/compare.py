@@ -366,20 +366,21 @@ def match_layers(
             if a not in module and b not in module.values():
                 module[a] = b
     taken_b = by_name | set(module.values())
-    rest_b = [i for i in layers_b if i["name"] not in taken_b]
+    place = {info["name"]: j for j, info in enumerate(layers_b)}
     pairs: list[tuple[str, str, str]] = []
     unmatched_a: list[str] = []
-    cursor = 0
+    cursor = 0  # B's layers before it are behind the last pair: an order pair goes after them
     for info in layers_a:
-        if info["name"] in by_name:
-            pairs.append((info["name"], info["name"], "name"))
+        paired = info["name"] if info["name"] in by_name else module.get(info["name"])
+        if paired is not None:
+            pairs.append((info["name"], paired, "name" if paired == info["name"] else "module"))
+            cursor = max(cursor, place[paired] + 1)
             continue
-        if info["name"] in module:
-            pairs.append((info["name"], module[info["name"]], "module"))
-            continue
-        for j in range(cursor, len(rest_b)):
-            if rest_b[j]["shape"] == info["shape"]:
-                pairs.append((info["name"], rest_b[j]["name"], "order+shape"))
+        for j in range(cursor, len(layers_b)):
+            other = layers_b[j]
+            if other["name"] not in taken_b and other["shape"] == info["shape"]:
+                pairs.append((info["name"], other["name"], "order+shape"))
+                taken_b.add(other["name"])
                 cursor = j + 1
                 break
         else:

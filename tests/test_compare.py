@@ -161,6 +161,12 @@ def test_an_onnx_export_pairs_with_its_modules_by_the_paths_in_its_tensor_names(
     assert [how for *_, how in pairs] == ["module", "order+shape"] + ["module"] * 3 + [
         "order+shape"
     ]
+    # A pair by order goes after the pairs before it, those by module path included: a BN that
+    # the export folded into its Conv paired with a tensor before that Conv (review).
+    a = layers(("conv", m), ("bn", m), ("relu", m))
+    b = layers(("/stem/Mul_output_0", m), ("/conv/Conv_output_0", m), ("/relu/Relu_output_0", m))
+    pairs, only_a, _ = match_layers(a, b)
+    assert [how for *_, how in pairs] == ["module", "module"] and only_a == ["bn"]
     assert exported_module_path("/layer1/layer1.0/conv1/Conv_output_0") == "layer1.0.conv1"
     assert exported_module_path("/Add_output_0") is None
     assert exported_module_path("conv1") is None
