@@ -1188,3 +1188,21 @@ def test_a_class_name_listed_twice_and_not_used_to_pick_a_class_is_a_warning(tmp
         "one name"
     ) in result.warnings
     assert result.summary["data"]["labelled"]
+
+
+def test_a_quantized_models_state_dict_is_named_as_such(tmp_path: Path) -> None:
+    # It was "holds a OrderedDict, not a model or a state dict" (helper-53): it is a state
+    # dict, of packed quantized parameters that eqaudit does not load.
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    path = tmp_path / "q.pt"
+    torch.save(quantized.state_dict(), path)
+    result = runner.invoke(
+        app, ["check", str(path), "--factory", "models_zoo:SmallCNN", "--input-size", "5"]
+    )
+    assert result.exit_code == EXIT_MODEL
+    line = error_line(result)
+    assert "state dict of a quantized model" in line and "export the quantized one" in line
+    assert "UserWarning" not in result.output  # (torch's deprecations of what it loads)

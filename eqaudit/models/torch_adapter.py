@@ -986,6 +986,9 @@ def _quiet_torch_warnings() -> Iterator[list[BaseException]]:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # (a quantized state dict's storages and quantized tensors: torch's deprecations)
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
             yield logged
     finally:
         export_log.handlers, export_log.propagate = saved[0], saved[1]
@@ -1257,6 +1260,12 @@ def _load_checkpoint(
         return _adapter_of(path, obj, "pickle", channels=channels)
 
     state = _state_dict_of(obj)
+    if state is None and isinstance(obj, Mapping) and any("_packed_params" in str(k) for k in obj):
+        raise ModelLoadError(
+            f"'{path}' is the state dict of a quantized model (packed parameters): eqaudit "
+            "reads float state dicts; audit the float model, or export the quantized one to "
+            "TorchScript or ONNX"
+        )
     if state is None:
         raise ModelLoadError(
             f"'{path}' holds a {type(obj).__name__}, not a model or a state dict: save the "
