@@ -424,6 +424,35 @@ def _integer_pixels(
     return replace(preprocessing, scale=255.0, mean=(0.0,), std=(1.0,))
 
 
+def _scales_pixels_itself(
+    adapter: ModelAdapter, config: AuditConfig, preprocessing: Preprocessing
+) -> str | None:
+    """A warning when the model divides its input by ~255 first (it expects 0-255 pixels) and
+    is fed pixels in [0, 1]: its numbers would be those of nearly black images. Read from the
+    grid graph: an ONNX graph's or a .pt2 program's always (cheap), a module's only when its
+    layers are audited (the export is made for them anyway)."""
+    if preprocessing.scale > 2:
+        return None
+    exported = adapter.backend != "torch" or getattr(adapter, "_program", None) is not None
+    if not (exported or config.layers):
+        return None
+    try:
+        graph = adapter.grid_graph()
+    except Exception:
+        return None
+    divisor = getattr(graph, "input_divisor", None)
+    if divisor is None or not 127 <= divisor <= 256:
+        return None
+    fed = "scaled to [0, 1]" + (
+        " and normalised" if preprocessing.mean != (0.0,) or preprocessing.std != (1.0,) else ""
+    )
+    return (
+        f"the model divides its input by {divisor:g} first (it expects 0-{divisor:g} pixels) but "
+        f"is fed pixels {fed}: it sees nearly black images; pass --preset raw255 (or --scale "
+        "255 --mean 0 --std 1) to feed the pixels it expects"
+    )
+
+
 class _Record(NamedTuple):
     """One (layer, element)'s per-image numbers of a batch, added to ``stats`` when the batch is
     finished: the norms ``(||a||, ||b||, ||a - b||)`` and, for resampled comparisons, the
@@ -2059,6 +2088,9 @@ def _audit(
         preprocessing = replace(preprocessing, channels=channels)
     preprocessing = _integer_pixels(adapter, config, preprocessing, notes)
     engine = Engine(adapter, elements, preprocessing, config)
+    divides = _scales_pixels_itself(adapter, config, preprocessing)
+    if divides:
+        engine.warnings.append(divides)
     if engine.margin and preprocessing.resize != "center":  # (center: the same pixels)
         notes.append(
             f"the shifts cut their windows from images resized to their size plus "

@@ -285,6 +285,9 @@ class GridGraph:
         self._public = dict(public)  # public name -> tensor (graph) name
         self._missing = dict(missing or {})  # public name -> why it has no tensor
         self._ranks = dict(ranks or {})  # tensor name -> rank, where the graph records it
+        #: The constant the graph first divides its image input by (``x / 255``, or ``x *
+        #: (1 / 255)``: a model that scales 0-255 pixels itself), None when it does not
+        self.input_divisor: float | None = None
         self._cache: dict[tuple[int, int], _Replay] = {}
         self._last: tuple[int, int] | None = None
         self._content = self._content_tensors()
@@ -1585,7 +1588,35 @@ def onnx_grid_graph(
         inputs = tuple(node.input) + reads
         steps.append(_Step(label, inputs, tuple(node.output), rule, meta, unfolds, len(reads)))
         public.update({o: o for o in node.output if o})
-    return GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
+    found = GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
+    found.input_divisor = _onnx_input_divisor(graph, input_name, facts)
+    return found
+
+
+def _onnx_input_divisor(graph: onnx.GraphProto, input_name: str, facts: _OnnxGraphFacts) -> Any:
+    """:attr:`GridGraph.input_divisor` of an ONNX graph: a Div by a constant scalar, or a Mul by
+    one below 1, of the input itself (or of a Cast of it)."""
+    sources = {input_name}
+    for node in graph.node:
+        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in sources:
+            sources.update(node.output)
+            continue
+        if node.op_type not in ("Div", "Mul") or len(node.input) != 2:
+            continue
+        if node.input[0] not in sources and not (
+            node.op_type == "Mul" and node.input[1] in sources
+        ):
+            continue
+        other = node.input[1] if node.input[0] in sources else node.input[0]
+        value = facts.value(other)
+        if value is None or value.size != 1:
+            continue
+        constant = float(value.reshape(-1)[0])
+        if node.op_type == "Div" and constant > 1:
+            return constant
+        if node.op_type == "Mul" and 0 < constant < 1:
+            return 1 / constant
+    return None
 
 
 #: ONNX ops whose output has their first input's rank.
@@ -2390,7 +2421,33 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         if shape is not None:
             ranks[node.name] = len(shape)
     public, missing = _module_outputs(graph)
-    return GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
+    found = GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
+    found.input_divisor = _torch_input_divisor(graph, str(user_inputs[0]))
+    return found
+
+
+def _torch_input_divisor(graph: torch.fx.Graph, input_name: str) -> float | None:
+    """:attr:`GridGraph.input_divisor` of a torch.export graph: a ``div`` by a constant, or a
+    ``mul`` by one below 1, of the image input itself (or of a dtype conversion of it)."""
+    sources = {input_name}
+    for node in graph.nodes:
+        if node.op != "call_function" or not node.args:
+            continue
+        name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+        first = node.args[0]
+        if not isinstance(first, torch.fx.Node) or first.name not in sources:
+            continue
+        if name in ("_to_copy", "to", "clone"):
+            sources.add(node.name)
+            continue
+        constant = node.args[1] if len(node.args) > 1 else None
+        if isinstance(constant, bool) or not isinstance(constant, (int, float)):
+            continue
+        if name == "div" and constant > 1:
+            return float(constant)
+        if name == "mul" and 0 < constant < 1:
+            return 1 / float(constant)
+    return None
 
 
 def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, str]]:

@@ -233,3 +233,49 @@ def test_a_model_giving_one_images_scores_for_a_batch_is_refused_saying_how_it_w
     assert "(its output of shape (16,) for 8 images was read as 8 rows of 2 scores: does it " in (
         str(error.value)
     )
+
+
+class _ScalesItself(torch.nn.Module):
+    """Expects 0-255 pixels: divides (or multiplies by 1/255) first, as many exported models."""
+
+    def __init__(self, multiply: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.multiply = multiply
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * (1 / 255) if self.multiply else x / 255.0
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("multiply", [False, True])
+def test_a_model_that_divides_its_input_by_255_is_said_to_see_nearly_black_images(
+    tmp_path, multiply
+) -> None:
+    # Fed [0, 1] pixels it was audited on images 1/255 as bright, its numbers ~500x too
+    # invariant, and nothing said so (helper-53).
+    from models_zoo import export_onnx
+
+    from eqaudit.grids import export_grid_graph, onnx_grid_graph
+
+    model = _ScalesItself(multiply).eval()
+    graph, _ = export_grid_graph(model, torch.zeros(1, 3, 9, 9))
+    assert graph is not None and graph.input_divisor == pytest.approx(255)
+    path = export_onnx(model, tmp_path / "m.onnx", 9)
+    import onnx
+
+    proto = onnx.load(path)
+    found = onnx_grid_graph(proto, proto.graph.input[0].name, "NCHW").input_divisor
+    assert found == pytest.approx(255)
+    said = "the model divides its input by 255 first (it expects 0-255 pixels)"
+    for source in (path, model):
+        warned = eqaudit.audit(source, "flips", input_size=9, num_images=2).summary["warnings"]
+        assert any(w.startswith(said) for w in warned), warned
+        fed = eqaudit.audit(source, "flips", input_size=9, num_images=2, preset="raw255")
+        assert not any(w.startswith(said) for w in fed.summary["warnings"])
+    # a model that does not: no warning
+    plain = eqaudit.audit(torch.nn.Sequential(model.conv, torch.nn.Flatten()), "flips",
+                          input_size=9, num_images=2)  # fmt: skip
+    assert not any(w.startswith(said) for w in plain.summary["warnings"])
