@@ -710,6 +710,11 @@ class Engine:
         not_layers = getattr(self.adapter, "not_layers", {})
         for info in _select_layers(probed, self.config.layer_patterns, why_none, not_layers):
             grid, note = grids.get(info.name), None
+            if grid == "flat" and info.spatial:
+                note = (
+                    "constant over its cells (a 1x1 feature resized or expanded to a map): no "
+                    "grid of its own"
+                )
             if isinstance(grid, str) or not info.spatial:
                 grid = None
             elif grid is not None and (grid.h.n, grid.w.n) != tuple(info.shape[1:]):

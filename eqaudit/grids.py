@@ -1186,6 +1186,11 @@ def _ort_round(x: float, mode: str, downsampling: bool) -> int:
     return int(math.copysign(math.floor(abs(x) + 0.5), x))  # std::round
 
 
+def _constant_map(state: _Flat) -> bool:
+    """Is a flat state a ``(B, C, 1, 1)`` map, whose resize to any size is constant over it?"""
+    return state.layout == "NCHW" and state.broadcasts
+
+
 def _resize_state(
     state: Any,
     sizes: tuple[int | None, int | None] | None,
@@ -1203,7 +1208,9 @@ def _resize_state(
     ``runtime``: torch or onnxruntime, whose arithmetic sizes the output (:func:`_scaled_cells`)
     and picks a nearest resize's cells (:func:`_nearest_sources`)."""
     if isinstance(state, _Flat):
-        return _Lost(f"{label} resizes flat features")
+        # a 1x1 map resized (a DeepLab ASPP's image-pooling branch): constant over the new
+        # cells, it broadcasts as the 1x1 map did
+        return state if _constant_map(state) else _Lost(f"{label} resizes flat features")
     if state.rank != 4:
         return _not_rank4(state, label)
     if state.grid is None:
@@ -2061,8 +2068,8 @@ def _onnx_resize_rule(
         state = _first(ins[0])
         if state is None:  # a constant resized (to the size of a map it reads)
             return None
-        if isinstance(state, _Flat):
-            return _Lost(f"{label} resizes flat features")
+        if isinstance(state, _Flat):  # (a 1x1 map: as _resize_state says)
+            return state if _constant_map(state) else _Lost(f"{label} resizes flat features")
         if state.rank != 4:
             return _not_rank4(state, label)
         spatial = _SPATIAL[state.layout]

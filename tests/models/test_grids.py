@@ -1591,3 +1591,34 @@ def test_a_constant_resized_to_a_maps_size_stays_a_constant() -> None:
     proto = to_onnx(ResizedConstant().eval(), (16, 16), dynamic=True)
     graph = onnx_grid_graph(proto, "x", "NCHW")
     assert graph.grids(16, 16)["y"] == graph.grids(16, 16)["/conv/Conv_output_0"] is not None
+
+
+class PooledBranch(nn.Module):
+    """A DeepLab ASPP head: a conv branch and an image-pooling branch (global pool, 1x1 conv,
+    resized back to the map's size), concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.pooled = nn.Conv2d(4, 4, 1)
+        self.project = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        g = self.pooled(F.adaptive_avg_pool2d(h, 1))
+        g = F.interpolate(g, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        return self.project(torch.cat([self.branch(h), g], 1))
+
+
+def test_a_1x1_map_resized_to_a_maps_size_broadcasts_as_the_1x1_map() -> None:
+    # "resizes flat features": every layer after an ASPP head was unknown (helper-53). The
+    # resized map is constant over its cells: concatenated, it keeps the other branch's grid.
+    model = PooledBranch().eval()
+    torch_graph = export(model, (17, 17))
+    onnx_graph = onnx_grid_graph(to_onnx(model, (17, 17)), "x", "NCHW")
+    for graph, out in ((torch_graph, "project"), (onnx_graph, "y")):
+        grid = graph.grids(17, 17)[out]
+        assert grid is not None and (grid.h.n, grid.h.stride, grid.h.offset) == (9, 2.0, 0.0)
+    # every cell reads the whole map through the pool, padding included: none is free of it
+    assert onnx_graph.grids(17, 17)["y"].h.free == (0, -1)
