@@ -211,7 +211,7 @@ def matched_permutation(s_ab: np.ndarray, s_bb: np.ndarray) -> np.ndarray | None
     """The signed permutation matrix ``P`` that pairs each channel ``i`` of ``a`` with the
     channel ``j`` of ``b`` best explaining it alone, ``argmax_j |S_ab[i, j]| / sqrt(S_bb[j, j])``
     (Cauchy-Schwarz: ``||b_j||`` exactly when ``a_i = +-b_j``), when those ``j`` are all
-    different; else None.
+    different; else None. Channels dead in both (all zero) pair among themselves.
 
     The ridge fit cannot show a permutation when ``S_bb`` is singular (more channels than the
     values they are made from, as a lifting convolution's copies of a 3x3 filter on one input
@@ -219,15 +219,22 @@ def matched_permutation(s_ab: np.ndarray, s_bb: np.ndarray) -> np.ndarray | None
     which spreads each row over collinear channels. ``P``'s own held-out error tells whether
     channels permute (:meth:`ChannelMapStats.compute`, ``permutation_error``)."""
     norms = np.sqrt(np.clip(np.diag(s_bb), 0.0, None))
-    if not (norms > 0).all():
-        return None
-    score = np.abs(s_ab) / norms[None, :]
+    live = norms > 0
+    score = np.abs(s_ab) / np.where(live, norms, 1.0)[None, :]
+    score[:, ~live] = -1.0  # (a dead channel of b explains nothing)
     pick = score.argmax(axis=1)
+    # Channels of a that meet no live channel of b (dead in both: a ReLU that never fires) pair
+    # with b's dead ones, in order: 0 = +-0 whichever way.
+    silent = ~(np.abs(s_ab[:, live]) > 0).any(axis=1)
+    spare = np.flatnonzero(~live)
+    if silent.sum() != len(spare):
+        return None
+    pick[silent] = spare
     if len(set(pick.tolist())) != len(pick):
         return None
     p = np.zeros_like(s_ab)
     rows = np.arange(len(pick))
-    p[rows, pick] = np.sign(s_ab[rows, pick])
+    p[rows, pick] = np.where(silent, 1.0, np.sign(s_ab[rows, pick]))
     return p
 
 

@@ -166,6 +166,27 @@ def test_dead_reference_channel_is_tolerated_and_shows_in_the_rank():
     assert result["fit_rank"] == 3
     assert result["fitted_error"] < 1e-7
     assert result["naive_error"] > 0.3
+    # The dead channel pairs with itself: the matched permutation is found, and exact (it was
+    # None, so a group-conv layer with a dead ReLU channel read "not a permutation", review).
+    assert result["permutation_error"] is not None and result["permutation_error"] < 1e-7
+
+
+def test_channels_dead_in_both_maps_pair_among_themselves():
+    from eqaudit.metrics.channel_map import matched_permutation
+
+    # a = P b with b's channels 1 and 3 dead (and so a's channels 0 and 2): live ones pair by
+    # their covariance, the dead ones in order, with sign +1.
+    s_bb = np.diag([4.0, 0.0, 9.0, 0.0])
+    s_ab = np.zeros((4, 4))
+    s_ab[1, 0], s_ab[3, 2] = 4.0, -9.0  # a_1 = b_0, a_3 = -b_2
+    p = matched_permutation(s_ab, s_bb)
+    assert p is not None
+    expected = np.zeros((4, 4))
+    expected[0, 1], expected[1, 0], expected[2, 3], expected[3, 2] = 1, 1, 1, -1
+    np.testing.assert_array_equal(p, expected)
+    # a live channel of a that only a taken channel of b explains: no bijection
+    s_ab[0, 0] = 1.0
+    assert matched_permutation(s_ab, s_bb) is None
 
 
 # -- streaming, merging, empty halves ---------------------------------------------------------
