@@ -301,6 +301,8 @@ def test_inspect_marks_off_centre_grids_where_80_columns_cannot_cut_the_mark(
     for layer, grid in marks.items():
         assert re.search(rf"^ ?\d+ +{layer} .*{re.escape(grid)}", text + " ", re.MULTILINE), text
     assert "*: off-centre" in text
+    # (by default such pairs are compared on the map's own grid, not resampled)
+    assert "no exact comparison" in " ".join(text.split()) and "resampled" not in text
     assert text.startswith("<module> (torch)\n")  # not the module's repr, nor an empty digest
 
 

@@ -257,7 +257,7 @@ def print_inspection(info: dict) -> None:
     if off_centre:
         caption += (
             "; *: off-centre, the grid is not symmetric about the image centre, so rotations "
-            "and flips compare resampled cells (try --input-size aligned)"
+            "and flips have no exact comparison there (try --input-size aligned)"
         )
     table = _table(f"Auditable layers ({len(info['layers'])})", caption if with_grids else None)
     rows = []
