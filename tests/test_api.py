@@ -279,3 +279,26 @@ def test_a_model_that_divides_its_input_by_255_is_said_to_see_nearly_black_image
     plain = eqaudit.audit(torch.nn.Sequential(model.conv, torch.nn.Flatten()), "flips",
                           input_size=9, num_images=2)  # fmt: skip
     assert not any(w.startswith(said) for w in plain.summary["warnings"])
+
+
+def test_a_dynamically_quantized_module_is_run_one_image_at_a_time() -> None:
+    # quantize_dynamic scales each batch's activations by the batch: an image's numbers
+    # depended on the batch size (0.0079 at 8, 0.0073 at 64, helper-53), and shards on theirs.
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(32, 5),
+    ).eval()  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's deprecation of its quantized tensors)
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        runs = [
+            eqaudit.audit(quantized, "d4", input_size=9, num_images=8, batch_size=size, seed=0)
+            for size in (8, 64)
+        ]
+    record = runs[0].summary["model"]["fixed_batch"]
+    assert record["run"] == "one image at a time" and "module '4'" in record["why"]
+    assert runs[0].summary["outputs"] == runs[1].summary["outputs"]
+    assert runs[0].summary["layers"] == runs[1].summary["layers"]

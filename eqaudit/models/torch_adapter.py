@@ -108,6 +108,17 @@ def _same_values(tensor: torch.Tensor, earlier: torch.Tensor, version: int) -> b
     )
 
 
+def _dynamically_quantized(module: nn.Module) -> str | None:
+    """The path of a dynamically quantized submodule (torch.ao's ``quantize_dynamic``), or
+    None."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    for name, sub in module.named_modules():
+        if type(sub).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            return name or type(sub).__name__
+    return None
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     """The tensor a module output stands for: itself, or the first tensor of a tuple/list."""
     if isinstance(value, torch.Tensor):
@@ -330,6 +341,18 @@ class TorchAdapter(ModelAdapter):
         if isinstance(self.module, torch.jit.ScriptModule):
             self._check_script_batch()
             return
+        dynamic = _dynamically_quantized(self.module)
+        if dynamic is not None and spec.batch is None and self.fixed_batch is None:
+            # Its activations are quantized with scales taken from each batch: an image's
+            # numbers would depend on the images beside it (and shards on their batches).
+            self.fixed_batch = {
+                "size": 1,
+                "run": "one image at a time",
+                "why": f"module '{dynamic}' is dynamically quantized: it scales the activations "
+                "of each batch by the batch, so an image's numbers would depend on its batch",
+            }
+            self.input_spec = replace(spec, batch=1)
+            return
         if (
             self._program is None
             or spec.batch != 1
@@ -386,7 +409,10 @@ class TorchAdapter(ModelAdapter):
             return
         why = why.replace("the program", "the module", 1)
         if "differs" in why:
-            why += " (a trace keeps the batch size it was traced at)"
+            why += (
+                " (a trace keeps the batch size it was traced at; dynamic quantization scales "
+                "each batch by the batch)"
+            )
         self.fixed_batch = {"size": 1, "run": "one image at a time", "why": why}
         self.input_spec = replace(spec, batch=1)
 
