@@ -162,6 +162,18 @@ def _free_span(lo: float, hi: float, n: int) -> tuple[int, int]:
     return (first, last) if first <= last else _NO_CELLS
 
 
+def _mapped_free(
+    free: tuple[int, int] | None, n: int, bounds: Callable[[int, int], tuple[float, float]]
+) -> tuple[int, int] | None:
+    """An input axis's padding-free cells ``free`` carried to an output axis of ``n`` cells:
+    ``bounds(lo, hi)`` is the output span they reach (unknown stays unknown, none stays none)."""
+    if free is None:
+        return None
+    if free[0] > free[1]:
+        return _NO_CELLS
+    return _free_span(*bounds(*free), n)
+
+
 def _intersect(spans: Sequence[tuple[int, int] | None]) -> tuple[int, int] | None:
     """Cells free in every one of ``spans`` (None when one is unknown)."""
     if any(span is None for span in spans):
@@ -508,12 +520,7 @@ def _window_axis(
     else:
         n_out = span // s + 1
     # Output cell i reads input cells i*s - pb .. i*s - pb + d*(k-1).
-    free = None
-    if g.free is not None:
-        lo, hi = g.free
-        free = (
-            _free_span((lo + pb) / s, (hi + pb - d * (k - 1)) / s, n_out) if lo <= hi else _NO_CELLS
-        )
+    free = _mapped_free(g.free, n_out, lambda lo, hi: ((lo + pb) / s, (hi + pb - d * (k - 1)) / s))
     return AxisGrid(n_out, g.stride * s, g.offset + g.stride * (-pb + d * (k - 1) / 2), free)
 
 
@@ -534,10 +541,7 @@ def _transpose_axis(
     # Output cell j gathers input cells (j + pb - d*kk) / s: inside lo .. hi for every tap when
     # j + pb - d*(k-1) >= lo*s and j + pb <= hi*s (a tap that falls off the map is a border
     # effect; taps between cells are not, but the bound keeps them in: at most s-1 cells lost).
-    free = None
-    if g.free is not None:
-        lo, hi = g.free
-        free = _free_span(lo * s + d * (k - 1) - pb, hi * s - pb, n_out) if lo <= hi else _NO_CELLS
+    free = _mapped_free(g.free, n_out, lambda lo, hi: (lo * s + d * (k - 1) - pb, hi * s - pb))
     return AxisGrid(n_out, g.stride / s, g.offset + g.stride * (pb - d * (k - 1) / 2) / s, free)
 
 
@@ -545,7 +549,7 @@ def _pad_axis(g: AxisGrid, pb: int, pe: int, label: str, axis: str, layout: str)
     n_out = g.n + pb + pe
     if n_out < 1:
         raise _TooSmall(f"{label} crops the {axis} axis to {n_out} cells", layout)
-    free = None if g.free is None else _free_span(g.free[0] + pb, g.free[1] + pb, n_out)
+    free = _mapped_free(g.free, n_out, lambda lo, hi: (lo + pb, hi + pb))
     return AxisGrid(n_out, g.stride, g.offset - g.stride * pb, free)
 
 
@@ -563,12 +567,7 @@ def _slice_axis(
     n_out = len(range(*slice(start, end, step).indices(g.n)))
     if n_out < 1:
         raise _TooSmall(f"{label} leaves no cells on the {axis} axis", layout, rank)
-    free = None
-    if g.free is not None:
-        lo, hi = g.free
-        free = (
-            _free_span((lo - first) / step, (hi - first) / step, n_out) if lo <= hi else _NO_CELLS
-        )
+    free = _mapped_free(g.free, n_out, lambda lo, hi: ((lo - first) / step, (hi - first) / step))
     return AxisGrid(n_out, g.stride * step, g.offset + g.stride * first, free)
 
 
@@ -577,16 +576,14 @@ def _affine_axis(g: AxisGrid, n_out: int, a: float, b: float, reach: float) -> A
     ``reach`` of it (1 linear, 2 cubic; times ``a`` when downsampling, as an antialiasing filter
     widens: the bound is kept even without one). The op clamps its taps to the map: a cell
     within reach of the border reads a replicated edge, which is padding all the same."""
-    free = None
-    if g.free is not None:
-        lo, hi = g.free
-        reach *= max(1.0, a)
-        if lo > hi:
-            free = _NO_CELLS
-        elif a == 0:  # one output cell at b
-            free = (0, n_out - 1) if lo <= b - reach and b + reach <= hi else _NO_CELLS
-        else:
-            free = _free_span((lo + reach - b) / a, (hi - reach - b) / a, n_out)
+    reach *= max(1.0, a)
+
+    def bounds(lo: int, hi: int) -> tuple[float, float]:
+        if a == 0:  # one output cell at b: free when all its taps are (else an empty span)
+            return (0, n_out - 1) if lo <= b - reach and b + reach <= hi else (1, 0)
+        return (lo + reach - b) / a, (hi - reach - b) / a
+
+    free = _mapped_free(g.free, n_out, bounds)
     return AxisGrid(n_out, g.stride * a, g.offset + g.stride * b, free)
 
 
@@ -946,7 +943,7 @@ def _wrapped(pieces: Sequence[_Map], axis: int) -> _Map | None:
     # The wrapped cells are a padding (of other content than zeros): only the whole map's own
     # free cells stay free.
     own = along[whole].free
-    free = None if own is None else _free_span(own[0] + before, own[1] + before, cells)
+    free = _mapped_free(own, cells, lambda lo, hi: (lo + before, hi + before))
     grid = AxisGrid(cells, stride, offset, free)
     other = replace(across[0], free=_intersect([a.free for a in across]))
     first_axis = axis == _spatial_axes(pieces[0])[0]
@@ -1103,9 +1100,7 @@ def _depth_to_space_state(state: Any, block: int, label: str) -> Any:
             g.n * block,
             g.stride / block,
             g.offset - g.stride * (block - 1) / (2 * block),
-            None
-            if g.free is None
-            else _free_span(g.free[0] * block, g.free[1] * block + block - 1, g.n * block),
+            _mapped_free(g.free, g.n * block, lambda lo, hi: (lo * block, hi * block + block - 1)),
         )
         for g in (state.grid.h, state.grid.w)
     )
