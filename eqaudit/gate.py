@@ -30,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -530,12 +530,14 @@ def _number_problem(where: str, value: Any, top: float) -> str | None:
     return None
 
 
-def _numbers_problem(values: dict, ranges: dict[str, float], where: str, lacks: str) -> str | None:
-    """The first of ``ranges``' keys missing from ``values`` (``lacks`` formatted with it) or
-    holding no number in its range, or None."""
+def _numbers_problem(
+    values: dict, ranges: dict[str, float], where: str, lacks: Callable[[str], str]
+) -> str | None:
+    """The first of ``ranges``' keys missing from ``values`` (``lacks(key)`` says so) or holding
+    no number in its range, or None."""
     for key, top in ranges.items():
         if key not in values:
-            return lacks.format(key)
+            return lacks(key)
         problem = _number_problem(f"{where}.{key}", values[key], top)
         if problem:
             return problem
@@ -546,7 +548,9 @@ def _baseline_problem(data: dict) -> str | None:
     """What is wrong with the numbers of a baseline (``metrics``), or None: each must be a
     number in its range or null, and there must be per-element numbers to compare with."""
     metrics = data["metrics"]
-    problem = _numbers_problem(metrics, _BASELINE_SCORES, "metrics", "it lacks metrics.{}")
+    problem = _numbers_problem(
+        metrics, _BASELINE_SCORES, "metrics", lambda key: f"it lacks metrics.{key}"
+    )
     if problem:
         return problem
     outputs = metrics.get("outputs")
@@ -556,7 +560,9 @@ def _baseline_problem(data: dict) -> str | None:
         if not isinstance(row, dict):
             return f"metrics.outputs.{element} is {json.dumps(row)[:40]}, not an object"
         where = f"metrics.outputs.{element}"
-        problem = _numbers_problem(row, _BASELINE_ROW, where, where + " lacks '{}'")
+        problem = _numbers_problem(
+            row, _BASELINE_ROW, where, lambda key, at=where: f"{at} lacks '{key}'"
+        )
         if problem:
             return problem
     listed = data["fingerprint"].get("transforms")

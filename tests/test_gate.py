@@ -394,6 +394,8 @@ def _damaged(data: dict, edit: str) -> dict:
         metrics["outputs"]["flip_v"]["agreement"] = True
     elif edit == "unknown-element":
         metrics["outputs"]["rot45"] = {"agreement": 0.5, "js_divergence": 0.1}
+    elif edit == "braced-element-lacks":  # (the name went through str.format: IndexError)
+        metrics["outputs"]["rot{0}"] = {"agreement": 0.5}
     return data
 
 
@@ -409,6 +411,7 @@ def _damaged(data: dict, edit: str) -> dict:
         ("score-missing", "it lacks metrics.orbit_consistency"),
         ("boolean-metric", "metrics.outputs.flip_v.agreement is true, not a number"),
         ("unknown-element", "metrics.outputs has rot45, which its fingerprint's transforms"),
+        ("braced-element-lacks", "metrics.outputs.rot{0} lacks 'js_divergence'"),
     ],
 )
 def test_a_damaged_baseline_is_refused_when_loaded_naming_the_entry(sym, tmp_path, edit, says):
