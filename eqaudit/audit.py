@@ -1884,17 +1884,19 @@ def _images_per_step(
     )
 
 
+def _resize_to(adapter: ModelAdapter, size: tuple[int, int]) -> None:
+    """Set a dynamic-size model's input size again (``with_input_size`` only fixes it once)."""
+    adapter.input_spec = replace(adapter.input_spec, height=None, width=None)
+    adapter.with_input_size(*size)
+
+
 def _runs_at(adapter: ModelAdapter, requested: tuple[int, int]) -> Callable[[tuple], bool]:
     """``runs(size)``: does the model run one image at ``size`` (a zero image, once)? What
     ``--input-size aligned`` asks of a size before it picks it; the adapter is left at
     ``requested``."""
 
-    def at(size: tuple[int, int]) -> None:
-        adapter.input_spec = replace(adapter.input_spec, height=None, width=None)
-        adapter.with_input_size(*size)
-
     def runs(size: tuple[int, int]) -> bool:
-        at(size)
+        _resize_to(adapter, size)
         try:
             with torch.inference_mode():
                 adapter.run(torch.zeros(1, adapter.input_spec.channels, *size))
@@ -1902,7 +1904,7 @@ def _runs_at(adapter: ModelAdapter, requested: tuple[int, int]) -> Callable[[tup
         except Exception:  # the model's own error at this size: not a size to pick
             return False
         finally:
-            at(requested)
+            _resize_to(adapter, requested)
 
     return runs
 
@@ -1946,8 +1948,7 @@ def choose_input_size(
         return replace(choose_aligned_size(graph, requested, elements, max_distance=0), fixed=True)
     choice = choose_aligned_size(graph, requested, elements, runs=_runs_at(adapter, requested))
     if choice.chosen is not None and choice.chosen != requested:
-        adapter.input_spec = replace(adapter.input_spec, height=None, width=None)
-        adapter.with_input_size(*choice.chosen)
+        _resize_to(adapter, choice.chosen)
     return choice
 
 

@@ -1595,7 +1595,9 @@ def onnx_grid_graph(
     return found
 
 
-def _onnx_input_divisor(graph: onnx.GraphProto, input_name: str, facts: _OnnxGraphFacts) -> Any:
+def _onnx_input_divisor(
+    graph: onnx.GraphProto, input_name: str, facts: _OnnxGraphFacts
+) -> float | None:
     """:attr:`GridGraph.input_divisor` of an ONNX graph: a Div by a constant scalar, or a Mul by
     one below 1, of the input itself (or of a Cast of it)."""
     sources = {input_name}
@@ -2623,7 +2625,7 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
         if not isinstance(dim, int):
             return _unsupported(f"{label} splits an axis that is not constant")
         return lambda ins: (
-            (_split_state(state_of(ins), dim, rank, name == "unbind", label),) * (pieces)
+            (_split_state(state_of(ins), dim, rank, name == "unbind", label),) * pieces
         )
     if name in ("instance_norm", "group_norm", "native_group_norm"):  # statistics over H, W
         return lambda ins: wrap(_spread(state_of(ins)))

@@ -31,7 +31,6 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -508,7 +507,9 @@ def _rotation_sources(
 
 
 @functools.lru_cache(maxsize=8)
-def rotation_operator(height: int, width: int, theta: float, dtype: torch.dtype) -> Any:
+def rotation_operator(
+    height: int, width: int, theta: float, dtype: torch.dtype
+) -> torch.Tensor | None:
     """:func:`cubic_operator` of :func:`rotate`'s positions, made once per size and angle (an
     audit clears the cache when it ends: ``rotation_operator.cache_clear()``)."""
     return cubic_operator(*_rotation_sources(height, width, theta), height, width, dtype)
