@@ -1939,10 +1939,12 @@ def choose_input_size(
     grids = graph.grids(*requested)
     layers = [grids.get(layer.name) for layer in adapter.layers()]
     if not any(g is not None and not isinstance(g, str) for g in layers):
+        first = next(iter(adapter.layers()), None)
+        reason = first and graph.unknown_reason(first.name, *requested)
+        stop = f"the first layer's is unknown: {reason}" if reason else "see 'eqaudit inspect'"
         raise UsageError(
             "--input-size aligned needs the model's sampling grids, and no map of this model's "
-            "graph has a known one (the grid walk stops at an op it does not read: see 'eqaudit "
-            "inspect'): pass a size with --input-size N"
+            f"graph has a known one ({stop}): pass a size with --input-size N"
         )
     if fixed:  # nothing to choose: say which layers cannot be compared exactly
         return replace(choose_aligned_size(graph, requested, elements, max_distance=0), fixed=True)
