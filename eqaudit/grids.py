@@ -29,6 +29,10 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
 
 * padding (Pad; ``aten.pad``, ``constant_pad_nd``, reflection/replication pads; negative pads
   crop): ``n_out = n + pb + pe``, ``offset_out = offset - stride*pb``.
+* ONNX pads, slice bounds and resize sizes computed from maps' shapes (Shape, Gather, integer
+  arithmetic ...: TF-style "same" padding, a crop to a skip connection's size in a dynamic
+  export) are evaluated at each replayed size (:class:`_ShapeProgram`), as onnxruntime would;
+  a value that depends on the batch size, or on image content, is unknown.
 * slicing with constant ``start:end:step`` (``step > 0``, Python slice semantics):
   ``n_out = len(range(n)[start:end:step])``, ``offset_out = offset + stride*start``,
   ``stride_out = stride*step``.
@@ -93,6 +97,7 @@ many candidate sizes cheaply.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -1363,6 +1368,20 @@ _ONNX_FOLDABLE = {
     "Shape",
     "Neg",
     "Mod",
+    "Max",
+    "Min",
+    "Abs",
+    "Ceil",
+    "Floor",
+    "Equal",
+    "Less",
+    "Greater",
+    "Where",
+    "Not",
+    "And",
+    "Or",
+    "Xor",
+    "Clip",
 }
 
 
@@ -1386,6 +1405,7 @@ class _OnnxGraphFacts:
         self._numpy_helper = numpy_helper
         self._initializers = {i.name: i for i in graph.initializer}
         self._producers = {out: node for node in graph.node for out in node.output if out}
+        self._order = list(graph.node)  # (topologically sorted, as ONNX requires)
         self._dependent = dependent
         self._values: dict[str, np.ndarray | None] = {}
         self._entries: dict[str, list[_Entry] | None] = {}
@@ -1517,6 +1537,29 @@ class _OnnxGraphFacts:
                 return data[slice(starts[0], ends[0], steps[0])]
         return self._opaque_entries(node.output[0])
 
+    def shape_program(self, name: str) -> _ShapeProgram | None:
+        """The nodes that compute a small tensor from constants and the shapes of image tensors
+        (TF-style "same" pads: Shape, Gather, Sub, Div, ... Concat), to be run at each replayed
+        size; None where anything else feeds it (an image value, an op outside
+        ``_ONNX_FOLDABLE``, more than 256 nodes)."""
+        wanted, reads, pending = set(), set(), [name]
+        while pending:
+            tensor = pending.pop()
+            if not tensor or tensor in wanted or self.value(tensor) is not None:
+                continue
+            node = self._producers.get(tensor)
+            if node is None or node.domain not in ("", "ai.onnx") or len(wanted) > 256:
+                return None
+            wanted.update(o for o in node.output if o)
+            if node.op_type == "Shape":
+                reads.add(node.input[0])
+            elif node.op_type in _ONNX_FOLDABLE:
+                pending.extend(node.input)
+            else:
+                return None
+        nodes = [n for n in self._order if any(o in wanted for o in n.output)]
+        return _ShapeProgram(name, nodes, tuple(sorted(reads)), self)
+
     def _opaque_entries(self, name: str) -> list[_Entry] | None:
         """``[None] * n`` for a tensor of ``n`` entries computed some other way."""
         dims = self.dims.get(name)
@@ -1527,6 +1570,188 @@ class _OnnxGraphFacts:
 
 #: One entry of a shape tensor: a constant, a size read from ``(tensor, axis)``, or unknown.
 _Entry = int | tuple[str, int] | None
+
+
+class _ShapeProgram:
+    """A small tensor computed from the shapes of image tensors (:meth:`_OnnxGraphFacts.
+    shape_program`), evaluated at a replayed size from the maps' grids.
+
+    ``reads``: the tensors whose Shape it reads. A map's spatial sizes come from its grid, its
+    other sizes from shape inference; a size neither gives (a dynamic batch) is tried at two
+    values, and an entry that changes with it is unknown (None)."""
+
+    def __init__(
+        self, output: str, nodes: list[onnx.NodeProto], reads: tuple[str, ...], facts: Any
+    ) -> None:
+        self.output, self.nodes, self.reads, self._facts = output, nodes, reads, facts
+        self._compiled: list[tuple[Any, tuple[str, ...], tuple[str, ...]]] | None = None
+        self._constants: dict[str, Any] = {}
+
+    def ints(self, states: Mapping[str, Any]) -> list[int | None] | None:
+        """The output's entries at the sizes of ``states`` (the reads' replayed states); None
+        where it cannot be evaluated."""
+        shapes: dict[str, list[int | None]] = {}
+        for tensor in self.reads:
+            shape = self._shape(tensor, _first(states.get(tensor)))
+            if shape is None:
+                return None
+            shapes[tensor] = shape
+        results = []
+        for guess in (7, 11) if any(None in s for s in shapes.values()) else (7,):
+            filled = {t: [guess if d is None else d for d in s] for t, s in shapes.items()}
+            try:
+                value = self._run(filled)
+            except Exception:  # an evaluation the reference cannot do: unknown
+                return None
+            results.append([int(v) for v in value.reshape(-1)])
+        if any(len(r) != len(results[0]) for r in results):
+            return None
+        return [v if all(r[i] == v for r in results) else None for i, v in enumerate(results[0])]
+
+    def _shape(self, tensor: str, state: Any) -> list[int | None] | None:
+        dims = self._facts.dims.get(tensor)
+        if isinstance(state, _Map):
+            if state.grid is None:
+                return None
+            shape: list[int | None] = list(dims) if dims and len(dims) == state.rank else []
+            shape = shape or [None] * state.rank
+            h, w = _spatial_axes(state)
+            shape[h], shape[w] = state.grid.h.n, state.grid.w.n
+            return shape
+        if state is None or isinstance(state, _Flat):  # (a shape tensor; flat features)
+            return None if dims is None else list(dims)
+        return None  # a tensor whose axes are unknown
+
+    def _run(self, shapes: Mapping[str, list[int]]) -> np.ndarray:
+        import numpy as np
+
+        if self._compiled is None:  # each node's function, and the constants they read
+            compiled = []
+            for node in self.nodes:
+                for name in node.input:
+                    known = self._facts.value(name) if name else None
+                    if known is not None:
+                        self._constants[name] = known
+                if node.op_type == "Shape":
+                    start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+                    run: Any = (node.input[0], slice(start, None if end is None else int(end)))
+                else:
+                    run = _shape_op(node)
+                compiled.append((run, tuple(node.input), tuple(node.output)))
+            self._compiled = compiled
+        values = dict(self._constants)
+        for run, inputs, outputs in self._compiled:
+            if isinstance(run, tuple):  # Shape
+                values[outputs[0]] = np.asarray(shapes[run[0]][run[1]], dtype=np.int64)
+                continue
+            found = run([values[i] if i else None for i in inputs])
+            for name, value in zip(outputs, found, strict=False):
+                values[name] = np.asarray(value)
+        return values[self.output]
+
+
+def _shape_op(node: onnx.NodeProto) -> Callable[[list[Any]], list[Any]]:
+    """A function of a node's inputs (None for an omitted one) to its outputs: NumPy for the
+    ops exporters write into shape arithmetic (ONNX semantics: integer division truncates,
+    Reshape's 0 copies a dimension), else onnx's reference evaluator (slower: ~20 us a call)."""
+    import numpy as np
+
+    op = node.op_type
+    binary = {
+        "Add": np.add,
+        "Sub": np.subtract,
+        "Mul": np.multiply,
+        "Equal": np.equal,
+        "Less": np.less,
+        "Greater": np.greater,
+        "And": np.logical_and,
+        "Or": np.logical_or,
+        "Xor": np.logical_xor,
+    }
+    unary = {"Neg": np.negative, "Abs": np.abs, "Not": np.logical_not, "Identity": np.asarray}
+    axis = int(_attr(node, "axis", 0))
+    if op in binary:
+        return lambda a: [binary[op](a[0], a[1])]
+    if op in unary:
+        return lambda a: [unary[op](a[0])]
+    if op in ("Ceil", "Floor"):
+        rounded = np.ceil if op == "Ceil" else np.floor
+        return lambda a: [rounded(a[0]).astype(a[0].dtype)]
+    if op == "Div":
+
+        def divide(a: list[Any]) -> list[Any]:
+            x, y = a
+            if not np.issubdtype(x.dtype, np.integer):
+                return [np.divide(x, y).astype(x.dtype)]
+            q = np.floor_divide(x, y)  # truncated toward zero, as onnxruntime's C++ does
+            return [q + ((np.remainder(x, y) != 0) & ((x < 0) ^ (y < 0))).astype(q.dtype)]
+
+        return divide
+    if op in ("Max", "Min"):
+        pick = np.maximum if op == "Max" else np.minimum
+        return lambda a: [functools.reduce(pick, a)]
+    if op == "Where":
+        return lambda a: [np.where(a[0], a[1], a[2])]
+    if op == "Mod":
+        remainder = np.fmod if int(_attr(node, "fmod", 0)) else np.mod
+        return lambda a: [remainder(a[0], a[1])]
+    if op == "Clip" and not any(a.name in ("min", "max") for a in node.attribute):
+
+        def clip(a: list[Any]) -> list[Any]:
+            x, low, high = [*a, None, None][:3]
+            x = x if low is None else np.maximum(x, low.astype(x.dtype))
+            return [x if high is None else np.minimum(x, high.astype(x.dtype))]
+
+        return clip
+    if op == "ConstantOfShape":
+        given = _constant_value(node)
+        fill = given.reshape(-1)[:1] if given is not None else np.zeros(1, np.float32)
+        return lambda a: [np.full(a[0].astype(np.int64).tolist(), fill[0], dtype=fill.dtype)]
+    if op == "Gather":
+        return lambda a: [np.take(a[0], a[1], axis=axis)]
+    if op == "Concat":
+        return lambda a: [np.concatenate([np.atleast_1d(v) for v in a], axis=axis)]
+    if op == "Cast":
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        dtype = tensor_dtype_to_np_dtype(int(_attr(node, "to", 1)))
+        return lambda a: [a[0].astype(dtype)]
+    if op == "Unsqueeze" and len(node.input) == 2:
+
+        def unsqueeze(a: list[Any]) -> list[Any]:
+            rank = a[0].ndim + a[1].size
+            return [np.expand_dims(a[0], tuple(sorted(int(i) % rank for i in a[1].reshape(-1))))]
+
+        return unsqueeze
+    if op == "Squeeze" and len(node.input) == 2:
+        return lambda a: [np.squeeze(a[0], tuple(int(i) for i in a[1].reshape(-1)))]
+    if op == "Reshape" and not int(_attr(node, "allowzero", 0)):
+
+        def reshape(a: list[Any]) -> list[Any]:
+            target = [a[0].shape[i] if v == 0 else int(v) for i, v in enumerate(a[1].tolist())]
+            return [np.reshape(a[0], target)]
+
+        return reshape
+    if op == "Transpose":
+        perm = list(_attr(node, "perm", [])) or None
+        return lambda a: [np.transpose(a[0], perm)]
+    if op == "Slice" and len(node.input) >= 3:
+
+        def slice_(a: list[Any]) -> list[Any]:
+            x, starts, ends = a[0], a[1].tolist(), a[2].tolist()
+            axes = a[3].tolist() if len(a) > 3 and a[3] is not None else range(len(starts))
+            steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
+            index = [slice(None)] * x.ndim
+            for k, b, e, t in zip(axes, starts, ends, steps, strict=True):
+                index[k] = slice(b, e, t)
+            return [x[tuple(index)]]
+
+        return slice_
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(node)
+    names = list(node.input)
+    return lambda a: evaluator.run(None, {n: v for n, v in zip(names, a, strict=True) if n})
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -1933,7 +2158,8 @@ def _onnx_pad_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, lab
         pads = [int(p) for p in _attr(node, "pads", [])]
     else:
         pads = facts.ints(node.input[1]) if len(node.input) > 1 else None
-    if pads is None:
+    program = facts.shape_program(node.input[1]) if pads is None and opset >= 11 else None
+    if pads is None and program is None:
         return _unsupported(f"{label} has pads that are not constant")
     rank = facts.rank(node.input[0]) or 4
     axes = list(range(rank))
@@ -1942,6 +2168,22 @@ def _onnx_pad_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, lab
         if given is None:
             return _unsupported(f"{label} has axes that are not constant")
         axes = [a % rank for a in given]
+    if program is not None:
+        # Pads computed from the maps' shapes (TF-style "same" padding): at each replayed size.
+        def computed(ins: list[Any]) -> Any:
+            state = _first(ins[0])
+            found = program.ints(
+                dict(zip(program.reads, ins[len(ins) - len(program.reads) :], strict=True))
+            )
+            if found is None or None in found or len(found) != 2 * len(axes):
+                if not isinstance(state, _Map):
+                    return _Lost(f"{label} has pads computed from sizes that are not known")
+                return _Map(state.layout, None, f"{label} has pads that are not known", state.rank)
+            by_axis = {a: (found[i], found[i + len(axes)]) for i, a in enumerate(axes)}
+            return _pad_state(state, by_axis, rank, label)
+
+        computed.reads = program.reads  # type: ignore[attr-defined]
+        return computed
     if len(pads) != 2 * len(axes):
         return _unsupported(f"{label} has {len(pads)} pads for {len(axes)} axes")
     by_axis = {a: (pads[i], pads[i + len(axes)]) for i, a in enumerate(axes)}
@@ -1984,9 +2226,31 @@ def _onnx_slice_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, l
 def _onnx_channel_slice_rule(
     node: onnx.NodeProto, facts: _OnnxGraphFacts, axes: list[int], label: str
 ) -> _Rule:
-    """A Slice whose bounds are computed (from the input's Shape) along constant axes: a map's
-    grid is kept when they are all channel axes (or the batch axis), whatever the bounds."""
+    """A Slice whose bounds are computed (from Shapes) along constant axes: a map's grid is kept
+    when they are all channel axes (or the batch axis), whatever the bounds; on a spatial axis
+    (a U-Net's crop to its skip connection's size) the bounds are evaluated at each replayed
+    size (:class:`_ShapeProgram`)."""
     rank = facts.rank(node.input[0])
+    inputs = list(node.input) + [""] * (5 - len(node.input))
+    steps = facts.ints(inputs[4]) if inputs[4] else [1] * len(axes)
+    bounds = [facts.ints(inputs[1]), facts.ints(inputs[2])]
+    programs = [
+        None if b is not None else facts.shape_program(i)
+        for b, i in zip(bounds, inputs[1:3], strict=True)
+    ]
+    reads = tuple(sorted({t for p in programs if p is not None for t in p.reads}))
+
+    def evaluated(ins: list[Any], state: _Map, found: list[int]) -> Any:
+        extra = dict(zip(reads, ins[len(ins) - len(reads) :], strict=True))
+        starts, ends = (
+            b if p is None else p.ints(extra) for b, p in zip(bounds, programs, strict=True)
+        )
+        known = starts is not None and ends is not None and None not in starts + ends
+        if not known or not len(starts) == len(ends) == len(steps) == len(found):
+            return _Map(state.layout, None, f"{label} has bounds that are not known", state.rank)
+        for axis, start, end, step in zip(found, starts, ends, steps, strict=True):
+            state = _slice_state(state, axis, start, end, step, label, rank)
+        return state
 
     def rule(ins: list[Any]) -> Any:
         state = _first(ins[0])
@@ -1995,10 +2259,13 @@ def _onnx_channel_slice_rule(
         found = _resolve_axes(state, axes, rank, label)
         if isinstance(found, _Lost):
             return found
-        if set(found) & set(_spatial_axes(state)):
+        if not set(found) & set(_spatial_axes(state)):
+            return state
+        if any(b is None and p is None for b, p in zip(bounds, programs, strict=True)):
             return _Lost(f"{label} has bounds that are not constant on a spatial axis")
-        return state
+        return evaluated(ins, state, found)
 
+    rule.reads = reads  # type: ignore[attr-defined]
     return rule
 
 
@@ -2009,6 +2276,7 @@ def _onnx_resize_rule(
     mode = str(_attr(node, "mode", "nearest"))
     mode = "linear" if mode == "bilinear" else mode
     sizes: list[Any] | None = None
+    program: _ShapeProgram | None = None
     if op == "Upsample" or opset < 11:
         coordinates = "asymmetric"
         rounding = "simple"  # opset < 11 nearest: x / scale, ceil when downsampling
@@ -2024,9 +2292,16 @@ def _onnx_resize_rule(
         # entries need to be constant.
         scales = facts.partial(inputs[2]) if inputs[2] else None
         sizes = facts.partial(inputs[3]) if inputs[3] else None
+        if inputs[3] and (sizes is None or None in sizes):
+            # Sizes computed from maps' shapes (an interpolation to twice a map's size in a
+            # dynamic export): evaluated at each replayed size.
+            program = facts.shape_program(inputs[3])
+            dims = facts.dims.get(inputs[3])
+            if program is not None and sizes is None and dims and dims[0] is not None:
+                sizes = [None] * dims[0]
         if (inputs[2] and scales is None) or (inputs[3] and sizes is None):
             return _unsupported(f"{label} has scales or sizes that are not constant")
-        if sizes is not None and None in sizes:
+        if sizes is not None and None in sizes and program is None:
             # Sizes read from another map's Shape (a U-Net's decoder exported with a dynamic
             # H and W): known at replay from that map's grid.
             entries = facts.shape_entries(inputs[3])
@@ -2047,7 +2322,9 @@ def _onnx_resize_rule(
     input_dims = facts.dims.get(node.input[0]) or [None] * rank
     use_scales = bool(scales)
     # the maps whose sizes the sizes read, as extra inputs of the step (_Step: reads)
-    reads = sorted({v[0] for v in values if isinstance(v, tuple)})
+    reads = sorted(
+        {v[0] for v in values if isinstance(v, tuple)} | set(program.reads if program else ())
+    )
 
     def size_of(entry: Any, states: dict[str, Any]) -> Any:
         """A size entry: an int, or a spatial size of another map (None: unknown)."""
@@ -2062,6 +2339,9 @@ def _onnx_resize_rule(
     def rule(ins: list[Any]) -> Any:
         extra = dict(zip(reads, ins[len(ins) - len(reads) :], strict=True)) if reads else {}
         by_axis = {a: size_of(v, extra) for a, v in given.items()}
+        computed = program.ints(extra) if program is not None else None
+        if computed is not None and len(computed) == len(given):
+            by_axis = dict(zip(given, computed, strict=True))
         state = _first(ins[0])
         if state is None:  # a constant resized (to the size of a map it reads)
             return None

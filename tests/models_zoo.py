@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -159,3 +160,39 @@ def export_onnx(
         dynamic_axes=axes,
     )
     return path
+
+
+class ConvSame(nn.Conv2d):
+    """TensorFlow's "same" padding (timm's Conv2dSame): the pads computed from the input's size
+    in the forward. ``frozen``: as Python ints (constants in an export); else as tensor ops,
+    which an export with a dynamic H and W writes as Shape -> Gather -> Div ... -> Pad."""
+
+    frozen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        pads: list = []
+        for n, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
+            n = torch.as_tensor(n)
+            total = torch.clamp((torch.div(n + s - 1, s, rounding_mode="floor") - 1) * s + k - n, 0)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, [int(p) for p in pads] if self.frozen else pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride)
+
+
+def same_net(frozen: bool, seed: int = 0) -> nn.Module:
+    """Three "same"-padded convs (strides 2, 2, 1), pads computed in the forward, and a linear
+    head over their mean."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        ConvSame(3, 4, 3, 2),
+        nn.ReLU(),
+        ConvSame(4, 4, 3, 2),
+        ConvSame(4, 4, 5, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+    for module in net.modules():
+        if isinstance(module, ConvSame):
+            module.frozen = frozen
+    return net.eval()

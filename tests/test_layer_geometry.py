@@ -794,8 +794,9 @@ def test_an_aligned_size_is_refused_when_no_layer_has_a_known_grid(tmp_path) -> 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "einsum.onnx")
-    with pytest.raises(UsageError, match="no map of this model's graph has a known one"):
+    with pytest.raises(UsageError, match="no map of this model's graph has a known one") as err:
         eqaudit.audit(str(tmp_path / "einsum.onnx"), "flips", input_size=32, align_input=True)
+    assert "(the first layer's is unknown: Einsum 'node 0' is not understood" in str(err.value)
 
 
 def _isotropic_stack(depth: int, channels: int = 6) -> torch.nn.Module:
@@ -932,3 +933,25 @@ def test_lie_contributions_of_channels_last_maps_are_those_of_the_channels_first
         # A bias-free Linear over the channels commutes with every generator.
         fc1 = a[(a["layer"] == "3") & (a["transform"] == "flip_h")][column].iloc[0]
         assert fc1 < 1e-6, generator
+
+
+def test_a_same_padded_export_is_exact_at_the_aligned_size_it_finds(tmp_path) -> None:
+    # TF-"same" pads computed from Shape in a dynamic ONNX export (timm's Conv2dSame): every
+    # grid after the first pad was unknown, and --input-size aligned refused.
+    from models_zoo import d4_symmetrise_, same_net
+
+    path = tmp_path / "same.onnx"
+    torch.onnx.export(
+        d4_symmetrise_(same_net(frozen=False)),
+        (torch.zeros(1, 3, 64, 64),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "B", 2: "H", 3: "W"}},
+    )
+    result = eqaudit.audit(str(path), "d4", input_size=64, align_input=True, num_images=4)
+    assert result.summary["geometry"]["input_size"] == [65, 65]  # at 64 the pads are (0, 1)
+    spatial = _rows(result)
+    assert {r["op"] for r in spatial} >= {"Pad", "Conv"}
+    assert all(r["comparison"] == "exact" and r["scored"] for r in spatial)
+    assert max(r["relative_error_max"] for r in spatial) < 1e-5

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models_group import GroupPool, c4_net
+from models_zoo import same_net
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -927,22 +928,31 @@ def test_ambiguous_onnx_reshapes_and_reductions_stay_unknown(name: str) -> None:
         assert ("Reshape" if "fold" in name else "ReduceMean") in graph.unknown_reason("y")
 
 
-def test_onnx_slices_with_computed_bounds_keep_channel_axes_only() -> None:
+def test_onnx_slices_with_computed_bounds() -> None:
     # The ONNX exporter writes chunk as Slices whose bounds come from Shape: on the channel
-    # axis any bounds keep the grid; on H they are a crop of unknown offset.
-    for fn, kept in (
-        (lambda x: x.chunk(2, 1)[1], True),
-        (lambda x: x[:, :, : x.shape[2] // 2 + 1], False),
-    ):
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Fn(fn)).eval()
-        proto = to_onnx(model, (17, 17), dynamic=True)
-        assert any(n.op_type == "Shape" for n in proto.graph.node)  # (computed, not folded)
-        graph = onnx_grid_graph(proto, "x", "NCHW")
-        if kept:
-            assert graph.grids(17, 17)["y"] == CONV_17, graph.unknown_reason("y")
-        else:
-            assert graph.grids(17, 17)["y"] is None
-            assert "not constant on a spatial axis" in graph.unknown_reason("y")
+    # axis any bounds keep the grid; on H they are evaluated at the replayed size (the crop of
+    # a static export); computed from anything but shapes, they are unknown.
+    chunk = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Fn(lambda x: x.chunk(2, 1)[1])).eval()
+    graph = onnx_grid_graph(to_onnx(chunk, (17, 17), dynamic=True), "x", "NCHW")
+    assert graph.grids(17, 17)["y"] == CONV_17, graph.unknown_reason("y")
+    crop = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Fn(lambda x: x[:, :, : x.shape[2] // 2 + 1]))
+    proto = to_onnx(crop.eval(), (17, 17), dynamic=True)
+    assert any(n.op_type == "Shape" for n in proto.graph.node)  # (computed, not folded)
+    graph = onnx_grid_graph(proto, "x", "NCHW")
+    for size in (17, 21):
+        static = onnx_grid_graph(to_onnx(crop, (size, size)), "x", "NCHW")
+        grid = graph.grids(size, size)["y"]
+        assert grid == static.grids(size, size)["y"] and grid.h.n == (size + 1) // 4 + 1
+    nodes = [  # a crop by the image's mean value
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Cast", ["m"], ["e"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["e", "zero"], ["ends"]),
+        helper.make_node("Slice", ["x", "zero", "ends", "two"], ["y"]),
+    ]
+    inits = [("zero", np.array([0], np.int64)), ("two", np.array([2], np.int64))]
+    graph = onnx_grid_graph(onnx_model(nodes, inits), "x", "NCHW")
+    assert graph.grids(9, 9)["y"] is None
+    assert "not constant on a spatial axis" in graph.unknown_reason("y", 9, 9)
 
 
 @pytest.mark.parametrize(
@@ -1622,3 +1632,181 @@ def test_a_1x1_map_resized_to_a_maps_size_broadcasts_as_the_1x1_map() -> None:
         assert grid is not None and (grid.h.n, grid.h.stride, grid.h.offset) == (9, 2.0, 0.0)
     # every cell reads the whole map through the pool, padding included: none is free of it
     assert onnx_graph.grids(17, 17)["y"].h.free == (0, -1)
+
+
+def _convs(model: onnx.ModelProto) -> list[str]:
+    return [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
+
+
+def test_same_pads_computed_from_the_shape_are_read_at_each_size() -> None:
+    # A TF-"same" network exported with a dynamic H and W computes its pads from Shape at run
+    # time: "pads that are not constant", and every grid after the first conv was unknown.
+    dynamic = to_onnx(same_net(frozen=False), (64, 64), dynamic=True)
+    assert {"Shape", "Div", "Clip"} <= {n.op_type for n in dynamic.graph.node}
+    graph = onnx_grid_graph(dynamic, "x", "NCHW")
+    for size in (63, 64, 65, 40):
+        static = to_onnx(same_net(frozen=True), (size, size))  # the same pads, as constants
+        expected = onnx_grid_graph(static, "x", "NCHW").grids(size, size)
+        grids = graph.grids(size, size)
+        for mine, theirs in zip(_convs(dynamic), _convs(static), strict=True):
+            assert grids[mine] is not None, graph.unknown_reason(mine, size, size)
+            assert grids[mine] == expected[theirs], (size, mine)
+        x = np.zeros((1, 3, size, size), np.float32)
+        assert_sizes_match(graph, ort_shapes(dynamic, x), size, size)
+    # Odd pads go to the end: at 64 the first conv pads (0, 1), so no D4 element aligns; at 65
+    # every conv pads evenly.
+    first = _convs(dynamic)[0]
+    assert graph.grids(64, 64)[first].h == AxisGrid(32, 2.0, 1.0, (0, 30))
+    assert graph.grids(65, 65)[first].h == AxisGrid(33, 2.0, 0.0, (1, 31))
+
+
+def test_aligned_size_of_a_same_padded_export() -> None:
+    from eqaudit.transforms import parse_transforms
+    from eqaudit.transforms.geometry import choose_aligned_size
+
+    graph = onnx_grid_graph(to_onnx(same_net(frozen=False), (64, 64), dynamic=True), "x", "NCHW")
+    choice = choose_aligned_size(graph, (64, 64), parse_transforms("d4", "crop"))
+    assert choice.chosen == (65, 65) and choice.misaligned_at_requested
+
+
+def test_pads_that_depend_on_the_batch_size_stay_unknown() -> None:
+    # pads = [0, 0, B - 1, 0, 0, 0, 0, 0]: a batch of one pads nothing, of two one row
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Sub", ["batch", "one"], ["extra"]),
+        helper.make_node("Concat", ["zeros2", "extra", "zeros5"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["y"]),
+    ]
+    inits = [
+        ("zero", np.array([0], np.int64)),
+        ("one", np.array([1], np.int64)),
+        ("zeros2", np.zeros(2, np.int64)),
+        ("zeros5", np.zeros(5, np.int64)),
+    ]
+    model = onnx_model(nodes, inits)
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert onnx_grid_graph(model, "x", "NCHW").grids(9, 9)["y"] is not None  # batch 1: known
+    batch.dim_param = "B"  # (clears dim_value)
+    graph = onnx_grid_graph(model, "x", "NCHW")
+    assert graph.grids(9, 9)["y"] is None
+    assert graph.unknown_reason("y", 9, 9) == "Pad 'node 4' has pads that are not known"
+
+
+class CropUp(nn.Module):
+    """A U-Net's up step that crops the upsampled map to the skip connection's size (odd sizes
+    upsample one cell too many)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, 2, 1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(x)
+        up = self.up(self.down(skip))[:, :, : skip.shape[2], : skip.shape[3]]
+        return torch.cat([skip, up], 1)
+
+
+def test_a_crop_to_another_maps_size_in_a_dynamic_export_keeps_the_grid() -> None:
+    dynamic = to_onnx(CropUp().eval(), (16, 16), dynamic=True)
+    crops = [n.output[0] for n in dynamic.graph.node if n.op_type == "Slice"]
+    assert crops and "Shape" in {n.op_type for n in dynamic.graph.node}
+    graph = onnx_grid_graph(dynamic, "x", "NCHW")
+    for size in (15, 16, 17):
+        static = onnx_grid_graph(to_onnx(CropUp().eval(), (size, size)), "x", "NCHW")
+        grids, expected = graph.grids(size, size), static.grids(size, size)
+        assert grids["y"] is not None, graph.unknown_reason("y", size, size)
+        assert grids["y"] == expected["y"] and grids["y"].h.n == size
+        assert_sizes_match(
+            graph, ort_shapes(dynamic, np.zeros((1, 3, size, size), np.float32)), size, size
+        )
+
+
+def test_a_resize_to_a_size_computed_from_a_shape_keeps_the_grid() -> None:
+    # sizes = Shape(x)[2:] * 2 in a dynamic export: arithmetic on the shape, not a plain read
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1),
+        Fn(lambda x: F.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="bilinear")),
+    ).eval()
+    dynamic = to_onnx(model, (16, 16), dynamic=True)
+    assert "Mul" in {n.op_type for n in dynamic.graph.node}
+    graph = onnx_grid_graph(dynamic, "x", "NCHW")
+    for size in (16, 17):
+        static = onnx_grid_graph(to_onnx(model, (size, size)), "x", "NCHW")
+        grid = graph.grids(size, size)["y"]
+        assert grid is not None, graph.unknown_reason("y", size, size)
+        assert grid == static.grids(size, size)["y"] and grid.h.n == 2 * ((size + 1) // 2)
+        x = np.zeros((1, 3, size, size), np.float32)
+        assert_sizes_match(graph, ort_shapes(dynamic, x), size, size)
+
+
+def _shape_op_cases() -> list[tuple[onnx.NodeProto, list[np.ndarray | None]]]:
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    s = np.array(-7, np.int64)  # a scalar
+    make = helper.make_node
+    cases = []
+    for op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Less", "Greater"):
+        for a, b in ((i64(7, -7, 6, -6, 0), i64(2, 2, -4, -4, 3)), (s, i64(3)), (i64(5), s)):
+            cases.append((make(op, ["a", "b"], ["y"]), [a, b]))
+    floats = np.array([2.5, -2.5, 7.0], np.float32), np.array([2.0, 2.0, -4.0], np.float32)
+    cases += [(make(op, ["a", "b"], ["y"]), list(floats)) for op in ("Div", "Sub", "Max")]
+    cases += [(make("Ceil", ["a"], ["y"]), [floats[0]]), (make("Floor", ["a"], ["y"]), [floats[0]])]
+    cases += [(make(op, ["a"], ["y"]), [i64(3, -4)]) for op in ("Neg", "Abs", "Identity")]
+    b1, b2 = np.array([True, False, True]), np.array([True, True, False])
+    cases += [(make(op, ["a", "b"], ["y"]), [b1, b2]) for op in ("And", "Or", "Xor")]
+    cases += [
+        (make("Not", ["a"], ["y"]), [b1]),
+        (make("Where", ["c", "a", "b"], ["y"]), [b1, i64(1, 2, 3), i64(4, 5, 6)]),
+    ]
+    cases += [
+        (make("Mod", ["a", "b"], ["y"], fmod=f), [i64(7, -7, 7, -7), i64(3, 3, -3, -3)])
+        for f in (0, 1)
+    ]
+    cases += [
+        (make("Gather", ["a", "i"], ["y"], axis=0), [i64(1, 3, 64, 65), i64(-1)]),
+        (make("Gather", ["a", "i"], ["y"], axis=0), [i64(1, 3, 64, 65), np.array(2, np.int64)]),
+        (make("Concat", ["a", "b", "c"], ["y"], axis=0), [i64(1), i64(2, 3), i64(4)]),
+        (make("Cast", ["a"], ["y"], to=TensorProto.FLOAT), [i64(3, -4)]),
+        (make("Cast", ["a"], ["y"], to=TensorProto.INT64), [np.array([2.7, -2.7], np.float32)]),
+        (make("Unsqueeze", ["a", "i"], ["y"]), [s, i64(0)]),
+        (make("Unsqueeze", ["a", "i"], ["y"]), [i64(1, 2), i64(-1, 0)]),
+        (make("Squeeze", ["a", "i"], ["y"]), [i64(5).reshape(1, 1), i64(0)]),
+        (make("Reshape", ["a", "t"], ["y"]), [np.arange(8).reshape(2, 4), i64(0, -1, 2)]),
+        (make("Transpose", ["a"], ["y"], perm=[1, 0]), [np.arange(8).reshape(2, 4)]),
+        (make("Transpose", ["a"], ["y"]), [np.arange(8).reshape(2, 4)]),
+        (make("Clip", ["a", "lo", "hi"], ["y"]), [i64(-3, 0, 9), i64(0), i64(5)]),
+        (make("Clip", ["a", "lo"], ["y"]), [i64(-3, 0, 9), i64(0)]),
+        (make("Clip", ["a", "", "hi"], ["y"]), [i64(-3, 0, 9), None, i64(5)]),
+        (make("ConstantOfShape", ["a"], ["y"]), [i64(3)]),
+        (make("ConstantOfShape", ["a"], ["y"], value=numpy_helper.from_array(i64(4))), [i64(2, 2)]),
+        (make("Range", ["a", "b", "c"], ["y"]), [s, np.array(5, np.int64), np.array(3, np.int64)]),
+    ]
+    big = np.iinfo(np.int64).max
+    x = np.arange(24).reshape(4, 6)
+    for starts, ends, axes, steps in (
+        ((1,), (3,), None, None),
+        ((-1,), (-big,), (1,), (-1,)),
+        ((big,), (-big,), (0,), (-2,)),
+        ((0, 2), (big, -1), (0, 1), (2, 1)),
+        ((-10,), (10,), (-1,), None),
+    ):
+        ins = [x, i64(*starts), i64(*ends), None if axes is None else i64(*axes)]
+        ins += [None if steps is None else i64(*steps)]
+        names = ["a", "b", "e", "x" if axes else "", "s" if steps else ""]
+        cases.append((make("Slice", names, ["y"]), ins))
+    return cases
+
+
+@pytest.mark.parametrize(("node", "ins"), _shape_op_cases())
+def test_shape_arithmetic_matches_the_onnx_reference(node, ins) -> None:  # type: ignore[no-untyped-def]
+    from onnx.reference import ReferenceEvaluator
+
+    from eqaudit.grids import _shape_op
+
+    feeds = {n: v for n, v in zip(node.input, ins, strict=True) if n}
+    expected = np.asarray(ReferenceEvaluator(node).run(None, feeds)[0])
+    found = np.asarray(_shape_op(node)(ins)[0])
+    assert found.dtype == expected.dtype and found.shape == expected.shape
+    assert np.array_equal(found, expected)
