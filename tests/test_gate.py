@@ -642,3 +642,23 @@ def test_junit_without_gate_checks_holds_one_passing_case() -> None:
     (case,) = suite.findall("testcase")
     assert case.get("name") == "no gate checks configured"
     assert case.get("classname") == "eqaudit.gate.audit" and not list(case)
+
+
+def test_max_layer_error_is_read_up_to_the_channel_map_when_one_is_fitted() -> None:
+    # A C4 group-convolutional net permutes its channels under rot90: the naive layer error is
+    # large, the error after the fitted channel map ~1e-7. With --channel-map the gate reads
+    # the latter (it failed such a net, exactly equivariant, before).
+    from models_group import c4_net
+
+    gate = GateConfig(max_layer_error=(("gconv", 1e-4),))
+    naive = eqaudit.audit(c4_net(0), "c4", input_size=17, num_images=12, seed=1)
+    report = evaluate_gate(naive, gate)
+    assert statuses(report)["layer_error[gconv][rot90]"] == FAILED
+    mapped = eqaudit.audit(c4_net(0), "c4", input_size=17, num_images=12, seed=1, channel_map=True)
+    row = mapped.layer("gconv", "rot90")
+    assert row["relative_error"] > 0.3 and row["fitted_relative_error"] < 1e-5
+    report = evaluate_gate(mapped, gate)
+    assert {c.status for c in report.checks} == {PASSED}
+    check = next(c for c in report.checks if c.name == "layer_error[gconv][rot90]")
+    assert "at gconv (after the fitted channel map)" in check.description
+    assert check.value == row["fitted_relative_error"]
