@@ -213,8 +213,9 @@ MaxLayerErrorOpt = Annotated[
     list[str] | None,
     typer.Option(
         help="Maximum mean relative error of the layers matching a glob, under every "
-        "element, e.g. 'layer3.*=0.05'; repeatable.",
-        metavar="GLOB=VALUE",
+        "element, e.g. 'layer3.*=0.05' (a bare VALUE: every layer); repeatable, the most "
+        "specific pattern wins. With --channel-map, up to the fitted channel map.",
+        metavar="[GLOB=]VALUE",
         rich_help_panel="Gate",
     ),
 ]
