@@ -135,6 +135,20 @@ def _scores_of(output: Any, pick: str | None = None) -> torch.Tensor:
     return pick_scores(output, pick).detach()
 
 
+def picked_part(output: Any) -> str | None:
+    """Which part of a model output :func:`pick_scores` takes without ``--output-name``: a key,
+    field or attribute name, or a tuple index; None for a tensor."""
+    if isinstance(output, torch.Tensor):
+        return None
+    items = _named_items(output)
+    if items is not None:
+        tensors = [key for key, item in items.items() if isinstance(item, torch.Tensor)]
+        return "logits" if "logits" in tensors else (str(tensors[0]) if tensors else None)
+    if isinstance(output, (tuple, list)):
+        return next((str(i) for i, v in enumerate(output) if isinstance(v, torch.Tensor)), None)
+    return "logits" if isinstance(getattr(output, "logits", None), torch.Tensor) else None
+
+
 def pick_scores(output: Any, pick: str | None = None) -> torch.Tensor:
     """The class-score tensor of a model output: a tensor; the one tensor of a tuple or list;
     the ``logits`` entry, or the one tensor, of a dict, named tuple or dataclass (``transformers``'
@@ -257,6 +271,7 @@ class TorchAdapter(ModelAdapter):
         self.device = "cpu"
         #: which of several outputs holds the class scores (``--output-name``: an index, a key)
         self.output_name: str | None = None
+        self._picked: str | None = None  # the part of a dict/tuple output taken as the scores
         #: captured outputs that the forward later modifies in place (learnt on the first run
         #: with layers, see _run_impl); None until then: every capture is cloned
         self._overwritten: set[str] | None = None
@@ -308,11 +323,17 @@ class TorchAdapter(ModelAdapter):
 
     def describe(self) -> dict:
         described = {"format": self._format, "factory": self._factory}
-        if self.output_name is not None:
-            described["output"] = self.output_name
+        if self.output_name is not None or self._picked is not None:
+            described["output"] = self.output_name or self._picked  # (given, or taken)
         if self.fixed_batch is not None:
             described["fixed_batch"] = self.fixed_batch
         return {**described, "layers_note": self._layers_note}
+
+    def _scores(self, output: Any) -> torch.Tensor:
+        """The class scores of a forward's output; the part taken is recorded (describe)."""
+        if self.output_name is None and self._picked is None:
+            self._picked = picked_part(output)
+        return _scores_of(output, self.output_name)
 
     def channels_guess(self) -> str | None:
         if self._program is not None:  # a .pt2 program declares its input
@@ -565,7 +586,7 @@ class TorchAdapter(ModelAdapter):
                 torch.no_grad(),
                 self._hooks(self._candidates, record),
             ):
-                scores = _scores_of(self._forward(torch.zeros(shape)), self.output_name)
+                scores = self._scores(self._forward(torch.zeros(shape)))
         except Exception:  # the real run reports the model's failure properly
             return None
         # A module whose output is the scores tensor itself (the last Linear) is the model's
@@ -658,7 +679,7 @@ class TorchAdapter(ModelAdapter):
         paths = {_split_call_name(name, self._candidates)[0] for name in wanted}
         modules = {path: entry for path, entry in self._candidates.items() if path in paths}
         if not modules:
-            return _scores_of(self._forward(batch), self.output_name), captured
+            return self._scores(self._forward(batch)), captured
         if emit is not None:
             return self._stream(batch, wanted, modules, emit), captured
 
@@ -698,7 +719,7 @@ class TorchAdapter(ModelAdapter):
             # the uncloned captures are stale; learn and run this batch again.
             self._overwritten |= overwritten  # type: ignore[operator]
             return self._run_impl(batch, layers)
-        return _scores_of(output, self.output_name), captured
+        return self._scores(output), captured
 
     def _stream(
         self,
@@ -718,7 +739,7 @@ class TorchAdapter(ModelAdapter):
 
         with self._hooks(modules, hand_over):
             output = self._forward(batch)
-        return _scores_of(output, self.output_name)
+        return self._scores(output)
 
 
 def _version(tensor: torch.Tensor) -> int | None:

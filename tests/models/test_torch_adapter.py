@@ -337,6 +337,31 @@ def test_dict_outputs_give_the_logits():
     adapter = TorchAdapter.from_module(model, input_spec=spec())
     x = images()
     torch.testing.assert_close(adapter.run(x).scores, model(x)["logits"], rtol=0, atol=0)
+    assert adapter.describe()["output"] == "logits"  # the part taken, recorded in the summary
+
+
+@pytest.mark.parametrize(
+    ("output", "taken"),
+    [
+        (torch.zeros(1), None),
+        ({"aux": 1, "scores": torch.zeros(1)}, "scores"),
+        ({"features": torch.zeros(1), "logits": torch.zeros(1)}, "logits"),
+        ((None, torch.zeros(1)), "1"),
+        (type("Out", (), {"logits": torch.zeros(1)})(), "logits"),
+    ],
+)
+def test_the_part_of_an_output_taken_as_scores_is_named(output, taken):
+    from eqaudit.models.torch_adapter import pick_scores, picked_part
+
+    assert picked_part(output) == taken
+    if taken is not None:  # the part named is the one pick_scores takes
+        assert pick_scores(output) is (
+            output[int(taken)]
+            if isinstance(output, tuple)
+            else output[taken]
+            if isinstance(output, dict)
+            else output.logits
+        )
 
 
 def test_nan_scores_raise_a_model_run_error():
