@@ -57,6 +57,17 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
   keeps the grid: row-major order then gives every element the same ``(b, h, w)``. A reduction
   over channel axes only keeps the grid (while a channel axis is left); permuting channel axes
   only keeps it. Anything else on such a tensor (a window op, a resize, a pad) is unknown.
+* token sequences (torch.export graphs; :class:`_Tokens`): a rank-4 map flattened to ``(B, C,
+  H*W)`` (or NHWC to ``(B, H*W, C)``) indexes its cells on the token axis, row-major; constant
+  tokens concatenated in front (a class token) are prefix tokens, not cells. Views that regroup
+  the channel axes after the batch and token axes, permutes, element-wise ops with constants or
+  a sequence of the same tokens, layer norms over the channels, linear layers, softmaxes over
+  channels, slices of channel axes keep the sequence; ``q @ k^T`` gives scores on two
+  sequences' tokens, and scores (or scaled dot-product attention) times the values give the
+  queries' sequence, every cell reading the whole map (none padding-free); ``x[:, prefix:]``
+  drops the prefix tokens, ``x[:, i < prefix]`` and means over the tokens are flat; without
+  prefix tokens ``(B, C, H*W) -> (B, C, H, W)`` is the map again. Anything else on a sequence
+  is unknown. The grid of a sequence is its cells' (:meth:`GridGraph.token_layouts`).
 * global pools, flatten, Gemm/linear, reductions over both H and W (amax, mean, norm ...),
   adaptive pools to 1x1 give ``"flat"`` (no spatial axes); a reduction over one of H and W is
   unknown. An adaptive pool to ``m`` cells is the window ``k = s = n/m`` when ``m`` divides
@@ -125,6 +136,7 @@ __all__ = [
     "AxisGrid",
     "Grid",
     "GridGraph",
+    "TokenLayout",
     "export_grid_graph",
     "onnx_grid_graph",
     "torch_grid_graph",
@@ -193,6 +205,30 @@ class Grid:
 
     h: AxisGrid
     w: AxisGrid
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a token sequence keeps its cells: axis ``token`` of the tensor indexes ``prefix``
+    tokens that are not cells (a class token) and then the ``h x w`` cells of its grid in
+    row-major order; axis ``batch`` the images; the other axes are channels."""
+
+    batch: int
+    token: int
+    prefix: int
+    h: int
+    w: int
+
+    def as_map(self, value: torch.Tensor) -> torch.Tensor | None:
+        """The ``(B, C, h, w)`` map of a sequence's cells (channel axes flattened in order);
+        None when the tensor does not have the cells' count of tokens."""
+        if value.ndim <= max(self.batch, self.token):
+            return None
+        moved = value.movedim((self.batch, self.token), (0, -1))
+        if moved.shape[-1] != self.prefix + self.h * self.w:
+            return None
+        cells = moved.reshape(moved.shape[0], -1, moved.shape[-1])[..., self.prefix :]
+        return cells.reshape(cells.shape[0], cells.shape[1], self.h, self.w)
 
 
 # -- replay states ---------------------------------------------------------------------------
@@ -272,6 +308,7 @@ class _Step:
     #: sizes from another map's shape), not the node's own: they make it neither image content
     #: nor lost
     reads: int = 0
+    tokens: bool = False  # its rule takes token sequences and attention scores (_Tokens)
 
 
 @dataclass
@@ -353,13 +390,25 @@ class GridGraph:
             state = _first(replay.states.get(tensor))
             if tensor in self._meta:
                 continue  # shape arithmetic on the image's size, not image content
-            if isinstance(state, _Map):
+            if isinstance(state, (_Map, _Tokens)):
                 out[name] = state.grid
             elif isinstance(state, _Flat):
                 out[name] = "flat"
             else:
                 out[name] = None
         out.update(dict.fromkeys(self._missing))
+        return out
+
+    def token_layouts(self, height: int, width: int) -> dict[str, TokenLayout]:
+        """Name -> :class:`TokenLayout` for the token sequences of known grid (a ViT's blocks).
+        The layout does not depend on the size; the number of cells does."""
+        replay = self._replay(height, width)
+        out: dict[str, TokenLayout] = {}
+        for name, tensor in self._public.items():
+            state = _first(replay.states.get(tensor))
+            if isinstance(state, _Tokens) and state.grid is not None:
+                grid = state.grid
+                out[name] = TokenLayout(state.batch, state.token, state.prefix, grid.h.n, grid.w.n)
         return out
 
     def layouts(self, height: int, width: int) -> dict[str, str | None]:
@@ -387,7 +436,7 @@ class GridGraph:
         if height is None or width is None:
             height, width = self._last or _NOMINAL_SIZE
         state = _first(self._replay(height, width).states.get(self._public[name]))
-        if isinstance(state, _Map):
+        if isinstance(state, (_Map, _Tokens)):
             return state.reason if state.grid is None else None
         if isinstance(state, _Lost):
             return state.reason
@@ -421,10 +470,12 @@ class GridGraph:
             own = ins[: len(ins) - step.reads]  # (the node's own inputs; then the ones it reads)
             if all(state is None for state in own):
                 continue  # a constant subgraph: does not depend on the image
-            lost = next((s for s in own if isinstance(s, _Lost)), None)
-            if isinstance(lost, _Folded) and not step.unfolds:
+            lost = next((s for s in own if isinstance(s, _Lost) and not _takes(step, s)), None)
+            if isinstance(lost, _Folded):
                 lost = _Lost(lost.reason)
-            if lost is not None and not isinstance(lost, _Folded):
+            elif isinstance(lost, (_Tokens, _Scores)):
+                lost = _Lost(_token_reason(step.label))
+            if lost is not None:
                 out: Any = lost  # axes unknown upstream: unknown downstream, same reason
             else:
                 try:
@@ -453,6 +504,14 @@ def _first(state: Any) -> Any:
     if isinstance(state, tuple):
         return state[0] if state else None
     return state
+
+
+def _takes(step: _Step, state: _Lost) -> bool:
+    """Whether a step's rule is called with this state among its inputs (a GroupNorm's fold, a
+    token sequence), rather than its outputs being lost."""
+    if isinstance(state, _Folded):
+        return step.unfolds
+    return isinstance(state, (_Tokens, _Scores)) and step.tokens
 
 
 # -- per-axis arithmetic ----------------------------------------------------------------------
@@ -1074,12 +1133,25 @@ def _reshape_state(
         return _Flat(None, len(out_dims) == 0, len(out_dims))
     if isinstance(state, _Flat) and len(out_dims) == 4 and out_dims[2:] == [1, 1]:
         return _Flat("NCHW", True)
+    if isinstance(state, _Flat) and in_dims is not None and _unit_axes_only(in_dims, out_dims):
+        # (B, C) -> (B, C, 1) -> (B, 1, 1, C): axes of size 1 added or removed (x[:, None])
+        if len(out_dims) == 4 and out_dims[1:3] == [1, 1]:
+            return _Flat("NHWC", True)
+        return _Flat(None, False, len(out_dims))
     if isinstance(state, _Map):
         return _Lost(
             f"{label} reshapes a map other than by regrouping its channel axes (batch first, "
             "H and W last, all three kept)"
         )
     return _Lost(f"{label} reshapes a tensor")
+
+
+def _unit_axes_only(in_dims: Sequence[int | None], out_dims: Sequence[int | None]) -> bool:
+    """Whether a reshape only adds or removes axes of size 1 after the batch axis."""
+    if not in_dims or not out_dims or None in in_dims[1:] or None in out_dims[1:]:
+        return False
+    same_batch = in_dims[0] == out_dims[0] or None in (in_dims[0], out_dims[0])
+    return same_batch and [d for d in in_dims[1:] if d != 1] == [d for d in out_dims[1:] if d != 1]
 
 
 def _space_to_depth_state(state: Any, block: int, label: str) -> Any:
@@ -2700,7 +2772,8 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         inputs = tuple(n.name for n in node.all_input_nodes)
         rule = _torch_rule(node, inputs)
         meta = not _carries_tensor(node)
-        steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta))
+        tokens = bool(getattr(rule, "tokens", False))
+        steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta, tokens=tokens))
         shape = _meta_shape(node)
         if shape is not None:
             ranks[node.name] = len(shape)
@@ -2766,7 +2839,8 @@ def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, st
     return public, missing
 
 
-def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
+def _torch_map_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
+    """The rule of an aten node on maps, flat tensors and constants."""
     label = _torch_label(node)
     if not _carries_tensor(node):
         return lambda ins: None  # sizes, assertions: not image content (a meta step)
@@ -2927,6 +3001,410 @@ def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
         out_rank = None if out_shape is None else len(out_shape)
         return lambda ins: _combine(ins, label, out_rank)
     return _unsupported(f"{label} is not understood by the grid walk")
+
+
+# -- token sequences (torch.export graphs) ------------------------------------------------------
+@dataclass(frozen=True)
+class _Tokens(_Lost):
+    """A token sequence: a ViT's ``(B, C, H, W)`` patch map flattened to ``(B, H*W, C)``.
+
+    Axis ``token`` of a rank-``rank`` tensor indexes ``prefix`` tokens that are not cells (a
+    class token, distillation or register tokens) and then the cells of ``grid`` in row-major
+    order; axis ``batch`` indexes the images; every other axis is a channel axis (a head, a
+    head's features). Compared as the ``(B, C, H, W)`` map of its cells
+    (:meth:`GridGraph.token_layouts`). Lost to every step but those whose rules say they take
+    one (:attr:`_Step.tokens`: views, permutes, concatenations, element-wise ops, layer norms,
+    linear layers, attention), so that no other rule ever sees one."""
+
+    grid: Grid | None = None
+    prefix: int = 0
+    batch: int = 0
+    token: int = 1
+    rank: int = 3
+
+    def same_cells(self, other: _Tokens) -> bool:
+        """Whether two sequences index the same tokens (grid and prefix)."""
+        if self.grid is None or other.grid is None or self.prefix != other.prefix:
+            return False
+        return _same_grid(self.grid, other.grid)
+
+    def moved(self, batch: int, token: int, rank: int) -> _Tokens:
+        return replace(self, batch=batch, token=token, rank=rank)
+
+
+@dataclass(frozen=True)
+class _Scores(_Lost):
+    """Attention scores ``(..., queries, keys)``: the last two axes index the tokens of two
+    sequences (``rows``, ``cols``), axis ``batch`` the images. Not compared (no image grid), but
+    followed: the scores times the values' sequence give a sequence on the rows' tokens."""
+
+    rows: _Tokens | None = None
+    cols: _Tokens | None = None
+    batch: int = 0
+    rank: int = 4
+
+
+def _token_reason(label: str) -> str:
+    return f"{label} is not understood on a token sequence"
+
+
+def _global_tokens(state: _Tokens) -> _Tokens:
+    """Every token reads every other (attention): no cell is padding-free."""
+    if state.grid is None:
+        return state
+    h, w = state.grid.h, state.grid.w
+    spread = [None if g.free is None else _NO_CELLS for g in (h, w)]
+    return replace(state, grid=Grid(replace(h, free=spread[0]), replace(w, free=spread[1])))
+
+
+def _map_to_tokens(state: Any, in_dims: Any, out_dims: Any) -> _Tokens | None:
+    """A rank-4 map flattened to a token sequence: NCHW ``(B, C, H, W) -> (B, C, H*W)`` (token
+    axis last), NHWC ``(B, H, W, C) -> (B, H*W, C)``; None for any other view."""
+    if not isinstance(state, _Map) or state.rank != 4 or in_dims is None or out_dims is None:
+        return None
+    if len(in_dims) != 4 or len(out_dims) != 3 or None in (*in_dims[1:], *out_dims[1:]):
+        return None
+    b, *rest = in_dims
+    if not _same_size(b, out_dims[0]) and not (b is None and out_dims[0] is None):
+        return None
+    if state.layout == "NCHW" and out_dims[1:] == [rest[0], rest[1] * rest[2]]:
+        token = 2
+    elif state.layout == "NHWC" and out_dims[1:] == [rest[0] * rest[1], rest[2]]:
+        token = 1
+    else:
+        return None
+    return _Tokens("a token sequence", state.grid, 0, 0, token, 3)
+
+
+def _tokens_view(state: _Tokens, in_dims: Any, out_dims: Any, label: str) -> Any:
+    """A view of a token sequence: channel axes regrouped after the batch and token axes
+    (``(B, N, C) -> (B, N, heads, C // heads)``, and back), or, without prefix tokens, the
+    sequence folded back into its map (``(B, C, H*W) -> (B, C, H, W)``, ``(B, H*W, C) -> (B, H,
+    W, C)``); anything else is lost."""
+    if in_dims is None or out_dims is None or len(in_dims) != state.rank:
+        return _Lost(_token_reason(label))
+    lead = max(state.batch, state.token) + 1
+    if len(out_dims) >= lead and all(
+        _same_size(a, b) for a, b in zip(in_dims[:lead], out_dims[:lead], strict=True)
+    ):
+        return state.moved(state.batch, state.token, len(out_dims))
+    grid = state.grid
+    if state.prefix == 0 and grid is not None and state.rank == 3 and state.batch == 0:
+        cells = [grid.h.n, grid.w.n]
+        if state.token == 2 and out_dims[2:] == cells and _same_size(in_dims[1], out_dims[1]):
+            return _Map("NCHW", grid)
+        if state.token == 1 and out_dims[1:3] == cells and _same_size(in_dims[2], out_dims[3]):
+            return _Map("NHWC", grid)
+    last = state.token == state.rank - 1 and state.batch == 0 and len(out_dims) >= 2
+    if last and _same_size(in_dims[0], out_dims[0]) and _same_size(in_dims[-1], out_dims[-1]):
+        # channel axes regrouped before a last token axis: (B, C, N) -> (B, heads, C', N)
+        return state.moved(0, len(out_dims) - 1, len(out_dims))
+    return _Lost(f"{label} reshapes a token sequence across its token axis")
+
+
+def _tokens_permute(state: Any, dims: Sequence[int], label: str) -> Any:
+    if isinstance(state, _Scores):
+        fixed = list(dims[-2:]) == [state.rank - 2, state.rank - 1]
+        moved = dims.index(state.batch) if state.batch in dims else -1
+        return replace(state, batch=moved) if fixed and moved >= 0 else _Lost(_token_reason(label))
+    if sorted(dims) != list(range(state.rank)):
+        return _Lost(_token_reason(label))
+    return state.moved(list(dims).index(state.batch), list(dims).index(state.token), state.rank)
+
+
+def _tokens_combine(ins: Sequence[Any], label: str, out_rank: int | None) -> Any:
+    """An element-wise op on token sequences and constants (a position embedding added, a
+    residual sum): one sequence, layout and rank; on scores and constants (a relative position
+    bias, a scale): the scores. Image features broadcast over a sequence: lost."""
+    states = [_first(s) for s in ins if s is not None]
+    scores = [s for s in states if isinstance(s, _Scores)]
+    if scores:
+        if len(states) == 1 and out_rank in (None, scores[0].rank):
+            return scores[0]
+        return _Lost(f"{label} combines attention scores with image features")
+    tokens = [s for s in states if isinstance(s, _Tokens)]
+    if len(tokens) != len(states):
+        return _Lost(f"{label} combines a token sequence with other image features")
+    first = tokens[0]
+    for other in tokens[1:]:
+        axes = (other.batch, other.token, other.rank) == (first.batch, first.token, first.rank)
+        if not axes or not first.same_cells(other):
+            return _Lost(f"{label} combines token sequences of different tokens or axes")
+    if out_rank is not None and out_rank != first.rank:
+        return _Lost(f"{label} broadcasts a token sequence to rank {out_rank}")
+    if len(tokens) == 1 or first.grid is None:
+        return first
+    grids = [t.grid for t in tokens]
+    h = replace(first.grid.h, free=_intersect([g.h.free for g in grids]))  # type: ignore[union-attr]
+    w = replace(first.grid.w, free=_intersect([g.w.free for g in grids]))  # type: ignore[union-attr]
+    return replace(first, grid=Grid(h, w))
+
+
+def _tokens_matmul(a: Any, b: Any, label: str) -> Any:
+    """``a @ b``: a sequence times a constant weight (a linear layer on its channels); queries
+    times transposed keys (scores); scores times values (a sequence on the queries' tokens)."""
+    if isinstance(a, _Tokens) and b is None:
+        if a.token == a.rank - 1:
+            return _Lost(f"{label} multiplies along the token axis")
+        return a
+    if isinstance(a, _Tokens) and isinstance(b, _Tokens):
+        rank = a.rank
+        if (b.rank, a.batch, a.token, b.token) == (rank, b.batch, rank - 2, rank - 1):
+            return _Scores("attention scores", rows=a, cols=b, batch=a.batch, rank=rank)
+        return _Lost(f"{label} multiplies two token sequences that are not queries and keys")
+    if isinstance(a, _Scores) and isinstance(b, _Tokens) and a.rows is not None:
+        rank = a.rank
+        values = (b.rank, b.batch, b.token) == (rank, a.batch, rank - 2)
+        if values and a.cols is not None and a.cols.same_cells(b):
+            return _global_tokens(a.rows.moved(a.batch, rank - 2, rank))
+        return _Lost(f"{label} multiplies attention scores by another sequence than the keys'")
+    return _Lost(_token_reason(label))
+
+
+def _tokens_attention(q: Any, k: Any, v: Any, mask: Any, label: str) -> Any:
+    """Scaled dot-product attention: a sequence on the queries' tokens, every token reading
+    every key's."""
+    if mask is not None:
+        return _Lost(f"{label} takes an attention mask computed from the image")
+    if not all(isinstance(t, _Tokens) for t in (q, k, v)):
+        return _Lost(_token_reason(label))
+    rank = q.rank
+    if any((t.rank, t.batch, t.token) != (rank, q.batch, rank - 2) for t in (k, v)):
+        return _Lost(f"{label} takes sequences whose tokens are not on the second-last axis")
+    if not k.same_cells(v):
+        return _Lost(f"{label} takes keys and values of different tokens")
+    return _global_tokens(q)
+
+
+def _tokens_select(state: _Tokens, dim: int, index: int, label: str) -> Any:
+    """``x[:, i]``: a prefix token (the class token: flat features when the batch axis leads);
+    an index on a channel axis (the query, key or value of a fused projection)."""
+    dim %= state.rank
+    if dim == state.token:
+        if 0 <= index < state.prefix and state.batch == 0 and state.rank == 3:
+            return _Flat(None, False, 2)
+        return _Lost(f"{label} picks one token of a sequence")
+    if dim == state.batch:
+        return _Lost(f"{label} picks one image of the batch")
+    shift = [a - (a > dim) for a in (state.batch, state.token)]
+    return state.moved(shift[0], shift[1], state.rank - 1)
+
+
+def _tokens_slice(state: _Tokens, dim: int, start: Any, end: Any, step: Any, label: str) -> Any:
+    """``x[:, prefix:]`` (the cells alone); a slice of a channel axis keeps the sequence."""
+    dim %= state.rank
+    if dim not in (state.token, state.batch):
+        return state
+    grid = state.grid
+    if dim == state.token and grid is not None and (step or 1) == 1:
+        total = state.prefix + grid.h.n * grid.w.n
+        stop = total if end is None else min(int(end), total) if end >= 0 else total + int(end)
+        if int(start or 0) == state.prefix and stop == total:
+            return replace(state, prefix=0)
+    return _Lost(f"{label} slices the {'token' if dim == state.token else 'batch'} axis")
+
+
+def _tokens_reduce(state: _Tokens, dims: Any, keepdim: bool, label: str) -> Any:
+    """A mean (max, sum ...) over the tokens: flat features (a pooled ViT); over channel axes
+    only: the sequence."""
+    axes = range(state.rank) if dims is None else [int(d) % state.rank for d in dims]
+    if state.batch in axes:
+        return _Lost(f"{label} reduces over the batch axis")
+    if state.token in axes:
+        rank = state.rank if keepdim else state.rank - len(set(axes))
+        return _Flat(None, False, rank) if state.batch == 0 else _Lost(_token_reason(label))
+    if keepdim:
+        return state
+    shift = [a - sum(1 for r in set(axes) if r < a) for a in (state.batch, state.token)]
+    return state.moved(shift[0], shift[1], state.rank - len(set(axes)))
+
+
+def _tokens_cat(states: Sequence[Any], sizes: Sequence[Any], dim: int, label: str) -> Any:
+    """``cat([cls_token, x], 1)``: constant tokens in front of a sequence are prefix tokens;
+    sequences of the same tokens side by side on a channel axis stay one."""
+    tokens = [s for s in states if isinstance(s, _Tokens)]
+    if not tokens or any(s is not None and not isinstance(s, _Tokens) for s in states):
+        return _Lost(_token_reason(label))
+    first = tokens[0]
+    dim %= first.rank
+    if dim == first.token:
+        last = states[-1]
+        if len(tokens) != 1 or not isinstance(last, _Tokens) or any(s is None for s in sizes):
+            return _Lost(f"{label} concatenates image tokens along the token axis")
+        return replace(last, prefix=last.prefix + sum(int(s) for s in sizes[:-1]))
+    if dim == first.batch:
+        return _Lost(f"{label} concatenates along the batch axis")
+    return _tokens_combine(tokens, label, first.rank)
+
+
+_TORCH_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_TORCH_ATTENTION = {
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_attention_math",
+}
+
+
+def _torch_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
+    """The rule of an aten node (:func:`_torch_map_rule`); for the ops a vision transformer is
+    made of, one that also takes token sequences (:func:`_torch_token_rule`)."""
+    rule = _torch_map_rule(node, inputs)
+    if not _carries_tensor(node) or not isinstance(node.target, torch._ops.OpOverload):
+        return rule
+    name = node.target._overloadpacket.__name__
+    token_rule = _torch_token_rule(node, name, inputs)
+    if token_rule is None:
+        return rule
+    source = _bind(node).get(node.target._schema.arguments[0].name)
+    in_dims, out_dims = _dims_of(source), _dims_of(node)
+    first = inputs.index(source.name) if isinstance(source, torch.fx.Node) else None
+
+    def either(ins: list[Any]) -> Any:
+        if any(isinstance(_first(s), (_Tokens, _Scores)) for s in ins):
+            return token_rule(ins)
+        out = rule(ins)
+        if name in _TORCH_VIEWS and type(out) is _Lost and first is not None:
+            return _map_to_tokens(_first(ins[first]), in_dims, out_dims) or out
+        return out
+
+    either.tokens = True  # type: ignore[attr-defined]
+    return either
+
+
+def _torch_token_rule(node: torch.fx.Node, name: str, inputs: tuple[str, ...]) -> _Rule | None:
+    """The rule of an aten op on token sequences (see :class:`_Tokens`), or None for an op that
+    never takes one."""
+    label = _torch_label(node)
+    bound = _bind(node)
+    position = {n: i for i, n in enumerate(inputs)}
+    source = bound.get(node.target._schema.arguments[0].name)  # type: ignore[union-attr]
+    rank = len(_meta_shape(source) or ()) if isinstance(source, torch.fx.Node) else 0
+    out_shape = _meta_shape(node)
+    multi = isinstance(node.meta.get("val"), (tuple, list))
+
+    def of(ins: list[Any], value: Any = source) -> Any:
+        if isinstance(value, torch.fx.Node) and value.name in position:
+            return _first(ins[position[value.name]])
+        return None
+
+    def wrap(state: Any, copies: int = 1) -> Any:
+        if not multi:
+            return state
+        count = len(node.meta["val"])
+        return (state, *([state] * (copies - 1)), *([None] * (count - copies)))
+
+    def on_tokens(apply: Callable[[_Tokens], Any]) -> _Rule:
+        """A rule for ops whose first argument must be a sequence (anything else: lost)."""
+
+        def rule(ins: list[Any]) -> Any:
+            state = of(ins)
+            others = [
+                s for n, s in zip(inputs, ins, strict=True) if n != getattr(source, "name", "")
+            ]
+            if not isinstance(state, _Tokens) or any(s is not None for s in others):
+                return _Lost(_token_reason(label))
+            return apply(state)
+
+        return rule
+
+    if name in _TORCH_VIEWS:
+        in_dims, out_dims = _dims_of(source), _dims_of(node)
+        return on_tokens(lambda s: _tokens_view(s, in_dims, out_dims, label))
+    if name in ("permute", "transpose"):
+        if name == "permute":
+            dims = [int(d) % max(rank, 1) for d in bound["dims"]]
+        else:
+            dims = list(range(rank))
+            a, b = int(bound["dim0"]) % max(rank, 1), int(bound["dim1"]) % max(rank, 1)
+            dims[a], dims[b] = dims[b], dims[a]
+
+        def permute(ins: list[Any]) -> Any:
+            state = of(ins)
+            if not isinstance(state, (_Tokens, _Scores)):
+                return _Lost(_token_reason(label))
+            return _tokens_permute(state, dims, label)
+
+        return permute
+    if name == "linear":
+        weight = bound.get("weight")
+        return lambda ins: (
+            _tokens_matmul(of(ins), None, label)
+            if of(ins, weight) is None and of(ins, bound.get("bias")) is None
+            else _Lost(f"{label} multiplies two image-dependent tensors")
+        )
+    if name in ("matmul", "bmm"):
+        other = bound.get("other", bound.get("mat2"))
+        return lambda ins: _tokens_matmul(of(ins), of(ins, other), label)
+    if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+        shape = bound.get("normalized_shape")
+        local = shape is not None and len(shape) == 1
+        return on_tokens(
+            lambda s: wrap(s if local and s.token != s.rank - 1 else _Lost(_token_reason(label)))
+        )
+    if name in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+        dim = int(bound["dim"]) % max(rank, 1)
+
+        def softmax(ins: list[Any]) -> Any:
+            state = of(ins)
+            if isinstance(state, _Scores) and dim == state.rank - 1:
+                return state
+            if isinstance(state, _Tokens) and dim not in (state.token, state.batch):
+                return state
+            return _Lost(f"{label} normalises across tokens")
+
+        return softmax
+    if name in _TORCH_KEEP:
+        return lambda ins: wrap(of(ins), 2 if name == "native_dropout" else 1)
+    if name in _TORCH_ATTENTION:
+        q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+        mask = bound.get("attn_mask", bound.get("attn_bias"))
+        return lambda ins: wrap(
+            _tokens_attention(of(ins, q), of(ins, k), of(ins, v), of(ins, mask), label)
+        )
+    if name == "select":
+        dim, index = bound["dim"], bound["index"]
+        if not isinstance(dim, int) or not isinstance(index, int):
+            return None
+        return on_tokens(lambda s: _tokens_select(s, dim, index, label))
+    if name == "slice":
+        dim, start, end, step = bound["dim"], bound["start"], bound["end"], bound["step"]
+        if not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+            return None
+        return on_tokens(lambda s: _tokens_slice(s, int(dim), start, end, step, label))
+    if name in ("unbind", "split", "split_with_sizes", "chunk", "tensor_split"):
+        dim = bound.get("dim", 0)
+        if not isinstance(dim, int):
+            return None
+        pieces = len(node.meta["val"]) if multi else 1
+
+        def split(s: _Tokens) -> Any:
+            axis = dim % s.rank
+            if axis in (s.batch, s.token):
+                return _Lost(f"{label} splits the {'token' if axis == s.token else 'batch'} axis")
+            if name != "unbind":
+                return (s,) * pieces
+            shift = [a - (a > axis) for a in (s.batch, s.token)]
+            return (s.moved(shift[0], shift[1], s.rank - 1),) * pieces
+
+        return on_tokens(split)
+    if name in _TORCH_REDUCE:
+        dims = bound.get("dim")
+        dims = [dims] if isinstance(dims, int) else (list(dims) if dims else None)
+        keepdim = bool(bound.get("keepdim") or False)
+        return on_tokens(lambda s: _tokens_reduce(s, dims, keepdim, label))
+    if name == "cat":
+        tensors = list(bound["tensors"])
+        dim = int(bound["dim"])
+        shapes = [_meta_shape(t) for t in tensors]
+        sizes = [s[dim] if s is not None and isinstance(s[dim], int) else None for s in shapes]
+        return lambda ins: _tokens_cat([of(ins, t) for t in tensors], sizes, dim, label)
+    if torch.Tag.pointwise in node.target.tags or name in _TORCH_POINTWISE:  # type: ignore[union-attr]
+        out_rank = None if out_shape is None else len(out_shape)
+        return lambda ins: _tokens_combine(ins, label, out_rank)
+    return None
 
 
 def _same_size(a: Any, b: Any) -> bool:

@@ -76,6 +76,7 @@ def _inspect_model(model: Path | str | Any, align_input: bool, **options: Any) -
                 "kind": "spatial" if la.spatial else "flat",
                 "grid": _grid_text(grids.get(la.name)) if la.spatial else "flat",
                 "centred": centred.get(la.name) if la.spatial else None,
+                **_tokens(adapter.token_layout(la.name)),
             }
             for la in layers
         ]
@@ -87,6 +88,11 @@ def _inspect_model(model: Path | str | Any, align_input: bool, **options: Any) -
         ]
         info["note"] = "the input size is dynamic: pass --input-size to see layer shapes"
     return info
+
+
+def _tokens(layout: Any) -> dict[str, Any]:
+    """A token sequence's prefix tokens (a class token), left out of its map of cells."""
+    return {} if layout is None else {"token_sequence": {"prefix_tokens": layout.prefix}}
 
 
 def _centred(grids: dict, size: tuple[int, int]) -> dict[str, bool]:

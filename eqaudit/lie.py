@@ -674,6 +674,8 @@ def _plan_layers(
     for (path, call), name in wanted.items():
         info = seen.get(name)
         reason, plan = _plan_one(name, path, call, info, grids, model_input, adapter.channels_last)
+        if plan is None and adapter.token_layout(name) is not None:
+            reason = "a token sequence: contributions are computed on maps and flat features only"
         if plan is None:
             skipped[name] = reason
         else:

@@ -408,7 +408,9 @@ def test_inspect_shows_grids_and_chooses_an_aligned_size() -> None:
 
 
 def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
-    class Tokens(nn.Module):  # a patch embedding, a layer on tokens, a head: a tiny ViT
+    # (A ViT's sequences are compared as maps, tests/models/test_tokens.py; these tokens are
+    # rolled, which the grid walk does not follow.)
+    class Tokens(nn.Module):  # a patch embedding, a layer on shifted tokens, a head
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Conv2d(3, 8, 3, stride=3)
@@ -417,7 +419,7 @@ def test_layers_that_give_token_sequences_are_named_as_not_audited() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, 9 tokens, 8)
-            return self.head(self.mix(tokens).mean(1))
+            return self.head(self.mix(torch.roll(tokens, 1, 1)).mean(1))
 
     torch.manual_seed(0)
     result = eqaudit.audit(Tokens(), "flips", input_size=9, num_images=2)
@@ -672,13 +674,14 @@ def test_a_channels_last_map_at_a_new_resolution_is_read_by_its_shape() -> None:
 
 def test_maps_rebuilt_from_tokens_channels_last_are_audited_not_dropped() -> None:
     # A Swin keeps (batch, H, W, C) maps between its blocks; read as (C=H, W, C) of no known
-    # size they were dropped as "token sequences and attention scores" (review).
+    # size they were dropped as "token sequences and attention scores" (review). The walk now
+    # follows the tokens back onto their grid: all three are audited, on the patch grid.
     torch.manual_seed(0)
     result = eqaudit.audit(TokensBackToMaps().eval(), "flips", input_size=9, num_images=2)
     shapes = {row["layer"]: row["shape"] for row in result.layers}
-    assert shapes == {"embed": "6x3x3", "norm": "6x3x3"}  # mix: tokens, not audited
-    notes = result.summary["geometry"]["notes"]
-    assert any(n.startswith("1 layer is not audited: ") and n.endswith("(mix)") for n in notes)
+    assert shapes == {"embed": "6x3x3", "mix": "6x3x3", "norm": "6x3x3"}
+    assert {row["stride_h"] for row in result.layers} == {3.0}
+    assert not result.summary["geometry"]["not_audited"]
 
 
 class SpaceToDepth(nn.Module):

@@ -52,7 +52,7 @@ from torch import nn
 from eqaudit.errors import ModelRunError, UnsupportedModelError, UsageError, cause_line
 
 if TYPE_CHECKING:
-    from eqaudit.grids import GridGraph
+    from eqaudit.grids import GridGraph, TokenLayout
 
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -291,6 +291,7 @@ class ModelAdapter(ABC):
         self._channels_last_guess: set[str] = set()
         self.output_name: str = "output"
         self._grid_graph: tuple[GridGraph | None, str | None] | None = None
+        self._token_layouts: tuple[tuple[Any, ...], dict[str, TokenLayout]] = ((), {})
 
     # -- what subclasses implement ---------------------------------------------------------------
     @abstractmethod
@@ -317,8 +318,26 @@ class ModelAdapter(ABC):
         C, H, W)`` by :meth:`_canonical_activation`)?"""
         return name in self._channels_last_guess
 
+    def token_layout(self, name: str) -> TokenLayout | None:
+        """Where layer ``name`` keeps its cells when it is a token sequence of known grid (a
+        ViT's blocks: ``(B, 1 + H*W, C)``), at the current input size; None otherwise."""
+        size = (self.input_spec.height, self.input_spec.width)
+        graph = self._grid_graph[0] if self._grid_graph is not None else None
+        if graph is None or None in size:
+            return None  # (the graph is built before the probe, which learns the layers)
+        if self._token_layouts[0] != size:
+            try:
+                self._token_layouts = (size, graph.token_layouts(*size))
+            except Exception:  # geometry is a help, never a reason to fail
+                self._token_layouts = (size, {})
+        return self._token_layouts[1].get(name)
+
     def _canonical_activation(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
-        """Canonical form of a raw activation: (B, C, H, W), (B, D), or None (not auditable)."""
+        """Canonical form of a raw activation: (B, C, H, W), (B, D), or None (not auditable).
+        A token sequence of known grid gives the map of its cells (:meth:`token_layout`)."""
+        tokens = self.token_layout(name)
+        if tokens is not None:
+            return tokens.as_map(value)
         if value.ndim == 4:
             if self.channels_last(name):
                 return value.permute(0, 3, 1, 2)
@@ -405,7 +424,9 @@ class ModelAdapter(ABC):
         probed = []
         self.unauditable = [name for name in names if name not in out.activations]
         shapes = {name: tuple(value.shape[1:]) for name, value in out.activations.items()}
-        self._channels_last_guess = self._guess_channels_last(shapes, size, known, layouts)
+        sequences = {name for name in shapes if self.token_layout(name) is not None}
+        guessed = self._guess_channels_last(shapes, size, known, layouts)
+        self._channels_last_guess = guessed - sequences
         for name in self._channels_last_guess:
             height, width, channels = shapes[name]
             shapes[name] = (channels, height, width)

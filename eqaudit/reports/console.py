@@ -253,7 +253,13 @@ def print_inspection(info: dict) -> None:
         )
     with_grids = any("grid" in layer for layer in info["layers"])
     off_centre = any(layer.get("centred") is False for layer in info["layers"])
+    sequences = [layer for layer in info["layers"] if "token_sequence" in layer]
     caption = "grid: stride @ offset in input pixels (cells)"
+    if sequences:
+        prefix = max(layer["token_sequence"]["prefix_tokens"] for layer in sequences)
+        caption += "; tokens: a token sequence, compared as the map of its patch tokens" + (
+            f" (its first {prefix} token(s), a class token, left out)" if prefix else ""
+        )
     if off_centre:
         caption += (
             "; *: off-centre, the grid is not symmetric about the image centre, so rotations "
@@ -263,7 +269,8 @@ def print_inspection(info: dict) -> None:
     rows = []
     for i, layer in enumerate(info["layers"]):
         shape = "x".join(str(d) for d in layer["shape"]) if layer["shape"] else "?"
-        row = [str(i), layer["name"], layer["op"], layer["kind"], shape]
+        kind = "tokens" if "token_sequence" in layer else layer["kind"]
+        row = [str(i), layer["name"], layer["op"], kind, shape]
         if with_grids:
             row.append(layer.get("grid", "") + ("*" if layer.get("centred") is False else ""))
         rows.append(row)

@@ -886,7 +886,10 @@ UNKNOWN = {
         lambda x: x.reshape(x.shape[0], 8, 9, 1, 9).amax(2),
         "regrouping its channel axes",
     ),
-    "merge H and W": (lambda x: x.flatten(2), "flattens axes 2..3"),
+    "merge C and H": (
+        lambda x: x.reshape(x.shape[0], -1, x.shape[3]),
+        "other than by regrouping its channel axes",
+    ),
     "split H": (lambda x: x.split([4, 5], 2)[1], "splits axis 2, not a channel axis"),
     "transpose H and W": (lambda x: x.transpose(2, 3), "permutes axes [0, 1, 3, 2]"),
     "reduce H": (lambda x: x.mean(2), "reduces the height axis but not the width axis"),
@@ -1810,3 +1813,29 @@ def test_shape_arithmetic_matches_the_onnx_reference(node, ins) -> None:  # type
     found = np.asarray(_shape_op(node)(ins)[0])
     assert found.dtype == expected.dtype and found.shape == expected.shape
     assert np.array_equal(found, expected)
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        lambda x, g: x * g[:, :, None, None],
+        lambda x, g: x * g.unsqueeze(-1).unsqueeze(-1),
+        lambda x, g: (x.permute(0, 2, 3, 1) * g[:, None, None, :]).permute(0, 3, 1, 2),
+    ],
+)
+def test_a_squeeze_excite_gate_indexed_to_1x1_broadcasts(gate) -> None:  # type: ignore[no-untyped-def]
+    # g[:, :, None, None] unsqueezes (B, C) through (B, C, 1): "reshapes a tensor", and every
+    # map after a squeeze-excite block written so was unknown.
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x)
+            return gate(x, torch.sigmoid(self.fc(x.mean((2, 3)))))
+
+    grid = export(nn.Sequential(OrderedDict(layer=Gated())), (17, 17)).grids(17, 17)["layer"]
+    assert grid is not None and (grid.h.n, grid.h.stride, grid.h.offset) == (9, 2.0, 0.0)
+    assert grid.h.free == (0, -1)  # every cell reads the whole map through the gate

@@ -1,0 +1,229 @@
+"""Token sequences: a vision transformer's patch tokens compared as the map of their cells.
+
+Oracles: a ViT whose patch embedding is D4-symmetric and which has no position embedding is
+exactly D4-equivariant at every block (attention, layer norms and MLPs act on each token alike
+or on all tokens alike), at an input size whose patch grid is centred; a learned position
+embedding breaks it from the first block on. The cells of a sequence are the map it was
+flattened from, exactly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models_zoo import d4_symmetrise_
+from torch import nn
+
+import eqaudit
+from eqaudit.grids import AxisGrid, TokenLayout, export_grid_graph
+
+SIZE, PATCH = 32, 8  # a 4x4 patch grid, stride 8, centred (3.5 + 8 * 1.5 = 15.5)
+
+
+class Attention(nn.Module):
+    """timm's Attention: fused scaled dot-product attention, or the explicit product with the
+    scores handed out by a Dropout module (attn_drop)."""
+
+    def __init__(self, dim: int, heads: int = 2, fused: bool = True) -> None:
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, fused: bool) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, fused=fused)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A ViT as timm writes it: patch embedding, class token, position embedding, blocks, the
+    class token's (or the cells' mean) features into the head."""
+
+    def __init__(self, cls: bool = True, pos: bool = True, fused: bool = True, pool: str = "cls"):
+        super().__init__()
+        dim, cells = 16, (SIZE // PATCH) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim)) if cls else None
+        self.pos_embed = nn.Parameter(torch.randn(1, cells + cls, dim)) if pos else None
+        self.blocks = nn.Sequential(Block(dim, fused), Block(dim, fused))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.norm(self.blocks(x))
+        first = 1 if self.cls_token is not None else 0
+        return self.head(x[:, 0] if self.pool == "cls" else x[:, first:].mean(1))
+
+
+def vit(seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return d4_symmetrise_(ViT(**kwargs)).eval()
+
+
+VARIANTS = {
+    "cls token, fused attention": {},
+    "explicit attention, mean pool": {"fused": False, "pool": "mean"},
+    "no class token": {"cls": False, "pool": "mean"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_vits_blocks_are_token_sequences_on_the_patch_grid(name: str) -> None:
+    kwargs = VARIANTS[name]
+    graph, reason = export_grid_graph(vit(**kwargs), torch.zeros(1, 3, SIZE, SIZE))
+    assert graph is not None, reason
+    grids, layouts = graph.grids(SIZE, SIZE), graph.token_layouts(SIZE, SIZE)
+    patches = AxisGrid(4, 8.0, 3.5, (0, 3))
+    assert grids["patch_embed"].h == patches
+    prefix = 0 if kwargs.get("cls") is False else 1
+    for layer in ("blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.attn", "blocks.1", "norm"):
+        assert grids[layer] is not None, graph.unknown_reason(layer, SIZE, SIZE)
+        assert (grids[layer].h.n, grids[layer].h.stride, grids[layer].h.offset) == (4, 8.0, 3.5)
+        assert layouts[layer] == TokenLayout(0, 1, prefix, 4, 4)
+    # Before any attention a token reads its own patch; after it, every patch.
+    assert grids["blocks.0.norm1"].h.free == (0, 3)
+    assert grids["blocks.0.attn"].h.free == grids["blocks.1"].h.free == (0, -1)
+    assert grids["head"] == "flat"
+    if not kwargs.get("fused", True):  # the scores a Dropout hands out are not a sequence
+        assert grids["blocks.0.attn.attn_drop"] is None
+        assert "attn_drop" not in layouts
+
+
+def test_the_cells_of_a_sequence_are_the_map_it_was_flattened_from() -> None:
+    torch.manual_seed(0)
+    image_map = torch.randn(2, 6, 3, 5)
+    tokens = torch.cat([torch.randn(2, 2, 6), image_map.flatten(2).transpose(1, 2)], 1)
+    assert torch.equal(TokenLayout(0, 1, 2, 3, 5).as_map(tokens), image_map)
+    per_head = tokens.reshape(2, 17, 2, 3).permute(0, 2, 1, 3)  # (B, heads, N, C / heads)
+    assert torch.equal(TokenLayout(0, 2, 2, 3, 5).as_map(per_head), image_map)
+    assert TokenLayout(0, 1, 1, 3, 5).as_map(tokens) is None  # 16 cells are not 17 tokens
+
+
+def test_a_symmetric_vit_without_position_embedding_is_exact_at_every_block() -> None:
+    result = eqaudit.audit(vit(pos=False), "d4", input_size=SIZE, num_images=6, seed=0)
+    blocks = [
+        r for r in result.layers if r["layer"].startswith("blocks") and r["transform"] != "id"
+    ]
+    assert {r["layer"] for r in blocks} >= {"blocks.0.attn.qkv", "blocks.0.attn", "blocks.1"}
+    for row in blocks:
+        assert row["kind"] == "spatial" and row["shape"] in ("16x4x4", "48x4x4", "32x4x4")
+        assert row["comparison"] == "exact" and row["scored"], row
+        assert row["relative_error_max"] < 1e-5, row
+    assert not result.summary["geometry"]["not_audited"]
+
+
+def test_a_position_embedding_breaks_equivariance_from_the_first_block() -> None:
+    result = eqaudit.audit(vit(pos=True), "d4", input_size=SIZE, num_images=6, seed=0)
+    assert result.layer("patch_embed", "rot90")["relative_error"] < 1e-5  # before the embedding
+    for layer in ("blocks.0.norm1", "blocks.1", "norm"):
+        assert result.layer(layer, "rot90")["relative_error"] > 1e-3, layer
+
+
+def test_a_patch_grid_off_the_image_centre_is_flagged() -> None:
+    # 36 px: the 4x4 patches cover 0..31, centred at 15.5, not 17.5
+    result = eqaudit.audit(vit(pos=False), "flips", input_size=36, num_images=4, seed=0)
+    row = result.layer("blocks.1", "flip_h")
+    assert row["aligned"] is False and not row["scored"] and "misaligned" in row["reason"]
+
+
+class Hybrid(nn.Module):
+    """Tokens folded back into their map (a pyramid transformer's stage end), then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.mix = nn.Linear(8, 8)
+        self.conv = nn.Conv2d(8, 8, 3, 1, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.embed(x)
+        b, c, h, w = m.shape
+        t = self.mix(m.flatten(2).transpose(1, 2))
+        m = self.conv(t.transpose(1, 2).reshape(b, c, h, w))
+        return self.head(m.mean((2, 3)))
+
+
+def test_a_sequence_folded_back_into_its_map_keeps_the_grid() -> None:
+    graph, reason = export_grid_graph(Hybrid().eval(), torch.zeros(1, 3, 20, 20))
+    assert graph is not None, reason
+    grids = graph.grids(20, 20)
+    assert grids["mix"].h == AxisGrid(5, 4.0, 1.5, (0, 4))
+    assert grids["conv"].h == AxisGrid(5, 4.0, 1.5, (1, 3))  # a 3x3 conv on the 5x5 map
+    assert "conv" not in graph.token_layouts(20, 20)  # a map again
+
+
+@pytest.mark.parametrize(
+    ("fn", "reason"),
+    [
+        (lambda t: t[:, 2:5], "slices the token axis"),
+        (lambda t: torch.roll(t, 1, 1), "aten::roll"),
+        (lambda t: t[:, 3], "picks one token of a sequence"),
+        (lambda t: t.reshape(t.shape[0], 4, -1), "reshapes a token sequence across its token axis"),
+    ],
+)
+def test_what_is_not_understood_on_a_sequence_is_unknown(fn, reason) -> None:  # type: ignore[no-untyped-def]
+    class Tail(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return fn(t)
+
+    model = nn.Sequential(
+        OrderedDict(conv=nn.Conv2d(3, 8, 4, 4), tokens=_Tokens(), layer=Tail())
+    ).eval()
+    graph, _ = export_grid_graph(model, torch.zeros(1, 3, 16, 16))
+    assert graph is not None
+    assert graph.grids(16, 16)["tokens"] is not None
+    assert graph.grids(16, 16)["layer"] is None
+    assert reason in graph.unknown_reason("layer", 16, 16)
+
+
+class _Tokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+def test_a_vit_export_archive_gives_the_modules_numbers(tmp_path) -> None:
+    model = vit(pos=True)
+    path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, SIZE, SIZE),)), path)
+    archive = eqaudit.audit(str(path), "d4", num_images=4, seed=0)
+    module = eqaudit.audit(model, "d4", input_size=SIZE, num_images=4, seed=0)
+    for layer in ("blocks.0.attn", "blocks.1", "norm"):
+        a, m = archive.layer(layer, "rot90"), module.layer(layer, "rot90")
+        assert a["scored"] and a["relative_error"] == pytest.approx(m["relative_error"], rel=1e-4)
+
+
+def test_lie_contributions_say_they_skip_token_sequences() -> None:
+    result = eqaudit.audit(vit(pos=False), "flips", input_size=SIZE, num_images=2, lie=True)
+    reasons = {r["layer"]: r["reason"] for r in result.summary["lie"]["layers"]}
+    assert reasons["patch_embed"] is None  # a map: its contribution is computed
+    assert reasons["blocks.1"].startswith("a token sequence: contributions are computed on maps")
