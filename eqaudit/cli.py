@@ -214,7 +214,7 @@ MaxLayerErrorOpt = Annotated[
     typer.Option(
         help="Maximum mean relative error of the layers matching a glob, under every "
         "element, e.g. 'layer3.*=0.05' (a bare VALUE: every layer); repeatable, the most "
-        "specific pattern wins. With --channel-map, up to the fitted channel map.",
+        "specific pattern wins. With --channel-map, up to a fitted permutation of the channels.",
         metavar="[GLOB=]VALUE",
         rich_help_panel="Gate",
     ),

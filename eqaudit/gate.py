@@ -17,8 +17,9 @@ Checks (names as in junit.xml and summary.md):
   is compared instead of the point estimate;
 * ``js[g]``: JS divergence of g <= its ``--max-js``;
 * ``layer_error[pattern][g]``: the largest mean relative error of g over the measurable layers
-  assigned to ``pattern`` <= its ``--max-layer-error``; with ``--channel-map`` a layer's error
-  is the smaller of that and its ``fitted_relative_error`` (equivariant up to a channel map);
+  assigned to ``pattern`` <= its ``--max-layer-error``; with ``--channel-map``, where the
+  fitted channel map permutes the channels, a layer's error is the smaller of that and its
+  ``fitted_relative_error`` (equivariant up to a permutation of its channels);
 * ``regression.*`` with ``--baseline``: how much worse the score, orbit consistency and each
   element's agreement and JS divergence got, computed from the printed values of both runs,
   <= ``--max-regression`` (X on the 0-1 scale; the 0-100 score may drop by 100 X points).
@@ -352,15 +353,18 @@ def _layer_checks(summary: dict, gate: GateConfig) -> list[Check]:
 
 
 def _fitted(row: dict) -> bool:
-    """With --channel-map: the layer is closer to equivariant up to its fitted channel map (a
-    group convolution's permuted channels) than with its channels as they are."""
+    """With --channel-map: the fitted channel map is a permutation of the channels (a group
+    convolution's), and the layer is closer to equivariant with its channels so permuted than
+    as they are. A general fitted map is not enough: a conv with as many filters as its patch
+    has values fits any rotation of its filters by a linear mix of them."""
     fitted = row.get("fitted_relative_error")
-    return fitted is not None and fitted < row["relative_error"]
+    permutes = row.get("channel_map_permutation") is True
+    return permutes and fitted is not None and fitted < row["relative_error"]
 
 
 def _layer_error(row: dict) -> float:
-    """A layer row's gated error: its relative error, or with --channel-map the smaller of that
-    and the error after the fitted channel map."""
+    """A layer row's gated error: its relative error, or with --channel-map, where the fitted
+    map permutes the channels, the smaller of that and the error after the permutation."""
     return row["fitted_relative_error"] if _fitted(row) else row["relative_error"]
 
 

@@ -662,3 +662,21 @@ def test_max_layer_error_is_read_up_to_the_channel_map_when_one_is_fitted() -> N
     check = next(c for c in report.checks if c.name == "layer_error[gconv][rot90]")
     assert "at gconv (after the fitted channel map)" in check.description
     assert check.value == row["fitted_relative_error"]
+
+
+def test_a_fitted_channel_map_that_is_no_permutation_does_not_pass_the_gate() -> None:
+    # 32 filters of 3x3x3 span every patch: any rotation of them is a linear mix of them, so
+    # the fitted 1x1 map explains a random conv's rotation (~1e-6) though it is no symmetry
+    # (review). Only a permutation of the channels counts.
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(model, nn.Linear(32, 4)).eval()
+    result = eqaudit.audit(model, "c4", input_size=33, num_images=8, channel_map=True)
+    row = result.layer("0.0", "rot90")
+    assert row["fitted_relative_error"] < 1e-4 < row["relative_error"]
+    assert row["channel_map_permutation"] is False
+    report = evaluate_gate(result, GateConfig(max_layer_error=(("0.0", 1e-3),)))
+    assert statuses(report)["layer_error[0.0][rot90]"] == FAILED
