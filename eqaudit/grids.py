@@ -1649,8 +1649,11 @@ class _ShapeProgram:
     shape_program`), evaluated at a replayed size from the maps' grids.
 
     ``reads``: the tensors whose Shape it reads. A map's spatial sizes come from its grid, its
-    other sizes from shape inference; a size neither gives (a dynamic batch) is tried at two
-    values, and an entry that changes with it is unknown (None)."""
+    other sizes from shape inference. A size neither gives (a dynamic batch) is followed
+    through the program as a taint, entry by entry (ops that move entries move their taints;
+    any other op taints its whole output when an input is tainted), and the output's tainted
+    entries are unknown (None): no value of the size is guessed (a pad of ``B % 2`` reads 0 at
+    every odd guess)."""
 
     def __init__(
         self, output: str, nodes: list[onnx.NodeProto], reads: tuple[str, ...], facts: Any
@@ -1668,17 +1671,16 @@ class _ShapeProgram:
             if shape is None:
                 return None
             shapes[tensor] = shape
-        results = []
-        for guess in (7, 11) if any(None in s for s in shapes.values()) else (7,):
-            filled = {t: [guess if d is None else d for d in s] for t, s in shapes.items()}
-            try:
-                value = self._run(filled)
-            except Exception:  # an evaluation the reference cannot do: unknown
-                return None
-            results.append([int(v) for v in value.reshape(-1)])
-        if any(len(r) != len(results[0]) for r in results):
+        import numpy as np
+
+        filled = {t: [1 if d is None else d for d in s] for t, s in shapes.items()}
+        tainted = {t: [d is None for d in s] for t, s in shapes.items()}
+        try:
+            value, taint = self._run(filled, tainted)
+        except Exception:  # an evaluation the reference cannot do: unknown
             return None
-        return [v if all(r[i] == v for r in results) else None for i, v in enumerate(results[0])]
+        flags = np.broadcast_to(taint, value.shape).reshape(-1)
+        return [None if t else int(v) for v, t in zip(value.reshape(-1), flags, strict=True)]
 
     def _shape(self, tensor: str, state: Any) -> list[int | None] | None:
         dims = self._facts.dims.get(tensor)
@@ -1694,7 +1696,10 @@ class _ShapeProgram:
             return None if dims is None else list(dims)
         return None  # a tensor whose axes are unknown
 
-    def _run(self, shapes: Mapping[str, list[int]]) -> np.ndarray:
+    def _run(
+        self, shapes: Mapping[str, list[int]], tainted: Mapping[str, list[bool]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The output and, per entry, whether it depends on a tainted size."""
         import numpy as np
 
         if self._compiled is None:  # each node's function, and the constants they read
@@ -1709,17 +1714,75 @@ class _ShapeProgram:
                     run: Any = (node.input[0], slice(start, None if end is None else int(end)))
                 else:
                     run = _shape_op(node)
-                compiled.append((run, tuple(node.input), tuple(node.output)))
+                compiled.append((run, node.op_type, tuple(node.input), tuple(node.output)))
             self._compiled = compiled
         values = dict(self._constants)
-        for run, inputs, outputs in self._compiled:
-            if isinstance(run, tuple):  # Shape
-                values[outputs[0]] = np.asarray(shapes[run[0]][run[1]], dtype=np.int64)
-                continue
-            found = run([values[i] if i else None for i in inputs])
-            for name, value in zip(outputs, found, strict=False):
-                values[name] = np.asarray(value)
-        return values[self.output]
+        taints: dict[str, np.ndarray] = {}
+        with np.errstate(all="ignore"):  # (tainted entries may divide by zero)
+            for run, op, inputs, outputs in self._compiled:
+                if isinstance(run, tuple):  # Shape
+                    values[outputs[0]] = np.asarray(shapes[run[0]][run[1]], dtype=np.int64)
+                    taints[outputs[0]] = np.asarray(tainted[run[0]][run[1]], dtype=bool)
+                    continue
+                ins = [values[i] if i else None for i in inputs]
+                found = [np.asarray(v) for v in run(ins)]
+                marks = [
+                    taints.get(i, np.zeros(np.shape(v), bool))
+                    for i, v in zip(inputs, ins, strict=True)
+                ]
+                for name, value in zip(outputs, found, strict=False):
+                    values[name] = value
+                    taints[name] = _taint(op, run, ins, marks, value)
+        return values[self.output], taints.get(self.output, np.zeros((), bool))
+
+
+def _onnx_slice(n: int, start: int, end: int, step: int) -> slice:
+    """ONNX Slice's bounds on an axis of ``n`` entries as onnxruntime computes them: negative
+    bounds count from the end, then are clamped (to ``[0, n]``, or ``[0, n-1]`` and ``[-1,
+    n-1]`` for a negative step); an end of INT32_MAX or INT64_MAX means past the last entry in
+    the step's direction."""
+    start = start + n if start < 0 else start
+    if end in (2**31 - 1, 2**63 - 1):
+        end = -1 if step < 0 else n
+    elif end < 0:
+        end += n
+    if step > 0:
+        return slice(min(max(start, 0), n), min(max(end, 0), n), step)
+    start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
+    return slice(start, None if end < 0 else end, step)
+
+
+#: Ops that only move entries: their taint is the same op applied to the first input's taint
+#: (when their other inputs, indices, axes or a target shape, are untainted).
+_MOVING_OPS = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose"}
+#: Element-wise ops: an entry is tainted where any input's (broadcast) entry is.
+_ENTRYWISE_OPS = {
+    "Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Neg", "Abs", "Ceil", "Floor", "Equal",
+    "Less", "Greater", "And", "Or", "Xor", "Not", "Where", "Clip", "Cast", "Identity",
+}  # fmt: skip
+
+
+def _taint(
+    op: str, run: Callable, ins: list[Any], marks: list[np.ndarray], value: np.ndarray
+) -> np.ndarray:
+    """Which entries of a shape-arithmetic node's output depend on a tainted input entry."""
+    import numpy as np
+
+    present = [m for v, m in zip(ins, marks, strict=True) if v is not None]
+    if not any(m.any() for m in present):
+        return np.zeros(value.shape, bool)
+    if op in _ENTRYWISE_OPS:
+        return np.logical_or.reduce([np.broadcast_to(m, value.shape) for m in present])
+    if op in _MOVING_OPS:
+        if op == "Concat":
+            moved = run(marks)[0]
+        elif any(m.any() for v, m in zip(ins[1:], marks[1:], strict=True) if v is not None):
+            moved = None  # tainted indices, axes or target: every entry
+        else:
+            moved = run([marks[0], *ins[1:]])[0]
+        if moved is not None:
+            return np.asarray(moved, bool).reshape(value.shape)
+    return np.ones(value.shape, bool)
 
 
 def _shape_op(node: onnx.NodeProto) -> Callable[[list[Any]], list[Any]]:
@@ -1815,7 +1878,7 @@ def _shape_op(node: onnx.NodeProto) -> Callable[[list[Any]], list[Any]]:
             steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
             index = [slice(None)] * x.ndim
             for k, b, e, t in zip(axes, starts, ends, steps, strict=True):
-                index[k] = slice(b, e, t)
+                index[k % x.ndim] = _onnx_slice(x.shape[k], b, e, t)
             return [x[tuple(index)]]
 
         return slice_

@@ -1672,18 +1672,21 @@ def test_aligned_size_of_a_same_padded_export() -> None:
     assert choice.chosen == (65, 65) and choice.misaligned_at_requested
 
 
-def test_pads_that_depend_on_the_batch_size_stay_unknown() -> None:
-    # pads = [0, 0, B - 1, 0, 0, 0, 0, 0]: a batch of one pads nothing, of two one row
+@pytest.mark.parametrize("op", ["Sub", "Mod"])
+def test_pads_that_depend_on_the_batch_size_stay_unknown(op: str) -> None:
+    # pads = [0, 0, B - 1, 0, ...]: a batch of one pads nothing, of two one row; B % 2: the
+    # same at every odd batch (review: two odd guesses of the batch size read it as constant)
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
-        helper.make_node("Sub", ["batch", "one"], ["extra"]),
+        helper.make_node(op, ["batch", "one" if op == "Sub" else "two"], ["extra"]),
         helper.make_node("Concat", ["zeros2", "extra", "zeros5"], ["pads"], axis=0),
         helper.make_node("Pad", ["x", "pads"], ["y"]),
     ]
     inits = [
         ("zero", np.array([0], np.int64)),
         ("one", np.array([1], np.int64)),
+        ("two", np.array([2], np.int64)),
         ("zeros2", np.zeros(2, np.int64)),
         ("zeros5", np.zeros(5, np.int64)),
     ]
@@ -1694,6 +1697,34 @@ def test_pads_that_depend_on_the_batch_size_stay_unknown() -> None:
     graph = onnx_grid_graph(model, "x", "NCHW")
     assert graph.grids(9, 9)["y"] is None
     assert graph.unknown_reason("y", 9, 9) == "Pad 'node 4' has pads that are not known"
+
+
+def test_slice_bounds_are_clamped_as_onnxruntime_clamps_them() -> None:
+    from eqaudit.grids import _shape_op
+
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    bounds = [-12, -11, -10, -3, -1, 0, 1, 5, 9, 10, 12, 2**31 - 1, big, small]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"])],
+        "slice",
+        [
+            helper.make_tensor_value_info("x", TensorProto.INT64, [10]),
+            *(helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in "seat"),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    run = _shape_op(model.graph.node[0])
+    x, axis = np.arange(10, dtype=np.int64), np.array([0], np.int64)
+    for start in bounds:
+        for end in bounds:
+            for step in (-3, -1, 1, 2):
+                s, e, t = (np.array([v], np.int64) for v in (start, end, step))
+                expected = session.run(None, {"x": x, "s": s, "e": e, "a": axis, "t": t})[0]
+                found = run([x, s, e, axis, t])[0]
+                assert found.tolist() == expected.tolist(), (start, end, step)
 
 
 class CropUp(nn.Module):
