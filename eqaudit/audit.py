@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -105,11 +105,13 @@ from eqaudit.transforms.geometry import (
     NO_FREE_CELLS,
     SizeChoice,
     aligned,
+    alignment_elements,
     choose_aligned_size,
     compare_on_grid,
     comparison_plan,
     drop_device_plans,
     misaligned_reason,
+    misaligned_tensors,
     resampled_floor,
 )
 from eqaudit.transforms.labels import (
@@ -117,6 +119,9 @@ from eqaudit.transforms.labels import (
     build_label_action,
     invert,
 )
+
+if TYPE_CHECKING:
+    from eqaudit.grids import GridGraph
 
 
 def estimate_stride(size: int, cells: int) -> float | None:
@@ -1930,11 +1935,17 @@ def choose_input_size(
         )
     adapter.with_input_size(*requested)
     graph = adapter.grid_graph()
+    traced_at: Callable[[tuple[int, int]], GridGraph | None] | None = None
+    if adapter.traced_per_size and not fixed:
+        traced_at = _traces(adapter, requested, graph)
+        # A module that cannot run at the requested size (an HRNet's branches at 60) is traced
+        # at the nearest size it runs at.
+        graph = graph if graph is not None else _traced_near(traced_at, requested)
     if graph is None:
+        why = adapter.grid_graph_note or "TorchScript, or a module torch.export cannot trace"
         raise UsageError(
             "--input-size aligned needs the model's sampling grids, and this model's graph does "
-            "not give them (TorchScript, or a module torch.export cannot trace): pass a size "
-            "with --input-size N"
+            f"not give them ({why}): pass a size with --input-size N"
         )
     grids = graph.grids(*requested)
     layers = [grids.get(layer.name) for layer in adapter.layers()]
@@ -1948,10 +1959,70 @@ def choose_input_size(
         )
     if fixed:  # nothing to choose: say which layers cannot be compared exactly
         return replace(choose_aligned_size(graph, requested, elements, max_distance=0), fixed=True)
-    choice = choose_aligned_size(graph, requested, elements, runs=_runs_at(adapter, requested))
+    runs = _runs_at(adapter, requested)
+    judge = None if traced_at is None else _python_sizes(graph, traced_at, requested)
+    choice = choose_aligned_size(graph, requested, elements, runs=runs, graph_at=judge)
+    if traced_at is not None and judge is None and choice.chosen not in (None, requested):
+        # (the audit's own trace at the size picked must agree, or every size is traced)
+        needed = alignment_elements(elements, requested[0] == requested[1])
+        traced = traced_at(choice.chosen)
+        if traced is None or misaligned_tensors(traced, choice.chosen, needed) != []:
+            choice = choose_aligned_size(graph, requested, elements, runs=runs, graph_at=traced_at)
     if choice.chosen is not None and choice.chosen != requested:
         _resize_to(adapter, choice.chosen)
     return choice
+
+
+def _traces(
+    adapter: ModelAdapter, requested: tuple[int, int], graph: GridGraph | None
+) -> Callable[[tuple[int, int]], GridGraph | None]:
+    """``traced_at(size)``: a module's grid graph traced at ``size`` (cached; ``graph``: its
+    trace at ``requested``, where the adapter is left)."""
+    traces: dict[tuple[int, int], GridGraph | None] = {requested: graph}
+
+    def traced_at(size: tuple[int, int]) -> GridGraph | None:
+        if size not in traces:
+            _resize_to(adapter, size)
+            try:
+                traces[size] = adapter.grid_graph()
+            finally:
+                _resize_to(adapter, requested)
+        return traces[size]
+
+    return traced_at
+
+
+def _traced_near(
+    traced_at: Callable[[tuple[int, int]], GridGraph | None], requested: tuple[int, int]
+) -> GridGraph | None:
+    """A module's trace at the nearest size to ``requested`` where it traces (within the
+    aligned search's reach)."""
+    reach = min(64, max(16, max(requested) // 4))
+    for d in range(1, reach + 1):
+        for step in (d, -d):
+            size = (requested[0] + step, requested[1] + step)
+            graph = traced_at(size) if min(size) >= 1 else None
+            if graph is not None:
+                return graph
+    return None
+
+
+def _python_sizes(
+    graph: GridGraph,
+    traced_at: Callable[[tuple[int, int]], GridGraph | None],
+    requested: tuple[int, int],
+) -> Callable[[tuple[int, int]], GridGraph | None] | None:
+    """``traced_at`` when a module computes sizes in Python (TF-style "same" pads, a U-Net's
+    crop), which its trace freezes: its traces at the sizes beside the requested one differ
+    from the replay of ``graph`` there, so each size the aligned search weighs must be judged
+    on its own trace (a size picked by the replay alone was audited on grids that were not the
+    model's: exact rows, scored, at 0.1). None when they agree: the replay serves."""
+    for step in (1, -1):
+        size = (requested[0] + step, requested[1] + step)
+        traced = traced_at(size) if min(size) >= 1 else None
+        if traced is not None and traced.grids(*size) != graph.grids(*size):
+            return traced_at
+    return None
 
 
 def audit(

@@ -958,3 +958,42 @@ def test_a_same_padded_export_is_exact_at_the_aligned_size_it_finds(tmp_path) ->
     assert {r["op"] for r in spatial} >= {"Pad", "Conv"}
     assert all(r["comparison"] == "exact" and r["scored"] for r in spatial)
     assert max(r["relative_error_max"] for r in spatial) < 1e-5
+
+
+def test_aligned_sizes_of_a_module_that_computes_its_pads_in_python() -> None:
+    # TF-"same" pads computed in Python are frozen in the trace at the requested size: the
+    # search replayed that trace and picked 35 for aligned:34, and the audit at 35 ran on it
+    # (a 2-cell offset read as 1: exact rows, scored, at 0.07). Each size is judged on its own
+    # trace now, and the audit runs on the one at the size picked.
+    from models_zoo import d4_symmetrise_, same_net
+
+    model = d4_symmetrise_(same_net(frozen=True))
+    result = eqaudit.audit(model, "d4", input_size=34, align_input=True, num_images=4)
+    assert result.summary["geometry"]["input_size"] == [33, 33]  # 35 pads (0, 1) at the 2nd
+    spatial = _rows(result)
+    assert spatial and all(r["comparison"] == "exact" and r["scored"] for r in spatial)
+    assert max(r["relative_error_max"] for r in spatial) < 1e-5
+    direct = eqaudit.audit(model, "d4", input_size=35, num_images=2)  # its own trace at 35
+    assert direct.summary["geometry"]["misaligned_pairs"] > 0
+
+
+class OddSizesOnly(nn.Module):
+    """A stride-2 conv that refuses even sizes (an HRNet's branches that cannot be summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 == 0:
+            raise ValueError("this model takes odd sizes only")
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_aligned_search_from_a_size_the_module_cannot_run_at() -> None:
+    # aligned:64 refused ("this model's graph does not give them (TorchScript, or a module
+    # torch.export cannot trace)"): the trace at 64 fails where the model fails.
+    torch.manual_seed(0)
+    result = eqaudit.audit(OddSizesOnly(), "flips", input_size=64, align_input=True, num_images=2)
+    assert result.summary["geometry"]["input_size"] == [65, 65]

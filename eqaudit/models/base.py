@@ -385,6 +385,13 @@ class ModelAdapter(ABC):
         if self._grid_graph is not None and self._grid_graph[0] is None:
             self._grid_graph = None  # a graph that needed the size may be built now
 
+    @property
+    def traced_per_size(self) -> bool:
+        """Whether the grid graph is a trace at one input size (a PyTorch module's
+        ``torch.export``), in which sizes computed in Python are frozen: another size needs
+        another trace (:meth:`with_input_size` drops it)."""
+        return False
+
     def grid_graph(self) -> GridGraph | None:
         """Sampling grids of the model's tensors, from its graph (see :mod:`eqaudit.grids`);
         None when the backend cannot give them (:attr:`grid_graph_note` says why). Built on first

@@ -470,8 +470,15 @@ class TorchAdapter(ModelAdapter):
         outputs = [t.detach() for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
         return outputs, captured
 
+    @property
+    def traced_per_size(self) -> bool:
+        return self._program is None and not isinstance(self.module, torch.jit.ScriptModule)
+
     def with_input_size(self, height: int, width: int) -> None:
+        before = (self.input_spec.height, self.input_spec.width)
         super().with_input_size(height, width)
+        if self.traced_per_size and before != (height, width):
+            self._grid_graph = None  # traced at the old size: traced again when next asked
         if self._batching_ready:  # (before that, --output-name is not known yet)
             self.batch_dynamically()
 

@@ -593,6 +593,7 @@ def choose_aligned_size(
     elements: list[Transform],
     max_distance: int | None = None,
     runs: Callable[[tuple[int, int]], bool] | None = None,
+    graph_at: Callable[[tuple[int, int]], _GridGraph | None] | None = None,
 ) -> SizeChoice:
     """The nearest input size to ``requested`` at which every spatial tensor of the graph is
     aligned under the battery's D4 elements (ties: the larger size, which drops no content),
@@ -604,7 +605,9 @@ def choose_aligned_size(
     reverses one axis; rot90 is not defined there), then the pair is checked together. Sizes
     within ``max_distance`` of the requested one are searched: by default a quarter of it, 16
     to 64 pixels (a network of total stride 32 has an aligned size every 32 pixels; an FPN that
-    runs at even sizes only is aligned at 1x1 alone, which is no audit of it).
+    runs at even sizes only is aligned at 1x1 alone, which is no audit of it). ``graph_at``: the
+    graph each size is judged on, instead of ``graph`` replayed there (a module traced at each
+    size, whose sizes computed in Python a single trace freezes).
     """
     h0, w0 = requested
     if max_distance is None:
@@ -618,7 +621,8 @@ def choose_aligned_size(
     ran: dict[tuple[int, int], bool] = {}
 
     def ok(size: tuple[int, int], which: list[D4Element], whole: bool = True) -> bool:
-        if misaligned_tensors(graph, size, which) != []:
+        judged = graph if graph_at is None else graph_at(size)
+        if judged is None or misaligned_tensors(judged, size, which) != []:
             return False
         if whole and runs is not None and size not in ran:
             ran[size] = runs(size)
