@@ -512,6 +512,8 @@ class _GridGraph(Protocol):
 
     def invalid_reason(self, height: int, width: int) -> str | None: ...
 
+    def unknown_reason(self, name: str, height: int, width: int) -> str | None: ...
+
 
 def misaligned_tensors(
     graph: _GridGraph, size: tuple[int, int], elements: list[D4Element]
@@ -539,11 +541,14 @@ class SizeChoice:
     elements: list[str]
     unknown: int
     fixed: bool = False
+    #: why the first tensor of unknown grid has none (an op the walk does not read, maps on
+    #: different grids combined ...)
+    unknown_reason: str | None = None
 
     def note(self) -> str:
+        why = f"the first: {self.unknown_reason}" if self.unknown_reason else "see inspect"
         unknown = (
-            f"; {self.unknown} tensors' grids are unknown (the grid walk stops at an op it "
-            "does not read): their alignment is not checked"
+            f"; {self.unknown} tensors' grids are unknown ({why}): their alignment is not checked"
             if self.unknown
             else ""
         )
@@ -615,7 +620,9 @@ def choose_aligned_size(
     square = h0 == w0
     needed = alignment_elements(elements, square)
     at_requested = misaligned_tensors(graph, requested, needed) or []
-    unknown = sum(1 for g in graph.grids(h0, w0).values() if g is None)
+    unknown_names = [name for name, g in graph.grids(h0, w0).items() if g is None]
+    unknown = len(unknown_names)
+    reason = graph.unknown_reason(unknown_names[0], h0, w0) if unknown_names else None
     names = [e.name for e in needed]
 
     ran: dict[tuple[int, int], bool] = {}
@@ -642,4 +649,4 @@ def choose_aligned_size(
         h = nearest(h0, lambda v: (v, w0), [D4Element(2, True)], False)  # flip_v: the h axis
         w = nearest(w0, lambda v: (h0, v), [D4Element(0, True)], False)  # flip_h: the w axis
         chosen = (h, w) if h is not None and w is not None and ok((h, w), needed) else None
-    return SizeChoice(requested, chosen, at_requested, names, unknown)
+    return SizeChoice(requested, chosen, at_requested, names, unknown, unknown_reason=reason)

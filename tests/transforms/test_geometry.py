@@ -254,6 +254,11 @@ class PartlyKnownGraph(StackGraph):
     def grids(self, height: int, width: int) -> dict[str, object]:
         return {**super().grids(height, width), "after_custom_op": None, "head": None}
 
+    def unknown_reason(self, name: str, height: int, width: int) -> str | None:
+        return (
+            "Custom 'op' is not understood by the grid walk" if name == "after_custom_op" else None
+        )
+
 
 def test_an_aligned_size_says_which_grids_it_could_not_check() -> None:
     # A quantize_dynamic model's maps had unknown grids: "every strided layer is already
@@ -263,8 +268,8 @@ def test_an_aligned_size_says_which_grids_it_could_not_check() -> None:
     assert found.chosen == (33, 33) and found.unknown == 2
     assert found.note() == (
         "input 33x33: every strided layer is already aligned under flip_h, flip_v; 2 tensors' "
-        "grids are unknown (the grid walk stops at an op it does not read): their alignment is "
-        "not checked"
+        "grids are unknown (the first: Custom 'op' is not understood by the grid walk): their "
+        "alignment is not checked"
     )
     assert found.to_dict()["note"] == found.note()
     assert "unknown" not in choose_aligned_size(StackGraph([(3, 2, 1)]), (33, 33), D4).note()
