@@ -64,7 +64,8 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
   a sequence of the same tokens, layer norms over the channels, linear layers, softmaxes over
   channels, slices of channel axes keep the sequence; ``q @ k^T`` gives scores on two
   sequences' tokens, and scores (or scaled dot-product attention) times the values give the
-  queries' sequence, every cell reading the whole map (none padding-free); ``x[:, prefix:]``
+  queries' sequence, every cell reading the whole map (none padding-free), as does an
+  ``nn.MultiheadAttention`` call, read whole (:data:`_ATTENTION_MODULES`); ``x[:, prefix:]``
   drops the prefix tokens, ``x[:, i < prefix]`` and means over the tokens are flat; without
   prefix tokens ``(B, C, H*W) -> (B, C, H, W)`` is the map again. Anything else on a sequence
   is unknown. The grid of a sequence is its cells' (:meth:`GridGraph.token_layouts`).
@@ -2829,11 +2830,16 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         raise ValueError(f"the program takes {len(user_inputs)} inputs; one image input expected")
     steps = []
     ranks: dict[str, int] = {}
+    attention = _attention_calls(graph)
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         inputs = tuple(n.name for n in node.all_input_nodes)
         rule = _torch_rule(node, inputs)
+        if node in attention:  # an attention module, read whole (its outputs from its inputs)
+            if attention[node] is None:
+                continue
+            inputs, rule = attention[node]
         meta = not _carries_tensor(node)
         tokens = bool(getattr(rule, "tokens", False))
         steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta, tokens=tokens))
@@ -2844,6 +2850,65 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
     found = GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
     found.input_divisor = _torch_input_divisor(graph, str(user_inputs[0]))
     return found
+
+
+#: Modules whose call the grid walk reads whole: attention over a token sequence, whose output
+#: token i is the query's token i (``nn.MultiheadAttention`` splits and merges the batch axis
+#: with the heads' and the tokens' axes inside, which the walk does not follow op by op).
+_ATTENTION_MODULES = {"torch.nn.modules.activation.MultiheadAttention"}
+
+
+def _attention_calls(
+    graph: torch.fx.Graph,
+) -> dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None]:
+    """The nodes of attention module calls (:data:`_ATTENTION_MODULES`): None for the inside
+    ones (no step), and for a call's outputs their step's inputs (the call's tensor inputs)
+    and rule: the first output has the query's sequence, every token reading every key's; a
+    second one (the attention weights) is not a sequence."""
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        key = next((k for k, v in stack.items() if str(v[1]) in _ATTENTION_MODULES), None)
+        if key is not None:
+            calls.setdefault(key, []).append(node)
+    found: dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None] = {}
+    for members in calls.values():
+        inside = set(members)
+        outputs = [n for n in members if any(user not in inside for user in n.users)]
+        sources = list(
+            dict.fromkeys(a for n in members for a in n.all_input_nodes if a not in inside)
+        )
+        names = tuple(a.name for a in sources)
+        found.update(dict.fromkeys(members))
+        for index, out in enumerate(outputs):
+            shapes = [_meta_shape(a) for a in sources]
+            rule = _attention_module_rule(_torch_label(out), shapes, _meta_shape(out), index == 0)
+            found[out] = (names, rule)
+    return found
+
+
+def _attention_module_rule(label: str, shapes: list[Any], out_shape: Any, first: bool) -> _Rule:
+    def rule(ins: list[Any]) -> Any:
+        content = [
+            (_first(s), shape) for s, shape in zip(ins, shapes, strict=True) if s is not None
+        ]
+        if not first:
+            return _Lost(f"{label} gives attention weights") if content else None
+        if not content:
+            return None
+        if len(content) > 1:
+            return _Lost(f"{label} attends across several image-dependent inputs")
+        state, shape = content[0]
+        if not isinstance(state, _Tokens) or shape is None or out_shape is None:
+            return _Lost(f"{label} takes no token sequence the walk follows")
+        if len(shape) != len(out_shape) or not all(map(_same_size, shape, out_shape)):
+            return _Lost(f"{label} gives another shape than its query's")
+        return _global_tokens(state)
+
+    rule.tokens = True  # type: ignore[attr-defined]
+    return rule
 
 
 def _torch_input_divisor(graph: torch.fx.Graph, input_name: str) -> float | None:

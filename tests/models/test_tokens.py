@@ -227,3 +227,64 @@ def test_lie_contributions_say_they_skip_token_sequences() -> None:
     reasons = {r["layer"]: r["reason"] for r in result.summary["lie"]["layers"]}
     assert reasons["patch_embed"] is None  # a map: its contribution is computed
     assert reasons["blocks.1"].startswith("a token sequence: contributions are computed on maps")
+
+
+class EncoderBlock(nn.Module):
+    """torchvision's ViT block: nn.MultiheadAttention on (B, N, C), or (N, B, C) sequences."""
+
+    def __init__(self, batch_first: bool, need_weights: bool) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.ln_1 = nn.LayerNorm(16)
+        self.self_attention = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.ln_2 = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.ln_1(tokens)
+        x, _ = self.self_attention(x, x, x, need_weights=self.need_weights)
+        x = x + tokens
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchvisionViT(nn.Module):
+    def __init__(self, batch_first: bool = True, need_weights: bool = False, pos: bool = False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.conv_proj = nn.Conv2d(3, 16, PATCH, PATCH)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 17, 16)) if pos else None
+        self.layers = nn.Sequential(*(EncoderBlock(batch_first, need_weights) for _ in range(2)))
+        self.ln = nn.LayerNorm(16)
+        self.heads = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.conv_proj(x)
+        x = x.reshape(n, x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding
+        x = x if self.batch_first else x.transpose(0, 1)
+        x = self.ln(self.layers(x))
+        x = x if self.batch_first else x.transpose(0, 1)
+        return self.heads(x[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "need_weights"), [(True, False), (False, False), (True, True)]
+)
+def test_multihead_attention_modules_keep_the_querys_sequence(batch_first, need_weights) -> None:  # type: ignore[no-untyped-def]
+    # nn.MultiheadAttention merges the batch axis with the heads' and the tokens' inside: read
+    # whole, its output is the query's sequence (sequence-first too: token axis 0, batch 1).
+    torch.manual_seed(0)
+    model = d4_symmetrise_(TorchvisionViT(batch_first, need_weights)).eval()
+    graph, reason = export_grid_graph(model, torch.zeros(1, 3, SIZE, SIZE))
+    assert graph is not None, reason
+    layout = graph.token_layouts(SIZE, SIZE)["layers.1"]
+    assert layout == TokenLayout(0 if batch_first else 1, 1 if batch_first else 0, 1, 4, 4)
+    assert graph.grids(SIZE, SIZE)["layers.0.self_attention"].h.free == (0, -1)
+    result = eqaudit.audit(model, "d4", input_size=SIZE, num_images=4, seed=0)
+    rows = [r for r in result.layers if r["layer"].startswith("layers") and r["transform"] != "id"]
+    assert {r["layer"] for r in rows} >= {"layers.0.self_attention", "layers.1"}
+    assert all(r["scored"] and r["relative_error_max"] < 1e-5 for r in rows)
