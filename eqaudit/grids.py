@@ -1660,25 +1660,27 @@ class _ShapeProgram:
         self, output: str, nodes: list[onnx.NodeProto], reads: tuple[str, ...], facts: Any
     ) -> None:
         self.output, self.nodes, self.reads, self._facts = output, nodes, reads, facts
-        self._compiled: list[tuple[Any, tuple[str, ...], tuple[str, ...]]] | None = None
+        #: per node: its function (a Shape: the tensor and slice it reads), op type, inputs and
+        #: outputs
+        self._compiled: list[tuple[Any, str, tuple[str, ...], tuple[str, ...]]] | None = None
         self._constants: dict[str, Any] = {}
 
     def ints(self, states: Mapping[str, Any]) -> list[int | None] | None:
         """The output's entries at the sizes of ``states`` (the reads' replayed states); None
         where it cannot be evaluated."""
+        import numpy as np
+
         shapes: dict[str, list[int | None]] = {}
         for tensor in self.reads:
             shape = self._shape(tensor, _first(states.get(tensor)))
             if shape is None:
                 return None
             shapes[tensor] = shape
-        import numpy as np
-
         filled = {t: [1 if d is None else d for d in s] for t, s in shapes.items()}
         tainted = {t: [d is None for d in s] for t, s in shapes.items()}
         try:
             value, taint = self._run(filled, tainted)
-        except Exception:  # an evaluation the reference cannot do: unknown
+        except Exception:  # an evaluation that fails (an op on values it refuses): unknown
             return None
         flags = np.broadcast_to(taint, value.shape).reshape(-1)
         return [None if t else int(v) for v, t in zip(value.reshape(-1), flags, strict=True)]
@@ -3319,9 +3321,11 @@ def _tokens_select(state: _Tokens, dim: int, index: int, label: str) -> Any:
 
 
 def _tokens_slice(state: _Tokens, dim: int, start: Any, end: Any, step: Any, label: str) -> Any:
-    """``x[:, prefix:]`` (the cells alone); a slice of a channel axis keeps the sequence."""
+    """``x[:, prefix:]`` (the cells alone); a slice of a channel axis, or a whole axis, keeps
+    the sequence."""
     dim %= state.rank
-    if dim not in (state.token, state.batch):
+    whole = (step or 1) == 1 and not start and (end is None or end >= 2**62)
+    if dim not in (state.token, state.batch) or whole:
         return state
     grid = state.grid
     if dim == state.token and grid is not None and (step or 1) == 1:
