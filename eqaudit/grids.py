@@ -2832,7 +2832,9 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         raise ValueError(f"the program takes {len(user_inputs)} inputs; one image input expected")
     steps = []
     ranks: dict[str, int] = {}
-    attention = _attention_calls(graph)
+    signature = program.graph_signature
+    parameters = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    attention = _attention_calls(graph, parameters)
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -2848,7 +2850,9 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         shape = _meta_shape(node)
         if shape is not None:
             ranks[node.name] = len(shape)
-    public, missing = _module_outputs(graph)
+    # (an attention module's output is its first, not the weights after it)
+    outputs = {n for n, v in attention.items() if v is not None and hasattr(v[1], "attends")}
+    public, missing = _module_outputs(graph, outputs)
     found = GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
     found.input_divisor = _torch_input_divisor(graph, str(user_inputs[0]))
     return found
@@ -2861,13 +2865,19 @@ _ATTENTION_MODULES = {"torch.nn.modules.activation.MultiheadAttention"}
 
 
 def _attention_calls(
-    graph: torch.fx.Graph,
+    graph: torch.fx.Graph, parameters: Mapping[str, str]
 ) -> dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None]:
     """The nodes of attention module calls (:data:`_ATTENTION_MODULES`): None for the inside
-    ones (no step), and for a call's outputs their step's inputs (the call's tensor inputs)
-    and rule: the first output has the query's sequence, every token reading every key's; a
-    second one (the attention weights) is not a sequence."""
+    ones (no step), and for a call's outputs their step's inputs and rule.
+
+    Only self-attention is followed: the call reads one tensor besides the module's own
+    parameters (``parameters``: placeholder -> qualified name), the query, key and value at
+    once; its output, the one computed from ``out_proj``, is the query's sequence, every token
+    reading every other, when the sequence's tokens are on the axis the module attends along
+    (1 batch-first, which the call's first transpose of its input says, else 0). Attention
+    weights, cross-attention (a learned query, another sequence), a mask are unknown."""
     calls: dict[str, list[torch.fx.Node]] = {}
+    paths: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -2875,41 +2885,90 @@ def _attention_calls(
         key = next((k for k, v in stack.items() if str(v[1]) in _ATTENTION_MODULES), None)
         if key is not None:
             calls.setdefault(key, []).append(node)
+            paths[key] = re.sub(r"@\d+$", "", str(stack[key][0]))
     found: dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None] = {}
-    for members in calls.values():
-        inside = set(members)
-        outputs = [n for n in members if any(user not in inside for user in n.users)]
+    for key, members in calls.items():
+        inside, path = set(members), paths[key]
         sources = list(
             dict.fromkeys(a for n in members for a in n.all_input_nodes if a not in inside)
         )
-        names = tuple(a.name for a in sources)
+        others = [a for a in sources if not parameters.get(a.name, "").startswith(path + ".")]
+        query = others[0] if len(others) == 1 else None
+        projection = next(
+            (
+                n
+                for n in members
+                if any(
+                    parameters.get(a.name) == f"{path}.out_proj.weight" for a in n.all_input_nodes
+                )
+            ),
+            None,
+        )
+        after = _descendants(projection, inside) if projection is not None else set()
+        batch_first = query is not None and any(
+            user in inside and _transposes_first_axes(user) for user in query.users
+        )
         found.update(dict.fromkeys(members))
-        for index, out in enumerate(outputs):
-            shapes = [_meta_shape(a) for a in sources]
-            rule = _attention_module_rule(_torch_label(out), shapes, _meta_shape(out), index == 0)
-            found[out] = (names, rule)
+        names = tuple(a.name for a in others)
+        for out in (n for n in members if any(user not in inside for user in n.users)):
+            label = _torch_label(out)
+            if query is None or out not in after:
+                why = "gives attention weights" if query is not None else "attends across inputs"
+                found[out] = (names, _lost_rule(f"{label} {why}"))
+            else:
+                shapes = (_meta_shape(query), _meta_shape(out))
+                found[out] = (names, _attention_module_rule(label, *shapes, batch_first))
     return found
 
 
-def _attention_module_rule(label: str, shapes: list[Any], out_shape: Any, first: bool) -> _Rule:
+def _descendants(node: torch.fx.Node, within: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    found, pending = {node}, [node]
+    while pending:
+        for user in pending.pop().users:
+            if user in within and user not in found:
+                found.add(user)
+                pending.append(user)
+    return found
+
+
+def _transposes_first_axes(node: torch.fx.Node) -> bool:
+    target = node.target
+    if (
+        not isinstance(target, torch._ops.OpOverload)
+        or target._overloadpacket.__name__ != "transpose"
+    ):
+        return False
+    bound = _bind(node)
+    return {bound.get("dim0"), bound.get("dim1")} == {0, 1}
+
+
+def _lost_rule(reason: str) -> _Rule:
     def rule(ins: list[Any]) -> Any:
-        content = [
-            (_first(s), shape) for s, shape in zip(ins, shapes, strict=True) if s is not None
-        ]
-        if not first:
-            return _Lost(f"{label} gives attention weights") if content else None
-        if not content:
+        return _Lost(reason) if any(s is not None for s in ins) else None
+
+    rule.tokens = True  # type: ignore[attr-defined]
+    return rule
+
+
+def _attention_module_rule(
+    label: str, query_shape: Any, out_shape: Any, batch_first: bool
+) -> _Rule:
+    axes = (0, 1) if batch_first else (1, 0)  # (batch, token) of the sequence it attends along
+
+    def rule(ins: list[Any]) -> Any:
+        state = _first(ins[0]) if len(ins) == 1 else None
+        if state is None:
             return None
-        if len(content) > 1:
-            return _Lost(f"{label} attends across several image-dependent inputs")
-        state, shape = content[0]
-        if not isinstance(state, _Tokens) or shape is None or out_shape is None:
+        if not isinstance(state, _Tokens) or state.rank != 3 or query_shape is None:
             return _Lost(f"{label} takes no token sequence the walk follows")
-        if len(shape) != len(out_shape) or not all(map(_same_size, shape, out_shape)):
+        if (state.batch, state.token) != axes:
+            return _Lost(f"{label} attends along another axis than the sequence's tokens")
+        if out_shape is None or not all(map(_same_size, query_shape, out_shape)):
             return _Lost(f"{label} gives another shape than its query's")
         return _global_tokens(state)
 
     rule.tokens = True  # type: ignore[attr-defined]
+    rule.attends = True  # type: ignore[attr-defined]
     return rule
 
 
@@ -2937,8 +2996,12 @@ def _torch_input_divisor(graph: torch.fx.Graph, input_name: str) -> float | None
     return None
 
 
-def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, str]]:
-    """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output."""
+def _module_outputs(
+    graph: torch.fx.Graph,
+    preferred: set[torch.fx.Node] = frozenset(),  # type: ignore[assignment]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output: the
+    last node of the call used outside it, or one of ``preferred`` among them."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     calls: dict[str, tuple[str, list[torch.fx.Node]]] = {}
     for node in graph.nodes:
@@ -2965,7 +3028,7 @@ def _module_outputs(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, st
             if not escaping:
                 missing[name] = f"module call '{name}' has no output node in the exported graph"
                 continue
-            public[name] = escaping[-1].name
+            public[name] = next((n for n in escaping if n in preferred), escaping[-1]).name
     return public, missing
 
 

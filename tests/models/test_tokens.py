@@ -288,3 +288,48 @@ def test_multihead_attention_modules_keep_the_querys_sequence(batch_first, need_
     rows = [r for r in result.layers if r["layer"].startswith("layers") and r["transform"] != "id"]
     assert {r["layer"] for r in rows} >= {"layers.0.self_attention", "layers.1"}
     assert all(r["scored"] and r["relative_error_max"] < 1e-5 for r in rows)
+
+
+class AttentionUses(nn.Module):
+    """An nn.MultiheadAttention over patch tokens: self-attention whose weights are used too,
+    cross-attention from 16 learned queries (as many as the patches), or self-attention on a
+    map flattened channels-as-tokens (the module attends along its channels)."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.embed = nn.Conv2d(3, 16, PATCH, PATCH)
+        self.latents = nn.Parameter(torch.randn(1, 16, 16))
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=use != "weights, sequence-first")
+        self.after = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.embed(x)
+        tokens = m.flatten(2) if self.use == "channels" else m.flatten(2).transpose(1, 2)
+        if self.use == "cross":
+            out, _ = self.attn(self.latents.expand(x.shape[0], -1, -1), tokens, tokens)
+        elif self.use == "weights, sequence-first":  # (the weights come after the output)
+            out, weights = self.attn(*[tokens.transpose(0, 1)] * 3)
+            out = out.transpose(0, 1) + weights.mean(-1, keepdim=True)
+        else:
+            out, weights = self.attn(tokens, tokens, tokens)
+            out = out + weights.mean(-1, keepdim=True)
+        return self.head(self.after(out).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("use", "known"),
+    [("weights", True), ("weights, sequence-first", True), ("cross", False), ("channels", False)],
+)
+def test_only_self_attention_along_the_tokens_is_followed(use: str, known: bool) -> None:
+    # (review) cross-attention from 16 learned queries read as the patch map, scored at 0.19
+    # where its output is invariant; a map flattened channels-as-tokens kept its layout
+    # through an attention along the channels; used weights were taken for the output.
+    torch.manual_seed(0)
+    graph, reason = export_grid_graph(AttentionUses(use).eval(), torch.zeros(1, 3, SIZE, SIZE))
+    assert graph is not None, reason
+    grid = graph.grids(SIZE, SIZE)["attn"]
+    assert (grid is not None) == known, graph.unknown_reason("attn", SIZE, SIZE)
+    if not known:
+        assert "attn" not in graph.token_layouts(SIZE, SIZE)
