@@ -1721,6 +1721,7 @@ class _ShapeProgram:
             self._compiled = compiled
         values = dict(self._constants)
         taints: dict[str, np.ndarray] = {}
+        sized: set[str] = set()  # tensors whose shape depends on a tainted size
         with np.errstate(all="ignore"):  # (tainted entries may divide by zero)
             for run, op, inputs, outputs in self._compiled:
                 if isinstance(run, tuple):  # Shape
@@ -1733,9 +1734,13 @@ class _ShapeProgram:
                     taints.get(i, np.zeros(np.shape(v), bool))
                     for i, v in zip(inputs, ins, strict=True)
                 ]
+                moved = any(i in sized for i in inputs)  # (every entry may be elsewhere)
                 for name, value in zip(outputs, found, strict=False):
                     values[name] = value
-                    taints[name] = _taint(op, run, ins, marks, value)
+                    mark, grows = _taint(op, run, ins, marks, value)
+                    taints[name] = np.ones(value.shape, bool) if moved else mark
+                    if moved or grows:
+                        sized.add(name)
         return values[self.output], taints.get(self.output, np.zeros((), bool))
 
 
@@ -1767,25 +1772,23 @@ _ENTRYWISE_OPS = {
 
 def _taint(
     op: str, run: Callable, ins: list[Any], marks: list[np.ndarray], value: np.ndarray
-) -> np.ndarray:
-    """Which entries of a shape-arithmetic node's output depend on a tainted input entry."""
+) -> tuple[np.ndarray, bool]:
+    """Which entries of a shape-arithmetic node's output depend on a tainted input entry, and
+    whether the output's shape may (a Range to the batch size, a Slice at a computed index:
+    then where every entry sits depends on it, and whatever reads it is tainted whole)."""
     import numpy as np
 
     present = [m for v, m in zip(ins, marks, strict=True) if v is not None]
     if not any(m.any() for m in present):
-        return np.zeros(value.shape, bool)
+        return np.zeros(value.shape, bool), False
     if op in _ENTRYWISE_OPS:
-        return np.logical_or.reduce([np.broadcast_to(m, value.shape) for m in present])
-    if op in _MOVING_OPS:
-        if op == "Concat":
-            moved = run(marks)[0]
-        elif any(m.any() for v, m in zip(ins[1:], marks[1:], strict=True) if v is not None):
-            moved = None  # tainted indices, axes or target: every entry
-        else:
-            moved = run([marks[0], *ins[1:]])[0]
-        if moved is not None:
-            return np.asarray(moved, bool).reshape(value.shape)
-    return np.ones(value.shape, bool)
+        return np.logical_or.reduce([np.broadcast_to(m, value.shape) for m in present]), False
+    if op == "Concat":
+        return np.asarray(run(marks)[0], bool).reshape(value.shape), False
+    parameters = [m for v, m in zip(ins[1:], marks[1:], strict=True) if v is not None]
+    if op in _MOVING_OPS and not any(m.any() for m in parameters):
+        return np.asarray(run([marks[0], *ins[1:]])[0], bool).reshape(value.shape), False
+    return np.ones(value.shape, bool), True
 
 
 def _shape_op(node: onnx.NodeProto) -> Callable[[list[Any]], list[Any]]:

@@ -1870,3 +1870,42 @@ def test_a_squeeze_excite_gate_indexed_to_1x1_broadcasts(gate) -> None:  # type:
     grid = export(nn.Sequential(OrderedDict(layer=Gated())), (17, 17)).grids(17, 17)["layer"]
     assert grid is not None and (grid.h.n, grid.h.stride, grid.h.offset) == (9, 2.0, 0.0)
     assert grid.h.free == (0, -1)  # every cell reads the whole map through the gate
+
+
+@pytest.mark.parametrize("op", ["Range", "ConstantOfShape"])
+def test_pads_read_past_a_vector_as_long_as_the_batch_stay_unknown(op: str) -> None:
+    # pads = Concat(v, [0, 0, 1], zeros(8))[1:9], v as long as the batch: a pad on H at batch
+    # 1, on W at batch 2 (review: the constants' entries were untainted, their positions were
+    # not)
+    if op == "Range":  # 0 .. B-1
+        vector = [helper.make_node("Range", ["zero_s", "batch_s", "one_s"], ["v"])]
+    else:  # ones(B)
+        one = numpy_helper.from_array(np.array([1], np.int64))
+        vector = [helper.make_node("ConstantOfShape", ["batch"], ["v"], value=one)]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Squeeze", ["batch", "zero"], ["batch_s"]),
+        *vector,
+        helper.make_node("Concat", ["v", "pad_h", "zeros8"], ["c"], axis=0),
+        helper.make_node("Slice", ["c", "one", "nine"], ["pads"]),
+        helper.make_node("Pad", ["x", "pads"], ["y"]),
+    ]
+    inits = [
+        ("zero", np.array([0], np.int64)),
+        ("one", np.array([1], np.int64)),
+        ("nine", np.array([9], np.int64)),
+        ("zero_s", np.array(0, np.int64)),
+        ("one_s", np.array(1, np.int64)),
+        ("pad_h", np.array([0, 0, 1], np.int64)),
+        ("zeros8", np.zeros(8, np.int64)),
+    ]
+    model = onnx_model(nodes, inits)
+    assert onnx_grid_graph(model, "x", "NCHW").grids(9, 9)["y"] is not None  # batch 1: known
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "B"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sizes = [
+        session.run(None, {"x": np.zeros((b, 1, 9, 9), np.float32)})[0].shape[2:] for b in (1, 2)
+    ]
+    assert sizes[0] != sizes[1]  # the grid depends on the batch size
+    assert onnx_grid_graph(model, "x", "NCHW").grids(9, 9)["y"] is None
