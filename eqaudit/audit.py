@@ -1934,15 +1934,16 @@ def choose_input_size(
             f"{requested[0]}x{requested[1]}; use --input-size aligned alone"
         )
     adapter.with_input_size(*requested)
-    graph = adapter.grid_graph()
+    graph, note = adapter.grid_graph(), adapter.grid_graph_note
     traced_at: Callable[[tuple[int, int]], GridGraph | None] | None = None
     if adapter.traced_per_size and not fixed:
         traced_at = _traces(adapter, requested, graph)
-        # A module that cannot run at the requested size (an HRNet's branches at 60) is traced
-        # at the nearest size it runs at.
-        graph = graph if graph is not None else _traced_near(traced_at, requested)
+        if graph is None and not _runs_at(adapter, requested)(requested):
+            # A module that cannot run at the requested size (an HRNet's branches at 60) is
+            # traced at the nearest size it runs at.
+            graph = _traced_near(traced_at, requested)
     if graph is None:
-        why = adapter.grid_graph_note or "TorchScript, or a module torch.export cannot trace"
+        why = note or "TorchScript, or a module torch.export cannot trace"
         raise UsageError(
             "--input-size aligned needs the model's sampling grids, and this model's graph does "
             f"not give them ({why}): pass a size with --input-size N"

@@ -997,3 +997,34 @@ def test_aligned_search_from_a_size_the_module_cannot_run_at() -> None:
     torch.manual_seed(0)
     result = eqaudit.audit(OddSizesOnly(), "flips", input_size=64, align_input=True, num_images=2)
     assert result.summary["geometry"]["input_size"] == [65, 65]
+
+
+class DataDependent(nn.Module):
+    """Control flow on the data: torch.export cannot trace it, at any size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.abs().sum() > 1e9:
+            y = y * 2
+        return self.head(y.mean((2, 3)))
+
+
+def test_aligned_search_on_a_module_that_cannot_be_traced_says_why(monkeypatch) -> None:
+    # (review) it traced 33 sizes near 64 before refusing, and the refusal said "TorchScript,
+    # or a module torch.export cannot trace" whatever the cause. A model that runs at the size
+    # asked for is not traced elsewhere.
+    import eqaudit.models.torch_adapter as torch_adapter
+
+    traces = []
+    export = torch_adapter.export_grid_graph
+    monkeypatch.setattr(
+        torch_adapter, "export_grid_graph", lambda *a, **k: traces.append(1) or export(*a, **k)
+    )
+    with pytest.raises(eqaudit.errors.UsageError, match=r"torch\.export failed") as err:
+        eqaudit.audit(DataDependent(), "flips", input_size=64, align_input=True, num_images=2)
+    assert "data-dependent" in str(err.value) and len(traces) == 1
