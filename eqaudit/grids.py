@@ -2837,7 +2837,7 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
     ranks: dict[str, int] = {}
     signature = program.graph_signature
     parameters = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    attention = _attention_calls(graph, parameters)
+    attention, attention_outputs = _attention_calls(graph, parameters)
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -2853,12 +2853,20 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         shape = _meta_shape(node)
         if shape is not None:
             ranks[node.name] = len(shape)
-    # (an attention module's output is its first, not the weights after it)
-    outputs = {n for n, v in attention.items() if v is not None and hasattr(v[1], "attends")}
-    public, missing = _module_outputs(graph, outputs)
+    public, missing = _module_outputs(graph, attention_outputs)
     found = GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
     found.input_divisor = _torch_input_divisor(graph, str(user_inputs[0]))
     return found
+
+
+def _own_parameter(name: str) -> bool:
+    """Whether a qualified parameter name is one of nn.MultiheadAttention's own."""
+    parts = name.split(".")
+    own = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return parts[-1] in (*own, "bias_k", "bias_v") or parts[-2:] in (
+        ["out_proj", "weight"],
+        ["out_proj", "bias"],
+    )
 
 
 #: Modules whose call the grid walk reads whole: attention over a token sequence, whose output
@@ -2869,9 +2877,10 @@ _ATTENTION_MODULES = {"torch.nn.modules.activation.MultiheadAttention"}
 
 def _attention_calls(
     graph: torch.fx.Graph, parameters: Mapping[str, str]
-) -> dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None]:
+) -> tuple[dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None], dict[str, torch.fx.Node]]:
     """The nodes of attention module calls (:data:`_ATTENTION_MODULES`): None for the inside
-    ones (no step), and for a call's outputs their step's inputs and rule.
+    ones (no step), and for a call's outputs their step's inputs and rule; and per call (its
+    ``nn_module_stack`` key) its output node.
 
     Only self-attention is followed: the call reads one tensor besides the module's own
     parameters (``parameters``: placeholder -> qualified name), the query, key and value at
@@ -2880,7 +2889,6 @@ def _attention_calls(
     (1 batch-first, which the call's first transpose of its input says, else 0). Attention
     weights, cross-attention (a learned query, another sequence), a mask are unknown."""
     calls: dict[str, list[torch.fx.Node]] = {}
-    paths: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -2888,21 +2896,28 @@ def _attention_calls(
         key = next((k for k, v in stack.items() if str(v[1]) in _ATTENTION_MODULES), None)
         if key is not None:
             calls.setdefault(key, []).append(node)
-            paths[key] = re.sub(r"@\d+$", "", str(stack[key][0]))
     found: dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None] = {}
+    outputs: dict[str, torch.fx.Node] = {}
     for key, members in calls.items():
-        inside, path = set(members), paths[key]
+        inside = set(members)
         sources = list(
             dict.fromkeys(a for n in members for a in n.all_input_nodes if a not in inside)
         )
-        others = [a for a in sources if not parameters.get(a.name, "").startswith(path + ".")]
+        # (its own parameters by their names: a module registered twice has one set of
+        # placeholders, named after its first path; sizes read are not inputs)
+        others = [
+            a
+            for a in sources
+            if _carries_tensor(a) and not _own_parameter(parameters.get(a.name, ""))
+        ]
         query = others[0] if len(others) == 1 else None
         projection = next(
             (
                 n
                 for n in members
                 if any(
-                    parameters.get(a.name) == f"{path}.out_proj.weight" for a in n.all_input_nodes
+                    parameters.get(a.name, "").endswith("out_proj.weight")
+                    for a in n.all_input_nodes
                 )
             ),
             None,
@@ -2913,15 +2928,20 @@ def _attention_calls(
         )
         found.update(dict.fromkeys(members))
         names = tuple(a.name for a in others)
-        for out in (n for n in members if any(user not in inside for user in n.users)):
+        escaping = [n for n in members if any(user not in inside for user in n.users)]
+        result = next((n for n in escaping if n in after), None)
+        if result is not None:
+            outputs[key] = result
+        for out in escaping:
             label = _torch_label(out)
-            if query is None or out not in after:
-                why = "gives attention weights" if query is not None else "attends across inputs"
-                found[out] = (names, _lost_rule(f"{label} {why}"))
+            if out is not result:
+                found[out] = (names, _lost_rule(f"{label} gives attention weights"))
+            elif query is None:
+                found[out] = (names, _lost_rule(f"{label} attends across inputs"))
             else:
                 shapes = (_meta_shape(query), _meta_shape(out))
                 found[out] = (names, _attention_module_rule(label, *shapes, batch_first))
-    return found
+    return found, outputs
 
 
 def _descendants(node: torch.fx.Node, within: set[torch.fx.Node]) -> set[torch.fx.Node]:
@@ -2971,7 +2991,6 @@ def _attention_module_rule(
         return _global_tokens(state)
 
     rule.tokens = True  # type: ignore[attr-defined]
-    rule.attends = True  # type: ignore[attr-defined]
     return rule
 
 
@@ -3000,11 +3019,12 @@ def _torch_input_divisor(graph: torch.fx.Graph, input_name: str) -> float | None
 
 
 def _module_outputs(
-    graph: torch.fx.Graph,
-    preferred: set[torch.fx.Node] = frozenset(),  # type: ignore[assignment]
+    graph: torch.fx.Graph, chosen: Mapping[str, torch.fx.Node] | None = None
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output: the
-    last node of the call used outside it, or one of ``preferred`` among them."""
+    last node of the call used outside it, or the one ``chosen`` gives for the call (by its
+    ``nn_module_stack`` key: an attention module's output, not the weights after it)."""
+    chosen = chosen or {}
     order = {node: i for i, node in enumerate(graph.nodes)}
     calls: dict[str, tuple[str, list[torch.fx.Node]]] = {}
     for node in graph.nodes:
@@ -3014,13 +3034,13 @@ def _module_outputs(
             path = re.sub(r"@\d+$", "", str(entry[0]))
             if path:
                 calls.setdefault(key, (path, []))[1].append(node)
-    by_path: dict[str, list[list[torch.fx.Node]]] = {}
-    for path, nodes in sorted(calls.values(), key=lambda item: order[item[1][0]]):
-        by_path.setdefault(path, []).append(nodes)
+    by_path: dict[str, list[tuple[str, list[torch.fx.Node]]]] = {}
+    for key, (path, nodes) in sorted(calls.items(), key=lambda item: order[item[1][1][0]]):
+        by_path.setdefault(path, []).append((key, nodes))
     public: dict[str, str] = {}
     missing: dict[str, str] = {}
     for path, call_nodes in by_path.items():
-        for index, nodes in enumerate(call_nodes):
+        for index, (key, nodes) in enumerate(call_nodes):
             name = path if index == 0 else f"{path}:{index}"
             members = set(nodes)
             escaping = [
@@ -3031,7 +3051,7 @@ def _module_outputs(
             if not escaping:
                 missing[name] = f"module call '{name}' has no output node in the exported graph"
                 continue
-            public[name] = next((n for n in escaping if n in preferred), escaping[-1]).name
+            public[name] = chosen.get(key, escaping[-1]).name
     return public, missing
 
 

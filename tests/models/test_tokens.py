@@ -333,3 +333,74 @@ def test_only_self_attention_along_the_tokens_is_followed(use: str, known: bool)
     assert (grid is not None) == known, graph.unknown_reason("attn", SIZE, SIZE)
     if not known:
         assert "attn" not in graph.token_layouts(SIZE, SIZE)
+
+
+class MapAndAttention(nn.Module):
+    """A block whose first output is a map made from the tokens, its second the attention's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.conv = nn.Conv2d(16, 16, 3, 2, 1)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        grid = (tokens + a).transpose(1, 2).reshape(tokens.shape[0], 16, 4, 4)
+        return self.conv(grid), a
+
+
+class SharedEncoder(nn.Module):
+    """One nn.TransformerEncoderLayer listed twice (its parameters exported once, under the
+    first path), and a block returning (map, attention output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, PATCH, PATCH)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True)
+        self.blocks = nn.ModuleList([layer, layer])
+        self.block = MapAndAttention()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tokens = block(tokens)
+        grid, a = self.block(tokens)
+        return self.head(grid.mean((2, 3)) + a.mean(1))
+
+
+def test_shared_attention_and_a_block_around_one_keep_their_own_outputs() -> None:
+    # (review) a module registered twice has one set of parameter placeholders, named after its
+    # first path: its second call counted them as other inputs ("attends across inputs"); and
+    # a block returning (map, attention output) was read as the attention's token sequence,
+    # scored exact at 0.09 where its first output, a map, is what the adapter compares.
+    torch.manual_seed(0)
+    model = d4_symmetrise_(SharedEncoder()).eval()
+    graph, reason = export_grid_graph(model, torch.zeros(1, 3, SIZE, SIZE))
+    assert graph is not None, reason
+    grids, layouts = graph.grids(SIZE, SIZE), graph.token_layouts(SIZE, SIZE)
+    assert layouts["blocks.1"] == layouts["blocks.1.self_attn"] == TokenLayout(0, 1, 0, 4, 4)
+    assert layouts["block.attn"] == TokenLayout(0, 1, 0, 4, 4)
+    assert "block" not in layouts and grids["block"].h == grids["block.conv"].h
+    assert grids["block"].h.n == 2 and grids["block"].h.stride == 16.0
+    result = eqaudit.audit(model, "d4", input_size=SIZE, num_images=2, seed=0)
+    for layer in ("blocks.0.self_attn", "blocks.0", "block.attn"):
+        row = result.layer(layer, "rot90")
+        assert row["scored"] and row["relative_error_max"] < 1e-5, layer
+
+
+def test_attention_in_an_archive_of_dynamic_batch(tmp_path) -> None:
+    # (review) the batch size read outside the attention (a sym_size node) counted as a second
+    # input of the call: every attention of a dynamic-batch .pt2 was unknown
+    model = TorchvisionViT().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        model, (torch.zeros(2, 3, SIZE, SIZE),), dynamic_shapes=({0: batch},)
+    )
+    path = tmp_path / "vit.pt2"
+    torch.export.save(program, path)
+    from eqaudit.models import load_model
+
+    adapter = load_model(str(path))
+    layouts = adapter.grid_graph().token_layouts(SIZE, SIZE)
+    assert layouts["layers.1.self_attention"] == TokenLayout(0, 1, 1, 4, 4)
