@@ -695,9 +695,10 @@ def _nearest_axis(g: AxisGrid, n_out: int, wanted: list[int], label: str) -> Axi
 
 
 def _spread(state: Any) -> Any:
-    """A map each of whose cells reads the whole input map (a normalisation over H and W, a
-    gate from a global pool): every cell reads whatever padding any cell read."""
-    if not isinstance(state, _Map) or state.grid is None:
+    """A map (or token sequence) each of whose cells reads the whole input map (a normalisation
+    over H and W, a gate from a global pool, attention): every cell reads whatever padding any
+    cell read."""
+    if not isinstance(state, (_Map, _Tokens)) or state.grid is None:
         return state
     h, w = state.grid.h, state.grid.w
     spread = [None if g.free is None else _NO_CELLS for g in (h, w)]
@@ -2988,7 +2989,7 @@ def _attention_module_rule(
             return _Lost(f"{label} attends along another axis than the sequence's tokens")
         if out_shape is None or not all(map(_same_size, query_shape, out_shape)):
             return _Lost(f"{label} gives another shape than its query's")
-        return _global_tokens(state)
+        return _spread(state)
 
     rule.tokens = True  # type: ignore[attr-defined]
     return rule
@@ -3264,15 +3265,6 @@ def _token_reason(label: str) -> str:
     return f"{label} is not understood on a token sequence"
 
 
-def _global_tokens(state: _Tokens) -> _Tokens:
-    """Every token reads every other (attention): no cell is padding-free."""
-    if state.grid is None:
-        return state
-    h, w = state.grid.h, state.grid.w
-    spread = [None if g.free is None else _NO_CELLS for g in (h, w)]
-    return replace(state, grid=Grid(replace(h, free=spread[0]), replace(w, free=spread[1])))
-
-
 def _map_to_tokens(state: Any, in_dims: Any, out_dims: Any) -> _Tokens | None:
     """A rank-4 map flattened to a token sequence: NCHW ``(B, C, H, W) -> (B, C, H*W)`` (token
     axis last), NHWC ``(B, H, W, C) -> (B, H*W, C)``; None for any other view."""
@@ -3289,7 +3281,7 @@ def _map_to_tokens(state: Any, in_dims: Any, out_dims: Any) -> _Tokens | None:
         token = 1
     else:
         return None
-    return _Tokens("a token sequence", state.grid, 0, 0, token, 3)
+    return _Tokens(state.reason or "a token sequence", state.grid, 0, 0, token, 3)
 
 
 def _tokens_view(state: _Tokens, in_dims: Any, out_dims: Any, label: str) -> Any:
@@ -3372,7 +3364,7 @@ def _tokens_matmul(a: Any, b: Any, label: str) -> Any:
         rank = a.rank
         values = (b.rank, b.batch, b.token) == (rank, a.batch, rank - 2)
         if values and a.cols is not None and a.cols.same_cells(b):
-            return _global_tokens(a.rows.moved(a.batch, rank - 2, rank))
+            return _spread(a.rows.moved(a.batch, rank - 2, rank))
         return _Lost(f"{label} multiplies attention scores by another sequence than the keys'")
     return _Lost(_token_reason(label))
 
@@ -3389,7 +3381,7 @@ def _tokens_attention(q: Any, k: Any, v: Any, mask: Any, label: str) -> Any:
         return _Lost(f"{label} takes sequences whose tokens are not on the second-last axis")
     if not k.same_cells(v):
         return _Lost(f"{label} takes keys and values of different tokens")
-    return _global_tokens(q)
+    return _spread(q)
 
 
 def _tokens_select(state: _Tokens, dim: int, index: int, label: str) -> Any:

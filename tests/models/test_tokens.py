@@ -404,3 +404,24 @@ def test_attention_in_an_archive_of_dynamic_batch(tmp_path) -> None:
     adapter = load_model(str(path))
     layouts = adapter.grid_graph().token_layouts(SIZE, SIZE)
     assert layouts["layers.1.self_attention"] == TokenLayout(0, 1, 1, 4, 4)
+
+
+class Misaligned(nn.Module):
+    """Two maps on different grids added (a stride-2 conv's and a 2x2 pool's), then tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.mix = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.conv(x) + self.pool(self.proj(x))
+        return self.mix(m.flatten(2).transpose(1, 2)).mean(1)
+
+
+def test_a_sequence_of_a_map_of_unknown_grid_says_why() -> None:
+    graph, _ = export_grid_graph(Misaligned().eval(), torch.zeros(1, 3, 16, 16))
+    assert graph is not None and graph.grids(16, 16)["mix"] is None
+    assert "combines maps on different grids" in graph.unknown_reason("mix", 16, 16)
