@@ -700,6 +700,13 @@ class Engine:
         elif not hooked and why_none:
             # (TorchScript: no hooks at all; its grid note would speak of layers it has not.)
             self.geometry_notes.append(f"no layer is audited: {why_none}")
+        sequences = {
+            layer.name: layout
+            for layer in probed
+            if (layout := self.adapter.token_layout(layer.name)) is not None
+        }
+        if sequences:
+            self.geometry_notes.append(_sequences_note(sequences))
         skipped = self.adapter.unauditable
         self.not_audited = list(skipped)
         if skipped:
@@ -1886,6 +1893,29 @@ def _images_per_step(
     peak = torch.cuda.max_memory_allocated(config.device) - before
     return engine.images_per_step(
         config.batch_size, free_memory(config.device), forward_bytes=max(peak // g, 1)
+    )
+
+
+def _sequences_note(sequences: dict[str, Any]) -> str:
+    """What the geometry notes say of the layers that are token sequences (TokenLayout's)."""
+    names = list(sequences)
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    count = (
+        f"{len(names)} layers are token sequences"
+        if len(names) > 1
+        else "1 layer is a token sequence"
+    )
+    prefixes = sorted({layout.prefix for layout in sequences.values()} - {0})
+    many = len(prefixes) > 1 or prefixes[0] > 1 if prefixes else False
+    left = (
+        f"; the {' or '.join(map(str, prefixes))} token{'s' if many else ''} in front of the "
+        f"patches (a class token, register tokens) {'are' if many else 'is'} left out"
+        if prefixes
+        else ""
+    )
+    return (
+        f"{count} ({shown}): each is compared as the map of its patch tokens, on the patch "
+        f"grid{left}"
     )
 
 

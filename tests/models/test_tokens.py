@@ -139,6 +139,11 @@ def test_a_symmetric_vit_without_position_embedding_is_exact_at_every_block() ->
         assert row["comparison"] == "exact" and row["scored"], row
         assert row["relative_error_max"] < 1e-5, row
     assert not result.summary["geometry"]["not_audited"]
+    note = next(n for n in result.summary["geometry"]["notes"] if "token sequences" in n)
+    assert note.startswith("17 layers are token sequences (blocks.0.norm1, ")
+    assert note.endswith(
+        "the 1 token in front of the patches (a class token, register tokens) is left out"
+    )
 
 
 def test_a_position_embedding_breaks_equivariance_from_the_first_block() -> None:
