@@ -2822,13 +2822,19 @@ def _torch_label(node: torch.fx.Node) -> str:
     return f"{op} (node '{node.name}'{where})"
 
 
-def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW") -> GridGraph:
+def torch_grid_graph(
+    program: torch.export.ExportedProgram,
+    layout: str = "NCHW",
+    aliases: Mapping[str, str] | None = None,
+) -> GridGraph:
     """The :class:`GridGraph` of a ``torch.export`` program with one image input in ``layout``
     (NHWC: a model that permutes channels-last images inside its forward).
 
     Names are module paths, as :class:`~eqaudit.models.torch_adapter.TorchAdapter` names layers:
     a module's output is the node inside its ``nn_module_stack`` call whose users are outside it;
-    a module's second call is ``path:1``, its third ``path:2`` ...
+    a module's second call is ``path:1``, its third ``path:2`` ... ``aliases``: another path of
+    a module registered twice -> its first (the calls of ``blocks.1``, the ``blocks.0`` module
+    listed again, are ``blocks.0:1`` ..., as the adapter counts them).
     """
     graph = program.graph
     user_inputs = list(program.graph_signature.user_inputs)
@@ -2854,7 +2860,7 @@ def torch_grid_graph(program: torch.export.ExportedProgram, layout: str = "NCHW"
         shape = _meta_shape(node)
         if shape is not None:
             ranks[node.name] = len(shape)
-    public, missing = _module_outputs(graph, attention_outputs)
+    public, missing = _module_outputs(graph, attention_outputs, aliases)
     found = GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
     found.input_divisor = _torch_input_divisor(graph, str(user_inputs[0]))
     return found
@@ -3019,8 +3025,24 @@ def _torch_input_divisor(graph: torch.fx.Graph, input_name: str) -> float | None
     return None
 
 
+def _module_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """Every path of a module registered under several (weight sharing) -> its first path, and
+    so for the modules inside it."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if not path:
+            continue
+        known = first.setdefault(id(sub), path)
+        if known != path:
+            aliases[path] = known
+    return aliases
+
+
 def _module_outputs(
-    graph: torch.fx.Graph, chosen: Mapping[str, torch.fx.Node] | None = None
+    graph: torch.fx.Graph,
+    chosen: Mapping[str, torch.fx.Node] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output: the
     last node of the call used outside it, or the one ``chosen`` gives for the call (by its
@@ -3033,6 +3055,7 @@ def _module_outputs(
             continue
         for key, entry in (node.meta.get("nn_module_stack") or {}).items():
             path = re.sub(r"@\d+$", "", str(entry[0]))
+            path = (aliases or {}).get(path, path)
             if path:
                 calls.setdefault(key, (path, []))[1].append(node)
     by_path: dict[str, list[tuple[str, list[torch.fx.Node]]]] = {}
@@ -3911,6 +3934,6 @@ def export_grid_graph(
     except Exception as exc:
         return None, f"torch.export failed ({type(exc).__name__}: {cause_line(exc, 200)})"
     try:
-        return torch_grid_graph(program, layout), None
+        return torch_grid_graph(program, layout, aliases=_module_aliases(module)), None
     except Exception as exc:
         return None, f"the exported graph could not be walked ({type(exc).__name__}: {exc})"

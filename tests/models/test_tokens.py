@@ -384,12 +384,21 @@ def test_shared_attention_and_a_block_around_one_keep_their_own_outputs() -> Non
     graph, reason = export_grid_graph(model, torch.zeros(1, 3, SIZE, SIZE))
     assert graph is not None, reason
     grids, layouts = graph.grids(SIZE, SIZE), graph.token_layouts(SIZE, SIZE)
-    assert layouts["blocks.1"] == layouts["blocks.1.self_attn"] == TokenLayout(0, 1, 0, 4, 4)
+    # (the second call of the module listed twice is named as the adapter counts calls)
+    assert layouts["blocks.0:1"] == layouts["blocks.0.self_attn:1"] == TokenLayout(0, 1, 0, 4, 4)
+    assert "blocks.1" not in graph.grids(SIZE, SIZE)
     assert layouts["block.attn"] == TokenLayout(0, 1, 0, 4, 4)
     assert "block" not in layouts and grids["block"].h == grids["block.conv"].h
     assert grids["block"].h.n == 2 and grids["block"].h.stride == 16.0
     result = eqaudit.audit(model, "d4", input_size=SIZE, num_images=2, seed=0)
-    for layer in ("blocks.0.self_attn", "blocks.0", "block.attn"):
+    assert not result.summary["geometry"]["not_audited"]  # (blocks.0:1 ... were, named blocks.1)
+    for layer in (
+        "blocks.0.self_attn",
+        "blocks.0",
+        "blocks.0.self_attn:1",
+        "blocks.0:1",
+        "block.attn",
+    ):
         row = result.layer(layer, "rot90")
         assert row["scored"] and row["relative_error_max"] < 1e-5, layer
 
