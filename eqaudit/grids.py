@@ -1421,7 +1421,7 @@ _ONNX_REDUCE = {
 }
 # Ops whose outputs describe the tensor (shape, size) rather than carry image content.
 _ONNX_META = {"Shape", "Size"}
-# Constant-subgraph ops the walk folds (with onnx.reference) to read pads, starts, scales.
+# Constant-subgraph ops the walk folds (with _shape_op) to read pads, starts, scales.
 _ONNX_FOLDABLE = {
     "Cast",
     "Concat",
@@ -1527,10 +1527,7 @@ class _OnnxGraphFacts:
                 inputs = [self.value(i, depth + 1) if i else None for i in node.input]
                 if all(v is not None for v, i in zip(inputs, node.input, strict=True) if i):
                     try:
-                        from onnx.reference import ReferenceEvaluator
-
-                        feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
-                        outputs = ReferenceEvaluator(node).run(None, feeds)
+                        outputs = _shape_op(node)(inputs)
                         result = np.asarray(outputs[list(node.output).index(name)])
                     except Exception:  # folding is a help: an unknown value stays unknown
                         result = None
@@ -2844,23 +2841,25 @@ def torch_grid_graph(
     ranks: dict[str, int] = {}
     signature = program.graph_signature
     parameters = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    attention, attention_outputs = _attention_calls(graph, parameters)
+    calls = _module_calls(graph, aliases or {})
+    attention, attention_outputs = _attention_calls(calls, parameters)
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        inputs = tuple(n.name for n in node.all_input_nodes)
-        rule = _torch_rule(node, inputs)
         if node in attention:  # an attention module, read whole (its outputs from its inputs)
             if attention[node] is None:
                 continue
             inputs, rule = attention[node]
+        else:
+            inputs = tuple(n.name for n in node.all_input_nodes)
+            rule = _torch_rule(node, inputs)
         meta = not _carries_tensor(node)
         tokens = bool(getattr(rule, "tokens", False))
         steps.append(_Step(_torch_label(node), inputs, (node.name,), rule, meta, tokens=tokens))
         shape = _meta_shape(node)
         if shape is not None:
             ranks[node.name] = len(shape)
-    public, missing = _module_outputs(graph, attention_outputs, aliases)
+    public, missing = _module_outputs(graph, calls, attention_outputs)
     found = GridGraph(str(user_inputs[0]), layout, steps, public, missing, ranks)
     found.input_divisor = _torch_input_divisor(graph, str(user_inputs[0]))
     return found
@@ -2883,7 +2882,7 @@ _ATTENTION_MODULES = {"torch.nn.modules.activation.MultiheadAttention"}
 
 
 def _attention_calls(
-    graph: torch.fx.Graph, parameters: Mapping[str, str]
+    calls: Mapping[str, tuple[str, str, list[torch.fx.Node]]], parameters: Mapping[str, str]
 ) -> tuple[dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None], dict[str, torch.fx.Node]]:
     """The nodes of attention module calls (:data:`_ATTENTION_MODULES`): None for the inside
     ones (no step), and for a call's outputs their step's inputs and rule; and per call (its
@@ -2895,17 +2894,11 @@ def _attention_calls(
     reading every other, when the sequence's tokens are on the axis the module attends along
     (1 batch-first, which the call's first transpose of its input says, else 0). Attention
     weights, cross-attention (a learned query, another sequence), a mask are unknown."""
-    calls: dict[str, list[torch.fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        stack = node.meta.get("nn_module_stack") or {}
-        key = next((k for k, v in stack.items() if str(v[1]) in _ATTENTION_MODULES), None)
-        if key is not None:
-            calls.setdefault(key, []).append(node)
     found: dict[torch.fx.Node, tuple[tuple[str, ...], _Rule] | None] = {}
     outputs: dict[str, torch.fx.Node] = {}
-    for key, members in calls.items():
+    for key, (_, kind, members) in calls.items():
+        if kind not in _ATTENTION_MODULES:
+            continue
         inside = set(members)
         sources = list(
             dict.fromkeys(a for n in members for a in n.all_input_nodes if a not in inside)
@@ -3039,27 +3032,35 @@ def _module_aliases(module: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _module_outputs(
-    graph: torch.fx.Graph,
-    chosen: Mapping[str, torch.fx.Node] | None = None,
-    aliases: Mapping[str, str] | None = None,
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output: the
-    last node of the call used outside it, or the one ``chosen`` gives for the call (by its
-    ``nn_module_stack`` key: an attention module's output, not the weights after it)."""
-    chosen = chosen or {}
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    calls: dict[str, tuple[str, list[torch.fx.Node]]] = {}
+def _module_calls(
+    graph: torch.fx.Graph, aliases: Mapping[str, str]
+) -> dict[str, tuple[str, str, list[torch.fx.Node]]]:
+    """Every module call of a torch.export graph: its ``nn_module_stack`` key -> (module path,
+    module type, the call's nodes in graph order). ``aliases``: another path of a module
+    registered twice -> its first (:func:`_module_aliases`)."""
+    calls: dict[str, tuple[str, str, list[torch.fx.Node]]] = {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         for key, entry in (node.meta.get("nn_module_stack") or {}).items():
             path = re.sub(r"@\d+$", "", str(entry[0]))
-            path = (aliases or {}).get(path, path)
+            path = aliases.get(path, path)
             if path:
-                calls.setdefault(key, (path, []))[1].append(node)
+                calls.setdefault(key, (path, str(entry[1]), []))[2].append(node)
+    return calls
+
+
+def _module_outputs(
+    graph: torch.fx.Graph,
+    calls: Mapping[str, tuple[str, str, list[torch.fx.Node]]],
+    chosen: Mapping[str, torch.fx.Node],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Module call name (``path``, ``path:1`` ...) -> the node holding that call's output: the
+    last node of the call used outside it, or the one ``chosen`` gives for the call (by its
+    ``nn_module_stack`` key: an attention module's output, not the weights after it)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
     by_path: dict[str, list[tuple[str, list[torch.fx.Node]]]] = {}
-    for key, (path, nodes) in sorted(calls.items(), key=lambda item: order[item[1][1][0]]):
+    for key, (path, _, nodes) in sorted(calls.items(), key=lambda item: order[item[1][2][0]]):
         by_path.setdefault(path, []).append((key, nodes))
     public: dict[str, str] = {}
     missing: dict[str, str] = {}
