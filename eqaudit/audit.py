@@ -113,6 +113,7 @@ from eqaudit.transforms.geometry import (
     misaligned_reason,
     misaligned_tensors,
     resampled_floor,
+    search_reach,
 )
 from eqaudit.transforms.labels import (
     LabelAction,
@@ -1906,7 +1907,7 @@ def _sequences_note(sequences: dict[str, Any]) -> str:
         else "1 layer is a token sequence"
     )
     prefixes = sorted({layout.prefix for layout in sequences.values()} - {0})
-    many = len(prefixes) > 1 or prefixes[0] > 1 if prefixes else False
+    many = sum(prefixes) > 1  # (distinct counts: several, or one of more than 1)
     left = (
         f"; the {' or '.join(map(str, prefixes))} token{'s' if many else ''} in front of the "
         f"patches (a class token, register tokens) {'are' if many else 'is'} left out"
@@ -1965,10 +1966,11 @@ def choose_input_size(
         )
     adapter.with_input_size(*requested)
     graph, note = adapter.grid_graph(), adapter.grid_graph_note
+    runs = _runs_at(adapter, requested)
     traced_at: Callable[[tuple[int, int]], GridGraph | None] | None = None
     if adapter.traced_per_size and not fixed:
         traced_at = _traces(adapter, requested, graph)
-        if graph is None and not _runs_at(adapter, requested)(requested):
+        if graph is None and not runs(requested):
             # A module that cannot run at the requested size (an HRNet's branches at 60) is
             # traced at the nearest size it runs at.
             graph = _traced_near(traced_at, requested)
@@ -1990,7 +1992,6 @@ def choose_input_size(
         )
     if fixed:  # nothing to choose: say which layers cannot be compared exactly
         return replace(choose_aligned_size(graph, requested, elements, max_distance=0), fixed=True)
-    runs = _runs_at(adapter, requested)
     judge = None if traced_at is None else _python_sizes(graph, traced_at, requested)
     choice = choose_aligned_size(graph, requested, elements, runs=runs, graph_at=judge)
     if traced_at is not None and judge is None and choice.chosen not in (None, requested):
@@ -2028,8 +2029,7 @@ def _traced_near(
 ) -> GridGraph | None:
     """A module's trace at the nearest size to ``requested`` where it traces (within the
     aligned search's reach)."""
-    reach = min(64, max(16, max(requested) // 4))
-    for d in range(1, reach + 1):
+    for d in range(1, search_reach(requested) + 1):
         for step in (d, -d):
             size = (requested[0] + step, requested[1] + step)
             graph = traced_at(size) if min(size) >= 1 else None

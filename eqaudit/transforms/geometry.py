@@ -592,6 +592,12 @@ class SizeChoice:
         }
 
 
+def search_reach(requested: tuple[int, int]) -> int:
+    """How far from the requested size the aligned search goes: a quarter of it, 16 to 64
+    pixels (see :func:`choose_aligned_size`)."""
+    return min(64, max(16, max(requested) // 4))
+
+
 def choose_aligned_size(
     graph: _GridGraph,
     requested: tuple[int, int],
@@ -616,7 +622,7 @@ def choose_aligned_size(
     """
     h0, w0 = requested
     if max_distance is None:
-        max_distance = min(64, max(16, max(h0, w0) // 4))
+        max_distance = search_reach(requested)
     square = h0 == w0
     needed = alignment_elements(elements, square)
     at_requested = misaligned_tensors(graph, requested, needed) or []
