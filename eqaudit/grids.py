@@ -57,7 +57,9 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
   keeps the grid: row-major order then gives every element the same ``(b, h, w)``. A reduction
   over channel axes only keeps the grid (while a channel axis is left); permuting channel axes
   only keeps it. Anything else on such a tensor (a window op, a resize, a pad) is unknown.
-* token sequences (torch.export graphs; :class:`_Tokens`): a rank-4 map flattened to ``(B, C,
+* token sequences (:class:`_Tokens`; torch.export graphs and ONNX graphs alike, the sizes of
+  an ONNX Reshape's target read at each replayed size, :class:`_OnnxTarget`, and a dynamic
+  batch equal only to itself, :data:`_BATCH`): a rank-4 map flattened to ``(B, C,
   H*W)`` (or NHWC to ``(B, H*W, C)``) indexes its cells on the token axis, row-major; constant
   tokens concatenated in front (a class token) are prefix tokens, not cells. Views that regroup
   the channel axes after the batch and token axes, permutes, element-wise ops with constants or
@@ -1487,6 +1489,8 @@ class _OnnxGraphFacts:
             (o.domain or ""): o.version for o in model.opset_import if o.domain in ("", "ai.onnx")
         }
         self.dims: dict[str, list[int | None]] = {}
+        #: ranks shape inference left out, propagated through common ops (:func:`_onnx_ranks`)
+        self.ranks: dict[str, int] = {}
         for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             tensor = value.type.tensor_type
             if tensor.HasField("shape"):
@@ -1502,6 +1506,8 @@ class _OnnxGraphFacts:
         dims = self.dims.get(name)
         if dims is not None:
             return len(dims)
+        if name in self.ranks:
+            return self.ranks[name]
         node = self._producers.get(name)
         if node is None or node.op_type != "Reshape" or len(node.input) < 2:
             return None
@@ -1558,6 +1564,9 @@ class _OnnxGraphFacts:
     def ints(self, name: str) -> list[int] | None:
         value = self.value(name)
         return None if value is None else [int(v) for v in value.reshape(-1)]
+
+    def forget_entries(self) -> None:
+        self._entries.clear()
 
     def shape_entries(self, name: str, depth: int = 0) -> list[_Entry] | None:
         """The entries of a small int tensor (a Reshape target; a scalar is one entry): an int
@@ -1693,6 +1702,9 @@ class _ShapeProgram:
             h, w = _spatial_axes(state)
             shape[h], shape[w] = state.grid.h.n, state.grid.w.n
             return shape
+        if isinstance(state, _Tokens):  # (a dynamic batch size: unknown, followed as a taint)
+            batch = dims[state.batch] if dims is not None and len(dims) == state.rank else None
+            return _replayed_dims(state, dims, batch)
         if state is None or isinstance(state, _Flat):  # (a shape tensor; flat features)
             return None if dims is None else list(dims)
         return None  # a tensor whose axes are unknown
@@ -1938,13 +1950,19 @@ def onnx_grid_graph(
         (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         onnx.defs.onnx_opset_version(),
     )
+    ranks = _onnx_ranks(graph, facts)
+    facts.ranks = ranks
+    facts.forget_entries()  # (traced before those ranks were known: a Shape of unknown rank)
+    # The batch size a replay sees: the input's static one, else a size equal only to itself.
+    batch = (facts.dims.get(input_name) or [None])[0]
+    batch = _BATCH if batch is None else batch
     steps = []
     public = {input_name: input_name}
     for index, node in enumerate(graph.node):
         if not any(i in dependent for i in node.input if i):
             continue
         label = f"{node.op_type} '{node.name or f'node {index}'}'"
-        rule = _onnx_rule(node, facts, opset, label)
+        rule = _onnx_rule_with_tokens(node, facts, opset, label, batch)
         meta = node.op_type in _ONNX_META and node.domain in ("", "ai.onnx")
         unfolds = node.op_type in ("Reshape", "InstanceNormalization") and node.domain in (
             "",
@@ -1952,9 +1970,12 @@ def onnx_grid_graph(
         )
         reads = tuple(getattr(rule, "reads", ()))  # other tensors whose states the rule reads
         inputs = tuple(node.input) + reads
-        steps.append(_Step(label, inputs, tuple(node.output), rule, meta, unfolds, len(reads)))
+        tokens = bool(getattr(rule, "tokens", False))
+        steps.append(
+            _Step(label, inputs, tuple(node.output), rule, meta, unfolds, len(reads), tokens)
+        )
         public.update({o: o for o in node.output if o})
-    found = GridGraph(input_name, layout.upper(), steps, public, ranks=_onnx_ranks(graph, facts))
+    found = GridGraph(input_name, layout.upper(), steps, public, ranks=ranks)
     found.input_divisor = _onnx_input_divisor(graph, input_name, facts)
     return found
 
@@ -2671,6 +2692,325 @@ def _onnx_reduce_rule(
         return lambda ins: _first(ins[0])
     chosen = list(axes) if axes else None
     return lambda ins: _reduce_state(_first(ins[0]), chosen, keepdims, rank, label)
+
+
+# -- ONNX token sequences ------------------------------------------------------------------------
+class _BatchSize:
+    """The batch size of a replayed ONNX graph whose batch is dynamic: a size equal to itself
+    alone (:func:`_same_size`), so that a Reshape can be seen to keep the batch axis."""
+
+    def __repr__(self) -> str:
+        return "batch"
+
+
+_BATCH = _BatchSize()
+
+
+def _replayed_dims(state: Any, dims: Sequence[int | None] | None, batch: Any) -> list[Any] | None:
+    """A map's or token sequence's sizes at a replayed size: ``batch`` on its batch axis, its
+    grid's cells (a sequence: its prefix tokens and cells), channel sizes from shape inference
+    (None where it has none); None for any other state."""
+    if not isinstance(state, (_Map, _Tokens)):
+        return None
+    shape: list[Any] = list(dims) if dims is not None and len(dims) == state.rank else []
+    shape = shape or [None] * state.rank
+    grid = state.grid
+    if isinstance(state, _Map):
+        shape[0] = batch
+        if grid is not None:
+            h, w = _spatial_axes(state)
+            shape[h], shape[w] = grid.h.n, grid.w.n
+        return shape
+    shape[state.batch] = batch
+    shape[state.token] = None if grid is None else state.prefix + grid.h.n * grid.w.n
+    return shape
+
+
+def _resolved(in_dims: Sequence[Any] | None, out: list[Any]) -> list[Any]:
+    """A Reshape target's ``-1`` entry as the size it stands for, where the input's sizes and
+    the other entries give it (the batch size cancelling out); else None."""
+    if out.count(-1) != 1:
+        return out
+    rest = [d for d in out if d != -1]
+    at = out.index(-1)
+    out = [*out[:at], None, *out[at + 1 :]]
+    if in_dims is None or None in in_dims or None in rest:
+        return out
+    batches = sum(d is _BATCH for d in in_dims) - sum(d is _BATCH for d in rest)
+    total = math.prod(d for d in in_dims if d is not _BATCH)
+    known = math.prod(d for d in rest if d is not _BATCH)
+    if batches == 0 and known > 0 and total % known == 0:
+        out[at] = total // known
+    return out
+
+
+class _OnnxTarget:
+    """A shape tensor (a Reshape's or an Expand's target) at each replayed size: constant
+    entries, sizes read from tensors' shapes (the data's own batch, a sequence's token count),
+    entries computed from shapes (:class:`_ShapeProgram`; None where they depend on a dynamic
+    batch). ``zero_copies``: a 0 entry copies the size of ``data`` at its position (Reshape
+    without ``allowzero``)."""
+
+    def __init__(self, target: str, data: str, facts: _OnnxGraphFacts, zero_copies: bool) -> None:
+        entries = facts.shape_entries(target)
+        if entries is not None and zero_copies:
+            entries = [(data, i) if e == 0 else e for i, e in enumerate(entries)]
+        self.entries = entries
+        self.program = facts.shape_program(target) if entries is None or None in entries else None
+        read = {e[0] for e in entries or () if isinstance(e, tuple)}
+        self.reads = tuple(sorted(read | set(self.program.reads if self.program else ())))
+        self._facts = facts
+
+    def dims(self, states: Mapping[str, Any], batch: Any) -> list[Any] | None:
+        values = self.program.ints(states) if self.program is not None else None
+        entries = self.entries if self.entries is not None else values
+        if entries is None:
+            return None
+        out: list[Any] = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, tuple):
+                name, axis = entry
+                dims = _replayed_dims(_first(states.get(name)), self._facts.dims.get(name), batch)
+                out.append(
+                    dims[axis] if dims is not None and -len(dims) <= axis < len(dims) else None
+                )
+            elif entry is None and values is not None and len(values) == len(entries):
+                out.append(values[i])
+            else:
+                out.append(entry)
+        return out
+
+
+def _onnx_constant_extent(
+    name: str, axis: int, rank: int, facts: _OnnxGraphFacts
+) -> tuple[Callable[[Mapping[str, Any], Any], int | None], tuple[str, ...]]:
+    """The size along ``axis`` of a rank-``rank`` tensor that carries no image content (a class
+    token, expanded to the batch), as a function of the replayed states, and the tensors whose
+    states it reads: shape inference's static size, or an Expand of a constant to a shape
+    computed from the image's."""
+    dims = facts.dims.get(name)
+    if dims is not None and len(dims) == rank and dims[axis] is not None:
+        size = dims[axis]
+        return (lambda states, batch: size), ()
+    node = facts._producers.get(name)
+    source = (
+        facts.dims.get(node.input[0]) if node is not None and node.op_type == "Expand" else None
+    )
+    if node is None or source is None or len(node.input) < 2:
+        return (lambda states, batch: None), ()
+    target = _OnnxTarget(node.input[1], "", facts, zero_copies=False)
+    inner = source[axis - rank + len(source)] if axis - rank + len(source) >= 0 else 1
+
+    def extent(states: Mapping[str, Any], batch: Any) -> int | None:
+        shape = target.dims(states, batch)
+        if shape is None or len(shape) != rank or inner is None:
+            return None
+        wanted = shape[axis]
+        if inner != 1:
+            return inner if wanted in (1, inner) else None
+        return wanted if isinstance(wanted, int) and wanted >= 1 else None
+
+    return extent, target.reads
+
+
+def _onnx_axes(node: onnx.NodeProto, facts: _OnnxGraphFacts, from_input: bool) -> list[int] | None:
+    """An op's ``axes``: its second input's constant value (``from_input``, newer opsets), else
+    its attribute; None when it has none or they are not constant."""
+    if not from_input:
+        found = _attr(node, "axes", None)
+        return None if found is None else [int(a) for a in found]
+    if len(node.input) > 1 and node.input[1]:
+        return facts.ints(node.input[1])
+    return None
+
+
+def _tokens_squeeze(state: _Tokens, axes: Sequence[int] | None, label: str) -> Any:
+    found = None if axes is None else _normalised(axes, state.rank)
+    if not found or state.batch in found or state.token in found:
+        return _Lost(f"{label} removes the batch or token axis (or every unit axis) of a sequence")
+    shift = [a - sum(1 for r in set(found) if r < a) for a in (state.batch, state.token)]
+    return state.moved(shift[0], shift[1], state.rank - len(set(found)))
+
+
+def _tokens_unsqueeze(state: _Tokens, axes: Sequence[int] | None, label: str) -> Any:
+    rank = state.rank + len(axes or ())
+    found = None if axes is None else _normalised(axes, rank)
+    if not found:
+        return _Lost(_token_reason(label))
+    kept = [a for a in range(rank) if a not in found]  # where the input's axes went
+    return state.moved(kept[state.batch], kept[state.token], rank)
+
+
+def _onnx_token_rule(
+    node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str, batch: Any
+) -> _Rule | None:
+    """The rule of an ONNX op on token sequences (see :class:`_Tokens`; the same rules as on a
+    torch.export graph, with sizes read at each replayed size), or None for an op that never
+    takes one. A rule that reads other tensors' states (a Reshape's target computed from
+    shapes) names them in its ``reads``."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    data, own = node.input[0], len(node.input)
+    out_rank = facts.rank(node.output[0]) if node.output else None
+
+    def on_tokens(apply: Callable[[_Tokens], Any]) -> _Rule:
+        """A rule for ops whose first input must be a sequence, the others constant."""
+
+        def rule(ins: list[Any]) -> Any:
+            state = _first(ins[0])
+            if not isinstance(state, _Tokens) or any(s is not None for s in ins[1:own]):
+                return _Lost(_token_reason(label))
+            return apply(state)
+
+        return rule
+
+    if op == "Reshape" and own >= 2:
+        target = _OnnxTarget(node.input[1], data, facts, not _attr(node, "allowzero", 0))
+        inputs = (*node.input, *target.reads)
+
+        def reshape(ins: list[Any]) -> Any:
+            states = dict(zip(inputs, ins, strict=True))
+            state = _first(ins[0])
+            in_dims = _replayed_dims(state, facts.dims.get(data), batch)
+            found = target.dims(states, batch)
+            out_dims = None if found is None else _resolved(in_dims, found)
+            if isinstance(state, _Map):  # (a map flattened into a sequence, or None)
+                return _map_to_tokens(state, in_dims, out_dims)
+            if not isinstance(state, _Tokens) or ins[1] is not None:
+                return _Lost(_token_reason(label))
+            return _tokens_view(state, in_dims, out_dims, label)
+
+        reshape.reads = target.reads  # type: ignore[attr-defined]
+        return reshape
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _onnx_axes(node, facts, opset >= 13)
+        change = _tokens_squeeze if op == "Squeeze" else _tokens_unsqueeze
+        return on_tokens(lambda s: change(s, axes, label))
+    if op == "Transpose":
+        perm = [int(p) for p in _attr(node, "perm", [])]
+
+        def permute(ins: list[Any]) -> Any:
+            state = _first(ins[0])
+            if not perm or not isinstance(state, (_Tokens, _Scores)):
+                return _Lost(_token_reason(label))
+            return _tokens_permute(state, perm, label)
+
+        return permute
+    if op == "MatMul":
+        return lambda ins: _tokens_matmul(_first(ins[0]), _first(ins[1]), label)
+    if op == "Concat" and out_rank is not None:
+        axis = int(_attr(node, "axis", 0)) % out_rank
+        pieces = [_onnx_constant_extent(name, axis, out_rank, facts) for name in node.input]
+        reads = tuple(sorted({t for _, read in pieces for t in read}))
+        inputs = (*node.input, *reads)
+
+        def concat(ins: list[Any]) -> Any:
+            states = dict(zip(inputs, ins, strict=True))
+            found = [_first(s) for s in ins[:own]]
+            sizes = []
+            for state, (extent, _) in zip(found, pieces, strict=True):
+                dims = _replayed_dims(state, None, batch)
+                sizes.append(dims[axis] if dims is not None else extent(states, batch))
+            return _tokens_cat(found, sizes, axis, label)
+
+        concat.reads = reads  # type: ignore[attr-defined]
+        return concat
+    if op == "Gather":
+        index = facts.value(node.input[1]) if own > 1 else None
+        if index is None or index.ndim != 0:
+            return None
+        axis = int(_attr(node, "axis", 0))
+        return on_tokens(lambda s: _tokens_select(s, axis, int(index), label))
+    if op == "Slice" and opset >= 10:
+        bounds = [facts.ints(name) if name else None for name in [*node.input[1:], "", ""][:4]]
+        starts, ends, axes, steps = bounds
+        if starts is None or ends is None or (own > 3 and node.input[3] and axes is None):
+            return None
+        if own > 4 and node.input[4] and steps is None:
+            return None
+
+        def cut(state: _Tokens) -> Any:
+            out: Any = state
+            chosen = axes if axes is not None else list(range(len(starts)))
+            for axis, start, end, step in zip(
+                chosen, starts, ends, steps or [1] * len(starts), strict=False
+            ):
+                if not isinstance(out, _Tokens):
+                    break
+                out = _tokens_slice(out, axis, start, end, step, label)
+            return out
+
+        return on_tokens(cut)
+    if op == "Split":
+        axis, pieces = int(_attr(node, "axis", 0)), len(node.output)
+
+        def split(s: _Tokens) -> Any:
+            where = axis % s.rank
+            if where in (s.batch, s.token):
+                return _Lost(f"{label} splits the {'token' if where == s.token else 'batch'} axis")
+            return (s,) * pieces
+
+        return on_tokens(split)
+    if op in _ONNX_REDUCE:
+        keepdims = bool(_attr(node, "keepdims", 1))
+        from_input = (op == "ReduceSum" and opset >= 13) or opset >= 18
+        axes = _onnx_axes(node, facts, from_input)
+        if from_input and own > 1 and node.input[1] and axes is None:
+            return None
+        if not axes and _attr(node, "noop_with_empty_axes", 0):
+            return on_tokens(lambda s: s)
+        return on_tokens(lambda s: _tokens_reduce(s, axes or None, keepdims, label))
+    if op in ONNX_GRID_PRESERVING and op != "LRN":
+        statistics = _onnx_statistics_axes(node, facts, opset)
+        if statistics is None:
+            return lambda ins: _tokens_combine(ins, label, out_rank)
+        if statistics == "space":
+            return None
+
+        def normalise(ins: list[Any]) -> Any:
+            state = _first(ins[0])
+            if any(s is not None for s in ins[1:]) or not isinstance(state, (_Tokens, _Scores)):
+                return _Lost(_token_reason(label))
+            if isinstance(state, _Scores):
+                last = tuple(a % state.rank for a in statistics) == (state.rank - 1,)  # type: ignore[union-attr]
+                return state if last else _Lost(f"{label} normalises across queries")
+            axes = {a % state.rank for a in statistics}  # type: ignore[union-attr]
+            if axes & {state.token, state.batch}:
+                return _Lost(f"{label} normalises across tokens")
+            return state
+
+        return normalise
+    return None
+
+
+def _onnx_rule_with_tokens(
+    node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str, batch: Any
+) -> _Rule:
+    """The rule of an ONNX node (:func:`_onnx_rule`); for the ops a vision transformer is made
+    of, one that also takes token sequences (:func:`_onnx_token_rule`) and flattens a map into
+    one."""
+    rule = _onnx_rule(node, facts, opset, label)
+    if getattr(rule, "reads", ()):
+        return rule  # (a Resize or a computed pad: never on a sequence)
+    token_rule = _onnx_token_rule(node, facts, opset, label, batch)
+    if token_rule is None:
+        return rule
+    own = len(node.input)
+    reshape = node.op_type == "Reshape"
+
+    def either(ins: list[Any]) -> Any:
+        mine = ins[:own]
+        if any(isinstance(_first(s), (_Tokens, _Scores)) for s in mine):
+            return token_rule(ins)
+        out = rule(mine)
+        if reshape and type(out) is _Lost and isinstance(_first(mine[0]), _Map):
+            return token_rule(ins) or out
+        return out
+
+    either.tokens = True  # type: ignore[attr-defined]
+    either.reads = getattr(token_rule, "reads", ())  # type: ignore[attr-defined]
+    return either
 
 
 # -- PyTorch (torch.export) ----------------------------------------------------------------------
@@ -3643,9 +3983,12 @@ def _torch_token_rule(node: torch.fx.Node, name: str, inputs: tuple[str, ...]) -
 
 def _same_size(a: Any, b: Any) -> bool:
     """Whether two sizes from ``val`` metadata are equal: ints by value, symbolic sizes by
-    expression (a size the export kept dynamic)."""
+    expression (a size the export kept dynamic); an ONNX replay's dynamic batch size
+    (:data:`_BATCH`) only to itself."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if a is _BATCH or b is _BATCH:
+        return a is b
     if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
         try:
             return bool(a.node.expr == b.node.expr)

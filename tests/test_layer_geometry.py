@@ -450,10 +450,23 @@ class Attention(nn.Module):
         return self.head(mixed.mean(1))
 
 
+#: The spatial layers of :class:`Attention` exported to ONNX: the patch map, then its token
+#: sequences (compared as the maps of their cells), not the scores.
+ATTENTION_SPATIAL = [
+    "/embed/Conv_output_0",
+    "/Transpose_output_0",  # (batch, 9 tokens, 8)
+    "/Transpose_1_output_0",  # (batch, 2 heads, 9 tokens, 4)
+    "/Transpose_2_output_0",  # (batch, 2 heads, 4, 9 tokens): the keys, transposed
+    "/MatMul_1_output_0",  # scores @ values: (batch, 2 heads, 9 tokens, 4)
+    "/Transpose_3_output_0",
+]
+
+
 def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_path) -> None:
     # An ONNX graph hands out every tensor: a ViT's (batch, heads, tokens, tokens) scores were
     # "spatial" layers of unknown grid, 144 of a small ViT's 146, compared as if they were
-    # images (rot90 of an attention matrix) and filling the report (review).
+    # images (rot90 of an attention matrix) and filling the report (review). Its token
+    # sequences are compared as maps of their cells; the scores are not audited.
     from models_zoo import export_onnx
 
     from eqaudit.inspect import inspect_model
@@ -462,8 +475,9 @@ def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_pa
     path = export_onnx(Attention().eval(), tmp_path / "vit.onnx", 12)
     info = inspect_model(str(path))
     spatial = [layer["name"] for layer in info["layers"] if layer["kind"] == "spatial"]
-    assert spatial == ["/embed/Conv_output_0"]
-    assert any("Softmax" in name for name in info["unauditable"])
+    assert spatial == ATTENTION_SPATIAL
+    assert [layer["name"] for layer in info["layers"] if layer.get("token_sequence")] == spatial[1:]
+    assert info["unauditable"] == ["/MatMul_output_0", "/Softmax_output_0"]  # the scores
     result = eqaudit.audit(str(path), "flips", num_images=2)
     assert {row["layer"] for row in result.layers if row["kind"] == "spatial"} == set(spatial)
 
@@ -472,7 +486,8 @@ def test_attention_tensors_of_an_onnx_graph_are_not_audited_as_image_maps(tmp_pa
 def test_attention_tensors_of_an_older_opset_export_are_not_audited(tmp_path, opset) -> None:
     # Before opset 14 the exporter writes flatten(2) as a Reshape to a target built from
     # Shape, Slice and Concat: shape inference gives it no rank, nor anything after it, so the
-    # token sequence went unseen and the scores were "spatial" layers again (review).
+    # token sequence went unseen and the scores were "spatial" layers again (review); and the
+    # batch size its next Reshape reads from a Shape of that unknown rank was unknown.
     from eqaudit.inspect import inspect_model
 
     torch.manual_seed(0)
@@ -488,8 +503,8 @@ def test_attention_tensors_of_an_older_opset_export_are_not_audited(tmp_path, op
     )
     info = inspect_model(str(path))
     spatial = [layer["name"] for layer in info["layers"] if layer["kind"] == "spatial"]
-    assert spatial == ["/embed/Conv_output_0"]
-    assert any("Softmax" in name for name in info["unauditable"])
+    assert spatial == ATTENTION_SPATIAL
+    assert info["unauditable"] == ["/MatMul_output_0", "/Softmax_output_0"]
 
 
 class AttentionModules(Attention):

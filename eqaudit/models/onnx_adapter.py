@@ -554,7 +554,7 @@ class OnnxAdapter(ModelAdapter):
         # A quantized graph's integer maps are layers too, read as the floats they stand for.
         self._quantized = quantized = _quantized_outputs(graph)
         candidates: list[tuple[str, str]] = []
-        for node in _image_nodes(graph, self.input_spec.name):
+        for node in _image_nodes(graph, self.input_spec.name, content=True):
             for out in node.output:
                 if not out:
                     continue
@@ -824,12 +824,18 @@ class OnnxAdapter(ModelAdapter):
         }
 
 
-def _image_nodes(graph: onnx.GraphProto, input_name: str) -> Iterator[onnx.NodeProto]:
+def _image_nodes(
+    graph: onnx.GraphProto, input_name: str, *, content: bool = False
+) -> Iterator[onnx.NodeProto]:
     """The nodes that depend on the image input, in graph order (not the constant subgraphs
-    that shape arithmetic and weights form)."""
+    that shape arithmetic and weights form); ``content``: on its values, not only on its shape
+    (not a Shape, nor the arithmetic on its sizes: a ViT's ``sqrt(head_dim)``, its class token
+    expanded to the batch)."""
     dependent = {input_name}
     for node in graph.node:
         if any(i in dependent for i in node.input if i):
+            if content and node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+                continue
             dependent.update(o for o in node.output if o)
             yield node
 

@@ -439,3 +439,139 @@ def test_a_sequence_of_a_map_of_unknown_grid_says_why() -> None:
     graph, _ = export_grid_graph(Misaligned().eval(), torch.zeros(1, 3, 16, 16))
     assert graph is not None and graph.grids(16, 16)["mix"] is None
     assert "combines maps on different grids" in graph.unknown_reason("mix", 16, 16)
+
+
+# -- the same sequences in ONNX graphs ---------------------------------------------------------
+#: Module paths of :func:`vit` and the scopes of the ONNX tensors the classic exporter writes
+#: for them: a module's output is the last tensor of its scope (a layer norm before opset 17
+#: is ReduceMean, Sub, Pow ... Add).
+ONNX_SCOPES = {
+    "patch_embed": "/patch_embed/",
+    "blocks.0.norm1": "/blocks/blocks.0/norm1/",
+    "blocks.0.attn.qkv": "/blocks/blocks.0/attn/qkv/",
+    "blocks.0.mlp.1": "/blocks/blocks.0/mlp/mlp.1/",
+    "blocks.0": "/blocks/blocks.0/",
+    "blocks.1": "/blocks/blocks.1/",
+    "norm": "/norm/",
+}
+
+
+def onnx_tensor(result, scope: str) -> str:  # type: ignore[no-untyped-def]
+    return [r["layer"] for r in result.layers if r["layer"].startswith(scope)][-1]
+
+
+EXPORTS = {  # how the graph was exported: its input's dynamic axes, opset
+    "fixed batch": ({}, 17),
+    "dynamic batch": ({0: "batch"}, 17),
+    "dynamic size": ({0: "batch", 2: "height", 3: "width"}, 17),
+    "opset 14, dynamic size": ({0: "batch", 2: "height", 3: "width"}, 14),
+}
+
+
+def export_vit(model: nn.Module, path, how: str, size: int = SIZE):  # type: ignore[no-untyped-def]
+    axes, opset = EXPORTS[how]
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["image"],
+        output_names=["scores"],
+        dynamic_axes={"image": axes} if axes else None,
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("how", sorted(EXPORTS))
+@pytest.mark.parametrize("variant", ["cls token, fused attention", "explicit attention, mean pool"])
+def test_a_vit_exported_to_onnx_gives_the_modules_numbers(tmp_path, how, variant) -> None:  # type: ignore[no-untyped-def]
+    # Before, an ONNX ViT's audit was its patch embedding alone: every token sequence "not
+    # audited". Its sequences now read as the module's do, layer for layer, with a position
+    # embedding that breaks equivariance (0.02-0.7) as without (~1e-7).
+    for pos in (True, False):
+        model = vit(pos=pos, **VARIANTS[variant])
+        path = export_vit(model, tmp_path / f"vit{pos}.onnx", how)
+        graph = eqaudit.audit(path, "d4", input_size=SIZE, num_images=4, seed=0)
+        module = eqaudit.audit(model, "d4", input_size=SIZE, num_images=4, seed=0)
+        for layer, scope in ONNX_SCOPES.items():
+            tensor = onnx_tensor(graph, scope)
+            for element in ("rot90", "flip_h", "transpose"):
+                m, g = module.layer(layer, element), graph.layer(tensor, element)
+                assert g["scored"] and g["comparison"] == "exact", g
+                assert g["shape"] == m["shape"]
+                assert g["relative_error"] == pytest.approx(m["relative_error"], rel=1e-4, abs=1e-7)
+        rows = [r for r in graph.layers if r["kind"] == "spatial" and r["transform"] != "id"]
+        assert len({r["layer"] for r in rows}) >= 40 and all(r["scored"] for r in rows)
+        if not pos:  # the oracle: exact at every layer
+            assert max(r["relative_error_max"] for r in rows) < 1e-5
+        else:
+            assert (
+                graph.layer(onnx_tensor(graph, "/blocks/blocks.1/"), "rot90")["relative_error"]
+                > 1e-3
+            )
+        # the scores alone are left out; shape arithmetic (sqrt of a head's size) is no layer
+        left = graph.summary["geometry"]["not_audited"]
+        assert all(name.endswith(("MatMul_output_0", "Softmax_output_0")) for name in left)
+        scale_or_class_token = ("/attn/Sqrt", "/attn/Div_output", "/Expand")
+        assert not [r for r in graph.layers if any(s in r["layer"] for s in scale_or_class_token)]
+
+
+def test_onnx_sequences_keep_their_axes_and_prefix_tokens(tmp_path) -> None:
+    import onnx
+
+    from eqaudit.grids import onnx_grid_graph
+
+    path = export_vit(vit(pos=False), tmp_path / "vit.onnx", "dynamic size")
+    graph = onnx_grid_graph(onnx.load(path), "image", "NCHW")
+    for size, cells in ((SIZE, 4), (48, 6)):
+        layouts = graph.token_layouts(size, size)
+        assert layouts["/blocks/blocks.1/Add_1_output_0"] == TokenLayout(0, 1, 1, cells, cells)
+        # (3, batch, heads, tokens, head size): the fused projection split into q, k, v
+        assert layouts["/blocks/blocks.0/attn/Split_output_0"] == TokenLayout(1, 3, 1, cells, cells)
+        # keys transposed for q @ k^T: the tokens last
+        assert layouts["/blocks/blocks.0/attn/Transpose_1_output_0"] == TokenLayout(
+            0, 3, 1, cells, cells
+        )
+        grids = graph.grids(size, size)
+        assert grids["/blocks/blocks.0/norm1/LayerNormalization_output_0"].h.free == (0, cells - 1)
+        assert grids["/blocks/blocks.1/Add_1_output_0"].h.free == (0, -1)  # after attention
+        assert grids["/blocks/blocks.0/attn/Softmax_output_0"] is None
+        assert grids["/Gather_1_output_0"] == "flat"  # the class token's features
+    assert graph.token_layouts(36, 36)["/norm/LayerNormalization_output_0"].h == 4
+    result = eqaudit.audit(path, "flips", input_size=36, num_images=2, seed=0)
+    row = result.layer("/blocks/blocks.1/Add_1_output_0", "flip_h")
+    assert row["aligned"] is False and not row["scored"] and "misaligned" in row["reason"]
+    result = eqaudit.audit(path, "d4", input_size=48, num_images=2, seed=0)
+    rows = [r for r in result.layers if r["kind"] == "spatial" and r["transform"] != "id"]
+    assert all(r["scored"] and r["shape"].endswith("x6x6") for r in rows)
+    assert max(r["relative_error_max"] for r in rows) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("fn", "reason"),
+    [
+        (lambda t: t[:, 2:5], "slices the token axis"),
+        (lambda t: torch.roll(t, 1, 1), "slices the token axis"),  # (Slice + Concat)
+        (lambda t: t[:, 3], "picks one token of a sequence"),
+        (lambda t: t.reshape(t.shape[0], 4, -1), "reshapes a token sequence across its token axis"),
+        (lambda t: t.softmax(1), "normalises across tokens"),
+        (lambda t: t.sort(1)[0], "is not understood on a token sequence"),
+    ],
+)
+def test_what_is_not_understood_on_an_onnx_sequence_is_unknown(tmp_path, fn, reason) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    from eqaudit.grids import onnx_grid_graph
+
+    class Tail(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return fn(t) * 2
+
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 4, 4), tokens=_Tokens(), tail=Tail()))
+    path = export_vit(model.eval(), tmp_path / "tail.onnx", "dynamic size", size=16)
+    graph = onnx_grid_graph(onnx.load(path), "image", "NCHW")
+    last = onnx.load(path).graph.output[0].name
+    assert graph.grids(16, 16)["/tokens/Transpose_output_0"] is not None
+    assert graph.grids(16, 16)[last] is None
+    assert reason in graph.unknown_reason(last, 16, 16)
