@@ -2788,14 +2788,18 @@ def _onnx_constant_extent(
     token, expanded to the batch), as a function of the replayed states, and the tensors whose
     states it reads: shape inference's static size, or an Expand of a constant to a shape
     computed from the image's."""
-    dims = facts.dims.get(name)
+
+    def static(tensor: str) -> list[int | None] | None:
+        dims = facts.dims.get(tensor)
+        value = facts.value(tensor) if dims is None or None in dims else None
+        return list(value.shape) if value is not None else dims
+
+    dims = static(name)
     if dims is not None and len(dims) == rank and dims[axis] is not None:
         size = dims[axis]
         return (lambda states, batch: size), ()
     node = facts._producers.get(name)
-    source = (
-        facts.dims.get(node.input[0]) if node is not None and node.op_type == "Expand" else None
-    )
+    source = static(node.input[0]) if node is not None and node.op_type == "Expand" else None
     if node is None or source is None or len(node.input) < 2:
         return (lambda states, batch: None), ()
     target = _OnnxTarget(node.input[1], "", facts, zero_copies=False)

@@ -843,9 +843,11 @@ def _image_nodes(
 def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     """A copy of a graph fixed at batch 1 whose batch is dynamic: the image input's first axis
     and every graph output's that is 1 become ``batch``, the recorded intermediate shapes
-    (``value_info``) are dropped, and each ``Reshape`` of an image-dependent tensor to a constant
+    (``value_info``) are dropped, each ``Reshape`` of an image-dependent tensor to a constant
     shape that starts with 1 gets a copy of that shape starting with 0 (keep the input's first
-    axis: the batch). Whether the copy computes the same is for the caller to check."""
+    axis: the batch), and a constant of batch 1 concatenated to an image tensor (a class token)
+    is expanded to its batch (:func:`_expand_constant_batches`). Whether the copy computes the
+    same is for the caller to check."""
     batched = onnx.ModelProto()
     batched.CopyFrom(model)
     graph = batched.graph
@@ -863,6 +865,7 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
             elif value.name == "value_ints":
                 constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    _expand_constant_batches(graph, model, input_name, taken)
     for node in _image_nodes(graph, input_name):
         allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
         if node.op_type != "Reshape" or allow_zero or len(node.input) < 2:
@@ -881,6 +884,86 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
         )
         node.input[1] = name
     return batched
+
+
+def _expand_constant_batches(
+    graph: onnx.GraphProto, model: onnx.ModelProto, input_name: str, taken: set[str]
+) -> None:
+    """In ``graph`` (a copy of ``model``'s being made batch-dynamic), expand each constant of
+    batch 1 concatenated to an image tensor along another axis (a ViT's class token, expanded
+    to the batch the graph was traced at) to that tensor's batch: ``Expand(constant,
+    Concat(Shape(image)[0:1], its other sizes))``, inserted before the Concat."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    dependent = {input_name} | {o for n in _image_nodes(graph, input_name) for o in n.output}
+    wanted = [
+        node
+        for node in graph.node
+        if node.op_type == "Concat"
+        and node.domain in ("", "ai.onnx")
+        and any(i in dependent for i in node.input)
+        and not all(i in dependent for i in node.input if i)
+    ]
+    if not wanted or opset < 10:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(model))
+    except Exception:  # (no shapes: nothing is expanded, and the check decides)
+        return
+    dims: dict[str, list[int | None]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if value.type.tensor_type.HasField("shape"):
+            dims[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None
+                for d in value.type.tensor_type.shape.dim
+            ]
+    dims.update({t.name: list(t.dims) for t in model.graph.initializer})
+
+    def fresh(stem: str) -> str:
+        name = stem
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    def constant(values: Sequence[int], stem: str) -> str:
+        name = fresh(stem)
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def sliced(tensor: str, start: int, end: int, stem: str) -> list[onnx.NodeProto]:
+        """Nodes computing ``Shape(tensor)[start:end]`` into ``stem``."""
+        sizes = fresh(f"{stem}_shape")
+        bounds = [sizes, constant([start], f"{stem}_start"), constant([end], f"{stem}_end")]
+        return [
+            onnx.helper.make_node("Shape", [tensor], [sizes]),
+            onnx.helper.make_node("Slice", bounds, [stem]),
+        ]
+
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node in wanted:
+            image = next(i for i in node.input if i in dependent)
+            rank = len(dims.get(image) or dims.get(node.output[0]) or ())
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            for k, name in enumerate(node.input):
+                shape = dims.get(name)
+                # (sizes left to run time: inference may not fold the Expand a class token is)
+                if name in dependent or rank < 2 or axis % rank == 0:
+                    continue
+                if shape is not None and (len(shape) != rank or shape[0] not in (1, None)):
+                    continue
+                batch, rest = fresh(f"{name}_batch"), fresh(f"{name}_rest")
+                target, expanded = fresh(f"{name}_target"), fresh(f"{name}_expanded")
+                nodes += [
+                    *sliced(image, 0, 1, batch),
+                    *sliced(name, 1, 2**62, rest),
+                    onnx.helper.make_node("Concat", [batch, rest], [target], axis=0),
+                    onnx.helper.make_node("Expand", [name, target], [expanded]),
+                ]
+                node.input[k] = expanded
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _without_large_weights(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:

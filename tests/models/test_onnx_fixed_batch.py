@@ -29,7 +29,7 @@ class ViewHead(nn.Module):
 
 class ExtraClass(nn.Module):
     """Appends a constant class: a static export writes the batch of 1 into that constant's
-    shape, so the graph cannot run two images together."""
+    shape (as it does into a ViT's class token, expanded to the batch)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -38,6 +38,16 @@ class ExtraClass(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.inner(x)
         return torch.cat([scores, torch.zeros(x.shape[0], 1)], dim=1)
+
+
+class ClassesFirst(ExtraClass):
+    """Appends a constant class to the scores transposed to (classes, batch): the batch of 1
+    written into the constant is on its second axis, so the graph cannot run two images
+    together."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.inner(x).t()
+        return torch.cat([scores, torch.zeros(1, x.shape[0])], dim=0).t()
 
 
 def summary_without_run(result) -> dict:
@@ -72,9 +82,22 @@ def test_a_batch_1_graph_runs_batched_and_audits_as_the_dynamic_export(tmp_path)
     assert a.to_frame("layers").equals(b.to_frame("layers"))
 
 
-def test_a_graph_that_cannot_run_batched_runs_one_image_at_a_time(tmp_path) -> None:
+def test_a_constant_of_batch_1_concatenated_to_an_image_tensor_is_expanded(tmp_path) -> None:
+    # A static export writes the batch of 1 into a constant concatenated to the scores (or a
+    # ViT's class token): the copy with a dynamic batch expands it to the batch, and runs.
     torch.manual_seed(0)
     model = ExtraClass(calibrate_(SmallCNN(), 17)).eval()
+    fixed = load_model(export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False))
+    assert fixed.describe()["fixed_batch"] == {"size": 1, "run": "batched"}
+    dynamic = load_model(export_onnx(model, tmp_path / "dynamic.onnx", 17))
+    x = torch.randn(3, 3, 17, 17)
+    assert len(fixed._chunks(x)) == 1
+    torch.testing.assert_close(fixed.run(x).scores, dynamic.run(x).scores)
+
+
+def test_a_graph_that_cannot_run_batched_runs_one_image_at_a_time(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ClassesFirst(calibrate_(SmallCNN(), 17)).eval()
     fixed = load_model(export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False))
     record = fixed.describe()["fixed_batch"]
     assert record["run"] == "one image at a time"

@@ -494,6 +494,8 @@ def test_a_vit_exported_to_onnx_gives_the_modules_numbers(tmp_path, how, variant
         path = export_vit(model, tmp_path / f"vit{pos}.onnx", how)
         graph = eqaudit.audit(path, "d4", input_size=SIZE, num_images=4, seed=0)
         module = eqaudit.audit(model, "d4", input_size=SIZE, num_images=4, seed=0)
+        if how == "fixed batch":  # (its class token, expanded to a batch of 1: now batched)
+            assert graph.summary["model"]["fixed_batch"] == {"size": 1, "run": "batched"}
         for layer, scope in ONNX_SCOPES.items():
             tensor = onnx_tensor(graph, scope)
             for element in ("rot90", "flip_h", "transpose"):
