@@ -554,7 +554,9 @@ class OnnxAdapter(ModelAdapter):
         # A quantized graph's integer maps are layers too, read as the floats they stand for.
         self._quantized = quantized = _quantized_outputs(graph)
         candidates: list[tuple[str, str]] = []
+        dependent = {self.input_spec.name}
         for node in _image_nodes(graph, self.input_spec.name, content=True):
+            dependent.update(node.output)
             for out in node.output:
                 if not out:
                     continue
@@ -562,11 +564,17 @@ class OnnxAdapter(ModelAdapter):
                     # (The class scores are audited as outputs; a model's other outputs, a
                     # second head or features, are layers, as a PyTorch module's are.)
                     continue
-                if node.op_type in ("Add", "Sum") and consumers.get(out, set()) <= {"Add", "Sum"}:
+                if (
+                    node.op_type in ("Add", "Sum")
+                    and consumers.get(out, set()) <= {"Add", "Sum"}
+                    and all(i in dependent for i in node.input if i)
+                ):
                     # A partial sum, read only by further additions: the dynamo exporter writes
                     # an adaptive pooling that does not divide its input as ~100 chained Adds of
                     # gathered cells (seen with AdaptiveAvgPool2d(7) on a 66-cell map). The sum
                     # is compared once it is whole, where something other than an Add reads it.
+                    # (A bias added to a branch's output before a residual sum, a ViT's
+                    # attention or MLP output, is a layer.)
                     continue
                 if out in types and types[out] not in _FLOAT_TYPES and out not in quantized:
                     continue

@@ -185,3 +185,26 @@ def test_one_number_per_batch_is_not_a_layer(tmp_path) -> None:
     info = inspect_model(str(tmp_path / "dynamic.onnx"))
     names = {layer["name"] for layer in info["layers"]} | set(info["unauditable"])
     assert not scalars & names
+
+
+class BiasedBranch(ConvHead):
+    """A branch's output with a bias added (a linear layer exported as MatMul + Add), read by
+    a residual sum alone: a ViT's attention and MLP outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y + (torch.relu(y) + self.bias))
+
+
+def test_a_bias_added_before_a_residual_sum_is_a_layer(tmp_path) -> None:
+    torch.manual_seed(0)
+    path = export_onnx(BiasedBranch().eval(), tmp_path / "branch.onnx", 9)
+    graph = onnx.load(path).graph
+    adds = [node.output[0] for node in graph.node if node.op_type == "Add"]
+    assert len(adds) == 2  # the bias, read by the residual sum alone; the residual sum
+    layers = {layer.name for layer in load_model(path).layers()}
+    assert set(adds) <= layers

@@ -449,7 +449,9 @@ ONNX_SCOPES = {
     "patch_embed": "/patch_embed/",
     "blocks.0.norm1": "/blocks/blocks.0/norm1/",
     "blocks.0.attn.qkv": "/blocks/blocks.0/attn/qkv/",
+    "blocks.0.attn": "/blocks/blocks.0/attn/proj/",  # (its bias: an Add read by the residual)
     "blocks.0.mlp.1": "/blocks/blocks.0/mlp/mlp.1/",
+    "blocks.0.mlp.2": "/blocks/blocks.0/mlp/mlp.2/",
     "blocks.0": "/blocks/blocks.0/",
     "blocks.1": "/blocks/blocks.1/",
     "norm": "/norm/",
