@@ -9,7 +9,9 @@ with the repeats interleaved:
   before).
 
 ``--format onnx`` (default) exports with ``torch.onnx.export``, ``--format pt2`` with
-``torch.export.export``. The three audits give the same numbers (checked here); only the time
+``torch.export.export``. ``--model vit``: a ViT of 6 blocks (width 192, 3 heads, 16 px patches,
+a class token and a position embedding), whose class token a batch-1 export expands to a batch
+of 1. The three audits give the same numbers (checked here); only the time
 differs. Run it from the repository root:
 ``OMP_NUM_THREADS=1 python benchmarks/bench_fixed_batch.py --threads 1 [--format pt2]``.
 """
@@ -26,11 +28,47 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from bench_audit import PRESET, SEED, build_model, export_onnx
+from torch import nn
 
 import eqaudit
 from eqaudit.models.onnx_adapter import OnnxAdapter
 from eqaudit.models.torch_adapter import TorchAdapter
+
+
+class Block(nn.Module):
+    """A ViT block as timm writes it (fused qkv, scaled dot-product attention, GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, size: int, dim: int = 192, depth: int = 6, heads: int = 3) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + (size // 16) ** 2, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
 
 
 def export_fixed(model: torch.nn.Module, path: Path, size: int) -> Path:
@@ -94,11 +132,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--layers", action="store_true", help="all layers (default: outputs only)")
     parser.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="export format")
+    parser.add_argument(
+        "--model", choices=("resnet18", "vit"), default="resnet18", help="the model exported"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model()
+        torch.manual_seed(SEED)
+        model = build_model() if args.model == "resnet18" else ViT(args.size).eval()
         if args.format == "onnx":
             fixed = export_fixed(model, Path(tmp) / "fixed.onnx", args.size)
             dynamic = export_onnx(model, Path(tmp) / "dynamic.onnx", args.size)
@@ -141,7 +183,7 @@ def main() -> None:
     base = min(times["dynamic"])
     what = "all layers" if args.layers else "outputs only"
     print(
-        f"\n{args.format}: {args.images} images, {args.size} px, d4, {what}, "
+        f"\n{args.model}, {args.format}: {args.images} images, {args.size} px, d4, {what}, "
         f"fastest of {args.repeats}"
     )
     print(f"{'case':22s} {'s':>7s} {'/ dynamic':>10s}  all runs")

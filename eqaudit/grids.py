@@ -374,7 +374,8 @@ class GridGraph:
         Needs the ranks the graph recorded; without them, none."""
         tokens: set[str] = set()
         for step in self._steps:
-            content = [name for name in step.inputs if name in self._content]
+            own = step.inputs[: len(step.inputs) - step.reads]  # (not the tensors it reads)
+            content = [name for name in own if name in self._content]
             if step.meta or not content:
                 continue
             inherited = all(name in tokens for name in content)
@@ -470,6 +471,8 @@ class GridGraph:
             if step.meta:
                 continue
             ins = [states.get(name) for name in step.inputs]
+            if step.unfolds and not step.tokens:
+                ins = [s.fold if isinstance(s, _Tokens) and s.fold is not None else s for s in ins]
             own = ins[: len(ins) - step.reads]  # (the node's own inputs; then the ones it reads)
             if all(state is None for state in own):
                 continue  # a constant subgraph: does not depend on the image
@@ -2091,7 +2094,7 @@ _RANK_BROADCASTING = {
         "Max",
         "Mean",
     ],
-    *["Min", "Mod", "Mul", "Or", "Pow", "Sub", "Sum", "Where", "Xor", "MatMul", "Concat"],
+    *["Min", "Mod", "Mul", "Or", "Pow", "Sub", "Sum", "Where", "Xor", "Concat"],
 }
 
 
@@ -2118,6 +2121,10 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
         found: int | None = None
         if op in _RANK_KEEPING:
             found = rank(ins[0])
+        elif op == "MatMul" and len(ins) == 2:
+            a, b = rank(ins[0]), rank(ins[1])
+            if a is not None and b is not None:  # (a 1-D operand's axis is summed away)
+                found = max(a, b) - (a == 1 or b == 1)
         elif op in _RANK_BROADCASTING:
             known = [rank(i) for i in ins]
             found = max(known) if None not in known else None  # type: ignore[type-var]
@@ -3002,14 +3009,36 @@ def _onnx_rule_with_tokens(
         return rule
     own = len(node.input)
     reshape = node.op_type == "Reshape"
+    ranks = [facts.rank(name) if name else None for name in node.output]
+
+    def checked(out: Any) -> Any:
+        """A sequence or scores of the rank the graph records (a MatMul by a 1-D constant
+        removes an axis the token rules do not see), without a fold (:attr:`_Tokens.fold`)
+        anywhere but on the output of the Reshape that flattened a map."""
+        pieces = out if isinstance(out, tuple) else (out,)
+        found = []
+        for state, rank in zip(pieces, ranks, strict=False):
+            if isinstance(state, (_Tokens, _Scores)) and rank is not None and rank != state.rank:
+                state = _Lost(
+                    f"{label} gives a rank-{rank} tensor where the walk has rank {state.rank}"
+                )
+            elif isinstance(state, _Tokens) and state.fold is not None:
+                state = replace(state, fold=None)
+            found.append(state)
+        return tuple(found) + pieces[len(found) :] if isinstance(out, tuple) else found[0]
 
     def either(ins: list[Any]) -> Any:
         mine = ins[:own]
         if any(isinstance(_first(s), (_Tokens, _Scores)) for s in mine):
-            return token_rule(ins)
+            return checked(token_rule(ins))
         out = rule(mine)
-        if reshape and type(out) is _Lost and isinstance(_first(mine[0]), _Map):
-            return token_rule(ins) or out
+        if reshape and isinstance(out, _Lost) and isinstance(_first(mine[0]), _Map):
+            tokens = checked(token_rule(ins))
+            if isinstance(out, _Folded) and isinstance(tokens, _Tokens):
+                # (B, C, -1): a GroupNorm's fold of C groups, or a sequence: the walk keeps
+                # both until the next step says which
+                return replace(tokens, fold=out)
+            return tokens if isinstance(tokens, _Tokens) else out
         return out
 
     either.tokens = True  # type: ignore[attr-defined]
@@ -3606,6 +3635,9 @@ class _Tokens(_Lost):
     batch: int = 0
     token: int = 1
     rank: int = 3
+    #: an ONNX Reshape of a map to ``(B, C, -1)`` is also a GroupNorm's fold of ``C`` groups
+    #: (:class:`_Folded`): an InstanceNormalization takes the fold, token steps the sequence
+    fold: Any = None
 
     def same_cells(self, other: _Tokens) -> bool:
         """Whether two sequences index the same tokens (grid and prefix)."""

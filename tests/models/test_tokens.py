@@ -579,3 +579,61 @@ def test_what_is_not_understood_on_an_onnx_sequence_is_unknown(tmp_path, fn, rea
     assert graph.grids(16, 16)["/tokens/Transpose_output_0"] is not None
     assert graph.grids(16, 16)[last] is None
     assert reason in graph.unknown_reason(last, 16, 16)
+
+
+class ViewedViT(nn.Module):
+    """Patch tokens by ``x.view(b, c, -1)`` (PVT, non-local blocks), which an ONNX graph writes
+    as a GroupNorm's fold is written: a Reshape to ``(B, C, -1)``; then a GroupNorm of one
+    channel per group on the map, folded the same way; a batch-merged attention ``(B * heads,
+    N, d)`` through ``bmm``, which the walk does not follow; and a per-token score ``t @ v``
+    (rank 2), flipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, PATCH, PATCH)
+        self.norm = nn.GroupNorm(8, 8)
+        self.mix = nn.Linear(8, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.v = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.norm(self.embed(x))
+        b, c = m.shape[:2]
+        t = self.mix(m.view(b, 8, -1).transpose(1, 2))  # (B, N, C): C written in
+        n = t.shape[1]
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        q, k, v = (z.reshape(b * 2, n, 4) for z in (q, k, v))  # heads merged into the batch
+        o = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        o = o.reshape(b, 2, n, 4).transpose(1, 2).reshape(b, n, c)
+        score = (t @ self.v).flip(-1).unsqueeze(-1)  # (B, N, 1), the tokens reversed
+        return self.head((o + score).mean(1))
+
+
+@pytest.mark.parametrize("how", ["fixed batch", "dynamic size"])
+def test_onnx_sequences_of_a_view_and_what_is_left_unknown(tmp_path, how) -> None:  # type: ignore[no-untyped-def]
+    # (review) x.view(b, c, -1) was read as a GroupNorm's fold, and lost: every layer after it
+    # unknown; a MatMul by a 1-D constant kept the sequence's rank, and the flip after it read
+    # axis -1 as a channel axis: the reversed tokens scored "exact" at 0.12; a Reshape reading
+    # the batch size from the image cut the per-head tensors off their token descent, and they
+    # were audited as (heads, tokens, d) images.
+    import onnx
+
+    from eqaudit.grids import onnx_grid_graph
+
+    torch.manual_seed(0)
+    model = d4_symmetrise_(ViewedViT()).eval()
+    path = export_vit(model, tmp_path / "viewed.onnx", how)
+    graph = onnx_grid_graph(onnx.load(path), "image", "NCHW")
+    layouts = graph.token_layouts(SIZE, SIZE)
+    assert layouts["/mix/MatMul_output_0"] == TokenLayout(0, 1, 0, 4, 4)
+    # the GroupNorm's fold, still a fold: its map's grid after the InstanceNormalization
+    assert graph.grids(SIZE, SIZE)["/norm/Add_output_0"].h == AxisGrid(4, 8.0, 3.5, (0, -1))
+    assert "/MatMul_output_0" not in layouts and "/Slice_output_0" not in layouts
+    result = eqaudit.audit(path, "d4", input_size=SIZE, num_images=3, seed=0)
+    scored = [r for r in result.layers if r["scored"] and r["transform"] != "id"]
+    assert {r["layer"] for r in scored} >= {"/mix/MatMul_output_0", "/qkv/Add_output_0"}
+    spatial = [r for r in scored if r["kind"] == "spatial"]
+    assert max(r["relative_error_max"] for r in spatial) < 1e-5  # (D4-symmetric)
+    per_head = [n for n in result.summary["geometry"]["not_audited"] if "Transpose" in n]
+    assert per_head and not [r for r in result.layers if r["layer"] in per_head]
