@@ -394,7 +394,9 @@ class GridGraph:
             state = _first(replay.states.get(tensor))
             if tensor in self._meta:
                 continue  # shape arithmetic on the image's size, not image content
-            if isinstance(state, (_Map, _Tokens)):
+            if isinstance(state, _Tokens) and state.merged != 1:
+                out[name] = None  # (the batch axis holds the heads too: not comparable)
+            elif isinstance(state, (_Map, _Tokens)):
                 out[name] = state.grid
             elif isinstance(state, _Flat):
                 out[name] = "flat"
@@ -410,7 +412,7 @@ class GridGraph:
         out: dict[str, TokenLayout] = {}
         for name, tensor in self._public.items():
             state = _first(replay.states.get(tensor))
-            if isinstance(state, _Tokens) and state.grid is not None:
+            if isinstance(state, _Tokens) and state.grid is not None and state.merged == 1:
                 grid = state.grid
                 out[name] = TokenLayout(state.batch, state.token, state.prefix, grid.h.n, grid.w.n)
         return out
@@ -440,6 +442,8 @@ class GridGraph:
         if height is None or width is None:
             height, width = self._last or _NOMINAL_SIZE
         state = _first(self._replay(height, width).states.get(self._public[name]))
+        if isinstance(state, _Tokens) and state.merged != 1:
+            return "a token sequence whose batch axis holds its heads too (followed, not compared)"
         if isinstance(state, (_Map, _Tokens)):
             return state.reason if state.grid is None else None
         if isinstance(state, _Lost):
@@ -2728,14 +2732,18 @@ def _replayed_dims(state: Any, dims: Sequence[int | None] | None, batch: Any) ->
             h, w = _spatial_axes(state)
             shape[h], shape[w] = grid.h.n, grid.w.n
         return shape
-    shape[state.batch] = batch
+    merged = state.merged
+    shape[state.batch] = (
+        batch if merged == 1 else batch * merged if isinstance(batch, int) else None
+    )
     shape[state.token] = None if grid is None else state.prefix + grid.h.n * grid.w.n
     return shape
 
 
 def _resolved(in_dims: Sequence[Any] | None, out: list[Any]) -> list[Any]:
     """A Reshape target's ``-1`` entry as the size it stands for, where the input's sizes and
-    the other entries give it (the batch size cancelling out); else None."""
+    the other entries give it (the batch size cancelling out, or being what is left); else
+    None."""
     if out.count(-1) != 1:
         return out
     rest = [d for d in out if d != -1]
@@ -2748,6 +2756,8 @@ def _resolved(in_dims: Sequence[Any] | None, out: list[Any]) -> list[Any]:
     known = math.prod(d for d in rest if d is not _BATCH)
     if batches == 0 and known > 0 and total % known == 0:
         out[at] = total // known
+    elif batches == 1 and total == known:  # (the batch itself, a graph's -1 for it)
+        out[at] = _BATCH
     return out
 
 
@@ -2852,6 +2862,45 @@ def _tokens_unsqueeze(state: _Tokens, axes: Sequence[int] | None, label: str) ->
     return state.moved(kept[state.batch], kept[state.token], rank)
 
 
+def _onnx_heads_view(
+    state: _Tokens, in_dims: Sequence[Any] | None, out_dims: Sequence[Any] | None, batch: Any
+) -> _Tokens | None:
+    """A Reshape that merges the axis after the batch axis (the heads) into it, ``(B, heads,
+    N, d) -> (B * heads, N, d)``, or splits it back out (the dynamo exporter's keys for ``q @
+    k^T``: Reshape, Transpose, Reshape back); None for any other. Every other size must be
+    known on both sides and kept, so that the element count leaves the merged axis no other
+    size than ``B * heads``."""
+    if in_dims is None or out_dims is None:
+        return None
+    b, rank = state.batch, state.rank
+    if state.merged == 1:
+        heads = in_dims[b + 1] if b + 1 < rank else None
+        if b + 1 == state.token or not isinstance(heads, int) or len(out_dims) != rank - 1:
+            return None
+        kept, rest = [*in_dims[:b], *in_dims[b + 2 :]], [*out_dims[:b], *out_dims[b + 1 :]]
+        size = out_dims[b]
+        if size is not None and not (isinstance(batch, int) and size == batch * heads):
+            return None
+        token = state.token - (state.token > b)
+        merged = replace(state, batch=b, token=token, rank=rank - 1, merged=heads)
+    else:
+        if len(out_dims) != rank + 1 or out_dims[b + 1] != state.merged:
+            return None
+        if not (out_dims[b] is None or _same_size(out_dims[b], batch)):
+            return None
+        kept, rest = [*in_dims[:b], *in_dims[b + 1 :]], [*out_dims[:b], *out_dims[b + 2 :]]
+        token = state.token + (state.token > b)
+        merged = replace(state, batch=b, token=token, rank=rank + 1, merged=1)
+    # (one size shape inference left unknown on the input side is its counterpart's, when the
+    # merged axis's size is known: the element count decides it)
+    unknown = sum(d is None for d in kept) + (out_dims[b] is None)
+    if None in rest or len(kept) != len(rest) or unknown > 1:
+        return None
+    if any(k != r for k, r in zip(kept, rest, strict=True) if k is not None):
+        return None
+    return merged
+
+
 def _onnx_token_rule(
     node: onnx.NodeProto, facts: _OnnxGraphFacts, opset: int, label: str, batch: Any
 ) -> _Rule | None:
@@ -2890,6 +2939,9 @@ def _onnx_token_rule(
                 return _map_to_tokens(state, in_dims, out_dims)
             if not isinstance(state, _Tokens) or ins[1] is not None:
                 return _Lost(_token_reason(label))
+            heads = _onnx_heads_view(state, in_dims, out_dims, batch)
+            if heads is not None or state.merged != 1:
+                return heads or _Lost(f"{label} reshapes a sequence whose heads are in its batch")
             return _tokens_view(state, in_dims, out_dims, label)
 
         reshape.reads = target.reads  # type: ignore[attr-defined]
@@ -3027,9 +3079,14 @@ def _onnx_rule_with_tokens(
             found.append(state)
         return tuple(found) + pieces[len(found) :] if isinstance(out, tuple) else found[0]
 
+    moves_heads = node.op_type in ("Transpose", "Reshape")
+
     def either(ins: list[Any]) -> Any:
         mine = ins[:own]
         if any(isinstance(_first(s), (_Tokens, _Scores)) for s in mine):
+            merged = any(isinstance(_first(s), _Tokens) and _first(s).merged != 1 for s in mine)
+            if merged and not moves_heads:
+                return _Lost(f"{label} takes a sequence whose heads are in its batch axis")
             return checked(token_rule(ins))
         out = rule(mine)
         if reshape and isinstance(out, _Lost) and isinstance(_first(mine[0]), _Map):
@@ -3638,6 +3695,10 @@ class _Tokens(_Lost):
     #: an ONNX Reshape of a map to ``(B, C, -1)`` is also a GroupNorm's fold of ``C`` groups
     #: (:class:`_Folded`): an InstanceNormalization takes the fold, token steps the sequence
     fold: Any = None
+    #: the size of a channel axis merged into the batch axis, batch-major (``(B * heads, N,
+    #: d)``, as the dynamo exporter writes an attention's keys): followed through Transpose
+    #: and back out by a Reshape, never compared (:func:`_onnx_heads_view`); 1: none
+    merged: int = 1
 
     def same_cells(self, other: _Tokens) -> bool:
         """Whether two sequences index the same tokens (grid and prefix)."""

@@ -853,9 +853,11 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     and every graph output's that is 1 become ``batch``, the recorded intermediate shapes
     (``value_info``) are dropped, each ``Reshape`` of an image-dependent tensor to a constant
     shape that starts with 1 gets a copy of that shape starting with 0 (keep the input's first
-    axis: the batch), and a constant of batch 1 concatenated to an image tensor (a class token)
-    is expanded to its batch (:func:`_expand_constant_batches`). Whether the copy computes the
-    same is for the caller to check."""
+    axis: the batch; -1 where ``allowzero`` makes 0 a size), as does one that merges the batch
+    of 1 with the next axis (``(1, heads, N, d) -> (heads, N, d)``: -1) or splits it back out,
+    and a constant of batch 1 concatenated to an image tensor (a class token) is expanded to
+    its batch (:func:`_expand_constant_batches`). Whether the copy computes the same is for
+    the caller to check."""
     batched = onnx.ModelProto()
     batched.CopyFrom(model)
     graph = batched.graph
@@ -873,29 +875,64 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
             elif value.name == "value_ints":
                 constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    _expand_constant_batches(graph, model, input_name, taken)
+    dims = _inferred_dims(model)
+    _expand_constant_batches(graph, model, input_name, taken, dims)
     for node in _image_nodes(graph, input_name):
-        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
-        if node.op_type != "Reshape" or allow_zero or len(node.input) < 2:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue  # (before opset 5 the shape is an attribute: left as it is)
-        if node.input[1] not in constants:
-            continue
+        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
         shape = numpy_helper.to_array(constants[node.input[1]])
-        if shape.ndim != 1 or not shape.size or shape[0] != 1:
+        if shape.ndim != 1 or not shape.size:
+            continue
+        data = dims.get(node.input[0]) or []
+        unmerges = len(shape) >= 2 and shape[0] == 1 and data[:1] == [shape[1]]
+        if shape[0] == 1 and not allow_zero and not unmerges:
+            first = 0  # keep the input's first axis
+        elif -1 in shape[1:] or (0 in shape and not allow_zero):
+            continue  # (-1 is taken; a 0 that copies a size)
+        elif shape[0] == 1:
+            # what is left of it (a 0 is a size with allowzero=1: dynamo's graphs), or of the
+            # batch merged with the heads, split back out: (heads, N, d) -> (1, heads, N, d)
+            first = -1
+        elif len(data) >= 2 and data[0] == 1 and shape[0] == data[1]:
+            first = -1  # the batch merged with the next axis (the heads of an attention)
+        else:
             continue
         name = f"{node.input[1]}_batch"
         while name in taken:
             name += "_"
         taken.add(name)
         graph.initializer.append(
-            numpy_helper.from_array(np.concatenate([[0], shape[1:]]).astype(shape.dtype), name)
+            numpy_helper.from_array(np.concatenate([[first], shape[1:]]).astype(shape.dtype), name)
         )
         node.input[1] = name
     return batched
 
 
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Every tensor's sizes that shape inference gives (None: not static); empty when it
+    fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(model))
+    except Exception:  # (no shapes: what needs them is left as it is, and the check decides)
+        return {}
+    dims: dict[str, list[int | None]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if value.type.tensor_type.HasField("shape"):
+            dims[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None
+                for d in value.type.tensor_type.shape.dim
+            ]
+    dims.update({t.name: list(t.dims) for t in model.graph.initializer})
+    return dims
+
+
 def _expand_constant_batches(
-    graph: onnx.GraphProto, model: onnx.ModelProto, input_name: str, taken: set[str]
+    graph: onnx.GraphProto,
+    model: onnx.ModelProto,
+    input_name: str,
+    taken: set[str],
+    dims: dict[str, list[int | None]],
 ) -> None:
     """In ``graph`` (a copy of ``model``'s being made batch-dynamic), expand each constant of
     batch 1 concatenated to an image tensor along another axis (a ViT's class token, expanded
@@ -911,20 +948,8 @@ def _expand_constant_batches(
         and any(i in dependent for i in node.input)
         and not all(i in dependent for i in node.input if i)
     ]
-    if not wanted or opset < 10:
+    if not wanted or opset < 10 or not dims:
         return
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(model))
-    except Exception:  # (no shapes: nothing is expanded, and the check decides)
-        return
-    dims: dict[str, list[int | None]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if value.type.tensor_type.HasField("shape"):
-            dims[value.name] = [
-                d.dim_value if d.HasField("dim_value") else None
-                for d in value.type.tensor_type.shape.dim
-            ]
-    dims.update({t.name: list(t.dims) for t in model.graph.initializer})
 
     def fresh(stem: str) -> str:
         name = stem

@@ -637,3 +637,69 @@ def test_onnx_sequences_of_a_view_and_what_is_left_unknown(tmp_path, how) -> Non
     assert max(r["relative_error_max"] for r in spatial) < 1e-5  # (D4-symmetric)
     per_head = [n for n in result.summary["geometry"]["not_audited"] if "Transpose" in n]
     assert per_head and not [r for r in result.layers if r["layer"] in per_head]
+
+
+def export_dynamo(model: nn.Module, path, dynamic: bool) -> str:  # type: ignore[no-untyped-def]
+    """``torch.onnx.export``'s default exporter (dynamo, onnxscript), its output quieted."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    shapes = None
+    if dynamic:
+        auto = torch.export.Dim.AUTO
+        shapes = ({0: torch.export.Dim("batch", max=64), 2: auto, 3: auto},)
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with quiet[0], quiet[1], warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            program = torch.onnx.export(
+                model, (torch.zeros(1, 3, SIZE, SIZE),), input_names=["image"],
+                dynamic_shapes=shapes,
+            )  # fmt: skip
+        finally:
+            logging.disable(logging.NOTSET)
+    program.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed batch", "dynamic size"])
+def test_a_vit_from_the_default_exporter_gives_the_modules_numbers(tmp_path, dynamic) -> None:  # type: ignore[no-untyped-def]
+    # The dynamo exporter writes an attention's keys as Reshape (B, heads, N, d) -> (B * heads,
+    # N, d), Transpose, Reshape back: "reshapes a token sequence across its token axis", and
+    # every layer after the first attention was unknown (7 of ~40 audited). The heads merged
+    # into the batch axis are followed (not compared); its batch-1 graph runs batched.
+    import onnx
+
+    from eqaudit.grids import onnx_grid_graph
+
+    for pos in (False, True):
+        model = vit(pos=pos)
+        path = export_dynamo(model, tmp_path / f"vit{pos}.onnx", dynamic)
+        graph = eqaudit.audit(path, "d4", input_size=SIZE, num_images=4, seed=0)
+        if not dynamic:
+            assert graph.summary["model"]["fixed_batch"] == {"size": 1, "run": "batched"}
+        rows = [r for r in graph.layers if r["kind"] == "spatial" and r["transform"] != "id"]
+        assert len({r["layer"] for r in rows}) >= 35 and all(r["scored"] for r in rows)
+        if not pos:
+            assert max(r["relative_error_max"] for r in rows) < 1e-5
+            continue
+        # the last layer norm's tensor (read by the class token's Gather) is the module's norm
+        onnx_graph = onnx.load(path).graph
+        gather = next(n for n in onnx_graph.node if n.op_type == "Gather" and n.input[0] in {
+            r["layer"] for r in rows})  # fmt: skip
+        module = eqaudit.audit(model, "d4", input_size=SIZE, num_images=4, seed=0)
+        for element in ("rot90", "flip_h", "transpose"):
+            g, m = graph.layer(gather.input[0], element), module.layer("norm", element)
+            assert g["relative_error"] == pytest.approx(m["relative_error"], rel=1e-4)
+        walk = onnx_grid_graph(onnx.load(path), "image", "NCHW")
+        merged = [
+            name
+            for name in walk.names
+            if "holds its heads" in (walk.unknown_reason(name, SIZE, SIZE) or "")
+        ]
+        assert len(merged) == 4  # (two blocks: the keys merged, transposed)
+        assert not set(merged) & set(walk.token_layouts(SIZE, SIZE))
