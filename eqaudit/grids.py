@@ -2736,7 +2736,8 @@ def _replayed_dims(state: Any, dims: Sequence[int | None] | None, batch: Any) ->
     shape[state.batch] = (
         batch if merged == 1 else batch * merged if isinstance(batch, int) else None
     )
-    shape[state.token] = None if grid is None else state.prefix + grid.h.n * grid.w.n
+    cells = 0 if state.only_prefix else None if grid is None else grid.h.n * grid.w.n
+    shape[state.token] = None if cells is None else state.prefix + cells
     return shape
 
 
@@ -3695,6 +3696,9 @@ class _Tokens(_Lost):
     #: an ONNX Reshape of a map to ``(B, C, -1)`` is also a GroupNorm's fold of ``C`` groups
     #: (:class:`_Folded`): an InstanceNormalization takes the fold, token steps the sequence
     fold: Any = None
+    #: the prefix tokens alone (``x[:, :1]``, the class token cut off its cells): no cells, not
+    #: compared, prefix tokens again where they are concatenated in front of a sequence's cells
+    only_prefix: bool = False
     #: the size of a channel axis merged into the batch axis, batch-major (``(B * heads, N,
     #: d)``, as the dynamo exporter writes an attention's keys): followed through Transpose
     #: and back out by a Reshape, never compared (:func:`_onnx_heads_view`); 1: none
@@ -3867,11 +3871,14 @@ def _tokens_slice(state: _Tokens, dim: int, start: Any, end: Any, step: Any, lab
     if dim not in (state.token, state.batch) or whole:
         return state
     grid = state.grid
-    if dim == state.token and grid is not None and (step or 1) == 1:
+    if dim == state.token and grid is not None and (step or 1) == 1 and not state.only_prefix:
         total = state.prefix + grid.h.n * grid.w.n
         stop = total if end is None else min(int(end), total) if end >= 0 else total + int(end)
         if int(start or 0) == state.prefix and stop == total:
             return replace(state, prefix=0)
+        if not start and 0 < stop <= state.prefix:  # x[:, :1]: the class token, kept apart
+            reason = f"{label} keeps the tokens in front of the patches alone (no patch grid)"
+            return replace(state, reason=reason, grid=None, prefix=stop, only_prefix=True)
     return _Lost(f"{label} slices the {'token' if dim == state.token else 'batch'} axis")
 
 
@@ -3900,7 +3907,12 @@ def _tokens_cat(states: Sequence[Any], sizes: Sequence[Any], dim: int, label: st
     dim %= first.rank
     if dim == first.token:
         last = states[-1]
-        if len(tokens) != 1 or not isinstance(last, _Tokens) or any(s is None for s in sizes):
+        # in front of the cells: constants (a class token, registers) and image tokens that
+        # are not cells (the class token sliced off: DINOv2's cat(x[:, :1], registers, x[:, 1:]))
+        front = [s for s in states[:-1] if s is not None]
+        axes = (last.batch, last.token, last.rank) if isinstance(last, _Tokens) else None
+        apart = all(s.only_prefix and (s.batch, s.token, s.rank) == axes for s in front)
+        if not isinstance(last, _Tokens) or last.only_prefix or not apart or None in sizes:
             return _Lost(f"{label} concatenates image tokens along the token axis")
         return replace(last, prefix=last.prefix + sum(int(s) for s in sizes[:-1]))
     if dim == first.batch:

@@ -703,3 +703,40 @@ def test_a_vit_from_the_default_exporter_gives_the_modules_numbers(tmp_path, dyn
         ]
         assert len(merged) == 4  # (two blocks: the keys merged, transposed)
         assert not set(merged) & set(walk.token_layouts(SIZE, SIZE))
+
+
+class RegisterViT(ViT):
+    """DINOv2's registers: inserted between the class token and the patches by slicing the
+    class token off, ``cat(x[:, :1], registers, x[:, 1:])``."""
+
+    def __init__(self) -> None:
+        super().__init__(pos=False)
+        self.registers = nn.Parameter(torch.randn(1, 4, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        registers = self.registers.expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def test_registers_inserted_after_the_class_token_are_prefix_tokens(tmp_path) -> None:
+    # (sweep) "slices the token axis": a DINOv2's audit was its patch embedding alone, in a
+    # module as in its ONNX export
+    torch.manual_seed(0)
+    model = d4_symmetrise_(RegisterViT()).eval()
+    graph, reason = export_grid_graph(model, torch.zeros(1, 3, SIZE, SIZE))
+    assert graph is not None, reason
+    assert graph.token_layouts(SIZE, SIZE)["blocks.1"] == TokenLayout(0, 1, 5, 4, 4)
+    path = export_vit(model, tmp_path / "registers.onnx", "dynamic size")
+    for target in (model, path):
+        result = eqaudit.audit(target, "d4", input_size=SIZE, num_images=3, seed=0)
+        rows = [r for r in result.layers if r["kind"] == "spatial" and r["transform"] != "id"]
+        assert len({r["layer"] for r in rows}) >= (18 if target is model else 50)
+        assert all(r["scored"] for r in rows)
+        assert max(r["relative_error_max"] for r in rows) < 1e-5
+        note = next(n for n in result.summary["geometry"]["notes"] if "token sequences" in n)
+        assert note.endswith(
+            "the 5 tokens in front of the patches (a class token, register tokens) are left out"
+        )
