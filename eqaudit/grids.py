@@ -1944,7 +1944,7 @@ def onnx_grid_graph(
 
     if inferred is None:
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         except Exception:  # shape inference is a help, not a requirement
             inferred = model
     graph = model.graph

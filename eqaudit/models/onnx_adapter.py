@@ -524,8 +524,10 @@ class OnnxAdapter(ModelAdapter):
         inferred types and shapes are read from it, never its initializers."""
         if self._inferred is None:
             try:
+                # data_prop: a Reshape's target computed from Shape (an exporter's flatten(2))
+                # gives its output's static sizes, a token sequence's channel count among them
                 self._inferred = onnx.shape_inference.infer_shapes(
-                    _without_large_weights(self.model), strict_mode=False
+                    _without_large_weights(self.model), strict_mode=False, data_prop=True
                 )
             except Exception:  # shape inference is a help, not a requirement
                 self._inferred = self.model

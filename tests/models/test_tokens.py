@@ -740,3 +740,37 @@ def test_registers_inserted_after_the_class_token_are_prefix_tokens(tmp_path) ->
         assert note.endswith(
             "the 5 tokens in front of the patches (a class token, register tokens) are left out"
         )
+
+
+class NormedStage(nn.Module):
+    """A pyramid transformer's stage end without a linear layer: patch tokens, a layer norm,
+    folded back into their map, a strided conv (PVT's patch embedding of the next stage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.norm = nn.LayerNorm(8)
+        self.down = nn.Conv2d(8, 8, 2, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.embed(x)
+        b, c, h, w = m.shape
+        t = self.norm(m.flatten(2).transpose(1, 2))
+        return self.head(self.down(t.transpose(1, 2).reshape(b, c, h, w)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["fixed batch", "dynamic size"])
+def test_an_onnx_sequence_folded_back_into_its_map(tmp_path, how) -> None:  # type: ignore[no-untyped-def]
+    # (sweep) shape inference left the sequence's channel count unknown after the exporter's
+    # flatten (a Reshape to a target computed from Shape): the fold back read as "across the
+    # token axis", and every map after it was unknown
+    import onnx
+
+    from eqaudit.grids import onnx_grid_graph
+
+    path = export_vit(NormedStage().eval(), tmp_path / "stage.onnx", how, size=16)
+    graph = onnx_grid_graph(onnx.load(path), "image", "NCHW")
+    grids = graph.grids(16, 16)
+    assert grids["/norm/LayerNormalization_output_0"].h == AxisGrid(4, 4.0, 1.5, (0, 3))
+    assert grids["/down/Conv_output_0"].h == AxisGrid(2, 8.0, 3.5, (0, 1))
