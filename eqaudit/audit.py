@@ -715,8 +715,8 @@ class Engine:
             count = f"{len(skipped)} layers are" if len(skipped) > 1 else "1 layer is"
             self.geometry_notes.append(
                 f"{count} not audited: outputs that are neither image maps (batch, C, H, W) nor "
-                f"flat features (batch, D), such as a transformer's token sequences and "
-                f"attention scores ({shown})"
+                f"flat features (batch, D), such as a transformer's attention scores and token "
+                f"sequences whose tokens the grid walk cannot follow ({shown})"
             )
         height, width = self.input_size
         g = len(self.elements)

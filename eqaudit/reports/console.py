@@ -248,7 +248,8 @@ def print_inspection(info: dict) -> None:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         stdout.print(
             f"[dim]not auditable ({len(skipped)}): outputs neither image maps nor per-image "
-            f"features, such as a transformer's token sequences and attention scores or a "
+            f"features, such as a transformer's attention scores, token sequences whose tokens "
+            f"the grid walk cannot follow (windows, a subset), or a "
             f"batch's statistics: {escape(shown)}[/]"
         )
     with_grids = any("grid" in layer for layer in info["layers"])
