@@ -1603,7 +1603,12 @@ class _OnnxGraphFacts:
         if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
             return self.shape_entries(args[0], depth + 1)
         if op == "Concat":
-            pieces = [self.shape_entries(piece, depth + 1) for piece in args]
+            # (a piece computed otherwise, a head's size from C // heads, leaves the others'
+            # entries known: the batch size read from the sequence's shape)
+            pieces = [
+                self.shape_entries(piece, depth + 1) or self._opaque_entries(piece)
+                for piece in args
+            ]
             if any(p is None for p in pieces):
                 return self._opaque_entries(node.output[0])
             return [entry for piece in pieces for entry in piece or []]
@@ -1874,15 +1879,23 @@ def _shape_op(node: onnx.NodeProto) -> Callable[[list[Any]], list[Any]]:
 
         dtype = tensor_dtype_to_np_dtype(int(_attr(node, "to", 1)))
         return lambda a: [a[0].astype(dtype)]
-    if op == "Unsqueeze" and len(node.input) == 2:
+    # (axes: an input from opset 13, an attribute before, as exporters at opset 11 write them)
+    attribute_axes = [int(i) for i in _attr(node, "axes", [])]
+    if op == "Unsqueeze" and (len(node.input) == 2 or attribute_axes):
 
         def unsqueeze(a: list[Any]) -> list[Any]:
-            rank = a[0].ndim + a[1].size
-            return [np.expand_dims(a[0], tuple(sorted(int(i) % rank for i in a[1].reshape(-1))))]
+            axes = a[1].reshape(-1).tolist() if len(a) > 1 else attribute_axes
+            rank = a[0].ndim + len(axes)
+            return [np.expand_dims(a[0], tuple(sorted(int(i) % rank for i in axes)))]
 
         return unsqueeze
-    if op == "Squeeze" and len(node.input) == 2:
-        return lambda a: [np.squeeze(a[0], tuple(int(i) for i in a[1].reshape(-1)))]
+    if op == "Squeeze" and (len(node.input) == 2 or attribute_axes):
+
+        def squeeze(a: list[Any]) -> list[Any]:
+            axes = a[1].reshape(-1).tolist() if len(a) > 1 else attribute_axes
+            return [np.squeeze(a[0], tuple(int(i) for i in axes))]
+
+        return squeeze
     if op == "Reshape" and not int(_attr(node, "allowzero", 0)):
 
         def reshape(a: list[Any]) -> list[Any]:
@@ -2150,6 +2163,15 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
             found = data - 1 + index if data is not None and index is not None else None
         elif op in ("Flatten", "Gemm"):
             found = 2
+        elif op in _ONNX_REDUCE:  # (a layer norm written out: ReduceMean over the channels)
+            data = rank(ins[0])
+            axes = _attr(node, "axes", None)
+            if axes is None and len(ins) > 1:
+                axes = facts.ints(ins[1])
+            if data is not None and _attr(node, "keepdims", 1):
+                found = data
+            elif data is not None and axes is not None:
+                found = data - len(set(int(a) % data for a in axes))
         if found is not None:
             ranks.update(dict.fromkeys(outs, found))
     return ranks

@@ -467,6 +467,8 @@ EXPORTS = {  # how the graph was exported: its input's dynamic axes, opset
     "dynamic batch": ({0: "batch"}, 17),
     "dynamic size": ({0: "batch", 2: "height", 3: "width"}, 17),
     "opset 14, dynamic size": ({0: "batch", 2: "height", 3: "width"}, 14),
+    # (Unsqueeze axes an attribute; the batch size read from a layer norm written out)
+    "opset 11, dynamic size": ({0: "batch", 2: "height", 3: "width"}, 11),
 }
 
 
@@ -491,6 +493,8 @@ def test_a_vit_exported_to_onnx_gives_the_modules_numbers(tmp_path, how, variant
     # Before, an ONNX ViT's audit was its patch embedding alone: every token sequence "not
     # audited". Its sequences now read as the module's do, layer for layer, with a position
     # embedding that breaks equivariance (0.02-0.7) as without (~1e-7).
+    if EXPORTS[how][1] < 14 and "fused" in variant:
+        pytest.skip("scaled_dot_product_attention exports from opset 14")
     for pos in (True, False):
         model = vit(pos=pos, **VARIANTS[variant])
         path = export_vit(model, tmp_path / f"vit{pos}.onnx", how)
