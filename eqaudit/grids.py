@@ -2896,17 +2896,17 @@ def _onnx_heads_view(
     if in_dims is None or out_dims is None:
         return None
     b, rank = state.batch, state.rank
-    if state.merged == 1:
+    if len(out_dims) == rank - 1 and state.merged == 1:
         heads = in_dims[b + 1] if b + 1 < rank else None
-        if b + 1 == state.token or not isinstance(heads, int) or len(out_dims) != rank - 1:
+        if b + 1 == state.token or not isinstance(heads, int):
             return None
         kept, rest = [*in_dims[:b], *in_dims[b + 2 :]], [*out_dims[:b], *out_dims[b + 1 :]]
-        size = out_dims[b]
-        if size is not None and not (isinstance(batch, int) and size == batch * heads):
+        size, one = out_dims[b], heads == 1 and _same_size(out_dims[b], batch)
+        if size is not None and not one and not (isinstance(batch, int) and size == batch * heads):
             return None
         token = state.token - (state.token > b)
         merged = replace(state, batch=b, token=token, rank=rank - 1, merged=heads)
-    else:
+    else:  # (one head: a sequence merged with an axis of 1, and split back out)
         if len(out_dims) != rank + 1 or out_dims[b + 1] != state.merged:
             return None
         if not (out_dims[b] is None or _same_size(out_dims[b], batch)):

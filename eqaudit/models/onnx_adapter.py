@@ -421,9 +421,10 @@ class OnnxAdapter(ModelAdapter):
         if alone is None:
             return
         try:
-            model = _dynamic_batch(self.model, spec.name)
+            model, changed = _dynamic_batch(self.model, spec.name)
             session = self._new_session(model.SerializeToString(), exposed=False)
             together = session.run([self.output_name], {spec.name: probe})[0]
+            mixed = self._mixed_inside(model, changed, probe)
         except Exception as exc:
             # onnxruntime's own words (not the loader's guess at a missing operator: the graph
             # loaded as exported), the cause kept, which it states last
@@ -445,11 +446,45 @@ class OnnxAdapter(ModelAdapter):
                 f"(shape {list(together.shape)} for {list(alone.shape)})"
             )
             return
+        if mixed is not None:
+            record["why"] = (
+                f"a copy with a dynamic batch gives another '{mixed}' for images run together "
+                "(its outputs agree: the layers would not)"
+            )
+            return
         self.model, self._from_file = model, False
         self._sessions, self._reuse, self._per_image = {(): session}, {}, {}
         self._inferred, self._candidates = None, None
         self.input_spec = replace(spec, batch=None)
         record["run"] = "batched"
+
+    def _mixed_inside(
+        self, batched: onnx.ModelProto, changed: Sequence[str], probe: np.ndarray
+    ) -> str | None:
+        """The first of ``changed`` (the tensors whose nodes the dynamic-batch copy rewrote)
+        that the copy computes otherwise for the probe images run together than the graph
+        does for each alone, or None. The output alone can agree where a layer does not: a
+        rewritten Reshape that puts the batch on another axis, a later one that puts it back,
+        a layer norm between that cancels the images' mixing (every layer audited from the copy
+        would be wrong). Costs two sessions, only where a node was rewritten."""
+        if not changed:
+            return None
+        name = self.input_spec.name
+        exposed = [
+            self._new_session(_with_outputs(graph, changed).SerializeToString(), exposed=True)
+            for graph in (self.model, batched)
+        ]
+        singles = [exposed[0].run(list(changed), {name: image[None]}) for image in probe]
+        together = exposed[1].run(list(changed), {name: probe})
+        for k, tensor in enumerate(changed):
+            alone = np.concatenate([single[k] for single in singles])
+            if together[k].shape != alone.shape or not batch_agrees(
+                torch.from_numpy(np.asarray(alone, np.float64)),
+                torch.from_numpy(np.asarray(together[k], np.float64)),
+                False,
+            ):
+                return tensor
+        return None
 
     def _check_declared_batch(self) -> None:
         """A graph that declares a dynamic batch may still hold the batch size it was traced at
@@ -850,16 +885,17 @@ def _image_nodes(
             yield node
 
 
-def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of a graph fixed at batch 1 whose batch is dynamic: the image input's first axis
     and every graph output's that is 1 become ``batch``, the recorded intermediate shapes
     (``value_info``) are dropped, each ``Reshape`` of an image-dependent tensor to a constant
     shape that starts with 1 gets a copy of that shape starting with 0 (keep the input's first
-    axis: the batch; -1 where ``allowzero`` makes 0 a size), as does one that merges the batch
-    of 1 with the next axis (``(1, heads, N, d) -> (heads, N, d)``: -1) or splits it back out,
-    and a constant of batch 1 concatenated to an image tensor (a class token) is expanded to
-    its batch (:func:`_expand_constant_batches`). Whether the copy computes the same is for
-    the caller to check."""
+    axis: the batch; ``allowzero`` cleared where no 0 of the target needs it), one that merges
+    the batch of 1 with the next axis (``(1, heads, N, d) -> (heads, N, d)``) or splits it
+    back out gets -1 there, and a constant of batch 1 concatenated to an image tensor (a
+    class token) is expanded to its batch (:func:`_expand_constant_batches`). Also returned:
+    the tensors whose nodes were changed. Whether the copy computes the same (at the output,
+    and at those tensors) is for the caller to check."""
     batched = onnx.ModelProto()
     batched.CopyFrom(model)
     graph = batched.graph
@@ -878,7 +914,7 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
                 constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     dims = _inferred_dims(model)
-    _expand_constant_batches(graph, model, input_name, taken, dims)
+    changed = _expand_constant_batches(graph, model, input_name, taken, dims)
     for node in _image_nodes(graph, input_name):
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue  # (before opset 5 the shape is an attribute: left as it is)
@@ -887,16 +923,18 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
         if shape.ndim != 1 or not shape.size:
             continue
         data = dims.get(node.input[0]) or []
-        unmerges = len(shape) >= 2 and shape[0] == 1 and data[:1] == [shape[1]]
-        if shape[0] == 1 and not allow_zero and not unmerges:
-            first = 0  # keep the input's first axis
-        elif -1 in shape[1:] or (0 in shape and not allow_zero):
-            continue  # (-1 is taken; a 0 that copies a size)
+        unmerges = len(shape) >= 2 and shape[0] == 1 and data[:1] == [shape[1]] != [1]
+        if shape[0] == 1 and not unmerges and not (allow_zero and 0 in shape):
+            # keep the input's first axis: 0 copies it (allowzero cleared where the dynamo
+            # exporter set it, which no 0 of this target needs)
+            first = 0
+            for attribute in [a for a in node.attribute if a.name == "allowzero"]:
+                node.attribute.remove(attribute)
+        elif -1 in shape[1:] or 0 in shape:
+            continue  # (-1 is taken; a 0 that copies a size, or is one)
         elif shape[0] == 1:
-            # what is left of it (a 0 is a size with allowzero=1: dynamo's graphs), or of the
-            # batch merged with the heads, split back out: (heads, N, d) -> (1, heads, N, d)
-            first = -1
-        elif len(data) >= 2 and data[0] == 1 and shape[0] == data[1]:
+            first = -1  # the batch merged with the heads, split back out: -> (1, heads, N, d)
+        elif len(data) >= 2 and data[0] == 1 and shape[0] == data[1] != 1:
             first = -1  # the batch merged with the next axis (the heads of an attention)
         else:
             continue
@@ -908,14 +946,17 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
             numpy_helper.from_array(np.concatenate([[first], shape[1:]]).astype(shape.dtype), name)
         )
         node.input[1] = name
-    return batched
+        changed.append(node.output[0])
+    return batched, changed
 
 
 def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Every tensor's sizes that shape inference gives (None: not static); empty when it
     fails."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(model))
+        inferred = onnx.shape_inference.infer_shapes(
+            _without_large_weights(model), strict_mode=False, data_prop=True
+        )
     except Exception:  # (no shapes: what needs them is left as it is, and the check decides)
         return {}
     dims: dict[str, list[int | None]] = {}
@@ -935,7 +976,7 @@ def _expand_constant_batches(
     input_name: str,
     taken: set[str],
     dims: dict[str, list[int | None]],
-) -> None:
+) -> list[str]:
     """In ``graph`` (a copy of ``model``'s being made batch-dynamic), expand each constant of
     batch 1 concatenated to an image tensor along another axis (a ViT's class token, expanded
     to the batch the graph was traced at) to that tensor's batch: ``Expand(constant,
@@ -951,7 +992,7 @@ def _expand_constant_batches(
         and not all(i in dependent for i in node.input if i)
     ]
     if not wanted or opset < 10 or not dims:
-        return
+        return []
 
     def fresh(stem: str) -> str:
         name = stem
@@ -975,6 +1016,7 @@ def _expand_constant_batches(
         ]
 
     nodes: list[onnx.NodeProto] = []
+    changed: list[str] = []
     for node in graph.node:
         if node in wanted:
             image = next(i for i in node.input if i in dependent)
@@ -996,9 +1038,22 @@ def _expand_constant_batches(
                     onnx.helper.make_node("Expand", [name, target], [expanded]),
                 ]
                 node.input[k] = expanded
+                changed.append(node.output[0])
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    return list(dict.fromkeys(changed))
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also hands out the tensors ``names``."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(
+        onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known
+    )
+    return exposed
 
 
 def _without_large_weights(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:

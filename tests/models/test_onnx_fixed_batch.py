@@ -3,13 +3,18 @@ copy gives the same outputs, and one image at a time when it does not."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnxruntime as ort
+import pytest
 import torch
 from models_zoo import SmallCNN, Sqrt, calibrate_, export_onnx
+from onnx import numpy_helper
 from torch import nn
 
 import eqaudit
 from eqaudit.models import load_model
+from eqaudit.models.onnx_adapter import _with_outputs
 
 
 class ViewHead(nn.Module):
@@ -222,3 +227,90 @@ def test_a_declared_dynamic_batch_that_was_traced_at_1_runs_one_image_at_a_time(
     # A graph whose dynamic batch is real is run batched, without a record.
     plain = load_model(export_onnx(calibrate_(SmallCNN(), 17).eval(), tmp_path / "ok.onnx", 17))
     assert "fixed_batch" not in plain.describe() and plain.input_spec.batch is None
+
+
+class HandGroupNorm(nn.Module):
+    """A GroupNorm of one group written by hand (``y.view(b, 1, -1)``, its statistics, back),
+    scaled, then a layer norm over (C, H, W), which cancels a scale shared by the images: the
+    dynamo exporter writes both views as Reshapes of batch 1 with ``allowzero=1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, 2, 1), nn.Linear(8, 5)
+        self.scale = nn.Parameter(torch.tensor(1.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        z = y.view(b, 1, -1)
+        z = (z - z.mean(-1, keepdim=True)) / (z.var(-1, keepdim=True) + 1e-5).sqrt()
+        y = torch.nn.functional.layer_norm(z.view(b, c, h, w) * self.scale, (c, h, w))
+        return self.head(y.relu().mean((2, 3)))
+
+
+def test_a_dynamo_graph_of_batch_1_runs_batched_with_each_layer_as_alone(tmp_path) -> None:
+    # (review) the copy gave the second view -1 for the batch while the first kept its 1: the
+    # statistics were taken over the whole batch, the layer norm cancelled it in the scores,
+    # the check passed, and the layers after the view differed from each image's alone (up
+    # to 0.19). Both views now keep the input's first axis (0, allowzero cleared).
+    import contextlib
+    import io
+
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    torch.manual_seed(0)
+    path = tmp_path / "gn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        program = torch.onnx.export(
+            HandGroupNorm().eval(), (torch.zeros(1, 3, 16, 16),), input_names=["image"]
+        )
+    program.save(str(path))
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("Reshape") >= 2
+    adapter = load_model(path)
+    assert adapter.fixed_batch == {"size": 1, "run": "batched"}
+    layers = {layer.name for layer in adapter.layers()}
+    names = [o for n in graph.node for o in n.output if o in layers]  # (the layers)
+    assert "mul" in names and len(names) >= 8
+    x = torch.randn(3, 3, 16, 16)
+    together = adapter.run(x, names).activations
+    original = ort.InferenceSession(
+        _with_outputs(onnx.load(str(path)), names).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    alone = [original.run(names, {"image": x[i : i + 1].numpy()}) for i in range(3)]
+    compared = [name for name in names if name in together]  # (maps and flat features)
+    assert "mul" in compared and len(compared) >= 5
+    for name in compared:
+        want = torch.from_numpy(np.concatenate([a[names.index(name)] for a in alone]))
+        torch.testing.assert_close(together[name].reshape(want.shape), want)
+
+
+def test_a_rewrite_that_mixes_the_images_inside_is_refused(tmp_path) -> None:
+    # The output alone cannot show every mixing (a layer norm cancels a scale the images
+    # share): each rewritten tensor is compared with each image's alone before the copy runs.
+    from onnx import TensorProto, helper
+
+    def graph(target: list[int]) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Reshape", ["image", "flat_shape"], ["flat"]),
+            helper.make_node("Reshape", ["flat", "back_shape"], ["scores"]),
+        ]
+        inits = [
+            numpy_helper.from_array(np.array(target, np.int64), "flat_shape"),
+            numpy_helper.from_array(np.array([-1, 12], np.int64), "back_shape"),
+        ]
+        image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 2, 2])
+        scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 12])
+        body = helper.make_graph(nodes, "g", [image], [scores], inits)
+        return helper.make_model(body, opset_imports=[helper.make_opsetid("", 17)])
+
+    path = tmp_path / "flat.onnx"
+    onnx.save(graph([1, 12]), str(path))
+    adapter = load_model(path)
+    probe = np.random.default_rng(0).standard_normal((2, 3, 2, 2)).astype(np.float32)
+    mixing = graph([1, -1])  # (1, 24) for two images: their cells side by side
+    mixing.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    keeping = graph([0, -1])
+    keeping.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    assert adapter._mixed_inside(mixing, ["flat"], probe) == "flat"
+    assert adapter._mixed_inside(keeping, ["flat"], probe) is None

@@ -670,6 +670,19 @@ def export_dynamo(model: nn.Module, path, dynamic: bool) -> str:  # type: ignore
     return str(path)
 
 
+def test_one_heads_attention_from_the_default_exporter(tmp_path) -> None:
+    # (review) a single head merged into the batch axis is an axis of 1: it was read as no
+    # merge, and its split back out as a reshape across the tokens
+    model = vit(pos=False)
+    for block in model.blocks:
+        block.attn.heads = 1
+    path = export_dynamo(model, tmp_path / "vit.onnx", dynamic=False)
+    result = eqaudit.audit(path, "d4", input_size=SIZE, num_images=2, seed=0)
+    rows = [r for r in result.layers if r["kind"] == "spatial" and r["transform"] != "id"]
+    assert len({r["layer"] for r in rows}) >= 35 and all(r["scored"] for r in rows)
+    assert max(r["relative_error_max"] for r in rows) < 1e-5
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["fixed batch", "dynamic size"])
 def test_a_vit_from_the_default_exporter_gives_the_modules_numbers(tmp_path, dynamic) -> None:  # type: ignore[no-untyped-def]
     # The dynamo exporter writes an attention's keys as Reshape (B, heads, N, d) -> (B * heads,
