@@ -87,32 +87,25 @@ def test_a_batch_1_graph_runs_batched_and_audits_as_the_dynamic_export(tmp_path)
     assert a.to_frame("layers").equals(b.to_frame("layers"))
 
 
-def test_a_constant_of_batch_1_concatenated_to_an_image_tensor_is_expanded(tmp_path) -> None:
+@pytest.mark.parametrize("batched", [True, False], ids=["class axis", "batch axis second"])
+def test_a_constant_of_batch_1_concatenated_to_an_image_tensor(tmp_path, batched) -> None:  # type: ignore[no-untyped-def]
     # A static export writes the batch of 1 into a constant concatenated to the scores (or a
     # ViT's class token): the copy with a dynamic batch expands it to the batch, and runs.
+    # Where the batch is not the first axis, the copy does not run: one image at a time.
     torch.manual_seed(0)
-    model = ExtraClass(calibrate_(SmallCNN(), 17)).eval()
-    fixed = load_model(export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False))
-    assert fixed.describe()["fixed_batch"] == {"size": 1, "run": "batched"}
-    dynamic = load_model(export_onnx(model, tmp_path / "dynamic.onnx", 17))
-    x = torch.randn(3, 3, 17, 17)
-    assert len(fixed._chunks(x)) == 1
-    torch.testing.assert_close(fixed.run(x).scores, dynamic.run(x).scores)
-
-
-def test_a_graph_that_cannot_run_batched_runs_one_image_at_a_time(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = ClassesFirst(calibrate_(SmallCNN(), 17)).eval()
+    model = (ExtraClass if batched else ClassesFirst)(calibrate_(SmallCNN(), 17)).eval()
     fixed = load_model(export_onnx(model, tmp_path / "fixed.onnx", 17, dynamic_batch=False))
     record = fixed.describe()["fixed_batch"]
-    assert record["run"] == "one image at a time"
-    assert record["why"].startswith("a copy with a dynamic batch does not run (the batch of 1")
-    # onnxruntime's cause, not the loader's guess at an operator it lacks (the graph loads)
-    assert "pip install" not in record["why"] and "lacks" not in record["why"], record["why"]
-    assert fixed.input_spec.batch == 1
+    if batched:
+        assert record == {"size": 1, "run": "batched"}
+    else:
+        assert record["run"] == "one image at a time" and fixed.input_spec.batch == 1
+        assert record["why"].startswith("a copy with a dynamic batch does not run (the batch of 1")
+        # onnxruntime's cause, not the loader's guess at an operator it lacks (the graph loads)
+        assert "pip install" not in record["why"] and "lacks" not in record["why"], record["why"]
     dynamic = load_model(export_onnx(model, tmp_path / "dynamic.onnx", 17))
     x = torch.randn(3, 3, 17, 17)
-    assert len(fixed._chunks(x)) == 3
+    assert len(fixed._chunks(x)) == (1 if batched else 3)
     torch.testing.assert_close(fixed.run(x).scores, dynamic.run(x).scores)
 
 
