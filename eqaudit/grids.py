@@ -1573,6 +1573,7 @@ class _OnnxGraphFacts:
         return None if value is None else [int(v) for v in value.reshape(-1)]
 
     def forget_entries(self) -> None:
+        """Forget the shape entries traced so far (traced again once :attr:`ranks` is set)."""
         self._entries.clear()
 
     def shape_entries(self, name: str, depth: int = 0) -> list[_Entry] | None:
@@ -1605,9 +1606,10 @@ class _OnnxGraphFacts:
         if op == "Concat":
             # (a piece computed otherwise, a head's size from C // heads, leaves the others'
             # entries known: the batch size read from the sequence's shape)
+            pieces = [self.shape_entries(piece, depth + 1) for piece in args]
             pieces = [
-                self.shape_entries(piece, depth + 1) or self._opaque_entries(piece)
-                for piece in args
+                self._opaque_entries(arg) if piece is None else piece
+                for arg, piece in zip(args, pieces, strict=True)
             ]
             if any(p is None for p in pieces):
                 return self._opaque_entries(node.output[0])
