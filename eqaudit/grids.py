@@ -1572,6 +1572,10 @@ class _OnnxGraphFacts:
         value = self.value(name)
         return None if value is None else [int(v) for v in value.reshape(-1)]
 
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The node that computes tensor ``name`` (None: an input or an initializer)."""
+        return self._producers.get(name)
+
     def forget_entries(self) -> None:
         """Forget the shape entries traced so far (traced again once :attr:`ranks` is set)."""
         self._entries.clear()
@@ -1972,9 +1976,7 @@ def onnx_grid_graph(
         (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         onnx.defs.onnx_opset_version(),
     )
-    ranks = _onnx_ranks(graph, facts)
-    facts.ranks = ranks
-    facts.forget_entries()  # (traced before those ranks were known: a Shape of unknown rank)
+    ranks = _onnx_ranks(graph, facts)  # (facts.ranks, from here on)
     # The batch size a replay sees: the input's static one, else a size equal only to itself.
     batch = (facts.dims.get(input_name) or [None])[0]
     batch = _BATCH if batch is None else batch
@@ -2121,8 +2123,11 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
     """Every tensor's rank that shape inference gave, and those it left out, propagated in node
     order through common ops: an older exporter's ``flatten(2)`` is a Reshape to a target
     built from Shape, Slice and Concat, whose rank inference does not know, and with it the
-    ranks of every token tensor of a ViT after it."""
+    ranks of every token tensor of a ViT after it. Sets them as ``facts.ranks`` (filled as
+    they are found: the Shape of a tensor the pass has reached has its rank), and forgets the
+    shape entries traced before."""
     ranks = {name: len(dims) for name, dims in facts.dims.items()}
+    facts.ranks = ranks
 
     def rank(name: str) -> int | None:
         if name in ranks:
@@ -2165,6 +2170,10 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
             found = data - 1 + index if data is not None and index is not None else None
         elif op in ("Flatten", "Gemm"):
             found = 2
+        elif op == "Expand" and len(ins) == 2:  # (a class token expanded to the batch)
+            data, entries = rank(ins[0]), facts.shape_entries(ins[1])
+            if data is not None and entries is not None:
+                found = max(data, len(entries))
         elif op in _ONNX_REDUCE:  # (a layer norm written out: ReduceMean over the channels)
             data = rank(ins[0])
             axes = _attr(node, "axes", None)
@@ -2176,6 +2185,7 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
                 found = data - len(set(int(a) % data for a in axes))
         if found is not None:
             ranks.update(dict.fromkeys(outs, found))
+    facts.forget_entries()  # (some traced before the ranks they read were known)
     return ranks
 
 
@@ -2840,7 +2850,7 @@ def _onnx_constant_extent(
     if dims is not None and len(dims) == rank and dims[axis] is not None:
         size = dims[axis]
         return (lambda states, batch: size), ()
-    node = facts._producers.get(name)
+    node = facts.producer(name)
     source = static(node.input[0]) if node is not None and node.op_type == "Expand" else None
     if node is None or source is None or len(node.input) < 2:
         return (lambda states, batch: None), ()
@@ -3699,7 +3709,7 @@ def _torch_map_rule(node: torch.fx.Node, inputs: tuple[str, ...]) -> _Rule:
     return _unsupported(f"{label} is not understood by the grid walk")
 
 
-# -- token sequences (torch.export graphs) ------------------------------------------------------
+# -- token sequences (torch.export and ONNX graphs) --------------------------------------------
 @dataclass(frozen=True)
 class _Tokens(_Lost):
     """A token sequence: a ViT's ``(B, C, H, W)`` patch map flattened to ``(B, H*W, C)``.

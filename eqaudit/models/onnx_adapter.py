@@ -403,9 +403,11 @@ class OnnxAdapter(ModelAdapter):
         graph gives for each alone. One image per run costs a ResNet-18's all-layers audit 1.5x
         on 2 CPU cores (47 outputs bound per run; its output-only audit about the same time),
         and far more on a GPU, where one image cannot fill the device. The check costs one
-        more session, two single-image runs and one of both (0.15-0.2 s for that ResNet). A
-        graph that fails it (a batch of 1 written into an ``Expand``, a ``Squeeze`` of the
-        batch axis) keeps running one image at a time, and ``fixed_batch`` says why."""
+        more session, two single-image runs and one of both (0.15-0.2 s for that ResNet), and
+        where the copy gives a Reshape a -1 (heads merged with the batch), two more sessions
+        to compare the tensors it rewrote (:meth:`_mixed_inside`). A graph that fails it (a
+        batch of 1 written into an ``Expand``, a ``Squeeze`` of the batch axis) keeps running
+        one image at a time, and ``fixed_batch`` says why."""
         spec = self.input_spec
         if self.fixed_batch is not None or None in (spec.height, spec.width):
             return
@@ -421,10 +423,9 @@ class OnnxAdapter(ModelAdapter):
         if alone is None:
             return
         try:
-            model, changed = _dynamic_batch(self.model, spec.name)
+            model, changed = _dynamic_batch(self.model, spec.name, self._inferred_model())
             session = self._new_session(model.SerializeToString(), exposed=False)
             together = session.run([self.output_name], {spec.name: probe})[0]
-            mixed = self._mixed_inside(model, changed, probe)
         except Exception as exc:
             # onnxruntime's own words (not the loader's guess at a missing operator: the graph
             # loaded as exported), the cause kept, which it states last
@@ -444,6 +445,14 @@ class OnnxAdapter(ModelAdapter):
             record["why"] = (
                 "a copy with a dynamic batch gives other outputs for images run together "
                 f"(shape {list(together.shape)} for {list(alone.shape)})"
+            )
+            return
+        try:
+            mixed = self._mixed_inside(model, changed, probe)
+        except Exception as exc:
+            record["why"] = (
+                "the tensors a copy with a dynamic batch rewrites could not be compared: "
+                f"{_shortened(_ort_message(exc), 200)}"
             )
             return
         if mixed is not None:
@@ -466,7 +475,8 @@ class OnnxAdapter(ModelAdapter):
         does for each alone, or None. The output alone can agree where a layer does not: a
         rewritten Reshape that puts the batch on another axis, a later one that puts it back,
         a layer norm between that cancels the images' mixing (every layer audited from the copy
-        would be wrong). Costs two sessions, only where a node was rewritten."""
+        would be wrong). Costs two sessions, only where a Reshape was given a -1 (a 0 that
+        keeps the first axis, the batch at the start of this copy, cannot move it)."""
         if not changed:
             return None
         name = self.input_spec.name
@@ -476,13 +486,10 @@ class OnnxAdapter(ModelAdapter):
         ]
         singles = [exposed[0].run(list(changed), {name: image[None]}) for image in probe]
         together = exposed[1].run(list(changed), {name: probe})
+        half = self.input_spec.dtype == "float16"
         for k, tensor in enumerate(changed):
             alone = np.concatenate([single[k] for single in singles])
-            if together[k].shape != alone.shape or not batch_agrees(
-                torch.from_numpy(np.asarray(alone, np.float64)),
-                torch.from_numpy(np.asarray(together[k], np.float64)),
-                False,
-            ):
+            if not _same_values(alone, together[k], half):
                 return tensor
         return None
 
@@ -885,7 +892,27 @@ def _image_nodes(
             yield node
 
 
-def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> tuple[onnx.ModelProto, list[str]]:
+def _same_values(alone: np.ndarray, together: np.ndarray, half: bool) -> bool:
+    """Whether a tensor of probe images run together is the same images' run alone, joined
+    (:func:`batch_agrees`), non-finite entries included: the same ones at the same places (a
+    mask of -inf before a softmax)."""
+    if alone.shape != together.shape:
+        return False
+    a, t = np.asarray(alone, np.float64), np.asarray(together, np.float64)
+    finite = np.isfinite(a)
+    if not np.array_equal(finite, np.isfinite(t)):
+        return False
+    if not np.array_equal(a[~finite], t[~finite], equal_nan=True):
+        return False
+    agrees = batch_agrees(
+        torch.from_numpy(np.where(finite, a, 0.0)), torch.from_numpy(np.where(finite, t, 0.0)), half
+    )
+    return bool(agrees)
+
+
+def _dynamic_batch(
+    model: onnx.ModelProto, input_name: str, inferred: onnx.ModelProto
+) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of a graph fixed at batch 1 whose batch is dynamic: the image input's first axis
     and every graph output's that is 1 become ``batch``, the recorded intermediate shapes
     (``value_info``) are dropped, each ``Reshape`` of an image-dependent tensor to a constant
@@ -893,9 +920,10 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> tuple[onnx.ModelP
     axis: the batch; ``allowzero`` cleared where no 0 of the target needs it), one that merges
     the batch of 1 with the next axis (``(1, heads, N, d) -> (heads, N, d)``) or splits it
     back out gets -1 there, and a constant of batch 1 concatenated to an image tensor (a
-    class token) is expanded to its batch (:func:`_expand_constant_batches`). Also returned:
-    the tensors whose nodes were changed. Whether the copy computes the same (at the output,
-    and at those tensors) is for the caller to check."""
+    class token) is expanded to its batch (:func:`_expand_constant_batches`). ``inferred``:
+    ``model`` after shape inference. Also returned: the tensors of the nodes given a -1,
+    which a 0 does not need. Whether the copy computes the same (at the output, and at those
+    tensors) is for the caller to check."""
     batched = onnx.ModelProto()
     batched.CopyFrom(model)
     graph = batched.graph
@@ -913,8 +941,10 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> tuple[onnx.ModelP
             elif value.name == "value_ints":
                 constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    dims = _inferred_dims(model)
-    changed = _expand_constant_batches(graph, model, input_name, taken, dims)
+    dims = _inferred_dims(inferred, model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    _expand_constant_batches(graph, opset, input_name, taken, dims)
+    changed: list[str] = []
     for node in _image_nodes(graph, input_name):
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue  # (before opset 5 the shape is an attribute: left as it is)
@@ -946,19 +976,16 @@ def _dynamic_batch(model: onnx.ModelProto, input_name: str) -> tuple[onnx.ModelP
             numpy_helper.from_array(np.concatenate([[first], shape[1:]]).astype(shape.dtype), name)
         )
         node.input[1] = name
-        changed.append(node.output[0])
+        if first == -1:
+            changed.append(node.output[0])
     return batched, changed
 
 
-def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Every tensor's sizes that shape inference gives (None: not static); empty when it
-    fails."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(
-            _without_large_weights(model), strict_mode=False, data_prop=True
-        )
-    except Exception:  # (no shapes: what needs them is left as it is, and the check decides)
-        return {}
+def _inferred_dims(
+    inferred: onnx.ModelProto, model: onnx.ModelProto
+) -> dict[str, list[int | None]]:
+    """Every tensor's sizes that shape inference gave ``model`` (``inferred``; None: not
+    static), its initializers' included."""
     dims: dict[str, list[int | None]] = {}
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         if value.type.tensor_type.HasField("shape"):
@@ -972,16 +999,15 @@ def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 def _expand_constant_batches(
     graph: onnx.GraphProto,
-    model: onnx.ModelProto,
+    opset: int,
     input_name: str,
     taken: set[str],
     dims: dict[str, list[int | None]],
-) -> list[str]:
+) -> None:
     """In ``graph`` (a copy of ``model``'s being made batch-dynamic), expand each constant of
     batch 1 concatenated to an image tensor along another axis (a ViT's class token, expanded
     to the batch the graph was traced at) to that tensor's batch: ``Expand(constant,
     Concat(Shape(image)[0:1], its other sizes))``, inserted before the Concat."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     dependent = {input_name} | {o for n in _image_nodes(graph, input_name) for o in n.output}
     wanted = [
         node
@@ -992,7 +1018,7 @@ def _expand_constant_batches(
         and not all(i in dependent for i in node.input if i)
     ]
     if not wanted or opset < 10 or not dims:
-        return []
+        return
 
     def fresh(stem: str) -> str:
         name = stem
@@ -1016,14 +1042,15 @@ def _expand_constant_batches(
         ]
 
     nodes: list[onnx.NodeProto] = []
-    changed: list[str] = []
     for node in graph.node:
         if node in wanted:
             image = next(i for i in node.input if i in dependent)
-            rank = len(dims.get(image) or dims.get(node.output[0]) or ())
+            known = len(dims.get(image) or dims.get(node.output[0]) or ())
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             for k, name in enumerate(node.input):
                 shape = dims.get(name)
+                # (the constant's rank where the image tensor's is not inferred: opset 11)
+                rank = known or len(shape or ())
                 # (sizes left to run time: inference may not fold the Expand a class token is)
                 if name in dependent or rank < 2 or axis % rank == 0:
                     continue
@@ -1038,11 +1065,9 @@ def _expand_constant_batches(
                     onnx.helper.make_node("Expand", [name, target], [expanded]),
                 ]
                 node.input[k] = expanded
-                changed.append(node.output[0])
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return list(dict.fromkeys(changed))
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

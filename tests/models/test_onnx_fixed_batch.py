@@ -14,7 +14,7 @@ from torch import nn
 
 import eqaudit
 from eqaudit.models import load_model
-from eqaudit.models.onnx_adapter import _with_outputs
+from eqaudit.models.onnx_adapter import _same_values, _with_outputs
 
 
 class ViewHead(nn.Module):
@@ -307,3 +307,16 @@ def test_a_rewrite_that_mixes_the_images_inside_is_refused(tmp_path) -> None:
     keeping.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     assert adapter._mixed_inside(mixing, ["flat"], probe) == "flat"
     assert adapter._mixed_inside(keeping, ["flat"], probe) is None
+
+
+def test_rewritten_tensors_compare_their_non_finite_entries_by_place() -> None:
+    # (review) attention scores masked with -inf before a softmax are not finite: compared as
+    # "not finite, cannot tell", a copy that computed them right was refused
+    alone = np.array([[1.0, -np.inf, 3.0], [np.nan, 2.0, 1.0]], np.float32)
+    assert _same_values(alone, alone.copy(), half=False)
+    assert _same_values(alone, alone + np.float32(1e-7), half=False)
+    moved = np.array([[1.0, 3.0, -np.inf], [np.nan, 2.0, 1.0]], np.float32)
+    assert not _same_values(alone, moved, half=False)
+    assert not _same_values(alone, np.where(np.isinf(alone), np.inf, alone), half=False)
+    assert not _same_values(alone, alone * 1.1, half=False)
+    assert not _same_values(alone, alone[None], half=False)
