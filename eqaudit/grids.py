@@ -1721,8 +1721,10 @@ class _ShapeProgram:
             shape[h], shape[w] = state.grid.h.n, state.grid.w.n
             return shape
         if isinstance(state, _Tokens):  # (a dynamic batch size: unknown, followed as a taint)
-            batch = dims[state.batch] if dims is not None and len(dims) == state.rank else None
-            return _replayed_dims(state, dims, batch)
+            shape = _replayed_dims(state, dims, None)
+            if shape is not None and dims is not None and len(dims) == state.rank:
+                shape[state.batch] = dims[state.batch]  # (heads merged in, if any, included)
+            return shape
         if state is None or isinstance(state, _Flat):  # (a shape tensor; flat features)
             return None if dims is None else list(dims)
         return None  # a tensor whose axes are unknown
