@@ -447,8 +447,10 @@ class OnnxAdapter(ModelAdapter):
                 f"(shape {list(together.shape)} for {list(alone.shape)})"
             )
             return
+        # (a graph's other outputs are layers, read from the copy as well)
+        others = [o.name for o in self.model.graph.output if o.name != self.output_name]
         try:
-            mixed = self._mixed_inside(model, changed, probe)
+            mixed = self._mixed_inside(model, changed, probe, others)
         except Exception as exc:
             record["why"] = (
                 "the tensors a copy with a dynamic batch rewrites could not be compared: "
@@ -468,28 +470,37 @@ class OnnxAdapter(ModelAdapter):
         record["run"] = "batched"
 
     def _mixed_inside(
-        self, batched: onnx.ModelProto, changed: Sequence[str], probe: np.ndarray
+        self,
+        batched: onnx.ModelProto,
+        changed: Sequence[str],
+        probe: np.ndarray,
+        others: Sequence[str] = (),
     ) -> str | None:
         """The first of ``changed`` (the tensors whose nodes the dynamic-batch copy rewrote)
-        that the copy computes otherwise for the probe images run together than the graph
-        does for each alone, or None. The output alone can agree where a layer does not: a
+        and ``others`` (the graph's outputs beside the scores, read as layers) that the copy
+        computes otherwise for the probe images run together than the graph does for each
+        alone, or None. The output alone can agree where a layer does not: a
         rewritten Reshape that puts the batch on another axis, a later one that puts it back,
         a layer norm between that cancels the images' mixing (every layer audited from the copy
         would be wrong). Costs two sessions, only where a Reshape was given a -1 (a 0 that
-        keeps the first axis, the batch at the start of this copy, cannot move it)."""
-        if not changed:
+        keeps the first axis, the batch at the start of this copy, cannot move it) or the
+        graph has outputs beside the scores."""
+        wanted = [*changed, *others]
+        if not wanted:
             return None
         name = self.input_spec.name
         exposed = [
-            self._new_session(_with_outputs(graph, changed).SerializeToString(), exposed=True)
+            self._new_session(_with_outputs(graph, wanted).SerializeToString(), exposed=True)
             for graph in (self.model, batched)
         ]
-        singles = [exposed[0].run(list(changed), {name: image[None]}) for image in probe]
-        together = exposed[1].run(list(changed), {name: probe})
+        singles = [exposed[0].run(wanted, {name: image[None]}) for image in probe]
+        together = exposed[1].run(wanted, {name: probe})
         half = self.input_spec.dtype == "float16"
-        for k, tensor in enumerate(changed):
-            alone = np.concatenate([single[k] for single in singles])
-            if not _same_values(alone, together[k], half):
+        for k, tensor in enumerate(wanted):
+            pieces = [np.asarray(single[k]) for single in singles]
+            if tensor in others and any(p.ndim == 0 or p.shape[0] != 1 for p in pieces):
+                continue  # (an output without a batch axis: no layer either)
+            if not _same_values(np.concatenate(pieces), together[k], half):
                 return tensor
         return None
 

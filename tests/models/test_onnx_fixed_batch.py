@@ -320,3 +320,27 @@ def test_rewritten_tensors_compare_their_non_finite_entries_by_place() -> None:
     assert not _same_values(alone, np.where(np.isinf(alone), np.inf, alone), half=False)
     assert not _same_values(alone, alone * 1.1, half=False)
     assert not _same_values(alone, alone[None], half=False)
+
+
+def test_a_second_output_that_mixes_the_images_keeps_one_image_at_a_time(tmp_path) -> None:
+    # A graph's other outputs are layers read from the copy: a statistic over the batch axis
+    # (here a mean over axis 0, exported at batch 1 where it is each image's own map) agrees
+    # with nothing once two images run together, though the scores do.
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["image"], ["relu"]),
+        helper.make_node("Flatten", ["relu"], ["scores"]),
+        helper.make_node("ReduceMean", ["relu"], ["features"], axes=[0], keepdims=1),
+    ]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])
+    outputs = [
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 48]),
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 3, 4, 4]),
+    ]
+    body = helper.make_graph(nodes, "g", [image], outputs)
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(body, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    record = load_model(path, output_name="scores").fixed_batch
+    assert record["run"] == "one image at a time"
+    assert record["why"].startswith("a copy with a dynamic batch gives another 'features'")
