@@ -66,7 +66,8 @@ Propagation rules, per axis (``stride``/``offset`` belong to the op's input; ``k
   a sequence of the same tokens, layer norms over the channels, linear layers, softmaxes over
   channels, slices of channel axes keep the sequence; ``q @ k^T`` gives scores on two
   sequences' tokens, and scores (or scaled dot-product attention) times the values give the
-  queries' sequence, every cell reading the whole map (none padding-free), as does an
+  queries' sequence (written as matmuls or as einsums), every cell reading the whole map (none
+  padding-free), as does an
   ``nn.MultiheadAttention`` call, read whole (:data:`_ATTENTION_MODULES`); ``x[:, prefix:]``
   drops the prefix tokens, ``x[:, i < prefix]`` and means over the tokens are flat; without
   prefix tokens ``(B, C, H*W) -> (B, C, H, W)`` is the map again. Anything else on a sequence
@@ -2172,6 +2173,10 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
             found = data - 1 + index if data is not None and index is not None else None
         elif op in ("Flatten", "Gemm"):
             found = 2
+        elif op == "Einsum":
+            equation = str(_attr(node, "equation", "")).replace(" ", "")
+            if "->" in equation and "." not in equation:
+                found = len(equation.split("->")[1])
         elif op == "Expand" and len(ins) == 2:  # (a class token expanded to the batch)
             data, entries = rank(ins[0]), facts.shape_entries(ins[1])
             if data is not None and entries is not None:
@@ -2999,6 +3004,9 @@ def _onnx_token_rule(
         return permute
     if op == "MatMul":
         return lambda ins: _tokens_matmul(_first(ins[0]), _first(ins[1]), label)
+    if op == "Einsum":
+        equation = str(_attr(node, "equation", ""))
+        return lambda ins: _tokens_einsum(equation, ins[:own], label)
     if op == "Concat" and out_rank is not None:
         axis = int(_attr(node, "axis", 0)) % out_rank
         pieces = [_onnx_constant_extent(name, axis, out_rank, facts) for name in node.input]
@@ -3885,6 +3893,57 @@ def _tokens_attention(q: Any, k: Any, v: Any, mask: Any, label: str) -> Any:
     return _spread(q)
 
 
+def _tokens_einsum(equation: str, operands: Sequence[Any], label: str) -> Any:
+    """An einsum with a sequence among its operands, read as the matmuls it writes: a sequence
+    times constants (a linear layer, a per-token scale) keeping its batch and token letters;
+    queries and keys contracted over channels into scores whose last two letters are their
+    tokens; scores and values contracted over the keys' tokens into the queries' sequence.
+    Anything else (an ellipsis, a repeated letter, tokens contracted against a constant: a
+    Mixer's token mixing) is lost."""
+    states = [_first(s) for s in operands]
+    eq = equation.replace(" ", "")
+    unread = _Lost(f"{label} has an einsum equation the walk does not read ({equation})")
+    if "->" not in eq or "." in eq:
+        return unread
+    terms, out = eq.split("->")[0].split(","), eq.split("->")[1]
+    if len(terms) != len(states) or len(set(out)) != len(out):
+        return unread
+    if any(len(set(t)) != len(t) for t in terms):
+        return unread
+    for term, state in zip(terms, states, strict=True):
+        if isinstance(state, (_Tokens, _Scores)) and len(term) != state.rank:
+            return unread
+        if state is not None and not isinstance(state, (_Tokens, _Scores)):
+            return _Lost(f"{label} multiplies a token sequence by other image features")
+    tokens = [(t, s) for t, s in zip(terms, states, strict=True) if isinstance(s, _Tokens)]
+    scores = [(t, s) for t, s in zip(terms, states, strict=True) if isinstance(s, _Scores)]
+    if len(tokens) == 1 and not scores:  # by constants
+        ((term, seq),) = tokens
+        batch, token = term[seq.batch], term[seq.token]
+        constants = [t for t, s in zip(terms, states, strict=True) if s is None]
+        if batch in out and token in out and not any(batch in t for t in constants):
+            return seq.moved(out.index(batch), out.index(token), len(out))
+        return _Lost(f"{label} contracts a sequence's tokens or batch ({equation})")
+    if len(tokens) == 2 and not scores:  # queries and keys
+        (ta, a), (tb, b) = tokens
+        batch, rows, cols = ta[a.batch], ta[a.token], tb[b.token]
+        paired = tb[b.batch] == batch and batch in out and out[-2:] == rows + cols
+        if paired and rows != cols and rows not in tb and cols not in ta:
+            return _Scores(
+                "attention scores", rows=a, cols=b, batch=out.index(batch), rank=len(out)
+            )
+        return _Lost(f"{label} multiplies two sequences that are not queries and keys")
+    if len(tokens) == 1 and len(scores) == 1 and states.index(scores[0][1]) == 0:
+        (ts, sc), (tv, v) = scores[0], tokens[0]
+        batch, rows, cols = ts[sc.batch], ts[-2], ts[-1]
+        values = sc.cols is not None and sc.cols.same_cells(v) and tv[v.batch] == batch
+        contracted = tv[v.token] == cols and cols not in out and batch in out and rows in out
+        if values and contracted and sc.rows is not None:
+            return _spread(sc.rows.moved(out.index(batch), out.index(rows), len(out)))
+        return _Lost(f"{label} multiplies attention scores by another sequence than the keys'")
+    return unread
+
+
 def _tokens_select(state: _Tokens, dim: int, index: int, label: str) -> Any:
     """``x[:, i]``: a prefix token (the class token: flat features when the batch axis leads);
     an index on a channel axis (the query, key or value of a fused projection)."""
@@ -4114,6 +4173,9 @@ def _torch_token_rule(node: torch.fx.Node, name: str, inputs: tuple[str, ...]) -
         dims = [dims] if isinstance(dims, int) else (list(dims) if dims else None)
         keepdim = bool(bound.get("keepdim") or False)
         return on_tokens(lambda s: _tokens_reduce(s, dims, keepdim, label))
+    if name == "einsum":
+        equation, operands = str(bound.get("equation", "")), list(bound.get("tensors") or ())
+        return lambda ins: _tokens_einsum(equation, [of(ins, t) for t in operands], label)
     if name == "cat":
         tensors = list(bound["tensors"])
         dim = int(bound["dim"])
