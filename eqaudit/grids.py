@@ -3923,7 +3923,9 @@ def _tokens_einsum(equation: str, operands: Sequence[Any], label: str) -> Any:
         constants = [t for t, s in zip(terms, states, strict=True) if s is None]
         if batch in out and token in out and not any(batch in t for t in constants):
             return seq.moved(out.index(batch), out.index(token), len(out))
-        return _Lost(f"{label} contracts a sequence's tokens or batch ({equation})")
+        return _Lost(
+            f"{label} contracts a sequence's tokens, or weighs its batch by a constant ({equation})"
+        )
     if len(tokens) == 2 and not scores:  # queries and keys
         (ta, a), (tb, b) = tokens
         batch, rows, cols = ta[a.batch], ta[a.token], tb[b.token]
@@ -4119,8 +4121,11 @@ def _torch_token_rule(node: torch.fx.Node, name: str, inputs: tuple[str, ...]) -
     if name in ("layer_norm", "native_layer_norm", "rms_norm"):
         shape = bound.get("normalized_shape")
         local = shape is not None and len(shape) == 1
+        # (the normalised last axis must be a channel axis, neither the tokens nor the batch)
         return on_tokens(
-            lambda s: wrap(s if local and s.token != s.rank - 1 else _Lost(_token_reason(label)))
+            lambda s: wrap(
+                s if local and s.rank - 1 not in (s.token, s.batch) else _Lost(_token_reason(label))
+            )
         )
     if name in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
         dim = int(bound["dim"]) % max(rank, 1)
