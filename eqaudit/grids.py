@@ -142,6 +142,7 @@ __all__ = [
     "GridGraph",
     "TokenLayout",
     "export_grid_graph",
+    "inferred_dims",
     "onnx_grid_graph",
     "torch_grid_graph",
 ]
@@ -1479,6 +1480,33 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
+def _onnx_axes(node: onnx.NodeProto, facts: _OnnxGraphFacts) -> list[int] | None:
+    """An op's ``axes`` (Squeeze, Unsqueeze, reductions): its attribute (older opsets), else
+    its second input's constant value (newer ones); ``[]`` when it has neither (a reduction
+    over every axis; a Squeeze of every unit axis); None when that input is not constant."""
+    found = _attr(node, "axes", None)
+    if found is not None:
+        return [int(a) for a in found]
+    if len(node.input) > 1 and node.input[1]:
+        return facts.ints(node.input[1])
+    return []
+
+
+def inferred_dims(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Every tensor's sizes that shape inference gave ``model`` (``inferred``; None: a size it
+    did not find static), and its initializers'."""
+    dims: dict[str, list[int | None]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        if tensor.HasField("shape"):
+            dims[value.name] = [
+                int(d.dim_value) if d.HasField("dim_value") else None for d in tensor.shape.dim
+            ]
+    for init in model.graph.initializer:
+        dims.setdefault(init.name, [int(d) for d in init.dims])
+    return dims
+
+
 class _OnnxGraphFacts:
     """Constant values, ranks and dims of a graph's tensors, looked up on demand."""
 
@@ -1496,17 +1524,9 @@ class _OnnxGraphFacts:
         self._opsets = {
             (o.domain or ""): o.version for o in model.opset_import if o.domain in ("", "ai.onnx")
         }
-        self.dims: dict[str, list[int | None]] = {}
+        self.dims = inferred_dims(model, inferred)
         #: ranks shape inference left out, propagated through common ops (:func:`_onnx_ranks`)
         self.ranks: dict[str, int] = {}
-        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-            tensor = value.type.tensor_type
-            if tensor.HasField("shape"):
-                self.dims[value.name] = [
-                    int(d.dim_value) if d.HasField("dim_value") else None for d in tensor.shape.dim
-                ]
-        for init in graph.initializer:
-            self.dims.setdefault(init.name, [int(d) for d in init.dims])
 
     def rank(self, name: str, depth: int = 0) -> int | None:
         """A tensor's rank from shape inference, else (a Reshape's output) the number of
@@ -2161,12 +2181,8 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
             perm = _attr(node, "perm", None)
             found = len(perm) if perm is not None else rank(ins[0])
         elif op in ("Unsqueeze", "Squeeze"):
-            axes = _attr(node, "axes", None)
-            axes = [int(a) for a in axes] if axes is not None else None
-            if axes is None and len(ins) > 1:
-                axes = facts.ints(ins[1])
-            data = rank(ins[0])
-            if data is not None and axes is not None:
+            axes, data = _onnx_axes(node, facts), rank(ins[0])
+            if data is not None and axes:  # (a Squeeze of every unit axis: sizes decide)
                 found = data + len(axes) if op == "Unsqueeze" else data - len(axes)
         elif op == "Gather":
             data, index = rank(ins[0]), rank(ins[1]) if len(ins) > 1 else None
@@ -2182,13 +2198,10 @@ def _onnx_ranks(graph: onnx.GraphProto, facts: _OnnxGraphFacts) -> dict[str, int
             if data is not None and entries is not None:
                 found = max(data, len(entries))
         elif op in _ONNX_REDUCE:  # (a layer norm written out: ReduceMean over the channels)
-            data = rank(ins[0])
-            axes = _attr(node, "axes", None)
-            if axes is None and len(ins) > 1:
-                axes = facts.ints(ins[1])
+            axes, data = _onnx_axes(node, facts), rank(ins[0])
             if data is not None and _attr(node, "keepdims", 1):
                 found = data
-            elif data is not None and axes is not None:
+            elif data is not None and axes:
                 found = data - len(set(int(a) % data for a in axes))
         if found is not None:
             ranks.update(dict.fromkeys(outs, found))
@@ -2611,10 +2624,8 @@ def _onnx_reshape_rule(node: onnx.NodeProto, facts: _OnnxGraphFacts, label: str)
         if entries is not None and not _attr(node, "allowzero", 0):
             # 0 copies the input's size at the same position (allowzero=0).
             entries = [(data, i) if e == 0 else e for i, e in enumerate(entries)]
-    elif _attr(node, "axes", None) is not None:
-        axes = [int(a) for a in _attr(node, "axes", [])]
-    elif len(node.input) > 1 and node.input[1]:
-        axes = facts.ints(node.input[1])
+    else:
+        axes = _onnx_axes(node, facts)
 
     def rule(ins: list[Any]) -> Any:
         state = _first(ins[0])
@@ -2732,13 +2743,9 @@ def _onnx_reduce_rule(
 ) -> _Rule:
     keepdims = bool(_attr(node, "keepdims", 1))
     rank = facts.rank(node.input[0])
-    axes_from_input = (node.op_type == "ReduceSum" and opset >= 13) or opset >= 18
-    if axes_from_input:
-        axes = facts.ints(node.input[1]) if len(node.input) > 1 and node.input[1] else []
-        if axes is None:
-            return _unsupported(f"{label} has axes that are not constant")
-    else:
-        axes = [int(a) for a in _attr(node, "axes", [])]
+    axes = _onnx_axes(node, facts)
+    if axes is None:
+        return _unsupported(f"{label} has axes that are not constant")
     noop = bool(_attr(node, "noop_with_empty_axes", 0))
     if not axes and noop:
         return lambda ins: _first(ins[0])
@@ -2876,23 +2883,11 @@ def _onnx_constant_extent(
     return extent, target.reads
 
 
-def _onnx_axes(node: onnx.NodeProto, facts: _OnnxGraphFacts, from_input: bool) -> list[int] | None:
-    """An op's ``axes``: its second input's constant value (``from_input``, newer opsets), else
-    its attribute; None when it has none or they are not constant."""
-    if not from_input:
-        found = _attr(node, "axes", None)
-        return None if found is None else [int(a) for a in found]
-    if len(node.input) > 1 and node.input[1]:
-        return facts.ints(node.input[1])
-    return None
-
-
 def _tokens_squeeze(state: _Tokens, axes: Sequence[int] | None, label: str) -> Any:
     found = None if axes is None else _normalised(axes, state.rank)
     if not found or state.batch in found or state.token in found:
         return _Lost(f"{label} removes the batch or token axis (or every unit axis) of a sequence")
-    shift = [a - sum(1 for r in set(found) if r < a) for a in (state.batch, state.token)]
-    return state.moved(shift[0], shift[1], state.rank - len(set(found)))
+    return _tokens_reduce(state, found, False, label)  # (channel axes of size 1 removed)
 
 
 def _tokens_unsqueeze(state: _Tokens, axes: Sequence[int] | None, label: str) -> Any:
@@ -2989,7 +2984,7 @@ def _onnx_token_rule(
         reshape.reads = target.reads  # type: ignore[attr-defined]
         return reshape
     if op in ("Squeeze", "Unsqueeze"):
-        axes = _onnx_axes(node, facts, opset >= 13)
+        axes = _onnx_axes(node, facts)
         change = _tokens_squeeze if op == "Squeeze" else _tokens_unsqueeze
         return on_tokens(lambda s: change(s, axes, label))
     if op == "Transpose":
@@ -3062,9 +3057,8 @@ def _onnx_token_rule(
         return on_tokens(split)
     if op in _ONNX_REDUCE:
         keepdims = bool(_attr(node, "keepdims", 1))
-        from_input = (op == "ReduceSum" and opset >= 13) or opset >= 18
-        axes = _onnx_axes(node, facts, from_input)
-        if from_input and own > 1 and node.input[1] and axes is None:
+        axes = _onnx_axes(node, facts)
+        if axes is None:
             return None
         if not axes and _attr(node, "noop_with_empty_axes", 0):
             return on_tokens(lambda s: s)

@@ -29,7 +29,7 @@ from onnx import TensorProto, numpy_helper
 
 from eqaudit.data.prefetch import cpu_limit, physical_cpus
 from eqaudit.errors import ModelLoadError, UnsupportedModelError, UsageError, cause_line
-from eqaudit.grids import GridGraph, onnx_grid_graph
+from eqaudit.grids import GridGraph, inferred_dims, onnx_grid_graph
 from eqaudit.models.base import (
     InputSpec,
     ModelAdapter,
@@ -690,14 +690,7 @@ class OnnxAdapter(ModelAdapter):
         for exposed, session in self._sessions.items():
             if layers and set(layers) <= set(exposed) and len(exposed) <= 1.25 * len(layers):
                 return session
-        model = self.model
-        if layers:
-            model = onnx.ModelProto()
-            model.CopyFrom(self.model)
-            known = {o.name for o in model.graph.output}
-            for name in layers:
-                if name not in known:
-                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        model = _with_outputs(self.model, layers) if layers else self.model
         # The plain model loads from its (already validated) file: no serialised copy.
         from_file = not layers and self._from_file and self.path.is_file()
         session = self._new_session(
@@ -952,7 +945,7 @@ def _dynamic_batch(
             elif value.name == "value_ints":
                 constants[node.output[0]] = numpy_helper.from_array(np.array(value.ints))
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    dims = _inferred_dims(inferred, model)
+    dims = inferred_dims(model, inferred)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     _expand_constant_batches(graph, opset, input_name, taken, dims)
     changed: list[str] = []
@@ -990,22 +983,6 @@ def _dynamic_batch(
         if first == -1:
             changed.append(node.output[0])
     return batched, changed
-
-
-def _inferred_dims(
-    inferred: onnx.ModelProto, model: onnx.ModelProto
-) -> dict[str, list[int | None]]:
-    """Every tensor's sizes that shape inference gave ``model`` (``inferred``; None: not
-    static), its initializers' included."""
-    dims: dict[str, list[int | None]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if value.type.tensor_type.HasField("shape"):
-            dims[value.name] = [
-                d.dim_value if d.HasField("dim_value") else None
-                for d in value.type.tensor_type.shape.dim
-            ]
-    dims.update({t.name: list(t.dims) for t in model.graph.initializer})
-    return dims
 
 
 def _expand_constant_batches(
